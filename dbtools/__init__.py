@@ -1,0 +1,8 @@
+"""dbtools: caption, organise and train Stable Diffusion DreamBooth datasets.
+
+Importing the package has no side effects; each stage lives in its own module
+(`images`, `captions`, `autocaption`, `extract`, `concepts`, `classgen`, `data`,
+`train`, `export`, `preview`, `notebook`, `tiny`) and is imported on use.
+"""
+
+__version__ = "0.1.0"

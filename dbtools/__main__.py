@@ -1,0 +1,5 @@
+import sys
+
+from dbtools.cli import main
+
+sys.exit(main())

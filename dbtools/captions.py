@@ -1,0 +1,96 @@
+"""Pure text rules: caption <-> file name, prompt templates, sanitizing. No I/O here."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Characters that cannot appear in a file name on Windows, macOS or Linux (plus '/').
+_ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+)
+MAX_NAME_BYTES = 255
+
+# Method 1 writes the caption alone; method 2 puts the instance prompt first (the token
+# being taught), then the caption, then the class prompt.
+TEMPLATE_CAPTION_ONLY = "{caption}"
+TEMPLATE_WITH_PROMPTS = "{instance_prompt}, {caption}, {class_prompt}"
+TEMPLATE_FIELDS = ("caption", "instance_prompt", "class_prompt")
+
+
+def collapse_spaces(text: str) -> str:
+    """Turn any run of whitespace into one space and strip the ends."""
+    return " ".join(text.split())
+
+
+def caption_from_filename(name: str) -> str:
+    """The caption encoded in an image file name.
+
+    Drops the extension, a leading `<digits>@` (mrwho/joepenna), a trailing duplicate
+    marker ` (<digits>)`, a trailing auto-caption index `_<digits>`; turns remaining
+    underscores into spaces and collapses whitespace. `red_car_3.png` -> `red car`.
+    """
+    stem = name.rsplit("/", 1)[-1]
+    if "." in stem.lstrip("."):
+        stem = stem[: stem.rfind(".")]
+    stem = re.sub(r"^\d+@", "", stem)
+    stem = re.sub(r"\s*\(\d+\)$", "", stem)
+    stem = re.sub(r"_\d+$", "", stem)
+    stem = re.sub(r"\s*\(\d+\)$", "", stem)
+    return collapse_spaces(stem.replace("_", " "))
+
+
+def template_problems(template: str) -> list[str]:
+    """What is wrong with a prompt template (unknown or malformed fields), if anything."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        return [f"template {template!r} is malformed ({exc}); use {{caption}}, "
+                "{instance_prompt}, {class_prompt} and write literal braces as {{ }}."]
+    unknown = sorted({f for f in fields if f not in TEMPLATE_FIELDS})
+    if unknown:
+        return [f"template {template!r} has unknown field(s) {unknown}; allowed: "
+                + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)]
+    return []
+
+
+def default_template(instance_prompt: str = "", class_prompt: str = "") -> str:
+    """Method 1 (`{caption}`) without prompts; method 2 with an instance or class prompt."""
+    return TEMPLATE_WITH_PROMPTS if (instance_prompt or class_prompt) else TEMPLATE_CAPTION_ONLY
+
+
+def apply_template(template: str, caption: str, instance_prompt: str = "", class_prompt: str = "") -> str:
+    """Fill `template`; empty parts vanish cleanly (no stray ', ' or doubled spaces)."""
+    values = {"caption": caption.strip(), "instance_prompt": instance_prompt.strip(),
+              "class_prompt": class_prompt.strip()}
+    text = template.format(**values)
+    text = re.sub(r"\s*,(\s*,)+", ",", text)  # ", ," left by an empty part
+    text = re.sub(r"^\s*,\s*|\s*,\s*$", "", text)
+    text = re.sub(r"\s+,", ",", text)
+    return collapse_spaces(text)
+
+
+def clean_caption(text: str) -> str:
+    """A generated caption as one clean line: no control characters, single spaces."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    return collapse_spaces(text)
+
+
+def safe_filename_stem(caption: str, suffix: str = "", max_bytes: int = MAX_NAME_BYTES) -> str:
+    """A file-name stem from a caption that is safe on every OS.
+
+    Removes path separators, `..`, control and Windows-illegal characters, trailing
+    dots/spaces and reserved device names; trims so `stem + suffix` fits in `max_bytes`
+    UTF-8 bytes without cutting a character in half. Never returns an empty string.
+    """
+    stem = _ILLEGAL.sub(" ", clean_caption(caption))
+    stem = collapse_spaces(stem.replace("..", " ")).strip(" .")
+    if stem.lower().split(".")[0] in _WINDOWS_RESERVED:
+        stem = f"_{stem}"
+    budget = max(1, max_bytes - len(suffix.encode("utf-8")))
+    stem = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip(" .")
+    return stem or "untitled"

@@ -1,0 +1,43 @@
+"""`python -m dbtools <command> [flags]`: one entry point for every stage.
+
+Each command lives in its own module, which exposes `main(argv) -> int`; modules are
+imported only when their command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "caption": ("dbtools.autocaption", "auto-caption images with BLIP / BLIP-2"),
+    "extract": ("dbtools.extract", "Omnitool: file names -> caption files, concepts_list.json"),
+    "classgen": ("dbtools.classgen", "generate class images for prior preservation"),
+    "train": ("dbtools.train", "train DreamBooth (same flags as train_dreambooth.py)"),
+    "export": ("dbtools.export", "diffusers folder -> single .safetensors/.ckpt"),
+    "preview": ("dbtools.preview", "grid of sample images across saved steps"),
+    "tiny": ("dbtools.tiny", "write tiny offline models (tests, demo)"),
+    "demo": ("dbtools.demo", "run the whole journey offline on tiny models"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m dbtools <command> [flags]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `python -m dbtools <command> --help` for a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)

@@ -1,0 +1,114 @@
+"""Concepts and `concepts_list.json` (Shivam Shrirao's format).
+
+The file is a JSON list of objects with `instance_prompt`, `class_prompt`,
+`instance_data_dir` and `class_data_dir`. We also read and write an optional
+`prompt_template` (how a per-image caption combines with the prompts at training
+time); tools that do not know it ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dbtools.atomic import atomic_write_text
+from dbtools.images import list_images
+
+SHIVAM_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
+
+
+class ConceptError(ValueError):
+    """One or more concepts are unusable; the message lists every problem and its fix."""
+
+
+@dataclass
+class Concept:
+    """One thing to teach: a folder of instance images, and optionally a class to preserve."""
+
+    instance_data_dir: str
+    instance_prompt: str = ""
+    class_prompt: str = ""
+    class_data_dir: str = ""
+    prompt_template: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Concept":
+        known = {k: data[k] for k in (*SHIVAM_KEYS, "prompt_template") if k in data}
+        extra = {k: v for k, v in data.items() if k not in known}
+        for key in SHIVAM_KEYS:
+            if known.get(key) is None:
+                known[key] = ""
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        if data["prompt_template"] is None:
+            del data["prompt_template"]
+        return {**data, **self.extra}
+
+
+def concept_problems(concept: Concept, index: int, need_class: bool = False) -> list[str]:
+    """Everything wrong with one concept, as messages naming the field and the fix."""
+    where = f"concept {index + 1}"
+    problems = []
+    for key in ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir"):
+        if not isinstance(getattr(concept, key), str):
+            problems.append(f"{where}: '{key}' must be a string, got {getattr(concept, key)!r}.")
+    if problems:
+        return problems
+    problems += _folder_problems(where, "instance_data_dir", concept.instance_data_dir, True)
+    if need_class or concept.class_data_dir:
+        problems += _folder_problems(where, "class_data_dir", concept.class_data_dir, False)
+    if need_class and not concept.class_prompt.strip():
+        problems.append(f"{where}: prior preservation needs a 'class_prompt' (e.g. 'a photo of a dog').")
+    return problems
+
+
+def _folder_problems(where: str, key: str, path: str, need_images: bool) -> list[str]:
+    if not path.strip():
+        return [f"{where}: '{key}' is empty. Set it to a folder path (an empty path is never "
+                "taken as the current folder)."]
+    folder = Path(path)
+    if not folder.is_dir():
+        return [f"{where}: {key} {folder} does not exist or is not a folder. Fix the path "
+                "(is Google Drive mounted?)."]
+    if need_images and not list_images(folder, recursive=True):
+        return [f"{where}: {key} {folder} contains no images (.jpg .png .webp ...). Put your "
+                "images there or fix the path."]
+    return []
+
+
+def validate_concepts(concepts: list[Concept], need_class: bool = False) -> None:
+    """Raise one `ConceptError` listing every problem in `concepts`, or return None."""
+    if not concepts:
+        raise ConceptError("No concepts given: add at least one instance_data_dir.")
+    problems = [p for i, c in enumerate(concepts) for p in concept_problems(c, i, need_class)]
+    if problems:
+        raise ConceptError("\n".join(["Problems with the concepts:", *problems]))
+
+
+def read_concepts(path: str | os.PathLike) -> list[Concept]:
+    """Read a `concepts_list.json`; one clear error if it is not a list of objects."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConceptError(f"{path}: file not found. Write it with `python -m dbtools extract "
+                           "--write_concepts_list` or fix the path.") from exc
+    except json.JSONDecodeError as exc:
+        raise ConceptError(f"{path}: not valid JSON ({exc}). Fix the file.") from exc
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise ConceptError(f"{path}: must be a JSON list of objects with keys "
+                           f"{', '.join(SHIVAM_KEYS)}.")
+    return [Concept.from_dict(d) for d in data]
+
+
+def write_concepts(path: str | os.PathLike, concepts: list[Concept]) -> Path:
+    """Write `concepts` as Shivam's JSON list, atomically."""
+    text = json.dumps([c.to_dict() for c in concepts], indent=4, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)

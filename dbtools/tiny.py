@@ -1,0 +1,195 @@
+"""Tiny, deterministic, offline models for tests and the demo.
+
+They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+BLIP, BLIP-2) with very small configs and random weights, and generated tokenizer
+files. They are written with `save_pretrained` and read back with `from_pretrained`,
+the same path a Hub model takes. Their outputs are noise: they exist to exercise code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# A small English corpus from which the tiny BPE merges are learnt, so that common
+# caption words become single tokens, as they do with the real CLIP tokenizer.
+CORPUS = (
+    "a an the of on in with and photo painting drawing picture portrait style art of a "
+    "red green blue yellow black white orange purple pink brown grey car cat dog person "
+    "man woman girl boy house tree flower sky sea mountain city street forest river "
+    "smiling sitting standing running close up detailed high quality sks toy figure "
+    "illustration watercolor oil digital render landscape face eyes hair hat dress"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, (chr(c) for c in chars)))
+
+
+def learn_bpe(words: list[str], num_merges: int, end: str = "</w>") -> list[tuple[str, str]]:
+    """Learn up to `num_merges` BPE merges from `words` (greedy, most frequent pair first)."""
+    vocab = Counter(tuple(w[:-1]) + (w[-1] + end,) for w in words if w)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for symbols, freq in vocab.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        vocab = Counter({_merge(symbols, best): f for symbols, f in vocab.items()})
+    return merges
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def write_clip_tokenizer(folder: Path, num_merges: int = 200) -> int:
+    """Write a small CLIP BPE tokenizer (`vocab.json`, `merges.txt`); return its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = learn_bpe(CORPUS.split(), num_merges)
+    vocab_list += ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def tiny_sd_configs(flavor: str = "sd1", vocab_size: int = 1000) -> dict:
+    """Configs for a tiny SD pipeline. `sd1`: epsilon; `sd2`: v-prediction, linear proj."""
+    sd2 = flavor == "sd2"
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    scheduler = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return dict(unet=unet, vae=vae, text=text, scheduler=scheduler)
+
+
+def build_tiny_sd(out: str | Path, flavor: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny StableDiffusionPipeline folder to `out`; return its path."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    tok_dir = out / "tokenizer"
+    vocab_size = write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    cfg = tiny_sd_configs(flavor, vocab_size)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("tiny %s Stable Diffusion pipeline written to %s", flavor, out)
+    return out
+
+
+def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write every tiny model under `out`: `sd`, `sd2` and the captioners."""
+    out = Path(out)
+    paths = {
+        "sd": build_tiny_sd(out / "sd", "sd1", seed),
+        "sd2": build_tiny_sd(out / "sd2", "sd2", seed),
+    }
+    paths.update(_build_captioners(out, seed))
+    return paths
+
+
+def _build_captioners(out: Path, seed: int) -> dict[str, Path]:
+    builders = {name: globals().get(f"build_tiny_{name}") for name in ("blip", "blip2")}
+    return {name: fn(out / name, seed=seed) for name, fn in builders.items() if fn is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dbtools tiny --out DIR`: write the tiny offline models."""
+    parser = argparse.ArgumentParser(prog="python -m dbtools tiny", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, blip/ ... into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in build_all(args.out, args.seed).items():
+        print(f"{name}: {path}")
+    print("These are tiny models with random weights: for tests and demos, not for real images.")
+    return 0
