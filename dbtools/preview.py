@@ -1,0 +1,172 @@
+"""Sample grids: the images training saved at each step, side by side.
+
+Training writes `<output_dir>/<step>/samples/<i>.png` into every weights folder. The
+grid has one row per saved step (labelled with the step number) and one column per
+sample, so a glance shows where the model started to learn and where it overfits.
+`python -m dbtools preview --output_dir D` writes it to `D/preview.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+logger = logging.getLogger(__name__)
+
+PAD = 4
+"""Pixels between cells and around the grid."""
+BACKGROUND = (24, 24, 24)
+TEXT_COLOR = (235, 235, 235)
+
+
+class NoSamplesError(FileNotFoundError):
+    """No sample images were found; the message says where they were expected."""
+
+
+def find_weight_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete weights folders in `output_dir` as `(step, path)`, sorted by step.
+
+    Only folders named by a step number count, and only complete ones: a folder under
+    a temporary `.tmp-` name, or one with neither `model_index.json` (a diffusers
+    pipeline) nor LoRA weights, is never returned. A missing `output_dir` gives `[]`.
+    """
+    from dbtools.train import list_weights  # training owns the output layout
+
+    return list_weights(output_dir)
+
+
+def sample_files(weights_dir: str | os.PathLike) -> list[Path]:
+    """The sample images saved in one weights folder (`samples/`), naturally sorted."""
+    from dbtools.images import list_images
+
+    folder = Path(weights_dir) / "samples"
+    return list_images(folder) if folder.is_dir() else []
+
+
+def select_rows(
+    available: list[tuple[int, Path]], steps: Iterable[int] | None
+) -> list[tuple[int, Path]]:
+    """Pick the requested steps (all when `steps` is None); unknown steps are an error."""
+    if steps is None:
+        return list(available)
+    by_step = dict(available)
+    wanted = [int(s) for s in steps]
+    missing = [s for s in wanted if s not in by_step]
+    if missing:
+        have = ", ".join(str(s) for s in by_step) or "none"
+        raise NoSamplesError(f"no complete weights folder for step(s) {missing}; saved steps: {have}.")
+    return [(s, by_step[s]) for s in wanted]
+
+
+def default_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font at `size` pixels (the fixed bitmap font on old Pillow)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed size
+        return ImageFont.load_default()
+
+
+def grid_size(rows: int, cols: int, thumb: int, label_width: int) -> tuple[int, int]:
+    """Pixel size of a grid: a label column, then `cols` square cells of `thumb`."""
+    width = PAD + label_width + PAD + cols * (thumb + PAD)
+    height = PAD + rows * (thumb + PAD)
+    return width, height
+
+
+def sample_grid(
+    output_dir: str | os.PathLike,
+    steps: Iterable[int] | None = None,
+    max_samples: int | None = None,
+    thumb: int = 256,
+) -> Image.Image:
+    """A grid of sample images: one row per saved step, one column per sample.
+
+    Each row is labelled with its step number; each sample is scaled to fit a
+    `thumb`-pixel square. Steps without samples are skipped (with a log message).
+    Raises `NoSamplesError` naming `output_dir` when there is nothing to show.
+    """
+    if thumb < 16:
+        raise ValueError(f"thumb={thumb} is too small; use 16 pixels or more.")
+    rows = []
+    for step, folder in select_rows(find_weight_steps(output_dir), steps):
+        files = sample_files(folder)[:max_samples]
+        if files:
+            rows.append((step, files))
+        else:
+            logger.info("step %d has no sample images in %s", step, folder / "samples")
+    if not rows:
+        raise NoSamplesError(
+            f"{output_dir}: no sample images found (expected <step>/samples/*.png in complete "
+            "weights folders). Train with --save_sample_prompt (and --n_save_sample) so each "
+            "save writes samples, or check the output folder path."
+        )
+    return _draw_grid(rows, thumb)
+
+
+def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int) -> Image.Image:
+    from dbtools.images import ImageError, load_rgb
+
+    font = default_font(max(12, thumb // 8))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(probe.textbbox((0, 0), str(step), font=font)[2] for step, _ in rows)
+    cols = max(len(files) for _, files in rows)
+    grid = Image.new("RGB", grid_size(len(rows), cols, thumb, label_width), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    for r, (step, files) in enumerate(rows):
+        top = PAD + r * (thumb + PAD)
+        draw.text((PAD, top + thumb // 2), str(step), fill=TEXT_COLOR, font=font, anchor="lm")
+        for c, path in enumerate(files):
+            try:
+                cell = ImageOps.contain(load_rgb(path), (thumb, thumb))
+            except ImageError as exc:
+                logger.warning("skipping unreadable sample: %s", exc)
+                continue
+            left = 2 * PAD + label_width + c * (thumb + PAD)
+            grid.paste(cell, (left + (thumb - cell.width) // 2, top + (thumb - cell.height) // 2))
+    return grid
+
+
+def run_preview(
+    output_dir: str | os.PathLike,
+    out_png: str | os.PathLike | None = None,
+    steps: Iterable[int] | None = None,
+    max_samples: int | None = None,
+    thumb: int = 256,
+) -> Path:
+    """Build the sample grid and save it atomically; return the PNG's path.
+
+    The default destination is `<output_dir>/preview.png`.
+    """
+    grid = sample_grid(output_dir, steps=steps, max_samples=max_samples, thumb=thumb)
+    out = Path(out_png) if out_png else Path(output_dir) / "preview.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"{out}: the preview is a PNG; give a file name ending in .png.")
+    from dbtools.atomic import atomic_save_image
+
+    atomic_save_image(grid, out)
+    logger.info("preview grid (%dx%d) saved to %s", grid.width, grid.height, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dbtools preview --output_dir D`: write a grid of samples across steps."""
+    parser = argparse.ArgumentParser(prog="python -m dbtools preview", description=main.__doc__)
+    parser.add_argument("--output_dir", required=True, help="the training output folder")
+    parser.add_argument("--out", default=None, help="PNG to write (default: <output_dir>/preview.png)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="only these steps")
+    parser.add_argument("--max_samples", type=int, default=None, help="at most this many columns")
+    parser.add_argument("--thumb", type=int, default=256, help="cell size in pixels (default 256)")
+    args = parser.parse_args(argv)
+    try:
+        out = run_preview(args.output_dir, args.out, args.steps, args.max_samples, args.thumb)
+    except (NoSamplesError, ValueError) as exc:
+        print(f"preview: {exc}", file=sys.stderr)
+        return 1
+    print(f"preview: {out}")
+    return 0

@@ -1,0 +1,125 @@
+"""The sample grid across saved steps (`dbtools.preview`, `python -m dbtools preview`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dbtools import preview
+from dbtools.preview import PAD, NoSamplesError, find_weight_steps, run_preview, sample_grid
+
+COLORS = {
+    500: [(255, 0, 0), (0, 255, 0), (0, 0, 255)],
+    1000: [(255, 255, 0), (0, 255, 255)],
+}
+
+
+def make_weights(root: Path, name: str, colors=(), complete=True) -> Path:
+    folder = root / name
+    (folder / "unet").mkdir(parents=True)
+    if complete:
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for i, color in enumerate(colors):
+        (folder / "samples").mkdir(exist_ok=True)
+        Image.new("RGB", (40, 40), color).save(folder / "samples" / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    root = tmp_path / "out"
+    for step, colors in COLORS.items():
+        make_weights(root, str(step), colors)
+    make_weights(root, ".tmp-1500-abc", [(9, 9, 9)])  # a save still being written
+    make_weights(root, "2000", [(9, 9, 9)], complete=False)  # half-written, no model_index.json
+    make_weights(root, "checkpoint-500", [(9, 9, 9)])  # accelerate state, not weights
+    (root / "0" / "logs").mkdir(parents=True)  # TensorBoard logs live under 0/
+    return root
+
+
+def cell_center(grid: Image.Image, row: int, col: int, cols: int, thumb: int) -> tuple:
+    left = grid.width - (cols - col) * (thumb + PAD)
+    top = PAD + row * (thumb + PAD)
+    return grid.getpixel((left + thumb // 2, top + thumb // 2))
+
+
+def test_find_weight_steps_lists_complete_numeric_folders_only(out_dir):
+    assert find_weight_steps(out_dir) == [(500, out_dir / "500"), (1000, out_dir / "1000")]
+    assert find_weight_steps(str(out_dir) + "/") == find_weight_steps(out_dir)
+    assert find_weight_steps(out_dir / "missing") == []
+
+
+def test_lora_weights_folders_count(tmp_path):
+    folder = tmp_path / "out" / "300"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "samples" / "0.png")
+    assert find_weight_steps(tmp_path / "out") == [(300, folder)]
+    grid = sample_grid(tmp_path / "out", thumb=16)
+    assert cell_center(grid, 0, 0, 1, 16) == (1, 2, 3)
+
+
+def test_grid_has_a_row_per_step_and_a_column_per_sample(out_dir):
+    thumb = 32
+    grid = sample_grid(out_dir, thumb=thumb)
+    assert grid.height == PAD + 2 * (thumb + PAD)  # steps 500 and 1000 only
+    label_width = grid.width - 2 * PAD - 3 * (thumb + PAD)
+    assert label_width > 0
+    for row, step in enumerate((500, 1000)):
+        for col, color in enumerate(COLORS[step]):
+            assert cell_center(grid, row, col, 3, thumb) == color
+    assert cell_center(grid, 1, 2, 3, thumb) == preview.BACKGROUND  # step 1000 has 2 samples
+    # nothing from the .tmp-, incomplete or checkpoint folders (colour 9,9,9) made it in
+    assert (9, 9, 9) not in {c for _, c in grid.getcolors(grid.width * grid.height)}
+
+
+def test_rows_are_labelled_with_their_step(out_dir):
+    thumb = 48
+    grid = np.asarray(sample_grid(out_dir, thumb=thumb))
+    label_width = grid.shape[1] - 2 * PAD - 3 * (thumb + PAD)
+    labels = [grid[PAD + r * (thumb + PAD): PAD + r * (thumb + PAD) + thumb, PAD: PAD + label_width]
+              for r in range(2)]
+    for label in labels:
+        assert (label != np.array(preview.BACKGROUND, np.uint8)).any(axis=-1).sum() > 10
+    assert not np.array_equal(labels[0], labels[1])  # "500" and "1000" are drawn differently
+
+
+def test_steps_and_max_samples_select_rows_and_columns(out_dir):
+    thumb = 32
+    grid = sample_grid(out_dir, steps=[1000], max_samples=1, thumb=thumb)
+    assert grid.height == PAD + thumb + PAD
+    assert cell_center(grid, 0, 0, 1, thumb) == COLORS[1000][0]
+    with pytest.raises(NoSamplesError, match="1500"):
+        sample_grid(out_dir, steps=[1500])  # only a .tmp- folder has it
+
+
+def test_clear_error_when_there_are_no_samples(tmp_path):
+    make_weights(tmp_path / "out", "500")  # weights, but no samples/
+    with pytest.raises(NoSamplesError, match="save_sample_prompt") as info:
+        sample_grid(tmp_path / "out")
+    assert str(tmp_path / "out") in str(info.value)
+
+
+def test_run_preview_saves_atomically_to_the_default_path(out_dir):
+    path = run_preview(out_dir)
+    assert path == out_dir / "preview.png"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.height == PAD + 2 * (256 + PAD)
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".tmp-") and p.is_file()]
+
+
+def test_cli_writes_the_grid_and_reports_errors(out_dir, tmp_path, capsys):
+    from dbtools.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["preview", "--output_dir", str(out_dir), "--out", str(out),
+                 "--steps", "500", "1000", "--thumb", "20"]) == 0
+    with Image.open(out) as img:
+        assert img.height == PAD + 2 * (20 + PAD)
+    assert str(out) in capsys.readouterr().out
+    assert main(["preview", "--output_dir", str(tmp_path / "nothing")]) == 1
+    assert "no sample images" in capsys.readouterr().err
