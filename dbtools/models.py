@@ -1,0 +1,609 @@
+"""Loading Stable Diffusion models: Hub ids, diffusers folders and single files.
+
+Every stage gets its models from here, so the user's Hub model, a local training output
+and the tiny test models all take the same path. What we promise:
+
+- `--pretrained_model_name_or_path` may be a Hub id, a diffusers folder, or a single
+  `.safetensors`/`.ckpt` file (read with diffusers' single-file loader; pickles are only
+  ever read with `weights_only=True`, so a file that would run code is refused).
+- `--revision fp16` (the old way to ask for half weights) becomes `variant="fp16"` for
+  Hub ids; when a repo or folder has no such variant we warn and use the full weights.
+  Local folders and files have no revisions, so a revision is ignored for them.
+- A mistake a user can make (a path that does not exist, a folder that is not a model,
+  a missing component, an unsafe pickle) raises one `ModelLoadError` naming the path and
+  the fix, instead of a traceback from deep inside diffusers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""Extensions of single-file checkpoints (the original Stable Diffusion layout)."""
+
+SINGLE_FILE_CONFIG_ENV = "DBTOOLS_SINGLE_FILE_CONFIG"
+"""Environment variable naming a diffusers folder (or Hub id) whose configs describe a
+single-file checkpoint; used when no `config` argument is given."""
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+_CONFIG_FILES = {
+    "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
+    "text_encoder": ("config.json",),
+    "vae": ("config.json",),
+    "unet": ("config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+# Weight file stems per component; transformers folders saved before safetensors use
+# `pytorch_model.bin`.
+_WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "vae": ("diffusion_pytorch_model",),
+                 "unet": ("diffusion_pytorch_model",)}
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpm++_sde": "DPMSolverSDEScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+"""Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names."""
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded because of something the user can fix; the message says what."""
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model that training needs."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    """A `DDPMScheduler` built from the model's scheduler config (keeps `prediction_type`)."""
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def is_single_file(path: str | os.PathLike) -> bool:
+    """True when `path` names a single-file checkpoint (`.safetensors`, `.ckpt`, `.pt`, `.bin`)."""
+    return str(path).lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` cannot be a Hub repo id, so it must be meant as a local path."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or re.match(r"^[A-Za-z]:[\\/]", name):
+        return True
+    if "\\" in name or name.count("/") > 1 or is_single_file(name):
+        return True
+    return not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name)
+
+
+def is_local(name: str) -> bool:
+    """True when `name` is (or is meant to be) a path on this machine rather than a Hub id."""
+    return os.path.exists(os.path.expanduser(name)) or looks_like_local_path(name)
+
+
+def resolve_revision(
+    model_name_or_path: str, revision: str | None, variant: str | None
+) -> tuple[str | None, str | None]:
+    """Map the command line's `revision`/`variant` to what diffusers expects.
+
+    `revision="fp16"` (Shivam's scripts, the seed notebook) means half weights; modern Hub
+    repos publish those as `variant="fp16"`, so for a Hub id it becomes `(None, "fp16")`
+    (an explicit `variant` wins). Local folders and single files have no git revisions,
+    so the revision is dropped for them: `(None, variant)`. Other revisions (a branch,
+    tag or commit) are passed through for Hub ids.
+    """
+    if is_local(model_name_or_path):
+        if revision:
+            logger.info("%s is a local path: ignoring --revision %s", model_name_or_path, revision)
+        return None, variant
+    if revision in ("fp16", "bf16"):
+        return None, variant or revision
+    return revision or None, variant
+
+
+def weight_variants(component_dir: str | os.PathLike) -> tuple[bool, set[str]]:
+    """(has full weights, variants) of a component folder: `model.fp16.safetensors` -> "fp16"."""
+    folder = Path(component_dir)
+    plain, variants = False, set()
+    if not folder.is_dir():
+        return plain, variants
+    for p in folder.iterdir():
+        base, ext = os.path.splitext(p.name)
+        if ext not in (".safetensors", ".bin"):
+            continue
+        base = re.sub(r"-\d+-of-\d+$", "", base)  # shards: name-00001-of-00002
+        _, _, variant = base.partition(".")
+        if variant:
+            variants.add(variant)
+        else:
+            plain = True
+    return plain, variants
+
+
+def has_variant(folder: str | os.PathLike, variant: str) -> bool:
+    """True when a model folder, or one component folder, holds `<variant>` weights."""
+    folder = Path(folder)
+    subs = [folder] + ([folder / c for c in COMPONENTS] if folder.is_dir() else [])
+    return any(variant in weight_variants(sub)[1] for sub in subs)
+
+
+def model_folder_problems(
+    folder: str | os.PathLike, needed: tuple[str, ...] = COMPONENTS
+) -> list[str]:
+    """What stops `folder` from being loaded as a diffusers Stable Diffusion folder.
+
+    Returns messages naming the missing piece and the fix; an empty list means loadable.
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and not any((folder / c).is_dir() for c in COMPONENTS):
+        return [_not_a_model_message(folder)]
+    problems = []
+    for name in needed:
+        sub = folder / name
+        if not sub.is_dir():
+            problems.append(f"{folder}: the '{name}' folder is missing. The model is incomplete: "
+                            "copy or download the whole model folder again.")
+        elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
+            problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
+                            "download the whole model folder again.")
+        elif name in _WEIGHT_STEMS and not _has_weights(sub, _WEIGHT_STEMS[name]):
+            problems.append(f"{sub}: no weights ({_WEIGHT_STEMS[name][0]}.safetensors). The download or "
+                            "save was interrupted: copy or download the model folder again.")
+    return problems
+
+
+def _has_weights(sub: Path, stems: tuple[str, ...]) -> bool:
+    return any(p.name.startswith(stems) and p.suffix in (".safetensors", ".bin") for p in sub.iterdir())
+
+
+def _not_a_model_message(folder: Path) -> str:
+    hint = "Point to the folder that contains model_index.json"
+    files = sorted(p.name for p in folder.iterdir() if is_single_file(p.name)) if folder.is_dir() else []
+    steps = sorted((p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=int) \
+        if folder.is_dir() else []
+    if files:
+        hint = f"To use a single-file checkpoint, pass the file itself, e.g. {folder / files[0]}"
+    elif steps:
+        hint = f"This looks like a training output folder: pass one step folder, e.g. {folder / steps[-1]}"
+    return (f"{folder}: not a diffusers model folder (no model_index.json, unet/, vae/ ...). "
+            f"{hint}, or a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5.")
+
+
+def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONENTS) -> None:
+    """Raise `ModelLoadError` for a local model path that cannot be loaded (before loading)."""
+    if not model_name_or_path or not str(model_name_or_path).strip():
+        raise ModelLoadError("No model given: set --pretrained_model_name_or_path to a Hub id "
+                             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a diffusers "
+                             "folder or a .safetensors/.ckpt file.")
+    if not is_local(model_name_or_path):
+        return
+    path = Path(os.path.expanduser(model_name_or_path))
+    if not path.exists():
+        raise ModelLoadError(f"{path}: does not exist. Fix the model path (is Google Drive mounted?) "
+                             "or give a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5.")
+    if path.is_file():
+        if not is_single_file(path):
+            raise ModelLoadError(f"{path}: not a model file. Give a .safetensors or .ckpt checkpoint, "
+                                 "or a diffusers folder containing model_index.json.")
+        return
+    problems = model_folder_problems(path, needed)
+    if problems:
+        raise ModelLoadError("\n".join(problems))
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device() -> str:
+    """The best device here: "cuda", then Apple "mps", else "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def inference_dtype(device) -> "torch.dtype":
+    """fp16 on CUDA (half the memory, same pictures), fp32 elsewhere (CPU fp16 is slow/unsupported)."""
+    import torch
+
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def safe_torch_load(path: str | os.PathLike) -> dict:
+    """Read a `.ckpt`/`.pt`/`.bin` file with `torch.load(weights_only=True)` and return its dict.
+
+    Only tensors and plain containers are accepted: a pickle that would import or call
+    anything else (a way to run code on this machine) raises `ModelLoadError` naming the file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found. Fix the path.")
+    mmap = zipfile.is_zipfile(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{path}: refused to load. This pickle file contains Python objects that could run "
+            "code on this machine, not just weights. Get a .safetensors version of the model, "
+            f"or convert this one on a machine you do not mind exposing. ({_first_line(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read this checkpoint ({_first_line(exc)}). The file is "
+                             "truncated or not a PyTorch checkpoint: download it again.") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a state dict of weights.")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_single_file(path: Path) -> None:
+    """Refuse unsafe or unreadable single files before diffusers touches them."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path}: not a valid .safetensors file ({_first_line(exc)}). "
+                                 "The download was probably interrupted: download it again.") from exc
+    else:
+        safe_torch_load(path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def single_file_config(config: str | None = None) -> str | None:
+    """The diffusers config source for single files: `config`, else $DBTOOLS_SINGLE_FILE_CONFIG."""
+    return config or os.environ.get(SINGLE_FILE_CONFIG_ENV) or None
+
+
+def load_sd_components(
+    model_name_or_path: str,
+    *,
+    vae_name_or_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    tokenizer_name: str | None = None,
+    torch_dtype=None,
+    config: str | None = None,
+    original_config: str | None = None,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training.
+
+    `model_name_or_path` is a Hub id, a diffusers folder or a single checkpoint file (for
+    which `config`, a diffusers folder or Hub id with the model's configs, avoids a
+    download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
+    for fp16 variants, so an optimizer never sees half-precision master weights).
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    dtype = torch_dtype or torch.float32
+    model_name_or_path = _normalize(model_name_or_path)
+    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
+                   and not (c == "tokenizer" and tokenizer_name))
+    check_model_path(model_name_or_path, needed)
+    revision, variant = resolve_revision(model_name_or_path, revision, variant)
+    variant = _usable_variant(model_name_or_path, variant)
+    if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
+        pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
+        parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                     unet=pipe.unet, scheduler_config=pipe.scheduler.config)
+    else:
+        parts = _load_parts(model_name_or_path, revision, variant, dtype, needed)
+    if tokenizer_name:
+        parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
+                                             revision)
+    if vae_name_or_path:
+        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
+    return SDComponents(
+        tokenizer=parts["tokenizer"],
+        text_encoder=_as_dtype(parts["text_encoder"], dtype),
+        vae=_as_dtype(parts["vae"], dtype),
+        unet=_as_dtype(parts["unet"], dtype),
+        noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
+    )
+
+
+def _normalize(name: str) -> str:
+    """`~` expanded for local paths; Hub ids unchanged."""
+    return os.path.expanduser(str(name)) if name and is_local(str(name)) else name
+
+
+def _usable_variant(name: str, variant: str | None) -> str | None:
+    """`variant`, or None (with one warning) for a local folder or file that does not have it.
+
+    A local folder saved only as a variant (e.g. only `*.fp16.safetensors`) uses that variant.
+    """
+    if not is_local(name):
+        return variant
+    path = Path(os.path.expanduser(name))
+    if not variant:
+        return _only_variant(path / "unet")
+    if path.is_dir() and has_variant(path, variant):
+        return variant
+    logger.warning("%s has no %s weights: using its full-precision weights", name, variant)
+    return None
+
+
+def _only_variant(component_dir: Path) -> str | None:
+    """The variant of a folder that has variant weights only (else None: use the full weights)."""
+    plain, variants = weight_variants(component_dir)
+    if plain or len(variants) != 1:
+        return None
+    (variant,) = variants
+    logger.info("%s has only %s weights: using them", component_dir, variant)
+    return variant
+
+
+def _as_dtype(model, dtype):
+    return model if model.dtype == dtype else model.to(dtype)
+
+
+def _load_parts(name: str, revision: str | None, variant: str | None, dtype, needed: tuple[str, ...]) -> dict:
+    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loaders = dict(
+        tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
+        text_encoder=lambda: _from_pretrained(CLIPTextModel, name, "text_encoder", revision, variant, dtype),
+        vae=lambda: _from_pretrained(AutoencoderKL, name, "vae", revision, variant, dtype),
+        unet=lambda: _from_pretrained(UNet2DConditionModel, name, "unet", revision, variant, dtype),
+        scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(
+            name, subfolder="scheduler", **({"revision": revision} if revision else {}))),
+    )
+    parts = {part: loaders[part]() for part in needed}
+    parts["scheduler_config"] = parts.pop("scheduler")
+    return parts
+
+
+def _tokenizer_subfolder(name: str) -> str | None:
+    """"tokenizer" when `name` is a local model folder (tokenizer in its subfolder), else None."""
+    path = Path(os.path.expanduser(name))
+    if is_local(name) and not (path / "vocab.json").is_file() and (path / "tokenizer").is_dir():
+        return "tokenizer"
+    return None
+
+
+def _load_tokenizer(name: str, subfolder: str | None, revision: str | None):
+    from transformers import CLIPTokenizer
+
+    kwargs = {"revision": revision} if revision else {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    return _guard(name, lambda: CLIPTokenizer.from_pretrained(name, **kwargs))
+
+
+def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):
+    """`cls.from_pretrained` for one component; a missing variant falls back to full weights."""
+    kwargs = dict(subfolder=subfolder, dtype=dtype)
+    if revision:
+        kwargs["revision"] = revision
+    if is_local(name):
+        component = Path(os.path.expanduser(name)) / subfolder
+        if variant and not has_variant(component, variant):
+            variant = None  # this component was saved without the variant; the others keep it
+        variant = variant or _only_variant(component)
+    if variant:
+        try:
+            return cls.from_pretrained(name, variant=variant, **kwargs)
+        except (OSError, ValueError) as exc:
+            logger.warning("%s/%s: no %s variant (%s); using the default weights",
+                           name, subfolder, variant, _first_line(exc))
+    return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
+
+
+def _guard(name: str, load):
+    """Run `load()`; turn the loaders' errors about a user's model into one `ModelLoadError`."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        raise ModelLoadError(_load_failure_message(name, exc)) from exc
+
+
+def _load_failure_message(name: str, exc: BaseException) -> str:
+    if is_local(name):
+        return (f"{name}: cannot load this model ({_first_line(exc)}). The folder is incomplete or "
+                "was saved by an incompatible tool: copy or download it again.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else \
+        "check the spelling, your internet connection, and for gated models accept the licence " \
+        "on huggingface.co and log in (huggingface-cli login or HF_TOKEN)"
+    return (f"{name}: cannot load from the Hugging Face Hub: {why}. If it is meant to be a local "
+            f"folder, that path does not exist. ({_first_line(exc)})")
+
+
+def _load_single_file(path: str, dtype, config: str | None, original_config: str | None):
+    """`StableDiffusionPipeline.from_single_file` with safety checks and a clear offline error."""
+    from diffusers import StableDiffusionPipeline
+
+    file = Path(os.path.expanduser(path))
+    _check_single_file(file)
+    config = single_file_config(config)
+    if config and is_local(config):
+        check_model_path(config, ("tokenizer", "text_encoder", "scheduler"))
+    kwargs: dict = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if config:
+        kwargs["config"] = str(config)
+    elif original_config:
+        kwargs["original_config"] = str(original_config)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return StableDiffusionPipeline.from_single_file(str(file), local_files_only=offline, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds here; all mean "cannot read this file"
+        raise ModelLoadError(_single_file_message(file, config, offline, exc)) from exc
+
+
+def _single_file_message(file: Path, config: str | None, offline: bool, exc: BaseException) -> str:
+    msg = f"{file}: cannot load this checkpoint ({_first_line(exc)})."
+    if not config:
+        msg += (" A single file has weights but no configs: diffusers fetches them from the Hub, which "
+                f"{'is off (HF_HUB_OFFLINE=1)' if offline else 'failed'}. Pass config=<a diffusers folder "
+                f"of the same architecture> (or set {SINGLE_FILE_CONFIG_ENV}), or original_config=<its "
+                ".yaml> (--original_config) for an SD 1.x/2.x checkpoint.")
+    else:
+        msg += f" Check that {config} has the same architecture (SD 1.x vs 2.x) as the file."
+    return msg
+
+
+def load_vae(vae_name_or_path: str, *, torch_dtype=None, base_model: str | None = None):
+    """Load an `AutoencoderKL` from a Hub id, a VAE or pipeline folder, or a single file.
+
+    E.g. `stabilityai/sd-vae-ft-mse`. A single VAE file takes its config from `base_model`
+    when that is a local diffusers folder (no download), else from the Hub.
+    """
+    from diffusers import AutoencoderKL
+
+    if is_local(vae_name_or_path):
+        path = Path(os.path.expanduser(vae_name_or_path))
+        if not path.exists():
+            raise ModelLoadError(f"{path}: VAE path does not exist. Fix --pretrained_vae_name_or_path "
+                                 "or give a Hub id like stabilityai/sd-vae-ft-mse.")
+        if path.is_file():
+            return _load_single_file_vae(path, torch_dtype, base_model)
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            return _guard(str(path), lambda: AutoencoderKL.from_pretrained(path, subfolder="vae",
+                                                                           dtype=torch_dtype))
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a VAE folder (no config.json and no vae/ folder). Give a "
+                                 "VAE folder, a model folder, a .safetensors file or a Hub id.")
+    return _guard(vae_name_or_path, lambda: AutoencoderKL.from_pretrained(vae_name_or_path,
+                                                                          dtype=torch_dtype))
+
+
+def _load_single_file_vae(path: Path, dtype, base_model: str | None):
+    from diffusers import AutoencoderKL
+
+    _check_single_file(path)
+    kwargs: dict = dict(dtype=dtype)
+    base = Path(os.path.expanduser(base_model)) if base_model else None
+    if base is not None and (base / "vae" / "config.json").is_file():
+        kwargs.update(config=str(base), subfolder="vae")
+    try:
+        return AutoencoderKL.from_single_file(str(path), **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot load this VAE file ({_first_line(exc)}). Use a "
+                             "diffusers VAE folder or Hub id (e.g. stabilityai/sd-vae-ft-mse) instead.") from exc
+
+
+def make_scheduler(name: str, config):
+    """A diffusers scheduler of kind `name` (see `SCHEDULERS`) from a model's scheduler config.
+
+    The model's `prediction_type`, betas and timestep settings are kept.
+    """
+    import diffusers
+
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    if key not in SCHEDULERS:
+        raise ModelLoadError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+    cls = getattr(diffusers, SCHEDULERS[key])
+    extra = {"algorithm_type": "dpmsolver++"} if key in ("dpm++", "dpmsolver++") else {}
+    return cls.from_config(config, **extra)
+
+
+def load_pipeline(
+    model_name_or_path: str,
+    *,
+    vae_name_or_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype=None,
+    device=None,
+    scheduler: str | None = None,
+    config: str | None = None,
+    original_config: str | None = None,
+) -> "StableDiffusionPipeline":
+    """Load a `StableDiffusionPipeline` for generating images (safety checker off).
+
+    Accepts what `load_sd_components` accepts. `scheduler` picks a sampler by name
+    ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
+    model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
+    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
+    model_name_or_path = _normalize(model_name_or_path)
+    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path))
+    check_model_path(model_name_or_path, needed)
+    revision, variant = resolve_revision(model_name_or_path, revision, variant)
+    variant = _usable_variant(model_name_or_path, variant)
+    extra: dict = {}
+    if vae_name_or_path:
+        extra["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
+    local = is_local(model_name_or_path)
+    path = os.path.expanduser(model_name_or_path) if local else model_name_or_path
+    if local and Path(path).is_file():
+        pipe = _load_single_file(path, dtype, config, original_config)
+        if "vae" in extra:
+            pipe.vae = extra["vae"]
+    else:
+        pipe = _pipeline_from_pretrained(StableDiffusionPipeline, path, revision, variant, dtype, extra)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if device:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _pipeline_from_pretrained(cls, path: str, revision, variant, dtype, extra: dict):
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra)
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        try:
+            return cls.from_pretrained(path, variant=variant, **kwargs)
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: no %s variant (%s); using the default weights", path, variant, _first_line(exc))
+    return _guard(path, lambda: cls.from_pretrained(path, **kwargs))
