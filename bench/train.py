@@ -1,0 +1,244 @@
+"""Benchmark our training loop against a bare UNet loop on the same model.
+
+    python bench/train.py [--steps 20] [--warmup 3] [--resolution 128] [--batch_size 1]
+                          [--model small|sd15] [--gpu_flags] [--repeat 2]
+
+Both sides (prompts padded to 77 tokens) run in their own subprocess (so peak memory is each side's own), in the
+same invocation, on the same UNet:
+
+- ours: `dbtools.train.train()` on a few generated images, latents and text
+  embeddings cached, frozen text encoder, AdamW (the code path users run);
+- bare: the UNet alone: noise + timesteps, `add_noise`, forward, MSE, backward, AdamW
+  step, on latents and embeddings made before the clock starts.
+
+Speed is the fastest time between the starts of consecutive steps after `--warmup`
+steps (the intrinsic cost; other processes on a shared machine only ever add time);
+medians are printed too. Peak memory: CUDA
+`max_memory_allocated` during the steps on a GPU; max RSS of the process on CPU.
+Targets: ours >= 0.9x the bare steps/s, peak memory <= 1.1x.
+
+Models: `small` is SD-shaped (4 UNet levels, cross-attention in the first three,
+SD's block types) with small widths, feasible on a CPU; `sd15` is the real SD 1.5
+UNet architecture with random weights (default when CUDA is present). `--gpu_flags`
+adds fp16 mixed precision, gradient checkpointing and 8-bit Adam to both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def unet_config(kind: str, cross_dim: int) -> dict:
+    if kind == "sd15":
+        return dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                    attention_head_dim=8, cross_attention_dim=cross_dim)
+    return dict(sample_size=16, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+                attention_head_dim=8, cross_attention_dim=cross_dim, norm_num_groups=32)
+
+
+def build_model(folder: Path, kind: str) -> Path:
+    """A pipeline folder: the tiny VAE/tokenizer/scheduler with a benchmark UNet and text encoder."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dbtools.tiny import build_tiny_sd, tiny_sd_configs
+
+    build_tiny_sd(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    cross = 768 if kind == "sd15" else 64
+    text_cfg = tiny_sd_configs(vocab_size=pipe.text_encoder.config.vocab_size)["text"] | dict(
+        hidden_size=cross, num_attention_heads=8)
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    pipe.unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **unet_config(kind, cross))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_images(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+class StepClock:
+    """Start time of every step, and peak CUDA memory from the first step on."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def tick(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            if not self.starts:
+                torch.cuda.reset_peak_memory_stats()
+        self.starts.append(time.perf_counter())
+
+    def report(self, warmup: int) -> dict:
+        import resource
+
+        import torch
+
+        gaps = [b - a for a, b in zip(self.starts[warmup:], self.starts[warmup + 1:])]
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"median_step_s": statistics.median(gaps), "best_step_s": min(gaps), "steps_per_s": 1 / min(gaps),
+                "peak_bytes": peak, "memory": "cuda max_memory_allocated" if torch.cuda.is_available()
+                else "max RSS"}
+
+
+def run_ours(a: argparse.Namespace) -> dict:
+    from dbtools import train as T
+
+    clock = StepClock()
+    real_step = T.train_step
+
+    def timed_step(run, step):
+        clock.tick()
+        return real_step(run, step)
+
+    T.train_step = timed_step
+    out = Path(a.work) / "ours-out"
+    cfg = T.TrainConfig(pretrained_model_name_or_path=a.model_dir, instance_data_dir=a.images,
+                        instance_prompt="a photo of sks thing", output_dir=str(out), resolution=a.resolution,
+                        train_batch_size=a.batch_size, max_train_steps=a.steps + 1, learning_rate=1e-6,
+                        lr_warmup_steps=0, seed=0, report_to="none", checkpointing_steps=10**9,
+                        save_interval=10**9, mixed_precision="fp16" if a.gpu_flags else "no",
+                        gradient_checkpointing=a.gpu_flags, use_8bit_adam=a.gpu_flags, pad_tokens=True)
+    real_finish = T.finish
+    T.finish = lambda run, step: clock.tick()  # stop the clock; saving is not part of the loop
+    T.train(cfg)
+    T.finish = real_finish
+    return clock.report(a.warmup)
+
+
+def run_bare(a: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DConditionModel.from_pretrained(a.model_dir, subfolder="unet").to(device).train()
+    sched = DDPMScheduler.from_pretrained(a.model_dir, subfolder="scheduler")
+    if a.gpu_flags:
+        unet.enable_gradient_checkpointing()
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-6, weight_decay=1e-2)
+    else:
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-6, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler("cuda") if a.gpu_flags else None
+    side = a.resolution // 8
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(a.batch_size, 4, side, side, generator=gen).to(device)
+    embeds = torch.randn(a.batch_size, 77, unet.config.cross_attention_dim, generator=gen).to(device)
+    clock = StepClock()
+    for _ in range(a.steps + 1):
+        clock.tick()
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (a.batch_size,), generator=gen).to(device)
+        with torch.autocast(device, dtype=torch.float16, enabled=bool(a.gpu_flags)):
+            pred = unet(sched.add_noise(latents, noise, t), t, embeds).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    clock.tick()
+    return clock.report(a.warmup)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def side_main(a: argparse.Namespace) -> None:
+    import logging
+
+    logging.disable(logging.WARNING)
+    result = run_ours(a) if a.side == "ours" else run_bare(a)
+    print("RESULT " + json.dumps(result))
+
+
+def run_side(side: str, a: argparse.Namespace, work: Path, model_dir: Path, images: Path) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--model_dir", str(model_dir),
+           "--images", str(images), "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--resolution", str(a.resolution), "--batch_size", str(a.batch_size)]
+    cmd += ["--gpu_flags"] if a.gpu_flags else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=None, help="default: 128 (small) / 512 (sd15)")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--model", choices=["small", "sd15"], default=None)
+    p.add_argument("--gpu_flags", action="store_true", help="fp16 + gradient checkpointing + 8-bit Adam")
+    p.add_argument("--repeat", type=int, default=2, help="runs per side (alternating); best counts")
+    p.add_argument("--side", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--model_dir", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.side:
+        return side_main(a)
+    a.model = a.model or ("sd15" if torch.cuda.is_available() else "small")
+    a.resolution = a.resolution or (512 if a.model == "sd15" else 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = build_model(work / "model", a.model)
+        images = make_images(work / "images", 4, a.resolution)
+        results = {"ours": [], "bare": []}
+        for r in range(a.repeat):
+            for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
+                results[side].append(run_side(side, a, work, model_dir, images))
+    ours = max(results["ours"], key=lambda x: x["steps_per_s"])
+    bare = max(results["bare"], key=lambda x: x["steps_per_s"])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"model={a.model} resolution={a.resolution} batch={a.batch_size} steps={a.steps} "
+          f"gpu_flags={a.gpu_flags} device={device}")
+    for name, res in (("bare", bare), ("ours", ours)):
+        print(f"  {name}: {res['steps_per_s']:.3f} steps/s (best step {res['best_step_s']:.3f} s, median "
+              f"{res['median_step_s']:.3f} s)  peak {res['peak_bytes'] / 2**20:.0f} MiB ({res['memory']})")
+    print(f"  ratio ours/bare: speed {ours['steps_per_s'] / bare['steps_per_s']:.3f}x (target >= 0.9), "
+          f"peak memory {ours['peak_bytes'] / bare['peak_bytes']:.3f}x (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""Training data: per-image prompts, aspect-ratio buckets, deterministic batches, caches.
+
+What training reads, and how:
+
+- Only real images (`dbtools.images.list_images`) are read; a concept's prompt for each
+  image is its caption file (`<image file>.txt`, else `<stem>.txt` / `<stem>.caption`)
+  when `read_prompts_from_txts` is on, optionally combined with the concept's prompts
+  through a template; class images use the concept's class prompt.
+- Images keep their shape with aspect-ratio buckets (resize to cover the bucket, crop
+  the overflow), or are square-cropped at `resolution` as in the original script.
+- Which images make up batch `i` is a pure function of `(seed, i)`, and so is every
+  random choice made for it (flip, caption dropout/shuffle, crop). A run resumed at
+  step `k` therefore sees exactly the batches an uninterrupted run would have seen.
+- VAE latents are cached as the distribution (mean, std) and sampled per step; the
+  cache can live on disk so a restarted session does not encode again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dbtools.atomic import atomic_write
+from dbtools.captions import apply_template, clean_caption, template_problems
+from dbtools.concepts import Concept
+from dbtools.images import ImageError, list_images, load_rgb
+
+logger = logging.getLogger(__name__)
+
+CAPTION_SUFFIXES = (".txt", ".caption")
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def caption_candidates(image: Path) -> list[Path]:
+    """Caption files that may hold `image`'s prompt, in the order they are looked for."""
+    image = Path(image)
+    return [image.with_name(image.name + ".txt"),
+            *(image.with_suffix(s) for s in CAPTION_SUFFIXES)]
+
+
+def find_caption_file(image: Path) -> Path | None:
+    """The first existing caption file of `image` (see `caption_candidates`), else None."""
+    return next((p for p in caption_candidates(image) if p.is_file()), None)
+
+
+def build_prompt(caption: str, concept: Concept, template: str | None) -> str:
+    """The training prompt for one caption: the template filled in, or the caption itself.
+
+    Caption files written by the Omnitool already hold the final prompt, so the
+    concept's instance/class prompts are only added when a template is given.
+    """
+    if not template:
+        return caption
+    return apply_template(template, caption, concept.instance_prompt, concept.class_prompt)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and its prompt; `is_class` marks a prior-preservation image."""
+
+    path: Path
+    prompt: str
+    is_class: bool = False
+
+
+@dataclass
+class DataPlan:
+    """Every example training will use, found and checked before any model loads."""
+
+    instance: list[Example]
+    classes: list[Example]
+
+
+def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool,
+                              template: str | None) -> tuple[list[Example], list[str]]:
+    """Instance examples of one concept, and a message for every image that cannot be used."""
+    examples, problems = [], []
+    for path in list_images(concept.instance_data_dir, recursive=True):
+        if not read_prompts_from_txts:
+            examples.append(Example(path, concept.instance_prompt))
+            continue
+        caption_file = find_caption_file(path)
+        if caption_file is None:
+            problems.append(f"{path}: no caption file (looked for {path.name}.txt, {path.stem}.txt, "
+                            f"{path.stem}.caption). Write one (python -m dbtools extract) or remove "
+                            "the image.")
+            continue
+        caption = clean_caption(caption_file.read_text(encoding="utf-8", errors="replace"))
+        if not caption:
+            problems.append(f"{caption_file}: caption file is empty. Write the caption into it or "
+                            "remove the image.")
+            continue
+        examples.append(Example(path, build_prompt(caption, concept, template)))
+    return examples, problems
+
+
+def concept_class_examples(concept: Concept) -> list[Example]:
+    """Class (regularization) examples of one concept; a missing folder has none yet."""
+    folder = Path(concept.class_data_dir)
+    if not concept.class_data_dir.strip() or not folder.is_dir():
+        return []
+    return [Example(p, concept.class_prompt, is_class=True) for p in list_images(folder)]
+
+
+def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool = False,
+                  prompt_template: str | None = None, with_prior_preservation: bool = False,
+                  check_images: bool = True) -> tuple[DataPlan, list[str]]:
+    """Find every example and everything wrong with the data, without loading a model.
+
+    Problems (each naming the file and the fix): missing/empty instance folders, missing
+    or empty caption files, prompts that are empty, bad templates, images that do not
+    open (`load_rgb`), an empty class folder path. Class folders may be missing or short
+    of images: class images are generated before training.
+    """
+    instance, classes, problems = [], [], []
+    for i, concept in enumerate(concepts):
+        where = f"concept {i + 1}"
+        template = prompt_template or concept.prompt_template
+        if template:
+            problems += [f"{where}: {p}" for p in template_problems(template)]
+        folder = Path(concept.instance_data_dir or "")
+        if not concept.instance_data_dir.strip() or not folder.is_dir():
+            problems.append(f"{where}: instance_data_dir {concept.instance_data_dir!r} is not a folder. "
+                            "Fix the path (is Google Drive mounted?).")
+            continue
+        found, bad = concept_instance_examples(concept, read_prompts_from_txts, template)
+        problems += bad
+        if not found and not bad:
+            problems.append(f"{where}: {folder} contains no images (.jpg .png .webp ...). Put the "
+                            "training images there or fix the path.")
+        if not read_prompts_from_txts and not concept.instance_prompt.strip():
+            problems.append(f"{where}: no instance_prompt. Set --instance_prompt (or the concept's "
+                            "instance_prompt), or use --read_prompts_from_txts with caption files.")
+        instance += found
+        if with_prior_preservation:
+            problems += _class_problems(concept, where)
+            classes += concept_class_examples(concept)
+    if check_images:
+        problems += unreadable_images([e.path for e in instance + classes])
+    return DataPlan(instance, classes), problems
+
+
+def _class_problems(concept: Concept, where: str) -> list[str]:
+    problems = []
+    if not concept.class_data_dir.strip():
+        problems.append(f"{where}: prior preservation needs a class_data_dir (a folder for class "
+                        "images; it is created and filled if needed). Set --class_data_dir.")
+    elif Path(concept.class_data_dir).exists() and not Path(concept.class_data_dir).is_dir():
+        problems.append(f"{where}: class_data_dir {concept.class_data_dir} is a file, not a folder. "
+                        "Fix the path.")
+    if not concept.class_prompt.strip():
+        problems.append(f"{where}: prior preservation needs a class_prompt (e.g. 'a photo of a dog'). "
+                        "Set --class_prompt.")
+    return problems
+
+
+def unreadable_images(paths: Sequence[Path], workers: int = 8) -> list[str]:
+    """A message for each image in `paths` that `load_rgb` cannot open (checked in parallel)."""
+
+    def check(path: Path) -> str | None:
+        try:
+            load_rgb(path)
+        except ImageError as exc:
+            return str(exc)
+        return None
+
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+        return [msg for msg in pool.map(check, paths) if msg]
+
+
+# --------------------------------------------------------------------------- captions per step
+
+
+def transform_caption(prompt: str, rng: random.Random, *, dropout: float = 0.0,
+                      shuffle: bool = False, keep_tokens: int = 0) -> str:
+    """Caption dropout (empty prompt with probability `dropout`) and tag shuffling.
+
+    Shuffling reorders the comma-separated parts after the first `keep_tokens` parts,
+    which stay in front (e.g. the instance token).
+    """
+    if dropout > 0 and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return prompt
+    parts = [p.strip() for p in prompt.split(",") if p.strip()]
+    head, tail = parts[:keep_tokens], parts[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[Size]:
+    """Bucket sizes of about `resolution`² pixels, sides multiples of `step`, aspect <= `max_ratio`.
+
+    Always includes the square `(resolution, resolution)` (rounded down to `step`).
+    """
+    side = max(step, resolution // step * step)
+    area = resolution * resolution
+    buckets = {(side, side)}
+    for w in range(step, int(resolution * max_ratio) + 1, step):
+        h = area // w // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            buckets.add((w, h))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
+    """The bucket whose aspect ratio is closest to `width/height` (log scale; ties: larger area)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def cover_crop_box(src: Size, dst: Size, rng: random.Random | None = None) -> tuple[Size, tuple[int, int]]:
+    """How to fit an image of size `src` into `dst`: resize to cover it, then crop.
+
+    Returns `(resized_size, (left, top))`; the crop is centred, or random when `rng` is given.
+    """
+    scale = max(dst[0] / src[0], dst[1] / src[1])
+    resized = (max(dst[0], round(src[0] * scale)), max(dst[1], round(src[1] * scale)))
+    spare_x, spare_y = resized[0] - dst[0], resized[1] - dst[1]
+    if rng is None:
+        return resized, (spare_x // 2, spare_y // 2)
+    return resized, (rng.randint(0, spare_x), rng.randint(0, spare_y))
+
+
+def image_to_array(img: Image.Image, dst: Size, box: tuple[Size, tuple[int, int]], flip: bool) -> np.ndarray:
+    """Resize/crop/flip an RGB image to `dst`; float32 CHW in [-1, 1]."""
+    resized, (left, top) = box
+    if img.size != resized:
+        img = img.resize(resized, Image.Resampling.BICUBIC)
+    img = img.crop((left, top, left + dst[0], top + dst[1]))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------- deterministic batches
+
+
+def step_seed(seed: int, index: int, salt: str = "") -> int:
+    """A 63-bit seed for the random choices of micro-batch `index` (stable across runs)."""
+    digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class BatchStream:
+    """Batches of example indices, grouped by bucket, reshuffled every pass.
+
+    `batch(i)` is a pure function of `(seed, i)`: pass `i // len(self)` uses its own
+    shuffle, so any position can be reached without replaying the ones before it.
+    """
+
+    def __init__(self, sizes: Sequence[Size], batch_size: int, seed: int):
+        if not sizes:
+            raise ValueError("BatchStream needs at least one example")
+        self.groups: dict[Size, list[int]] = {}
+        for i, size in enumerate(sizes):
+            self.groups.setdefault(size, []).append(i)
+        self.batch_size, self.seed = batch_size, seed
+        self._len = sum(math.ceil(len(g) / batch_size) for g in self.groups.values())
+        self._cycles: dict[int, list[list[int]]] = {}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def batch(self, i: int) -> list[int]:
+        cycle, j = divmod(i, self._len)
+        return self._cycle(cycle)[j]
+
+    def _cycle(self, cycle: int) -> list[list[int]]:
+        if cycle not in self._cycles:
+            if len(self._cycles) >= 2:  # only the current and the previous pass are ever needed
+                self._cycles.pop(min(self._cycles))
+            self._cycles[cycle] = self._shuffle(cycle)
+        return self._cycles[cycle]
+
+    def _shuffle(self, cycle: int) -> list[list[int]]:
+        rng = random.Random(step_seed(self.seed, cycle, "cycle"))
+        batches = []
+        for size in sorted(self.groups):
+            idx = self.groups[size][:]
+            rng.shuffle(idx)
+            batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+@dataclass(frozen=True)
+class Item:
+    """An example placed in its bucket, with the crop used when its latents are cached."""
+
+    example: Example
+    size: Size
+    box: tuple[Size, tuple[int, int]]
+
+
+@dataclass
+class DataConfig:
+    """How images become batches (a subset of the training config)."""
+
+    resolution: int = 512
+    bucket_step: int = 64
+    aspect_ratio_bucketing: bool = False
+    center_crop: bool = False
+    hflip: bool = False
+    train_batch_size: int = 1
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    seed: int = 0
+
+
+def place_items(examples: Sequence[Example], cfg: DataConfig) -> list[Item]:
+    """Give every example its bucket (or the square) and a fixed crop box."""
+    buckets = make_buckets(cfg.resolution, cfg.bucket_step) if cfg.aspect_ratio_bucketing else \
+        [(cfg.resolution, cfg.resolution)]
+    items = []
+    for ex in examples:
+        with Image.open(ex.path) as img:  # header only: the size, EXIF rotation applied below
+            w, h = _upright_size(img)
+        size = nearest_bucket(w, h, buckets)
+        rng = None if cfg.center_crop or cfg.aspect_ratio_bucketing else \
+            random.Random(step_seed(cfg.seed, 0, f"crop:{ex.path}"))
+        items.append(Item(ex, size, cover_crop_box((w, h), size, rng)))
+    return items
+
+
+def _upright_size(img: Image.Image) -> Size:
+    orientation = img.getexif().get(0x0112, 1)
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+class DreamBoothData:
+    """Micro-batch `i` of instance (and class) examples: prompts plus pixels or cached latents.
+
+    Epoch length follows the original script: with prior preservation it is the longer of
+    the instance and class streams; the shorter one wraps around.
+    """
+
+    def __init__(self, plan: DataPlan, cfg: DataConfig, latent_cache: "LatentCache | None" = None):
+        self.cfg = cfg
+        self.instance = place_items(plan.instance, cfg)
+        self.classes = place_items(plan.classes, cfg)
+        self.cache = latent_cache
+        self.instance_stream = BatchStream([it.size for it in self.instance], cfg.train_batch_size, cfg.seed)
+        self.class_stream = BatchStream([it.size for it in self.classes], cfg.train_batch_size,
+                                        cfg.seed + 1) if self.classes else None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(len(self.instance_stream), len(self.class_stream or ()))
+
+    def all_items(self) -> list[Item]:
+        return self.instance + self.classes
+
+    def micro_batch(self, i: int) -> dict:
+        """Batch `i`: `{"instance": part, "class": part | None}`, each part a dict with
+        `prompts` and either `latent_mean`/`latent_std` (cached) or `pixels` (float32 NCHW)."""
+        rng = random.Random(step_seed(self.cfg.seed, i, "batch"))
+        inst = self._part([self.instance[k] for k in self.instance_stream.batch(i)], rng, captions=True)
+        cls = None
+        if self.class_stream is not None:
+            cls = self._part([self.classes[k] for k in self.class_stream.batch(i)], rng, captions=False)
+        return {"instance": inst, "class": cls}
+
+    def _part(self, items: list[Item], rng: random.Random, captions: bool) -> dict:
+        c = self.cfg
+        flips = [c.hflip and rng.random() < 0.5 for _ in items]
+        prompts = [transform_caption(it.example.prompt, rng, dropout=c.caption_dropout,
+                                     shuffle=c.shuffle_captions, keep_tokens=c.keep_tokens)
+                   if captions else it.example.prompt for it in items]
+        part = {"prompts": prompts}
+        if self.cache is not None:
+            stats = [self.cache.get(it, f) for it, f in zip(items, flips)]
+            part["latent_mean"] = np.stack([s[0] for s in stats])
+            part["latent_std"] = np.stack([s[1] for s in stats])
+        else:
+            part["pixels"] = np.stack([load_item(it, f) for it, f in zip(items, flips)])
+        return part
+
+
+def load_item(item: Item, flip: bool) -> np.ndarray:
+    """Pixels of one item, ready for the VAE."""
+    return image_to_array(load_rgb(item.example.path), item.size, item.box, flip)
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def latent_key(model_key: str, item: Item, flip: bool) -> str:
+    """Cache key: model, file (path, mtime, size), bucket, crop and flip."""
+    st = os.stat(item.example.path)
+    parts = [model_key, str(Path(item.example.path).resolve()), st.st_mtime_ns, st.st_size,
+             list(item.size), [list(item.box[0]), list(item.box[1])], flip]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+class LatentCache:
+    """VAE latent distributions (mean, std) per item and flip; in memory, optionally on disk.
+
+    `encode` is a callable `pixels (N,3,H,W) float32 -> (mean, std)` numpy arrays; it is
+    only called for entries found neither in memory nor under `cache_dir`.
+    """
+
+    def __init__(self, model_key: str, cache_dir: str | os.PathLike | None = None):
+        self.model_key = model_key
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.entries: dict[tuple[Item, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self.encoded = 0
+        self.read_from_disk = 0
+
+    def get(self, item: Item, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        return self.entries[(item, flip)]
+
+    def fill(self, items: Sequence[Item], flips: Sequence[bool], encode: Callable,
+             batch_size: int = 4, progress: bool = True) -> None:
+        """Make sure every `(item, flip)` is cached, encoding same-size items in batches."""
+        from tqdm.auto import tqdm
+
+        todo = [(it, f) for it in items for f in flips if (it, f) not in self.entries]
+        todo = [k for k in todo if not self._load_disk(k)]
+        by_size: dict[Size, list] = {}
+        for key in todo:
+            by_size.setdefault(key[0].size, []).append(key)
+        with tqdm(total=len(todo), desc="caching latents", disable=not progress or not todo) as bar:
+            for keys in by_size.values():
+                for k in range(0, len(keys), batch_size):
+                    chunk = keys[k:k + batch_size]
+                    mean, std = encode(np.stack([load_item(it, f) for it, f in chunk]))
+                    for j, key in enumerate(chunk):
+                        self._store(key, mean[j], std[j])
+                    bar.update(len(chunk))
+
+    def _path(self, key: tuple[Item, bool]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        name = latent_key(self.model_key, *key)
+        return self.cache_dir / name[:2] / f"{name}.safetensors"
+
+    def _load_disk(self, key) -> bool:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return False
+        from safetensors.numpy import load_file
+
+        try:
+            data = load_file(str(path))
+        except Exception:  # a damaged cache file is re-encoded, never trusted
+            logger.warning("latent cache file %s is unreadable; encoding again", path)
+            return False
+        self.entries[key] = (data["mean"], data["std"])
+        self.read_from_disk += 1
+        return True
+
+    def _store(self, key, mean: np.ndarray, std: np.ndarray) -> None:
+        mean, std = np.ascontiguousarray(mean), np.ascontiguousarray(std)
+        self.entries[key] = (mean, std)
+        self.encoded += 1
+        path = self._path(key)
+        if path is not None:
+            from safetensors.numpy import save_file
+
+            atomic_write(path, lambda tmp: save_file({"mean": mean, "std": std}, tmp))

@@ -1,0 +1,1302 @@
+"""DreamBooth training of Stable Diffusion with per-image prompts.
+
+`train(cfg)` is the whole run and reads top to bottom: check the inputs, set up
+accelerate, make class images, load models, cache data, loop, save. The command line
+(`train_dreambooth.py`, `accelerate launch train_dreambooth.py`, `python -m dbtools
+train`) accepts the flags of Shivam Shrirao's script and of diffusers' current
+`train_dreambooth.py` with the same meanings and defaults, and builds a `TrainConfig`;
+the notebook and the tests build the same object.
+
+Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
+folder (LoRA mode: `pytorch_lora_weights.safetensors`) with `args.json` and
+`samples/<i>.png`; TensorBoard logs go under `<output_dir>/0/logs`. Accelerate state for
+resuming goes to `<output_dir>/checkpoint-<step>/`. Every folder is built under a
+temporary name and renamed when complete, so `latest_weights`, `latest_checkpoint` and
+`--resume_from_checkpoint latest` only ever see complete folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_save_image, atomic_write_text, is_temporary
+from dbtools.concepts import Concept, ConceptError, read_concepts
+from dbtools.data import (DataConfig, DataPlan, DreamBoothData, LatentCache, concept_class_examples,
+                          scan_concepts, step_seed)
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup")
+CHECKPOINT_PREFIX = "checkpoint-"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+SINGLE_FILE_NAME = "model.safetensors"
+
+
+class TrainError(ValueError):
+    """Training cannot start or go on because of something the user can fix."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; field names and defaults are the command-line flags'."""
+
+    # model
+    pretrained_model_name_or_path: str = ""
+    pretrained_vae_name_or_path: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    tokenizer_name: str | None = None
+    # data
+    instance_data_dir: str | None = None
+    instance_prompt: str | None = None
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    concepts_list: str | None = None
+    read_prompts_from_txts: bool = False
+    prompt_template: str | None = None
+    resolution: int = 512
+    center_crop: bool = False
+    hflip: bool = False
+    aspect_ratio_bucketing: bool = False
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    pad_tokens: bool = False
+    tokenizer_max_length: int | None = None
+    text_encoder_use_attention_mask: bool = False
+    not_cache_latents: bool = False
+    pre_compute_text_embeddings: bool = False
+    cache_dir: str | None = None
+    dataloader_num_workers: int = 0
+    # prior preservation
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    prior_generation_precision: str | None = None
+    # optimisation
+    seed: int | None = None
+    train_text_encoder: bool = False
+    train_batch_size: int = 4
+    num_train_epochs: int = 1
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 5e-6
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-08
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = None
+    allow_tf32: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    set_grads_to_none: bool = False
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+    offset_noise_strength: float = 0.1
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    use_lora: bool = False
+    lora_rank: int = 4
+    max_nonfinite_steps: int = 5
+    # saving, samples, logging
+    output_dir: str = "text-inversion-model"
+    save_interval: int = 10_000
+    save_min_steps: int = 0
+    save_sample_prompt: str | None = None
+    save_sample_negative_prompt: str | None = None
+    n_save_sample: int = 4
+    save_guidance_scale: float = 7.5
+    save_infer_steps: int = 20
+    save_single_file: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompt: str | None = None
+    num_validation_images: int = 4
+    validation_steps: int = 100
+    logging_dir: str = "logs"
+    log_interval: int = 10
+    report_to: str = "tensorboard"
+    # hub
+    push_to_hub: bool = False
+    hub_token: str | None = field(default=None, repr=False)
+    hub_model_id: str | None = None
+    local_rank: int = -1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | dict) -> "TrainConfig":
+        """Build from parsed flags (unknown keys are ignored)."""
+        data = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def concepts(self) -> list[Concept]:
+        """The concepts to train: `concepts_list` when given, else the single-concept flags."""
+        if self.concepts_list:
+            return read_concepts(self.concepts_list)
+        return [Concept(instance_data_dir=self.instance_data_dir or "",
+                        instance_prompt=self.instance_prompt or "",
+                        class_prompt=self.class_prompt or "",
+                        class_data_dir=self.class_data_dir or "")]
+
+
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)$", re.I)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})\b")
+
+
+def public_args(cfg: TrainConfig) -> dict:
+    """The config as a JSON-able dict without secrets: no `hub_token`, no token-like keys,
+    and token-looking strings in values replaced by `<redacted>`."""
+    out = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        if _SECRET_KEY.search(key):
+            continue
+        if isinstance(value, str):
+            value = _SECRET_VALUE.sub("<redacted>", value)
+        out[key] = value
+    return out
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser behind `train_dreambooth.py` and `python -m dbtools train`."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="DreamBooth training for Stable Diffusion with per-image prompts.")
+
+    def flag(name: str, help: str, **kw):
+        if kw.get("action") not in ("store_true",):
+            kw.setdefault("default", getattr(d, name))
+        p.add_argument(f"--{name}", help=_help(help), **kw)
+
+    def switch(name: str, help: str):
+        flag(name, help, action="store_true")
+
+    flag("pretrained_model_name_or_path", "Hub id, diffusers folder, or .safetensors/.ckpt file.", type=str)
+    flag("pretrained_vae_name_or_path", "VAE to use instead of the model's (Hub id, VAE or model folder).", type=str)
+    flag("revision", "Hub revision; 'fp16' means the fp16 variant; ignored for local folders.", type=str)
+    flag("variant", "Weights variant, e.g. fp16.", type=str)
+    flag("tokenizer_name", "Tokenizer to use instead of the model's.", type=str)
+    flag("instance_data_dir", "Folder of training images (or use --concepts_list).", type=str)
+    flag("instance_prompt", "Prompt for the instance images, e.g. 'a photo of sks dog'.", type=str)
+    flag("class_data_dir", "Folder of class images (filled by generation when short).", type=str)
+    flag("class_prompt", "Prompt for class images, e.g. 'a photo of a dog'.", type=str)
+    flag("concepts_list", "JSON file: list of {instance_prompt, class_prompt, instance_data_dir, "
+         "class_data_dir[, prompt_template]}.", type=str)
+    switch("read_prompts_from_txts", "Prompt of X.png is read from X.png.txt (or X.txt / X.caption).")
+    flag("prompt_template", "Combine each caption with the prompts, e.g. '{instance_prompt}, {caption}'. "
+         "Default: the caption file is the prompt.", type=str)
+    flag("resolution", "Training resolution in pixels (bucket area with --aspect_ratio_bucketing).", type=int)
+    switch("center_crop", "Center-crop instead of random crop.")
+    switch("hflip", "Randomly flip images horizontally.")
+    switch("aspect_ratio_bucketing", "Keep each image's aspect ratio: batches are drawn from buckets of "
+           "about resolution^2 pixels.")
+    flag("caption_dropout", "Probability of training a sample with an empty prompt.", type=float)
+    switch("shuffle_captions", "Shuffle the comma-separated parts of each caption every step.")
+    flag("keep_tokens", "With --shuffle_captions: leading comma-separated parts kept in place.", type=int)
+    switch("pad_tokens", "Pad prompts to the tokenizer's max length (as at inference).")
+    flag("tokenizer_max_length", "Token length limit (default: the tokenizer's).", type=int)
+    switch("text_encoder_use_attention_mask", "Pass the attention mask to the text encoder.")
+    switch("not_cache_latents", "Encode images with the VAE every step instead of caching latents.")
+    switch("pre_compute_text_embeddings", "Pre-compute prompt embeddings (implied by latent caching "
+           "when the text encoder is frozen).")
+    flag("cache_dir", "Keep the latent cache in this folder so a restarted run skips encoding.", type=str)
+    flag("dataloader_num_workers", "Worker processes loading images (without latent caching).", type=int)
+    switch("with_prior_preservation", "Add the prior-preservation loss on class images.")
+    flag("prior_loss_weight", "Weight of the prior-preservation loss.", type=float)
+    flag("num_class_images", "Class images wanted per class folder; missing ones are generated.", type=int)
+    flag("sample_batch_size", "Batch size for generating class images.", type=int)
+    flag("prior_generation_precision", "Precision for generating class images.", type=str,
+         choices=["no", "fp32", "fp16", "bf16"])
+    flag("seed", "Seed for reproducible training.", type=int)
+    switch("train_text_encoder", "Train the text encoder too.")
+    flag("train_batch_size", "Batch size per device.", type=int)
+    flag("num_train_epochs", "Epochs (used when --max_train_steps is not given).", type=int)
+    flag("max_train_steps", "Total optimizer steps; overrides --num_train_epochs.", type=int)
+    flag("gradient_accumulation_steps", "Micro-batches per optimizer step.", type=int)
+    switch("gradient_checkpointing", "Trade compute for memory.")
+    flag("learning_rate", "Learning rate (after warmup).", type=float)
+    switch("scale_lr", "Scale the learning rate by GPUs, accumulation steps and batch size.")
+    flag("lr_scheduler", "Learning-rate schedule.", type=str, choices=LR_SCHEDULERS)
+    flag("lr_warmup_steps", "Warmup steps.", type=int)
+    flag("lr_num_cycles", "Hard restarts for cosine_with_restarts.", type=int)
+    flag("lr_power", "Power of the polynomial schedule.", type=float)
+    switch("use_8bit_adam", "8-bit AdamW from bitsandbytes (falls back to AdamW when it cannot run).")
+    flag("adam_beta1", "Adam beta1.", type=float)
+    flag("adam_beta2", "Adam beta2.", type=float)
+    flag("adam_weight_decay", "Weight decay.", type=float)
+    flag("adam_epsilon", "Adam epsilon.", type=float)
+    flag("max_grad_norm", "Gradient clipping norm.", type=float)
+    flag("mixed_precision", "no, fp16 or bf16 (default: accelerate's config; fp16 needs CUDA).", type=str,
+         choices=["no", "fp16", "bf16"])
+    switch("allow_tf32", "Allow TF32 matmuls on Ampere+ GPUs (faster).")
+    switch("enable_xformers_memory_efficient_attention", "Use xformers attention (must be installed).")
+    switch("set_grads_to_none", "Free gradients instead of zeroing them.")
+    flag("snr_gamma", "Min-SNR loss weighting gamma (5.0 is recommended).", type=float)
+    switch("offset_noise", "Fine-tune with offset noise.")
+    flag("offset_noise_strength", "Strength of the offset noise.", type=float)
+    switch("use_ema", "Keep an EMA of the UNet; saved weights are the EMA weights.")
+    flag("ema_decay", "EMA decay.", type=float)
+    switch("use_lora", "Train LoRA adapters (peft) instead of all weights: low memory.")
+    flag("lora_rank", "LoRA rank.", type=int)
+    flag("max_nonfinite_steps", "Abort after this many non-finite losses in a row (each is skipped).", type=int)
+    flag("output_dir", "Where weights, checkpoints and logs go.", type=str)
+    flag("save_interval", "Save weights every N steps.", type=int)
+    flag("save_min_steps", "Start saving weights after N steps.", type=int)
+    flag("save_sample_prompt", "Prompt for sample images saved with the weights.", type=str)
+    flag("save_sample_negative_prompt", "Negative prompt for samples.", type=str)
+    flag("n_save_sample", "Sample images per save.", type=int)
+    flag("save_guidance_scale", "CFG scale for samples.", type=float)
+    flag("save_infer_steps", "Inference steps for samples.", type=int)
+    switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
+           "(original SD layout for AUTOMATIC1111/ComfyUI).")
+    flag("checkpointing_steps", "Save accelerate state for resuming every N steps.", type=int)
+    flag("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
+    flag("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
+    flag("validation_prompt", "Prompt for validation images.", type=str)
+    flag("num_validation_images", "Validation images per run.", type=int)
+    flag("validation_steps", "Validate every N steps.", type=int)
+    flag("logging_dir", "TensorBoard folder, under <output_dir>/0/.", type=str)
+    flag("log_interval", "Show the mean loss every N steps.", type=int)
+    flag("report_to", "tensorboard, wandb, all or none.", type=str)
+    switch("push_to_hub", "Upload the final weights to the Hub (token from HF_TOKEN or huggingface-cli login).")
+    flag("hub_token", "Hub token (prefer HF_TOKEN or `huggingface-cli login`; never written to disk).", type=str)
+    flag("hub_model_id", "Hub repo id for --push_to_hub (default: the output folder's name).", type=str)
+    flag("local_rank", "Set by the launcher.", type=int)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse training flags (`sys.argv[1:]` when `argv` is None); `LOCAL_RANK` wins if set."""
+    args = build_parser().parse_args(argv)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        args.local_rank = env_rank
+    return args
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def resolve_mixed_precision(requested: str | None, cuda: bool, bf16_ok: bool = True) -> tuple[str, str | None]:
+    """The mixed precision to use and a warning when the request cannot run here.
+
+    fp16 needs CUDA; without it training runs in fp32 ("no"). bf16 needs a GPU that
+    supports it, or the CPU.
+    """
+    requested = requested or "no"
+    if requested == "fp16" and not cuda:
+        return "no", "fp16 mixed precision needs a CUDA GPU; training in full precision (fp32) instead."
+    if requested == "bf16" and cuda and not bf16_ok:
+        return "no", "this GPU does not support bf16; training in full precision (fp32) instead."
+    return requested, None
+
+
+def flag_problems(cfg: TrainConfig) -> list[str]:
+    """Flag combinations that cannot work, each with its fix."""
+    problems = []
+    if not cfg.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a "
+                        ".safetensors/.ckpt file).")
+    if not cfg.concepts_list and not cfg.instance_data_dir:
+        problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
+                        "--concepts_list.")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
+                 "checkpointing_steps", "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be at least 1.")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        problems.append("--max_train_steps must be at least 1.")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        problems.append("--checkpoints_total_limit must be at least 1 (or leave it out to keep all).")
+    if not 0.0 <= cfg.caption_dropout <= 1.0:
+        problems.append("--caption_dropout is a probability: give a value from 0 to 1.")
+    if cfg.keep_tokens < 0:
+        problems.append("--keep_tokens cannot be negative.")
+    if cfg.use_lora and cfg.use_ema:
+        problems.append("--use_ema works on full UNet weights; drop it when training with --use_lora.")
+    if cfg.use_lora and cfg.save_single_file:
+        problems.append("--save_single_file needs full weights; LoRA mode saves an adapter "
+                        f"({LORA_WEIGHTS}, load it with pipe.load_lora_weights). Drop one of the two.")
+    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        problems.append("--enable_xformers_memory_efficient_attention: xformers is not installed. "
+                        "`pip install xformers`, or drop the flag (PyTorch's SDPA attention is used).")
+    for tracker in _trackers(cfg.report_to):
+        if importlib.util.find_spec(tracker) is None:
+            problems.append(f"--report_to {tracker}: {tracker} is not installed. `pip install {tracker}` "
+                            "or choose --report_to none.")
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" \
+            and _resume_path(cfg) is None:
+        problems.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint "
+                        f"folder (looked in {cfg.output_dir}). Use 'latest' or an existing "
+                        f"{CHECKPOINT_PREFIX}<step> folder.")
+    return problems
+
+
+def _trackers(report_to: str | None) -> list[str]:
+    if not report_to or report_to == "none":
+        return []
+    return ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+
+
+def step_folders(output_dir: str | os.PathLike, prefix: str = "") -> list[tuple[int, Path]]:
+    """Complete `<prefix><step>` folders in `output_dir`, sorted by step (temporary ones skipped)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        rest = p.name[len(prefix):]
+        if p.is_dir() and p.name.startswith(prefix) and rest.isdigit() and not is_temporary(p):
+            found.append((int(rest), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-<step>` folder in `output_dir`, or None."""
+    found = step_folders(output_dir, CHECKPOINT_PREFIX)
+    return found[-1][1] if found else None
+
+
+def is_weights_folder(path: Path) -> bool:
+    """True for a saved weights folder: a diffusers pipeline or a LoRA adapter."""
+    return (path / "model_index.json").is_file() or (path / LORA_WEIGHTS).is_file()
+
+
+def list_weights(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every complete `<output_dir>/<step>/` weights folder, sorted by step."""
+    return [(s, p) for s, p in step_folders(output_dir) if is_weights_folder(p)]
+
+
+def latest_weights(output_dir: str | os.PathLike) -> Path | None:
+    """The complete weights folder with the highest step (never a half-written one), or None."""
+    found = list_weights(output_dir)
+    return found[-1][1] if found else None
+
+
+def checkpoints_to_remove(output_dir: str | os.PathLike, limit: int | None) -> list[Path]:
+    """Oldest complete checkpoints beyond `limit` (None keeps all)."""
+    found = step_folders(output_dir, CHECKPOINT_PREFIX)
+    if limit is None or len(found) <= limit:
+        return []
+    return [p for _, p in found[: len(found) - limit]]
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: 'latest' or a path (as given, or inside output_dir)."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        return latest_checkpoint(cfg.output_dir)
+    for candidate in (Path(cfg.resume_from_checkpoint),
+                      Path(cfg.output_dir) / Path(cfg.resume_from_checkpoint).name):
+        if candidate.is_dir() and not is_temporary(candidate):
+            return candidate
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step encoded in a `checkpoint-<step>` folder name."""
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def should_save(step: int, cfg: TrainConfig) -> bool:
+    """Shivam's rule: every `save_interval` steps once `save_min_steps` is reached."""
+    return step > 0 and step % cfg.save_interval == 0 and step >= cfg.save_min_steps
+
+
+def snr_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str):
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023) for the prediction type."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainError(f"unsupported prediction_type {kind!r} in the model's scheduler config "
+                     "(expected epsilon or v_prediction).")
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
+    """Check flags, model path, concepts, images and captions before loading any model.
+
+    Raises one `TrainError` listing every problem with its fix; returns the concepts and
+    the data plan otherwise.
+    """
+    from dbtools.models import ModelLoadError, check_model_path
+
+    problems = flag_problems(cfg)
+    if cfg.pretrained_model_name_or_path:
+        try:
+            check_model_path(cfg.pretrained_model_name_or_path,
+                             ("tokenizer", "text_encoder", "unet", "scheduler"))
+        except ModelLoadError as exc:
+            problems.append(str(exc))
+    concepts: list[Concept] = []
+    plan = DataPlan([], [])
+    if cfg.concepts_list or cfg.instance_data_dir:
+        try:
+            concepts = cfg.concepts()
+        except ConceptError as exc:
+            problems.append(str(exc))
+    if concepts:
+        plan, data_problems = scan_concepts(
+            concepts, read_prompts_from_txts=cfg.read_prompts_from_txts,
+            prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation)
+        problems += data_problems
+    if problems:
+        raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
+    return concepts, plan
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    models: Any
+    unet: Any
+    text_encoder: Any
+    data: DreamBoothData
+    prompts: "PromptEncoder"
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    weight_dtype: Any
+    ema: Any = None
+    seed: int = 0
+    max_train_steps: int = 0
+    start_step: int = 0
+    skipped_steps: int = 0
+    resumed_from: Path | None = None
+    loader: Any = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    weights_dir: Path | None
+    global_step: int
+    skipped_steps: int
+    single_file: Path | None = None
+    resumed_from: Path | None = None
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An `Accelerator` with the usable mixed precision and Shivam's log folder."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    requested = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    precision, warning = resolve_mixed_precision(requested, cuda, cuda and torch.cuda.is_bf16_supported())
+    if warning:
+        logger.warning(warning)
+    project = ProjectConfiguration(project_dir=cfg.output_dir,
+                                   logging_dir=str(Path(cfg.output_dir, "0", cfg.logging_dir)))
+    trackers = _trackers(cfg.report_to)
+    return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project,
+                       cpu=not cuda and torch.cuda.is_available())
+
+
+def weight_dtype_for(accelerator):
+    """Dtype for frozen modules: half under fp16/bf16 mixed precision, else float32."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) -> None:
+    """Generate missing class images (main process; the others wait)."""
+    from dbtools.classgen import ClassGenConfig, ensure_class_images, pipeline_loader_for
+
+    if not cfg.with_prior_preservation:
+        return
+    if accelerator.is_main_process:
+        gen = ClassGenConfig(num_class_images=cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
+                             seed=cfg.seed, precision=cfg.prior_generation_precision,
+                             show_progress=accelerator.is_local_main_process)
+        loader = pipeline_loader_for(cfg.pretrained_model_name_or_path, gen,
+                                     vae_name_or_path=cfg.pretrained_vae_name_or_path,
+                                     revision=cfg.revision, variant=cfg.variant,
+                                     device=str(accelerator.device))
+        ensure_class_images(concepts, gen, loader)
+    accelerator.wait_for_everyone()
+
+
+def class_examples(concepts: list[Concept], num_class_images: int) -> list:
+    """The first `num_class_images` class images of each distinct class folder (as Shivam's script)."""
+    seen, out = set(), []
+    for concept in concepts:
+        key = os.path.realpath(concept.class_data_dir)
+        if key not in seen:
+            seen.add(key)
+            out += concept_class_examples(concept)[:num_class_images]
+    return out
+
+
+def load_models(cfg: TrainConfig):
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler, in float32."""
+    from dbtools.models import load_sd_components
+
+    return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
+                              revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name)
+
+
+def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list:
+    """Freeze what is not trained, add LoRA adapters, enable memory savers; return trainable params."""
+    import torch
+
+    models.vae.requires_grad_(False)
+    _move(models.vae, accelerator.device, weight_dtype)
+    train_te = cfg.train_text_encoder
+    if cfg.use_lora:
+        _add_lora(cfg, models)
+    else:
+        models.unet.requires_grad_(True)
+        models.text_encoder.requires_grad_(train_te)
+    if not train_te:
+        _move(models.text_encoder, accelerator.device, weight_dtype)
+    if cfg.use_lora and weight_dtype != torch.float32:
+        # Frozen base weights in half precision, trainable adapters in float32.
+        models.unet.to(accelerator.device, dtype=weight_dtype)
+        if train_te:
+            models.text_encoder.to(accelerator.device, dtype=weight_dtype)
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params([models.unet] + ([models.text_encoder] if train_te else []), dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if train_te:
+            models.text_encoder.gradient_checkpointing_enable()
+    if cfg.enable_xformers_memory_efficient_attention:
+        models.unet.enable_xformers_memory_efficient_attention()
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    modules = [models.unet] + ([models.text_encoder] if train_te else [])
+    for m in modules:
+        m.train()
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _add_lora(cfg: TrainConfig, models) -> None:
+    from peft import LoraConfig
+
+    models.unet.requires_grad_(False)
+    models.text_encoder.requires_grad_(False)
+    models.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if cfg.train_text_encoder:
+        from peft import inject_adapter_in_model
+
+        # peft directly: transformers' own `add_adapter` may demand a newer peft.
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                models.text_encoder)
+
+
+def make_optimizer(cfg: TrainConfig, params: list, device):
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked and it runs on `device` (else AdamW + warning)."""
+    import torch
+
+    cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        cls = _adamw_8bit(device) or cls
+    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def _adamw_8bit(device):
+    """bitsandbytes' AdamW8bit if one step runs on `device` here, else None (with a warning)."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.nn.Parameter(torch.zeros(4096 * 2, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        return bnb.optim.AdamW8bit
+    except Exception as exc:  # bitsandbytes raises many kinds (import, CUDA setup, no kernel)
+        logger.warning("--use_8bit_adam: bitsandbytes cannot run on %s (%s); using torch AdamW, which "
+                       "needs more memory for optimizer state.", device, str(exc).splitlines()[0] if str(exc) else
+                       type(exc).__name__)
+        return None
+
+
+class PromptEncoder:
+    """Prompts -> text-encoder hidden states, padded like Shivam's script.
+
+    Prompts are tokenized to the max length; without `pad_tokens` a batch is cut to its
+    longest prompt. CLIP's attention is causal, so the states of the first n tokens do
+    not depend on what follows: cutting cached max-length states gives exactly what
+    encoding the shorter batch would. With `cache=True` (frozen text encoder) states are
+    kept per prompt.
+    """
+
+    def __init__(self, tokenizer, text_encoder, *, pad_tokens: bool, max_length: int | None,
+                 use_attention_mask: bool, cache: bool, max_cached: int = 20_000):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.pad_tokens, self.use_mask = pad_tokens, use_attention_mask
+        self.max_length = max_length or tokenizer.model_max_length
+        self.cache: dict[str, tuple] | None = {} if cache else None  # prompt -> (states, tokens)
+        self.max_cached = max_cached
+
+    def tokenize(self, prompts: list[str]):
+        out = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return out.input_ids, out.attention_mask
+
+    def encode(self, prompts: list[str], device):
+        """Hidden states `(len(prompts), L, D)` on `device` (with grad if the encoder trains)."""
+        import torch
+
+        if self.cache is None:
+            ids, mask = self.tokenize(prompts)
+            length = ids.shape[1] if self.pad_tokens else int(mask.sum(1).max())
+            return self._forward(ids[:, :length], mask[:, :length], device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        fresh = {}
+        if missing:
+            ids, mask = self.tokenize(missing)
+            with torch.no_grad():
+                states = self._forward(ids, mask, device)
+            fresh = {p: (s, int(n)) for p, s, n in zip(missing, states, mask.sum(1))}
+            for p in missing:
+                if len(self.cache) < self.max_cached:
+                    self.cache[p] = fresh[p]
+        entries = [self.cache.get(p) or fresh[p] for p in prompts]
+        length = self.max_length if self.pad_tokens else max(n for _, n in entries)
+        return torch.stack([s for s, _ in entries])[:, :length]
+
+    def _forward(self, ids, mask, device):
+        """Run the encoder where it is (it may be parked on the CPU); states go to `device`."""
+        where = next(self.text_encoder.parameters()).device
+        out = self.text_encoder(ids.to(where), attention_mask=mask.to(where) if self.use_mask else None)[0]
+        return out.to(device)
+
+
+def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
+    """The dataset, with VAE latents cached unless `--not_cache_latents`."""
+    vae, unet = models.vae, models.unet
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    step = scale * 2 ** (len(unet.config.block_out_channels) - 1)
+    dcfg = DataConfig(resolution=cfg.resolution, bucket_step=step, aspect_ratio_bucketing=cfg.aspect_ratio_bucketing,
+                      center_crop=cfg.center_crop, hflip=cfg.hflip, train_batch_size=cfg.train_batch_size,
+                      caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions,
+                      keep_tokens=cfg.keep_tokens, seed=cfg.seed or 0)
+    cache = None
+    if not cfg.not_cache_latents:
+        key = json.dumps([cfg.pretrained_model_name_or_path, cfg.pretrained_vae_name_or_path,
+                          cfg.revision, cfg.variant])
+        cache = LatentCache(key, cfg.cache_dir)
+    data = DreamBoothData(plan, dcfg, cache)
+    if cache is not None:
+        flips = (False, True) if cfg.hflip else (False,)
+        cache.fill(data.all_items(), flips, lambda px: _vae_stats(vae, px, accelerator.device, weight_dtype),
+                   progress=accelerator.is_local_main_process)
+        logger.info("latents: %d encoded, %d read from %s", cache.encoded, cache.read_from_disk,
+                    cfg.cache_dir or "memory")
+    return data
+
+
+def _vae_stats(vae, pixels, device, dtype):
+    import torch
+
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(pixels).to(device, dtype=dtype)).latent_dist
+    return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+
+
+def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator) -> PromptEncoder:
+    """Prompt encoding; embeddings are cached when the text encoder is frozen."""
+    cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
+    enc = PromptEncoder(models.tokenizer, models.text_encoder, pad_tokens=cfg.pad_tokens,
+                        max_length=cfg.tokenizer_max_length, use_attention_mask=cfg.text_encoder_use_attention_mask,
+                        cache=cache)
+    if cache:
+        prompts = sorted({it.example.prompt for it in data.all_items()} | ({""} if cfg.caption_dropout else set()))
+        for k in range(0, len(prompts), 64):
+            enc.encode(prompts[k:k + 64], accelerator.device)
+    return enc
+
+
+def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int, num_processes: int):
+    """diffusers' schedulers; counts are per process as accelerate steps them once per process."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes,
+                         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int) -> int:
+    """`max_train_steps`, or epochs x optimizer steps per epoch."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    per_epoch = math.ceil(batches_per_epoch / (num_processes * cfg.gradient_accumulation_steps))
+    return cfg.num_train_epochs * max(1, per_epoch)
+
+
+def setup(cfg: TrainConfig, plan: DataPlan, accelerator) -> Run:
+    """Load and prepare models, data, optimizer and schedule; resume if asked."""
+    models = load_models(cfg)
+    weight_dtype = weight_dtype_for(accelerator)
+    params = prepare_modules(cfg, models, accelerator, weight_dtype)
+    data = make_data(cfg, plan, models, accelerator, weight_dtype)
+    prompts = make_prompt_encoder(cfg, models, data, accelerator)
+    _offload_cached(cfg, models, prompts)
+    world = accelerator.num_processes
+    max_steps = total_steps(cfg, data.batches_per_epoch, world)
+    logger.info("training on %d process(es): %d instance and %d class images, %d steps",
+                world, len(data.instance), len(data.classes), max_steps)
+    if cfg.scale_lr:
+        cfg.learning_rate *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    optimizer = make_optimizer(cfg, params, accelerator.device)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps, world)
+    ema = _make_ema(cfg, models, accelerator)
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(models.unet, models.text_encoder,
+                                                                          optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+        text_encoder = models.text_encoder
+    prompts.text_encoder = text_encoder
+    run = Run(cfg=cfg, accelerator=accelerator, models=models, unet=unet, text_encoder=text_encoder, data=data,
+              prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params,
+              weight_dtype=weight_dtype, ema=ema, seed=cfg.seed or 0, max_train_steps=max_steps)
+    run.start_step = resume(run)
+    return run
+
+
+def _offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder) -> None:
+    """Frozen modules whose outputs are all cached leave the GPU until sampling time."""
+    if not cfg.not_cache_latents:
+        models.vae.to("cpu")
+    if prompts.cache is not None and not cfg.shuffle_captions:
+        models.text_encoder.to("cpu")
+
+
+def _make_ema(cfg: TrainConfig, models, accelerator):
+    if not cfg.use_ema:
+        return None
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(models.unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=models.unet.config)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def resume(run: Run) -> int:
+    """Load accelerate state from the chosen checkpoint; return the step to continue from."""
+    path = _resume_path(run.cfg)
+    if run.cfg.resume_from_checkpoint and path is None:
+        logger.info("no complete checkpoint in %s: starting a new run", run.cfg.output_dir)
+        return 0
+    if path is None:
+        return 0
+    logger.info("resuming from %s", path)
+    run.accelerator.load_state(str(path))
+    run.resumed_from = path
+    return checkpoint_step(path)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def compute_loss(run: Run, micro_index: int):
+    """Loss of micro-batch `micro_index`: instance loss + prior_loss_weight x class loss.
+
+    All randomness (noise, timesteps, latent samples) comes from a generator seeded by the
+    run seed and `micro_index`, so a resumed run repeats an uninterrupted one exactly.
+    """
+    import torch
+
+    batch = fetch(run, micro_index)
+    gen = torch.Generator().manual_seed(step_seed(run.seed, micro_index, "noise"))
+    parts = [batch["instance"]] + ([batch["class"]] if batch["class"] else [])
+    latents = [_latents(run, part, gen) for part in parts]
+    embeds = run.prompts.encode([p for part in parts for p in part["prompts"]], run.accelerator.device)
+    embeds = torch.split(embeds, [len(part["prompts"]) for part in parts])
+    if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
+        per_sample = _per_sample_loss(run, torch.cat(latents), torch.cat(embeds), gen)
+        losses = torch.split(per_sample, [len(latents[0]), len(latents[1])])
+    else:
+        losses = [_per_sample_loss(run, lat, emb, gen) for lat, emb in zip(latents, embeds)]
+    loss = losses[0].mean()
+    if len(losses) == 2:
+        loss = loss + run.cfg.prior_loss_weight * losses[1].mean()
+    return loss
+
+
+def micro_indices(cfg: TrainConfig, start_step: int, max_steps: int, world: int, rank: int) -> list[int]:
+    """The micro-batch indices this process trains on, in order, from `start_step` on."""
+    accum = cfg.gradient_accumulation_steps
+    return [(step * accum + k) * world + rank for step in range(start_step, max_steps) for k in range(accum)]
+
+
+class _MicroBatchDataset:
+    """Micro-batches by position, for a `DataLoader` that loads images in worker processes."""
+
+    def __init__(self, data: DreamBoothData, indices: list[int]):
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        return self.indices[j], self.data.micro_batch(self.indices[j])
+
+
+def _as_is(x):
+    return x
+
+
+def make_loader(run: Run):
+    """Prefetching iterator over this process's micro-batches (only with workers and no latent cache)."""
+    cfg = run.cfg
+    if cfg.dataloader_num_workers < 1 or run.data.cache is not None:
+        return None
+    from torch.utils.data import DataLoader
+
+    acc = run.accelerator
+    indices = micro_indices(cfg, run.start_step, run.max_train_steps, acc.num_processes, acc.process_index)
+    return iter(DataLoader(_MicroBatchDataset(run.data, indices), batch_size=None, shuffle=False,
+                           num_workers=cfg.dataloader_num_workers, collate_fn=_as_is))
+
+
+def fetch(run: Run, micro_index: int) -> dict:
+    """Micro-batch `micro_index`, from the prefetching loader when there is one."""
+    if run.loader is None:
+        return run.data.micro_batch(micro_index)
+    index, batch = next(run.loader)
+    if index != micro_index:  # the loader and the loop must never drift apart
+        raise RuntimeError(f"data loader gave micro-batch {index}, expected {micro_index}")
+    return batch
+
+
+def _latents(run: Run, part: dict, gen):
+    """Scaled VAE latents sampled from the cached (or freshly encoded) distribution."""
+    import torch
+
+    device, vae = run.accelerator.device, run.models.vae
+    if "latent_mean" in part:
+        mean, std = torch.from_numpy(part["latent_mean"]), torch.from_numpy(part["latent_std"])
+    else:
+        mean, std = (torch.from_numpy(a) for a in _vae_stats(vae, part["pixels"], device, run.weight_dtype))
+    sample = mean + std * torch.randn(mean.shape, generator=gen)
+    return (sample * vae.config.scaling_factor).to(device)
+
+
+def _per_sample_loss(run: Run, latents, embeds, gen):
+    import torch
+    import torch.nn.functional as F
+
+    scheduler, cfg = run.models.noise_scheduler, run.cfg
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.offset_noise:
+        noise = noise + cfg.offset_noise_strength * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    pred = run.unet(noisy, timesteps, embeds).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma:
+        loss = loss * snr_weights(scheduler, timesteps, cfg.snr_gamma, scheduler.config.prediction_type)
+    return loss
+
+
+def train_step(run: Run, step: int) -> float | None:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    Returns the mean loss, or None when the loss (or gradient) was not finite on any
+    process: then nothing is applied and the gradients are dropped.
+    """
+    import torch
+
+    acc, cfg = run.accelerator, run.cfg
+    accum = cfg.gradient_accumulation_steps
+    total, finite = 0.0, True
+    for k in range(accum):
+        micro = (step * accum + k) * acc.num_processes + acc.process_index
+        sync = k == accum - 1
+        ctx = contextlib.nullcontext() if sync else _no_sync(run)
+        with ctx:
+            loss = compute_loss(run, micro)
+            # A NaN loss still goes through backward so every process joins the gradient
+            # all-reduce; its gradients are dropped below.
+            acc.backward(loss / accum)
+        finite = finite and bool(torch.isfinite(loss))
+        total += float(loss.detach()) / accum
+    grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    if grad_norm is not None and acc.scaler is None and not bool(torch.isfinite(grad_norm)):
+        finite = False
+    finite = _all_processes(acc, finite)
+    if finite:
+        run.optimizer.step()
+    elif acc.scaler is not None and grad_norm is not None:
+        acc.scaler.update()  # forget this step's unscale so the next step can unscale again
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
+    if finite and run.ema is not None:
+        run.ema.step(acc.unwrap_model(run.unet).parameters())
+    return total if finite else None
+
+
+def _no_sync(run: Run):
+    stack = contextlib.ExitStack()
+    stack.enter_context(run.accelerator.no_sync(run.unet))
+    if run.cfg.train_text_encoder:
+        stack.enter_context(run.accelerator.no_sync(run.text_encoder))
+    return stack
+
+
+def _all_processes(accelerator, ok: bool) -> bool:
+    import torch
+
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")) == 0.0
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def build_pipeline(run: Run):
+    """A `StableDiffusionPipeline` from the models being trained (DDIM sampler)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    acc = run.accelerator
+    return StableDiffusionPipeline(
+        vae=run.models.vae, text_encoder=acc.unwrap_model(run.text_encoder), tokenizer=run.models.tokenizer,
+        unet=acc.unwrap_model(run.unet), scheduler=DDIMScheduler.from_config(run.models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@contextlib.contextmanager
+def _for_inference(run: Run):
+    """Frozen modules on the device in float32, EMA weights swapped in; all undone afterwards."""
+    import torch
+
+    device = run.accelerator.device
+    frozen = [run.models.vae] + ([] if run.cfg.train_text_encoder else [run.models.text_encoder])
+    before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
+    for m in frozen:
+        _move(m, device, torch.float32)
+    params = list(run.accelerator.unwrap_model(run.unet).parameters())
+    if run.ema is not None:
+        run.ema.store(params)
+        run.ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if run.ema is not None:
+            run.ema.restore(params)
+        for m, dev, dtype in before:
+            _move(m, dev, dtype)
+
+
+def _move(module, device, dtype) -> None:
+    """`module.to(device, dtype)`, casting only when the dtype really changes."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
+
+
+def generate(pipe, prompt: str, n: int, cfg: TrainConfig, seed: int, negative: str | None = None) -> list:
+    """`n` images of `prompt` with a fixed seed (one pipeline call per image)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(n):
+        gen = torch.Generator("cpu").manual_seed(seed + i)
+        with torch.no_grad():
+            images += pipe(prompt, negative_prompt=negative, guidance_scale=cfg.save_guidance_scale,
+                           num_inference_steps=cfg.save_infer_steps, generator=gen, height=cfg.resolution,
+                           width=cfg.resolution).images
+    return images
+
+
+def save_weights(run: Run, step: int, final: bool = False) -> Path:
+    """Write `<output_dir>/<step>/` (weights, args.json, samples) atomically; main process only."""
+    cfg = run.cfg
+    target = Path(cfg.output_dir) / str(step)
+    with atomic_dir(target) as tmp, _for_inference(run):
+        pipe = build_pipeline(run)
+        if cfg.use_lora:
+            _save_lora(run, tmp)
+        else:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
+        if cfg.save_sample_prompt:
+            for i, img in enumerate(generate(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
+                                             cfg.save_sample_negative_prompt)):
+                atomic_save_image(img, tmp / "samples" / f"{i}.png")
+        if final and cfg.save_single_file:
+            from dbtools.export import export_single_file
+
+            export_single_file(tmp, tmp / SINGLE_FILE_NAME)
+    logger.info("[*] weights saved at %s", target)
+    return target
+
+
+def lora_state_dict(model, adapter: str = "default") -> dict:
+    """The LoRA tensors of `model` with peft's key names (adapter name removed)."""
+    marker = f".{adapter}."
+    return {k.replace(marker, "."): v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def _save_lora(run: Run, folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    acc = run.accelerator
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(acc.unwrap_model(run.unet)))
+    te_layers = None
+    if run.cfg.train_text_encoder:
+        te_layers = convert_state_dict_to_diffusers(lora_state_dict(acc.unwrap_model(run.text_encoder)))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=te_layers)
+
+
+def save_validation(run: Run, step: int) -> None:
+    """diffusers-style validation images: `<output_dir>/validation/<step>/<i>.png` and TensorBoard."""
+    import numpy as np
+
+    cfg = run.cfg
+    with atomic_dir(Path(cfg.output_dir) / "validation" / str(step)) as tmp, _for_inference(run):
+        images = generate(build_pipeline(run), cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
+        for i, img in enumerate(images):
+            atomic_save_image(img, tmp / f"{i}.png")
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
+    target = Path(run.cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    with atomic_dir(target) as tmp:
+        run.accelerator.save_state(str(tmp))
+    for old in checkpoints_to_remove(run.cfg.output_dir, run.cfg.checkpoints_total_limit):
+        logger.info("removing old checkpoint %s", old)
+        shutil.rmtree(old)
+    logger.info("checkpoint saved at %s", target)
+    return target
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete half-written folders left by a killed run (`.tmp-<step>-*`, `.tmp-checkpoint-*`)."""
+    root = Path(output_dir)
+    stale = [p for p in root.glob(f"{TMP_PREFIX}*") if p.is_dir()
+             and re.match(rf"{re.escape(TMP_PREFIX)}(old-)?({CHECKPOINT_PREFIX})?\d+", p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
+    """Upload `folder` with `HfApi.upload_folder`; the token comes from HF_TOKEN / login unless given."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=cfg.hub_token or None)
+    repo_id = cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"weights {folder.name}")
+    return repo_id
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train as configured; return where the final weights are.
+
+    User errors raise `TrainError` (or `ConceptError`/`ModelLoadError`/`ClassGenError`)
+    before any model loads. A resumed seeded run ends with the same weights as an
+    uninterrupted one.
+    """
+    concepts, plan = preflight(cfg)
+    if cfg.hub_token:
+        logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
+                       "(the token is never written to disk).")
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        remove_stale_temporaries(cfg.output_dir)
+    if cfg.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+    make_class_images(cfg, concepts, accelerator)
+    if cfg.with_prior_preservation:
+        plan = DataPlan(plan.instance, class_examples(concepts, cfg.num_class_images))
+    run = setup(cfg, plan, accelerator)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth", config=_tracker_config(cfg))
+    step = loop(run)
+    return finish(run, step)
+
+
+def loop(run: Run) -> int:
+    """The training loop: step, log, save, checkpoint; returns the last step."""
+    from tqdm.auto import tqdm
+
+    acc, cfg = run.accelerator, run.cfg
+    bar = tqdm(range(run.max_train_steps), initial=run.start_step, desc="steps",
+               disable=not acc.is_local_main_process)
+    run.loader = make_loader(run)
+    recent: list[float] = []
+    nonfinite_in_a_row = 0
+    step = run.start_step
+    while step < run.max_train_steps:
+        loss = train_step(run, step)
+        step += 1
+        bar.update(1)
+        if loss is None:
+            run.skipped_steps += 1
+            nonfinite_in_a_row += 1
+            logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_a_row)
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise TrainError(_nonfinite_message(cfg, step, nonfinite_in_a_row))
+            continue
+        nonfinite_in_a_row = 0
+        recent.append(loss)
+        lr = run.lr_scheduler.get_last_lr()[0]
+        acc.log({"loss": loss, "lr": lr}, step=step)
+        if step % cfg.log_interval == 0:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+            recent.clear()
+        _periodic_saves(run, step)
+    bar.close()
+    run.loader = None  # stops loader workers
+    return step
+
+
+def _periodic_saves(run: Run, step: int) -> None:
+    acc, cfg = run.accelerator, run.cfg
+    last = step == run.max_train_steps
+    if acc.is_main_process:
+        if step % cfg.checkpointing_steps == 0:
+            save_checkpoint(run, step)
+        if should_save(step, cfg) and not last:
+            save_weights(run, step)
+        if cfg.validation_prompt and step % cfg.validation_steps == 0:
+            save_validation(run, step)
+    acc.wait_for_everyone()
+
+
+def _nonfinite_message(cfg: TrainConfig, step: int, count: int) -> str:
+    return (f"Training stopped at step {step}: the loss was not finite (NaN/inf) {count} steps in a row "
+            f"(--max_nonfinite_steps {cfg.max_nonfinite_steps}). Nothing from these steps was saved. Try a lower "
+            f"--learning_rate (now {cfg.learning_rate:g}), --mixed_precision bf16 or no instead of fp16, or check "
+            "the model; resume from the last good checkpoint with --resume_from_checkpoint latest.")
+
+
+def finish(run: Run, step: int) -> TrainResult:
+    """Save the final weights (and single file, Hub upload); end the trackers."""
+    acc, cfg = run.accelerator, run.cfg
+    weights = single = None
+    if acc.is_main_process:
+        weights = save_weights(run, step, final=True)
+        single = weights / SINGLE_FILE_NAME if cfg.save_single_file else None
+        if cfg.push_to_hub:
+            logger.info("uploaded to https://huggingface.co/%s", push_to_hub(cfg, weights))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(Path(cfg.output_dir), weights, step, run.skipped_steps, single, run.resumed_from)
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in public_args(cfg).items() if isinstance(v, (int, float, str, bool))}
+
+
+# --------------------------------------------------------------------------- command line
+
+USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, ConceptError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dbtools.classgen import ClassGenError
+    from dbtools.images import ImageError
+    from dbtools.models import ModelLoadError
+
+    return (*USER_ERRORS, ClassGenError, ImageError, ModelLoadError)
+
+
+def run_training(cfg: TrainConfig) -> int:
+    """Train and print a summary; user errors print one message and return 2 (no traceback)."""
+    try:
+        result = train(cfg)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.weights_dir is not None:
+        print(f"Trained {result.global_step} steps ({result.skipped_steps} skipped). "
+              f"Weights: {result.weights_dir}")
+        if result.single_file:
+            print(f"Single file: {result.single_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dbtools train [flags]`: the same flags as train_dreambooth.py."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_training(TrainConfig.from_args(parse_args(argv)))

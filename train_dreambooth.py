@@ -1,0 +1,31 @@
+"""DreamBooth training for Stable Diffusion with per-image prompts.
+
+Accepts the flags of Shivam Shrirao's `train_dreambooth.py` and of diffusers' current
+one. Run it directly, with `accelerate launch train_dreambooth.py ...`, or as
+`python -m dbtools train ...`; all three share `dbtools.train`'s parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the training flags (`sys.argv[1:]` when `argv` is None)."""
+    from dbtools.train import parse_args as _parse
+
+    return _parse(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train with `args`; returns the exit code (2 for a problem the user can fix)."""
+    from dbtools.train import TrainConfig, run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_training(TrainConfig.from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
