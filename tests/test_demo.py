@@ -1,0 +1,37 @@
+"""`python -m dbtools demo`: the whole journey on tiny models, offline."""
+
+from __future__ import annotations
+
+import json
+
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from dbtools.demo import DemoConfig, run_demo
+from dbtools.images import list_images
+
+
+def test_demo_runs_every_stage_and_reports_its_outputs(tmp_path, capsys):
+    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), steps=2))
+
+    raw = list_images(out["images"])
+    captioned = list_images(out["captioned"])
+    assert len(raw) == len(captioned) == 6
+    assert all(p.name.startswith("IMG_") for p in raw)  # originals untouched
+    for image in captioned:
+        prompt = (image.parent / f"{image.name}.txt").read_text(encoding="utf-8")
+        assert prompt.startswith("sks style, ") and prompt.endswith(", a painting")
+
+    concepts = json.loads(out["concepts_list"].read_text())
+    assert concepts[0]["instance_data_dir"] == str(out["captioned"])
+    assert len(list_images(out["class_images"])) == 4
+
+    assert out["weights"].name == "2" and (out["weights"] / "model_index.json").is_file()
+    assert len(list((out["weights"] / "samples").glob("*.png"))) == 2
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(out["single_file"]), config=str(out["weights"]), local_files_only=True)
+    assert pipe.unet.config.sample_size == 8
+    assert Image.open(out["preview"]).size[0] > 0
+
+    printed = capsys.readouterr().out
+    assert "tiny and random" in printed
