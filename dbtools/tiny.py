@@ -167,6 +167,137 @@ def build_tiny_sd(out: str | Path, flavor: str = "sd1", seed: int = 0) -> Path:
     return out
 
 
+# Extra words for the tiny captioners' vocabularies (BERT word pieces, OPT BPE).
+CAPTION_WORDS = (
+    "there is are two three small large big old young wooden stone glass metal table "
+    "chair window door road grass water beach snow field park room wall floor bed "
+    "building background front top side near next to holding wearing looking at "
+    "from by under over it its his her their this that shirt jacket sunglasses "
+    "bird horse bike boat plane train bus truck food plate cup bottle book phone "
+    "light dark bright colorful night day sunset cloud clouds sun moon star"
+)
+WORD_PIECES = ("s", "es", "ed", "ing", "er", "est", "ly", "y", "n", "'", "ful")
+
+
+def write_bert_vocab(folder: Path) -> list[str]:
+    """Write a small BERT WordPiece `vocab.txt` (BLIP's special tokens + a few hundred
+    pieces); return the vocabulary in id order. `[DEC]` is BLIP's decoder start token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    digits = [str(d) for d in range(10)]
+    punct = list(",.-'!?:;()&/\"")
+    words = (CORPUS + " " + CAPTION_WORDS).split()
+    pieces = ["##" + p for p in (*WORD_PIECES, *letters, *digits)]
+    vocab = list(dict.fromkeys(specials + letters + digits + punct + words + pieces + ["[DEC]"]))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return vocab
+
+
+def tiny_blip_config(vocab: list[str], image_size: int = 32):
+    """A tiny `BlipConfig` whose special token ids agree with `vocab`."""
+    from transformers import BlipConfig
+
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    vision = dict(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=image_size, patch_size=8,
+                  initializer_range=0.02)
+    text = dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32,
+                intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128,
+                bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"],
+                eos_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"])
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=32,
+                      image_text_hidden_size=32)
+
+
+def build_tiny_blip(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny `BlipForConditionalGeneration` + `BlipProcessor` folder to `out`.
+
+    Same layout as `Salesforce/blip-image-captioning-*`: BERT tokenizer with `[DEC]` as
+    its bos token, 32x32 images. Loadable with `from_pretrained`; captions are noise.
+    """
+    import torch
+    from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    out = Path(out)
+    vocab = write_bert_vocab(out)
+    tokenizer = BertTokenizer.from_pretrained(out, bos_token="[DEC]", model_max_length=128)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(tiny_blip_config(vocab)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    logger.info("tiny BLIP captioner written to %s", out)
+    return out
+
+
+def write_opt_tokenizer(folder: Path, num_merges: int = 300) -> int:
+    """Write a small GPT-2/OPT byte-level BPE tokenizer (`vocab.json`, `merges.txt`) with
+    OPT's special tokens (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3); return its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    space = bytes_to_unicode()[ord(" ")]
+    words = (CORPUS + " " + CAPTION_WORDS).split()
+    merges = learn_bpe([space + w for w in words] + words, num_merges, end="")
+    vocab_list = ["<s>", "<pad>", "</s>", "<unk>"] + list(bytes_to_unicode().values())
+    vocab_list += ["".join(m) for m in merges]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def build_tiny_blip2(out: str | Path, seed: int = 0, num_query_tokens: int = 4) -> Path:
+    """Write a tiny `Blip2ForConditionalGeneration` (OPT language model) + `Blip2Processor`.
+
+    Same layout as `Salesforce/blip2-opt-2.7b`: an `<image>` token repeated
+    `num_query_tokens` times by the processor, 32x32 images. Captions are noise.
+    """
+    import torch
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              GPT2Tokenizer)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    out = Path(out)
+    write_opt_tokenizer(out)
+    tokenizer = GPT2Tokenizer.from_pretrained(
+        out, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        add_bos_token=True, model_max_length=128)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                               num_query_tokens=num_query_tokens)  # adds the <image> token
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                            encoder_hidden_size=32, max_position_embeddings=128),
+        text_config=dict(model_type="opt", vocab_size=len(processor.tokenizer), hidden_size=32,
+                         num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
+                         max_position_embeddings=128, word_embed_proj_dim=32,
+                         bos_token_id=2, eos_token_id=2, pad_token_id=1),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token,
+        image_text_hidden_size=32,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Shrink the (tied) embeddings of special and single-byte tokens so that random
+        # weights still prefer whole-word tokens: readable, never-empty noise captions.
+        emb = model.get_input_embeddings().weight
+        first_merge = 4 + 256
+        emb[:first_merge] *= 0.01
+        emb[image_token:] *= 0.01
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    logger.info("tiny BLIP-2 captioner written to %s", out)
+    return out
+
+
 def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under `out`: `sd`, `sd2` and the captioners."""
     out = Path(out)
