@@ -7,9 +7,11 @@ Files are written to a temporary name in the same folder and moved into place wi
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,15 +24,21 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return os.path.basename(os.fspath(path)).startswith(TMP_PREFIX)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` and move the result to `path`; the temp file never lingers."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = True) -> Path:
+    """Call `write(tmp_path)` and move the result to `path`; the temp file never lingers.
+
+    The temp file is created empty (permissions from the umask, as `open` gives) in
+    `path`'s folder, which is created if missing. `fsync=False` skips flushing the data
+    to disk before the rename: still all-or-nothing for readers and after a crash of the
+    program, but after a power cut the file may be empty.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    fd, tmp = _create_temp(path)
     os.close(fd)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        if fsync:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -39,20 +47,134 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
     """Write `text` (UTF-8, no newline translation) to `path` atomically."""
-    data = text.encode("utf-8")
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
+    """Write `data` to `path` atomically (see `atomic_write` for `fsync`)."""
+    atomic_put(os.fspath(path), data, fsync)
+    return Path(path)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
 
-    return atomic_write(path, write)
+def atomic_put(path: str, data: bytes, fsync: bool = True) -> None:
+    """`atomic_write_bytes` for loops over many small files: a `str` path, no return value."""
+    fd, tmp = _create_temp(path, keep_suffix=False)
+    try:
+        written = os.write(fd, data)
+        if written < len(data):  # os.write may write less than asked
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_create(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write a *new* file atomically: it appears complete or not at all.
+
+    Raises `FileExistsError` when `path` already exists: an existing file is never
+    replaced. On Linux the data goes into an unnamed file (`O_TMPFILE`) that is then
+    linked under its name, which is both race-free and cheaper than a temp file plus
+    rename; elsewhere (other systems, network/FUSE file systems) a temp file is renamed
+    into place after checking that `path` is still free.
+    """
+    fd = _open_unnamed(path) if _unnamed_files_work else -1
+    if fd < 0:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path)
+        atomic_put(path, data, fsync)
+        return
+    try:
+        written = os.write(fd, data)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+        # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the unnamed file; passing a
+        # dir fd makes Python call linkat (the source path is absolute, so it is unused).
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        _give_up_unnamed_files()  # no /proc or no linkat here: use the portable way
+        os.close(fd)
+        fd = -1
+        atomic_create(path, data, fsync)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+_unnamed_files_work = hasattr(os, "O_TMPFILE") and sys.platform.startswith("linux")
+
+
+def _give_up_unnamed_files() -> None:
+    global _unnamed_files_work
+    _unnamed_files_work = False
+
+
+def _open_unnamed(path: str) -> int:
+    """An unnamed writable file in `path`'s folder, or -1 where that is not supported."""
+    try:
+        return os.open(os.path.dirname(path) or ".", _UNNAMED_FLAGS, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT,
+                         errno.ENOTDIR):
+            return -1  # this file system cannot, or the folder is missing: portable way
+        raise
+
+
+_UNNAMED_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_temp_names = itertools.count()
+
+
+def _create_temp(path: str | os.PathLike, keep_suffix: bool = True) -> tuple[int, str]:
+    """Create a new empty temp file next to `path`; return its descriptor and name.
+
+    Unlike `tempfile.mkstemp` (always 0600) the file gets the umask's permissions, so a
+    replaced file stays readable by whoever could read it before. The name is short so
+    it fits even when `path`'s own name is near the 255-byte limit; it is made of the
+    process id and a counter (no random bytes to fetch per file), and a name that
+    already exists (left by a killed process) is simply skipped.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    suffix = ""
+    if keep_suffix:
+        name = os.path.basename(path)
+        dot = name.rfind(".")
+        suffix = name[dot:] if 0 < dot and len(name) - dot <= 16 else ""
+    head = os.path.join(parent, f"{TMP_PREFIX}{os.getpid()}-")
+    made_parent = False
+    for _ in range(1000):
+        tmp = f"{head}{next(_temp_names)}{suffix}"
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            if made_parent or not parent:
+                raise
+            # Only now: checking the folder before every write would cost a system call.
+            os.makedirs(parent, exist_ok=True)
+            made_parent = True
+    raise FileExistsError(f"{parent}: could not create a temporary file")
 
 
 def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
@@ -90,13 +212,24 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    tmp = _create_temp_dir(final)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _swap_in(tmp, final, replace)
+
+
+def _create_temp_dir(final: Path) -> Path:
+    """A new empty folder next to `final` (umask permissions, unlike `tempfile.mkdtemp`)."""
+    while True:
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.urandom(4).hex()}")
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _swap_in(tmp: Path, final: Path, replace: bool) -> None:

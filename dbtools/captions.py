@@ -18,6 +18,13 @@ TEMPLATE_CAPTION_ONLY = "{caption}"
 TEMPLATE_WITH_PROMPTS = "{instance_prompt}, {caption}, {class_prompt}"
 TEMPLATE_FIELDS = ("caption", "instance_prompt", "class_prompt")
 
+_MRWHO_PREFIX = re.compile(r"^\d+@")
+_DUPLICATE_MARK = re.compile(r"\s*\(\d+\)$")
+_INDEX_SUFFIX = re.compile(r"_\d+$")
+_REPEATED_COMMAS = re.compile(r"\s*,(\s*,)+")
+_EDGE_COMMAS = re.compile(r"^\s*,\s*|\s*,\s*$")
+_SPACE_BEFORE_COMMA = re.compile(r"\s+,")
+
 
 def collapse_spaces(text: str) -> str:
     """Turn any run of whitespace into one space and strip the ends."""
@@ -34,10 +41,15 @@ def caption_from_filename(name: str) -> str:
     stem = name.rsplit("/", 1)[-1]
     if "." in stem.lstrip("."):
         stem = stem[: stem.rfind(".")]
-    stem = re.sub(r"^\d+@", "", stem)
-    stem = re.sub(r"\s*\(\d+\)$", "", stem)
-    stem = re.sub(r"_\d+$", "", stem)
-    stem = re.sub(r"\s*\(\d+\)$", "", stem)
+    # Each rule is guarded by a cheap test so 100,000 names stay fast; same results.
+    if stem[:1].isdigit() and "@" in stem:
+        stem = _MRWHO_PREFIX.sub("", stem)
+    if stem.endswith(")"):
+        stem = _DUPLICATE_MARK.sub("", stem)
+    if "_" in stem:
+        stem = _INDEX_SUFFIX.sub("", stem)
+    if stem.endswith(")"):
+        stem = _DUPLICATE_MARK.sub("", stem)
     return collapse_spaces(stem.replace("_", " "))
 
 
@@ -67,9 +79,10 @@ def apply_template(template: str, caption: str, instance_prompt: str = "", class
     values = {"caption": caption.strip(), "instance_prompt": instance_prompt.strip(),
               "class_prompt": class_prompt.strip()}
     text = template.format(**values)
-    text = re.sub(r"\s*,(\s*,)+", ",", text)  # ", ," left by an empty part
-    text = re.sub(r"^\s*,\s*|\s*,\s*$", "", text)
-    text = re.sub(r"\s+,", ",", text)
+    if "," in text:
+        text = _REPEATED_COMMAS.sub(",", text)  # ", ," left by an empty part
+        text = _EDGE_COMMAS.sub("", text)
+        text = _SPACE_BEFORE_COMMA.sub(",", text)
     return collapse_spaces(text)
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dbtools.atomic import atomic_write_text
-from dbtools.images import list_images
+from dbtools.captions import template_problems
+from dbtools.images import has_images
 
 SHIVAM_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
@@ -57,6 +58,11 @@ def concept_problems(concept: Concept, index: int, need_class: bool = False) -> 
     for key in ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir"):
         if not isinstance(getattr(concept, key), str):
             problems.append(f"{where}: '{key}' must be a string, got {getattr(concept, key)!r}.")
+    template = concept.prompt_template
+    if template is not None and not isinstance(template, str):
+        problems.append(f"{where}: 'prompt_template' must be a string, got {template!r}.")
+    elif template:
+        problems += [f"{where}: {p}" for p in template_problems(template)]
     if problems:
         return problems
     problems += _folder_problems(where, "instance_data_dir", concept.instance_data_dir, True)
@@ -75,7 +81,7 @@ def _folder_problems(where: str, key: str, path: str, need_images: bool) -> list
     if not folder.is_dir():
         return [f"{where}: {key} {folder} does not exist or is not a folder. Fix the path "
                 "(is Google Drive mounted?)."]
-    if need_images and not list_images(folder, recursive=True):
+    if need_images and not has_images(folder, recursive=True):
         return [f"{where}: {key} {folder} contains no images (.jpg .png .webp ...). Put your "
                 "images there or fix the path."]
     return []
@@ -98,8 +104,10 @@ def read_concepts(path: str | os.PathLike) -> list[Concept]:
     except FileNotFoundError as exc:
         raise ConceptError(f"{path}: file not found. Write it with `python -m dbtools extract "
                            "--write_concepts_list` or fix the path.") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConceptError(f"{path}: not valid JSON ({exc}). Fix the file.") from exc
+    except OSError as exc:
+        raise ConceptError(f"{path}: cannot read it ({exc}). Fix the path.") from exc
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):

@@ -35,10 +35,40 @@ class ImageError(ValueError):
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when `path` names an image by its extension and is not a hidden/OS file."""
-    name = os.path.basename(os.fspath(path))
-    if name.startswith("._") or name.startswith("."):
+    return is_image_name(os.path.basename(os.fspath(path)))
+
+
+def is_image_name(name: str) -> bool:
+    """`is_image_file` for a bare file name (no folder part); fast for big folders."""
+    if name.startswith("."):  # hidden files and macOS "._" resource forks
         return False
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def is_skipped_dir(name: str) -> bool:
+    """True for folders that never hold user images: hidden, tool and OS folders."""
+    return name.startswith(".") or name in _SKIP_DIRS
+
+
+def has_images(folder: str | os.PathLike, recursive: bool = False) -> bool:
+    """True when `folder` holds at least one image (see `list_images`); stops at the first.
+
+    A missing folder has none.
+    """
+    pending = [os.fspath(folder)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):  # like os.walk: no link loops
+                        if recursive and not is_skipped_dir(entry.name):
+                            pending.append(entry.path)
+                    elif is_image_file(entry.name) and entry.is_file():
+                        return True
+        except OSError:  # missing or unreadable: like os.walk, skip it
+            continue
+    return False
 
 
 def natural_key(text: str) -> list:
@@ -68,7 +98,7 @@ def _walk(root: Path, recursive: bool) -> Iterable[Path]:
                     yield Path(entry.path)
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not is_skipped_dir(d)]
         for name in filenames:
             yield Path(dirpath) / name
 
