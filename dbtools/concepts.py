@@ -67,7 +67,7 @@ def concept_problems(concept: Concept, index: int, need_class: bool = False) -> 
         return problems
     problems += _folder_problems(where, "instance_data_dir", concept.instance_data_dir, True)
     if need_class or concept.class_data_dir:
-        problems += _folder_problems(where, "class_data_dir", concept.class_data_dir, False)
+        problems += _class_folder_problems(where, concept.class_data_dir)
     if need_class and not concept.class_prompt.strip():
         problems.append(f"{where}: prior preservation needs a 'class_prompt' (e.g. 'a photo of a dog').")
     return problems
@@ -85,6 +85,15 @@ def _folder_problems(where: str, key: str, path: str, need_images: bool) -> list
         return [f"{where}: {key} {folder} contains no images (.jpg .png .webp ...). Put your "
                 "images there or fix the path."]
     return []
+
+
+def _class_folder_problems(where: str, path: str) -> list[str]:
+    # A class folder may not exist yet: class-image generation creates it, provided its
+    # parent exists (a missing parent is almost always a typo or an unmounted drive).
+    folder = Path(path)
+    if path.strip() and not folder.exists() and folder.parent.is_dir():
+        return []
+    return _folder_problems(where, "class_data_dir", path, False)
 
 
 def validate_concepts(concepts: list[Concept], need_class: bool = False) -> None:

@@ -74,7 +74,7 @@ def test_validate_lists_every_problem(tmp_path, dirs):
         Concept(str(tmp_path / "missing")),
         Concept(str(tmp_path / "noimg")),
         Concept(str(inst), instance_prompt=5),
-        Concept(str(inst), class_data_dir=str(tmp_path / "nocls")),
+        Concept(str(inst), class_data_dir=str(tmp_path / "no" / "cls")),
         Concept(str(inst), prompt_template="{caption} {oops}"),
     ]
     with pytest.raises(ConceptError) as err:
@@ -83,7 +83,7 @@ def test_validate_lists_every_problem(tmp_path, dirs):
     assert "concept 1" in msg and "missing does not exist" in msg
     assert "concept 2" in msg and "contains no images" in msg
     assert "concept 3: 'instance_prompt' must be a string, got 5" in msg
-    assert "concept 4" in msg and "nocls does not exist" in msg
+    assert "concept 4" in msg and "cls does not exist" in msg
     assert "concept 5" in msg and "unknown field" in msg
 
 
@@ -106,3 +106,11 @@ def test_no_concepts():
 def test_empty_instance_dir_string(tmp_path):
     with pytest.raises(ConceptError, match="'instance_data_dir' is empty"):
         validate_concepts([Concept("")])
+
+
+def test_class_folder_may_be_created_later_when_its_parent_exists(dirs, tmp_path):
+    inst, _ = dirs
+    later = tmp_path / "class-images-to-generate"
+    validate_concepts([Concept(str(inst), class_prompt="a dog", class_data_dir=str(later))],
+                      need_class=True)
+    assert not later.exists()  # validation never creates folders
