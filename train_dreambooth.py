@@ -14,7 +14,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the training flags (`sys.argv[1:]` when `argv` is None)."""
-    from dbtools.train import parse_args as _parse
+    from dbtools.train_config import parse_args as _parse
 
     return _parse(argv)
 

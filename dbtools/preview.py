@@ -36,7 +36,7 @@ def find_weight_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     a temporary `.tmp-` name, or one with neither `model_index.json` (a diffusers
     pipeline) nor LoRA weights, is never returned. A missing `output_dir` gives `[]`.
     """
-    from dbtools.train import list_weights  # training owns the output layout
+    from dbtools.checkpoints import list_weights  # training owns the output layout
 
     return list_weights(output_dir)
 

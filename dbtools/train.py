@@ -1,11 +1,10 @@
 """DreamBooth training of Stable Diffusion with per-image prompts.
 
 `train(cfg)` is the whole run and reads top to bottom: check the inputs, set up
-accelerate, make class images, load models, cache data, loop, save. The command line
-(`train_dreambooth.py`, `accelerate launch train_dreambooth.py`, `python -m dbtools
-train`) accepts the flags of Shivam Shrirao's script and of diffusers' current
-`train_dreambooth.py` with the same meanings and defaults, and builds a `TrainConfig`;
-the notebook and the tests build the same object.
+accelerate, make class images, load models, cache data, loop, save. The settings and
+the command line live in `dbtools.train_config`, the output-folder rules (which step
+and checkpoint folders are complete, rotation, resume) in `dbtools.checkpoints`; their
+public names are importable from here too.
 
 Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
 folder (LoRA mode: `pytorch_lora_weights.safetensors`) with `args.json` and
@@ -17,442 +16,36 @@ temporary name and renamed when complete, so `latest_weights`, `latest_checkpoin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
-import importlib.util
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_save_image, atomic_write_text, is_temporary
-from dbtools.concepts import Concept, ConceptError, read_concepts
+from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
+from dbtools.checkpoints import (SINGLE_FILE_NAME, checkpoint_step, remove_stale_temporaries, resume_path,
+                                 should_save, write_checkpoint)
+from dbtools.concepts import Concept, ConceptError
 from dbtools.data import (DataConfig, DataPlan, DreamBoothData, LatentCache, concept_class_examples,
                           scan_concepts, step_seed)
+from dbtools.train_config import TrainConfig, flag_problems, public_args, report_trackers, resolve_mixed_precision
+
+# The settings and the output-folder rules have modules of their own; their public names
+# stay importable from here.
+from dbtools.checkpoints import (CHECKPOINT_PREFIX, LORA_WEIGHTS, checkpoints_to_remove,  # noqa: F401
+                                 is_weights_folder, latest_checkpoint, latest_weights, list_weights,
+                                 step_folders)
+from dbtools.train_config import LR_SCHEDULERS, build_parser, parse_args  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                 "constant_with_warmup")
-CHECKPOINT_PREFIX = "checkpoint-"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-SINGLE_FILE_NAME = "model.safetensors"
 
 
 class TrainError(ValueError):
     """Training cannot start or go on because of something the user can fix."""
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; field names and defaults are the command-line flags'."""
-
-    # model
-    pretrained_model_name_or_path: str = ""
-    pretrained_vae_name_or_path: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    tokenizer_name: str | None = None
-    # data
-    instance_data_dir: str | None = None
-    instance_prompt: str | None = None
-    class_data_dir: str | None = None
-    class_prompt: str | None = None
-    concepts_list: str | None = None
-    read_prompts_from_txts: bool = False
-    prompt_template: str | None = None
-    resolution: int = 512
-    center_crop: bool = False
-    hflip: bool = False
-    aspect_ratio_bucketing: bool = False
-    caption_dropout: float = 0.0
-    shuffle_captions: bool = False
-    keep_tokens: int = 0
-    pad_tokens: bool = False
-    tokenizer_max_length: int | None = None
-    text_encoder_use_attention_mask: bool = False
-    not_cache_latents: bool = False
-    pre_compute_text_embeddings: bool = False
-    cache_dir: str | None = None
-    dataloader_num_workers: int = 0
-    # prior preservation
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    sample_batch_size: int = 4
-    prior_generation_precision: str | None = None
-    # optimisation
-    seed: int | None = None
-    train_text_encoder: bool = False
-    train_batch_size: int = 4
-    num_train_epochs: int = 1
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    learning_rate: float = 5e-6
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    use_8bit_adam: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-08
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = None
-    allow_tf32: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
-    set_grads_to_none: bool = False
-    snr_gamma: float | None = None
-    offset_noise: bool = False
-    offset_noise_strength: float = 0.1
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    use_lora: bool = False
-    lora_rank: int = 4
-    max_nonfinite_steps: int = 5
-    # saving, samples, logging
-    output_dir: str = "text-inversion-model"
-    save_interval: int = 10_000
-    save_min_steps: int = 0
-    save_sample_prompt: str | None = None
-    save_sample_negative_prompt: str | None = None
-    n_save_sample: int = 4
-    save_guidance_scale: float = 7.5
-    save_infer_steps: int = 20
-    save_single_file: bool = False
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompt: str | None = None
-    num_validation_images: int = 4
-    validation_steps: int = 100
-    logging_dir: str = "logs"
-    log_interval: int = 10
-    report_to: str = "tensorboard"
-    # hub
-    push_to_hub: bool = False
-    hub_token: str | None = field(default=None, repr=False)
-    hub_model_id: str | None = None
-    local_rank: int = -1
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace | dict) -> "TrainConfig":
-        """Build from parsed flags (unknown keys are ignored)."""
-        data = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def concepts(self) -> list[Concept]:
-        """The concepts to train: `concepts_list` when given, else the single-concept flags."""
-        if self.concepts_list:
-            return read_concepts(self.concepts_list)
-        return [Concept(instance_data_dir=self.instance_data_dir or "",
-                        instance_prompt=self.instance_prompt or "",
-                        class_prompt=self.class_prompt or "",
-                        class_data_dir=self.class_data_dir or "")]
-
-
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)$", re.I)
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})\b")
-
-
-def public_args(cfg: TrainConfig) -> dict:
-    """The config as a JSON-able dict without secrets: no `hub_token`, no token-like keys,
-    and token-looking strings in values replaced by `<redacted>`."""
-    out = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        if _SECRET_KEY.search(key):
-            continue
-        if isinstance(value, str):
-            value = _SECRET_VALUE.sub("<redacted>", value)
-        out[key] = value
-    return out
-
-
-def _help(text: str) -> str:
-    return text.replace("%", "%%")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The one parser behind `train_dreambooth.py` and `python -m dbtools train`."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description="DreamBooth training for Stable Diffusion with per-image prompts.")
-
-    def flag(name: str, help: str, **kw):
-        if kw.get("action") not in ("store_true",):
-            kw.setdefault("default", getattr(d, name))
-        p.add_argument(f"--{name}", help=_help(help), **kw)
-
-    def switch(name: str, help: str):
-        flag(name, help, action="store_true")
-
-    flag("pretrained_model_name_or_path", "Hub id, diffusers folder, or .safetensors/.ckpt file.", type=str)
-    flag("pretrained_vae_name_or_path", "VAE to use instead of the model's (Hub id, VAE or model folder).", type=str)
-    flag("revision", "Hub revision; 'fp16' means the fp16 variant; ignored for local folders.", type=str)
-    flag("variant", "Weights variant, e.g. fp16.", type=str)
-    flag("tokenizer_name", "Tokenizer to use instead of the model's.", type=str)
-    flag("instance_data_dir", "Folder of training images (or use --concepts_list).", type=str)
-    flag("instance_prompt", "Prompt for the instance images, e.g. 'a photo of sks dog'.", type=str)
-    flag("class_data_dir", "Folder of class images (filled by generation when short).", type=str)
-    flag("class_prompt", "Prompt for class images, e.g. 'a photo of a dog'.", type=str)
-    flag("concepts_list", "JSON file: list of {instance_prompt, class_prompt, instance_data_dir, "
-         "class_data_dir[, prompt_template]}.", type=str)
-    switch("read_prompts_from_txts", "Prompt of X.png is read from X.png.txt (or X.txt / X.caption).")
-    flag("prompt_template", "Combine each caption with the prompts, e.g. '{instance_prompt}, {caption}'. "
-         "Default: the caption file is the prompt.", type=str)
-    flag("resolution", "Training resolution in pixels (bucket area with --aspect_ratio_bucketing).", type=int)
-    switch("center_crop", "Center-crop instead of random crop.")
-    switch("hflip", "Randomly flip images horizontally.")
-    switch("aspect_ratio_bucketing", "Keep each image's aspect ratio: batches are drawn from buckets of "
-           "about resolution^2 pixels.")
-    flag("caption_dropout", "Probability of training a sample with an empty prompt.", type=float)
-    switch("shuffle_captions", "Shuffle the comma-separated parts of each caption every step.")
-    flag("keep_tokens", "With --shuffle_captions: leading comma-separated parts kept in place.", type=int)
-    switch("pad_tokens", "Pad prompts to the tokenizer's max length (as at inference).")
-    flag("tokenizer_max_length", "Token length limit (default: the tokenizer's).", type=int)
-    switch("text_encoder_use_attention_mask", "Pass the attention mask to the text encoder.")
-    switch("not_cache_latents", "Encode images with the VAE every step instead of caching latents.")
-    switch("pre_compute_text_embeddings", "Pre-compute prompt embeddings (implied by latent caching "
-           "when the text encoder is frozen).")
-    flag("cache_dir", "Keep the latent cache in this folder so a restarted run skips encoding.", type=str)
-    flag("dataloader_num_workers", "Worker processes loading images (without latent caching).", type=int)
-    switch("with_prior_preservation", "Add the prior-preservation loss on class images.")
-    flag("prior_loss_weight", "Weight of the prior-preservation loss.", type=float)
-    flag("num_class_images", "Class images wanted per class folder; missing ones are generated.", type=int)
-    flag("sample_batch_size", "Batch size for generating class images.", type=int)
-    flag("prior_generation_precision", "Precision for generating class images.", type=str,
-         choices=["no", "fp32", "fp16", "bf16"])
-    flag("seed", "Seed for reproducible training.", type=int)
-    switch("train_text_encoder", "Train the text encoder too.")
-    flag("train_batch_size", "Batch size per device.", type=int)
-    flag("num_train_epochs", "Epochs (used when --max_train_steps is not given).", type=int)
-    flag("max_train_steps", "Total optimizer steps; overrides --num_train_epochs.", type=int)
-    flag("gradient_accumulation_steps", "Micro-batches per optimizer step.", type=int)
-    switch("gradient_checkpointing", "Trade compute for memory.")
-    flag("learning_rate", "Learning rate (after warmup).", type=float)
-    switch("scale_lr", "Scale the learning rate by GPUs, accumulation steps and batch size.")
-    flag("lr_scheduler", "Learning-rate schedule.", type=str, choices=LR_SCHEDULERS)
-    flag("lr_warmup_steps", "Warmup steps.", type=int)
-    flag("lr_num_cycles", "Hard restarts for cosine_with_restarts.", type=int)
-    flag("lr_power", "Power of the polynomial schedule.", type=float)
-    switch("use_8bit_adam", "8-bit AdamW from bitsandbytes (falls back to AdamW when it cannot run).")
-    flag("adam_beta1", "Adam beta1.", type=float)
-    flag("adam_beta2", "Adam beta2.", type=float)
-    flag("adam_weight_decay", "Weight decay.", type=float)
-    flag("adam_epsilon", "Adam epsilon.", type=float)
-    flag("max_grad_norm", "Gradient clipping norm.", type=float)
-    flag("mixed_precision", "no, fp16 or bf16 (default: accelerate's config; fp16 needs CUDA).", type=str,
-         choices=["no", "fp16", "bf16"])
-    switch("allow_tf32", "Allow TF32 matmuls on Ampere+ GPUs (faster).")
-    switch("enable_xformers_memory_efficient_attention", "Use xformers attention (must be installed).")
-    switch("set_grads_to_none", "Free gradients instead of zeroing them.")
-    flag("snr_gamma", "Min-SNR loss weighting gamma (5.0 is recommended).", type=float)
-    switch("offset_noise", "Fine-tune with offset noise.")
-    flag("offset_noise_strength", "Strength of the offset noise.", type=float)
-    switch("use_ema", "Keep an EMA of the UNet; saved weights are the EMA weights.")
-    flag("ema_decay", "EMA decay.", type=float)
-    switch("use_lora", "Train LoRA adapters (peft) instead of all weights: low memory.")
-    flag("lora_rank", "LoRA rank.", type=int)
-    flag("max_nonfinite_steps", "Abort after this many non-finite losses in a row (each is skipped).", type=int)
-    flag("output_dir", "Where weights, checkpoints and logs go.", type=str)
-    flag("save_interval", "Save weights every N steps.", type=int)
-    flag("save_min_steps", "Start saving weights after N steps.", type=int)
-    flag("save_sample_prompt", "Prompt for sample images saved with the weights.", type=str)
-    flag("save_sample_negative_prompt", "Negative prompt for samples.", type=str)
-    flag("n_save_sample", "Sample images per save.", type=int)
-    flag("save_guidance_scale", "CFG scale for samples.", type=float)
-    flag("save_infer_steps", "Inference steps for samples.", type=int)
-    switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
-           "(original SD layout for AUTOMATIC1111/ComfyUI).")
-    flag("checkpointing_steps", "Save accelerate state for resuming every N steps.", type=int)
-    flag("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
-    flag("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
-    flag("validation_prompt", "Prompt for validation images.", type=str)
-    flag("num_validation_images", "Validation images per run.", type=int)
-    flag("validation_steps", "Validate every N steps.", type=int)
-    flag("logging_dir", "TensorBoard folder, under <output_dir>/0/.", type=str)
-    flag("log_interval", "Show the mean loss every N steps.", type=int)
-    flag("report_to", "tensorboard, wandb, all or none.", type=str)
-    switch("push_to_hub", "Upload the final weights to the Hub (token from HF_TOKEN or huggingface-cli login).")
-    flag("hub_token", "Hub token (prefer HF_TOKEN or `huggingface-cli login`; never written to disk).", type=str)
-    flag("hub_model_id", "Hub repo id for --push_to_hub (default: the output folder's name).", type=str)
-    flag("local_rank", "Set by the launcher.", type=int)
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse training flags (`sys.argv[1:]` when `argv` is None); `LOCAL_RANK` wins if set."""
-    args = build_parser().parse_args(argv)
-    env_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_rank != -1:
-        args.local_rank = env_rank
-    return args
-
-
-# --------------------------------------------------------------------------- pure rules
-
-
-def resolve_mixed_precision(requested: str | None, cuda: bool, bf16_ok: bool = True) -> tuple[str, str | None]:
-    """The mixed precision to use and a warning when the request cannot run here.
-
-    fp16 needs CUDA; without it training runs in fp32 ("no"). bf16 needs a GPU that
-    supports it, or the CPU.
-    """
-    requested = requested or "no"
-    if requested == "fp16" and not cuda:
-        return "no", "fp16 mixed precision needs a CUDA GPU; training in full precision (fp32) instead."
-    if requested == "bf16" and cuda and not bf16_ok:
-        return "no", "this GPU does not support bf16; training in full precision (fp32) instead."
-    return requested, None
-
-
-def flag_problems(cfg: TrainConfig) -> list[str]:
-    """Flag combinations that cannot work, each with its fix."""
-    problems = []
-    if not cfg.pretrained_model_name_or_path:
-        problems.append("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a "
-                        ".safetensors/.ckpt file).")
-    if not cfg.concepts_list and not cfg.instance_data_dir:
-        problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
-                        "--concepts_list.")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
-                 "checkpointing_steps", "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be at least 1.")
-    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
-        problems.append("--max_train_steps must be at least 1.")
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        problems.append("--checkpoints_total_limit must be at least 1 (or leave it out to keep all).")
-    if not 0.0 <= cfg.caption_dropout <= 1.0:
-        problems.append("--caption_dropout is a probability: give a value from 0 to 1.")
-    if cfg.keep_tokens < 0:
-        problems.append("--keep_tokens cannot be negative.")
-    if cfg.use_lora and cfg.use_ema:
-        problems.append("--use_ema works on full UNet weights; drop it when training with --use_lora.")
-    if cfg.use_lora and cfg.save_single_file:
-        problems.append("--save_single_file needs full weights; LoRA mode saves an adapter "
-                        f"({LORA_WEIGHTS}, load it with pipe.load_lora_weights). Drop one of the two.")
-    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        problems.append("--enable_xformers_memory_efficient_attention: xformers is not installed. "
-                        "`pip install xformers`, or drop the flag (PyTorch's SDPA attention is used).")
-    for tracker in _trackers(cfg.report_to):
-        if importlib.util.find_spec(tracker) is None:
-            problems.append(f"--report_to {tracker}: {tracker} is not installed. `pip install {tracker}` "
-                            "or choose --report_to none.")
-    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" \
-            and _resume_path(cfg) is None:
-        problems.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint "
-                        f"folder (looked in {cfg.output_dir}). Use 'latest' or an existing "
-                        f"{CHECKPOINT_PREFIX}<step> folder.")
-    return problems
-
-
-def _trackers(report_to: str | None) -> list[str]:
-    if not report_to or report_to == "none":
-        return []
-    return ["tensorboard", "wandb"] if report_to == "all" else [report_to]
-
-
-def step_folders(output_dir: str | os.PathLike, prefix: str = "") -> list[tuple[int, Path]]:
-    """Complete `<prefix><step>` folders in `output_dir`, sorted by step (temporary ones skipped)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        rest = p.name[len(prefix):]
-        if p.is_dir() and p.name.startswith(prefix) and rest.isdigit() and not is_temporary(p):
-            found.append((int(rest), p))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete `checkpoint-<step>` folder in `output_dir`, or None."""
-    found = step_folders(output_dir, CHECKPOINT_PREFIX)
-    return found[-1][1] if found else None
-
-
-def is_weights_folder(path: Path) -> bool:
-    """True for a saved weights folder: a diffusers pipeline or a LoRA adapter."""
-    return (path / "model_index.json").is_file() or (path / LORA_WEIGHTS).is_file()
-
-
-def list_weights(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Every complete `<output_dir>/<step>/` weights folder, sorted by step."""
-    return [(s, p) for s, p in step_folders(output_dir) if is_weights_folder(p)]
-
-
-def latest_weights(output_dir: str | os.PathLike) -> Path | None:
-    """The complete weights folder with the highest step (never a half-written one), or None."""
-    found = list_weights(output_dir)
-    return found[-1][1] if found else None
-
-
-def checkpoints_to_remove(output_dir: str | os.PathLike, limit: int | None) -> list[Path]:
-    """Oldest complete checkpoints beyond `limit` (None keeps all)."""
-    found = step_folders(output_dir, CHECKPOINT_PREFIX)
-    if limit is None or len(found) <= limit:
-        return []
-    return [p for _, p in found[: len(found) - limit]]
-
-
-def _resume_path(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: 'latest' or a path (as given, or inside output_dir)."""
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint == "latest":
-        return latest_checkpoint(cfg.output_dir)
-    for candidate in (Path(cfg.resume_from_checkpoint),
-                      Path(cfg.output_dir) / Path(cfg.resume_from_checkpoint).name):
-        if candidate.is_dir() and not is_temporary(candidate):
-            return candidate
-    return None
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step encoded in a `checkpoint-<step>` folder name."""
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def should_save(step: int, cfg: TrainConfig) -> bool:
-    """Shivam's rule: every `save_interval` steps once `save_min_steps` is reached."""
-    return step > 0 and step % cfg.save_interval == 0 and step >= cfg.save_min_steps
-
-
-def snr_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str):
-    """Min-SNR-gamma loss weights per sample (Hang et al. 2023) for the prediction type."""
-    import torch
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def diffusion_target(noise_scheduler, latents, noise, timesteps):
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise TrainError(f"unsupported prediction_type {kind!r} in the model's scheduler config "
-                     "(expected epsilon or v_prediction).")
 
 
 # --------------------------------------------------------------------------- pre-flight
@@ -542,7 +135,7 @@ def make_accelerator(cfg: TrainConfig):
         logger.warning(warning)
     project = ProjectConfiguration(project_dir=cfg.output_dir,
                                    logging_dir=str(Path(cfg.output_dir, "0", cfg.logging_dir)))
-    trackers = _trackers(cfg.report_to)
+    trackers = report_trackers(cfg.report_to)
     return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project,
                        cpu=not cuda and torch.cuda.is_available())
 
@@ -593,10 +186,20 @@ def load_models(cfg: TrainConfig):
 
 def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list:
     """Freeze what is not trained, add LoRA adapters, enable memory savers; return trainable params."""
+    _freeze_and_place(cfg, models, accelerator.device, weight_dtype)
+    _enable_memory_savers(cfg, models)
+    modules = [models.unet] + ([models.text_encoder] if cfg.train_text_encoder else [])
+    for m in modules:
+        m.train()
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
+    """Frozen modules go to `device` in `weight_dtype`; trained weights (or LoRA adapters) stay float32."""
     import torch
 
     models.vae.requires_grad_(False)
-    _move(models.vae, accelerator.device, weight_dtype)
+    _move(models.vae, device, weight_dtype)
     train_te = cfg.train_text_encoder
     if cfg.use_lora:
         _add_lora(cfg, models)
@@ -604,28 +207,30 @@ def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list
         models.unet.requires_grad_(True)
         models.text_encoder.requires_grad_(train_te)
     if not train_te:
-        _move(models.text_encoder, accelerator.device, weight_dtype)
+        _move(models.text_encoder, device, weight_dtype)
     if cfg.use_lora and weight_dtype != torch.float32:
         # Frozen base weights in half precision, trainable adapters in float32.
-        models.unet.to(accelerator.device, dtype=weight_dtype)
+        models.unet.to(device, dtype=weight_dtype)
         if train_te:
-            models.text_encoder.to(accelerator.device, dtype=weight_dtype)
+            models.text_encoder.to(device, dtype=weight_dtype)
         from diffusers.training_utils import cast_training_params
 
         cast_training_params([models.unet] + ([models.text_encoder] if train_te else []), dtype=torch.float32)
+
+
+def _enable_memory_savers(cfg: TrainConfig, models) -> None:
+    """Gradient checkpointing, xformers attention and TF32, as asked."""
+    import torch
+
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if train_te:
+        if cfg.train_text_encoder:
             models.text_encoder.gradient_checkpointing_enable()
     if cfg.enable_xformers_memory_efficient_attention:
         models.unet.enable_xformers_memory_efficient_attention()
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    modules = [models.unet] + ([models.text_encoder] if train_te else [])
-    for m in modules:
-        m.train()
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def _add_lora(cfg: TrainConfig, models) -> None:
@@ -842,7 +447,7 @@ def _make_ema(cfg: TrainConfig, models, accelerator):
 
 def resume(run: Run) -> int:
     """Load accelerate state from the chosen checkpoint; return the step to continue from."""
-    path = _resume_path(run.cfg)
+    path = resume_path(run.cfg.output_dir, run.cfg.resume_from_checkpoint)
     if run.cfg.resume_from_checkpoint and path is None:
         logger.info("no complete checkpoint in %s: starting a new run", run.cfg.output_dir)
         return 0
@@ -960,6 +565,27 @@ def _per_sample_loss(run: Run, latents, embeds, gen):
     return loss
 
 
+def snr_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str):
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023) for the prediction type."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainError(f"unsupported prediction_type {kind!r} in the model's scheduler config "
+                     "(expected epsilon or v_prediction).")
+
+
 def train_step(run: Run, step: int) -> float | None:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
@@ -969,19 +595,7 @@ def train_step(run: Run, step: int) -> float | None:
     import torch
 
     acc, cfg = run.accelerator, run.cfg
-    accum = cfg.gradient_accumulation_steps
-    total, finite = 0.0, True
-    for k in range(accum):
-        micro = (step * accum + k) * acc.num_processes + acc.process_index
-        sync = k == accum - 1
-        ctx = contextlib.nullcontext() if sync else _no_sync(run)
-        with ctx:
-            loss = compute_loss(run, micro)
-            # A NaN loss still goes through backward so every process joins the gradient
-            # all-reduce; its gradients are dropped below.
-            acc.backward(loss / accum)
-        finite = finite and bool(torch.isfinite(loss))
-        total += float(loss.detach()) / accum
+    total, finite = _accumulate_gradients(run, step)
     grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     if grad_norm is not None and acc.scaler is None and not bool(torch.isfinite(grad_norm)):
         finite = False
@@ -995,6 +609,27 @@ def train_step(run: Run, step: int) -> float | None:
     if finite and run.ema is not None:
         run.ema.step(acc.unwrap_model(run.unet).parameters())
     return total if finite else None
+
+
+def _accumulate_gradients(run: Run, step: int) -> tuple[float, bool]:
+    """Forward and backward every micro-batch of `step`; the mean loss and whether all were finite."""
+    import torch
+
+    acc = run.accelerator
+    accum = run.cfg.gradient_accumulation_steps
+    total, finite = 0.0, True
+    for k in range(accum):
+        micro = (step * accum + k) * acc.num_processes + acc.process_index
+        sync = k == accum - 1
+        ctx = contextlib.nullcontext() if sync else _no_sync(run)
+        with ctx:
+            loss = compute_loss(run, micro)
+            # A NaN loss still goes through backward so every process joins the gradient
+            # all-reduce; its gradients are dropped by `train_step`.
+            acc.backward(loss / accum)
+        finite = finite and bool(torch.isfinite(loss))
+        total += float(loss.detach()) / accum
+    return total, finite
 
 
 def _no_sync(run: Run):
@@ -1133,24 +768,7 @@ def save_validation(run: Run, step: int) -> None:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
-    target = Path(run.cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    with atomic_dir(target) as tmp:
-        run.accelerator.save_state(str(tmp))
-    for old in checkpoints_to_remove(run.cfg.output_dir, run.cfg.checkpoints_total_limit):
-        logger.info("removing old checkpoint %s", old)
-        shutil.rmtree(old)
-    logger.info("checkpoint saved at %s", target)
-    return target
-
-
-def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written folders left by a killed run (`.tmp-<step>-*`, `.tmp-checkpoint-*`)."""
-    root = Path(output_dir)
-    stale = [p for p in root.glob(f"{TMP_PREFIX}*") if p.is_dir()
-             and re.match(rf"{re.escape(TMP_PREFIX)}(old-)?({CHECKPOINT_PREFIX})?\d+", p.name)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
+    return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit)
 
 
 def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
@@ -1199,9 +817,8 @@ def loop(run: Run) -> int:
     """The training loop: step, log, save, checkpoint; returns the last step."""
     from tqdm.auto import tqdm
 
-    acc, cfg = run.accelerator, run.cfg
     bar = tqdm(range(run.max_train_steps), initial=run.start_step, desc="steps",
-               disable=not acc.is_local_main_process)
+               disable=not run.accelerator.is_local_main_process)
     run.loader = make_loader(run)
     recent: list[float] = []
     nonfinite_in_a_row = 0
@@ -1211,23 +828,33 @@ def loop(run: Run) -> int:
         step += 1
         bar.update(1)
         if loss is None:
-            run.skipped_steps += 1
             nonfinite_in_a_row += 1
-            logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise TrainError(_nonfinite_message(cfg, step, nonfinite_in_a_row))
+            _skip_nonfinite(run, step, nonfinite_in_a_row)
             continue
         nonfinite_in_a_row = 0
-        recent.append(loss)
-        lr = run.lr_scheduler.get_last_lr()[0]
-        acc.log({"loss": loss, "lr": lr}, step=step)
-        if step % cfg.log_interval == 0:
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
-            recent.clear()
+        _log_step(run, bar, step, loss, recent)
         _periodic_saves(run, step)
     bar.close()
     run.loader = None  # stops loader workers
     return step
+
+
+def _skip_nonfinite(run: Run, step: int, in_a_row: int) -> None:
+    """Count a skipped step; `TrainError` once `max_nonfinite_steps` come in a row."""
+    run.skipped_steps += 1
+    logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, in_a_row)
+    if in_a_row >= run.cfg.max_nonfinite_steps:
+        raise TrainError(_nonfinite_message(run.cfg, step, in_a_row))
+
+
+def _log_step(run: Run, bar, step: int, loss: float, recent: list[float]) -> None:
+    """Loss and lr to the trackers every step; their mean on the progress bar every `log_interval`."""
+    recent.append(loss)
+    lr = run.lr_scheduler.get_last_lr()[0]
+    run.accelerator.log({"loss": loss, "lr": lr}, step=step)
+    if step % run.cfg.log_interval == 0:
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
+        recent.clear()
 
 
 def _periodic_saves(run: Run, step: int) -> None:

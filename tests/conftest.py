@@ -52,3 +52,35 @@ def make_image(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> Pa
 def image_factory():
     """Call with a path (and optional size/color/mode) to write a test image."""
     return make_image
+
+
+def make_weights(root: Path, name: str, complete: bool = True) -> Path:
+    """A fake weights folder `root/name`; without `complete` it lacks `model_index.json`."""
+    folder = root / name
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
+    if complete:
+        (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def weights_factory():
+    """Call with a folder and a name (and optional complete=False) to write fake weights."""
+    return make_weights
+
+
+@pytest.fixture
+def training_output(tmp_path) -> Path:
+    """An output folder as training leaves it: complete weights at steps 500, 1000 and 1500,
+    a save in progress, an interrupted save, a checkpoint, logs and an exported file."""
+    root = tmp_path / "out"
+    for step in ("500", "1000", "1500"):
+        make_weights(root, step)
+    make_weights(root, ".tmp-2500-x")  # a save in progress
+    make_weights(root, "2000", complete=False)  # interrupted save
+    make_weights(root, "checkpoint-1500")
+    (root / "checkpoint-1500" / "optimizer.bin").write_bytes(b"o")
+    (root / "0" / "logs").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(b"exported")
+    return root

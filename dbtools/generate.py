@@ -1,0 +1,268 @@
+"""Inference: generate images with a trained model, save them with their settings, and a
+Gradio UI over the same function.
+
+Each image gets its own seed, so image `i` of a call is reproduced by `seed=seed+i,
+num_images=1`; saved PNGs carry their settings in text metadata (AUTOMATIC1111's
+`parameters` and a `dbtools` JSON chunk). Importing this module has no side effects;
+torch, diffusers and gradio are imported on use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class Generated:
+    """One generated image with the settings that reproduce it."""
+
+    image: "Image.Image"
+    settings: dict[str, Any]
+    path: Path | None = None
+
+
+def check_generation_args(num_images: int, steps: int, guidance_scale: float,
+                          height: int | None, width: int | None) -> None:
+    """Raise one clear `ValueError` for settings the pipeline cannot use."""
+    problems = []
+    if int(num_images) < 1:
+        problems.append(f"num_images={num_images}: generate at least 1 image.")
+    if int(steps) < 1:
+        problems.append(f"steps={steps}: use at least 1 inference step (20-50 is typical).")
+    if guidance_scale < 0:
+        problems.append(f"guidance_scale={guidance_scale}: use 0 or more (7.5 is typical).")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (int(v) < 8 or int(v) % 8):
+            problems.append(f"{name}={v}: use a multiple of 8 (e.g. 512 or 768).")
+    if problems:
+        raise ValueError(" ".join(problems))
+
+
+def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
+    """A pipeline ready to generate: `pipe_or_path` as is, or loaded on the best device."""
+    if not isinstance(pipe_or_path, (str, os.PathLike)):
+        return pipe_or_path
+    from dbtools.models import inference_dtype, load_pipeline, pick_device
+
+    device = pick_device()
+    pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=inference_dtype(device),
+                         scheduler=scheduler)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def generation_settings(pipe, prompt: str, negative_prompt: str, seed: int, steps: int,
+                        guidance_scale: float, width: int, height: int, scheduler: str | None) -> dict:
+    """The settings recorded with a generated image."""
+    return dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
+                guidance_scale=float(guidance_scale), scheduler=scheduler or type(pipe.scheduler).__name__,
+                width=int(width), height=int(height), model=str(getattr(pipe, "name_or_path", "") or ""))
+
+
+def a1111_parameters(s: dict) -> str:
+    """Settings in AUTOMATIC1111's `parameters` text, which its PNG Info tab reads."""
+    lines = [s["prompt"]]
+    if s["negative_prompt"]:
+        lines.append(f"Negative prompt: {s['negative_prompt']}")
+    lines.append(f"Steps: {s['steps']}, Sampler: {s['scheduler']}, CFG scale: {s['guidance_scale']}, "
+                 f"Seed: {s['seed']}, Size: {s['width']}x{s['height']}, Model: {s['model']}")
+    return "\n".join(lines)
+
+
+def png_metadata(settings: dict):
+    """PNG text chunks: `parameters` (AUTOMATIC1111 style) and `dbtools` (JSON)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(settings))
+    info.add_text("dbtools", json.dumps(settings, ensure_ascii=False))
+    return info
+
+
+def _next_index(out_dir: Path) -> int:
+    numbers = [int(m.group(1)) for p in out_dir.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def generate(
+    pipe_or_path,
+    prompt: str,
+    negative_prompt: str = "",
+    num_images: int = 1,
+    guidance_scale: float = 7.5,
+    steps: int = 30,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    scheduler: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    batch_size: int = 4,
+) -> list[Generated]:
+    """Generate images; each gets its own seed (`seed`, `seed+1`, ...), so image `i` is
+    reproduced by `seed=seed+i, num_images=1`. A `None` or negative seed draws a random one.
+
+    With `out_dir`, each image is saved atomically as `<n>-<seed>.png` (never replacing a
+    file) with its settings in PNG text metadata. Returns images, settings and paths.
+    """
+    import torch
+
+    check_generation_args(num_images, steps, guidance_scale, height, width)
+    pipe = load_inference_pipeline(pipe_or_path, scheduler)
+    first = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+    seeds = [first + i for i in range(int(num_images))]
+    results: list[Generated] = []
+    # A pipeline loaded from a path already has the scheduler; a given one is changed for this call only.
+    with _scheduler(pipe, scheduler if pipe is pipe_or_path else None):
+        for start in range(0, len(seeds), max(1, batch_size)):
+            chunk = seeds[start:start + max(1, batch_size)]
+            images = pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(chunk),
+                          guidance_scale=guidance_scale, num_inference_steps=int(steps), height=height,
+                          width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
+            for s, img in zip(chunk, images):
+                settings = generation_settings(pipe, prompt, negative_prompt, s, steps, guidance_scale,
+                                               img.width, img.height, scheduler)
+                results.append(Generated(img, settings))
+    if out_dir is not None:
+        _save_generated(results, Path(out_dir))
+    return results
+
+
+@contextlib.contextmanager
+def _scheduler(pipe, name: str | None):
+    """Use scheduler `name` (None: the pipeline's own) for the duration; the caller's
+    pipeline gets its original scheduler back afterwards, even after an error."""
+    if not name:
+        yield
+        return
+    from dbtools.models import make_scheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(name, original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+def _save_generated(results: list[Generated], out_dir: Path) -> None:
+    from dbtools.atomic import atomic_save_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = _next_index(out_dir)
+    for g in results:
+        path = out_dir / f"{n:05d}-{g.settings['seed']}.png"
+        while path.exists():
+            n += 1
+            path = out_dir / f"{n:05d}-{g.settings['seed']}.png"
+        g.path = atomic_save_image(g.image, path, pnginfo=png_metadata(g.settings))
+        n += 1
+    logger.info("saved %d image(s) to %s", len(results), out_dir)
+
+
+def generate_images(
+    pipe_or_path,
+    prompt: str,
+    negative_prompt: str = "",
+    num_images: int = 1,
+    guidance_scale: float = 7.5,
+    steps: int = 30,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    scheduler: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> list:
+    """Generate images (see `generate`); return the saved PNG paths when `out_dir` is
+    given, else the PIL images."""
+    results = generate(pipe_or_path, prompt, negative_prompt, num_images, guidance_scale, steps,
+                       height, width, seed, scheduler, out_dir)
+    return [g.path for g in results] if out_dir is not None else [g.image for g in results]
+
+
+def read_png_settings(path: str | os.PathLike) -> dict:
+    """The settings `generate` stored in a PNG (empty when it has none)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        text = img.info.get("dbtools")
+    return json.loads(text) if text else {}
+
+
+DEFAULT_SCHEDULER = "model default"
+
+
+def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
+    """A `gradio.Blocks` app for generating images with one model.
+
+    Fields: prompt, negative prompt, number of images, guidance, steps, width, height,
+    seed (-1 = random) and scheduler; results go to a gallery (captioned with their
+    seeds) and, with `out_dir`, are saved as PNGs with their settings. The API name of
+    the generate action is `/generate`. Launch with `launch_gradio(app)`.
+    """
+    import gradio as gr
+
+    from dbtools.models import SCHEDULERS
+
+    pipe = load_inference_pipeline(pipe_or_path)
+    run = _gradio_action(pipe, out_dir)
+    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    with gr.Blocks(title="dbtools: generate") as app:
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2)
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    n = gr.Slider(1, 8, value=1, step=1, label="Images")
+                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                    steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                with gr.Row():
+                    width = gr.Slider(min(64, size), 2048, value=size, step=8, label="Width")
+                    height = gr.Slider(min(64, size), 2048, value=size, step=8, label="Height")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                    scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER,
+                                            label="Scheduler")
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", format="png")
+                saved = gr.Textbox(label="Saved files", lines=2)
+        button.click(run, [prompt, negative, n, guidance, steps, width, height, seed, scheduler],
+                     [gallery, saved], api_name="generate")
+    return app
+
+
+def _gradio_action(pipe, out_dir: str | os.PathLike | None):
+    """The app's generate action: UI values in, (gallery items, saved paths text) out."""
+    lock = threading.Lock()
+
+    def run(prompt, negative, n, guidance, steps, width, height, seed, scheduler):
+        with lock:  # one pipeline, one request at a time
+            results = generate(pipe, prompt, negative or "", int(n), float(guidance), int(steps),
+                               int(height), int(width), None if seed is None else int(seed),
+                               None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler, out_dir)
+        gallery = [(g.image, f"seed {g.settings['seed']}") for g in results]
+        saved = "\n".join(str(g.path) for g in results if g.path) or "(not saved: no output folder)"
+        return gallery, saved
+
+    return run
+
+
+def launch_gradio(app, share: bool | None = None, **launch_kwargs):
+    """Launch the app; `share` (a public link) defaults to True in Colab, False elsewhere."""
+    from dbtools.notebook import in_colab
+
+    return app.launch(share=in_colab() if share is None else share, **launch_kwargs)

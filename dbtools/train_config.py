@@ -1,0 +1,369 @@
+"""Training settings: the `TrainConfig` dataclass, the command line and the flag rules.
+
+The command line (`train_dreambooth.py`, `accelerate launch train_dreambooth.py`,
+`python -m dbtools train`) accepts the flags of Shivam Shrirao's script and of
+diffusers' current `train_dreambooth.py` with the same meanings and defaults, and
+builds a `TrainConfig`; the notebook and the tests build the same object. Everything
+here is pure: no model, no accelerator, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+
+from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, SINGLE_FILE_NAME, resume_path
+from dbtools.concepts import Concept, read_concepts
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup")
+
+@dataclass
+class TrainConfig:
+    """Every training setting; field names and defaults are the command-line flags'."""
+
+    # model
+    pretrained_model_name_or_path: str = ""
+    pretrained_vae_name_or_path: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    tokenizer_name: str | None = None
+    # data
+    instance_data_dir: str | None = None
+    instance_prompt: str | None = None
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    concepts_list: str | None = None
+    read_prompts_from_txts: bool = False
+    prompt_template: str | None = None
+    resolution: int = 512
+    center_crop: bool = False
+    hflip: bool = False
+    aspect_ratio_bucketing: bool = False
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    pad_tokens: bool = False
+    tokenizer_max_length: int | None = None
+    text_encoder_use_attention_mask: bool = False
+    not_cache_latents: bool = False
+    pre_compute_text_embeddings: bool = False
+    cache_dir: str | None = None
+    dataloader_num_workers: int = 0
+    # prior preservation
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    prior_generation_precision: str | None = None
+    # optimisation
+    seed: int | None = None
+    train_text_encoder: bool = False
+    train_batch_size: int = 4
+    num_train_epochs: int = 1
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 5e-6
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-08
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = None
+    allow_tf32: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    set_grads_to_none: bool = False
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+    offset_noise_strength: float = 0.1
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    use_lora: bool = False
+    lora_rank: int = 4
+    max_nonfinite_steps: int = 5
+    # saving, samples, logging
+    output_dir: str = "text-inversion-model"
+    save_interval: int = 10_000
+    save_min_steps: int = 0
+    save_sample_prompt: str | None = None
+    save_sample_negative_prompt: str | None = None
+    n_save_sample: int = 4
+    save_guidance_scale: float = 7.5
+    save_infer_steps: int = 20
+    save_single_file: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompt: str | None = None
+    num_validation_images: int = 4
+    validation_steps: int = 100
+    logging_dir: str = "logs"
+    log_interval: int = 10
+    report_to: str = "tensorboard"
+    # hub
+    push_to_hub: bool = False
+    hub_token: str | None = field(default=None, repr=False)
+    hub_model_id: str | None = None
+    local_rank: int = -1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | dict) -> "TrainConfig":
+        """Build from parsed flags (unknown keys are ignored)."""
+        data = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def concepts(self) -> list[Concept]:
+        """The concepts to train: `concepts_list` when given, else the single-concept flags."""
+        if self.concepts_list:
+            return read_concepts(self.concepts_list)
+        return [Concept(instance_data_dir=self.instance_data_dir or "",
+                        instance_prompt=self.instance_prompt or "",
+                        class_prompt=self.class_prompt or "",
+                        class_data_dir=self.class_data_dir or "")]
+
+
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)$", re.I)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})\b")
+
+
+def public_args(cfg: TrainConfig) -> dict:
+    """The config as a JSON-able dict without secrets: no `hub_token`, no token-like keys,
+    and token-looking strings in values replaced by `<redacted>`."""
+    out = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        if _SECRET_KEY.search(key):
+            continue
+        if isinstance(value, str):
+            value = _SECRET_VALUE.sub("<redacted>", value)
+        out[key] = value
+    return out
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+class _FlagAdder:
+    """Adds `--<name>` flags whose defaults come from `TrainConfig`'s fields."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser, self.defaults = parser, TrainConfig()
+
+    def __call__(self, name: str, help: str, **kw) -> None:
+        if kw.get("action") not in ("store_true",):
+            kw.setdefault("default", getattr(self.defaults, name))
+        self.parser.add_argument(f"--{name}", help=_help(help), **kw)
+
+    def switch(self, name: str, help: str) -> None:
+        self(name, help, action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser behind `train_dreambooth.py` and `python -m dbtools train`."""
+    p = argparse.ArgumentParser(description="DreamBooth training for Stable Diffusion with per-image prompts.")
+    f = _FlagAdder(p)
+    for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _output_flags, _hub_flags):
+        add(f)
+    return p
+
+
+def _model_flags(f: _FlagAdder) -> None:
+    """Which model to start from."""
+    f("pretrained_model_name_or_path", "Hub id, diffusers folder, or .safetensors/.ckpt file.", type=str)
+    f("pretrained_vae_name_or_path", "VAE to use instead of the model's (Hub id, VAE or model folder).", type=str)
+    f("revision", "Hub revision; 'fp16' means the fp16 variant; ignored for local folders.", type=str)
+    f("variant", "Weights variant, e.g. fp16.", type=str)
+    f("tokenizer_name", "Tokenizer to use instead of the model's.", type=str)
+
+
+def _data_flags(f: _FlagAdder) -> None:
+    """Training images, prompts and how they become batches."""
+    f("instance_data_dir", "Folder of training images (or use --concepts_list).", type=str)
+    f("instance_prompt", "Prompt for the instance images, e.g. 'a photo of sks dog'.", type=str)
+    f("class_data_dir", "Folder of class images (filled by generation when short).", type=str)
+    f("class_prompt", "Prompt for class images, e.g. 'a photo of a dog'.", type=str)
+    f("concepts_list", "JSON file: list of {instance_prompt, class_prompt, instance_data_dir, "
+      "class_data_dir[, prompt_template]}.", type=str)
+    f.switch("read_prompts_from_txts", "Prompt of X.png is read from X.png.txt (or X.txt / X.caption).")
+    f("prompt_template", "Combine each caption with the prompts, e.g. '{instance_prompt}, {caption}'. "
+      "Default: the caption file is the prompt.", type=str)
+    f("resolution", "Training resolution in pixels (bucket area with --aspect_ratio_bucketing).", type=int)
+    f.switch("center_crop", "Center-crop instead of random crop.")
+    f.switch("hflip", "Randomly flip images horizontally.")
+    f.switch("aspect_ratio_bucketing", "Keep each image's aspect ratio: batches are drawn from buckets of "
+             "about resolution^2 pixels.")
+    f("caption_dropout", "Probability of training a sample with an empty prompt.", type=float)
+    f.switch("shuffle_captions", "Shuffle the comma-separated parts of each caption every step.")
+    f("keep_tokens", "With --shuffle_captions: leading comma-separated parts kept in place.", type=int)
+    f.switch("pad_tokens", "Pad prompts to the tokenizer's max length (as at inference).")
+    f("tokenizer_max_length", "Token length limit (default: the tokenizer's).", type=int)
+    f.switch("text_encoder_use_attention_mask", "Pass the attention mask to the text encoder.")
+    f.switch("not_cache_latents", "Encode images with the VAE every step instead of caching latents.")
+    f.switch("pre_compute_text_embeddings", "Pre-compute prompt embeddings (implied by latent caching "
+             "when the text encoder is frozen).")
+    f("cache_dir", "Keep the latent cache in this folder so a restarted run skips encoding.", type=str)
+    f("dataloader_num_workers", "Worker processes loading images (without latent caching).", type=int)
+
+
+def _prior_flags(f: _FlagAdder) -> None:
+    """Prior preservation and class-image generation."""
+    f.switch("with_prior_preservation", "Add the prior-preservation loss on class images.")
+    f("prior_loss_weight", "Weight of the prior-preservation loss.", type=float)
+    f("num_class_images", "Class images wanted per class folder; missing ones are generated.", type=int)
+    f("sample_batch_size", "Batch size for generating class images.", type=int)
+    f("prior_generation_precision", "Precision for generating class images.", type=str,
+      choices=["no", "fp32", "fp16", "bf16"])
+
+
+def _optimizer_flags(f: _FlagAdder) -> None:
+    """Optimizer, schedule, precision and loss options."""
+    f("seed", "Seed for reproducible training.", type=int)
+    f.switch("train_text_encoder", "Train the text encoder too.")
+    f("train_batch_size", "Batch size per device.", type=int)
+    f("num_train_epochs", "Epochs (used when --max_train_steps is not given).", type=int)
+    f("max_train_steps", "Total optimizer steps; overrides --num_train_epochs.", type=int)
+    f("gradient_accumulation_steps", "Micro-batches per optimizer step.", type=int)
+    f.switch("gradient_checkpointing", "Trade compute for memory.")
+    f("learning_rate", "Learning rate (after warmup).", type=float)
+    f.switch("scale_lr", "Scale the learning rate by GPUs, accumulation steps and batch size.")
+    f("lr_scheduler", "Learning-rate schedule.", type=str, choices=LR_SCHEDULERS)
+    f("lr_warmup_steps", "Warmup steps.", type=int)
+    f("lr_num_cycles", "Hard restarts for cosine_with_restarts.", type=int)
+    f("lr_power", "Power of the polynomial schedule.", type=float)
+    f.switch("use_8bit_adam", "8-bit AdamW from bitsandbytes (falls back to AdamW when it cannot run).")
+    f("adam_beta1", "Adam beta1.", type=float)
+    f("adam_beta2", "Adam beta2.", type=float)
+    f("adam_weight_decay", "Weight decay.", type=float)
+    f("adam_epsilon", "Adam epsilon.", type=float)
+    f("max_grad_norm", "Gradient clipping norm.", type=float)
+    f("mixed_precision", "no, fp16 or bf16 (default: accelerate's config; fp16 needs CUDA).", type=str,
+      choices=["no", "fp16", "bf16"])
+    f.switch("allow_tf32", "Allow TF32 matmuls on Ampere+ GPUs (faster).")
+    f.switch("enable_xformers_memory_efficient_attention", "Use xformers attention (must be installed).")
+    f.switch("set_grads_to_none", "Free gradients instead of zeroing them.")
+    f("snr_gamma", "Min-SNR loss weighting gamma (5.0 is recommended).", type=float)
+    f.switch("offset_noise", "Fine-tune with offset noise.")
+    f("offset_noise_strength", "Strength of the offset noise.", type=float)
+    f.switch("use_ema", "Keep an EMA of the UNet; saved weights are the EMA weights.")
+    f("ema_decay", "EMA decay.", type=float)
+    f.switch("use_lora", "Train LoRA adapters (peft) instead of all weights: low memory.")
+    f("lora_rank", "LoRA rank.", type=int)
+    f("max_nonfinite_steps", "Abort after this many non-finite losses in a row (each is skipped).", type=int)
+
+
+def _output_flags(f: _FlagAdder) -> None:
+    """Saved weights, samples, checkpoints and logs."""
+    f("output_dir", "Where weights, checkpoints and logs go.", type=str)
+    f("save_interval", "Save weights every N steps.", type=int)
+    f("save_min_steps", "Start saving weights after N steps.", type=int)
+    f("save_sample_prompt", "Prompt for sample images saved with the weights.", type=str)
+    f("save_sample_negative_prompt", "Negative prompt for samples.", type=str)
+    f("n_save_sample", "Sample images per save.", type=int)
+    f("save_guidance_scale", "CFG scale for samples.", type=float)
+    f("save_infer_steps", "Inference steps for samples.", type=int)
+    f.switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
+             "(original SD layout for AUTOMATIC1111/ComfyUI).")
+    f("checkpointing_steps", "Save accelerate state for resuming every N steps.", type=int)
+    f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
+    f("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
+    f("validation_prompt", "Prompt for validation images.", type=str)
+    f("num_validation_images", "Validation images per run.", type=int)
+    f("validation_steps", "Validate every N steps.", type=int)
+    f("logging_dir", "TensorBoard folder, under <output_dir>/0/.", type=str)
+    f("log_interval", "Show the mean loss every N steps.", type=int)
+    f("report_to", "tensorboard, wandb, all or none.", type=str)
+
+
+def _hub_flags(f: _FlagAdder) -> None:
+    """Hub upload and the launcher."""
+    f.switch("push_to_hub", "Upload the final weights to the Hub (token from HF_TOKEN or huggingface-cli login).")
+    f("hub_token", "Hub token (prefer HF_TOKEN or `huggingface-cli login`; never written to disk).", type=str)
+    f("hub_model_id", "Hub repo id for --push_to_hub (default: the output folder's name).", type=str)
+    f("local_rank", "Set by the launcher.", type=int)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse training flags (`sys.argv[1:]` when `argv` is None); `LOCAL_RANK` wins if set."""
+    args = build_parser().parse_args(argv)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        args.local_rank = env_rank
+    return args
+
+
+
+def resolve_mixed_precision(requested: str | None, cuda: bool, bf16_ok: bool = True) -> tuple[str, str | None]:
+    """The mixed precision to use and a warning when the request cannot run here.
+
+    fp16 needs CUDA; without it training runs in fp32 ("no"). bf16 needs a GPU that
+    supports it, or the CPU.
+    """
+    requested = requested or "no"
+    if requested == "fp16" and not cuda:
+        return "no", "fp16 mixed precision needs a CUDA GPU; training in full precision (fp32) instead."
+    if requested == "bf16" and cuda and not bf16_ok:
+        return "no", "this GPU does not support bf16; training in full precision (fp32) instead."
+    return requested, None
+
+
+def flag_problems(cfg: TrainConfig) -> list[str]:
+    """Flag combinations that cannot work, each with its fix."""
+    problems = []
+    if not cfg.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a "
+                        ".safetensors/.ckpt file).")
+    if not cfg.concepts_list and not cfg.instance_data_dir:
+        problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
+                        "--concepts_list.")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
+                 "checkpointing_steps", "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be at least 1.")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        problems.append("--max_train_steps must be at least 1.")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        problems.append("--checkpoints_total_limit must be at least 1 (or leave it out to keep all).")
+    if not 0.0 <= cfg.caption_dropout <= 1.0:
+        problems.append("--caption_dropout is a probability: give a value from 0 to 1.")
+    if cfg.keep_tokens < 0:
+        problems.append("--keep_tokens cannot be negative.")
+    if cfg.use_lora and cfg.use_ema:
+        problems.append("--use_ema works on full UNet weights; drop it when training with --use_lora.")
+    if cfg.use_lora and cfg.save_single_file:
+        problems.append("--save_single_file needs full weights; LoRA mode saves an adapter "
+                        f"({LORA_WEIGHTS}, load it with pipe.load_lora_weights). Drop one of the two.")
+    if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        problems.append("--enable_xformers_memory_efficient_attention: xformers is not installed. "
+                        "`pip install xformers`, or drop the flag (PyTorch's SDPA attention is used).")
+    for tracker in report_trackers(cfg.report_to):
+        if importlib.util.find_spec(tracker) is None:
+            problems.append(f"--report_to {tracker}: {tracker} is not installed. `pip install {tracker}` "
+                            "or choose --report_to none.")
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" \
+            and resume_path(cfg.output_dir, cfg.resume_from_checkpoint) is None:
+        problems.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint "
+                        f"folder (looked in {cfg.output_dir}). Use 'latest' or an existing "
+                        f"{CHECKPOINT_PREFIX}<step> folder.")
+    return problems
+
+
+def report_trackers(report_to: str | None) -> list[str]:
+    """The trackers `--report_to` names: [] for none, both for "all"."""
+    if not report_to or report_to == "none":
+        return []
+    return ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+

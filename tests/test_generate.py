@@ -1,0 +1,93 @@
+"""Inference (`dbtools.generate`): seeds, PNG settings, scheduler choice, the Gradio app."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dbtools import generate as G
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd):
+    from dbtools.models import load_pipeline
+
+    return load_pipeline(str(tiny_sd), device="cpu")
+
+
+def test_generate_images_saves_settings_in_png_metadata(tiny_pipe, tmp_path):
+    out = tmp_path / "gen"
+    paths = G.generate_images(tiny_pipe, "a photo of zwx", negative_prompt="blurry", num_images=2,
+                               guidance_scale=5.0, steps=2, seed=11, scheduler="euler", out_dir=out)
+    assert [p.name for p in paths] == ["00000-11.png", "00001-12.png"]
+    settings = G.read_png_settings(paths[1])
+    assert settings == {"prompt": "a photo of zwx", "negative_prompt": "blurry", "seed": 12, "steps": 2,
+                        "guidance_scale": 5.0, "scheduler": "euler", "width": 64, "height": 64,
+                        "model": str(tiny_pipe.name_or_path)}
+    with Image.open(paths[1]) as img:
+        params = img.info["parameters"]
+        second = np.asarray(img.convert("RGB"))
+    assert params.startswith("a photo of zwx\nNegative prompt: blurry\nSteps: 2, Sampler: euler")
+    assert "Seed: 12, Size: 64x64" in params
+    # image i is reproduced by its own seed alone
+    again = G.generate_images(tiny_pipe, "a photo of zwx", negative_prompt="blurry", num_images=1,
+                               guidance_scale=5.0, steps=2, seed=12, scheduler="euler", out_dir=out)
+    assert again[0].name == "00002-12.png"  # never replaces an earlier image
+    with Image.open(again[0]) as img:
+        assert np.array_equal(np.asarray(img.convert("RGB")), second)
+    images = G.generate_images(tiny_pipe, "x", steps=1, seed=1)
+    assert isinstance(images[0], Image.Image) and len(list(out.iterdir())) == 3
+
+
+def test_generate_images_rejects_bad_settings_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        G.generate_images(tmp_path / "no-model", "x", height=100)
+    with pytest.raises(ValueError, match="at least 1 image"):
+        G.generate_images(tmp_path / "no-model", "x", num_images=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gradio_app_answers_one_request(tiny_pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client
+
+    app = G.build_gradio_app(tiny_pipe, out_dir=tmp_path / "gradio")
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               share=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        gallery, saved = client.predict("a photo of zwx", "", 1, 7.5, 2, 64, 64, 3, "ddim",
+                                        api_name="/generate")
+    finally:
+        app.close()
+    assert len(gallery) == 1 and gallery[0]["caption"] == "seed 3"
+    with Image.open(gallery[0]["image"]) as img:
+        assert img.size == (64, 64)
+    saved_path = Path(saved.strip())
+    assert saved_path.parent == tmp_path / "gradio"
+    assert G.read_png_settings(saved_path)["scheduler"] == "ddim"
+    assert G.read_png_settings(saved_path)["seed"] == 3
+
+
+def test_a_scheduler_choice_does_not_stick_to_the_callers_pipeline(tiny_pipe):
+    original = tiny_pipe.scheduler
+    before = G.generate(tiny_pipe, "a photo of zwx", steps=2, seed=5)[0]
+    chosen = G.generate(tiny_pipe, "a photo of zwx", steps=2, seed=5, scheduler="euler")[0]
+    assert chosen.settings["scheduler"] == "euler"
+    assert tiny_pipe.scheduler is original
+    after = G.generate(tiny_pipe, "a photo of zwx", steps=2, seed=5)[0]
+    assert after.settings["scheduler"] == before.settings["scheduler"] == type(original).__name__
+    assert np.array_equal(np.asarray(after.image), np.asarray(before.image))
+    with pytest.raises(ValueError):  # the pipeline itself refuses: no prompt
+        G.generate(tiny_pipe, None, steps=1, scheduler="ddim")
+    assert tiny_pipe.scheduler is original
