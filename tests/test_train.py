@@ -392,3 +392,116 @@ def test_cached_prompt_states_equal_encoding_the_batch_padded_to_its_longest(tin
     padded = T.PromptEncoder(tok, te, pad_tokens=True, max_length=None, use_attention_mask=False, cache=False)
     with torch.no_grad():
         assert padded.encode(prompts[:1], "cpu").shape[1] == tok.model_max_length
+
+
+# --------------------------------------------------------------------------- latent cache on disk
+
+
+def _latents_log(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("latents:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_cache_dir_is_reused_by_a_new_run_and_only_edited_images_are_encoded(tmp_path, dataset, tiny_sd,
+                                                                              monkeypatch, caplog):
+    import logging
+
+    from diffusers import AutoencoderKL
+
+    caplog.set_level(logging.INFO, logger="dbtools.train")
+    cache = tmp_path / "latent-cache"
+    real_encode = AutoencoderKL.encode
+    encoded: list[int] = []
+
+    def counting_encode(self, x, *a, **k):
+        encoded.append(x.shape[0])
+        return real_encode(self, x, *a, **k)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    first = T.train(config(tiny_sd, dataset, tmp_path / "first", cache_dir=str(cache)))
+    assert _latents_log(caplog) == f"latents: 3 encoded, 0 read from {cache}"
+    assert sum(encoded) == 3 and len(list(cache.rglob("*.safetensors"))) == 3
+
+    def no_encoding(self, *a, **k):
+        raise AssertionError("the VAE encoded an image whose latents are in the cache")
+
+    caplog.clear()
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoding)
+    second = T.train(config(tiny_sd, dataset, tmp_path / "second", cache_dir=str(cache)))
+    assert _latents_log(caplog) == f"latents: 0 encoded, 3 read from {cache}"
+    assert_same(weights(first.weights_dir), weights(second.weights_dir))
+
+    # Edit one image (new content, later mtime): exactly that one is encoded again.
+    from PIL import Image
+
+    edited = dataset / "a red car_1.png"
+    Image.new("RGB", (48, 64), (10, 120, 240)).save(edited)
+    os.utime(edited, ns=(time.time_ns(), time.time_ns() + 10**9))
+    caplog.clear()
+    encoded.clear()
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    third = T.train(config(tiny_sd, dataset, tmp_path / "third", cache_dir=str(cache)))
+    assert _latents_log(caplog) == f"latents: 1 encoded, 2 read from {cache}"
+    assert sum(encoded) == 1 and len(list(cache.rglob("*.safetensors"))) == 4
+    assert not list(cache.rglob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- gradient clipping
+
+
+def test_gradient_clipping_is_applied_to_every_trained_parameter_each_step(tmp_path, dataset, tiny_sd,
+                                                                          monkeypatch):
+    import accelerate
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    real = accelerate.Accelerator.clip_grad_norm_
+    calls = []
+
+    def spy(self, parameters, max_norm, norm_type=2):
+        params = list(parameters)
+        grads = [p.grad for p in params if p.grad is not None]
+        before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        total = real(self, params, max_norm, norm_type)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        trained = {id(p) for m in self._models for p in m.parameters() if p.requires_grad}
+        calls.append(dict(max_norm=max_norm, ids={id(p) for p in params}, trained=trained, n_models=len(
+            self._models), n_grads=len(grads), before=float(before), total=float(total), after=float(after)))
+        return total
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", spy)
+    n_params = sum(1 for _ in UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").parameters()) + \
+        sum(1 for _ in CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").parameters())
+    T.train(config(tiny_sd, dataset, tmp_path / "small", max_grad_norm=1e-4, train_text_encoder=True,
+                   gradient_accumulation_steps=2, max_train_steps=2, learning_rate=1.0))
+    assert len(calls) == 2  # once per optimizer step, not per micro-batch
+    for c in calls:
+        assert c["max_norm"] == 1e-4
+        assert c["n_models"] == 2 and c["ids"] == c["trained"] and len(c["ids"]) == n_params
+        assert c["n_grads"] == n_params
+        assert c["total"] == pytest.approx(c["before"], rel=1e-4) and c["total"] > 1e-3
+        assert c["after"] <= 1e-4 * (1 + 1e-4)
+
+    calls.clear()
+    T.train(config(tiny_sd, dataset, tmp_path / "large", max_grad_norm=1e6, max_train_steps=1))
+    (c,) = calls
+    assert c["max_norm"] == 1e6 and c["n_models"] == 1 and c["ids"] == c["trained"]
+    assert c["after"] == pytest.approx(c["before"], rel=1e-5)  # below the limit: untouched
+
+
+def test_clipped_step_moves_the_weights_by_at_most_lr_times_max_norm(tmp_path, dataset, tiny_sd):
+    """With adam_epsilon 1 and no weight decay, AdamW's first update of each weight is
+    lr * g / (|g| + 1), whose norm is at most lr * ||g|| <= lr * max_grad_norm."""
+    base = weights(tiny_sd)
+
+    def change(max_grad_norm, out):
+        result = T.train(config(tiny_sd, dataset, tmp_path / out, max_train_steps=1, learning_rate=1.0,
+                                adam_epsilon=1.0, adam_weight_decay=0.0, max_grad_norm=max_grad_norm))
+        trained = weights(result.weights_dir)
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(trained[k].double() - base[k].double()) for k in base])))
+
+    clipped, free = change(1e-4, "clipped"), change(0.0, "unclipped")
+    assert 0 < clipped <= 1e-4 * 1.01
+    assert free > 10 * clipped
