@@ -605,7 +605,9 @@ def train_step(run: Run, step: int) -> float | None:
     elif acc.scaler is not None and grad_norm is not None:
         acc.scaler.update()  # forget this step's unscale so the next step can unscale again
     run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
+    # Gradients are always freed, not zeroed: it is faster and uses less memory between
+    # steps (diffusers' --set_grads_to_none is accepted and is what we always do).
+    run.optimizer.zero_grad(set_to_none=True)
     if finite and run.ema is not None:
         run.ema.step(acc.unwrap_model(run.unet).parameters())
     return total if finite else None

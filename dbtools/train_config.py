@@ -252,7 +252,8 @@ def _optimizer_flags(f: _FlagAdder) -> None:
       choices=["no", "fp16", "bf16"])
     f.switch("allow_tf32", "Allow TF32 matmuls on Ampere+ GPUs (faster).")
     f.switch("enable_xformers_memory_efficient_attention", "Use xformers attention (must be installed).")
-    f.switch("set_grads_to_none", "Free gradients instead of zeroing them.")
+    f.switch("set_grads_to_none", "Accepted for compatibility: gradients are always freed "
+             "(set to None) after each step, which is faster and uses less memory.")
     f("snr_gamma", "Min-SNR loss weighting gamma (5.0 is recommended).", type=float)
     f.switch("offset_noise", "Fine-tune with offset noise.")
     f("offset_noise_strength", "Strength of the offset noise.", type=float)
