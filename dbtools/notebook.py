@@ -15,6 +15,7 @@ import codecs
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,6 +38,9 @@ __all__ = [
     "latest_weights", "weights_for_step",
     # training launch
     "flag_args", "build_train_command", "check_train_flags", "CommandError", "run_command",
+    "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "parse_extra_flags", "training_command", "launch_training",
+    # cell steps
+    "setup", "caption_step", "omnitool_step",
     # dbtools.editor
     "CACHE_DIR", "CAPTION_FORMATS", "CaptionEditor", "caption_path", "free_caption_name", "read_caption",
     "rename_no_overwrite",
@@ -390,3 +394,130 @@ def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
             proc.send_signal(sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# =========================================================================== cell steps
+# One function per notebook cell that does more than one call: the cell keeps only its
+# form fields and this call, and the step is tested here.
+
+
+def setup(install: bool = True, requirements: str = "requirements.txt") -> bool:
+    """The setup cell: dbtools' messages in the cell, `requirements.txt` installed (Colab
+    only, on top of Colab's torch; never with `DBTOOLS_SKIP_INSTALL=1`), Colab's widget
+    manager on, then the GPU and version reports. Returns whether this is Colab."""
+    enable_logging()
+    colab = in_colab()
+    if colab and install and os.environ.get("DBTOOLS_SKIP_INSTALL") != "1":
+        run_command([sys.executable, "-m", "pip", "install", "-q", "-r", requirements, "gradio>=5"], check=True)
+    else:
+        logger.info("Not installing anything (not in Colab, DBTOOLS_SKIP_INSTALL=1, or install is off): "
+                    "using this environment's packages.")
+    if colab:
+        from google.colab import output
+
+        output.enable_custom_widget_manager()  # the caption editor's widgets
+    logger.info("%s\n\n%s", gpu_report(), versions_report())
+    return colab
+
+
+def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **options: Any) -> Path:
+    """The auto-caption cell: caption `images_folder` into `captioned_folder` (empty: in
+    place) with `CaptionConfig` `options`; an empty `images_folder` skips captioning.
+    Returns the folder that holds the captioned images."""
+    from dbtools.autocaption import CaptionConfig, format_summary, load_captioner, run_caption
+
+    out = resolve_output_dir(captioned_folder, on_drive) if captioned_folder.strip() else None
+    if not images_folder.strip():
+        if out is None:
+            raise ValueError("Set images_folder (to caption it) or captioned_folder (already captioned).")
+        logger.info("Auto-captioning skipped; the next steps use the images in %s.", out)
+        return out
+    images = resolve_output_dir(images_folder, on_drive)
+    cfg = CaptionConfig(img_dir=images, out_dir=out or images, **options)
+    logger.info("%s", format_summary(run_caption(cfg, load_captioner(cfg.model))))
+    return cfg.output_dir
+
+
+def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, concepts_list: Path, *,
+                  method: str, instance_prompt: str = "", class_prompt: str = "", class_data_dir: str = "",
+                  template: str = "", overwrite: bool = False, concepts_file: str = ""):
+    """The Omnitool cell: caption files for one concept (the form's fields; an empty
+    `instance_data_dir` means `captioned_dir`) or for every concept in `concepts_file`,
+    and `concepts_list.json`. Method 1 writes captions only unless `template` says
+    otherwise. Returns the `ExtractSummary`."""
+    from dbtools.captions import TEMPLATE_CAPTION_ONLY
+    from dbtools.concepts import Concept, read_concepts
+    from dbtools.extract import ExtractConfig, run_extract
+
+    if concepts_file.strip():
+        concepts = read_concepts(resolve_output_dir(concepts_file, on_drive))
+    else:
+        class_dir = resolve_output_dir(class_data_dir, on_drive) if class_data_dir.strip() else None
+        if class_dir:
+            class_dir.mkdir(parents=True, exist_ok=True)  # training generates the class images into it
+        instance = resolve_output_dir(instance_data_dir, on_drive) if instance_data_dir.strip() else captioned_dir
+        concepts = [Concept(instance_data_dir=str(instance), instance_prompt=instance_prompt,
+                            class_prompt=class_prompt, class_data_dir=str(class_dir or ""))]
+    method_1 = method.startswith("Method 1") and not concepts_file.strip()
+    chosen = template.strip() or (TEMPLATE_CAPTION_ONLY if method_1 else None)
+    summary = run_extract(concepts, ExtractConfig(template=chosen, overwrite=overwrite,
+                                                  write_concepts_list=str(concepts_list)))
+    logger.info("%s", summary.describe())
+    return summary
+
+
+# The original notebook's training flags: the starting point the training cell changes.
+SEED_TRAIN_FLAGS: dict[str, Any] = dict(
+    pretrained_vae_name_or_path="stabilityai/sd-vae-ft-mse", revision="fp16", with_prior_preservation=True,
+    prior_loss_weight=1.0, seed=1337, resolution=512, train_batch_size=1, train_text_encoder=True,
+    mixed_precision="fp16", use_8bit_adam=True, read_prompts_from_txts=True, gradient_accumulation_steps=1,
+    learning_rate=1e-6, lr_scheduler="constant", lr_warmup_steps=0, num_class_images=200,
+    sample_batch_size=4, save_interval=500,
+)
+
+# The memory/speed choices of the training cell (see its table).
+MEMORY_PROFILES: dict[str, dict[str, Any]] = {
+    "fp16 + 8-bit Adam + gradient checkpointing": dict(mixed_precision="fp16", use_8bit_adam=True,
+                                                       gradient_checkpointing=True),
+    "fp16 + 8-bit Adam": dict(mixed_precision="fp16", use_8bit_adam=True, gradient_checkpointing=False),
+    "fp32, no memory savings": dict(mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False),
+}
+
+
+def parse_extra_flags(text: str) -> dict[str, Any]:
+    """`"--snr_gamma=5 --hflip --n_save_sample 2"` -> `{"snr_gamma": "5", "hflip": True, ...}`."""
+    tokens, flags = shlex.split(text), {}
+    for i, token in enumerate(tokens):
+        if not token.startswith("--"):
+            if i == 0 or not tokens[i - 1].startswith("--") or "=" in tokens[i - 1]:
+                raise ValueError(f"extra flags: {token!r} is not a --flag or the value of one.")
+            continue
+        name, eq, value = token[2:].partition("=")
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        flags[name] = value if eq else (nxt if nxt is not None and not nxt.startswith("--") else True)
+    return flags
+
+
+def training_command(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
+                     memory_profile: str = next(iter(MEMORY_PROFILES)), resume: bool = False,
+                     extra_flags: str = "", **flags: Any) -> list[str]:
+    """The training cell's `accelerate launch train_dreambooth.py` argv: the original
+    notebook's flags, then the memory profile, the form's `flags`, and `extra_flags`
+    (later ones win). Checkpoints follow `save_interval` (one kept) unless set; `resume`
+    adds `--resume_from_checkpoint latest`."""
+    merged = {**SEED_TRAIN_FLAGS, **MEMORY_PROFILES[memory_profile], **flags}
+    merged.setdefault("checkpointing_steps", merged["save_interval"])
+    merged.setdefault("checkpoints_total_limit", 1)
+    merged.update(parse_extra_flags(extra_flags))
+    return build_train_command(pretrained_model_name_or_path=model, output_dir=output_dir,
+                               concepts_list=concepts_list,
+                               resume_from_checkpoint="latest" if resume else None, **merged)
+
+
+def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike,
+                    **options: Any) -> int:
+    """The training cell: show the command (`training_command`), run it with its output
+    streamed into the cell; raises `CommandError` with the last lines when it fails."""
+    argv = training_command(model, output_dir, concepts_list, **options)
+    logger.info("%s\n", shlex.join(map(str, argv)))
+    return run_command(argv, check=True)

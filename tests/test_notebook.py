@@ -108,25 +108,31 @@ def test_every_form_field_is_a_literal_and_is_used():
 def test_no_token_field_and_real_defaults():
     """The defaults are the real ones a Colab user starts from: the maintained SD 1.5 repo
     and the original notebook's training flags; no form field takes a token."""
+    from dbtools import notebook
+
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
     assert not [name for name in fields if "token" in name.lower()]
     assert fields["MODEL_NAME"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert fields["save_to_gdrive"] is True
-    expected = dict(vae_name="stabilityai/sd-vae-ft-mse", revision="fp16", with_prior_preservation=True,
-                    prior_loss_weight=1.0, seed=1337, resolution=512, train_batch_size=1, train_text_encoder=True,
-                    mixed_precision="fp16", use_8bit_adam=True, gradient_accumulation_steps=1, learning_rate=1e-6,
-                    lr_scheduler="constant", lr_warmup_steps=0, num_class_images=200, sample_batch_size=4,
-                    save_interval=500, confirm="")
-    assert {k: fields[k] for k in expected} == expected
+    expected = dict(pretrained_vae_name_or_path="stabilityai/sd-vae-ft-mse", revision="fp16",
+                    with_prior_preservation=True, prior_loss_weight=1.0, seed=1337, resolution=512,
+                    train_batch_size=1, train_text_encoder=True, mixed_precision="fp16", use_8bit_adam=True,
+                    gradient_accumulation_steps=1, learning_rate=1e-6, lr_scheduler="constant", lr_warmup_steps=0,
+                    num_class_images=200, sample_batch_size=4, save_interval=500)
+    defaults = {**notebook.SEED_TRAIN_FLAGS, **notebook.MEMORY_PROFILES[fields["memory_profile"]],
+                "pretrained_vae_name_or_path": fields["vae_name"]}
+    defaults.update({k: fields[k] for k in expected if k in fields})
+    assert {k: defaults[k] for k in expected} == expected
+    assert fields["confirm"] == "" and fields["extra_flags"] == ""
     assert fields["save_sample_prompt"]
 
 
-def test_install_runs_only_in_colab():
-    """Outside Colab (and with DBTOOLS_SKIP_INSTALL=1) the setup cell installs nothing."""
+def test_setup_cell_hands_the_install_to_nb_setup():
+    """The setup cell installs nothing itself: `nb.setup` does, only in Colab (tested in
+    test_notebook_helpers)."""
     setup = read_notebook().cells[cell_titled(read_notebook(), "1.")].source
-    install = next(line for line in setup.splitlines() if "requirements.txt" in line and "install" in line)
-    guard = setup.splitlines()[setup.splitlines().index(install) - 1]
-    assert guard.startswith("if COLAB and") and 'DBTOOLS_SKIP_INSTALL' in guard
+    assert "COLAB = nb.setup(install_requirements)" in setup
+    assert "pip" not in setup
 
 
 # --------------------------------------------------------------------------- headless run
@@ -184,8 +190,9 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
         num_beams=2, min_length=3, max_length=8, caption_batch_size=4,
         method="Method 2: captions with instance and class prompts", instance_prompt="sks style",
         class_prompt="a painting", class_data_dir=str(klass),
-        vae_name="", max_train_steps=4, learning_rate=1e-4, resolution=64, num_class_images=2, sample_batch_size=2,
-        save_interval=2, n_save_sample=2, save_infer_steps=2, checkpointing_steps=2, resume=True,
+        vae_name="", max_train_steps=4, learning_rate=1e-4, resolution=64, num_class_images=2,
+        save_interval=2, resume=True,
+        extra_flags="--sample_batch_size=2 --n_save_sample 2 --save_infer_steps=2 --checkpointing_steps=2",
         save_sample_prompt="sks style, a castle",
         thumbnail_size=64,
         prompt="sks style, a red car", num_images=2, inference_steps=2, width=64, height=64, inference_seed=5,

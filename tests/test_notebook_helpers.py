@@ -267,3 +267,59 @@ def test_notebook_module_offers_every_stage_helper():
     assert nb.CONFIRM_WORD == cleanup.CONFIRM_WORD == "DELETE"
     assert nb.latest_weights is checkpoints.latest_weights
 
+
+
+# --------------------------------------------------------------------------- cell steps
+
+
+@pytest.mark.parametrize("colab, skip_env, install, installs", [
+    (False, None, True, False), (True, None, True, True), (True, "1", True, False), (True, None, False, False),
+])
+def test_setup_installs_requirements_only_in_colab(monkeypatch, capsys, colab, skip_env, install, installs):
+    calls = []
+    monkeypatch.setattr(nb, "in_colab", lambda: colab)
+    monkeypatch.setattr(nb, "run_command", lambda argv, **kw: calls.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    sys.modules["google.colab"].output = type("output", (), {"enable_custom_widget_manager": staticmethod(lambda: None)})
+    if skip_env:
+        monkeypatch.setenv("DBTOOLS_SKIP_INSTALL", skip_env)
+    else:
+        monkeypatch.delenv("DBTOOLS_SKIP_INSTALL", raising=False)
+    assert nb.setup(install) is colab
+    assert bool(calls) is installs
+    if installs:
+        assert calls[0][1:] == ["-m", "pip", "install", "-q", "-r", "requirements.txt", "gradio>=5"]
+    else:
+        assert "Not installing anything" in capsys.readouterr().out
+
+
+def test_parse_extra_flags():
+    assert nb.parse_extra_flags('--snr_gamma=5 --hflip --n_save_sample 2 --save_sample_prompt "a b"') == {
+        "snr_gamma": "5", "hflip": True, "n_save_sample": "2", "save_sample_prompt": "a b"}
+    assert nb.parse_extra_flags("") == {}
+    with pytest.raises(ValueError, match="'stray'"):
+        nb.parse_extra_flags("stray --hflip")
+
+
+def test_training_command_layers_seed_flags_profile_fields_and_extra_flags(tmp_path):
+    argv = nb.training_command("some/model", tmp_path / "out", tmp_path / "c.json",
+                               memory_profile="fp32, no memory savings", learning_rate=1e-4, resume=True,
+                               pretrained_vae_name_or_path=None,
+                               extra_flags="--seed=42 --checkpointing_steps 7 --lr_scheduler=cosine")
+    args = argv[argv.index("train_dreambooth.py") + 1:]
+    assert "--revision=fp16" in args and "--read_prompts_from_txts" in args  # the original notebook's
+    assert "--mixed_precision=no" in args and "--use_8bit_adam" not in args  # the profile
+    assert "--learning_rate=0.0001" in args and "--resume_from_checkpoint=latest" in args  # the fields
+    assert "--seed=42" in args and "--seed=1337" not in args and "--lr_scheduler=cosine" in args  # extra flags
+    assert "--checkpointing_steps=7" in args and "--checkpoints_total_limit=1" in args
+    assert not [a for a in args if a.startswith("--pretrained_vae_name_or_path")]
+    default = nb.training_command("m", tmp_path, tmp_path / "c.json")
+    assert "--checkpointing_steps=500" in default and "--gradient_checkpointing" in default
+    with pytest.raises(ValueError, match="seeed"):
+        nb.training_command("m", tmp_path, tmp_path / "c.json", extra_flags="--seeed=1")
+
+
+def test_caption_step_without_images_folder_uses_the_captioned_folder(tmp_path):
+    assert nb.caption_step("", str(tmp_path), False) == tmp_path
+    with pytest.raises(ValueError, match="images_folder"):
+        nb.caption_step("", "", False)
