@@ -287,13 +287,9 @@ def pick_device(device=None):
     """`device` if given, else CUDA, else MPS, else CPU (as a torch.device)."""
     import torch
 
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    from dbtools.models import pick_device as best_device
+
+    return torch.device(device if device is not None else best_device())
 
 
 def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None) -> Captioner:

@@ -309,22 +309,21 @@ def pipeline_loader_for(
     model_name_or_path: str,
     cfg: ClassGenConfig | None = None,
     *,
-    vae_name_or_path: str | None = None,
-    revision: str | None = None,
-    variant: str | None = None,
     device: str | None = None,
-    scheduler: str | None = None,
-    config: str | None = None,
+    **load_kwargs,
 ) -> Callable[[], object]:
-    """A loader for `ensure_class_images`: loads the pipeline when called, not before."""
+    """A loader for `ensure_class_images`: loads the pipeline when called, not before.
+
+    It runs on `device` (default: the best one here) in `cfg.precision`; `load_kwargs`
+    (`vae_name_or_path`, `revision`, `variant`, `scheduler`, `config`, ...) go to
+    `dbtools.models.load_pipeline` as they are.
+    """
     from dbtools.models import load_pipeline, pick_device
 
     def load():
         where = device or pick_device()
         dtype = precision_dtype(cfg.precision if cfg else None, where)
-        return load_pipeline(model_name_or_path, vae_name_or_path=vae_name_or_path, revision=revision,
-                             variant=variant, torch_dtype=dtype, device=where, scheduler=scheduler,
-                             config=config)
+        return load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
 
     return load
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dbtools.atomic import atomic_write
+from dbtools.models import WEIGHT_STEMS
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP t
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
 """Output names written as a torch pickle (`{"state_dict": ...}`) rather than safetensors."""
 
-_WEIGHT_STEMS = {
-    "unet": ("diffusion_pytorch_model",),
-    "vae": ("diffusion_pytorch_model",),
-    "text_encoder": ("model", "pytorch_model"),
-}
 _UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UNET_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -472,7 +468,7 @@ def _component_problems(model_path: Path) -> list[str]:
                             "model folder again.")
             continue
         try:
-            weight_files(sub, _WEIGHT_STEMS[component])
+            weight_files(sub, WEIGHT_STEMS[component])
         except ExportError as exc:
             problems.append(str(exc))
     return problems
@@ -483,7 +479,7 @@ def load_component(folder: str | Path, component: str) -> tuple[dict, dict]:
     sub = Path(folder) / component
     config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
     state_dict: dict = {}
-    for file in weight_files(sub, _WEIGHT_STEMS[component]):
+    for file in weight_files(sub, WEIGHT_STEMS[component]):
         state_dict.update(_read_weights(file))
     return config, state_dict
 

@@ -46,10 +46,10 @@ _CONFIG_FILES = {
     "unet": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-# Weight file stems per component; transformers folders saved before safetensors use
-# `pytorch_model.bin`.
-_WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "vae": ("diffusion_pytorch_model",),
-                 "unet": ("diffusion_pytorch_model",)}
+WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "vae": ("diffusion_pytorch_model",),
+                "unet": ("diffusion_pytorch_model",)}
+"""Weight file stems per component (transformers folders saved before safetensors use
+`pytorch_model.bin`)."""
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -174,8 +174,8 @@ def model_folder_problems(
         elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
             problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
                             "download the whole model folder again.")
-        elif name in _WEIGHT_STEMS and not _has_weights(sub, _WEIGHT_STEMS[name]):
-            problems.append(f"{sub}: no weights ({_WEIGHT_STEMS[name][0]}.safetensors). The download or "
+        elif name in WEIGHT_STEMS and not _has_weights(sub, WEIGHT_STEMS[name]):
+            problems.append(f"{sub}: no weights ({WEIGHT_STEMS[name][0]}.safetensors). The download or "
                             "save was interrupted: copy or download the model folder again.")
     return problems
 

@@ -301,17 +301,12 @@ def build_tiny_blip2(out: str | Path, seed: int = 0, num_query_tokens: int = 4) 
 def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under `out`: `sd`, `sd2` and the captioners."""
     out = Path(out)
-    paths = {
+    return {
         "sd": build_tiny_sd(out / "sd", "sd1", seed),
         "sd2": build_tiny_sd(out / "sd2", "sd2", seed),
+        "blip": build_tiny_blip(out / "blip", seed=seed),
+        "blip2": build_tiny_blip2(out / "blip2", seed=seed),
     }
-    paths.update(_build_captioners(out, seed))
-    return paths
-
-
-def _build_captioners(out: Path, seed: int) -> dict[str, Path]:
-    builders = {name: globals().get(f"build_tiny_{name}") for name in ("blip", "blip2")}
-    return {name: fn(out / name, seed=seed) for name, fn in builders.items() if fn is not None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,40 +157,39 @@ def test_local_folder_without_variant_falls_back_with_a_warning(tiny_sd, caplog)
     assert "no fp16 weights" in caplog.text
 
 
-def test_hub_repo_without_variant_falls_back_to_default_weights(caplog):
-    calls = []
+def _hub_repo_without_variant(returns, calls: list):
+    """A stand-in for a diffusers/transformers class whose Hub repo has no variant files:
+    `from_pretrained` records `(variant, kwargs)` in `calls` and fails when asked for a variant."""
 
-    class FakeModel:
+    class Fake:
         @classmethod
         def from_pretrained(cls, name, variant=None, **kwargs):
-            calls.append(variant)
+            calls.append((variant, kwargs))
             if variant:
                 raise OSError(f"{name} does not appear to have a file named model.{variant}.safetensors")
-            return "default weights"
+            return returns
 
+    return Fake
+
+
+def test_hub_repo_without_variant_falls_back_to_default_weights(caplog):
+    calls = []
+    fake_model = _hub_repo_without_variant("default weights", calls)
     with caplog.at_level(logging.WARNING, logger="dbtools.models"):
-        got = models._from_pretrained(FakeModel, "someone/old-repo", "unet", None, "fp16", torch.float32)
+        got = models._from_pretrained(fake_model, "someone/old-repo", "unet", None, "fp16", torch.float32)
     assert got == "default weights"
-    assert calls == ["fp16", None]
+    assert [variant for variant, _ in calls] == ["fp16", None]
     assert "no fp16 variant" in caplog.text
 
 
 def test_hub_pipeline_without_variant_falls_back_to_default_weights(caplog):
     calls = []
-
-    class FakePipeline:
-        @classmethod
-        def from_pretrained(cls, name, variant=None, **kwargs):
-            calls.append((variant, kwargs["safety_checker"]))
-            if variant:
-                raise OSError("no fp16 files")
-            return "pipeline"
-
+    fake_pipeline = _hub_repo_without_variant("pipeline", calls)
     with caplog.at_level(logging.WARNING, logger="dbtools.models"):
-        got = models._pipeline_from_pretrained(FakePipeline, "someone/old-repo", None, "fp16",
+        got = models._pipeline_from_pretrained(fake_pipeline, "someone/old-repo", None, "fp16",
                                                 torch.float16, {})
     assert got == "pipeline"
-    assert calls == [("fp16", None), (None, None)]
+    assert [(variant, kw["safety_checker"]) for variant, kw in calls] == [("fp16", None), (None, None)]
     assert "no fp16 variant" in caplog.text
 
 
