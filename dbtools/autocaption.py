@@ -54,6 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from dbtools.errors import UserError
 from dbtools.atomic import atomic_write, atomic_write_text
 from dbtools.captions import clean_caption, safe_filename_stem
 from dbtools.images import list_images, load_rgb
@@ -69,7 +70,7 @@ MANIFEST_NAME = "captions.jsonl"
 BLIP_PROMPT = "a picture of"
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError):
     """A problem the user can fix (bad flag, folder, model or undo log); says how."""
 
 

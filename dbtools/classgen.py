@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from dbtools.errors import UserError
 from dbtools.atomic import atomic_save_image
 from dbtools.concepts import Concept, ConceptError, read_concepts
 from dbtools.images import list_images
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 JPEG_QUALITY = 95
 
 
-class ClassGenError(ValueError):
+class ClassGenError(UserError):
     """Class images cannot be generated because of a setting the user can fix."""
 
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dbtools.errors import UserError
 from dbtools.atomic import atomic_write_text
 from dbtools.captions import template_problems
 from dbtools.images import has_images
@@ -20,7 +21,7 @@ from dbtools.images import has_images
 SHIVAM_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
-class ConceptError(ValueError):
+class ConceptError(UserError):
     """One or more concepts are unusable; the message lists every problem and its fix."""
 
 

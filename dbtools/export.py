@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from dbtools.errors import UserError
 from dbtools.atomic import atomic_write
 from dbtools.models import WEIGHT_STEMS
 
@@ -62,7 +63,7 @@ _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The export cannot run because of something the user can fix; the message says what."""
 
 

@@ -16,6 +16,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from dbtools.errors import UserError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".tga"}
 )
@@ -29,7 +31,7 @@ _SKIP_DIRS = frozenset({".ipynb_checkpoints", ".dbtools", "__MACOSX", ".git", "_
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image a user supplied cannot be used; the message names the file and the fix."""
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dbtools.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from diffusers import StableDiffusionPipeline
@@ -67,7 +69,7 @@ SCHEDULERS = {
 """Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names."""
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model cannot be loaded because of something the user can fix; the message says what."""
 
 

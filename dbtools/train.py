@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dbtools.errors import UserError
 from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
 from dbtools.checkpoints import (SINGLE_FILE_NAME, checkpoint_step, remove_stale_temporaries, resume_path,
                                  should_save, write_checkpoint)
@@ -44,7 +45,7 @@ from dbtools.train_config import LR_SCHEDULERS, build_parser, parse_args  # noqa
 logger = logging.getLogger(__name__)
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """Training cannot start or go on because of something the user can fix."""
 
 
