@@ -16,10 +16,11 @@ Where captions go (`--format`):
 
 Safety rules:
 
-- Originals are never modified or deleted. With an `--out_dir` other than `--img_dir`,
-  images are copied there unchanged (caption-file formats copy the image next to its
-  caption, so `--out_dir` is a complete dataset). When `--out_dir` is the image folder
-  (the default), filename formats rename in place; every rename is appended to
+- Originals are never modified or deleted. As in EveryDream, the defaults are
+  `--img_dir input --out_dir output`: images are copied to `--out_dir` unchanged
+  (caption-file formats copy the image next to its caption, so `--out_dir` is a
+  complete dataset). Only when `--out_dir` is the image folder itself do filename
+  formats rename in place; every rename is appended to
   `<out_dir>/.dbtools/renames-<UTC time>.jsonl` before it happens, and
   `--undo that-file` renames everything back, refusing if a name it needs is now taken.
 - Names from captions go through `safe_filename_stem` (no separators, `..`, control or
@@ -38,6 +39,11 @@ Captions are generated in batches: a `torch.utils.data.DataLoader` decodes
 processes while the model generates. Like EveryDream, BLIP is prompted with
 "a picture of" and the prompt is removed from the caption; BLIP-2 has no prompt.
 `--min_length`/`--max_length` count the caption's own tokens (the prompt not included).
+
+EveryDream's flag forms work: `--torch_device` is `--device`, `--nucleus` takes an
+optional bool (`--nucleus`, `--nucleus True`, `--nucleus false`), with `--nucleus` a
+`--q_factor` above 1 means no top-p cut, and a `--max_length` below the default
+minimum (22) lowers the minimum with it.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ FILENAME_FORMATS = frozenset({"filename", "mrwho", "joepenna"})
 STATE_DIR = ".dbtools"
 MANIFEST_NAME = "captions.jsonl"
 BLIP_PROMPT = "a picture of"
+DEFAULT_MIN_LENGTH = 22
+TRUE_WORDS = frozenset({"true", "yes", "y", "1", "on"})
+FALSE_WORDS = frozenset({"false", "no", "n", "0", "off"})
 
 
 class CaptionError(UserError):
@@ -78,18 +87,19 @@ class CaptionError(UserError):
 class CaptionConfig:
     """Everything one captioning run needs; the CLI, notebook and tests build this.
 
-    `out_dir=None` means the image folder itself. `num_workers=None` picks
-    `default_num_workers()`; 0 decodes in the main process. `prompt=None` means
-    "a picture of" for BLIP and none for BLIP-2.
+    `out_dir` defaults to `output` (EveryDream); `None` or the image folder itself
+    means rename / write in place. `min_length=None` means 22, or `max_length` when
+    that is smaller. `num_workers=None` picks `default_num_workers()`; 0 decodes in
+    the main process. `prompt=None` means "a picture of" for BLIP and none for BLIP-2.
     """
 
     img_dir: str | Path = "input"
-    out_dir: str | Path | None = None
+    out_dir: str | Path | None = "output"
     format: str = "filename"
     model: str = DEFAULT_MODEL
     nucleus: bool = False
     q_factor: float = 1.0
-    min_length: int = 22
+    min_length: int | None = None
     max_length: int = 48
     num_beams: int = 16
     batch_size: int = 8
@@ -100,6 +110,11 @@ class CaptionConfig:
     recursive: bool = False
     overwrite: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        if self.min_length is None:
+            # EveryDream: `--max_length 12` alone must not clash with the default minimum.
+            self.min_length = min(DEFAULT_MIN_LENGTH, self.max_length)
 
     @property
     def image_dir(self) -> Path:
@@ -150,8 +165,9 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
     problems = []
     if cfg.format not in FORMATS:
         problems.append(f"--format {cfg.format!r} is not one of: {', '.join(FORMATS)}")
-    if cfg.nucleus and not 0.0 < cfg.q_factor <= 1.0:
-        problems.append(f"--q_factor {cfg.q_factor} is top_p with --nucleus: use a value in (0, 1], e.g. 0.9")
+    if cfg.nucleus and cfg.q_factor <= 0:
+        problems.append(f"--q_factor {cfg.q_factor} is top_p with --nucleus: use a value in (0, 1], "
+                        "e.g. 0.9 (above 1: no top-p cut)")
     if not cfg.nucleus and cfg.q_factor <= 0:
         problems.append(f"--q_factor {cfg.q_factor} is the repetition penalty: use a value > 0 (1.0 = none)")
     if cfg.min_length < 0 or cfg.max_length < 1 or cfg.min_length > cfg.max_length:
@@ -169,14 +185,34 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
 def generation_kwargs(cfg: CaptionConfig) -> dict:
     """Keyword arguments for `model.generate`, with EveryDream's meaning of the flags.
 
-    Nucleus: sampling with `top_p=q_factor`. Otherwise beam search with `num_beams`
-    beams and `repetition_penalty=q_factor`. Lengths count the caption's own tokens.
+    Nucleus: sampling with `top_p=q_factor` (above 1: 1.0, no cut). Otherwise beam
+    search with `num_beams` beams and `repetition_penalty=q_factor`. Lengths count the
+    caption's own tokens.
     """
     lengths = {"min_new_tokens": cfg.min_length, "max_new_tokens": cfg.max_length}
     if cfg.nucleus:
-        return {"do_sample": True, "top_p": cfg.q_factor, "num_beams": 1, **lengths}
+        return {"do_sample": True, "top_p": min(cfg.q_factor, 1.0), "num_beams": 1, **lengths}
     return {"do_sample": False, "num_beams": cfg.num_beams,
             "repetition_penalty": cfg.q_factor, **lengths}
+
+
+def config_notes(cfg: CaptionConfig) -> list[str]:
+    """Things worth saying once about how `cfg`'s flags are read (not problems)."""
+    notes = []
+    if cfg.nucleus and cfg.q_factor > 1.0:
+        notes.append(f"--nucleus with --q_factor {cfg.q_factor}: top_p above 1 means no top-p cut "
+                     "(sampling from the whole distribution), as in EveryDream")
+    return notes
+
+
+def parse_bool(text: str) -> bool:
+    """EveryDream-style optional bool: true/false, yes/no, 1/0, on/off (any case)."""
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value (use true or false)")
 
 
 def full_caption(cfg: CaptionConfig, text: str) -> str:
@@ -616,6 +652,8 @@ def run_caption(cfg: CaptionConfig, captioner: Captioner, progress: bool = True)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     check_inputs(cfg)
+    for note in config_notes(cfg):
+        logger.warning("%s", note)
     jobs, skipped = plan_jobs(cfg)
     summary = CaptionSummary(skipped=skipped, out_dir=cfg.output_dir)
     if skipped:
@@ -698,17 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption images with BLIP / BLIP-2 (EveryDream auto_caption.py flags).")
     d = CaptionConfig()
     p.add_argument("--img_dir", default=d.img_dir, help="folder of images (default: input)")
-    p.add_argument("--out_dir", default=None,
-                   help="where outputs go (default: --img_dir, i.e. rename / write in place)")
+    p.add_argument("--out_dir", default=d.out_dir,
+                   help="where outputs go (default: output); the same folder as --img_dir "
+                        "renames / writes in place, with an undo log")
     p.add_argument("--format", default=d.format, choices=FORMATS,
                    help="filename: <caption>_<i>.ext; mrwho/joepenna: <i:05>@<caption>.ext; "
                         "txt/text: <stem>.txt; caption: <stem>.caption; sidecar: <image>.txt")
     p.add_argument("--model", default=d.model, help=f"Hub id or folder (BLIP-2: {BLIP2_MODEL})")
-    p.add_argument("--nucleus", action="store_true",
-                   help="nucleus sampling (top_p=q_factor) instead of beam search")
+    p.add_argument("--nucleus", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="nucleus sampling (top_p=q_factor) instead of beam search; "
+                        "--nucleus, --nucleus true or --nucleus false")
     p.add_argument("--q_factor", type=float, default=d.q_factor,
                    help="repetition penalty for beam search, top_p with --nucleus (default 1.0)")
-    p.add_argument("--min_length", type=int, default=d.min_length, help="minimum caption tokens (22)")
+    p.add_argument("--min_length", type=int, default=None,
+                   help="minimum caption tokens (22, or --max_length when that is smaller)")
     p.add_argument("--max_length", type=int, default=d.max_length, help="maximum caption tokens (48)")
     p.add_argument("--num_beams", type=int, default=d.num_beams, help="beams for beam search (16)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per generate call (8)")
@@ -719,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", default=d.suffix, help="text put after every caption, as is")
     p.add_argument("--recursive", action="store_true", help="include sub-folders (mirrored in --out_dir)")
     p.add_argument("--overwrite", action="store_true", help="caption again images that have output")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--device", "--torch_device", dest="device", default=None,
+                   help="cuda, mps or cpu (default: best available); --torch_device is the same")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for --nucleus sampling")
     p.add_argument("--undo", metavar="LOG", default=None,
                    help="reverse the renames in LOG (<out_dir>/.dbtools/renames-*.jsonl) and exit")

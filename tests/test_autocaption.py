@@ -61,8 +61,9 @@ def images(tmp_path, image_factory) -> Path:
 
 
 def fast(img_dir, **kw) -> CaptionConfig:
-    """A config that keeps the tiny models quick: 2 beams, short captions."""
-    base = dict(img_dir=img_dir, num_beams=2, min_length=2, max_length=6, batch_size=3, num_workers=0)
+    """A config that keeps the tiny models quick: 2 beams, short captions (in place
+    unless `out_dir` is given)."""
+    base = dict(img_dir=img_dir, out_dir=img_dir, num_beams=2, min_length=2, max_length=6, batch_size=3, num_workers=0)
     return CaptionConfig(**{**base, **kw})
 
 
@@ -90,9 +91,9 @@ def test_generation_kwargs_follow_everydream_flags():
 
 
 def test_config_problems_are_all_listed():
-    cfg = CaptionConfig(format="png", nucleus=True, q_factor=1.5, min_length=50, max_length=48, batch_size=0)
+    cfg = CaptionConfig(format="png", nucleus=True, q_factor=0, min_length=50, max_length=48, batch_size=0)
     problems = "\n".join(ac.config_problems(cfg))
-    for needle in ("--format 'png'", "--q_factor 1.5", "--min_length 50", "--batch_size 0"):
+    for needle in ("--format 'png'", "--q_factor 0", "--min_length 50", "--batch_size 0"):
         assert needle in problems
     assert ac.config_problems(CaptionConfig()) == []
 
@@ -232,7 +233,8 @@ def test_rerun_keeps_hand_edited_caption_files_unless_overwrite(blip, images):
 
 def test_rename_in_place_then_undo_restores_every_name(blip, tiny_captioners, images):
     before = snapshot(images)
-    assert ac.main(fast_argv(images, tiny_captioners["blip"], "--format", "filename")) == 1  # broken.jpg
+    argv = fast_argv(images, tiny_captioners["blip"], "--format", "filename", "--out_dir", str(images))
+    assert ac.main(argv) == 1  # broken.jpg
     after = snapshot(images)
     assert sorted(after.values()) == sorted(before.values())  # same files, nothing lost
     renamed = set(after) - set(before)
@@ -291,7 +293,7 @@ def test_cli_exit_codes_and_summary(tiny_captioners, images, tmp_path, capsys, m
     monkeypatch.setattr(ac, "load_captioner", no_model)
     assert ac.main(["--img_dir", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().out
-    assert ac.main(["--img_dir", str(images), "--nucleus", "--q_factor", "2"]) == 2
+    assert ac.main(["--img_dir", str(images), "--nucleus", "--q_factor", "0"]) == 2
     assert "top_p" in capsys.readouterr().out
 
 
@@ -355,3 +357,46 @@ def test_load_captioner_explains_bad_models(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CaptionError, match="not BLIP or BLIP-2"):
         ac.load_captioner(str(tmp_path / "bert"))
+
+
+# ----------------------------------------------------------------------------- EveryDream parity
+
+
+def test_everydream_flag_forms_parse():
+    parse = ac.build_parser().parse_args
+    assert parse([]).img_dir == "input" and parse([]).out_dir == "output"
+    assert parse([]).nucleus is False and parse(["--nucleus"]).nucleus is True
+    assert parse(["--nucleus", "True"]).nucleus is True and parse(["--nucleus", "false"]).nucleus is False
+    assert parse(["--torch_device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        parse(["--nucleus", "maybe"])
+    cfg = ac.config_from_args(parse(["--max_length", "12"]))
+    assert (cfg.min_length, cfg.max_length) == (12, 12)
+    assert ac.config_from_args(parse([])).min_length == 22
+    assert ac.config_from_args(parse(["--min_length", "5", "--max_length", "12"])).min_length == 5
+    nucleus = ac.generation_kwargs(ac.config_from_args(parse(["--nucleus", "--q_factor", "1.3"])))
+    assert nucleus["top_p"] == 1.0 and nucleus["do_sample"] is True
+    notes = ac.config_notes(ac.config_from_args(parse(["--nucleus", "--q_factor", "1.3"])))
+    assert len(notes) == 1 and "no top-p cut" in notes[0]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--nucleus", "--q_factor", "1.3", "--torch_device", "cpu"],
+    ["--nucleus", "True", "--max_length", "4", "--format", "mrwho"],
+])
+def test_everydream_command_lines_from_a_folder_with_input(tiny_captioners, tmp_path, image_factory,
+                                                           monkeypatch, extra):
+    for name in ("a.png", "b.jpg"):
+        image_factory(tmp_path / "input" / name)
+    before = snapshot(tmp_path / "input")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(tiny_captioners["blip"]), "--num_beams", "2", "--num_workers", "0", *extra]
+    if "--max_length" not in extra:
+        argv += ["--max_length", "5"]  # and no --min_length: the minimum follows
+    assert ac.main(argv) == 0
+    assert snapshot(tmp_path / "input") == before  # the input is never touched
+    outputs = sorted(p.name for p in (tmp_path / "output").iterdir() if p.is_file())
+    assert len(outputs) == 2
+    pattern = r"\d{5}@.+\.(png|jpg)" if "mrwho" in extra else r".+_[01]\.(png|jpg)"
+    assert all(re.fullmatch(pattern, n) for n in outputs)
