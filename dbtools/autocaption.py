@@ -1,4 +1,5 @@
-"""Auto-captioning with BLIP / BLIP-2 (transformers), batched, and losing nothing.
+"""Auto-captioning with BLIP / BLIP-2, Florence-2, WD14-style taggers or instruction
+VLMs, batched, and losing nothing.
 
 `python -m dbtools caption --img_dir DIR [--out_dir DIR] [--format F] ...` takes
 EveryDream's `auto_caption.py` flags with the same meaning. From Python::
@@ -38,6 +39,12 @@ Captions are generated in batches: a `torch.utils.data.DataLoader` decodes
 (`dbtools.images.load_rgb`, EXIF-aware) and preprocesses the next images in worker
 processes while the model generates. Like EveryDream, BLIP is prompted with
 "a picture of" and the prompt is removed from the caption; BLIP-2 has no prompt.
+The family comes from the model's files (`dbtools.captioners.detect_family`):
+Florence-2 takes a task token as `--prompt` (default `<DETAILED_CAPTION>`), a VLM an
+instruction; a tagger writes "tag, tag, ..." (`--threshold`, `--character_threshold`,
+`--include_ratings`, `--exclude_tags`), and `--tags_with MODEL` puts a caption from
+another family first. Flags that do not apply to a family are accepted and ignored,
+with one note, so one command line works across families.
 `--min_length`/`--max_length` count the caption's own tokens (the prompt not included).
 
 EveryDream's flag forms work: `--torch_device` is `--device`, `--nucleus` takes an
@@ -62,6 +69,7 @@ from typing import Iterator
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_write, atomic_write_text
+from dbtools.captioners import FLORENCE2_MODEL, FLORENCE2_TASKS, TAGGER_MODEL, VLM_MODEL
 from dbtools.captions import clean_caption, safe_filename_stem
 from dbtools.images import list_images, load_rgb
 
@@ -110,6 +118,12 @@ class CaptionConfig:
     recursive: bool = False
     overwrite: bool = False
     seed: int = 0
+    threshold: float = 0.35
+    character_threshold: float = 0.85
+    include_ratings: bool = False
+    exclude_tags: str = ""
+    tags_with: str | None = None
+    quantize: str | None = None
 
     def __post_init__(self):
         if self.min_length is None:
@@ -179,6 +193,11 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
         problems.append(f"--batch_size {cfg.batch_size}: use 1 or more")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         problems.append(f"--num_workers {cfg.num_workers}: use 0 or more")
+    for flag in ("threshold", "character_threshold"):
+        if not 0.0 <= getattr(cfg, flag) <= 1.0:
+            problems.append(f"--{flag} {getattr(cfg, flag)}: a tag probability, use a value in [0, 1]")
+    if cfg.quantize not in (None, "4bit", "8bit"):
+        problems.append(f"--quantize {cfg.quantize!r}: use 4bit or 8bit")
     return problems
 
 
@@ -196,12 +215,27 @@ def generation_kwargs(cfg: CaptionConfig) -> dict:
             "repetition_penalty": cfg.q_factor, **lengths}
 
 
-def config_notes(cfg: CaptionConfig) -> list[str]:
-    """Things worth saying once about how `cfg`'s flags are read (not problems)."""
+GENERATION_FLAGS = ("min_length", "max_length", "num_beams", "nucleus", "q_factor", "prompt")
+TAG_FLAGS = ("threshold", "character_threshold", "include_ratings", "exclude_tags")
+
+
+def config_notes(cfg: CaptionConfig, family: str | None = None) -> list[str]:
+    """Things worth saying once about how `cfg`'s flags are read for captioner `family`
+    (not problems): flags another family uses are accepted and ignored."""
     notes = []
     if cfg.nucleus and cfg.q_factor > 1.0:
         notes.append(f"--nucleus with --q_factor {cfg.q_factor}: top_p above 1 means no top-p cut "
                      "(sampling from the whole distribution), as in EveryDream")
+    default = CaptionConfig()
+    changed = [f for f in (*GENERATION_FLAGS, *TAG_FLAGS) if getattr(cfg, f) != getattr(default, f)]
+    changed = [f for f in changed if f != "min_length" or cfg.min_length != min(DEFAULT_MIN_LENGTH, cfg.max_length)]
+    if family is None or cfg.tags_with:
+        unused = []  # a tagger plus a captioner uses both sets of flags
+    else:
+        unused = [f for f in changed if f in (GENERATION_FLAGS if family == "tagger" else TAG_FLAGS)]
+    if unused:
+        flags = ", ".join("--" + f for f in unused)
+        notes.append(f"{flags}: not used by the {family} captioner; accepted and ignored")
     return notes
 
 
@@ -275,6 +309,17 @@ class Captioner:
     def image_processor(self):
         return self.processor.image_processor
 
+    @property
+    def preprocess(self):
+        """Picklable image -> pixel_values, run in the decoding workers."""
+        from dbtools.captioners import PixelValues
+
+        return PixelValues(self.image_processor)
+
+    def caption_batch(self, pixel_values, cfg: CaptionConfig) -> list[str]:
+        """Captions for one batch with `cfg`'s prompt and generation flags."""
+        return self.generate(pixel_values, cfg.prompt, **generation_kwargs(cfg))
+
     def default_prompt(self) -> str:
         return BLIP_PROMPT if self.kind == "blip" else ""
 
@@ -329,31 +374,43 @@ def pick_device(device=None):
     return torch.device(device if device is not None else best_device())
 
 
-def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None) -> Captioner:
-    """Load a BLIP or BLIP-2 captioner from a Hub id or a local folder.
+def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_with: str | None = None,
+                   quantize: str | None = None):
+    """Load a captioner of any family from a Hub id or a local folder.
 
-    The kind comes from the config's `model_type` (`blip` or `blip-2`). Default
-    placement: CUDA in float16, else MPS, else CPU, both in float32.
+    The family comes from the model's files (`dbtools.captioners.detect_family`).
+    `tags_with` (with a tagger as `model`) adds a captioner of another family whose
+    caption goes before the tags; `quantize` ("4bit"/"8bit", CUDA) applies to VLMs.
+    Default placement: CUDA in float16, else MPS, else CPU, both in float32.
     Raises `CaptionError` when the model cannot be found or is not a captioner.
     """
+    from dbtools import captioners as cap
+
+    family = cap.detect_family(model)
+    device = pick_device(device)
+    if tags_with:
+        if family != "tagger":
+            raise CaptionError(f"--tags_with {tags_with}: --model must then be a tagger "
+                               f"(e.g. {cap.TAGGER_MODEL}), but {model!r} is {family}.")
+        return cap.TagsWithCaption(cap.load_tagger(model, device),
+                                   load_captioner(tags_with, device, dtype, quantize=quantize))
+    if family == "tagger":
+        return cap.load_tagger(model, device)
+    if family == "florence2":
+        return cap.load_florence2(model, device, dtype)
+    if family == "vlm":
+        return cap.load_vlm(model, device, dtype, quantize)
+    return load_blip(model, family, device, dtype)
+
+
+def load_blip(model: str, kind: str, device, dtype=None) -> Captioner:
+    """Load BLIP (`kind="blip"`) or BLIP-2 (`"blip2"`) with its processor on `device`."""
     import torch
     from transformers import (AutoConfig, AutoProcessor, Blip2ForConditionalGeneration,
                               BlipForConditionalGeneration)
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise CaptionError(
-            f"cannot load captioning model {model!r} ({exc}). Give a Hub id such as "
-            f"{DEFAULT_MODEL} or {BLIP2_MODEL}, or a local folder with config.json."
-        ) from exc
-    classes = {"blip": ("blip", BlipForConditionalGeneration),
-               "blip-2": ("blip2", Blip2ForConditionalGeneration)}
-    if config.model_type not in classes:
-        raise CaptionError(f"{model!r} is a {config.model_type!r} model, not BLIP or BLIP-2. "
-                           f"Use e.g. {DEFAULT_MODEL} or {BLIP2_MODEL}.")
-    kind, cls = classes[config.model_type]
-    device = pick_device(device)
+    cls = Blip2ForConditionalGeneration if kind == "blip2" else BlipForConditionalGeneration
+    config = AutoConfig.from_pretrained(model)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     net = cls.from_pretrained(model, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model)
@@ -368,22 +425,21 @@ def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None) -> Capti
 
 
 class ImageFiles:
-    """Dataset of image files -> (index, pixel_values or None, error or None).
+    """Dataset of image files -> (index, preprocessed item or None, error or None).
 
+    `preprocess` is the captioner's (RGB PIL image -> tensor, array, image or a pair).
     Decoding errors are returned, not raised, so one bad file never stops a batch.
     """
 
-    def __init__(self, paths: list[Path], image_processor):
-        self.paths, self.image_processor = list(paths), image_processor
+    def __init__(self, paths: list[Path], preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = load_rgb(self.paths[i])
-            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-            return i, pixels, None
+            return i, self.preprocess(load_rgb(self.paths[i])), None
         except Exception as exc:  # any per-file problem is reported and skipped, not fatal
             message = str(exc) or type(exc).__name__
             return i, None, message.removeprefix(f"{self.paths[i]}: ")
@@ -391,14 +447,28 @@ class ImageFiles:
 
 def collate_images(items):
     """Stack the readable images of a batch; keep the errors of the others."""
-    import torch
-
     good = [(i, px) for i, px, err in items if err is None]
     return {
         "index": [i for i, _ in good],
-        "pixel_values": torch.stack([px for _, px in good]) if good else None,
+        "pixel_values": stack_items([px for _, px in good]) if good else None,
         "errors": [(i, err) for i, _, err in items if err is not None],
     }
+
+
+def stack_items(items: list):
+    """One batch from preprocessed items: tensors and arrays stacked, pairs stacked
+    pairwise, anything else (PIL images) kept as a list."""
+    import numpy as np
+    import torch
+
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    if isinstance(first, np.ndarray):
+        return np.stack(items)
+    if isinstance(first, tuple):
+        return tuple(stack_items(list(part)) for part in zip(*items))
+    return list(items)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -407,7 +477,7 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode; the model keeps the cores for generation
 
 
-def caption_files(captioner: Captioner, paths: list[Path], cfg: CaptionConfig
+def caption_files(captioner, paths: list[Path], cfg: CaptionConfig
                   ) -> Iterator[tuple[int, str | None, str | None]]:
     """Yield `(index into paths, caption, error)` per image, batch by batch.
 
@@ -421,11 +491,10 @@ def caption_files(captioner: Captioner, paths: list[Path], cfg: CaptionConfig
         return
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     loader = DataLoader(
-        ImageFiles(paths, captioner.image_processor), batch_size=cfg.batch_size,
+        ImageFiles(paths, captioner.preprocess), batch_size=cfg.batch_size,
         num_workers=workers, collate_fn=collate_images, worker_init_fn=_worker_init,
         pin_memory=captioner.device.type == "cuda", shuffle=False,
     )
-    gen = generation_kwargs(cfg)
     if cfg.nucleus:
         torch.manual_seed(cfg.seed)
     for batch in loader:
@@ -433,10 +502,12 @@ def caption_files(captioner: Captioner, paths: list[Path], cfg: CaptionConfig
             yield i, None, err
         if batch["pixel_values"] is None:
             continue
-        captions = captioner.generate(batch["pixel_values"], cfg.prompt, **gen)
+        captions = captioner.caption_batch(batch["pixel_values"], cfg)
         for i, text in zip(batch["index"], captions):
             if text:
                 yield i, text, None
+            elif captioner.kind == "tagger":
+                yield i, None, "no tag reached --threshold; lower it or add --tags_with MODEL"
             else:
                 yield i, None, "the model returned an empty caption; try --nucleus or another --model"
 
@@ -641,7 +712,7 @@ def check_inputs(cfg: CaptionConfig) -> None:
         raise CaptionError("cannot caption:\n  " + "\n  ".join(problems))
 
 
-def run_caption(cfg: CaptionConfig, captioner: Captioner, progress: bool = True) -> CaptionSummary:
+def run_caption(cfg: CaptionConfig, captioner, progress: bool = True) -> CaptionSummary:
     """Caption every image in `cfg.img_dir` that has no output yet; write the outputs.
 
     Never modifies or deletes an original and never overwrites an image (see the
@@ -652,7 +723,11 @@ def run_caption(cfg: CaptionConfig, captioner: Captioner, progress: bool = True)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     check_inputs(cfg)
-    for note in config_notes(cfg):
+    family = captioner.kind.split("+")[-1]
+    if family == "florence2" and cfg.prompt not in (None, *FLORENCE2_TASKS):
+        raise CaptionError(f"--prompt {cfg.prompt!r}: Florence-2 takes a task token, one of "
+                           f"{', '.join(FLORENCE2_TASKS)}")
+    for note in config_notes(cfg, captioner.kind.split("+")[0]):
         logger.warning("%s", note)
     jobs, skipped = plan_jobs(cfg)
     summary = CaptionSummary(skipped=skipped, out_dir=cfg.output_dir)
@@ -733,7 +808,9 @@ def _check_undo(steps: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dbtools caption",
-        description="Caption images with BLIP / BLIP-2 (EveryDream auto_caption.py flags).")
+        description="Caption images with BLIP / BLIP-2, Florence-2, a WD14-style tagger or an "
+                    "instruction VLM (EveryDream auto_caption.py flags). The family is read from "
+                    "the model's files.")
     d = CaptionConfig()
     p.add_argument("--img_dir", default=d.img_dir, help="folder of images (default: input)")
     p.add_argument("--out_dir", default=d.out_dir,
@@ -742,7 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=d.format, choices=FORMATS,
                    help="filename: <caption>_<i>.ext; mrwho/joepenna: <i:05>@<caption>.ext; "
                         "txt/text: <stem>.txt; caption: <stem>.caption; sidecar: <image>.txt")
-    p.add_argument("--model", default=d.model, help=f"Hub id or folder (BLIP-2: {BLIP2_MODEL})")
+    p.add_argument("--model", default=d.model,
+                   help=f"Hub id or folder: BLIP (default), BLIP-2 ({BLIP2_MODEL}), Florence-2 "
+                        f"({FLORENCE2_MODEL}, photos), a WD14 tagger ({TAGGER_MODEL}, illustration "
+                        f"and anime), an instruction VLM ({VLM_MODEL}, custom needs)")
     p.add_argument("--nucleus", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                    help="nucleus sampling (top_p=q_factor) instead of beam search; "
                         "--nucleus, --nucleus true or --nucleus false")
@@ -755,7 +835,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per generate call (8)")
     p.add_argument("--num_workers", type=int, default=None,
                    help=f"decoding worker processes (default {default_num_workers()} here; 0 = none)")
-    p.add_argument("--prompt", default=None, help=f'text the caption starts from (BLIP: "{BLIP_PROMPT}")')
+    p.add_argument("--prompt", default=None,
+                   help=f'BLIP: text the caption starts from ("{BLIP_PROMPT}"); Florence-2: task token '
+                        f'({" ".join(FLORENCE2_TASKS)}; default <DETAILED_CAPTION>); VLM: the instruction')
+    p.add_argument("--threshold", type=float, default=d.threshold, help="tagger: general tag threshold (0.35)")
+    p.add_argument("--character_threshold", type=float, default=d.character_threshold,
+                   help="tagger: character tag threshold (0.85)")
+    p.add_argument("--include_ratings", action="store_true", help="tagger: add the most likely rating tag")
+    p.add_argument("--exclude_tags", default=d.exclude_tags, help='tagger: tags to leave out, "a, b"')
+    p.add_argument("--tags_with", metavar="CAPTIONER_MODEL", default=None,
+                   help='tagger: put a caption from this model first: "caption, tag, tag"')
+    p.add_argument("--quantize", choices=("4bit", "8bit"), default=None,
+                   help="VLM: load in 4 or 8 bits with bitsandbytes (CUDA only)")
     p.add_argument("--prefix", default=d.prefix, help="text put before every caption, as is")
     p.add_argument("--suffix", default=d.suffix, help="text put after every caption, as is")
     p.add_argument("--recursive", action="store_true", help="include sub-folders (mirrored in --out_dir)")
@@ -783,7 +874,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args)
         check_inputs(cfg)
-        summary = run_caption(cfg, load_captioner(cfg.model, device=args.device))
+        captioner = load_captioner(cfg.model, device=args.device, tags_with=cfg.tags_with,
+                                   quantize=cfg.quantize)
+        summary = run_caption(cfg, captioner)
     except CaptionError as exc:
         print(f"error: {exc}")
         return 2

@@ -1,7 +1,8 @@
 """Tiny, deterministic, offline models for tests and the demo.
 
 They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
-BLIP, BLIP-2) with very small configs and random weights, and generated tokenizer
+BLIP, BLIP-2, Florence-2, an Idefics3/SmolVLM-style VLM, and an ONNX WD14-style tagger)
+with very small configs and random weights, and generated tokenizer
 files. They are written with `save_pretrained` and read back with `from_pretrained`,
 the same path a Hub model takes. Their outputs are noise: they exist to exercise code.
 """
@@ -298,6 +299,165 @@ def build_tiny_blip2(out: str | Path, seed: int = 0, num_query_tokens: int = 4) 
     return out
 
 
+def _shrink_byte_tokens(model, first_merge: int, specials_from: int) -> None:
+    """Make random weights prefer whole-word tokens: readable, never-empty noise text."""
+    import torch
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:first_merge] *= 0.01
+        emb[specials_from:] *= 0.01
+
+
+def build_tiny_florence2(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny `Florence2ForConditionalGeneration` + `Florence2Processor` folder.
+
+    transformers' native Florence-2 layout (no remote code): a BART tokenizer with the
+    `<image>` token, a two-stage DaViT vision tower, 32x32 images (17 image tokens).
+    """
+    import torch
+    from transformers import (BartTokenizer, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = Path(out)
+    write_opt_tokenizer(out)
+    tokenizer = BartTokenizer.from_pretrained(out, extra_special_tokens={"image_token": "<image>"},
+                                              model_max_length=128)
+    tokenizer.add_tokens(["<mask>"], special_tokens=True)
+    # 32 px through strides 4 and 2 gives 4x4 patches, plus one pooled token.
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False,
+                                            crop_size={"height": 32, "width": 32}, image_seq_length=17)
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    text = dict(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
+                decoder_ffn_dim=37, max_position_embeddings=128, bos_token_id=0, pad_token_id=1,
+                eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
+                  num_groups=[2, 2], window_size=2, projection_dim=32)
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(config).eval()
+    _shrink_byte_tokens(model, 4 + 256, tokenizer.image_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    logger.info("tiny Florence-2 captioner written to %s", out)
+    return out
+
+
+# A SmolVLM-like chat template: "User:<image> instruction<end_of_utterance>\nAssistant:".
+VLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}"
+    "{% else %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SmolVLM-style `Idefics3ForConditionalGeneration` + `Idefics3Processor`
+    with a chat template; `AutoModelForImageTextToText` loads it. 32x32 images, no
+    splitting, 4 image tokens per image."""
+    import torch
+    from transformers import (GPT2TokenizerFast, Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3Processor)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    out = Path(out)
+    write_opt_tokenizer(out)
+    tokenizer = GPT2TokenizerFast.from_pretrained(
+        out, bos_token="<s>", eos_token="<end_of_utterance>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]})
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=VLM_CHAT_TEMPLATE)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _shrink_byte_tokens(model, 4 + 256, len(tokenizer) - 4)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    logger.info("tiny instruction VLM written to %s", out)
+    return out
+
+
+# Tag names in the real `selected_tags.csv` style: ratings, general tags, characters.
+TAGGER_TAGS = (
+    [("general", 9), ("sensitive", 9), ("questionable", 9), ("explicit", 9)]
+    + [(t, 0) for t in (
+        "1girl", "solo", "long_hair", "smile", "looking_at_viewer", "short_hair", "blue_eyes",
+        "open_mouth", "simple_background", "white_background", "red_hair", "holding", "outdoors",
+        "sky", "cloud", "tree", "flower", "watercolor_(medium)", "traditional_media", "no_humans",
+        "scenery", "^_^", "o_o", ">_<", "x_x", "hat", "dress", "sitting", "standing", "cat")]
+    + [(t, 4) for t in ("hatsune_miku", "kirisame_marisa", "original_character_(test)")]
+)
+
+
+def write_tags_csv(path: Path, tags=TAGGER_TAGS) -> None:
+    """`selected_tags.csv` in the real file's columns: tag_id,name,category,count."""
+    lines = ["tag_id,name,category,count"]
+    lines += [f'{1000 + i},"{name}",{cat},{10000 - i}' for i, (name, cat) in enumerate(tags)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def build_tiny_tagger(out: str | Path, seed: int = 0, size: int = 32, logits=None) -> Path:
+    """Write a tiny WD14-style tagger: `model.onnx` + `selected_tags.csv`.
+
+    Like SmilingWolf's models it takes `(batch, size, size, 3)` BGR float32 pixels in
+    0-255 and outputs one sigmoid probability per tag. Here the scores are the mean
+    colour times a small random matrix plus a bias; `logits` (one per tag) sets the
+    bias and zeroes the matrix, so every image gets exactly `sigmoid(logits)`.
+    """
+    import numpy as np
+
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        raise ImportError("building the tiny tagger needs the onnx package: pip install onnx "
+                          "(or pip install -e .[tiny])") from exc
+
+    out = Path(out)
+    n = len(TAGGER_TAGS)
+    rng = np.random.default_rng(seed)
+    if logits is None:
+        weight = rng.normal(0, 0.02, (3, n)).astype(np.float32)
+        bias = rng.normal(-1.0, 1.5, n).astype(np.float32)
+    else:
+        weight = np.zeros((3, n), np.float32)
+        bias = np.asarray(logits, np.float32)
+    nodes = [helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+             helper.make_node("MatMul", ["mean", "weight"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "bias"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["output"])]
+    inits = [numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+             numpy_helper.from_array(weight / 255.0, "weight"), numpy_helper.from_array(bias, "bias")]
+    graph = helper.make_graph(
+        nodes, "tiny_tagger",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # readable by onnxruntime releases of the last two years
+    onnx.checker.check_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, out / "model.onnx")
+    write_tags_csv(out / "selected_tags.csv")
+    logger.info("tiny WD14-style tagger written to %s", out)
+    return out
+
+
 def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under `out`: `sd`, `sd2` and the captioners."""
     out = Path(out)
@@ -306,6 +466,9 @@ def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
         "sd2": build_tiny_sd(out / "sd2", "sd2", seed),
         "blip": build_tiny_blip(out / "blip", seed=seed),
         "blip2": build_tiny_blip2(out / "blip2", seed=seed),
+        "florence2": build_tiny_florence2(out / "florence2", seed=seed),
+        "wd-tagger": build_tiny_tagger(out / "wd-tagger", seed=seed),
+        "vlm": build_tiny_vlm(out / "vlm", seed=seed),
     }
 
 
