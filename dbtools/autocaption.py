@@ -403,6 +403,11 @@ def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_wit
     return load_blip(model, family, device, dtype)
 
 
+def load_for_config(cfg: CaptionConfig, device=None):
+    """The captioner `cfg` asks for: `cfg.model`, with `cfg.tags_with` and `cfg.quantize`."""
+    return load_captioner(cfg.model, device=device, tags_with=cfg.tags_with, quantize=cfg.quantize)
+
+
 def load_blip(model: str, kind: str, device, dtype=None) -> Captioner:
     """Load BLIP (`kind="blip"`) or BLIP-2 (`"blip2"`) with its processor on `device`."""
     import torch
@@ -874,9 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args)
         check_inputs(cfg)
-        captioner = load_captioner(cfg.model, device=args.device, tags_with=cfg.tags_with,
-                                   quantize=cfg.quantize)
-        summary = run_caption(cfg, captioner)
+        summary = run_caption(cfg, load_for_config(cfg, device=args.device))
     except CaptionError as exc:
         print(f"error: {exc}")
         return 2

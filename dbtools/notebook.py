@@ -424,7 +424,7 @@ def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **op
     """The auto-caption cell: caption `images_folder` into `captioned_folder` (empty: in
     place) with `CaptionConfig` `options`; an empty `images_folder` skips captioning.
     Returns the folder that holds the captioned images."""
-    from dbtools.autocaption import CaptionConfig, format_summary, load_captioner, run_caption
+    from dbtools.autocaption import CaptionConfig, format_summary, load_for_config, run_caption
 
     out = resolve_output_dir(captioned_folder, on_drive) if captioned_folder.strip() else None
     if not images_folder.strip():
@@ -434,7 +434,7 @@ def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **op
         return out
     images = resolve_output_dir(images_folder, on_drive)
     cfg = CaptionConfig(img_dir=images, out_dir=out or images, **options)
-    logger.info("%s", format_summary(run_caption(cfg, load_captioner(cfg.model))))
+    logger.info("%s", format_summary(run_caption(cfg, load_for_config(cfg))))
     return cfg.output_dir
 
 
