@@ -14,11 +14,18 @@ Both methods run in the same process on the same generated JPEGs (768x512):
 - batched: `run_caption` (DataLoader workers decode and preprocess the next batch
   while the model generates), writing the same sidecar files.
 
+With `--model DIR` (any captioner family: BLIP, BLIP-2, Florence-2, a WD14-style tagger,
+an instruction VLM, e.g. the tiny ones `python -m dbtools tiny --out DIR` writes, or a
+Hub id) that model is loaded with `load_captioner`, and "naive" is `run_caption` with
+one image per batch and no worker processes, so both methods write the same outputs
+through the same code. On CUDA the peak memory of the run is printed too.
+
 With `--repeats R` each method runs R times, alternating which goes first, and the
 figures are totals over all runs; on a machine shared with other jobs this keeps a
 change of background load from favouring one method.
 
-    python bench/caption.py [--device cpu|cuda] [--n 16] [--batch_size 8] [--num_workers N] [--repeats R]
+    python bench/caption.py [--model DIR] [--device cpu|cuda] [--n 16] [--batch_size 8]
+                            [--num_workers N] [--repeats R]
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from PIL import Image  # noqa: E402
 
 from dbtools.atomic import atomic_write_text  # noqa: E402
 from dbtools.autocaption import (CaptionConfig, Captioner, default_num_workers,  # noqa: E402
-                                 generation_kwargs, pick_device, run_caption)
+                                 generation_kwargs, load_captioner, pick_device, run_caption)
 from dbtools.captions import clean_caption  # noqa: E402
 from dbtools.images import list_images, load_rgb  # noqa: E402
 from dbtools.tiny import write_bert_vocab  # noqa: E402
@@ -90,8 +97,20 @@ def naive(captioner: Captioner, paths: list[Path], cfg: CaptionConfig, out: Path
     return captions
 
 
+def one_batch_at_a_time(captioner, paths: list[Path], cfg: CaptionConfig, out: Path) -> dict[str, str]:
+    """`run_caption` with batches of one image and no decoding workers."""
+    single = CaptionConfig(**{**vars(cfg), "img_dir": paths[0].parent, "out_dir": out, "batch_size": 1,
+                              "num_workers": 0, "overwrite": True})
+    summary = run_caption(single, captioner, progress=False)
+    assert summary.ok and len(summary.written) == len(paths), summary.failed
+    return {r.source.name: r.caption for r in summary.written}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="captioner folder or Hub id of any family (default: BLIP base architecture, "
+                        "random weights)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--n", type=int, default=16, help="number of images (16)")
     p.add_argument("--batch_size", type=int, default=8)
@@ -106,20 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_images(tmp / "imgs", args.n)
-        captioner = base_blip(tmp / "model", device, dtype)
+        if args.model:
+            captioner = load_captioner(args.model, device=device)
+            one_by_one_fn, name = one_batch_at_a_time, f"{captioner.kind} from {args.model}"
+        else:
+            captioner = base_blip(tmp / "model", device, dtype)
+            one_by_one_fn, name = naive, "BLIP base architecture"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         cfg = CaptionConfig(img_dir=tmp / "imgs", out_dir=tmp / "batched", format="sidecar",
                             min_length=args.tokens, max_length=args.tokens, num_beams=args.num_beams,
                             batch_size=args.batch_size, num_workers=args.num_workers,
-                            prompt="a picture of")
+                            prompt=None if args.model else "a picture of")
         paths = list_images(cfg.img_dir)
-        naive(captioner, paths[:1], cfg, tmp)  # warm-up (allocator, kernels), not timed
+        (tmp / "warm").mkdir()
+        warm = _copy_one(paths[0], tmp / "warm_imgs")
+        one_by_one_fn(captioner, [warm], cfg, tmp / "warm")  # warm-up (allocator, kernels), not timed
         (tmp / "naive").mkdir()
         t_naive = t_batched = 0.0
         for r in range(args.repeats):
             for method in ("naive", "batched") if r % 2 == 0 else ("batched", "naive"):
                 t0 = time.perf_counter()
                 if method == "naive":
-                    one_by_one = naive(captioner, paths, cfg, tmp / "naive")
+                    one_by_one = one_by_one_fn(captioner, paths, cfg, tmp / "naive")
                     t_naive += _sync(device, t0)
                 else:
                     summary = run_caption(cfg, captioner, progress=False)
@@ -129,16 +157,32 @@ def main(argv: list[str] | None = None) -> int:
 
     same = sum(one_by_one[r.source.name] == r.caption for r in summary.written)
     n = args.n * args.repeats
-    n_params = sum(p.numel() for p in captioner.model.parameters()) / 1e6
-    print(f"device {device} ({dtype}), BLIP base architecture ({n_params:.0f}M params, random weights), "
-          f"{args.n} images 768x512 -> 384 px, {args.tokens} tokens, {args.num_beams} beam(s), "
+    n_params = _n_params(captioner)
+    print(f"device {device} ({dtype}), {name} ({n_params:.1f}M params, random weights), "
+          f"{args.n} images 768x512{'' if args.model else ' -> 384 px'}, {args.tokens} tokens, {args.num_beams} beam(s), "
           f"torch threads {torch.get_num_threads()}, {args.repeats} run(s) per method")
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     print(f"naive   (1 image at a time):                  {n / t_naive:8.3f} images/s  ({t_naive:.1f} s)")
     print(f"batched (run_caption, batch {args.batch_size}, {workers} worker(s)): "
           f"{n / t_batched:8.3f} images/s  ({t_batched:.1f} s)")
     print(f"speed-up {t_naive / t_batched:.2f}x; identical captions {same}/{args.n}")
+    if device.type == "cuda":
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return 0
+
+
+def _n_params(captioner) -> float:
+    """Millions of parameters (the tagger's ONNX weights are not counted: 0)."""
+    parts = [captioner]
+    if hasattr(captioner, "captioner"):
+        parts = [captioner.captioner]
+    return sum(p.numel() for c in parts if hasattr(c, "model") for p in c.model.parameters()) / 1e6
+
+
+def _copy_one(path: Path, folder: Path) -> Path:
+    folder.mkdir()
+    (folder / path.name).write_bytes(path.read_bytes())
+    return folder / path.name
 
 
 def _sync(device, t0: float) -> float:
