@@ -107,7 +107,7 @@ def one_batch_at_a_time(captioner, paths: list[Path], cfg: CaptionConfig, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
                    help="captioner folder or Hub id of any family (default: BLIP base architecture, "
                         "random weights)")

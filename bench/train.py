@@ -203,7 +203,8 @@ def run_side(side: str, a: argparse.Namespace, work: Path, model_dir: Path, imag
 def main() -> None:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--resolution", type=int, default=None, help="default: 128 (small) / 512 (sd15)")

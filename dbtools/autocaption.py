@@ -812,6 +812,7 @@ def _check_undo(steps: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m dbtools caption",
         description="Caption images with BLIP / BLIP-2, Florence-2, a WD14-style tagger or an "
                     "instruction VLM (EveryDream auto_caption.py flags). The family is read from "

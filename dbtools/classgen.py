@@ -333,7 +333,7 @@ def pipeline_loader_for(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dbtools classgen", description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dbtools classgen", description=(
         "Generate the missing class images for prior preservation (only what is missing)."))
     p.add_argument("--pretrained_model_name_or_path", required=True,
                    help="Hub id, diffusers folder or .safetensors/.ckpt file")

@@ -594,6 +594,7 @@ def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m dbtools export",
         description="Convert a diffusers Stable Diffusion folder (e.g. a training step folder) into one "
                     "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x and 2.x.",

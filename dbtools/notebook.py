@@ -270,10 +270,13 @@ def build_train_command(
     (`python -m accelerate.commands.launch`), so the kernel's environment is used even
     when its `bin/` is not on PATH. A `hub_token` is refused: log in with `hf_login()`.
     """
-    if flags.get("hub_token"):
-        raise ValueError("Do not pass hub_token as a flag (it would be visible in the command and "
+    from dbtools.train_config import is_secret_flag
+
+    secret = [name for name, value in flags.items() if is_secret_flag(name) and value]
+    if secret:
+        raise ValueError(f"Do not pass {secret[0]} as a flag (it would be visible in the command and "
                          "saved with the run). Log in with hf_login() or set $HF_TOKEN instead.")
-    flags.pop("hub_token", None)
+    flags = {name: value for name, value in flags.items() if not is_secret_flag(name)}
     bad = [name for name in flags if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
     if bad:
         raise ValueError(f"not valid flag names: {bad}")
@@ -292,14 +295,14 @@ def check_train_flags(args: list[str]) -> None:
     import argparse
     import difflib
 
-    from dbtools.train_config import build_parser
+    from dbtools.train_config import build_parser, mask_secret_text
 
     parser = build_parser()
     parser.exit_on_error = False
     try:
         _, unknown = parser.parse_known_args(args)
     except argparse.ArgumentError as exc:
-        raise ValueError(f"training flag problem: {exc}") from None
+        raise ValueError(mask_secret_text(f"training flag problem: {exc}")) from None
     known = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
     problems = []
     for arg in unknown:
@@ -518,6 +521,8 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
                     **options: Any) -> int:
     """The training cell: show the command (`training_command`), run it with its output
     streamed into the cell; raises `CommandError` with the last lines when it fails."""
+    from dbtools.train_config import mask_secrets
+
     argv = training_command(model, output_dir, concepts_list, **options)
-    logger.info("%s\n", shlex.join(map(str, argv)))
+    logger.info("%s\n", shlex.join(mask_secrets(argv)))
     return run_command(argv, check=True)

@@ -156,7 +156,7 @@ def run_preview(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools preview --output_dir D`: write a grid of samples across steps."""
-    parser = argparse.ArgumentParser(prog="python -m dbtools preview", description=main.__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dbtools preview", description=main.__doc__)
     parser.add_argument("--output_dir", required=True, help="the training output folder")
     parser.add_argument("--out", default=None, help="PNG to write (default: <output_dir>/preview.png)")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="only these steps")

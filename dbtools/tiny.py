@@ -474,7 +474,7 @@ def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools tiny --out DIR`: write the tiny offline models."""
-    parser = argparse.ArgumentParser(prog="python -m dbtools tiny", description=main.__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dbtools tiny", description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, blip/ ... into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -94,6 +94,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # saving, samples, logging
     output_dir: str = "text-inversion-model"
+    overwrite_output_dir: bool = False
     save_interval: int = 10_000
     save_min_steps: int = 0
     save_sample_prompt: str | None = None
@@ -135,7 +136,12 @@ class TrainConfig:
 
 
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)$", re.I)
+# A flag whose name holds one of these words as a whole part (`--hub_token`, `--token_x`),
+# but not `--keep_tokens` or `--tokenizer_name`.
+_SECRET_FLAG = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)(_|$)", re.I)
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})\b")
+SECRET_FLAGS = ("hub_token",)
+REDACTED = "<redacted>"
 
 
 def public_args(cfg: TrainConfig) -> dict:
@@ -148,6 +154,38 @@ def public_args(cfg: TrainConfig) -> dict:
         if isinstance(value, str):
             value = _SECRET_VALUE.sub("<redacted>", value)
         out[key] = value
+    return out
+
+
+def mask_secret_text(text: str) -> str:
+    """`text` with token-looking strings (`hf_...`) replaced by `<redacted>`."""
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+def is_secret_flag(name: str) -> bool:
+    """True for a flag name that carries a secret (`hub_token`, `*_token`, ...)."""
+    # A prefix of a secret flag is masked too: old parsers accepted abbreviations.
+    return bool(_SECRET_FLAG.search(name)) or any(len(name) >= 3 and s.startswith(name) for s in SECRET_FLAGS)
+
+
+def mask_secrets(argv: list[str]) -> list[str]:
+    """A command line safe to show or log: values of token-like flags (`--hub_token x`,
+    `--hub_token=x`, any `--*_token`) and token-looking strings anywhere become `<redacted>`."""
+    out: list[str] = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next and not arg.startswith("--"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        if arg.startswith("--"):
+            name, eq, _ = arg[2:].partition("=")
+            if is_secret_flag(name):
+                out.append(f"--{name}={REDACTED}" if eq else arg)
+                hide_next = not eq
+                continue
+        out.append(mask_secret_text(arg))
     return out
 
 
@@ -172,7 +210,8 @@ class _FlagAdder:
 
 def build_parser() -> argparse.ArgumentParser:
     """The one parser behind `train_dreambooth.py` and `python -m dbtools train`."""
-    p = argparse.ArgumentParser(description="DreamBooth training for Stable Diffusion with per-image prompts.")
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description="DreamBooth training for Stable Diffusion with per-image prompts.")
     f = _FlagAdder(p)
     for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _output_flags, _hub_flags):
         add(f)
@@ -267,6 +306,8 @@ def _optimizer_flags(f: _FlagAdder) -> None:
 def _output_flags(f: _FlagAdder) -> None:
     """Saved weights, samples, checkpoints and logs."""
     f("output_dir", "Where weights, checkpoints and logs go.", type=str)
+    f.switch("overwrite_output_dir", "Start a new run in an output folder that holds another run: its "
+             "folders are moved aside to <output_dir>-previous-<time> (never deleted).")
     f("save_interval", "Save weights every N steps.", type=int)
     f("save_min_steps", "Start saving weights after N steps.", type=int)
     f("save_sample_prompt", "Prompt for sample images saved with the weights.", type=str)
@@ -334,6 +375,7 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
                  "checkpointing_steps", "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1.")
+    problems += number_problems(cfg)
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
         problems.append("--max_train_steps must be at least 1.")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
@@ -359,6 +401,41 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint "
                         f"folder (looked in {cfg.output_dir}). Use 'latest' or an existing "
                         f"{CHECKPOINT_PREFIX}<step> folder.")
+    return problems
+
+
+# flag: (lowest, highest); "(" / ")" in `open` mark a bound the value may not equal.
+_NUMBER_RANGES: dict[str, tuple[float, float | None, str]] = {
+    "learning_rate": (0.0, None, "("), "adam_beta1": (0.0, 1.0, ")"), "adam_beta2": (0.0, 1.0, ")"),
+    "adam_weight_decay": (0.0, None, ""), "adam_epsilon": (0.0, None, ""), "max_grad_norm": (0.0, None, ""),
+    "prior_loss_weight": (0.0, None, ""), "ema_decay": (0.0, 1.0, ""), "save_guidance_scale": (0.0, None, ""),
+    "lr_power": (0.0, None, "("), "offset_noise_strength": (0.0, None, ""), "snr_gamma": (0.0, None, "("),
+}
+_NONNEGATIVE_INTS = ("lr_warmup_steps", "num_class_images", "save_min_steps", "save_infer_steps",
+                     "num_train_epochs", "lr_num_cycles", "dataloader_num_workers", "num_validation_images")
+
+
+def number_problems(cfg: TrainConfig) -> list[str]:
+    """Numeric flags that are not finite or out of range (`--learning_rate -1`, `nan`)."""
+    import math
+
+    problems = []
+    for name, (low, high, open_) in _NUMBER_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        above = value > low if "(" in open_ else value >= low
+        below = high is None or (value < high if ")" in open_ else value <= high)
+        if not (math.isfinite(value) and above and below):
+            bound = f"{'above' if '(' in open_ else 'at least'} {low:g}"
+            if high is not None:
+                bound += f" and {'below' if ')' in open_ else 'at most'} {high:g}"
+            problems.append(f"--{name} {value}: must be a finite number {bound}.")
+    for name in _NONNEGATIVE_INTS:
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} {getattr(cfg, name)}: cannot be negative.")
+    if cfg.log_interval < 1 or cfg.validation_steps < 1:
+        problems.append("--log_interval and --validation_steps must be at least 1.")
     return problems
 
 
