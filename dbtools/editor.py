@@ -40,14 +40,18 @@ def caption_path(image: Path, fmt: str) -> Path | None:
 
 
 def read_caption(image: Path, fmt: str) -> str:
-    """The image's current caption in format `fmt` ("" when its caption file is missing)."""
+    """The image's current caption in format `fmt` ("" when its caption file is missing).
+
+    A caption file in an encoding other than UTF-8 / UTF-16 with BOM raises
+    `CaptionEncodingError` naming it (shown garbled, an edit would overwrite it)."""
     from dbtools.captions import caption_from_filename
+    from dbtools.textio import read_caption_file
 
     path = caption_path(image, fmt)
     if path is None:
         return caption_from_filename(image.name)
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        return read_caption_file(path).strip()
     except FileNotFoundError:
         return ""
 

@@ -71,6 +71,7 @@ from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_fro
                               default_template, template_problems)
 from dbtools.concepts import Concept, ConceptError, concept_problems, read_concepts, write_concepts
 from dbtools.images import is_image_name, is_skipped_dir, natural_key
+from dbtools.textio import CaptionEncodingError, decode_caption
 
 logger = logging.getLogger(__name__)
 
@@ -388,10 +389,15 @@ def _process_file(base: str, image: str, target: str, planned: bytes, files: set
     path = base + target
     try:
         existing = _read(path) if target in files else None
+        if existing is not None:  # compared as text: a UTF-16 file holding the plan is unchanged
+            existing = decode_caption(existing, path).encode("utf-8")
         action = decide(existing, planned, overwrite)
         if action == WRITTEN or action == REPLACED:
             atomic_put(path, planned, fsync=False)  # why no fsync: module docstring
             files.add(target)
+    except CaptionEncodingError as exc:
+        summary.failed.append((Path(path), str(exc)))
+        return FAILED, f"\t{exc}"
     except OSError as exc:
         return _failed(summary, path, exc)
     if action == NO_CAPTION:
@@ -485,6 +491,7 @@ def _write_log(concept: Concept, template: str, cfg: ExtractConfig, lines: list[
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m dbtools extract",
         description="Write a caption file for every image from its file name "
                     "(`a red car_3.png` -> `a red car_3.png.txt` holding `a red car`), "
