@@ -33,8 +33,9 @@ from PIL import Image
 
 from dbtools.atomic import atomic_write
 from dbtools.captions import apply_template, clean_caption, template_problems
-from dbtools.concepts import Concept
+from dbtools.concepts import Concept, concept_problems
 from dbtools.images import ImageError, list_images, load_rgb
+from dbtools.textio import CaptionEncodingError, read_caption_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,16 @@ def caption_candidates(image: Path) -> list[Path]:
 
 def find_caption_file(image: Path) -> Path | None:
     """The first existing caption file of `image` (see `caption_candidates`), else None."""
-    return next((p for p in caption_candidates(image) if p.is_file()), None)
+    return next((p for p in caption_candidates(image) if _is_file(p)), None)
+
+
+def _is_file(path: Path) -> bool:
+    # `<image name>.txt` of an image whose name is near the 255-byte limit is too long to
+    # exist (ENAMETOOLONG): then it is simply not there, and `<stem>.txt` is looked for.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def build_prompt(caption: str, concept: Concept, template: str | None) -> str:
@@ -85,11 +95,15 @@ class DataPlan:
     classes: list[Example]
 
 
-def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool,
-                              template: str | None) -> tuple[list[Example], list[str]]:
-    """Instance examples of one concept, and a message for every image that cannot be used."""
+def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool, template: str | None,
+                              exclude_dirs: Sequence[str | os.PathLike] = ()) -> tuple[list[Example], list[str]]:
+    """Instance examples of one concept, and a message for every image that cannot be used.
+
+    Images inside any of `exclude_dirs` (class folders, the training output) are never
+    instance images, even when those folders lie inside the instance folder.
+    """
     examples, problems = [], []
-    for path in list_images(concept.instance_data_dir, recursive=True):
+    for path in instance_images(concept.instance_data_dir, exclude_dirs):
         if not read_prompts_from_txts:
             examples.append(Example(path, concept.instance_prompt))
             continue
@@ -99,13 +113,52 @@ def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool,
                             f"{path.stem}.caption). Write one (python -m dbtools extract) or remove "
                             "the image.")
             continue
-        caption = clean_caption(caption_file.read_text(encoding="utf-8", errors="replace"))
+        try:
+            caption = clean_caption(read_caption_file(caption_file))
+        except CaptionEncodingError as exc:
+            problems.append(str(exc))
+            continue
         if not caption:
             problems.append(f"{caption_file}: caption file is empty. Write the caption into it or "
                             "remove the image.")
             continue
         examples.append(Example(path, build_prompt(caption, concept, template)))
     return examples, problems
+
+
+def instance_images(folder: str | os.PathLike, exclude_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Images under `folder` (recursively), without those inside any of `exclude_dirs`.
+
+    The skipped sub-folders are logged.
+    """
+    root = Path(folder)
+    inside = _subfolders_inside(root, exclude_dirs)
+    images = list_images(root, recursive=True)
+    if not inside:
+        return images
+    kept = [p for p in images if not any(p.relative_to(root).parts[:len(sub)] == sub for sub in inside)]
+    for sub in inside:
+        logger.info("%s: skipped sub-folder %s (class images or training output are never instance images)",
+                    root, os.path.join(*sub))
+    return kept
+
+
+def _subfolders_inside(root: Path, folders: Sequence[str | os.PathLike]) -> list[tuple[str, ...]]:
+    """The relative parts of each of `folders` that lies strictly inside `root` (links resolved)."""
+    real_root = os.path.realpath(root)
+    out = []
+    for folder in folders:
+        if not os.fspath(folder).strip():
+            continue
+        rel = os.path.relpath(os.path.realpath(folder), real_root)
+        if rel != os.curdir and not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            out.append(Path(rel).parts)
+    return out
+
+
+def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when `a` and `b` name the same folder (links and `..` resolved)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def concept_class_examples(concept: Concept) -> list[Example]:
@@ -118,26 +171,38 @@ def concept_class_examples(concept: Concept) -> list[Example]:
 
 def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool = False,
                   prompt_template: str | None = None, with_prior_preservation: bool = False,
-                  check_images: bool = True) -> tuple[DataPlan, list[str]]:
+                  check_images: bool = True, output_dir: str | os.PathLike | None = None
+                  ) -> tuple[DataPlan, list[str]]:
     """Find every example and everything wrong with the data, without loading a model.
 
-    Problems (each naming the file and the fix): missing/empty instance folders, missing
-    or empty caption files, prompts that are empty, bad templates, images that do not
-    open (`load_rgb`), an empty class folder path. Class folders may be missing or short
-    of images: class images are generated before training.
+    Problems (each naming the file and the fix): wrongly typed concept fields, missing/empty
+    instance folders, missing, empty or undecodable caption files, prompts that are empty,
+    bad templates, images that do not open (`load_rgb`), an empty class folder path, a
+    class folder (with prior preservation) or `output_dir` equal to an instance folder.
+    Class folders may be missing or short of images: class images are generated before
+    training. Instance images are never taken from inside a class folder or `output_dir`.
     """
     instance, classes, problems = [], [], []
+    exclude = [c.class_data_dir for c in concepts if isinstance(c.class_data_dir, str) and c.class_data_dir.strip()]
+    exclude += [output_dir] if output_dir else []
     for i, concept in enumerate(concepts):
         where = f"concept {i + 1}"
+        if not _well_typed(concept):
+            problems += concept_problems(concept, i)
+            continue
         template = prompt_template or concept.prompt_template
-        if template:
-            problems += [f"{where}: {p}" for p in template_problems(template)]
+        bad_template = [f"{where}: {p}" for p in template_problems(template)] if template else []
+        problems += bad_template
         folder = Path(concept.instance_data_dir or "")
         if not concept.instance_data_dir.strip() or not folder.is_dir():
             problems.append(f"{where}: instance_data_dir {concept.instance_data_dir!r} is not a folder. "
                             "Fix the path (is Google Drive mounted?).")
             continue
-        found, bad = concept_instance_examples(concept, read_prompts_from_txts, template)
+        mixed = _mixing_problems(concept, where, with_prior_preservation, output_dir)
+        problems += mixed
+        if bad_template or mixed:
+            continue
+        found, bad = concept_instance_examples(concept, read_prompts_from_txts, template, exclude)
         problems += bad
         if not found and not bad:
             problems.append(f"{where}: {folder} contains no images (.jpg .png .webp ...). Put the "
@@ -152,6 +217,26 @@ def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool =
     if check_images:
         problems += unreadable_images([e.path for e in instance + classes])
     return DataPlan(instance, classes), problems
+
+
+def _well_typed(concept: Concept) -> bool:
+    fields = (concept.instance_data_dir, concept.instance_prompt, concept.class_prompt, concept.class_data_dir)
+    return all(isinstance(v, str) for v in fields) and isinstance(concept.prompt_template, (str, type(None)))
+
+
+def _mixing_problems(concept: Concept, where: str, with_prior_preservation: bool,
+                     output_dir: str | os.PathLike | None) -> list[str]:
+    """Folders that would mix class images or training output into the instance images."""
+    problems = []
+    inst = concept.instance_data_dir
+    if with_prior_preservation and concept.class_data_dir.strip() and same_folder(concept.class_data_dir, inst):
+        problems.append(f"{where}: class_data_dir and instance_data_dir are the same folder ({inst}): generated "
+                        "class images would be written into your training images. Give the class images a "
+                        "folder of their own (e.g. a 'class' folder next to the instance folder).")
+    if output_dir and same_folder(output_dir, inst):
+        problems.append(f"{where}: --output_dir is the instance folder ({inst}): saved samples would become "
+                        "training images. Choose another --output_dir.")
+    return problems
 
 
 def _class_problems(concept: Concept, where: str) -> list[str]:
@@ -258,7 +343,8 @@ def image_to_array(img: Image.Image, dst: Size, box: tuple[Size, tuple[int, int]
 
 def step_seed(seed: int, index: int, salt: str = "") -> int:
     """A 63-bit seed for the random choices of micro-batch `index` (stable across runs)."""
-    digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode()).digest()
+    # surrogateescape: a salt holding a file name that is not UTF-8 keeps its raw bytes.
+    digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -408,6 +494,23 @@ def load_item(item: Item, flip: bool) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- latent cache
+
+
+def file_fingerprint(path: str | os.PathLike, head_bytes: int = 1 << 20) -> list:
+    """What identifies a weight file's contents cheaply: name, size, mtime and a digest of
+    its first `head_bytes` (the safetensors header and the first tensors)."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(head_bytes)).hexdigest()
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns, head]
+
+
+def weights_key(weight_files: Sequence[str | os.PathLike], config: dict, *names) -> str:
+    """The latent-cache key of a VAE: its weight files' fingerprints, its config, and `names`
+    (model ids, revision, variant). Swapping the weights at the same path changes the key."""
+    parts = [[file_fingerprint(f) for f in sorted(map(os.fspath, weight_files))],
+             json.dumps(dict(config), sort_keys=True, default=str), [str(n) for n in names]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def latent_key(model_key: str, item: Item, flip: bool) -> str:
