@@ -149,6 +149,7 @@ def _train(cfg: DemoConfig, sd: Path, concepts_list: Path, output_dir: Path, say
         save_interval=every, checkpointing_steps=every, checkpoints_total_limit=1,
         save_sample_prompt="sks style, a castle", n_save_sample=2, save_infer_steps=2,
         save_single_file=True, report_to="tensorboard",
+        overwrite_output_dir=True,  # running the demo again moves its earlier run aside
     )
     result = train(tcfg)
     say(f"6/7 weights: {result.weights_dir}; single file: {result.single_file}")
@@ -165,7 +166,7 @@ def _preview(output_dir: Path, say) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools demo [--out DIR]`: every stage, offline, on tiny models."""
-    parser = argparse.ArgumentParser(prog="python -m dbtools demo", description=main.__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dbtools demo", description=main.__doc__)
     parser.add_argument("--out", default=DemoConfig.out, help="folder for everything the demo writes")
     parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import errno
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,10 @@ from dbtools.checkpoints import (SINGLE_FILE_NAME, checkpoint_step, remove_stale
                                  should_save, write_checkpoint)
 from dbtools.concepts import Concept, ConceptError
 from dbtools.data import (DataConfig, DataPlan, DreamBoothData, LatentCache, concept_class_examples,
-                          scan_concepts, step_seed)
+                          scan_concepts, step_seed, weights_key)
 from dbtools.train_config import TrainConfig, flag_problems, public_args, report_trackers, resolve_mixed_precision
+from dbtools.train_folders import (MiB, another_run_message, folder_problems, holds_another_run, human_size,
+                                   move_previous_run, nearest_existing)
 
 # The settings and the output-folder rules have modules of their own; their public names
 # stay importable from here.
@@ -77,11 +81,66 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     if concepts:
         plan, data_problems = scan_concepts(
             concepts, read_prompts_from_txts=cfg.read_prompts_from_txts,
-            prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation)
+            prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation,
+            output_dir=cfg.output_dir)
         problems += data_problems
+    problems += output_problems(cfg, concepts, plan)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     return concepts, plan
+
+
+def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -> list[str]:
+    """Folders the run writes to that are files, unwritable, short of space, or hold another run."""
+    model_bytes = local_model_bytes(cfg.pretrained_model_name_or_path)
+    problems = folder_problems(cfg.output_dir, "--output_dir", max(model_bytes, 64 * MiB))
+    problems += folder_problems(Path(cfg.output_dir, "0", cfg.logging_dir), "--logging_dir", 16 * MiB)
+    if cfg.cache_dir and not cfg.not_cache_latents:
+        problems += folder_problems(cfg.cache_dir, "--cache_dir", _latent_bytes(cfg, len(plan.instance)))
+    if cfg.with_prior_preservation:
+        problems += _class_folder_problems(cfg, concepts)
+    resuming = resume_path(cfg.output_dir, cfg.resume_from_checkpoint) is not None
+    if not problems and not resuming and not cfg.overwrite_output_dir and holds_another_run(cfg.output_dir):
+        problems.append(another_run_message(cfg.output_dir))
+    if resuming and cfg.overwrite_output_dir:
+        problems.append("--overwrite_output_dir moves the run aside that --resume_from_checkpoint would continue: "
+                        "drop one of the two.")
+    return problems
+
+
+def local_model_bytes(name_or_path: str) -> int:
+    """Bytes of the weights a save writes, from a local model (0 when it is a Hub id)."""
+    path = Path(name_or_path or "")
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    total = 0
+    for sub in ("unet", "text_encoder", "vae"):
+        files = [f for f in (path / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+        full = [f for f in files if ".fp16." not in f.name] or files
+        total += sum(f.stat().st_size * (2 if ".fp16." in f.name else 1) for f in full)
+    return total
+
+
+def _latent_bytes(cfg: TrainConfig, n_images: int) -> int:
+    # mean and std, 4 channels at 1/8 of the resolution, float32, per flip.
+    flips = 2 if cfg.hflip else 1
+    return max(MiB, n_images * flips * 2 * 4 * (cfg.resolution // 8) ** 2 * 4)
+
+
+def _class_folder_problems(cfg: TrainConfig, concepts: list[Concept]) -> list[str]:
+    """Class folders that must receive generated images: writable, with room for them."""
+    problems, seen = [], set()
+    for concept in concepts:
+        folder = concept.class_data_dir
+        if not isinstance(folder, str) or not folder.strip() or os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        missing = cfg.num_class_images - len(concept_class_examples(concept))
+        if missing > 0:  # a JPEG of about 3/8 byte per pixel each
+            problems += folder_problems(folder, "class_data_dir", max(MiB, missing * cfg.resolution ** 2 * 3 // 8))
+    return problems
 
 
 # --------------------------------------------------------------------------- setup
@@ -342,8 +401,8 @@ def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtyp
                       keep_tokens=cfg.keep_tokens, seed=cfg.seed or 0)
     cache = None
     if not cfg.not_cache_latents:
-        key = json.dumps([cfg.pretrained_model_name_or_path, cfg.pretrained_vae_name_or_path,
-                          cfg.revision, cfg.variant])
+        key = weights_key(vae_weight_files(cfg), vae.config, cfg.pretrained_model_name_or_path,
+                          cfg.pretrained_vae_name_or_path, cfg.revision, cfg.variant)
         cache = LatentCache(key, cfg.cache_dir)
     data = DreamBoothData(plan, dcfg, cache)
     if cache is not None:
@@ -353,6 +412,26 @@ def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtyp
         logger.info("latents: %d encoded, %d read from %s", cache.encoded, cache.read_from_disk,
                     cfg.cache_dir or "memory")
     return data
+
+
+def vae_weight_files(cfg: TrainConfig) -> list[Path]:
+    """The files holding the VAE's weights (local paths, or the Hub cache's copies); [] if unknown."""
+    name = cfg.pretrained_vae_name_or_path or cfg.pretrained_model_name_or_path
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        return [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")]
+    try:  # a Hub id: the cached snapshot's files (their folder name is the commit)
+        from huggingface_hub import snapshot_download
+
+        sub = "" if cfg.pretrained_vae_name_or_path else "vae/"
+        snap = Path(snapshot_download(name, revision=cfg.revision if cfg.revision != "fp16" else None,
+                                      allow_patterns=[f"{sub}*.safetensors", f"{sub}*.bin"], local_files_only=True))
+        return [f for f in (snap / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+    except Exception:  # not in the local cache under this name: the ids and the config still key it
+        return []
 
 
 def _vae_stats(vae, pixels, device, dtype):
@@ -801,6 +880,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
+        if cfg.overwrite_output_dir:
+            move_previous_run(cfg.output_dir)
         remove_stale_temporaries(cfg.output_dir)
     if cfg.seed is not None:
         from accelerate.utils import set_seed
@@ -861,8 +942,13 @@ def _log_step(run: Run, bar, step: int, loss: float, recent: list[float]) -> Non
 
 
 def _periodic_saves(run: Run, step: int) -> None:
+    with _disk_full_message(run):
+        _main_process_saves(run, step, step == run.max_train_steps)
+    run.accelerator.wait_for_everyone()
+
+
+def _main_process_saves(run: Run, step: int, last: bool) -> None:
     acc, cfg = run.accelerator, run.cfg
-    last = step == run.max_train_steps
     if acc.is_main_process:
         if step % cfg.checkpointing_steps == 0:
             save_checkpoint(run, step)
@@ -870,7 +956,36 @@ def _periodic_saves(run: Run, step: int) -> None:
             save_weights(run, step)
         if cfg.validation_prompt and step % cfg.validation_steps == 0:
             save_validation(run, step)
-    acc.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _disk_full_message(run: Run):
+    """A full disk while saving becomes one `TrainError` naming the folder and the space needed
+    (the half-written folder is already removed by `atomic_dir`)."""
+    try:
+        yield
+    except Exception as exc:  # safetensors reports a full disk as its own error type, not OSError
+        if not _is_disk_full(exc):
+            raise
+        out = Path(run.cfg.output_dir)
+        free = shutil.disk_usage(nearest_existing(out)).free
+        raise TrainError(f"The disk is full: saving in {out} needs about {human_size(_save_bytes(run))} "
+                         f"({human_size(free)} free). Free space there (e.g. remove older step folders with "
+                         "`python -m dbtools cleanup` or the clean-up cell), then continue with "
+                         "--resume_from_checkpoint latest.") from None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "code: 28" in text
+
+
+def _save_bytes(run: Run) -> int:
+    """Bytes of one weights save: every saved module in float32."""
+    modules = [run.models.unet, run.models.text_encoder, run.models.vae]
+    return sum(p.numel() * 4 for m in modules for p in m.parameters())
 
 
 def _nonfinite_message(cfg: TrainConfig, step: int, count: int) -> str:
@@ -885,7 +1000,8 @@ def finish(run: Run, step: int) -> TrainResult:
     acc, cfg = run.accelerator, run.cfg
     weights = single = None
     if acc.is_main_process:
-        weights = save_weights(run, step, final=True)
+        with _disk_full_message(run):
+            weights = save_weights(run, step, final=True)
         single = weights / SINGLE_FILE_NAME if cfg.save_single_file else None
         if cfg.push_to_hub:
             logger.info("uploaded to https://huggingface.co/%s", push_to_hub(cfg, weights))

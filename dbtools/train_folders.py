@@ -1,0 +1,138 @@
+"""The folders a training run writes to, checked before any model loads.
+
+- Each folder (`--output_dir`, `--cache_dir`, the logging folder, class folders that
+  will receive generated images) must be a folder, or creatable, writable, and on a
+  disk with room for what the run will write there.
+- A fresh run never lands on top of another run: an output folder holding weights or
+  checkpoints of an earlier run is refused, unless the run resumes from it or
+  `--overwrite_output_dir` asks to move the old run's folders aside (never deleted).
+
+The checks return messages (each naming the path and the fix); `move_previous_run` is
+the one function here that changes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, is_weights_folder, list_weights, step_folders
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def human_size(n: int) -> str:
+    """`1.5 GiB`, `300 MiB`: a size for messages."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{max(1, round(n / MiB))} MiB"
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself, or its closest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def folder_problems(path: str | os.PathLike, flag: str, need_bytes: int) -> list[str]:
+    """Why `path` cannot take `need_bytes` of new files (empty when it can).
+
+    The folder may not exist yet (it is created later); then its closest existing
+    ancestor must be a writable folder. Writability is tested by creating and removing
+    a temporary file, which also catches read-only mounts where permission bits lie.
+    """
+    path = Path(path)
+    base = nearest_existing(path)
+    if not base.is_dir():
+        what = "is a file" if base == Path(os.path.abspath(path)) else f"lies under a file ({base})"
+        return [f"{flag} {path} {what}, not a folder. Give a folder path."]
+    if not _can_write(base):
+        return [(f"{flag} {path}: cannot write in {base} (permission denied or read-only). Choose a writable "
+                 "folder (on Colab, one under /content or your mounted Drive).")]
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        return [(f"{flag} {path}: not enough free space ({human_size(free)} free, about "
+                 f"{human_size(need_bytes)} needed). Free some space or choose a folder on another disk.")]
+    return []
+
+
+def _can_write(folder: Path) -> bool:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".dbtools-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- another run
+
+
+def previous_run_entries(output_dir: str | os.PathLike) -> list[Path]:
+    """What an earlier run left in `output_dir`: step folders (`<step>/`, including `0/` with
+    its logs), `checkpoint-<step>/`, `validation/`, and a pipeline or LoRA saved in the
+    folder itself (diffusers layout)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for _, p in step_folders(root)] + [p for _, p in step_folders(root, CHECKPOINT_PREFIX)]
+    found += [root / "validation"] if (root / "validation").is_dir() else []
+    if is_weights_folder(root):
+        found += [root / n for n in _pipeline_entries(root) if (root / n).exists()]
+    return found
+
+
+def _pipeline_entries(root: Path) -> list[str]:
+    import json
+
+    names = ["model_index.json", LORA_WEIGHTS, "args.json", "samples"]
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+        names += [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    except (OSError, ValueError):
+        pass
+    return names
+
+
+def holds_another_run(output_dir: str | os.PathLike) -> bool:
+    """True when `output_dir` holds saved weights or checkpoints of a run."""
+    root = Path(output_dir)
+    return bool(list_weights(root) or step_folders(root, CHECKPOINT_PREFIX) or
+                (root.is_dir() and is_weights_folder(root)))
+
+
+def another_run_message(output_dir: str | os.PathLike) -> str:
+    """The refusal of a fresh run in a folder holding another run, with the three ways out."""
+    return (f"--output_dir {output_dir} already holds another run's weights or checkpoints; a new run there "
+            "would mix with them. Either continue that run with --resume_from_checkpoint latest, or choose a "
+            "new --output_dir, or add --overwrite_output_dir to move the old run's folders aside into "
+            f"{Path(output_dir).name}-previous-<time> next to it (nothing is deleted).")
+
+
+def move_previous_run(output_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier run's folders (`previous_run_entries`) into a new sibling folder
+    `<output_dir>-previous-<time>`; return it (None when there was nothing to move)."""
+    root = Path(output_dir)
+    entries = previous_run_entries(root)
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = root.with_name(f"{root.name}-previous-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = root.with_name(f"{root.name}-previous-{stamp}-{n}")
+    target.mkdir()
+    for entry in entries:
+        os.replace(entry, target / entry.name)  # same disk: a rename, nothing copied or deleted
+    logger.info("--overwrite_output_dir: moved the earlier run's %d folder(s) from %s to %s",
+                len(entries), root, target)
+    return target
