@@ -1,0 +1,351 @@
+"""Training against careless set-ups and hostile inputs: flags, folders, captions, names.
+
+Everything here is refused (or handled) before a model loads, except the few tiny
+training runs that show a case end to end.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import errno
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbtools import notebook as nb
+from dbtools import train as T
+from dbtools.concepts import Concept
+from dbtools.data import find_caption_file, scan_concepts, step_seed, weights_key
+from dbtools.editor import read_caption
+from dbtools.extract import ExtractConfig, run_extract
+from dbtools.textio import CaptionEncodingError, decode_caption
+from dbtools.train import TrainConfig, TrainError
+from dbtools.train_config import mask_secrets, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def captioned(folder: Path, image_factory, name: str = "a.png", text: str = "sks toy") -> Path:
+    img = image_factory(folder / name)
+    Path(f"{img}.txt").write_text(text, encoding="utf-8")
+    return img
+
+
+def config(model, data, out, **kw) -> TrainConfig:
+    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
+                read_prompts_from_txts=True, resolution=32, train_batch_size=1, max_train_steps=1, seed=3,
+                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", checkpointing_steps=1000,
+                save_interval=1000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if training loads a model (everything must be caught before)."""
+    import dbtools.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the pre-flight finished")
+
+    monkeypatch.setattr(dbtools.models, "load_sd_components", refuse)
+
+
+def preflight_error(cfg: TrainConfig) -> str:
+    with pytest.raises(TrainError) as info:
+        T.preflight(cfg)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- flags and tokens
+
+
+def test_every_parser_refuses_abbreviated_flags():
+    """argparse's prefix matching let `--hub_t=...` through as --hub_token; no parser allows it."""
+    sources = [*ROOT.glob("dbtools/*.py"), *ROOT.glob("bench/*.py"), ROOT / "train_dreambooth.py"]
+    parsers = 0
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "ArgumentParser":
+                parsers += 1
+                flags = {k.arg: k.value for k in node.keywords}
+                assert "allow_abbrev" in flags and flags["allow_abbrev"].value is False, path
+    assert parsers >= 8
+    with pytest.raises(SystemExit):
+        parse_args(["--hub_t", TOKEN])
+    with pytest.raises(SystemExit):
+        parse_args(["--learning_r=1e-6"])
+
+
+def test_abbreviated_token_flag_in_the_notebook_is_refused_and_never_shown(tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    ran = []
+    monkeypatch.setattr(nb, "run_command", lambda argv, **k: ran.append(argv) or 0)
+    for extra in (f"--hub_t={TOKEN}", f"--hub_t {TOKEN}", f"--hub_token={TOKEN}"):
+        with pytest.raises(ValueError) as info:
+            nb.launch_training("m", tmp_path / "out", tmp_path / "c.json", extra_flags=extra)
+        assert TOKEN not in str(info.value)
+    assert not ran
+    # A token pasted anywhere else in a command is masked where the command is shown.
+    nb.launch_training("m", tmp_path / "out", tmp_path / "c.json", save_sample_prompt=f"a photo {TOKEN}")
+    assert ran and TOKEN in " ".join(ran[0])  # the child gets what the user typed
+    out = capsys.readouterr()
+    assert TOKEN not in caplog.text + out.out + out.err
+    assert "<redacted>" in caplog.text
+
+
+def test_mask_secrets_hides_token_values_and_keeps_other_flags():
+    argv = ["--hub_token", "abc", f"--hub_token={TOKEN}", "--my_auth_token=xyz", f"--save_sample_prompt=a {TOKEN}",
+            "--keep_tokens", "2", "--tokenizer_name=t", "--hub_t", "short"]
+    assert mask_secrets(argv) == ["--hub_token", "<redacted>", "--hub_token=<redacted>", "--my_auth_token=<redacted>",
+                                  "--save_sample_prompt=a <redacted>", "--keep_tokens", "2", "--tokenizer_name=t",
+                                  "--hub_t", "<redacted>"]
+
+
+@pytest.mark.parametrize("flag,value", [("learning_rate", "-1"), ("learning_rate", "nan"),
+                                        ("learning_rate", "inf"), ("adam_beta2", "1.5"), ("max_grad_norm", "-1"),
+                                        ("prior_loss_weight", "nan"), ("lr_warmup_steps", "-3")])
+def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory, no_model_loads, capsys, flag,
+                                                        value, tiny_sd):
+    captioned(tmp_path / "inst", image_factory)
+    code = T.main(["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "inst"),
+                   "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"), f"--{flag}={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--{flag}" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_output_and_cache_dir_that_are_files_are_refused(tmp_path, image_factory, tiny_sd, no_model_loads):
+    captioned(tmp_path / "inst", image_factory)
+    (tmp_path / "file").write_text("x")
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", tmp_path / "file", cache_dir=str(tmp_path / "file")))
+    assert f"--output_dir {tmp_path / 'file'} is a file" in text
+    assert f"--cache_dir {tmp_path / 'file'} is a file" in text
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", tmp_path / "file" / "out"))
+    assert "lies under a file" in text
+
+
+def test_unwritable_and_full_folders_are_found_before_any_model_loads(tmp_path, image_factory, tiny_sd,
+                                                                      no_model_loads, monkeypatch):
+    captioned(tmp_path / "inst", image_factory)
+    # /proc takes no new files, even for root (permission bits alone would not show it).
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", "/proc/dbtools-out", cache_dir="/proc/dbtools-cache",
+                                  with_prior_preservation=True, class_prompt="a toy",
+                                  class_data_dir="/proc/dbtools-class", num_class_images=2))
+    for flag in ("--output_dir /proc/dbtools-out", "--logging_dir", "--cache_dir /proc/dbtools-cache",
+                 "class_data_dir /proc/dbtools-class"):
+        assert f"{flag}" in text and "cannot write" in text, flag
+
+    import dbtools.train_folders as F
+
+    monkeypatch.setattr(F.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 5, 5))
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", tmp_path / "out"))
+    assert f"--output_dir {tmp_path / 'out'}: not enough free space" in text and "needed" in text
+
+
+def test_disk_full_while_saving_is_one_message_with_the_space_needed(tmp_path, image_factory, tiny_sd, monkeypatch):
+    captioned(tmp_path / "inst", image_factory)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "save_weights", full)
+    with pytest.raises(TrainError, match="disk is full") as info:
+        T.train(config(tiny_sd, tmp_path / "inst", tmp_path / "out"))
+    assert str(tmp_path / "out") in str(info.value) and "needs about" in str(info.value)
+
+
+# --------------------------------------------------------------------------- data mixed into training
+
+
+def test_instance_images_never_come_from_class_or_output_folders(tmp_path, image_factory, caplog):
+    inst = tmp_path / "inst"
+    captioned(inst, image_factory, "a.png")
+    captioned(inst, image_factory, "sub/b.png")
+    for i in range(3):
+        captioned(inst, image_factory, f"class/{i}-x.jpg", "a toy")
+    captioned(inst, image_factory, "out/1/samples/0.png", "sample")
+    concept = Concept(str(inst), class_prompt="a toy", class_data_dir=str(inst / "class"))
+    caplog.set_level(logging.INFO, logger="dbtools.data")
+    plan, problems = scan_concepts([concept], read_prompts_from_txts=True, output_dir=str(inst / "out"))
+    assert problems == []
+    assert sorted(e.path.relative_to(inst).as_posix() for e in plan.instance) == ["a.png", "sub/b.png"]
+    assert "skipped sub-folder class" in caplog.text and f"skipped sub-folder {os.path.join('out')}" in caplog.text
+
+
+def test_equal_instance_and_class_folders_or_output_folder_are_refused(tmp_path, image_factory):
+    inst = tmp_path / "inst"
+    captioned(inst, image_factory)
+    concept = Concept(str(inst), class_prompt="a toy", class_data_dir=str(tmp_path / "x" / ".." / "inst"))
+    _, problems = scan_concepts([concept], read_prompts_from_txts=True, with_prior_preservation=True)
+    assert any("class_data_dir and instance_data_dir are the same folder" in p for p in problems)
+    _, problems = scan_concepts([Concept(str(inst))], read_prompts_from_txts=True, output_dir=str(inst))
+    assert any("--output_dir is the instance folder" in p for p in problems)
+
+
+def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path, image_factory, tiny_sd,
+                                                                       no_model_loads, capsys):
+    captioned(tmp_path / "inst", image_factory)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"instance_data_dir": 5, "instance_prompt": "x"},
+                                    {"instance_data_dir": str(tmp_path / "inst"), "prompt_template": "{nope} {caption}"}]))
+    code = T.main(["--pretrained_model_name_or_path", str(tiny_sd), "--concepts_list", str(concepts),
+                   "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "'instance_data_dir' must be a string" in err and "unknown field(s) ['nope']" in err
+
+
+# --------------------------------------------------------------------------- another run in the folder
+
+
+def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(tmp_path, image_factory, tiny_sd,
+                                                                                no_model_loads, weights_factory):
+    captioned(tmp_path / "inst", image_factory)
+    out = tmp_path / "out"
+    weights_factory(out, "500")
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", out))
+    for way in ("--resume_from_checkpoint latest", "new --output_dir", "--overwrite_output_dir"):
+        assert way in text
+    shutil.rmtree(out / "500")
+    weights_factory(out, "checkpoint-7")
+    assert "another run" in preflight_error(config(tiny_sd, tmp_path / "inst", out))
+    T.preflight(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))  # resuming is fine
+    T.preflight(config(tiny_sd, tmp_path / "inst", out, overwrite_output_dir=True))
+    shutil.rmtree(out)
+    (out / "0" / "logs").mkdir(parents=True)  # logs alone are not a run
+    T.preflight(config(tiny_sd, tmp_path / "inst", out))
+
+
+def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(tmp_path, image_factory, tiny_sd,
+                                                                                weights_factory):
+    """`--overwrite_output_dir` keeps every old file (moved next to the folder); an image whose
+    name is not UTF-8 trains like any other."""
+    inst = tmp_path / "inst"
+    captioned(inst, image_factory, os.fsdecode(b"caf\xe9 cr\xe8me.png"))
+    out = tmp_path / "out"
+    old = weights_factory(out, "2")
+    weights_factory(out, "checkpoint-2")
+    (out / "0" / "logs").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    result = T.train(config(tiny_sd, inst, out, overwrite_output_dir=True))
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("out-previous-")]
+    assert len(moved) == 1
+    assert sorted(p.name for p in moved[0].iterdir()) == ["0", "2", "checkpoint-2"]
+    assert (moved[0] / "2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"x" * 100
+    assert not old.exists() and (out / "notes.txt").read_text() == "mine"
+    assert result.weights_dir == out / "1" and (out / "1" / "model_index.json").is_file()
+
+
+def test_notebook_training_cell_offers_overwrite_output_dir(tmp_path):
+    argv = nb.training_command("m", tmp_path / "out", tmp_path / "c.json", overwrite_output_dir=True)
+    assert "--overwrite_output_dir" in argv
+    assert "--overwrite_output_dir" not in nb.training_command("m", tmp_path / "out", tmp_path / "c.json")
+    cells = json.loads((ROOT / "KaliYuga_DreamBooth.ipynb").read_text(encoding="utf-8"))["cells"]
+    training = ["".join(c["source"]) for c in cells if "nb.launch_training(" in "".join(c["source"])]
+    assert len(training) == 1
+    assert "overwrite_output_dir = False  #@param" in training[0]
+    assert "overwrite_output_dir=overwrite_output_dir" in training[0]
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def test_latent_cache_key_follows_the_vae_weights_not_their_path(tmp_path):
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"A" * 1000)
+    os.utime(weights, ns=(10**18, 10**18))
+    key = weights_key([weights], {"block_out_channels": [32]}, "m", None)
+    assert key == weights_key([weights], {"block_out_channels": [32]}, "m", None)
+    weights.write_bytes(b"B" * 1000)  # same path, same size, same mtime: only the contents differ
+    os.utime(weights, ns=(10**18, 10**18))
+    assert weights_key([weights], {"block_out_channels": [32]}, "m", None) != key
+    assert weights_key([weights], {"block_out_channels": [64]}, "m", None) != \
+        weights_key([weights], {"block_out_channels": [32]}, "m", None)
+
+
+def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, image_factory, tiny_sd, caplog):
+    import torch
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    captioned(tmp_path / "inst", image_factory)
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="dbtools.train")
+    T.train(config(model, tmp_path / "inst", tmp_path / "a", cache_dir=str(cache)))
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.5)
+    vae.save_pretrained(model / "vae")
+    caplog.clear()
+    T.train(config(model, tmp_path / "inst", tmp_path / "b", cache_dir=str(cache)))
+    assert f"latents: 1 encoded, 0 read from {cache}" in caplog.text
+
+
+# --------------------------------------------------------------------------- caption files
+
+
+@pytest.mark.parametrize("data", ["café crème".encode(), codecs.BOM_UTF8 + "café crème".encode(),
+                                  "café crème".encode("utf-16"), codecs.BOM_UTF16_BE + "café crème".encode("utf-16-be")])
+def test_caption_files_in_utf8_or_utf16_with_bom_read_the_same(data):
+    assert decode_caption(data) == "café crème"
+
+
+@pytest.mark.parametrize("data,hint", [("café crème".encode("latin-1"), "not UTF-8"),
+                                       ("café crème".encode("utf-16-le"), "UTF-16 without a byte-order mark")])
+def test_other_caption_encodings_are_refused_naming_the_file_and_the_fix(data, hint):
+    with pytest.raises(CaptionEncodingError, match=hint) as info:
+        decode_caption(data, "x/a.png.txt")
+    assert "x/a.png.txt" in str(info.value) and "save it as UTF-8" in str(info.value)
+
+
+def test_training_extract_and_editor_share_the_caption_reader(tmp_path, image_factory):
+    inst = tmp_path / "inst"
+    good = image_factory(inst / "good.png")
+    Path(f"{good}.txt").write_bytes("café crème".encode("utf-16"))
+    bad = image_factory(inst / "bad.png")
+    Path(f"{bad}.txt").write_bytes("café crème".encode("latin-1"))
+    plan, problems = scan_concepts([Concept(str(inst))], read_prompts_from_txts=True)
+    assert [e.prompt for e in plan.instance] == ["café crème"]
+    assert len(problems) == 1 and "bad.png.txt" in problems[0] and "UTF-8" in problems[0]
+    assert read_caption(good, "sidecar") == "café crème"
+    with pytest.raises(CaptionEncodingError, match="bad.png.txt"):
+        read_caption(bad, "sidecar")
+    # Extract compares the text: the UTF-16 file already holds its plan; the latin-1 one is reported.
+    (inst / "café crème_1.png").write_bytes(good.read_bytes())
+    Path(f"{inst / 'café crème_1.png'}.txt").write_bytes("café crème".encode("utf-16"))
+    Path(f"{inst / 'café crème_1.png'}.txt").touch()
+    summary = run_extract([Concept(str(inst))], ExtractConfig(progress=False))
+    assert [p.name for p, _ in summary.failed] == ["bad.png.txt"]
+    assert "save it as UTF-8" in summary.failed[0][1]
+    assert summary.counts["unchanged"] == 1
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_long_image_name_finds_its_stem_caption(tmp_path, image_factory):
+    stem = "a" * 249
+    img = image_factory(tmp_path / f"{stem}.png")  # 253 bytes: `<name>.txt` would be 257
+    (tmp_path / f"{stem}.txt").write_text("long one")
+    assert find_caption_file(img) == tmp_path / f"{stem}.txt"
+    plan, problems = scan_concepts([Concept(str(tmp_path))], read_prompts_from_txts=True)
+    assert problems == [] and plan.instance[0].prompt == "long one"
+
+
+def test_step_seed_takes_names_that_are_not_utf8():
+    name = os.fsdecode(b"caf\xe9.png")
+    assert step_seed(1, 0, f"crop:{name}") != step_seed(1, 0, "crop:caf\u00e9.png")
+    assert sys.getfilesystemencoding() == "utf-8"
