@@ -101,7 +101,7 @@ def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -
         problems += _class_folder_problems(cfg, concepts)
     resuming = resume_path(cfg.output_dir, cfg.resume_from_checkpoint) is not None
     if not problems and not resuming and not cfg.overwrite_output_dir and holds_another_run(cfg.output_dir):
-        problems.append(another_run_message(cfg.output_dir))
+        problems.append(another_run_message(cfg.output_dir, bool(cfg.resume_from_checkpoint)))
     if resuming and cfg.overwrite_output_dir:
         problems.append("--overwrite_output_dir moves the run aside that --resume_from_checkpoint would continue: "
                         "drop one of the two.")
@@ -964,15 +964,15 @@ def _disk_full_message(run: Run):
     (the half-written folder is already removed by `atomic_dir`)."""
     try:
         yield
-    except Exception as exc:  # safetensors reports a full disk as its own error type, not OSError
-        if not _is_disk_full(exc):
-            raise
+    except Exception as exc:  # safetensors and torch.save report a full disk in their own ways
         out = Path(run.cfg.output_dir)
-        free = shutil.disk_usage(nearest_existing(out)).free
-        raise TrainError(f"The disk is full: saving in {out} needs about {human_size(_save_bytes(run))} "
+        need, free = _save_bytes(run), shutil.disk_usage(nearest_existing(out)).free
+        if not (_is_disk_full(exc) or free < need):
+            raise
+        raise TrainError(f"The disk is full: saving in {out} needs about {human_size(need)} "
                          f"({human_size(free)} free). Free space there (e.g. remove older step folders with "
                          "`python -m dbtools cleanup` or the clean-up cell), then continue with "
-                         "--resume_from_checkpoint latest.") from None
+                         "--resume_from_checkpoint latest.") from exc
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -109,12 +109,16 @@ def holds_another_run(output_dir: str | os.PathLike) -> bool:
                 (root.is_dir() and is_weights_folder(root)))
 
 
-def another_run_message(output_dir: str | os.PathLike) -> str:
-    """The refusal of a fresh run in a folder holding another run, with the three ways out."""
+def another_run_message(output_dir: str | os.PathLike, resume_asked: bool = False) -> str:
+    """The refusal of a fresh run in a folder holding another run, with the ways out."""
+    aside = ("add --overwrite_output_dir to move the old run's folders aside into "
+             f"{Path(output_dir).name}-previous-<time> next to it (nothing is deleted).")
+    if resume_asked:  # `latest` found no checkpoint, only weights: resuming is not a way out
+        return (f"--output_dir {output_dir} holds another run's weights but no checkpoint to resume from "
+                "(--resume_from_checkpoint). Choose a new --output_dir, or " + aside)
     return (f"--output_dir {output_dir} already holds another run's weights or checkpoints; a new run there "
             "would mix with them. Either continue that run with --resume_from_checkpoint latest, or choose a "
-            "new --output_dir, or add --overwrite_output_dir to move the old run's folders aside into "
-            f"{Path(output_dir).name}-previous-<time> next to it (nothing is deleted).")
+            "new --output_dir, or " + aside)
 
 
 def move_previous_run(output_dir: str | os.PathLike) -> Path | None:

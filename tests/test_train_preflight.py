@@ -164,6 +164,30 @@ def test_disk_full_while_saving_is_one_message_with_the_space_needed(tmp_path, i
     assert str(tmp_path / "out") in str(info.value) and "needs about" in str(info.value)
 
 
+@pytest.mark.parametrize("error", [RuntimeError("Error while serializing: I/O error: No space left on device "
+                                                "(os error 28)"),
+                                   RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_disk_full_as_the_writers_report_it(tmp_path, monkeypatch, error):
+    """safetensors names errno 28 in text; torch.save does not, so the free space decides."""
+    import types
+
+    import torch
+
+    import dbtools.train as train_module
+
+    run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=types.SimpleNamespace(
+        unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)))
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(TrainError, match="disk is full.*needs about 4 MiB"), T._disk_full_message(run):
+        raise error
+    # With room to spare, only an error that names errno 28 is still taken for a full disk.
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, 10**11))
+    expected = TrainError if "os error 28" in str(error) else RuntimeError
+    with pytest.raises(expected) as info, T._disk_full_message(run):
+        raise error
+    assert type(info.value) is expected
+
+
 # --------------------------------------------------------------------------- data mixed into training
 
 
@@ -220,6 +244,10 @@ def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(
     weights_factory(out, "checkpoint-7")
     assert "another run" in preflight_error(config(tiny_sd, tmp_path / "inst", out))
     T.preflight(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))  # resuming is fine
+    shutil.rmtree(out / "checkpoint-7")
+    weights_factory(out, "9")  # weights but nothing to resume from
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))
+    assert "no checkpoint to resume from" in text and "--overwrite_output_dir" in text
     T.preflight(config(tiny_sd, tmp_path / "inst", out, overwrite_output_dir=True))
     shutil.rmtree(out)
     (out / "0" / "logs").mkdir(parents=True)  # logs alone are not a run
