@@ -458,8 +458,52 @@ def build_tiny_tagger(out: str | Path, seed: int = 0, size: int = 32, logits=Non
     return out
 
 
+def build_tiny_dinov2(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny `Dinov2Model` + image processor (32x32 crops) to `out`.
+
+    Same layout as `facebook/dinov2-small`, loadable with `AutoModel` and
+    `AutoImageProcessor`. The weights are random, with a wider initialisation than the
+    default so that the pooled embedding depends on the image, not mostly on the CLS token.
+    """
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    out = Path(out)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                          image_size=32, patch_size=8, initializer_range=0.2)
+    torch.manual_seed(seed)
+    Dinov2Model(config).eval().save_pretrained(out, safe_serialization=True)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    logger.info("tiny DINOv2 written to %s", out)
+    return out
+
+
+def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny `CLIPModel` + `CLIPProcessor` (small BPE tokenizer, 32x32 images) to
+    `out`, the layout of `openai/clip-vit-base-patch32`. Its scores are noise."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = Path(out)
+    vocab_size = write_clip_tokenizer(out)
+    tokenizer = CLIPTokenizer.from_pretrained(out, model_max_length=77)
+    text = dict(tiny_sd_configs("sd1", vocab_size)["text"])
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    logger.info("tiny CLIP written to %s", out)
+    return out
+
+
 def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model under `out`: `sd`, `sd2` and the captioners."""
+    """Write every tiny model under `out`: `sd`, `sd2`, the captioners and the scorers."""
     out = Path(out)
     return {
         "sd": build_tiny_sd(out / "sd", "sd1", seed),
@@ -469,6 +513,8 @@ def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
         "florence2": build_tiny_florence2(out / "florence2", seed=seed),
         "wd-tagger": build_tiny_tagger(out / "wd-tagger", seed=seed),
         "vlm": build_tiny_vlm(out / "vlm", seed=seed),
+        "dinov2": build_tiny_dinov2(out / "dinov2", seed=seed),
+        "clip": build_tiny_clip(out / "clip", seed=seed),
     }
 
 
