@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dbtools.train", "train DreamBooth (same flags as train_dreambooth.py)"),
     "export": ("dbtools.export", "diffusers folder -> single .safetensors/.ckpt"),
     "preview": ("dbtools.preview", "grid of sample images across saved steps"),
+    "evaluate": ("dbtools.evaluate", "score saved steps (likeness, prompt fidelity), suggest the best"),
     "tiny": ("dbtools.tiny", "write tiny offline models (tests, demo)"),
     "demo": ("dbtools.demo", "run the whole journey offline on tiny models"),
 }

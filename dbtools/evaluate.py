@@ -23,6 +23,7 @@ imported on use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,6 +105,20 @@ def _load(load, name: str, flag: str):
 
 
 # --------------------------------------------------------------------------- scores
+
+
+@contextlib.contextmanager
+def scoring_on(device, *scorers: ScoreModel | None):
+    """Move the score models to `device` for the duration, then back to the CPU, so they
+    hold no accelerator memory between saves."""
+    models = [s.model for s in scorers if s is not None]
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
 
 
 def _device_of(model):
@@ -543,9 +558,12 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
     """Score every complete weights folder not yet scored (all with `rescore`), append
     one metrics line per step, write the summary and the plot; return the summary.
 
-    The score models are loaded once (unless passed in) and kept on the CPU.
+    The score models are loaded once (unless passed in) and are on the best device only
+    while a step is scored.
     """
     from tqdm.auto import tqdm
+
+    from dbtools.models import pick_device
 
     plan = plan_evaluation(cfg)
     done = {r["step"] for r in read_metrics(cfg.output_dir) if "prompt_fidelity" in r}
@@ -555,7 +573,8 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
             likeness_model = load_likeness_model(cfg.likeness_model)
         clip = clip or load_clip_model(cfg.clip_model)
     for step, folder in tqdm(todo, desc="evaluate", unit="step", disable=not progress):
-        record = score_step(folder, plan, cfg, likeness_model, clip)
+        with scoring_on(pick_device(), likeness_model, clip):
+            record = score_step(folder, plan, cfg, likeness_model, clip)
         append_metrics(cfg.output_dir, {"step": step, **record})
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
     summary = summarize(read_metrics(cfg.output_dir), cfg.tolerance, cfg.base_fidelity)

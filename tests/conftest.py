@@ -32,6 +32,15 @@ def tiny_sd2(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
 
 
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory) -> dict[str, Path]:
+    """Tiny DINOv2 (`dinov2`) and CLIP (`clip`) model folders for the evaluation scores."""
+    from dbtools.tiny import build_tiny_clip, build_tiny_dinov2
+
+    root = tmp_path_factory.mktemp("scorers")
+    return {"dinov2": build_tiny_dinov2(root / "dinov2"), "clip": build_tiny_clip(root / "clip")}
+
+
 def make_image(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> Path:
     """Write a small gradient image with a coloured square; format from the extension."""
     w, h = size
