@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance_images", type=int, default=10)
     p.add_argument("--size", type=int, default=64, help="tiny SD image size (64)")
     p.add_argument("--infer_steps", type=int, default=20, help="sampling steps per image (20)")
-    p.add_argument("--saves", type=int, default=2, help="saves timed (2)")
+    p.add_argument("--saves", type=int, default=1, help="saves timed (1)")
     p.add_argument("--scorers", nargs="+", default=["tiny", "real"], choices=["tiny", "real"])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             folders["real"] = real_scorers(tmp / "real")
         print(f"device {pick_device()}, torch threads {torch.get_num_threads()}; tiny SD at {args.size} px, {args.infer_steps} "
               f"steps; {args.num_samples} samples x {len(ev.CONTEXTS)} eval prompts, "
-              f"{args.instance_images} instance images (512 px)")
+              f"{args.instance_images} instance images (512 px)", flush=True)
         for name in args.scorers:
             load, per_save, scoring = time_saves(out, *folders[name], args)
             print(f"{name:>4} score models: load once {load:6.2f} s; per save {per_save:6.2f} s "
-                  f"(score models {scoring:5.2f} s, the rest is loading the saved pipeline and generating)")
+                  f"(score models {scoring:5.2f} s, the rest is loading the saved pipeline and generating)",
+                  flush=True)
     return 0
 
 
