@@ -45,7 +45,9 @@ instruction; a tagger writes "tag, tag, ..." (`--threshold`, `--character_thresh
 `--include_ratings`, `--exclude_tags`), and `--tags_with MODEL` puts a caption from
 another family first. Flags that do not apply to a family are accepted and ignored,
 with one note, so one command line works across families.
-`--min_length`/`--max_length` count the caption's own tokens (the prompt not included).
+`--min_length`/`--max_length` count the caption's own tokens (the prompt not included);
+left out, they are the family's (`LENGTHS`: BLIP's are EveryDream's 22 and 48, Florence-2
+and VLMs have no minimum and room for a detailed description).
 
 EveryDream's flag forms work: `--torch_device` is `--device`, `--nucleus` takes an
 optional bool (`--nucleus`, `--nucleus True`, `--nucleus false`), with `--nucleus` a
@@ -83,6 +85,9 @@ STATE_DIR = ".dbtools"
 MANIFEST_NAME = "captions.jsonl"
 BLIP_PROMPT = "a picture of"
 DEFAULT_MIN_LENGTH = 22
+# (min, max) new tokens per family when --min_length / --max_length are left out.
+LENGTHS = {"blip": (DEFAULT_MIN_LENGTH, 48), "blip2": (DEFAULT_MIN_LENGTH, 48),
+           "florence2": (0, 256), "vlm": (0, 160)}
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "on"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", "off"})
 
@@ -96,8 +101,8 @@ class CaptionConfig:
     """Everything one captioning run needs; the CLI, notebook and tests build this.
 
     `out_dir` defaults to `output` (EveryDream); `None` or the image folder itself
-    means rename / write in place. `min_length=None` means 22, or `max_length` when
-    that is smaller. `num_workers=None` picks `default_num_workers()`; 0 decodes in
+    means rename / write in place. `min_length`/`max_length` `None` mean the family's
+    (`LENGTHS`); a minimum left out never exceeds a given maximum. `num_workers=None` picks `default_num_workers()`; 0 decodes in
     the main process. `prompt=None` means "a picture of" for BLIP and none for BLIP-2.
     """
 
@@ -108,7 +113,7 @@ class CaptionConfig:
     nucleus: bool = False
     q_factor: float = 1.0
     min_length: int | None = None
-    max_length: int = 48
+    max_length: int | None = None
     num_beams: int = 16
     batch_size: int = 8
     num_workers: int | None = None
@@ -124,11 +129,6 @@ class CaptionConfig:
     exclude_tags: str = ""
     tags_with: str | None = None
     quantize: str | None = None
-
-    def __post_init__(self):
-        if self.min_length is None:
-            # EveryDream: `--max_length 12` alone must not clash with the default minimum.
-            self.min_length = min(DEFAULT_MIN_LENGTH, self.max_length)
 
     @property
     def image_dir(self) -> Path:
@@ -184,8 +184,9 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
                         "e.g. 0.9 (above 1: no top-p cut)")
     if not cfg.nucleus and cfg.q_factor <= 0:
         problems.append(f"--q_factor {cfg.q_factor} is the repetition penalty: use a value > 0 (1.0 = none)")
-    if cfg.min_length < 0 or cfg.max_length < 1 or cfg.min_length > cfg.max_length:
-        problems.append(f"--min_length {cfg.min_length} / --max_length {cfg.max_length}: "
+    low, high = length_limits(cfg)
+    if low < 0 or high < 1 or low > high:
+        problems.append(f"--min_length {low} / --max_length {high}: "
                         "need 0 <= min_length <= max_length and max_length >= 1")
     if cfg.num_beams < 1:
         problems.append(f"--num_beams {cfg.num_beams}: use 1 or more")
@@ -201,18 +202,35 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
     return problems
 
 
-def generation_kwargs(cfg: CaptionConfig) -> dict:
+def length_limits(cfg: CaptionConfig, family: str = "blip") -> tuple[int, int]:
+    """(min, max) caption tokens: the flags, or `family`'s defaults for those left out.
+    A default minimum follows a smaller given maximum (EveryDream: `--max_length 12`)."""
+    low, high = LENGTHS.get(family, LENGTHS["blip"])
+    high = cfg.max_length if cfg.max_length is not None else high
+    low = cfg.min_length if cfg.min_length is not None else min(low, high)
+    return low, high
+
+
+def generation_kwargs(cfg: CaptionConfig, family: str = "blip") -> dict:
     """Keyword arguments for `model.generate`, with EveryDream's meaning of the flags.
 
     Nucleus: sampling with `top_p=q_factor` (above 1: 1.0, no cut). Otherwise beam
     search with `num_beams` beams and `repetition_penalty=q_factor`. Lengths count the
     caption's own tokens.
     """
-    lengths = {"min_new_tokens": cfg.min_length, "max_new_tokens": cfg.max_length}
+    low, high = length_limits(cfg, family)
+    lengths = {"min_new_tokens": low, "max_new_tokens": high}
     if cfg.nucleus:
         return {"do_sample": True, "top_p": min(cfg.q_factor, 1.0), "num_beams": 1, **lengths}
     return {"do_sample": False, "num_beams": cfg.num_beams,
             "repetition_penalty": cfg.q_factor, **lengths}
+
+
+def family_problems(cfg: CaptionConfig, family: str) -> list[str]:
+    """Problems with `cfg` for captioner `family` (the one whose caption `--prompt` steers)."""
+    if family == "florence2" and cfg.prompt not in (None, *FLORENCE2_TASKS):
+        return [f"--prompt {cfg.prompt!r}: Florence-2 takes a task token, one of {', '.join(FLORENCE2_TASKS)}"]
+    return []
 
 
 GENERATION_FLAGS = ("min_length", "max_length", "num_beams", "nucleus", "q_factor", "prompt")
@@ -228,7 +246,6 @@ def config_notes(cfg: CaptionConfig, family: str | None = None) -> list[str]:
                      "(sampling from the whole distribution), as in EveryDream")
     default = CaptionConfig()
     changed = [f for f in (*GENERATION_FLAGS, *TAG_FLAGS) if getattr(cfg, f) != getattr(default, f)]
-    changed = [f for f in changed if f != "min_length" or cfg.min_length != min(DEFAULT_MIN_LENGTH, cfg.max_length)]
     if family is None or cfg.tags_with:
         unused = []  # a tagger plus a captioner uses both sets of flags
     else:
@@ -318,7 +335,7 @@ class Captioner:
 
     def caption_batch(self, pixel_values, cfg: CaptionConfig) -> list[str]:
         """Captions for one batch with `cfg`'s prompt and generation flags."""
-        return self.generate(pixel_values, cfg.prompt, **generation_kwargs(cfg))
+        return self.generate(pixel_values, cfg.prompt, **generation_kwargs(cfg, self.kind))
 
     def default_prompt(self) -> str:
         return BLIP_PROMPT if self.kind == "blip" else ""
@@ -728,10 +745,8 @@ def run_caption(cfg: CaptionConfig, captioner, progress: bool = True) -> Caption
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     check_inputs(cfg)
-    family = captioner.kind.split("+")[-1]
-    if family == "florence2" and cfg.prompt not in (None, *FLORENCE2_TASKS):
-        raise CaptionError(f"--prompt {cfg.prompt!r}: Florence-2 takes a task token, one of "
-                           f"{', '.join(FLORENCE2_TASKS)}")
+    for problem in family_problems(cfg, captioner.kind.split("+")[-1]):
+        raise CaptionError(problem)
     for note in config_notes(cfg, captioner.kind.split("+")[0]):
         logger.warning("%s", note)
     jobs, skipped = plan_jobs(cfg)
@@ -835,8 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q_factor", type=float, default=d.q_factor,
                    help="repetition penalty for beam search, top_p with --nucleus (default 1.0)")
     p.add_argument("--min_length", type=int, default=None,
-                   help="minimum caption tokens (22, or --max_length when that is smaller)")
-    p.add_argument("--max_length", type=int, default=d.max_length, help="maximum caption tokens (48)")
+                   help="minimum caption tokens (BLIP: 22, or --max_length when that is smaller; "
+                        "Florence-2, VLM: 0)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="maximum caption tokens (BLIP: 48; Florence-2: 256; VLM: 160)")
     p.add_argument("--num_beams", type=int, default=d.num_beams, help="beams for beam search (16)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per generate call (8)")
     p.add_argument("--num_workers", type=int, default=None,
@@ -880,6 +897,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args)
         check_inputs(cfg)
+        from dbtools.captioners import detect_family
+
+        problems = family_problems(cfg, detect_family(cfg.tags_with or cfg.model))
+        if problems:  # before any weights load
+            raise CaptionError("cannot caption:\n  " + "\n  ".join(problems))
         summary = run_caption(cfg, load_for_config(cfg, device=args.device))
     except CaptionError as exc:
         print(f"error: {exc}")

@@ -178,7 +178,7 @@ class Florence2Captioner:
         inputs = self.prompt_inputs(task, pixel_values.shape[0])
         pixels = pixel_values.to(self.device, self.dtype)
         with torch.inference_mode():
-            out = self.model.generate(pixel_values=pixels, **inputs, **generation_kwargs(cfg))
+            out = self.model.generate(pixel_values=pixels, **inputs, **generation_kwargs(cfg, self.kind))
         # The caption tasks are plain text: decoding without special tokens is their
         # whole post-processing (the processor's parser is for boxes and polygons).
         return [strip_boilerplate(t) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
@@ -374,7 +374,7 @@ class VlmCaptioner:
 
         inputs = self.inputs(images, cfg.prompt or VLM_DEFAULT_INSTRUCTION)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **generation_kwargs(cfg))
+            out = self.model.generate(**inputs, **generation_kwargs(cfg, self.kind))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [clean_caption(t) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 

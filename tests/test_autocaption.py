@@ -370,10 +370,13 @@ def test_everydream_flag_forms_parse():
     assert parse(["--torch_device", "cpu"]).device == "cpu"
     with pytest.raises(SystemExit):
         parse(["--nucleus", "maybe"])
-    cfg = ac.config_from_args(parse(["--max_length", "12"]))
-    assert (cfg.min_length, cfg.max_length) == (12, 12)
-    assert ac.config_from_args(parse([])).min_length == 22
-    assert ac.config_from_args(parse(["--min_length", "5", "--max_length", "12"])).min_length == 5
+    def lengths(argv, family="blip"):
+        return ac.length_limits(ac.config_from_args(parse(argv)), family)
+
+    assert lengths(["--max_length", "12"]) == (12, 12) and lengths([]) == (22, 48)
+    assert lengths(["--min_length", "5", "--max_length", "12"]) == (5, 12)
+    assert lengths([], "florence2") == (0, 256) and lengths(["--max_length", "30"], "vlm") == (0, 30)
+    assert ac.config_problems(ac.config_from_args(parse(["--max_length", "12"]))) == []
     nucleus = ac.generation_kwargs(ac.config_from_args(parse(["--nucleus", "--q_factor", "1.3"])))
     assert nucleus["top_p"] == 1.0 and nucleus["do_sample"] is True
     notes = ac.config_notes(ac.config_from_args(parse(["--nucleus", "--q_factor", "1.3"])))

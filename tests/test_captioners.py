@@ -162,8 +162,9 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- Florence-2
 
 
-def test_florence2_task_token_reaches_the_model_and_boilerplate_goes(loaded, images, tmp_path, monkeypatch):
-    f2 = loaded["florence2"]
+def test_florence2_task_token_reaches_the_model_and_boilerplate_goes(tiny, loaded, images, tmp_path,
+                                                                     monkeypatch):
+    f2, f2_path = loaded["florence2"], tiny["florence2"]
     seen = []
     real = f2.model.generate
 
@@ -182,6 +183,8 @@ def test_florence2_task_token_reaches_the_model_and_boilerplate_goes(loaded, ima
     assert len({tuple(s) for s in seen}) == 3
     with pytest.raises(CaptionError, match="task token"):
         run_caption(fast(images, out_dir=tmp_path / "x", prompt="<OD>"), f2, progress=False)
+    monkeypatch.setattr(ac, "load_captioner", lambda *a, **k: pytest.fail("loaded a model for a bad --prompt"))
+    assert ac.main(["--img_dir", str(images), "--model", str(f2_path), "--prompt", "describe it"]) == 2
     assert cap.strip_boilerplate("The image shows a red car on a road.") == "a red car on a road."
     assert cap.strip_boilerplate("In this image we can see a cat.") == "a cat."
     assert cap.strip_boilerplate("The image is NASA's logo") == "NASA's logo"
