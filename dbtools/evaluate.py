@@ -170,13 +170,16 @@ def _pooled(out):
     return out if hasattr(out, "dim") else out.pooler_output
 
 
-def likeness(scorer: ScoreModel, samples: Sequence, references: Sequence, batch_size: int = 16) -> float:
-    """Mean over `samples` of the best cosine similarity to any of `references` (PIL
-    images), with `scorer`'s image embeddings. In [-1, 1]; 1.0 when every sample is
-    identical to some reference."""
-    if not samples or not references:
+def likeness(scorer: ScoreModel, samples: Sequence, references, batch_size: int = 16) -> float:
+    """Mean over `samples` of the best cosine similarity to any of `references`, with
+    `scorer`'s image embeddings. In [-1, 1]; 1.0 when every sample is identical to some
+    reference. `references` are PIL images, or their `image_embeddings` computed once
+    and reused across saves."""
+    if not len(samples) or references is None or not len(references):
         raise EvaluateError("likeness needs at least one sample and one reference image.")
-    sims = image_embeddings(scorer, samples, batch_size) @ image_embeddings(scorer, references, batch_size).T
+    if not hasattr(references, "dim"):
+        references = image_embeddings(scorer, references, batch_size)
+    sims = image_embeddings(scorer, samples, batch_size) @ references.T
     return float(sims.max(dim=1).values.mean())
 
 
@@ -525,10 +528,21 @@ def _references(cfg: EvalConfig, args: dict) -> list[Path]:
     return found
 
 
+def reference_embeddings(scorer: ScoreModel, plan: EvalPlan, batch_size: int = 16):
+    """The instance images' likeness embeddings, computed once for all saves (None without
+    instance images)."""
+    from dbtools.images import load_rgb
+
+    if not plan.references:
+        return None
+    return image_embeddings(scorer, [load_rgb(p) for p in plan.references], batch_size)
+
+
 def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel | None,
-               clip: ScoreModel) -> dict:
+               clip: ScoreModel, references=None) -> dict:
     """Scores of one weights folder: its saved samples (or generated ones) against the
-    instance images, and images of the eval prompts on fixed seeds against their prompts."""
+    instance images (`references`: their embeddings, else loaded from `plan`), and images
+    of the eval prompts on fixed seeds against their prompts."""
     from dbtools.generate import generate, load_inference_pipeline
     from dbtools.images import load_rgb
     from dbtools.preview import sample_files
@@ -542,9 +556,10 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
         if not samples and plan.instance_prompt:
             samples = [g.image for g in generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
                                                  seed=cfg.seed, **gen)]
-        refs = [load_rgb(p) for p in plan.references]
+        if references is None:
+            references = reference_embeddings(likeness_model, plan, cfg.batch_size)
         if samples:
-            record["likeness"] = likeness(likeness_model, samples, refs, cfg.batch_size)
+            record["likeness"] = likeness(likeness_model, samples, references, cfg.batch_size)
     images, prompts = [], []
     for prompt in plan.eval_prompts:
         images += [g.image for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
@@ -572,9 +587,12 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
         if plan.references and likeness_model is None:
             likeness_model = load_likeness_model(cfg.likeness_model)
         clip = clip or load_clip_model(cfg.clip_model)
+    references = None
     for step, folder in tqdm(todo, desc="evaluate", unit="step", disable=not progress):
         with scoring_on(pick_device(), likeness_model, clip):
-            record = score_step(folder, plan, cfg, likeness_model, clip)
+            if references is None and likeness_model is not None:
+                references = reference_embeddings(likeness_model, plan, cfg.batch_size)
+            record = score_step(folder, plan, cfg, likeness_model, clip, references)
         append_metrics(cfg.output_dir, {"step": step, **record})
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
     summary = summarize(read_metrics(cfg.output_dir), cfg.tolerance, cfg.base_fidelity)

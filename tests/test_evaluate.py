@@ -57,6 +57,8 @@ def test_likeness_takes_the_best_reference_for_each_sample_and_averages(dino):
     a, b = noise_image(0), stripes()
     # a matches itself among [b, a]: 1.0; b matches itself: 1.0
     assert ev.likeness(dino, [a, b], [b, a], batch_size=1) == pytest.approx(1.0, abs=1e-5)
+    refs = ev.image_embeddings(dino, [b, a])  # embeddings computed once give the same answer
+    assert ev.likeness(dino, [a, b], refs) == ev.likeness(dino, [a, b], [b, a])
     one_far = ev.likeness(dino, [a, b], [a])
     cross = ev.likeness(dino, [b], [a])
     assert one_far == pytest.approx((1.0 + cross) / 2, abs=1e-5)
