@@ -4,19 +4,35 @@ Layout (as in Shivam's script): `<output_dir>/<step>/` is a weights folder (a di
 pipeline, or in LoRA mode `pytorch_lora_weights.safetensors`); accelerate state for
 resuming goes to `<output_dir>/checkpoint-<step>/`. Every folder is built under a
 temporary `.tmp-` name and renamed when complete, so the functions here only ever
-return complete folders. Pure path rules, plus the one function that writes a checkpoint.
+return complete folders.
+
+A `checkpoint-<step>/` folder holds, as diffusers' script writes it:
+
+- `unet/` and (when trained) `text_encoder/`: diffusers/transformers model folders, so
+  `UNet2DConditionModel.from_pretrained(".../checkpoint-N/unet")` works (LoRA runs keep
+  accelerate's `model*.safetensors` and add the adapters as `pytorch_lora_weights.safetensors`);
+- `unet_ema/` with `--use_ema`: the EMA weights (safetensors) and its counters (JSON);
+- `optimizer.bin`, `scheduler.bin` (and `scaler.pt` under fp16): accelerate's files,
+  read back with `torch.load(weights_only=True)`;
+- `args.json`: the run's settings (no secrets), so the folder can be loaded as a model.
+
+Nothing in it is unpickled with code execution: no custom pickles, no RNG pickles
+(batches, noise and timesteps are functions of the seed and the micro-batch index).
+`check_checkpoint_files` refuses a folder holding a file that would need it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from dbtools.atomic import TMP_PREFIX, atomic_dir, is_temporary
+from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_write_text, is_temporary
+from dbtools.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dbtools.train_config import TrainConfig
@@ -26,6 +42,20 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SINGLE_FILE_NAME = "model.safetensors"
+ARGS_FILE = "args.json"
+EMA_FOLDER = "unet_ema"
+EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"
+EMA_STATE = "ema_state.json"
+
+# Files accelerate's `load_state` reads with `torch.load(weights_only=True)`.
+_TORCH_STATE = re.compile(r"^((optimizer|scheduler|sampler|dl_state_dict|pytorch_model|model)(_\d+)?\.bin"
+                          r"|scaler\.pt|random_states_\d+\.pkl)$")
+# accelerate unpickles these with `weights_only=False`: loading one can run any code.
+_CUSTOM_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot (or must not) be resumed from."""
 
 
 def step_folders(output_dir: str | os.PathLike, prefix: str = "") -> list[tuple[int, Path]]:
@@ -110,14 +140,228 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def write_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
+def write_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
+                     args: dict | None = None) -> Path:
     """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then remove the
-    oldest checkpoints beyond `total_limit` (only once the new one is complete)."""
+    oldest checkpoints beyond `total_limit` (only once the new one is complete).
+
+    The models go in through the hooks of `register_state_hooks`; accelerate's RNG pickles
+    are left out (resume does not need them); `args` is written as `args.json`.
+    """
     target = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     with atomic_dir(target) as tmp:
         accelerator.save_state(str(tmp))
+        for rng in tmp.glob("random_states_*.pkl"):
+            rng.unlink()
+        if args is not None:
+            atomic_write_text(tmp / ARGS_FILE, json.dumps(args, indent=2))
     for old in checkpoints_to_remove(output_dir, total_limit):
         logger.info("removing old checkpoint %s", old)
         shutil.rmtree(old)
     logger.info("checkpoint saved at %s", target)
     return target
+
+
+# --------------------------------------------------------------------------- resume checks
+
+
+def resume_problems(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> list[str]:
+    """What stops resuming from `resume_from_checkpoint`, checked before any model loads.
+
+    A weights folder given as a checkpoint is named as such, with the checkpoints that
+    exist; a checkpoint holding a file whose loading could run code is refused (see
+    `check_checkpoint_files`).
+    """
+    if not resume_from_checkpoint:
+        return []
+    given = Path(resume_from_checkpoint)
+    if resume_from_checkpoint != "latest" and given.is_dir() and is_weights_folder(given):
+        return [_weights_folder_message(given, output_dir, resume_from_checkpoint)]
+    path = resume_path(output_dir, resume_from_checkpoint)
+    if path is None:
+        return []
+    if is_weights_folder(path) and not path.name.startswith(CHECKPOINT_PREFIX):
+        return [_weights_folder_message(path, output_dir, resume_from_checkpoint)]
+    return unsafe_checkpoint_files(path)
+
+
+def _weights_folder_message(path: Path, output_dir: str | os.PathLike, given: str) -> str:
+    found = step_folders(output_dir, CHECKPOINT_PREFIX) or step_folders(path.parent, CHECKPOINT_PREFIX)
+    names = ", ".join(str(p) for _, p in found)
+    where = (f"Checkpoints that exist: {names}; pass one of them, or `latest`." if found else
+             f"There are no checkpoint-<step> folders in {output_dir}: training saves them every "
+             "--checkpointing_steps steps; start a new run, or load these weights as the base model "
+             "with --pretrained_model_name_or_path.")
+    return (f"--resume_from_checkpoint {given}: {path} is a weights folder (a saved model), not a training "
+            f"checkpoint; resuming needs a checkpoint-<step> folder with the optimizer state. {where}")
+
+
+def unsafe_checkpoint_files(folder: Path) -> list[str]:
+    """One line per file in `folder` whose loading could run code or that is not what its name says."""
+    problems = []
+    for f in sorted(folder.rglob("*")):
+        why = _file_problem(f) if f.is_file() else None
+        if why:
+            problems.append(f"{f}: {why}")
+    return problems
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Raise `CheckpointError` naming each file of `folder` that resume must not load."""
+    problems = unsafe_checkpoint_files(folder)
+    if problems:
+        raise CheckpointError("\n".join([f"Refusing to resume from {folder}:", *[f"- {p}" for p in problems]]))
+
+
+_REFUSED = ("refused: loading it could run code on this machine. dbtools never writes such a file; if you did "
+            "not put it there, the folder may have been tampered with. Resume from a checkpoint you made, or "
+            "delete this file")
+
+
+def _file_problem(f: Path) -> str | None:
+    if f.suffix == ".safetensors":
+        return _safetensors_problem(f)
+    if f.suffix == ".json":
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "not valid JSON. The checkpoint is damaged: resume from another one."
+        return None
+    if _CUSTOM_STATE.match(f.name):
+        return f"{_REFUSED} (it is a pickle of Python objects)."
+    if _TORCH_STATE.match(f.name):
+        return _torch_state_problem(f)
+    return None  # nothing reads other files
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            fh.keys()
+    except Exception:  # safetensors raises its own error types
+        return "not a valid .safetensors file. The checkpoint is damaged: resume from another one."
+    return None
+
+
+def _torch_state_problem(f: Path) -> str | None:
+    """Statically list the pickle's imports (nothing is unpickled); refuse any outside the safe list."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+    except Exception:  # not a zip archive, or a damaged one
+        return f"{_REFUSED} (it is not a PyTorch state file written by torch.save)."
+    if unsafe:
+        return f"{_REFUSED} (it imports {', '.join(sorted(unsafe))})."
+    return None
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], None] | None = None) -> None:
+    """Make `accelerator.save_state`/`load_state` write and read the models as diffusers does.
+
+    Full weights go to `unet/` and `text_encoder/` (model folders that `from_pretrained`
+    loads); LoRA models stay in accelerate's `model*.safetensors` and `save_adapters(folder)`
+    adds `pytorch_lora_weights.safetensors`. With `ema` (main process only), its weights
+    and counters go to `unet_ema/`; on load they are moved to the accelerator's device.
+    """
+    def save_hook(models, weights, output_dir):
+        out = Path(output_dir)
+        named = _model_names(accelerator, models)
+        if named is None:
+            if save_adapters is not None:
+                save_adapters(out)
+        else:
+            for i in reversed(range(len(models))):
+                accelerator.unwrap_model(models[i]).save_pretrained(out / named[i], safe_serialization=True)
+                weights.pop(i)
+        if ema is not None:
+            save_ema(ema, _unet_names(accelerator, models), out / EMA_FOLDER)
+
+    def load_hook(models, input_dir):
+        folder = Path(input_dir)
+        named = _model_names(accelerator, models)
+        if ema is not None and (folder / EMA_FOLDER).is_dir():
+            load_ema(ema, _unet_names(accelerator, models), folder / EMA_FOLDER, accelerator.device)
+        present = [] if named is None else [n for n in named if (folder / n).is_dir()]
+        if named is not None and present:
+            if len(present) != len(named):
+                missing = ", ".join(sorted(set(named) - set(present)))
+                raise CheckpointError(f"{folder}: no {missing}/ folder, but this run trains it. Resume with the "
+                                      "same --train_text_encoder setting as the run that wrote the checkpoint.")
+            for i in reversed(range(len(models))):
+                load_model_folder(accelerator.unwrap_model(models[i]), folder / named[i])
+                models.pop(i)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _model_names(accelerator, models) -> list[str] | None:
+    """Folder names for the prepared models (`unet`, `text_encoder`, `text_encoder_2`), or None for LoRA."""
+    names, encoders = [], 0
+    for m in models:
+        m = accelerator.unwrap_model(m)
+        if any("lora_" in n for n, _ in m.named_parameters()):
+            return None
+        if type(m).__module__.startswith("diffusers"):
+            names.append("unet")
+        else:
+            encoders += 1
+            names.append("text_encoder" if encoders == 1 else f"text_encoder_{encoders}")
+    return names
+
+
+def _unet_names(accelerator, models) -> list[str]:
+    for m in models:
+        m = accelerator.unwrap_model(m)
+        if type(m).__module__.startswith("diffusers"):
+            return [n for n, _ in m.named_parameters()]
+    raise RuntimeError("the EMA needs the UNet among the prepared models")
+
+
+def load_model_folder(model, folder: Path) -> None:
+    """Load the weights of a `save_pretrained` folder (one file or shards) into `model`, exactly."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors weights. The checkpoint is incomplete: "
+                              "resume from another one.")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model.load_state_dict(state, strict=True)
+
+
+def save_ema(ema, names: list[str], folder: Path) -> None:
+    """The EMA's weights (safetensors, by UNet parameter name) and counters (JSON) in `folder`."""
+    from safetensors.torch import save_file
+
+    if len(names) != len(ema.shadow_params):
+        raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params)}, str(folder / EMA_WEIGHTS))
+    state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    atomic_write_text(folder / EMA_STATE, json.dumps({**state, "names": names}, indent=2))
+
+
+def load_ema(ema, names: list[str], folder: Path, device) -> None:
+    """Restore an EMA written by `save_ema`, its tensors on `device` (where training runs)."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / EMA_STATE).read_text(encoding="utf-8"))
+    saved = state.pop("names")
+    if saved != names:
+        raise CheckpointError(f"{folder}: the EMA weights are for another UNet. Resume with the model "
+                              "the checkpoint was trained from.")
+    tensors = load_file(str(folder / EMA_WEIGHTS))
+    ema.load_state_dict({**state, "shadow_params": [tensors[n] for n in names]})
+    # Loaded tensors are on the CPU; `ema.step` mixes them with the training device's.
+    ema.to(device)

@@ -567,7 +567,8 @@ def load_pipeline(
 ) -> "StableDiffusionPipeline":
     """Load a `StableDiffusionPipeline` for generating images (safety checker off).
 
-    Accepts what `load_sd_components` accepts. `scheduler` picks a sampler by name
+    Accepts what `load_sd_components` accepts, and a training `checkpoint-<step>/` folder
+    (see `load_checkpoint_pipeline`). `scheduler` picks a sampler by name
     ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
     model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
     `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
@@ -576,6 +577,8 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
+    if is_checkpoint_folder(model_name_or_path):
+        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
     model_name_or_path = _normalize(model_name_or_path)
     needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path))
     check_model_path(model_name_or_path, needed)
@@ -609,3 +612,60 @@ def _pipeline_from_pretrained(cls, path: str, revision, variant, dtype, extra: d
         except (OSError, ValueError) as exc:
             logger.warning("%s: no %s variant (%s); using the default weights", path, variant, _first_line(exc))
     return _guard(path, lambda: cls.from_pretrained(path, **kwargs))
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """True for a training `checkpoint-<step>/` folder (accelerate state, no `model_index.json`)."""
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    return (folder / "optimizer.bin").is_file() and not (folder / "model_index.json").is_file()
+
+
+def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
+                             scheduler: str | None = None) -> "StableDiffusionPipeline":
+    """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
+    `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
+    `unet/` and `text_encoder/`, or its LoRA adapters. The weights are the trained ones, not
+    the EMA average (that is what the run's weights folders hold).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
+    args = _checkpoint_args(folder)
+    dtype = torch_dtype or torch.float32
+    pipe = load_pipeline(args["pretrained_model_name_or_path"], vae_name_or_path=args.get("pretrained_vae_name_or_path"),
+                         revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
+                         scheduler=scheduler)
+    if (folder / "unet").is_dir():
+        pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
+    if (folder / "text_encoder").is_dir():
+        cls = type(pipe.text_encoder)
+        pipe.text_encoder = _guard(str(folder), lambda: cls.from_pretrained(folder / "text_encoder", dtype=dtype))
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(folder))
+    elif not (folder / "unet").is_dir():
+        raise ModelLoadError(f"{folder}: this checkpoint holds no unet/ folder or LoRA weights (an older "
+                             "dbtools wrote it). Resume training from it and let it save, or use a weights folder.")
+    return pipe.to(device) if device else pipe
+
+
+def _checkpoint_args(folder: Path) -> dict:
+    """The run settings saved with a checkpoint (or with the newest weights folder of its run)."""
+    import json
+
+    candidates = [folder / "args.json"] + sorted(
+        (p / "args.json" for p in folder.parent.iterdir() if p.name.isdigit()),
+        key=lambda f: int(f.parent.name), reverse=True)
+    for f in candidates:
+        if f.is_file():
+            try:
+                args = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ModelLoadError(f"{f}: not valid JSON ({exc}). Restore it from the run's other folders.") from exc
+            if isinstance(args, dict) and args.get("pretrained_model_name_or_path"):
+                return args
+    raise ModelLoadError(f"{folder}: a training checkpoint without args.json naming its base model. Give the "
+                         "run's weights folder instead, or copy args.json from the run into the checkpoint.")

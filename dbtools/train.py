@@ -30,7 +30,8 @@ from typing import Any
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
-from dbtools.checkpoints import (SINGLE_FILE_NAME, checkpoint_step, remove_stale_temporaries, resume_path,
+from dbtools.checkpoints import (SINGLE_FILE_NAME, CheckpointError, check_checkpoint_files, checkpoint_step,
+                                 register_state_hooks, remove_stale_temporaries, resume_path, resume_problems,
                                  should_save, write_checkpoint)
 from dbtools.concepts import Concept, ConceptError
 from dbtools.data import (DataConfig, DataPlan, DreamBoothData, LatentCache, concept_class_examples,
@@ -85,6 +86,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
             output_dir=cfg.output_dir)
         problems += data_problems
     problems += output_problems(cfg, concepts, plan)
+    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     return concepts, plan
@@ -497,6 +499,7 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator) -> Run:
         unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
         text_encoder = models.text_encoder
     prompts.text_encoder = text_encoder
+    register_state_hooks(accelerator, ema, save_adapters=lambda folder: _save_lora(run, folder))
     run = Run(cfg=cfg, accelerator=accelerator, models=models, unet=unet, text_encoder=text_encoder, data=data,
               prompts=prompts, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params,
               weight_dtype=weight_dtype, ema=ema, seed=cfg.seed or 0, max_train_steps=max_steps)
@@ -513,7 +516,9 @@ def _offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder) -> None:
 
 
 def _make_ema(cfg: TrainConfig, models, accelerator):
-    if not cfg.use_ema:
+    """The UNet's EMA on the main process only: only it saves weights, so the other ranks
+    would keep (and step) a full fp32 copy of the UNet for nothing."""
+    if not cfg.use_ema or not accelerator.is_main_process:
         return None
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -521,7 +526,6 @@ def _make_ema(cfg: TrainConfig, models, accelerator):
     ema = EMAModel(models.unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=models.unet.config)
     ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
     return ema
 
 
@@ -534,6 +538,7 @@ def resume(run: Run) -> int:
     if path is None:
         return 0
     logger.info("resuming from %s", path)
+    check_checkpoint_files(path)  # checked in pre-flight too; the folder may have changed since
     run.accelerator.load_state(str(path))
     run.resumed_from = path
     return checkpoint_step(path)
@@ -850,7 +855,8 @@ def save_validation(run: Run, step: int) -> None:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
-    return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit)
+    return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit,
+                            args=public_args(run.cfg))
 
 
 def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
@@ -1016,7 +1022,7 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
-USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, ConceptError)
+USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, ConceptError, CheckpointError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

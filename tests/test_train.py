@@ -294,7 +294,7 @@ def test_sd2_vprediction_with_buckets_ema_snr_and_validation(tmp_path, dataset, 
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert (out / "validation" / "3" / "0.png").is_file()
     saved = weights(result.weights_dir)
-    raw = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    raw = load_file(str(out / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors"))
     base = weights(tiny_sd2)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # saved weights are the EMA ones
     assert any(not torch.equal(saved[k], base[k]) for k in saved)
