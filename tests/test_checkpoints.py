@@ -153,3 +153,35 @@ def test_pipeline_loads_from_a_checkpoint_folder(ema_run):
     assert all(torch.equal(got[k], v) for k, v in te.items() if k in got)
     image = pipe("sks toy", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_path, tiny_sd):
+    from dbtools.models import load_pipeline
+
+    inst = ema_run[1]
+    kw = dict(use_lora=True, lora_rank=2, train_text_encoder=True, checkpointing_steps=1, max_train_steps=2)
+    full = T.train(config(tiny_sd, inst, tmp_path / "full", **kw))
+    ckpt = tmp_path / "full" / "checkpoint-1"
+    adapters = load_file(str(ckpt / T.LORA_WEIGHTS))
+    assert any(k.startswith("unet.") for k in adapters) and any(k.startswith("text_encoder.") for k in adapters)
+    assert not list(ckpt.glob("*.pkl"))
+    pipe = load_pipeline(str(ckpt))
+    assert any("lora" in k for k in pipe.unet.state_dict())
+
+    shutil.copytree(ckpt, tmp_path / "resumed" / ckpt.name)
+    resumed = T.train(config(tiny_sd, inst, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    assert resumed.resumed_from is not None
+    assert_same(load_file(str(full.weights_dir / T.LORA_WEIGHTS)), load_file(str(resumed.weights_dir / T.LORA_WEIGHTS)))
+
+
+def test_ema_is_kept_on_the_main_process_only(tiny_sd):
+    from types import SimpleNamespace
+
+    from dbtools.models import load_sd_components
+
+    models = load_sd_components(str(tiny_sd))
+    cfg = T.TrainConfig(use_ema=True)
+    other = SimpleNamespace(is_main_process=False, device=torch.device("cpu"))
+    main = SimpleNamespace(is_main_process=True, device=torch.device("cpu"))
+    assert T._make_ema(cfg, models, other) is None
+    assert T._make_ema(cfg, models, main) is not None

@@ -368,11 +368,13 @@ def test_two_process_gloo_training(tmp_path, dataset, tiny_sd):
         [str(torchrun), "--nproc_per_node", "2", str(ROOT / "train_dreambooth.py"),
          f"--pretrained_model_name_or_path={tiny_sd}", f"--instance_data_dir={dataset}", "--read_prompts_from_txts",
          f"--output_dir={out}", "--resolution=32", "--train_batch_size=1", "--max_train_steps=2", "--seed=1",
-         "--report_to=none", "--checkpointing_steps=2", "--train_text_encoder"],
+         "--report_to=none", "--checkpointing_steps=2", "--train_text_encoder", "--use_ema"],
         env={**env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training on 2 process(es)" in proc.stderr
     assert (out / "2" / "model_index.json").is_file() and (out / "checkpoint-2").is_dir()
+    # The EMA lives on the main process only, which saves it with the checkpoint.
+    assert (out / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_cached_prompt_states_equal_encoding_the_batch_padded_to_its_longest(tiny_sd):
