@@ -28,8 +28,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_write_text, is_temporary
 from dbtools.errors import UserError
@@ -235,12 +236,12 @@ def _file_problem(f: Path) -> str | None:
 
 
 def _safetensors_problem(f: Path) -> str | None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(f), framework="pt") as fh:
             fh.keys()
-    except Exception:  # safetensors raises its own error types
+    except (SafetensorError, OSError, ValueError):
         return "not a valid .safetensors file. The checkpoint is damaged: resume from another one."
     return None
 
@@ -253,7 +254,7 @@ def _torch_state_problem(f: Path) -> str | None:
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-    except Exception:  # not a zip archive, or a damaged one
+    except (ValueError, RuntimeError, OSError, KeyError):  # not a zip archive, or a damaged one
         return f"{_REFUSED} (it is not a PyTorch state file written by torch.save)."
     if unsafe:
         return f"{_REFUSED} (it imports {', '.join(sorted(unsafe))})."

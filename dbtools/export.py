@@ -561,6 +561,10 @@ def run_export(config: ExportConfig) -> ExportResult:
     when complete (an existing file is replaced then, never left half-written).
     """
     model_path, out = Path(config.model_path), Path(config.checkpoint_path)
+    from dbtools.models import is_checkpoint_folder
+
+    if is_checkpoint_folder(model_path):
+        return _export_checkpoint(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
     configs, weights = {}, {}
     for component in ("unet", "vae", "text_encoder"):
@@ -575,6 +579,25 @@ def run_export(config: ExportConfig) -> ExportResult:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
     return ExportResult(path=out, num_tensors=len(state_dict), num_bytes=out.stat().st_size,
                         dtype="/".join(dtypes), layout=layout, file_format=file_format)
+
+
+def _export_checkpoint(config: ExportConfig) -> ExportResult:
+    """Export a training `checkpoint-<step>/` folder: its pipeline (base model plus trained
+    weights, LoRA adapters fused in) is saved to a temporary diffusers folder first."""
+    import dataclasses
+    import tempfile
+
+    from dbtools.models import load_checkpoint_pipeline
+
+    pipe = load_checkpoint_pipeline(config.model_path)
+    if getattr(pipe.unet, "peft_config", None):
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    with tempfile.TemporaryDirectory(prefix="dbtools-export-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        del pipe
+        logger.info("%s: a training checkpoint, exported with its run's base model", config.model_path)
+        return run_export(dataclasses.replace(config, model_path=Path(tmp)))
 
 
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,

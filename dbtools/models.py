@@ -624,7 +624,7 @@ def is_checkpoint_folder(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
-                             scheduler: str | None = None) -> "StableDiffusionPipeline":
+                             scheduler: str | None = None) -> StableDiffusionPipeline:
     """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
     `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
     `unet/` and `text_encoder/`, or its LoRA adapters. The weights are the trained ones, not

@@ -25,7 +25,7 @@ def ema_run(tmp_path_factory, tiny_sd):
     for i, size in enumerate([(64, 48), (48, 64), (64, 64)]):
         img = make_image(inst / f"a red car_{i}.png", size=size)
         Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
-    kw = dict(train_text_encoder=True, use_ema=True, checkpointing_steps=2, max_train_steps=4)
+    kw = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2, "max_train_steps": 4}
     result = T.train(config(tiny_sd, inst, root / "out", **kw))
     return root, inst, kw, result
 
@@ -150,7 +150,7 @@ def test_pipeline_loads_from_a_checkpoint_folder(ema_run):
     assert_same(pipe.unet.state_dict(), load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors")))
     te = load_file(str(ckpt / "text_encoder" / "model.safetensors"))
     got = pipe.text_encoder.state_dict()
-    assert all(torch.equal(got[k], v) for k, v in te.items() if k in got)
+    assert set(te) <= set(got) and all(torch.equal(got[k], v) for k, v in te.items())
     image = pipe("sks toy", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
 
@@ -159,7 +159,8 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_pat
     from dbtools.models import load_pipeline
 
     inst = ema_run[1]
-    kw = dict(use_lora=True, lora_rank=2, train_text_encoder=True, checkpointing_steps=1, max_train_steps=2)
+    kw = {"use_lora": True, "lora_rank": 2, "train_text_encoder": True, "checkpointing_steps": 1,
+          "max_train_steps": 2}
     full = T.train(config(tiny_sd, inst, tmp_path / "full", **kw))
     ckpt = tmp_path / "full" / "checkpoint-1"
     adapters = load_file(str(ckpt / T.LORA_WEIGHTS))
@@ -185,3 +186,18 @@ def test_ema_is_kept_on_the_main_process_only(tiny_sd):
     main = SimpleNamespace(is_main_process=True, device=torch.device("cpu"))
     assert T._make_ema(cfg, models, other) is None
     assert T._make_ema(cfg, models, main) is not None
+
+
+def test_export_accepts_a_checkpoint_folder(ema_run, tmp_path, tiny_sd):
+    from dbtools.export import export_single_file
+    from tests.test_export import read_back
+
+    ckpt = ema_run[0] / "out" / "checkpoint-4"
+    out = export_single_file(ckpt, tmp_path / "model.safetensors")
+    pipe = read_back(out, tiny_sd)
+    unet = load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
+    got = pipe.unet.state_dict()
+    assert unet.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in unet.items())
+    te = load_file(str(ckpt / "text_encoder" / "model.safetensors"))
+    got = pipe.text_encoder.state_dict()
+    assert set(te) <= set(got) and all(torch.equal(got[k], v) for k, v in te.items())
