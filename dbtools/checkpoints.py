@@ -197,19 +197,20 @@ def _weights_folder_message(path: Path, output_dir: str | os.PathLike, given: st
             f"checkpoint; resuming needs a checkpoint-<step> folder with the optimizer state. {where}")
 
 
-def unsafe_checkpoint_files(folder: Path) -> list[str]:
-    """One line per file in `folder` whose loading could run code or that is not what its name says."""
+def unsafe_checkpoint_files(folder: Path, damaged: bool = False) -> list[str]:
+    """One line per file in `folder` whose loading could run code or that is not what its name
+    says; with `damaged`, unreadable `.safetensors` files too (they cannot run code)."""
     problems = []
     for f in sorted(folder.rglob("*")):
-        why = _file_problem(f) if f.is_file() else None
+        why = _file_problem(f, damaged) if f.is_file() else None
         if why:
             problems.append(f"{f}: {why}")
     return problems
 
 
 def check_checkpoint_files(folder: Path) -> None:
-    """Raise `CheckpointError` naming each file of `folder` that resume must not load."""
-    problems = unsafe_checkpoint_files(folder)
+    """Raise `CheckpointError` naming each file of `folder` that resume must not or cannot load."""
+    problems = unsafe_checkpoint_files(folder, damaged=True)
     if problems:
         raise CheckpointError("\n".join([f"Refusing to resume from {folder}:", *[f"- {p}" for p in problems]]))
 
@@ -219,9 +220,9 @@ _REFUSED = ("refused: loading it could run code on this machine. dbtools never w
             "delete this file")
 
 
-def _file_problem(f: Path) -> str | None:
+def _file_problem(f: Path, damaged: bool) -> str | None:
     if f.suffix == ".safetensors":
-        return _safetensors_problem(f)
+        return _safetensors_problem(f) if damaged else None
     if f.suffix == ".json":
         try:
             json.loads(f.read_text(encoding="utf-8"))

@@ -112,6 +112,9 @@ def test_a_hostile_file_is_refused_at_load_time_too(ema_run, tmp_path):
     with pytest.raises(CheckpointError, match="optimizer.bin: refused: loading it could run code"):
         check_checkpoint_files(copy)
     assert not marker.exists()
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)  # cut short
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: not a valid .safetensors"):
+        check_checkpoint_files(copy)
 
 
 def test_resume_from_a_weights_folder_names_the_checkpoints(ema_run, tmp_path, tiny_sd):
