@@ -11,7 +11,7 @@ import logging
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "caption": ("dbtools.autocaption", "auto-caption images with BLIP / BLIP-2"),
+    "caption": ("dbtools.autocaption", "auto-caption images (BLIP, Florence-2, WD14 tagger, instruction VLM)"),
     "extract": ("dbtools.extract", "Omnitool: file names -> caption files, concepts_list.json"),
     "classgen": ("dbtools.classgen", "generate class images for prior preservation"),
     "train": ("dbtools.train", "train DreamBooth (same flags as train_dreambooth.py)"),
