@@ -168,6 +168,65 @@ def build_tiny_sd(out: str | Path, flavor: str = "sd1", seed: int = 0) -> Path:
     return out
 
 
+def tiny_sdxl_configs(vocab_size: int = 1000) -> dict:
+    """Configs for a tiny SDXL pipeline: two text encoders (CLIP-style with `quick_gelu`, then
+    OpenCLIP-style with GELU and a projection) whose hidden states together are the UNet's
+    64-wide cross-attention input, and a UNet with SDXL's `text_time` added conditioning."""
+    base = tiny_sd_configs("sd1", vocab_size)
+    text_2 = dict(base["text"], hidden_act="gelu")
+    time_dim = 8
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=base["text"]["hidden_size"] + text_2["hidden_size"],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_2["projection_dim"],
+        norm_num_groups=32,
+    )
+    vae = dict(base["vae"], scaling_factor=0.13025, force_upcast=True)
+    scheduler = {k: v for k, v in base["scheduler"].items() if k != "clip_sample"}
+    scheduler.update(timestep_spacing="leading", interpolation_type="linear")
+    return dict(unet=unet, vae=vae, text=base["text"], text_2=text_2, scheduler=scheduler)
+
+
+def build_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny StableDiffusionXLPipeline folder to `out`; return its path."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    vocab_size = write_clip_tokenizer(out / "tokenizer")
+    write_clip_tokenizer(out / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=77)
+    # SDXL's second tokenizer pads with "!" rather than the end-of-text token
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out / "tokenizer_2", model_max_length=77, pad_token="!")
+    cfg = tiny_sdxl_configs(vocab_size)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel(**cfg["unet"]),
+        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("tiny Stable Diffusion XL pipeline written to %s", out)
+    return out
+
+
 # Extra words for the tiny captioners' vocabularies (BERT word pieces, OPT BPE).
 CAPTION_WORDS = (
     "there is are two three small large big old young wooden stone glass metal table "
@@ -503,11 +562,12 @@ def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
 
 
 def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model under `out`: `sd`, `sd2`, the captioners and the scorers."""
+    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, the captioners and the scorers."""
     out = Path(out)
     return {
         "sd": build_tiny_sd(out / "sd", "sd1", seed),
         "sd2": build_tiny_sd(out / "sd2", "sd2", seed),
+        "sdxl": build_tiny_sdxl(out / "sdxl", seed),
         "blip": build_tiny_blip(out / "blip", seed=seed),
         "blip2": build_tiny_blip2(out / "blip2", seed=seed),
         "florence2": build_tiny_florence2(out / "florence2", seed=seed),
@@ -521,7 +581,7 @@ def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools tiny --out DIR`: write the tiny offline models."""
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m dbtools tiny", description=main.__doc__)
-    parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, blip/ ... into")
+    parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, sdxl/, blip/ ... into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name, path in build_all(args.out, args.seed).items():

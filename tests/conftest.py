@@ -41,6 +41,14 @@ def tiny_scorers(tmp_path_factory) -> dict[str, Path]:
     return {"dinov2": build_tiny_dinov2(root / "dinov2"), "clip": build_tiny_clip(root / "clip")}
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline folder (two text encoders, `text_time` UNet), built once per session."""
+    from dbtools.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
 def make_image(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> Path:
     """Write a small gradient image with a coloured square; format from the extension."""
     w, h = size
