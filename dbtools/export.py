@@ -1,4 +1,4 @@
-"""Single-file export: a diffusers Stable Diffusion folder -> one `.safetensors`/`.ckpt`.
+"""Single-file export: a diffusers Stable Diffusion (1.x, 2.x, XL) folder -> one `.safetensors`/`.ckpt`.
 
 The file uses the original Stable Diffusion (CompVis/LDM) layout that AUTOMATIC1111,
 ComfyUI and diffusers' `from_single_file` read:
@@ -10,7 +10,11 @@ ComfyUI and diffusers' `from_single_file` read:
 - text encoder, depending on the model family (see `text_encoder_layout`):
   SD 1.x (OpenAI CLIP) under `cond_stage_model.transformer.text_model.`, and
   SD 2.x (OpenCLIP) under `cond_stage_model.model.` (`transformer.resblocks.N.attn.
-  in_proj_weight` holding q, k and v stacked, `positional_embedding`, `ln_final`).
+  in_proj_weight` holding q, k and v stacked, `positional_embedding`, `ln_final`,
+  `text_projection` stored as [width, projection], `logit_scale`), and SDXL's two encoders
+  under `conditioner.embedders.0.transformer.text_model.` (CLIP) and
+  `conditioner.embedders.1.model.` (OpenCLIP, with its trained `text_projection`);
+- SDXL's added conditioning (`add_embedding`) as `model.diffusion_model.label_emb.0.*`.
 
 The key mapping is derived from the component configs (number of blocks, layers per
 block, which blocks have attention), never from SD 1.5's fixed block counts, so SD 1.x,
@@ -19,10 +23,13 @@ expects: UNet `proj_in/proj_out` stay 1x1 convolutions for SD 1.x and linear lay
 SD 2.x (`use_linear_projection`), exactly as stored in the diffusers folder; the VAE's
 linear attention weights `[C, C]` become `[C, C, 1, 1]`.
 
-Not written, because a diffusers folder does not have them and no reader needs them:
-the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...), EMA weights, and for SD 2.x
-OpenCLIP's `text_projection`/`logit_scale` and its unused last block (diffusers' SD 2.x
-text encoder already stops at the penultimate layer, which is all SD 2.x uses).
+The OpenCLIP parts a diffusers folder does not hold are filled in so that the file has
+every tensor of the original layout: `logit_scale` (ln 100, OpenCLIP's trained value) and,
+for SD 2.x, `text_projection` (identity) and the last transformer block, which diffusers
+drops because SD 2.x reads the penultimate layer; it is written as an identity block (zero
+output projections), so a reader that runs it gets the penultimate layer's result too.
+Not written, because no reader needs them: the DDPM schedule buffers (`betas`,
+`alphas_cumprod`, ...) and EMA weights.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,7 @@ from typing import Iterable
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_write
+from dbtools.families import SDXL, family_from_model_index
 from dbtools.models import WEIGHT_STEMS
 
 logger = logging.getLogger(__name__)
@@ -45,7 +54,12 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
-LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder"}
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder",
+           "sdxl": "SDXL, CLIP and OpenCLIP text encoders"}
+OPENCLIP_LOGIT_SCALE = math.log(100.0)
+"""OpenCLIP's `logit_scale` after training (clamped at ln 100); unused by image generation."""
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
 """Output names written as a torch pickle (`{"state_dict": ...}`) rather than safetensors."""
 
@@ -171,21 +185,24 @@ def vae_key_map(vae_config: dict, keys: Iterable[str] | None = None) -> dict[str
 
 
 def text_encoder_key_map(text_config: dict, keys: Iterable[str] | None = None,
-                         layout: str | None = None) -> dict[str, str]:
+                         layout: str | None = None, prefix: str | None = None) -> dict[str, str]:
     """Map every diffusers text-encoder weight name to its original name.
 
-    `keys` are `CLIPTextModel` weight names (with or without the `text_model.` prefix;
-    default: those of a model built from the config). For "sd2" (OpenCLIP) the q, k and v
-    projections of a layer all map to that layer's `attn.in_proj_weight`/`in_proj_bias`,
-    which holds them stacked in q, k, v order (see `text_encoder_to_original`).
+    `keys` are `CLIPTextModel`/`CLIPTextModelWithProjection` weight names (with or without
+    the `text_model.` prefix; default: those of a `CLIPTextModel` built from the config). For
+    "sd2" (OpenCLIP) the q, k and v projections of a layer all map to that layer's
+    `attn.in_proj_weight`/`in_proj_bias`, which holds them stacked in q, k, v order (see
+    `text_encoder_to_original`). `prefix` replaces the layout's usual prefix (SDXL's
+    encoders live under `conditioner.embedders.N.`).
     """
     layout = layout or text_encoder_layout(text_config)
+    prefix = prefix or (CLIP_PREFIX if layout == "sd1" else OPENCLIP_PREFIX)
     if keys is None:
         keys = _model_keys("text_encoder", text_config)
     out, unknown = {}, []
     for key in keys:
         name = _strip_text_prefix(key)
-        target = CLIP_PREFIX + name if layout == "sd1" else _openclip_name(name)
+        target = prefix + name if layout == "sd1" else _openclip_name(name, prefix)
         if target is None:
             unknown.append(key)
         else:
@@ -216,17 +233,23 @@ def vae_to_original(state_dict: dict, vae_config: dict) -> dict:
     return out
 
 
-def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | None = None) -> dict:
-    """Convert a `CLIPTextModel` state dict to the original layout of `layout` ("sd1"/"sd2").
+def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | None = None,
+                             prefix: str | None = None, add_last_block: bool | None = None) -> dict:
+    """Convert a text encoder state dict to the original layout of `layout` ("sd1"/"sd2").
 
-    SD 1.x also gets `embeddings.position_ids` (int64, as in the original checkpoints).
-    SD 2.x stacks each layer's q, k, v projections into OpenCLIP's `in_proj_*`.
+    CLIP ("sd1") also gets `embeddings.position_ids` (int64, as in the original checkpoints).
+    OpenCLIP ("sd2") stacks each layer's q, k, v projections into `in_proj_*`, stores
+    `text_projection` transposed ([width, projection]) and gains `logit_scale`; a
+    `CLIPTextModel` without projection gets an identity `text_projection`. `add_last_block`
+    (default: for SD 2.x's own prefix) appends an identity block for the layer diffusers
+    drops. `prefix` as in `text_encoder_key_map`.
     """
     import torch
 
     layout = layout or text_encoder_layout(text_config)
+    prefix = prefix or (CLIP_PREFIX if layout == "sd1" else OPENCLIP_PREFIX)
     state_dict = normalize_text_encoder_keys(state_dict)
-    key_map = text_encoder_key_map(text_config, state_dict, layout)
+    key_map = text_encoder_key_map(text_config, state_dict, layout, prefix)
     grouped: dict[str, list[str]] = {}
     for key in state_dict:
         grouped.setdefault(key_map[key], []).append(key)
@@ -239,8 +262,42 @@ def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | 
             out[name] = torch.cat([state_dict[k] for k in sources], dim=0)
     if layout == "sd1":
         positions = int(text_config.get("max_position_embeddings", 77))
-        out[CLIP_PREFIX + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+        out[prefix + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+        return out
+    if add_last_block is None:
+        add_last_block = prefix == OPENCLIP_PREFIX
+    return _complete_openclip(out, text_config, prefix, add_last_block)
+
+
+def _complete_openclip(out: dict, text_config: dict, prefix: str, add_last_block: bool) -> dict:
+    """Give an OpenCLIP state dict the tensors diffusers does not keep (see the module notes)."""
+    import torch
+
+    like = out[prefix + "ln_final.weight"]
+    width = like.shape[0]
+    projection = prefix + "text_projection"
+    if projection in out:
+        out[projection] = out[projection].T  # nn.Linear stores [projection, width]
+    else:
+        out[projection] = torch.eye(width, dtype=like.dtype, device=like.device)
+    out[prefix + "logit_scale"] = torch.tensor(OPENCLIP_LOGIT_SCALE, dtype=like.dtype, device=like.device)
+    if add_last_block:
+        out.update(_identity_openclip_block(out, prefix, int(text_config["num_hidden_layers"])))
     return out
+
+
+def _identity_openclip_block(out: dict, prefix: str, index: int) -> dict:
+    """Block `index` shaped like block 0, with zero output projections: it returns its input."""
+    import torch
+
+    first, block = f"{prefix}transformer.resblocks.0.", f"{prefix}transformer.resblocks.{index}."
+    made = {}
+    for name, tensor in out.items():
+        if name.startswith(first):
+            leaf = name[len(first):]
+            fill = torch.ones_like if leaf in ("ln_1.weight", "ln_2.weight") else torch.zeros_like
+            made[block + leaf] = fill(tensor)
+    return made
 
 
 def normalize_text_encoder_keys(state_dict: dict) -> dict:
@@ -261,19 +318,27 @@ def normalize_vae_keys(state_dict: dict) -> dict:
 
 
 def to_original_state_dict(unet: dict, vae: dict, text_encoder: dict, configs: dict,
-                           half: bool = False) -> dict:
-    """One original-layout state dict from the three diffusers state dicts.
+                           half: bool = False, text_encoder_2: dict | None = None) -> dict:
+    """One original-layout state dict from the diffusers state dicts.
 
-    `configs` holds the `unet`, `vae` and `text_encoder` config dicts. With `half`,
-    floating-point tensors become fp16 (integer buffers such as `position_ids` stay int64).
-    Every tensor is contiguous (safetensors requires it).
+    `configs` holds the `unet`, `vae` and `text_encoder` (and for SDXL `text_encoder_2`)
+    config dicts. With `text_encoder_2` the SDXL layout is written: the first encoder as
+    CLIP under `conditioner.embedders.0.`, the second as OpenCLIP under
+    `conditioner.embedders.1.`. With `half`, floating-point tensors become fp16 (integer
+    buffers such as `position_ids` stay int64). Every tensor is contiguous (safetensors
+    requires it).
     """
     import torch
 
     out = {}
     out.update(unet_to_original(unet, configs["unet"]))
     out.update(vae_to_original(vae, configs["vae"]))
-    out.update(text_encoder_to_original(text_encoder, configs["text_encoder"]))
+    if text_encoder_2 is None:
+        out.update(text_encoder_to_original(text_encoder, configs["text_encoder"]))
+    else:
+        out.update(text_encoder_to_original(text_encoder, configs["text_encoder"], "sd1", SDXL_CLIP_PREFIX))
+        out.update(text_encoder_to_original(text_encoder_2, configs["text_encoder_2"], "sd2",
+                                            SDXL_OPENCLIP_PREFIX))
     for key, tensor in out.items():
         if half and tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
@@ -292,6 +357,9 @@ def _unet_rules(config: dict) -> dict[str, tuple[str, dict]]:
     mid = config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
     if mid != "UNetMidBlock2DCrossAttn":
         raise ExportError(f"UNet mid block {mid} has no original Stable Diffusion equivalent.")
+    added = config.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise ExportError(f"UNet addition_embed_type={added!r} has no original Stable Diffusion equivalent.")
     rules: dict[str, tuple[str, dict]] = {
         "conv_in.": ("input_blocks.0.0.", {}),
         "time_embedding.linear_1.": ("time_embed.0.", {}),
@@ -302,6 +370,9 @@ def _unet_rules(config: dict) -> dict[str, tuple[str, dict]]:
         "mid_block.attentions.0.": ("middle_block.1.", {}),
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
     }
+    if added == "text_time":  # SDXL: pooled text + size/crop conditioning
+        rules["add_embedding.linear_1."] = ("label_emb.0.0.", {})
+        rules["add_embedding.linear_2."] = ("label_emb.0.2.", {})
     for b, kind in enumerate(down):
         for layer in range(lpb):
             i = 1 + b * (lpb + 1) + layer
@@ -385,25 +456,26 @@ def _raise_unknown(unknown: list[str], component: str) -> None:
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
         raise ExportError(f"{component}: no original Stable Diffusion name for {', '.join(unknown[:3])}{more}. "
-                          "This is not an SD 1.x/2.x model this exporter understands.")
+                          "This is not an SD 1.x/2.x/XL model this exporter understands.")
 
 
 def _strip_text_prefix(key: str) -> str:
     return key[len("text_model."):] if key.startswith("text_model.") else key
 
 
-def _openclip_name(name: str) -> str | None:
+def _openclip_name(name: str, prefix: str = OPENCLIP_PREFIX) -> str | None:
     fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
              "embeddings.position_embedding.weight": "positional_embedding",
              "final_layer_norm.weight": "ln_final.weight",
-             "final_layer_norm.bias": "ln_final.bias"}
+             "final_layer_norm.bias": "ln_final.bias",
+             "text_projection.weight": "text_projection"}
     if name in fixed:
-        return OPENCLIP_PREFIX + fixed[name]
+        return prefix + fixed[name]
     match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if not match:
         return None
     layer, module, kind = match.groups()
-    block = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+    block = f"{prefix}transformer.resblocks.{layer}."
     if module in (f"self_attn.{p}" for p in _QKV):
         return f"{block}attn.in_proj_{kind}"
     if module in _OPENCLIP_LAYER:
@@ -420,17 +492,18 @@ def _model_keys(component: str, config: dict) -> list[str]:
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        if component == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
+        if component.startswith("text_encoder"):
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+            cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            model = cls(CLIPTextConfig.from_dict(config))
         else:
             from diffusers import AutoencoderKL, UNet2DConditionModel
 
             cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
             model = cls.from_config(config)
     keys = list(model.state_dict())
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         keys = list(normalize_text_encoder_keys(dict.fromkeys(keys)))
     return keys
 
@@ -459,9 +532,17 @@ def check_export_paths(model_path: str | Path, checkpoint_path: str | Path,
     return output_format(checkpoint_path, use_safetensors)
 
 
+def export_components(model_path: Path) -> tuple[str, ...]:
+    """The component folders an export reads: SDXL adds `text_encoder_2`."""
+    index_file = model_path / "model_index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+    sdxl = family_from_model_index(index) is SDXL or (model_path / "text_encoder_2").is_dir()
+    return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+
+
 def _component_problems(model_path: Path) -> list[str]:
     problems = []
-    for component in ("unet", "vae", "text_encoder"):
+    for component in export_components(model_path):
         sub = model_path / component
         if not (sub / "config.json").is_file():
             what = f"the '{component}' folder is missing" if not sub.is_dir() else f"{sub} has no config.json"
@@ -523,7 +604,7 @@ def _read_weights(file: Path) -> dict:
 
 def _check_weights(component: str, config: dict, state_dict: dict, folder: Path) -> None:
     """The folder's weights must be exactly the model its config describes."""
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         have = set(normalize_text_encoder_keys(state_dict))
     elif component == "vae":
         have = set(normalize_vae_keys(state_dict))
@@ -567,13 +648,13 @@ def run_export(config: ExportConfig) -> ExportResult:
         return _export_checkpoint(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
     configs, weights = {}, {}
-    for component in ("unet", "vae", "text_encoder"):
+    for component in export_components(model_path):
         configs[component], weights[component] = load_component(model_path, component)
         _check_weights(component, configs[component], weights[component], model_path)
-    layout = text_encoder_layout(configs["text_encoder"])
+    layout = "sdxl" if "text_encoder_2" in weights else text_encoder_layout(configs["text_encoder"])
     logger.info("%s: %s model, converting to the original layout", model_path, LAYOUTS[layout])
     state_dict = to_original_state_dict(weights["unet"], weights["vae"], weights["text_encoder"],
-                                        configs, half=config.half)
+                                        configs, half=config.half, text_encoder_2=weights.get("text_encoder_2"))
     del weights  # with `half`, frees the full-precision originals before writing
     _write(state_dict, out, file_format)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
@@ -620,7 +701,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         allow_abbrev=False,
         prog="python -m dbtools export",
         description="Convert a diffusers Stable Diffusion folder (e.g. a training step folder) into one "
-                    "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x and 2.x.",
+                    "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x, 2.x and XL.",
     )
     parser.add_argument("--model_path", required=True, help="the diffusers folder to convert")
     parser.add_argument("--checkpoint_path", required=True,

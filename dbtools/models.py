@@ -48,8 +48,8 @@ _CONFIG_FILES = {
     "unet": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "vae": ("diffusion_pytorch_model",),
-                "unet": ("diffusion_pytorch_model",)}
+WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
+                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",)}
 """Weight file stems per component (transformers folders saved before safetensors use
 `pytorch_model.bin`)."""
 

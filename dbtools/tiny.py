@@ -169,11 +169,13 @@ def build_tiny_sd(out: str | Path, flavor: str = "sd1", seed: int = 0) -> Path:
 
 
 def tiny_sdxl_configs(vocab_size: int = 1000) -> dict:
-    """Configs for a tiny SDXL pipeline: two text encoders (CLIP-style with `quick_gelu`, then
-    OpenCLIP-style with GELU and a projection) whose hidden states together are the UNet's
-    64-wide cross-attention input, and a UNet with SDXL's `text_time` added conditioning."""
+    """Configs for a tiny SDXL pipeline: two text encoders (CLIP-style with `quick_gelu`, 32
+    wide, then OpenCLIP-style with GELU, 64 wide, projecting to 32) whose hidden states
+    together are the UNet's 96-wide cross-attention input, and a UNet with SDXL's
+    `text_time` added conditioning. The encoders differ in width, as the real ones do
+    (768, 1280): single-file readers tell them apart by it."""
     base = tiny_sd_configs("sd1", vocab_size)
-    text_2 = dict(base["text"], hidden_act="gelu")
+    text_2 = dict(base["text"], hidden_act="gelu", hidden_size=64, intermediate_size=74, projection_dim=32)
     time_dim = 8
     unet = dict(
         sample_size=8,

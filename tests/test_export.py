@@ -355,7 +355,102 @@ def test_real_sd21_names_and_shapes_without_weights():
         "cond_stage_model.model.ln_final.weight": (1024,),
     }
     assert {k: tuple(out[k].shape) for k in shapes} == shapes
-    assert sum(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in out) == 23 * 12
+    # the original has OpenCLIP's 24th block, text_projection and logit_scale; readers that
+    # check for them (e.g. "clip missing: layers.23") find them
+    assert sum(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in out) == 24 * 12
+    assert tuple(out["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"].shape) == (3072, 1024)
+    assert tuple(out["cond_stage_model.model.text_projection"].shape) == (1024, 1024)
+    assert tuple(out["cond_stage_model.model.logit_scale"].shape) == ()
+    # the tensor counts of the original v2-1 checkpoint (without EMA and schedule buffers)
+    count = lambda prefix: sum(k.startswith(prefix) for k in out)  # noqa: E731
+    assert (count("model.diffusion_model."), count("first_stage_model."), count("cond_stage_model.")) \
+        == (686, 248, 294)
+
+
+def test_sd2_last_block_is_an_identity_so_the_last_layer_equals_the_penultimate(tiny_sd2, tmp_path):
+    sd = load_file(str(export_single_file(tiny_sd2, tmp_path / "m.safetensors")))
+    last = "cond_stage_model.model.transformer.resblocks.2."  # the tiny SD 2.x encoder has 2 layers
+    for leaf in ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"):
+        assert not sd[last + leaf].any(), leaf
+    assert sd[last + "ln_1.weight"].equal(torch.ones(32))
+    assert sd["cond_stage_model.model.text_projection"].equal(torch.eye(32))
+    assert sd["cond_stage_model.model.logit_scale"].item() == pytest.approx(4.6052, abs=1e-4)
+
+
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SDXL_TEXT = dict(SD15_TEXT, projection_dim=768)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", vocab_size=49408, max_position_embeddings=77, projection_dim=1280)
+
+
+def test_real_sdxl_names_and_shapes_without_weights():
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    sds = meta_state_dicts(SDXL_UNET, SD_VAE, SDXL_TEXT)
+    with init_empty_weights():
+        sds["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).state_dict()
+    configs = dict(unet=SDXL_UNET, vae=SD_VAE, text_encoder=SDXL_TEXT, text_encoder_2=SDXL_TEXT_2)
+    out = to_original_state_dict(**sds, configs=configs)
+    count = lambda prefix: sum(k.startswith(prefix) for k in out)  # noqa: E731
+    # the tensor counts of the original sd_xl_base_1.0 checkpoint (2515 in all)
+    assert (count("model.diffusion_model."), count("first_stage_model."), count("conditioner.embedders.0."),
+            count("conditioner.embedders.1.")) == (1680, 248, 197, 390)
+    assert len(out) == 2515
+    shapes = {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.label_emb.0.2.weight": (1280, 1280),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.logit_scale": (),
+    }
+    assert {k: tuple(out[k].shape) for k in shapes} == shapes
+
+
+def test_sdxl_round_trip_through_from_single_file(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = export_single_file(tiny_sdxl, tmp_path / "xl.safetensors")
+    keys = keys_in(out)
+    roots = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
+             "conditioner.embedders.1.model.")
+    assert all(k.startswith(roots) for k in keys)
+    assert not any(k.startswith("cond_stage_model.") for k in keys)
+    want = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    got = StableDiffusionXLPipeline.from_single_file(str(out), config=str(tiny_sdxl), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(want, name).state_dict(), getattr(got, name).state_dict()
+        assert set(a) == set(b), name
+        for key, tensor in a.items():
+            assert b[key].dtype == tensor.dtype and b[key].equal(tensor), f"{name}.{key}"
+
+
+def test_sdxl_text_projection_is_stored_transposed(tiny_sdxl, tmp_path):
+    sd = load_file(str(export_single_file(tiny_sdxl, tmp_path / "xl.safetensors")))
+    te2 = load_file(str(tiny_sdxl / "text_encoder_2" / "model.safetensors"))
+    linear = te2["text_projection.weight"]  # [projection 32, width 64]
+    assert tuple(linear.shape) == (32, 64)
+    assert sd["conditioner.embedders.1.model.text_projection"].equal(linear.T)
+    # SDXL's OpenCLIP encoder is complete in diffusers: no block is added
+    assert not any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.2.") for k in sd)
+    assert export.run_export(export.ExportConfig(tiny_sdxl, tmp_path / "h.safetensors", half=True)).layout == "sdxl"
 
 
 def test_key_maps_are_one_to_one():
