@@ -100,16 +100,22 @@ def family_from_model_index(model_index: dict, text_config: dict | None = None) 
 
 
 def family_from_keys(keys: Iterable[str]) -> Family | None:
-    """The family of a single-file checkpoint (original layout) from its tensor names; None if unknown."""
+    """The family of a single-file checkpoint (original layout) from its tensor names; None if unknown.
+
+    The text encoders' names decide; a file with a UNet only is SDXL when the UNet has SDXL's
+    added conditioning (`label_emb`), else SD 1.x (SD 2.x has the same UNet names).
+    """
     seen = {"sdxl": False, "sd2": False, "sd1": False}
+    unet = False
     for key in keys:
-        if key.startswith("conditioner.embedders."):
+        unet = unet or key.startswith("model.diffusion_model.")
+        if key.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.0.")):
             seen["sdxl"] = True
         elif key.startswith("cond_stage_model.model."):
             seen["sd2"] = True
         elif key.startswith("cond_stage_model.transformer."):
             seen["sd1"] = True
-    return next((FAMILIES[k] for k, hit in seen.items() if hit), None)
+    return next((FAMILIES[k] for k, hit in seen.items() if hit), SD1 if unet else None)
 
 
 def prediction_type_from_scheduler(scheduler_config: dict | None) -> str:

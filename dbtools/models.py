@@ -12,6 +12,8 @@ and the tiny test models all take the same path. What we promise:
 - A mistake a user can make (a path that does not exist, a folder that is not a model,
   a missing component, an unsafe pickle) raises one `ModelLoadError` naming the path and
   the fix, instead of a traceback from deep inside diffusers.
+- The model family (SD 1.x, SD 2.x, SDXL; see `dbtools.families`) is detected from the
+  model itself (`detect_family`), and generation loads the family's pipeline class.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbtools.errors import UserError
+from dbtools.families import SDXL, Detected, Family
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,7 +46,9 @@ single-file checkpoint; used when no `config` argument is given."""
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 _CONFIG_FILES = {
     "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
+    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
     "text_encoder": ("config.json",),
+    "text_encoder_2": ("config.json",),
     "vae": ("config.json",),
     "unet": ("config.json",),
     "scheduler": ("scheduler_config.json",),
@@ -294,6 +299,90 @@ def _check_single_file(path: Path) -> None:
         safe_torch_load(path)
 
 
+# --------------------------------------------------------------------------- families
+
+
+def detect_family(model_name_or_path: str, *, config: str | None = None,
+                  revision: str | None = None) -> Detected:
+    """The family and prediction type of a Hub id, diffusers folder or single file.
+
+    A folder or Hub id is read from its `model_index.json`, text encoder config and scheduler
+    config (a few small files; nothing is loaded). A single file is read from its tensor
+    names; its prediction type comes from `config` (a diffusers folder or Hub id, or
+    $DBTOOLS_SINGLE_FILE_CONFIG) when given. Raises `ModelLoadError` when the model cannot
+    be read or is none of SD 1.x, 2.x and XL.
+    """
+    from dbtools import families
+
+    name = _normalize(model_name_or_path)
+    path = Path(name)
+    if is_local(name) and path.is_file():
+        keys = single_file_keys(path)
+        family = families.family_from_keys(keys)
+        if family is None:
+            raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (none of its tensor "
+                                 "names is a known text encoder's). Give an SD 1.x, 2.x or XL model.")
+        config = single_file_config(config)
+        if config:
+            scheduler = _read_json(config, "scheduler/scheduler_config.json", None)
+            return Detected(family, families.prediction_type_from_scheduler(scheduler))
+        return Detected(family, families.prediction_type_from_keys(keys, family))
+    index = _read_json(name, "model_index.json", revision)
+    text = _read_json(name, "text_encoder/config.json", revision, required=False)
+    scheduler = _read_json(name, "scheduler/scheduler_config.json", revision, required=False)
+    return Detected(families.family_from_model_index(index, text),
+                    families.prediction_type_from_scheduler(scheduler))
+
+
+def single_file_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a single-file checkpoint (a `.ckpt`'s nested `state_dict` unwrapped)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        _check_single_file(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys())
+    data = safe_torch_load(path)
+    return list(data.get("state_dict", data))
+
+
+def _read_json(name: str, file: str, revision: str | None, required: bool = True) -> dict | None:
+    """One small JSON file of a model folder or Hub repo; None when absent and not `required`."""
+    import json
+
+    if is_local(name):
+        path = Path(name) / file
+        if not path.is_file():
+            if required:
+                check_model_path(name)  # names what is missing
+                raise ModelLoadError(f"{name}: no {file}. Point to the folder that contains model_index.json.")
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        local = _guard(name, lambda: hf_hub_download(name, file, revision=revision))
+    except ModelLoadError as exc:
+        if not required and isinstance(exc.__cause__, EntryNotFoundError):
+            return None
+        raise
+    return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def pipeline_class(family: Family):
+    """The diffusers pipeline class that loads `family` (e.g. `StableDiffusionXLPipeline`)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _pipeline_kwargs(family: Family) -> dict:
+    """SD 1.x/2.x pipelines have a safety checker (off here); SDXL pipelines have none."""
+    return {} if family is SDXL else dict(safety_checker=None, requires_safety_checker=False)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -329,6 +418,7 @@ def load_sd_components(
                    and not (c == "tokenizer" and tokenizer_name))
     check_model_path(model_name_or_path, needed)
     revision, variant = resolve_revision(model_name_or_path, revision, variant)
+    _refuse_sdxl_training(model_name_or_path, config, revision)
     variant = _usable_variant(model_name_or_path, variant)
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
@@ -348,6 +438,17 @@ def load_sd_components(
         unet=_as_dtype(parts["unet"], dtype),
         noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
     )
+
+
+def _refuse_sdxl_training(name: str, config: str | None, revision: str | None) -> None:
+    """Training loads one text encoder; an SDXL model needs both, so say so before loading."""
+    path = Path(name)
+    if is_local(name) and path.is_dir() and not (path / "model_index.json").is_file():
+        return  # a folder of components only: SD 1.x/2.x parts are loaded one by one
+    if detect_family(name, config=config, revision=revision).family is SDXL:
+        raise ModelLoadError(f"{name}: is a Stable Diffusion XL model. Training SDXL is not available yet; "
+                             "train an SD 1.x/2.x model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). "
+                             "SDXL models can already be used for class images, generation and export.")
 
 
 def _normalize(name: str) -> str:
@@ -464,22 +565,21 @@ def _load_failure_message(name: str, exc: BaseException) -> str:
 
 
 def _load_single_file(path: str, dtype, config: str | None, original_config: str | None):
-    """`StableDiffusionPipeline.from_single_file` with safety checks and a clear offline error."""
-    from diffusers import StableDiffusionPipeline
-
+    """The family's `from_single_file` (SD or SDXL pipeline) with safety checks and a clear offline error."""
     file = Path(os.path.expanduser(path))
     _check_single_file(file)
+    family = detect_family(str(file)).family
     config = single_file_config(config)
     if config and is_local(config):
-        check_model_path(config, ("tokenizer", "text_encoder", "scheduler"))
-    kwargs: dict = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        check_model_path(config, tuple(c for c in family.components if c not in ("vae", "unet")))
+    kwargs: dict = dict(dtype=dtype, **_pipeline_kwargs(family))
     if config:
         kwargs["config"] = str(config)
     elif original_config:
         kwargs["original_config"] = str(original_config)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return StableDiffusionPipeline.from_single_file(str(file), local_files_only=offline, **kwargs)
+        return pipeline_class(family).from_single_file(str(file), local_files_only=offline, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many kinds here; all mean "cannot read this file"
@@ -494,7 +594,7 @@ def _single_file_message(file: Path, config: str | None, offline: bool, exc: Bas
                 f"of the same architecture> (or set {SINGLE_FILE_CONFIG_ENV}), or original_config=<its "
                 ".yaml> (--original_config) for an SD 1.x/2.x checkpoint.")
     else:
-        msg += f" Check that {config} has the same architecture (SD 1.x vs 2.x) as the file."
+        msg += f" Check that {config} has the same architecture (SD 1.x, 2.x or XL) as the file."
     return msg
 
 
@@ -565,24 +665,26 @@ def load_pipeline(
     config: str | None = None,
     original_config: str | None = None,
 ) -> "StableDiffusionPipeline":
-    """Load a `StableDiffusionPipeline` for generating images (safety checker off).
+    """Load the model family's pipeline for generating images (safety checker off).
 
-    Accepts what `load_sd_components` accepts, and a training `checkpoint-<step>/` folder
-    (see `load_checkpoint_pipeline`). `scheduler` picks a sampler by name
+    A `StableDiffusionPipeline` for SD 1.x/2.x, a `StableDiffusionXLPipeline` for SDXL
+    (see `detect_family`). Accepts what `load_sd_components` accepts, and a training
+    `checkpoint-<step>/` folder (see `load_checkpoint_pipeline`). `scheduler` picks a sampler by name
     ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
     model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
     `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
     if is_checkpoint_folder(model_name_or_path):
         return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
     model_name_or_path = _normalize(model_name_or_path)
-    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path))
-    check_model_path(model_name_or_path, needed)
+    check_model_path(model_name_or_path, ())
     revision, variant = resolve_revision(model_name_or_path, revision, variant)
+    family = detect_family(model_name_or_path, config=config, revision=revision).family
+    needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path))
+    check_model_path(model_name_or_path, needed)
     variant = _usable_variant(model_name_or_path, variant)
     extra: dict = {}
     if vae_name_or_path:
@@ -594,7 +696,8 @@ def load_pipeline(
         if "vae" in extra:
             pipe.vae = extra["vae"]
     else:
-        pipe = _pipeline_from_pretrained(StableDiffusionPipeline, path, revision, variant, dtype, extra)
+        pipe = _pipeline_from_pretrained(pipeline_class(family), path, revision, variant, dtype,
+                                         dict(_pipeline_kwargs(family), **extra))
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if device:
@@ -603,7 +706,8 @@ def load_pipeline(
 
 
 def _pipeline_from_pretrained(cls, path: str, revision, variant, dtype, extra: dict):
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra)
+    """`cls.from_pretrained` with `extra` keyword arguments; a missing variant falls back."""
+    kwargs = dict(dtype=dtype, **extra)
     if revision:
         kwargs["revision"] = revision
     if variant:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dbtools import models
+from dbtools.families import SD1
 from dbtools.models import (
     ModelLoadError,
     inference_dtype,
@@ -187,7 +188,7 @@ def test_hub_pipeline_without_variant_falls_back_to_default_weights(caplog):
     fake_pipeline = _hub_repo_without_variant("pipeline", calls)
     with caplog.at_level(logging.WARNING, logger="dbtools.models"):
         got = models._pipeline_from_pretrained(fake_pipeline, "someone/old-repo", None, "fp16",
-                                                torch.float16, {})
+                                                torch.float16, models._pipeline_kwargs(SD1))
     assert got == "pipeline"
     assert [(variant, kw["safety_checker"]) for variant, kw in calls] == [("fp16", None), (None, None)]
     assert "no fp16 variant" in caplog.text
