@@ -16,8 +16,8 @@ micro-conditioning `add_time_ids` from an image's real original size, crop and t
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"

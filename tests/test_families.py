@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,12 @@ import torch
 from dbtools import families
 from dbtools.export import export_single_file
 from dbtools.families import SD1, SD2, SDXL, Detected
-from dbtools.models import ModelLoadError, detect_family, load_pipeline, load_sd_components
-
+from dbtools.models import (
+    ModelLoadError,
+    detect_family,
+    load_pipeline,
+    load_sd_components,
+)
 
 # --------------------------------------------------------------------------- pure rules
 
