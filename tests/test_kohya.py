@@ -1,0 +1,97 @@
+"""Kohya-style LoRA files (AUTOMATIC1111/ComfyUI) from diffusers LoRAs, on the tiny SDXL model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dbtools.kohya import LoraConvertError, to_kohya, write_kohya_lora
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tiny_sdxl, tmp_path_factory):
+    """A diffusers LoRA folder for the tiny SDXL model (rank 4 UNet, rank 2 text encoders),
+    written as training writes it, with non-zero up weights so that it changes the output."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    te = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter_in_model(te, encoder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+
+    def layers(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    out = tmp_path_factory.mktemp("lora")
+    StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers(pipe.unet),
+                                                text_encoder_lora_layers=layers(pipe.text_encoder),
+                                                text_encoder_2_lora_layers=layers(pipe.text_encoder_2))
+    return out
+
+
+def test_kohya_key_naming_and_alphas(sdxl_lora, tmp_path):
+    out = write_kohya_lora(sdxl_lora, tmp_path / "style.safetensors", alpha={"unet": 8, "text_encoder": 1})
+    sd = load_file(str(out))
+    unet = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    te2 = "lora_te2_text_model_encoder_layers_1_self_attn_out_proj"
+    for module, rank, alpha in ((unet, 4, 8.0), (te1, 2, 1.0), (te2, 2, 2.0)):  # te2: alpha = rank
+        assert sd[module + ".lora_down.weight"].shape[0] == rank
+        assert sd[module + ".lora_up.weight"].shape[1] == rank
+        assert sd[module + ".alpha"].item() == alpha
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in sd)
+    assert all(k.endswith((".alpha", ".lora_down.weight", ".lora_up.weight")) for k in sd)
+    modules = {k.rsplit(".", 2)[0] if not k.endswith(".alpha") else k[:-6] for k in sd}
+    # every module has its three tensors: 2 down blocks x transformer layers x 2 attentions x 4
+    # projections in the UNet (plus mid and up blocks), 2 layers x 4 in each text encoder
+    assert len(sd) == 3 * len(modules)
+    assert sum(m.startswith("lora_te1_") for m in modules) == sum(m.startswith("lora_te2_") for m in modules) == 8
+
+
+def test_kohya_file_gives_the_same_images_as_the_diffusers_lora(sdxl_lora, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    kohya = write_kohya_lora(sdxl_lora, tmp_path / "k.safetensors")  # alpha = rank: scale 1, as diffusers
+
+    def latents(lora):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        if lora:
+            pipe.load_lora_weights(lora)
+        return pipe("a red car", num_inference_steps=1, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base, diffusers_lora, kohya_lora = latents(None), latents(sdxl_lora), latents(kohya)
+    assert not torch.allclose(base, diffusers_lora)  # the LoRA does something
+    assert torch.allclose(kohya_lora, diffusers_lora, atol=1e-5)
+
+
+def test_weights_are_kept_and_half_halves(sdxl_lora, tmp_path):
+    from dbtools.kohya import read_lora
+
+    src = read_lora(sdxl_lora)
+    key = next(k for k in src if k.startswith("unet.") and k.endswith("lora.up.weight"))
+    sd = to_kohya(src)
+    module = "lora_unet_" + key[len("unet."):-len(".lora.up.weight")].replace(".", "_")
+    assert sd[module + ".lora_up.weight"].equal(src[key])
+    half = load_file(str(write_kohya_lora(src, tmp_path / "h.safetensors", half=True)))
+    assert half[module + ".lora_up.weight"].dtype == torch.float16
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(LoraConvertError, match="not found"):
+        write_kohya_lora(tmp_path / "missing", tmp_path / "x.safetensors")
+    with pytest.raises(LoraConvertError, match="name the LoRA file .safetensors"):
+        write_kohya_lora({}, tmp_path / "x.ckpt")
+    with pytest.raises(LoraConvertError, match="belongs to no UNet or text encoder"):
+        to_kohya({"transformer.x.lora_A.weight": torch.zeros(2, 2)})
