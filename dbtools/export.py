@@ -57,7 +57,10 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder",
-           "sdxl": "SDXL, CLIP and OpenCLIP text encoders"}
+           "sdxl": "SDXL, CLIP and OpenCLIP text encoders",
+           "kohya": "kohya-style LoRA for AUTOMATIC1111/ComfyUI"}
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""What a LoRA training step folder holds instead of a full pipeline."""
 OPENCLIP_LOGIT_SCALE = math.log(100.0)
 """OpenCLIP's `logit_scale` after training (clamped at ln 100); unused by image generation."""
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -646,6 +649,8 @@ def run_export(config: ExportConfig) -> ExportResult:
 
     if is_checkpoint_folder(model_path):
         return _export_checkpoint(config)
+    if is_lora_folder(model_path):
+        return _export_lora(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
     configs, weights = {}, {}
     for component in export_components(model_path):
@@ -681,6 +686,29 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
         return run_export(dataclasses.replace(config, model_path=Path(tmp)))
 
 
+def is_lora_folder(path: Path) -> bool:
+    """True for a LoRA weights folder (`pytorch_lora_weights.safetensors`, no `unet/`)."""
+    return (path / LORA_FILE).is_file() and not (path / "unet").is_dir()
+
+
+def _export_lora(config: ExportConfig) -> ExportResult:
+    """A LoRA folder becomes a kohya-style LoRA file (see `dbtools.kohya`)."""
+    from dbtools.kohya import write_kohya_lora
+
+    out = Path(config.checkpoint_path)
+    if config.use_safetensors is False or out.suffix.lower() != ".safetensors":
+        raise ExportError(f"{out}: a LoRA is written as .safetensors (AUTOMATIC1111 and ComfyUI do not read "
+                          f"LoRA pickles). Name it {out.with_suffix('.safetensors').name}.")
+    write_kohya_lora(config.model_path, out, half=config.half)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as fh:
+        count = len(fh.keys())
+    return ExportResult(path=out, num_tensors=count, num_bytes=out.stat().st_size,
+                        dtype="float16" if config.half else "as trained", layout="kohya",
+                        file_format="safetensors")
+
+
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,
                        use_safetensors: bool | None = None) -> Path:
     """Write the diffusers SD folder `model_path` as one original-layout file; return its path.
@@ -701,7 +729,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         allow_abbrev=False,
         prog="python -m dbtools export",
         description="Convert a diffusers Stable Diffusion folder (e.g. a training step folder) into one "
-                    "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x, 2.x and XL.",
+                    "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x, 2.x and XL. "
+                    "A LoRA step folder (pytorch_lora_weights.safetensors) becomes a kohya-style LoRA file.",
     )
     parser.add_argument("--model_path", required=True, help="the diffusers folder to convert")
     parser.add_argument("--checkpoint_path", required=True,

@@ -95,3 +95,13 @@ def test_user_errors(tmp_path):
         write_kohya_lora({}, tmp_path / "x.ckpt")
     with pytest.raises(LoraConvertError, match="belongs to no UNet or text encoder"):
         to_kohya({"transformer.x.lora_A.weight": torch.zeros(2, 2)})
+
+
+def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_path, capsys):
+    from dbtools import export
+
+    out = tmp_path / "style.safetensors"
+    assert export.main(["--model_path", str(sdxl_lora), "--checkpoint_path", str(out)]) == 0
+    assert "kohya-style LoRA" in capsys.readouterr().out
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in load_file(str(out)))
+    assert export.main(["--model_path", str(sdxl_lora), "--checkpoint_path", str(tmp_path / "s.ckpt")]) == 1
