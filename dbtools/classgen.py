@@ -192,25 +192,50 @@ def missing_per_concept(concepts: list[Concept], num_class_images: int) -> list[
 # --------------------------------------------------------------------------- generation
 
 
-def ensure_class_images(
-    concepts: list[Concept],
-    cfg: ClassGenConfig,
-    pipeline_loader: Callable[[], object],
-) -> dict[str, int]:
-    """Fill every concept's class folder up to `cfg.num_class_images` valid images.
+def plan_class_images(concepts: list[Concept], cfg: ClassGenConfig) -> list[tuple[Concept, list[int]]]:
+    """For each distinct class folder, its first concept and the indices of the images it lacks.
 
-    Checks every folder and prompt first (one `ClassGenError` listing all problems), then
-    calls `pipeline_loader()` only if some folder lacks images. Returns, per class
-    folder, how many images were generated (0 when it was already full).
+    Checks every folder and prompt first (one `ClassGenError` listing all problems) and
+    creates missing folders; loads no model and writes no image.
     """
     problems = config_problems(cfg) + class_dir_problems(concepts)
     if problems:
         raise ClassGenError("\n".join(["Cannot generate class images:", *problems]))
     for concept in concepts:
         Path(concept.class_data_dir).expanduser().mkdir(exist_ok=True)
-    todo = missing_per_concept(concepts, cfg.num_class_images)
+    plan = []
+    for concept, missing in missing_per_concept(concepts, cfg.num_class_images):
+        used = {image_index(p) for p in valid_class_images(concept.class_data_dir)} - {None} if missing else set()
+        plan.append((concept, free_indices(used, missing)))
+    return plan
+
+
+def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
+    """The part of `indices` that process `rank` of `world` generates (every index exactly once)."""
+    return indices[rank::world]
+
+
+def ensure_class_images(
+    concepts: list[Concept],
+    cfg: ClassGenConfig,
+    pipeline_loader: Callable[[], object],
+    *,
+    plan: list[tuple[Concept, list[int]]] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, int]:
+    """Fill every concept's class folder up to `cfg.num_class_images` valid images.
+
+    Checks every folder and prompt first (one `ClassGenError` listing all problems), then
+    calls `pipeline_loader()` only if some folder lacks images. With `world` processes,
+    process `rank` makes only its share of the missing indices of `plan` (which every
+    process must have made before any wrote); together they make what one process would.
+    Returns, per class folder, how many images this call generated (0 when it was full).
+    """
+    plan = plan_class_images(concepts, cfg) if plan is None else plan
+    todo = [(concept, rank_share(indices, rank, world)) for concept, indices in plan]
     generated = {c.class_data_dir: 0 for c, _ in todo}
-    total = sum(n for _, n in todo)
+    total = sum(len(indices) for _, indices in todo)
     if total == 0:
         logger.info("class images: every class folder already has %d images", cfg.num_class_images)
         return generated
@@ -222,19 +247,17 @@ def ensure_class_images(
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc="class images", unit="img", disable=not cfg.show_progress) as bar:
-        for concept, missing in todo:
-            if missing:
-                generated[concept.class_data_dir] = _fill_folder(pipe, concept, missing, seed, cfg, bar)
+        for concept, indices in todo:
+            if indices:
+                generated[concept.class_data_dir] = _fill_folder(pipe, concept, indices, seed, cfg, bar)
     del pipe
     _free_accelerator_memory()
     return generated
 
 
-def _fill_folder(pipe, concept: Concept, missing: int, seed: int, cfg: ClassGenConfig, bar) -> int:
+def _fill_folder(pipe, concept: Concept, indices: list[int], seed: int, cfg: ClassGenConfig, bar) -> int:
     folder = Path(concept.class_data_dir).expanduser()
-    used = {image_index(p) for p in valid_class_images(folder)} - {None}
-    indices = free_indices(used, missing)
-    logger.info("class images: generating %d for %r in %s", missing, concept.class_prompt, folder)
+    logger.info("class images: generating %d for %r in %s", len(indices), concept.class_prompt, folder)
     written = 0
     for chunk in batches(indices, cfg.sample_batch_size):
         for index, image in zip(chunk, _generate(pipe, concept.class_prompt, chunk, seed, cfg)):
@@ -289,7 +312,8 @@ PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "no": "f
 def precision_dtype(precision: str | None, device: str):
     """The torch dtype for generating on `device`: `precision`, or fp16 on CUDA / fp32 elsewhere.
 
-    Half precision off CUDA falls back to fp32 with a warning (CPUs cannot run it usefully).
+    Half precision off CUDA falls back to fp32 with a warning (CPUs cannot run it usefully);
+    bf16 on a GPU that only emulates it falls back to fp16 with a warning.
     """
     import torch
 
@@ -303,7 +327,22 @@ def precision_dtype(precision: str | None, device: str):
     if dtype != torch.float32 and not str(device).startswith("cuda"):
         logger.warning("%s needs a CUDA GPU; generating class images in fp32 on %s", precision, device)
         return torch.float32
+    if dtype == torch.bfloat16 and not native_bf16():
+        logger.warning("this GPU runs bf16 only through slow emulation; generating class images in fp16")
+        return torch.float16
     return dtype
+
+
+def native_bf16() -> bool:
+    """Whether the CUDA GPU runs bf16 natively (Ampere or newer).
+
+    Emulated bf16 (a T4) is slow and does not count. With `including_emulation=False`
+    torch only reads the device properties and allocates nothing, so asking does not put
+    a CUDA context on GPU 0 in a process that accelerate will give another GPU.
+    """
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def pipeline_loader_for(

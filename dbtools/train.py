@@ -184,22 +184,38 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
+# Every process waits at a collective while the main one saves the final weights, exports
+# the single file or uploads to the Hub; on a slow disk or link that takes far longer than
+# torch's 10-minute default, which would kill the whole run.
+PROCESS_GROUP_TIMEOUT_HOURS = 3
+
+
 def make_accelerator(cfg: TrainConfig):
-    """An `Accelerator` with the usable mixed precision and Shivam's log folder."""
+    """An `Accelerator` with the usable mixed precision, Shivam's log folder and a long collective timeout."""
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     requested = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    precision, warning = resolve_mixed_precision(requested, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision, warning = usable_precision(requested, cuda)
     if warning:
         logger.warning(warning)
     project = ProjectConfiguration(project_dir=cfg.output_dir,
                                    logging_dir=str(Path(cfg.output_dir, "0", cfg.logging_dir)))
     trackers = report_trackers(cfg.report_to)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
     return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project,
-                       cpu=not cuda and torch.cuda.is_available())
+                       cpu=not cuda and torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def usable_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
+    """`resolve_mixed_precision`, asking the GPU about bf16 only when bf16 is requested."""
+    from dbtools.classgen import native_bf16
+
+    return resolve_mixed_precision(requested, cuda, requested == "bf16" and cuda and native_bf16())
 
 
 def weight_dtype_for(accelerator):
@@ -210,20 +226,23 @@ def weight_dtype_for(accelerator):
 
 
 def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) -> None:
-    """Generate missing class images (main process; the others wait)."""
-    from dbtools.classgen import ClassGenConfig, ensure_class_images, pipeline_loader_for
+    """Generate missing class images, shared out across the processes."""
+    from dbtools.classgen import ClassGenConfig, ensure_class_images, pipeline_loader_for, plan_class_images
 
     if not cfg.with_prior_preservation:
         return
-    if accelerator.is_main_process:
-        gen = ClassGenConfig(num_class_images=cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
-                             seed=cfg.seed, precision=cfg.prior_generation_precision,
-                             show_progress=accelerator.is_local_main_process)
-        loader = pipeline_loader_for(cfg.pretrained_model_name_or_path, gen,
-                                     vae_name_or_path=cfg.pretrained_vae_name_or_path,
-                                     revision=cfg.revision, variant=cfg.variant,
-                                     device=str(accelerator.device))
-        ensure_class_images(concepts, gen, loader)
+    gen = ClassGenConfig(num_class_images=cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
+                         seed=cfg.seed, precision=cfg.prior_generation_precision,
+                         show_progress=accelerator.is_local_main_process)
+    # Every process counts what is missing before any of them writes, so all agree on
+    # the indices; each then makes its own share of them.
+    plan = plan_class_images(concepts, gen)
+    accelerator.wait_for_everyone()
+    loader = pipeline_loader_for(cfg.pretrained_model_name_or_path, gen,
+                                 vae_name_or_path=cfg.pretrained_vae_name_or_path,
+                                 revision=cfg.revision, variant=cfg.variant, device=str(accelerator.device))
+    ensure_class_images(concepts, gen, loader, plan=plan, rank=accelerator.process_index,
+                        world=accelerator.num_processes)
     accelerator.wait_for_everyone()
 
 

@@ -285,13 +285,14 @@ def test_cli_user_errors_exit_2_with_a_message(tmp_path, tiny_sd, capsys):
 # --------------------------------------------------------------------------- precision
 
 
-def test_precision_is_half_on_cuda_and_falls_back_to_fp32_elsewhere(caplog):
+def test_precision_is_half_on_cuda_and_falls_back_to_fp32_elsewhere(caplog, monkeypatch):
     import logging
 
     import torch
 
     from dbtools.classgen import precision_dtype
 
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision_dtype(None, "cuda") == torch.float16
     assert precision_dtype("bf16", "cuda") == torch.bfloat16
     assert precision_dtype("fp32", "cuda") == torch.float32
@@ -318,3 +319,37 @@ def test_fp16_generation_on_cuda(tmp_path, tiny_sd):
     d = tmp_path / "class"
     assert ensure_class_images([concept(d)], cfg, lambda: pipe) == {str(d): 3}
     assert count_valid_class_images(d) == 3
+
+
+def test_bf16_on_a_gpu_that_only_emulates_it_generates_in_fp16(caplog, monkeypatch):
+    """A T4 answers True to `is_bf16_supported()` through emulation; only native bf16 counts."""
+    import logging
+
+    import torch
+
+    from dbtools.classgen import precision_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with caplog.at_level(logging.WARNING, logger="dbtools.classgen"):
+        assert precision_dtype("bf16", "cuda") == torch.float16
+    assert "emulation" in caplog.text
+    assert precision_dtype("fp16", "cuda") == torch.float16
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_processes_share_the_missing_indices_and_together_make_what_one_would(tmp_path, image_factory, loader):
+    from dbtools.classgen import plan_class_images
+
+    one, split = tmp_path / "one", tmp_path / "split"
+    for d in (one, split):
+        image_factory(d / "1-existing.png", size=(32, 32))
+    ensure_class_images([concept(one)], fast(num_class_images=6), loader)
+    cfg = fast(num_class_images=6)
+    plan = plan_class_images([concept(split)], cfg)  # every process plans before any writes
+    assert [indices for _, indices in plan] == [[0, 2, 3, 4, 5]]
+    made = [ensure_class_images([concept(split)], cfg, loader, plan=plan, rank=r, world=2)[str(split)]
+            for r in (1, 0)]
+    assert made == [2, 3]
+    assert names(split) == names(one) and len(names(split)) == 6
