@@ -291,9 +291,9 @@ def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
         _move(models.text_encoder, device, weight_dtype)
     if cfg.use_lora and weight_dtype != torch.float32:
         # Frozen base weights in half precision, trainable adapters in float32.
-        models.unet.to(device, dtype=weight_dtype)
+        _move(models.unet, device, weight_dtype)
         if train_te:
-            models.text_encoder.to(device, dtype=weight_dtype)
+            _move(models.text_encoder, device, weight_dtype)
         from diffusers.training_utils import cast_training_params
 
         cast_training_params([models.unet] + ([models.text_encoder] if train_te else []), dtype=torch.float32)
@@ -306,12 +306,44 @@ def _enable_memory_savers(cfg: TrainConfig, models) -> None:
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            models.text_encoder.gradient_checkpointing_enable()
+            _checkpoint_text_encoder(models.text_encoder)
     if cfg.enable_xformers_memory_efficient_attention:
-        models.unet.enable_xformers_memory_efficient_attention()
+        _try_xformers(models.unet)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def _checkpoint_text_encoder(text_encoder) -> None:
+    """Non-reentrant gradient checkpointing on any transformers version.
+
+    Reentrant checkpointing (transformers 4.x's default) passes no gradient to LoRA
+    adapters when the checkpointed inputs do not require grad, so they silently never
+    train. transformers 5 renamed the call; the old name warns.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _try_xformers(unet) -> None:
+    """xformers attention when it works here; else a warning and PyTorch's SDPA attention.
+
+    An installed xformers built for another torch or CUDA (common on Colab) fails only
+    when enabled, and the run can go on without it.
+    """
+    import torch
+
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xformers fails with ImportError, RuntimeError, ValueError, NotImplementedError
+        unet.disable_xformers_memory_efficient_attention()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers cannot run here (%s); using "
+                       "PyTorch's SDPA attention instead. Reinstall xformers to match torch %s, or drop the flag.",
+                       reason, torch.__version__)
 
 
 def _add_lora(cfg: TrainConfig, models) -> None:
@@ -794,8 +826,16 @@ def _for_inference(run: Run):
 
 def _move(module, device, dtype) -> None:
     """`module.to(device, dtype)`, casting only when the dtype really changes."""
+    import torch
+
     if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
+        if getattr(module, "_keep_in_fp32_modules", None):
+            module.to(dtype=dtype)
+        else:
+            # diffusers' `ModelMixin.to` logs "modules ... should be kept in float32" at every
+            # cast, even for models that keep none in float32 (the VAE, the UNet); only a model
+            # that names such modules needs its handling.
+            torch.nn.Module.to(module, dtype=dtype)
     module.to(device)
 
 

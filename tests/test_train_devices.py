@@ -93,3 +93,78 @@ def test_two_processes_share_class_image_generation(tmp_path, dataset, tiny_sd):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("class images: generating 2 for") == 2  # each process made half
     assert sorted(image_index(p) for p in classes.iterdir()) == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- memory savers
+
+
+def _prepared(tiny_sd, tmp_path, **kw):
+    from types import SimpleNamespace
+
+    cfg = config(tiny_sd, tmp_path, tmp_path / "out", **kw)
+    models = T.load_models(cfg)
+    params = T.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), torch.float32)
+    return models, params
+
+
+def test_text_encoder_lora_gets_gradients_under_reentrant_checkpointing(tiny_sd, tmp_path, monkeypatch):
+    """transformers 4.57 checkpoints reentrantly unless told otherwise and, for adapters added
+    by peft directly, does not make the inputs require grad: LoRA then never trains."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers import PreTrainedModel
+
+    def enable_as_in_4_57(self, gradient_checkpointing_kwargs=None):
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": True}
+        self._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(checkpoint, **kwargs))
+
+    monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", enable_as_in_4_57)
+    models, _ = _prepared(tiny_sd, tmp_path, use_lora=True, lora_rank=2, train_text_encoder=True,
+                          gradient_checkpointing=True)
+    te = models.text_encoder
+    ids = models.tokenizer(["a photo of sks toy"], padding="max_length", return_tensors="pt").input_ids
+    te(ids)[0].float().pow(2).mean().backward()
+    lora = {n: p for n, p in te.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    assert [n for n, p in lora.items() if p.grad is None] == []
+    # lora_B starts at zero, so lora_A's first gradient is zero; lora_B's is not.
+    assert all(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+
+
+def test_no_deprecation_or_float32_messages_while_preparing_and_moving(tiny_sd, tmp_path):
+    import logging
+    import warnings
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to the root logger
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models, _ = _prepared(tiny_sd, tmp_path, train_text_encoder=True, gradient_checkpointing=True)
+            T._move(models.vae, "cpu", torch.bfloat16)
+            T._move(models.vae, "cpu", torch.float32)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert models.vae.dtype == torch.float32 and models.text_encoder.is_gradient_checkpointing
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
+    assert not [r for r in records if "kept in float32" in r.getMessage()]
+
+
+def test_xformers_that_cannot_run_falls_back_to_sdpa_with_a_warning(tiny_sd, tmp_path, monkeypatch, caplog):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    def broken(self, attention_op=None):
+        raise RuntimeError("xformers was built for torch 2.1.0+cu121, you have another")
+
+    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention", broken)
+    models, _ = _prepared(tiny_sd, tmp_path, enable_xformers_memory_efficient_attention=True)
+    assert "xformers cannot run here (xformers was built for torch 2.1.0+cu121" in caplog.text
+    assert "SDPA" in caplog.text
+    assert all(isinstance(p, AttnProcessor2_0) for p in models.unet.attn_processors.values())
