@@ -398,7 +398,8 @@ class PromptEncoder:
     longest prompt. CLIP's attention is causal, so the states of the first n tokens do
     not depend on what follows: cutting cached max-length states gives exactly what
     encoding the shorter batch would. With `cache=True` (frozen text encoder) states are
-    kept per prompt.
+    kept per prompt; once `grow` is False, prompts not yet cached are encoded every time
+    and never kept.
     """
 
     def __init__(self, tokenizer, text_encoder, *, pad_tokens: bool, max_length: int | None,
@@ -408,6 +409,7 @@ class PromptEncoder:
         self.max_length = max_length or tokenizer.model_max_length
         self.cache: dict[str, tuple] | None = {} if cache else None  # prompt -> (states, tokens)
         self.max_cached = max_cached
+        self.grow = True
 
     def tokenize(self, prompts: list[str]):
         out = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
@@ -430,7 +432,7 @@ class PromptEncoder:
                 states = self._forward(ids, mask, device)
             fresh = {p: (s, int(n)) for p, s, n in zip(missing, states, mask.sum(1))}
             for p in missing:
-                if len(self.cache) < self.max_cached:
+                if self.grow and len(self.cache) < self.max_cached:
                     self.cache[p] = fresh[p]
         entries = [self.cache.get(p) or fresh[p] for p in prompts]
         length = self.max_length if self.pad_tokens else max(n for _, n in entries)
@@ -502,9 +504,15 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelera
                         max_length=cfg.tokenizer_max_length, use_attention_mask=cfg.text_encoder_use_attention_mask,
                         cache=cache)
     if cache:
-        prompts = sorted({it.example.prompt for it in data.all_items()} | ({""} if cfg.caption_dropout else set()))
+        prompts = {"" if cfg.caption_dropout else None}
+        if not cfg.shuffle_captions:
+            prompts |= {it.example.prompt for it in data.all_items()}
+        prompts = sorted(prompts - {None})
         for k in range(0, len(prompts), 64):
             enc.encode(prompts[k:k + 64], accelerator.device)
+        # Shuffled captions almost never repeat: caching them would only fill GPU memory
+        # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
+        enc.grow = not cfg.shuffle_captions
     return enc
 
 

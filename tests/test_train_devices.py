@@ -168,3 +168,39 @@ def test_xformers_that_cannot_run_falls_back_to_sdpa_with_a_warning(tiny_sd, tmp
     assert "xformers cannot run here (xformers was built for torch 2.1.0+cu121" in caplog.text
     assert "SDPA" in caplog.text
     assert all(isinstance(p, AttnProcessor2_0) for p in models.unet.attn_processors.values())
+
+
+# --------------------------------------------------------------------------- prompt cache
+
+
+def _prompt_encoder(tiny_sd, tmp_path, **kw):
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    models = SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+                             text_encoder=CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval())
+    items = [SimpleNamespace(example=SimpleNamespace(prompt=f"sks toy, red, round, number {i}")) for i in range(3)]
+    data = SimpleNamespace(all_items=lambda: items)
+    cfg = config(tiny_sd, tmp_path, tmp_path / "out", caption_dropout=0.1, **kw)
+    return T.make_prompt_encoder(cfg, models, data, SimpleNamespace(device=torch.device("cpu")))
+
+
+def test_shuffled_captions_do_not_grow_the_prompt_cache(tiny_sd, tmp_path):
+    import random
+
+    enc = _prompt_encoder(tiny_sd, tmp_path, shuffle_captions=True)
+    assert enc.cache is not None and "" in enc.cache  # dropped captions still come from the cache
+    before = len(enc.cache)
+    rng = random.Random(0)
+    tags = ["sks toy", "red", "round", "shiny", "small", "on a table"]
+    with torch.no_grad():
+        for _ in range(20):
+            prompts = [", ".join(rng.sample(tags, len(tags))) for _ in range(2)]
+            got = enc.encode(prompts, "cpu")
+            ids = enc.tokenize(prompts)[0]
+            assert torch.allclose(got, enc.text_encoder(ids)[0][:, :got.shape[1]], atol=1e-5)
+    assert len(enc.cache) == before <= 4
+
+    fixed = _prompt_encoder(tiny_sd, tmp_path)  # unshuffled prompts repeat: every one is cached
+    assert len(fixed.cache) == 4 and fixed.grow
