@@ -684,10 +684,14 @@ def _latents(run: Run, part: dict, gen):
     device, vae = run.accelerator.device, run.models.vae
     if "latent_mean" in part:
         mean, std = torch.from_numpy(part["latent_mean"]), torch.from_numpy(part["latent_std"])
-    else:
-        mean, std = (torch.from_numpy(a) for a in _vae_stats(vae, part["pixels"], device, run.weight_dtype))
-    sample = mean + std * torch.randn(mean.shape, generator=gen)
-    return (sample * vae.config.scaling_factor).to(device)
+        sample = mean + std * torch.randn(mean.shape, generator=gen)
+        return (sample * vae.config.scaling_factor).to(device)
+    # Not cached: the distribution stays where the VAE made it (no GPU -> CPU round trip);
+    # only the noise, drawn from the seeded CPU generator, travels.
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(part["pixels"]).to(device, dtype=run.weight_dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=gen).to(device)
+    return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
 
 
 def _per_sample_loss(run: Run, latents, embeds, gen):
@@ -734,16 +738,18 @@ def train_step(run: Run, step: int) -> float | None:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
     Returns the mean loss, or None when the loss (or gradient) was not finite on any
-    process: then nothing is applied and the gradients are dropped.
+    process: then nothing is applied and the gradients are dropped. The loss and the
+    finite flags stay on the device until one read per step, so the GPU never waits for
+    the host between micro-batches.
     """
     import torch
 
     acc, cfg = run.accelerator, run.cfg
-    total, finite = _accumulate_gradients(run, step)
+    total, nonfinite = _accumulate_gradients(run, step)
     grad_norm = acc.clip_grad_norm_(run.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-    if grad_norm is not None and acc.scaler is None and not bool(torch.isfinite(grad_norm)):
-        finite = False
-    finite = _all_processes(acc, finite)
+    if grad_norm is not None and acc.scaler is None:
+        nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(grad_norm, device=nonfinite.device))
+    loss, finite = _read_step(acc, total, nonfinite)
     if finite:
         run.optimizer.step()
     elif acc.scaler is not None and grad_norm is not None:
@@ -754,16 +760,20 @@ def train_step(run: Run, step: int) -> float | None:
     run.optimizer.zero_grad(set_to_none=True)
     if finite and run.ema is not None:
         run.ema.step(acc.unwrap_model(run.unet).parameters())
-    return total if finite else None
+    return loss if finite else None
 
 
-def _accumulate_gradients(run: Run, step: int) -> tuple[float, bool]:
-    """Forward and backward every micro-batch of `step`; the mean loss and whether all were finite."""
+def _accumulate_gradients(run: Run, step: int):
+    """Forward and backward every micro-batch of `step`.
+
+    Returns the mean loss and a flag "some loss was not finite", both as tensors on the
+    device: nothing here waits for the GPU.
+    """
     import torch
 
     acc = run.accelerator
     accum = run.cfg.gradient_accumulation_steps
-    total, finite = 0.0, True
+    total = nonfinite = None
     for k in range(accum):
         micro = (step * accum + k) * acc.num_processes + acc.process_index
         sync = k == accum - 1
@@ -773,9 +783,22 @@ def _accumulate_gradients(run: Run, step: int) -> tuple[float, bool]:
             # A NaN loss still goes through backward so every process joins the gradient
             # all-reduce; its gradients are dropped by `train_step`.
             acc.backward(loss / accum)
-        finite = finite and bool(torch.isfinite(loss))
-        total += float(loss.detach()) / accum
-    return total, finite
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss)
+        total = loss / accum if total is None else total + loss / accum
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+    return total, nonfinite
+
+
+def _read_step(accelerator, total, nonfinite) -> tuple[float, bool]:
+    """The step's loss and whether it was finite on every process: one read from the device."""
+    import torch
+
+    flag = nonfinite.float().reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    loss, bad = torch.cat([total.float().reshape(1), flag.reshape(1)]).tolist()
+    return loss, bad == 0.0
 
 
 def _no_sync(run: Run):
@@ -784,15 +807,6 @@ def _no_sync(run: Run):
     if run.cfg.train_text_encoder:
         stack.enter_context(run.accelerator.no_sync(run.text_encoder))
     return stack
-
-
-def _all_processes(accelerator, ok: bool) -> bool:
-    import torch
-
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
-    return float(accelerator.reduce(flag, reduction="sum")) == 0.0
 
 
 # --------------------------------------------------------------------------- saving

@@ -204,3 +204,71 @@ def test_shuffled_captions_do_not_grow_the_prompt_cache(tiny_sd, tmp_path):
 
     fixed = _prompt_encoder(tiny_sd, tmp_path)  # unshuffled prompts repeat: every one is cached
     assert len(fixed.cache) == 4 and fixed.grow
+
+
+# --------------------------------------------------------------------------- the hot loop (meta stands in for cuda)
+
+
+META = torch.device("meta")
+
+
+class _MetaAccelerator:
+    """What `train_step` uses of an Accelerator, on the `meta` device: any read of a
+    value from the device (`bool`, `float`, `.item()`) raises."""
+
+    device, num_processes, process_index, scaler = META, 1, 0, None
+
+    def backward(self, loss):
+        pass
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.ones((), device=META)
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _meta_run(accum: int):
+    from types import SimpleNamespace
+
+    noop = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
+    return SimpleNamespace(accelerator=_MetaAccelerator(), cfg=SimpleNamespace(
+        gradient_accumulation_steps=accum, max_grad_norm=1.0, train_text_encoder=False),
+        params=[], optimizer=noop, lr_scheduler=noop, ema=None, unet=None)
+
+
+def test_loss_and_finite_flags_are_read_once_per_optimizer_step(monkeypatch):
+    import contextlib
+
+    reads = []
+    monkeypatch.setattr(T, "compute_loss", lambda run, micro: torch.ones((), device=META, requires_grad=True) * 2)
+    monkeypatch.setattr(T, "_no_sync", lambda run: contextlib.nullcontext())
+    monkeypatch.setattr(T, "_read_step", raising=False, value=lambda acc, total, nonfinite: reads.append(
+        (total.device, nonfinite.device, nonfinite.dtype)) or (0.25, True))
+    assert T.train_step(_meta_run(accum=3), 0) == 0.25
+    assert reads == [(META, META, torch.bool)]
+
+
+def test_one_read_gives_the_mean_loss_and_the_finite_verdict():
+    from types import SimpleNamespace
+
+    acc = SimpleNamespace(num_processes=1)
+    assert T._read_step(acc, torch.tensor(0.5), torch.tensor(False)) == (0.5, True)
+    loss, finite = T._read_step(acc, torch.tensor(float("nan")), torch.tensor(True))
+    assert not finite
+
+
+def test_uncached_latents_are_sampled_on_the_device(monkeypatch):
+    import numpy as np
+    from types import SimpleNamespace
+
+    def encode(pixels):
+        assert pixels.device == META and pixels.dtype == torch.float16
+        mean = torch.zeros(1, 4, 4, 4, device=META)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=mean + 1))
+
+    vae = SimpleNamespace(encode=encode, config=SimpleNamespace(scaling_factor=0.18215))
+    run = SimpleNamespace(accelerator=SimpleNamespace(device=META), models=SimpleNamespace(vae=vae),
+                          weight_dtype=torch.float16)
+    latents = T._latents(run, {"pixels": np.zeros((1, 3, 32, 32), np.float32)}, torch.Generator().manual_seed(0))
+    assert latents.device == META and latents.shape == (1, 4, 4, 4) and latents.dtype == torch.float32
