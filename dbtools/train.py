@@ -880,18 +880,22 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
     """Write `<output_dir>/<step>/` (weights, args.json, samples) atomically; main process only."""
     cfg = run.cfg
     target = Path(cfg.output_dir) / str(step)
-    with atomic_dir(target) as tmp, _for_inference(run):
-        pipe = build_pipeline(run)
-        if cfg.use_lora:
-            _save_lora(run, tmp)
-        else:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
-        if cfg.save_sample_prompt:
-            for i, img in enumerate(generate(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
-                                             cfg.save_sample_negative_prompt)):
-                atomic_save_image(img, tmp / "samples" / f"{i}.png")
+    with atomic_dir(target) as tmp:
+        with _for_inference(run):
+            pipe = build_pipeline(run)
+            if cfg.use_lora:
+                _save_lora(run, tmp)
+            else:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
+            if cfg.save_sample_prompt:
+                for i, img in enumerate(generate(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
+                                                 cfg.save_sample_negative_prompt)):
+                    atomic_save_image(img, tmp / "samples" / f"{i}.png")
+            del pipe
         if final and cfg.save_single_file:
+            # The export reads the saved folder, so it runs after the float32 VAE and text
+            # encoder have left the GPU and the EMA's copy of the trained weights is gone.
             from dbtools.export import export_single_file
 
             export_single_file(tmp, tmp / SINGLE_FILE_NAME)

@@ -272,3 +272,37 @@ def test_uncached_latents_are_sampled_on_the_device(monkeypatch):
                           weight_dtype=torch.float16)
     latents = T._latents(run, {"pixels": np.zeros((1, 3, 32, 32), np.float32)}, torch.Generator().manual_seed(0))
     assert latents.device == META and latents.shape == (1, 4, 4, 4) and latents.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- the end of training
+
+
+def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_path, dataset, monkeypatch):
+    """Inside it the float32 VAE and text encoder sit on the GPU and, with EMA, a CPU copy
+    of the trained UNet is held: gigabytes the export does not need."""
+    import contextlib
+
+    import dbtools.export
+
+    state = {"inside": False, "runs": []}
+    real_setup, real_export = T._for_inference, dbtools.export.export_single_file
+
+    @contextlib.contextmanager
+    def spied_setup(run):
+        state["run"] = run
+        with real_setup(run):
+            state["inside"] = True
+            try:
+                yield
+            finally:
+                state["inside"] = False
+
+    def spied_export(folder, out, *a, **kw):
+        state["runs"].append((state["inside"], state["run"].ema.temp_stored_params is None))
+        return real_export(folder, out, *a, **kw)
+
+    monkeypatch.setattr(T, "_for_inference", spied_setup)
+    monkeypatch.setattr(dbtools.export, "export_single_file", spied_export)
+    result = T.train(config(tiny_sd, dataset, tmp_path / "out", use_ema=True, save_single_file=True))
+    assert state["runs"] == [(False, True)]
+    assert result.single_file.is_file()
