@@ -1,15 +1,18 @@
 """Benchmark our training loop against a bare UNet loop on the same model.
 
     python bench/train.py [--steps 20] [--warmup 3] [--resolution 128] [--batch_size 1]
-                          [--model small|sd15] [--gpu_flags] [--repeat 2]
+                          [--model small|sd15] [--gpu_flags] [--repeat 2] [--max_grad_norm 1.0 0]
 
 Both sides (prompts padded to 77 tokens) run in their own subprocess (so peak memory is each side's own), in the
 same invocation, on the same UNet:
 
 - ours: `dbtools.train.train()` on a few generated images, latents and text
   embeddings cached, frozen text encoder, AdamW (the code path users run);
-- bare: the UNet alone: noise + timesteps, `add_noise`, forward, MSE, backward, AdamW
-  step, on latents and embeddings made before the clock starts.
+- bare: the UNet alone: noise + timesteps, `add_noise`, forward, MSE, backward, gradient
+  clipping, AdamW step, on latents and embeddings made before the clock starts.
+
+Both sides clip gradients to the same `--max_grad_norm` (0 turns clipping off on both);
+by default both settings are measured, clipping on (1.0, our default) and off.
 
 Speed is the fastest time between the starts of consecutive steps after `--warmup`
 steps (the intrinsic cost; other processes on a shared machine only ever add time);
@@ -129,6 +132,7 @@ def run_ours(a: argparse.Namespace) -> dict:
                         train_batch_size=a.batch_size, max_train_steps=a.steps + 1, learning_rate=1e-6,
                         lr_warmup_steps=0, seed=0, report_to="none", checkpointing_steps=10**9,
                         save_interval=10**9, mixed_precision="fp16" if a.gpu_flags else "no",
+                        max_grad_norm=a.max_grad_norm,
                         gradient_checkpointing=a.gpu_flags, use_8bit_adam=a.gpu_flags, pad_tokens=True)
     real_finish = T.finish
     T.finish = lambda run, step: clock.tick()  # stop the clock; saving is not part of the loop
@@ -167,10 +171,15 @@ def run_bare(a: argparse.Namespace) -> dict:
         loss = F.mse_loss(pred.float(), noise.float())
         if scaler:
             scaler.scale(loss).backward()
+            if a.max_grad_norm > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), a.max_grad_norm)
             scaler.step(opt)
             scaler.update()
         else:
             loss.backward()
+            if a.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), a.max_grad_norm)
             opt.step()
         opt.zero_grad(set_to_none=True)
     clock.tick()
@@ -188,10 +197,10 @@ def side_main(a: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_side(side: str, a: argparse.Namespace, work: Path, model_dir: Path, images: Path) -> dict:
+def run_side(side: str, a: argparse.Namespace, work: Path, model_dir: Path, images: Path, clip: float) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--model_dir", str(model_dir),
            "--images", str(images), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--resolution", str(a.resolution), "--batch_size", str(a.batch_size)]
+           "--resolution", str(a.resolution), "--batch_size", str(a.batch_size), "--max_grad_norm", str(clip)]
     cmd += ["--gpu_flags"] if a.gpu_flags else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -212,28 +221,37 @@ def main() -> None:
     p.add_argument("--model", choices=["small", "sd15"], default=None)
     p.add_argument("--gpu_flags", action="store_true", help="fp16 + gradient checkpointing + 8-bit Adam")
     p.add_argument("--repeat", type=int, default=2, help="runs per side (alternating); best counts")
+    p.add_argument("--max_grad_norm", type=float, nargs="+", default=[1.0, 0.0],
+                   help="gradient clipping on both sides; each value is measured (0: no clipping)")
     p.add_argument("--side", choices=["ours", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--model_dir", help=argparse.SUPPRESS)
     p.add_argument("--images", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:
+        a.max_grad_norm = a.max_grad_norm[0]
         return side_main(a)
     a.model = a.model or ("sd15" if torch.cuda.is_available() else "small")
     a.resolution = a.resolution or (512 if a.model == "sd15" else 128)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_model(work / "model", a.model)
         images = make_images(work / "images", 4, a.resolution)
-        results = {"ours": [], "bare": []}
-        for r in range(a.repeat):
-            for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
-                results[side].append(run_side(side, a, work, model_dir, images))
+        for clip in a.max_grad_norm:
+            results = {"ours": [], "bare": []}
+            for r in range(a.repeat):
+                for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
+                    results[side].append(run_side(side, a, work, model_dir, images, clip))
+            report(a, device, clip, results)
+
+
+def report(a: argparse.Namespace, device: str, clip: float, results: dict) -> None:
     ours = max(results["ours"], key=lambda x: x["steps_per_s"])
     bare = max(results["bare"], key=lambda x: x["steps_per_s"])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"model={a.model} resolution={a.resolution} batch={a.batch_size} steps={a.steps} "
-          f"gpu_flags={a.gpu_flags} device={device}")
+          f"gpu_flags={a.gpu_flags} max_grad_norm={clip:g} ({'clipping on both sides' if clip > 0 else 'no clipping'}) "
+          f"device={device}")
     for name, res in (("bare", bare), ("ours", ours)):
         print(f"  {name}: {res['steps_per_s']:.3f} steps/s (best step {res['best_step_s']:.3f} s, median "
               f"{res['median_step_s']:.3f} s)  peak {res['peak_bytes'] / 2**20:.0f} MiB ({res['memory']})")
