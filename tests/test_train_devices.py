@@ -89,7 +89,7 @@ def test_two_processes_share_class_image_generation(tmp_path, dataset, tiny_sd):
          "--report_to=none", "--with_prior_preservation", f"--class_data_dir={classes}",
          "--class_prompt=a photo of a toy", "--num_class_images=4", "--sample_batch_size=1"],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
-             "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=900)
+             "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("class images: generating 2 for") == 2  # each process made half
     assert sorted(image_index(p) for p in classes.iterdir()) == [0, 1, 2, 3]
@@ -254,13 +254,13 @@ def test_one_read_gives_the_mean_loss_and_the_finite_verdict():
 
     acc = SimpleNamespace(num_processes=1)
     assert T._read_step(acc, torch.tensor(0.5), torch.tensor(False)) == (0.5, True)
-    loss, finite = T._read_step(acc, torch.tensor(float("nan")), torch.tensor(True))
-    assert not finite
+    assert T._read_step(acc, torch.tensor(float("nan")), torch.tensor(True))[1] is False
 
 
 def test_uncached_latents_are_sampled_on_the_device(monkeypatch):
-    import numpy as np
     from types import SimpleNamespace
+
+    import numpy as np
 
     def encode(pixels):
         assert pixels.device == META and pixels.dtype == torch.float16
