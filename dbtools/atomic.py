@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
+
+logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 """Names starting with this are incomplete work; readers and `latest` skip them."""
@@ -34,9 +38,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], fsync: b
     """
     path = Path(path)
     fd, tmp = _create_temp(path)
-    os.close(fd)
+    try:
+        mode = _published_mode(path, fd)
+    finally:
+        os.close(fd)
     try:
         write(tmp)
+        # Writers such as safetensors create their file 0600: give the published file the
+        # mode a plain `open` would (or the replaced file's), whatever `write` did.
+        os.chmod(tmp, mode)
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
@@ -62,6 +72,7 @@ def atomic_put(path: str, data: bytes, fsync: bool = True) -> None:
     """`atomic_write_bytes` for loops over many small files: a `str` path, no return value."""
     fd, tmp = _create_temp(path, keep_suffix=False)
     try:
+        _keep_mode(path, fd)
         written = os.write(fd, data)
         if written < len(data):  # os.write may write less than asked
             view = memoryview(data)[written:]
@@ -193,6 +204,25 @@ def _pil_format(path: Path) -> str:
     return Image.EXTENSION[ext]
 
 
+def _published_mode(path: str | os.PathLike, fd: int) -> int:
+    """The mode `path` should end with: the replaced file's, else the new temp file's
+    (0666 less the umask, as `open` gives)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+
+
+def _keep_mode(path: str, fd: int) -> None:
+    """Give the temp file `fd` the mode of the file it will replace, if there is one."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # a new file: the temp file already has the umask's mode
+    if mode != stat.S_IMODE(os.fstat(fd).st_mode):
+        os.fchmod(fd, mode)
+
+
 def _fsync_file(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -208,17 +238,72 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
 
     On error the temporary folder is removed and `final` is untouched. With
     `replace=True` an existing `final` is swapped out only after the new one is
-    complete (old moved aside, new renamed in, old deleted).
+    complete (old moved aside as `.tmp-old-<name>`, new renamed in, old deleted); a
+    crash between the two renames leaves the old copy, which `restore_interrupted_swaps`
+    (called here first) puts back. Files inside get the umask's normal mode, whatever
+    mode the code that wrote them chose.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_swaps(final.parent, only=final.name)
     tmp = _create_temp_dir(final)
     try:
         yield tmp
+        _publish_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _swap_in(tmp, final, replace)
+
+
+OLD_PREFIX = f"{TMP_PREFIX}old-"
+"""`atomic_dir` moves the folder it replaces aside under this prefix for a moment."""
+
+
+def restore_interrupted_swaps(folder: str | os.PathLike, only: str | None = None) -> list[Path]:
+    """Put back every `.tmp-old-X` in `folder` whose `X` is missing; return the restored paths.
+
+    Such a folder is the only complete copy left by a crash between the two renames of
+    a folder swap: it is never deleted. A `.tmp-old-X` next to an existing `X` is a
+    finished swap's leftover and stays for the caller to remove. `only` limits this to
+    one name `X`.
+    """
+    folder = Path(folder)
+    names = [OLD_PREFIX + only] if only else _names_with_prefix(folder, OLD_PREFIX)
+    restored = []
+    for name in names:
+        old, final = folder / name, folder / name[len(OLD_PREFIX):]
+        if old.is_dir() and not os.path.lexists(final):
+            os.replace(old, final)
+            logger.warning("restored %s from %s (an earlier save was interrupted)", final, old.name)
+            restored.append(final)
+    return restored
+
+
+def _names_with_prefix(folder: Path, prefix: str) -> list[str]:
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for e in it if e.name.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def _publish_modes(root: Path) -> None:
+    """Give every file under `root` the umask's normal mode (0644 under umask 022).
+
+    `root` was created with 0777 less the umask, so its mode tells the umask without
+    changing it (`os.umask` is process-wide). Executable bits are kept.
+    """
+    dir_mode = stat.S_IMODE(os.stat(root).st_mode)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            mode = dir_mode & (0o777 if st.st_mode & 0o111 else 0o666)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode)
 
 
 def _create_temp_dir(final: Path) -> Path:
@@ -239,7 +324,7 @@ def _swap_in(tmp: Path, final: Path, replace: bool) -> None:
     if not replace:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileExistsError(f"{final} already exists")
-    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    old = final.with_name(f"{OLD_PREFIX}{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(final, old)
     os.replace(tmp, final)

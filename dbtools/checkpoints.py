@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_write_text, is_temporary
+from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_write_text, is_temporary, restore_interrupted_swaps
 from dbtools.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,8 +132,13 @@ def should_save(step: int, cfg: TrainConfig) -> bool:
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written folders left by a killed run (`.tmp-<step>-*`, `.tmp-checkpoint-*`)."""
+    """Delete half-written folders left by a killed run (`.tmp-<step>-*`, `.tmp-checkpoint-*`).
+
+    A `.tmp-old-<name>` whose `<name>` is missing is the only complete copy left by an
+    interrupted folder swap: it is restored first, never deleted.
+    """
     root = Path(output_dir)
+    restore_interrupted_swaps(root)
     stale = [p for p in root.glob(f"{TMP_PREFIX}*") if p.is_dir()
              and re.match(rf"{re.escape(TMP_PREFIX)}(old-)?({CHECKPOINT_PREFIX})?\d+", p.name)]
     for p in stale:

@@ -136,3 +136,75 @@ def test_atomic_dir_exception_leaves_final_untouched(tmp_path):
         with atomic_dir(tmp_path / "new"):
             raise RuntimeError
     assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+def test_crash_between_the_two_renames_of_a_swap_loses_nothing(tmp_path, monkeypatch):
+    from dbtools.checkpoints import remove_stale_temporaries
+
+    final = tmp_path / "4"
+    with atomic_dir(final) as d:
+        (d / "weights.bin").write_text("old run")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # old moved aside; the new folder is not yet renamed in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final) as d:
+            (d / "weights.bin").write_text("new run")
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert not final.exists() and (tmp_path / ".tmp-old-4").is_dir()
+    remove_stale_temporaries(tmp_path)  # what a resumed run does at start-up
+    assert (final / "weights.bin").read_text() == "old run"
+    assert leftovers(tmp_path) == []
+
+
+def test_next_swap_restores_an_interrupted_one_first(tmp_path):
+    (tmp_path / ".tmp-old-7").mkdir()
+    (tmp_path / ".tmp-old-7" / "w").write_text("only copy")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "7"):
+            raise RuntimeError
+    assert (tmp_path / "7" / "w").read_text() == "only copy"
+    # A leftover next to a complete folder is not a lost copy: it is not restored.
+    (tmp_path / ".tmp-old-7").mkdir()
+    assert atomic.restore_interrupted_swaps(tmp_path) == []
+
+
+def test_published_files_get_the_umask_mode_whatever_the_writer_did(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.ones(1)}, tmp))
+        with atomic_dir(tmp_path / "d") as d:
+            save_file({"x": torch.ones(1)}, str(d / "w.safetensors"))
+            (d / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(d / "run.sh", 0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d" / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d" / "run.sh").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    for name, mode in (("shared.txt", 0o664), ("private.txt", 0o600)):
+        (tmp_path / name).write_text("old")
+        os.chmod(tmp_path / name, mode)
+        atomic_write_text(tmp_path / name, "new")
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode
+        atomic_put(str(tmp_path / name), b"newer")
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode
+    (tmp_path / "w.safetensors").write_text("old")
+    os.chmod(tmp_path / "w.safetensors", 0o644)
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.ones(1)}, tmp))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
