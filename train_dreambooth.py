@@ -21,10 +21,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     """Train with `args`; returns the exit code (2 for a problem the user can fix)."""
+    from dbtools.errors import UserError, report
     from dbtools.train import TrainConfig, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_training(TrainConfig.from_args(args))
+    try:
+        return run_training(TrainConfig.from_args(args))
+    except UserError as exc:  # one message on stderr, no traceback
+        return report(exc)
 
 
 if __name__ == "__main__":

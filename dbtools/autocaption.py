@@ -888,24 +888,21 @@ def config_from_args(args: argparse.Namespace) -> CaptionConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dbtools caption ...`: 0 when every image was captioned, 1 otherwise."""
+    """`python -m dbtools caption ...`: 0 when every image was captioned, 1 otherwise; user
+    errors rise as `CaptionError` (the entry point reports them and exits 2)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.undo:
-            done = undo_renames(args.undo)
-            print(f"restored {len(done)} file name(s) from {args.undo}")
-            return 0
-        cfg = config_from_args(args)
-        check_inputs(cfg)
-        from dbtools.captioners import detect_family
+    if args.undo:
+        done = undo_renames(args.undo)
+        print(f"restored {len(done)} file name(s) from {args.undo}")
+        return 0
+    cfg = config_from_args(args)
+    check_inputs(cfg)
+    from dbtools.captioners import detect_family
 
-        problems = family_problems(cfg, detect_family(cfg.tags_with or cfg.model))
-        if problems:  # before any weights load
-            raise CaptionError("cannot caption:\n  " + "\n  ".join(problems))
-        summary = run_caption(cfg, load_for_config(cfg, device=args.device))
-    except CaptionError as exc:
-        print(f"error: {exc}")
-        return 2
+    problems = family_problems(cfg, detect_family(cfg.tags_with or cfg.model))
+    if problems:  # before any weights load
+        raise CaptionError("cannot caption:\n  " + "\n  ".join(problems))
+    summary = run_caption(cfg, load_for_config(cfg, device=args.device))
     print(format_summary(summary))
     return 0 if summary.ok else 1
 

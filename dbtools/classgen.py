@@ -23,14 +23,13 @@ import logging
 import os
 import re
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_save_image
-from dbtools.concepts import Concept, ConceptError, read_concepts
+from dbtools.concepts import Concept, read_concepts
 from dbtools.images import list_images
 
 logger = logging.getLogger(__name__)
@@ -420,8 +419,8 @@ def _needed(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dbtools classgen ...`: fill class folders; exit 2 with a message on user errors."""
-    from dbtools.models import ModelLoadError, check_model_path
+    """`python -m dbtools classgen ...`: fill class folders; user errors rise as `UserError`."""
+    from dbtools.models import check_model_path
 
     args = build_parser().parse_args(argv)
     cfg = ClassGenConfig(num_class_images=args.num_class_images, sample_batch_size=args.sample_batch_size,
@@ -429,17 +428,13 @@ def main(argv: list[str] | None = None) -> int:
                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                          height=args.resolution, width=args.resolution,
                          precision=args.prior_generation_precision or _half(args.mixed_precision))
-    try:
-        concepts = concepts_from_args(args)
-        check_model_path(args.pretrained_model_name_or_path, _needed(args))
-        loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,
-                                     vae_name_or_path=args.pretrained_vae_name_or_path,
-                                     revision=args.revision, variant=args.variant,
-                                     scheduler=args.scheduler, config=args.config)
-        made = ensure_class_images(concepts, cfg, loader)
-    except (ClassGenError, ConceptError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    concepts = concepts_from_args(args)
+    check_model_path(args.pretrained_model_name_or_path, _needed(args))
+    loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,
+                                 vae_name_or_path=args.pretrained_vae_name_or_path,
+                                 revision=args.revision, variant=args.variant,
+                                 scheduler=args.scheduler, config=args.config)
+    made = ensure_class_images(concepts, cfg, loader)
     for folder, n in made.items():
         print(f"{folder}: {n} class image(s) generated, {count_valid_class_images(folder)} in total")
     return 0

@@ -1,7 +1,8 @@
 """`python -m dbtools <command> [flags]`: one entry point for every stage.
 
 Each command lives in its own module, which exposes `main(argv) -> int`; modules are
-imported only when their command runs, so `--help` stays fast.
+imported only when their command runs, so `--help` stays fast. A command's `main` lets a
+`UserError` rise: it is caught here, once, printed on stderr, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+
+from dbtools.errors import UserError, report
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("dbtools.autocaption", "auto-caption images (BLIP, Florence-2, WD14 tagger, instruction VLM)"),
@@ -41,4 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as exc:  # the one place user errors become a message and exit code 2
+        return report(exc)
+    except SystemExit as exc:  # argparse has printed the usage problem (or --help) already
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dbtools.atomic import atomic_save_image
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,13 @@ def make_dataset(folder: Path, seed: int) -> list[Path]:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Path]:
-    """Run every stage into `cfg.out`; return the main outputs by name."""
+    """Run every stage into `cfg.out`; return the main outputs by name.
+
+    Raises `UserError` for a step count below 1, before anything is written.
+    """
+    if cfg.steps < 1:
+        raise UserError(f"--steps {cfg.steps}: the demo trains, saves and previews at least one "
+                        "step; use --steps 1 or more (default 6).")
     out = Path(cfg.out).resolve()
     started = time.time()
     say = _announcer(started)

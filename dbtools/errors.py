@@ -6,6 +6,14 @@ anything else is a bug in dbtools and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(ValueError):
     """A problem the user can fix; the message names the file or flag and the fix."""
+
+
+def report(exc: UserError) -> int:
+    """Print `exc` as one message on stderr and return the exit code for user errors (2)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

@@ -746,14 +746,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools export --model_path DIR --checkpoint_path OUT.safetensors [--half]`."""
-    from dbtools.models import ModelLoadError
-
     args = parse_args(argv)
     config = ExportConfig(Path(args.model_path), Path(args.checkpoint_path), args.half, args.use_safetensors)
-    try:
-        result = run_export(config)
-    except (ExportError, ModelLoadError) as exc:
-        print(f"error: {exc}")
-        return 1
+    result = run_export(config)
     print(result.summary())
     return 0

@@ -55,7 +55,6 @@ import argparse
 import codecs
 import logging
 import os
-import sys
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -534,24 +533,16 @@ def concepts_from_args(args: argparse.Namespace) -> list[Concept]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: 0 when every image has a caption file, 1 when some have none, 2 for bad input."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    """CLI: 0 when every image has a caption file, 1 when some have none; bad input raises
+    `ConceptError` (the entry point reports it and exits 2)."""
+    args = build_parser().parse_args(argv)
     if args.concepts_list and any(v is not None for v in
                                   (args.instance_prompt, args.class_prompt, args.class_data_dir)):
-        print("--instance_prompt/--class_prompt/--class_data_dir go with --instance_data_dir; "
-              "with --concepts_list set them in the file.", file=sys.stderr)
-        return 2
+        raise ConceptError("--instance_prompt/--class_prompt/--class_data_dir go with "
+                           "--instance_data_dir; with --concepts_list set them in the file.")
     cfg = ExtractConfig(template=args.template, naming=args.naming, overwrite=args.overwrite,
                         verbose=args.verbose, recursive=args.recursive, log_dir=args.log_dir,
                         write_concepts_list=args.write_concepts_list, progress=args.progress)
-    try:
-        summary = run_extract(concepts_from_args(args), cfg)
-    except ConceptError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    summary = run_extract(concepts_from_args(args), cfg)
     print(summary.describe())
     return 0 if summary.ok else 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,13 @@ BACKGROUND = (24, 24, 24)
 TEXT_COLOR = (235, 235, 235)
 
 
-class NoSamplesError(FileNotFoundError):
+MIN_THUMB, MAX_THUMB = 16, 2048
+"""Cell sizes `--thumb` accepts, in pixels."""
+MAX_GRID_PIXELS = 120_000_000
+"""The largest grid drawn (about 360 MB of RGB); larger requests are refused before drawing."""
+
+
+class NoSamplesError(UserError):
     """No sample images were found; the message says where they were expected."""
 
 
@@ -91,8 +98,8 @@ def sample_grid(
     `thumb`-pixel square. Steps without samples are skipped (with a log message).
     Raises `NoSamplesError` naming `output_dir` when there is nothing to show.
     """
-    if thumb < 16:
-        raise ValueError(f"thumb={thumb} is too small; use 16 pixels or more.")
+    if not MIN_THUMB <= thumb <= MAX_THUMB:
+        raise UserError(f"--thumb {thumb}: use a cell size from {MIN_THUMB} to {MAX_THUMB} pixels.")
     rows = []
     for step, folder in select_rows(find_weight_steps(output_dir), steps):
         files = sample_files(folder)[:max_samples]
@@ -106,7 +113,18 @@ def sample_grid(
             "weights folders). Train with --save_sample_prompt (and --n_save_sample) so each "
             "save writes samples, or check the output folder path."
         )
+    _check_grid_size(rows, thumb)
     return _draw_grid(rows, thumb)
+
+
+def _check_grid_size(rows: list[tuple[int, list[Path]]], thumb: int) -> None:
+    # Bounded before allocating: a huge grid would fail with MemoryError, or take the machine.
+    cols = max(len(files) for _, files in rows)
+    width, height = grid_size(len(rows), cols, thumb, thumb)
+    if width * height > MAX_GRID_PIXELS:
+        raise UserError(f"a {len(rows)}x{cols} grid of {thumb}-pixel cells would be {width}x{height} "
+                        f"pixels (over {MAX_GRID_PIXELS:,}). Use a smaller --thumb, or fewer "
+                        "--steps or --max_samples.")
 
 
 def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int) -> Image.Image:
@@ -141,17 +159,26 @@ def run_preview(
 ) -> Path:
     """Build the sample grid and save it atomically; return the PNG's path.
 
-    The default destination is `<output_dir>/preview.png`.
+    The default destination is `<output_dir>/preview.png`; an `out_png` inside a weights
+    folder's `samples/` is refused, so the grid never replaces a sample image.
     """
-    grid = sample_grid(output_dir, steps=steps, max_samples=max_samples, thumb=thumb)
     out = Path(out_png) if out_png else Path(output_dir) / "preview.png"
     if out.suffix.lower() != ".png":
-        raise ValueError(f"{out}: the preview is a PNG; give a file name ending in .png.")
+        raise UserError(f"{out}: the preview is a PNG; give a file name ending in .png (--out).")
+    _refuse_sample_folder(out, output_dir)
+    grid = sample_grid(output_dir, steps=steps, max_samples=max_samples, thumb=thumb)
     from dbtools.atomic import atomic_save_image
 
     atomic_save_image(grid, out)
     logger.info("preview grid (%dx%d) saved to %s", grid.width, grid.height, out)
     return out
+
+
+def _refuse_sample_folder(out: Path, output_dir: str | os.PathLike) -> None:
+    sample_dirs = {(folder / "samples").resolve() for _, folder in find_weight_steps(output_dir)}
+    if out.resolve().parent in sample_dirs:
+        raise UserError(f"--out {out}: that is inside a samples folder, where the grid would replace "
+                        "or join the sample images. Write it elsewhere (default <output_dir>/preview.png).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_samples", type=int, default=None, help="at most this many columns")
     parser.add_argument("--thumb", type=int, default=256, help="cell size in pixels (default 256)")
     args = parser.parse_args(argv)
-    try:
-        out = run_preview(args.output_dir, args.out, args.steps, args.max_samples, args.thumb)
-    except (NoSamplesError, ValueError) as exc:
-        print(f"preview: {exc}", file=sys.stderr)
-        return 1
+    out = run_preview(args.output_dir, args.out, args.steps, args.max_samples, args.thumb)
     print(f"preview: {out}")
     return 0

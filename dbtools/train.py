@@ -23,14 +23,13 @@ import errno
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
-from dbtools.checkpoints import (SINGLE_FILE_NAME, CheckpointError, check_checkpoint_files, checkpoint_step,
+from dbtools.checkpoints import (SINGLE_FILE_NAME, check_checkpoint_files, checkpoint_step,
                                  register_state_hooks, remove_stale_temporaries, resume_path, resume_problems,
                                  should_save, write_checkpoint)
 from dbtools.concepts import Concept, ConceptError
@@ -1107,24 +1106,9 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
-USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, ConceptError, CheckpointError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from dbtools.classgen import ClassGenError
-    from dbtools.images import ImageError
-    from dbtools.models import ModelLoadError
-
-    return (*USER_ERRORS, ClassGenError, ImageError, ModelLoadError)
-
-
 def run_training(cfg: TrainConfig) -> int:
-    """Train and print a summary; user errors print one message and return 2 (no traceback)."""
-    try:
-        result = train(cfg)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
+    result = train(cfg)
     if result.weights_dir is not None:
         print(f"Trained {result.global_step} steps ({result.skipped_steps} skipped). "
               f"Weights: {result.weights_dir}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dbtools import autocaption as ac
+from dbtools import cli
 from dbtools.autocaption import CaptionConfig, CaptionError, run_caption
 from dbtools.captions import caption_from_filename
 
@@ -256,8 +257,8 @@ def test_undo_refuses_when_an_old_name_is_taken(blip, images, capsys):
     summary = run_caption(fast(images), blip, progress=False)
     (images / "a.png").write_bytes(b"new file with the old name")
     state = snapshot(images)
-    assert ac.main(["--undo", str(summary.renames_log)]) == 2
-    assert "a.png: exists now" in capsys.readouterr().out
+    assert cli.main(["caption", "--undo", str(summary.renames_log)]) == 2
+    assert "a.png: exists now" in capsys.readouterr().err
     assert snapshot(images) == state  # nothing was changed
     with pytest.raises(CaptionError, match="no such renames log"):
         ac.undo_renames(images / ".dbtools" / "renames-missing.jsonl")
@@ -291,10 +292,10 @@ def test_cli_exit_codes_and_summary(tiny_captioners, images, tmp_path, capsys, m
         raise AssertionError("the model must not load when the flags are wrong")
 
     monkeypatch.setattr(ac, "load_captioner", no_model)
-    assert ac.main(["--img_dir", str(tmp_path / "missing")]) == 2
-    assert "not a folder" in capsys.readouterr().out
-    assert ac.main(["--img_dir", str(images), "--nucleus", "--q_factor", "0"]) == 2
-    assert "top_p" in capsys.readouterr().out
+    assert cli.main(["caption", "--img_dir", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert cli.main(["caption", "--img_dir", str(images), "--nucleus", "--q_factor", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
 
 
 def test_nucleus_and_beam_flags_reach_generate(blip, images, tmp_path, monkeypatch):

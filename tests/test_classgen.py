@@ -274,11 +274,13 @@ def test_cli_with_concepts_list(tmp_path, tiny_sd, capsys):
 
 
 def test_cli_user_errors_exit_2_with_a_message(tmp_path, tiny_sd, capsys):
-    assert main(["--pretrained_model_name_or_path", str(tiny_sd), "--class_data_dir", "",
-                 "--class_prompt", "a dog"]) == 2
+    from dbtools import cli
+
+    assert cli.main(["classgen", "--pretrained_model_name_or_path", str(tiny_sd), "--class_data_dir", "",
+                     "--class_prompt", "a dog"]) == 2
     assert "'class_data_dir' is empty" in capsys.readouterr().err
-    assert main(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--class_data_dir",
-                 str(tmp_path / "c"), "--class_prompt", "a dog"]) == 2
+    assert cli.main(["classgen", "--pretrained_model_name_or_path", str(tmp_path / "nope"),
+                     "--class_data_dir", str(tmp_path / "c"), "--class_prompt", "a dog"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

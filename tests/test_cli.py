@@ -69,3 +69,43 @@ def test_tiny_is_deterministic(tmp_path):
     wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_user_errors_take_one_path_stderr_and_exit_2(tmp_path, capsys):
+    """Every command reports a user error the same way: one message on stderr, exit code 2."""
+    import train_dreambooth
+
+    missing = str(tmp_path / "missing")
+    argvs = [
+        ["caption", "--img_dir", missing],
+        ["extract", "--instance_data_dir", missing],
+        ["classgen", "--pretrained_model_name_or_path", missing, "--class_data_dir", missing,
+         "--class_prompt", "a dog"],
+        ["train", "--pretrained_model_name_or_path", missing, "--instance_data_dir", missing],
+        ["export", "--model_path", missing, "--checkpoint_path", str(tmp_path / "m.safetensors")],
+        ["preview", "--output_dir", missing],
+        ["demo", "--out", missing, "--steps", "0"],
+    ]
+    for argv in argvs:
+        assert cli.main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        named = "--steps" if argv[0] == "demo" else "missing"
+        assert err.startswith("error: ") and "Traceback" not in err and named in err, argv
+        assert "error" not in out, argv
+    args = train_dreambooth.parse_args(["--pretrained_model_name_or_path", missing,
+                                        "--instance_data_dir", missing])
+    assert train_dreambooth.main(args) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_real_bugs_keep_their_traceback(monkeypatch):
+    import pytest
+
+    from dbtools import preview
+
+    def broken(argv):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(preview, "main", broken)
+    with pytest.raises(KeyError):
+        cli.main(["preview", "--output_dir", "x"])

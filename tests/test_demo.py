@@ -35,3 +35,12 @@ def test_demo_runs_every_stage_and_reports_its_outputs(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "tiny and random" in printed
+
+
+def test_zero_steps_is_a_clear_message_before_anything_is_written(tmp_path, capsys):
+    from dbtools.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 0" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()

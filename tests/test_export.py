@@ -475,12 +475,14 @@ def test_command_line(tiny_sd2, tmp_path, capsys):
     assert export.main(["--model_path", str(tiny_sd2), "--checkpoint_path", str(out), "--half"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "float16" in printed and "layout sd2" in printed
-    assert export.main(["--model_path", str(tiny_sd2), "--checkpoint_path", str(tmp_path / "m.ckpt"),
-                        "--use_safetensors"]) == 1
-    assert "m.safetensors" in capsys.readouterr().out
+    from dbtools.cli import main
+
+    assert main(["export", "--model_path", str(tiny_sd2), "--checkpoint_path", str(tmp_path / "m.ckpt"),
+                 "--use_safetensors"]) == 2
+    assert "m.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "m.ckpt").exists()
-    assert export.main(["--model_path", str(tmp_path / "nope"), "--checkpoint_path", str(out)]) == 1
-    assert "does not exist" in capsys.readouterr().out
+    assert main(["export", "--model_path", str(tmp_path / "nope"), "--checkpoint_path", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_dispatch_knows_export(tiny_sd, tmp_path):

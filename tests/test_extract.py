@@ -352,6 +352,9 @@ def test_cli_concepts_list(tmp_path, capsys):
 
 
 def test_cli_exit_codes(tmp_path, folder, capsys):
+    def main(argv):
+        return cli.main(["extract", *argv])
+
     assert main([]) == 2  # neither --instance_data_dir nor --concepts_list
     assert main(["--instance_data_dir", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -121,5 +121,26 @@ def test_cli_writes_the_grid_and_reports_errors(out_dir, tmp_path, capsys):
     with Image.open(out) as img:
         assert img.height == PAD + 2 * (20 + PAD)
     assert str(out) in capsys.readouterr().out
-    assert main(["preview", "--output_dir", str(tmp_path / "nothing")]) == 1
+    assert main(["preview", "--output_dir", str(tmp_path / "nothing")]) == 2
     assert "no sample images" in capsys.readouterr().err
+
+
+def test_thumb_is_bounded_before_any_memory_is_taken(out_dir, capsys):
+    from dbtools.cli import main
+
+    assert main(["preview", "--output_dir", str(out_dir), "--thumb", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--thumb 100000" in err and "2048" in err and "Traceback" not in err
+    assert not (out_dir / "preview.png").exists()
+
+
+def test_out_never_overwrites_a_sample_image(out_dir, capsys):
+    from dbtools.cli import main
+
+    sample = out_dir / "500" / "samples" / "0.png"
+    before = sample.read_bytes()
+    assert main(["preview", "--output_dir", str(out_dir), "--out", str(sample)]) == 2
+    assert "samples folder" in capsys.readouterr().err
+    assert sample.read_bytes() == before
+    with pytest.raises(preview.UserError):  # a new name there would become a sample too
+        run_preview(out_dir, out_dir / "1000" / "samples" / "grid.png")

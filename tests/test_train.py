@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dbtools import cli
 from dbtools import train as T
 from dbtools.train import TrainConfig, TrainError
 
@@ -146,7 +147,7 @@ def test_preflight_lists_every_problem_before_loading_a_model(tmp_path, dataset,
     (dataset / "a red car_2.png.txt").write_text("  ")
     (dataset / "bad.png").write_bytes(b"\x89PNG not really")
     Path(f"{dataset / 'bad.png'}.txt").write_text("bad")
-    code = T.main(["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(dataset),
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(dataset),
                    "--output_dir", str(tmp_path / "out"), "--read_prompts_from_txts", "--with_prior_preservation",
                    "--use_lora", "--use_ema", "--caption_dropout", "2",
                    *(["--enable_xformers_memory_efficient_attention"] if no_xformers else [])])
@@ -162,7 +163,7 @@ def test_preflight_lists_every_problem_before_loading_a_model(tmp_path, dataset,
 def test_empty_instance_folder_and_bad_model_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")
-    code = T.main(["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--instance_data_dir",
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--instance_data_dir",
                    str(tmp_path / "empty"), "--instance_prompt", "sks"])
     err = capsys.readouterr().err
     assert code == 2 and "contains no images" in err and "no-model" in err and "does not exist" in err
