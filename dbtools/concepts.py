@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_write_text
@@ -97,13 +98,59 @@ def _class_folder_problems(where: str, path: str) -> list[str]:
     return _folder_problems(where, "class_data_dir", path, False)
 
 
+def concepts_problems(concepts: Sequence[Concept], need_class: bool = False) -> list[str]:
+    """Every problem of every concept (wrong types, unknown template fields, missing
+    folders or images), as messages naming the concept, the field and the fix.
+
+    The one check extract and training both run before anything else.
+    """
+    if not concepts:
+        return ["No concepts given: add at least one instance_data_dir."]
+    return [p for i, c in enumerate(concepts) for p in concept_problems(c, i, need_class)]
+
+
 def validate_concepts(concepts: list[Concept], need_class: bool = False) -> None:
     """Raise one `ConceptError` listing every problem in `concepts`, or return None."""
-    if not concepts:
-        raise ConceptError("No concepts given: add at least one instance_data_dir.")
-    problems = [p for i, c in enumerate(concepts) for p in concept_problems(c, i, need_class)]
+    problems = concepts_problems(concepts, need_class)
     if problems:
         raise ConceptError("\n".join(["Problems with the concepts:", *problems]))
+
+
+def overlap_problems(concepts: Sequence[Concept], nested: bool = True) -> list[str]:
+    """One message per instance folder that more than one concept uses, and (with
+    `nested`) per folder inside another concept's folder.
+
+    Linear in the number of concepts: folders are grouped by their resolved path, and
+    each folder's parents are looked up, never compared pairwise.
+    """
+    users: dict[Path, list[int]] = {}
+    resolved: dict[str, Path] = {}
+    for i, concept in enumerate(concepts):
+        path = concept.instance_data_dir
+        if isinstance(path, str) and path.strip():
+            if path not in resolved:
+                resolved[path] = Path(path).resolve()
+            users.setdefault(resolved[path], []).append(i)
+    problems = [f"instance folders overlap: {folder} is used by {_numbers(ids)}: their caption files would "
+                "clash. Give each concept its own folder." for folder, ids in users.items() if len(ids) > 1]
+    if nested:
+        for folder, ids in users.items():
+            outer = next((p for p in folder.parents if p in users), None)
+            if outer is not None:
+                problems.append(f"instance folders overlap: {folder} ({_numbers(ids)}) is inside {outer} "
+                                f"({_numbers(users[outer])}), which takes its images too: their caption "
+                                "files would clash. Use separate folders, or --no_recursive.")
+    return problems
+
+
+def _numbers(ids: list[int], show: int = 10) -> str:
+    """`concepts 1, 2 and 3`; long lists are cut short so a message stays one line."""
+    names = [str(i + 1) for i in ids[:show]]
+    if len(ids) > show:
+        return f"concepts {', '.join(names)} and {len(ids) - show} more"
+    if len(names) == 1:
+        return f"concept {names[0]}"
+    return f"concepts {', '.join(names[:-1])} and {names[-1]}"
 
 
 def read_concepts(path: str | os.PathLike) -> list[Concept]:

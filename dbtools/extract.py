@@ -68,7 +68,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dbtools.atomic import atomic_create, atomic_put, atomic_write_text
 from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_from_filename,
                               default_template, template_problems)
-from dbtools.concepts import Concept, ConceptError, concept_problems, read_concepts, write_concepts
+from dbtools.concepts import (Concept, ConceptError, concepts_problems, overlap_problems, read_concepts,
+                              write_concepts)
 from dbtools.images import is_image_name, is_skipped_dir, natural_key
 from dbtools.textio import CaptionEncodingError, decode_caption
 
@@ -211,8 +212,8 @@ def extract_problems(concepts: Sequence[Concept], cfg: ExtractConfig) -> list[st
         problems.append(f"naming {cfg.naming!r} is unknown; use one of {', '.join(NAMINGS)}.")
     if cfg.template is not None:
         problems += template_problems(cfg.template)
+    problems += concepts_problems(concepts)
     for i, concept in enumerate(concepts):
-        problems += concept_problems(concept, i)
         where = f"concept {i + 1}"
         recorded = concept.extra.get(CAPTION_TEMPLATE_KEY)
         if recorded is not None:
@@ -223,19 +224,7 @@ def extract_problems(concepts: Sequence[Concept], cfg: ExtractConfig) -> list[st
         if concept.prompt_template and cfg.template:
             problems.append(f"{where} has a prompt_template, which training applies to every "
                             "caption; --template would add the prompts a second time. Use one.")
-    return problems + _overlap_problems(concepts, cfg.recursive)
-
-
-def _overlap_problems(concepts: Sequence[Concept], recursive: bool) -> list[str]:
-    dirs = [(i, Path(c.instance_data_dir).resolve()) for i, c in enumerate(concepts)
-            if isinstance(c.instance_data_dir, str) and c.instance_data_dir.strip()]
-    problems = []
-    for a, (i, da) in enumerate(dirs):
-        for j, db in dirs[a + 1:]:
-            if da == db or (recursive and (da in db.parents or db in da.parents)):
-                problems.append(f"concepts {i + 1} and {j + 1}: instance folders {da} and {db} "
-                                "overlap, so their caption files would clash. Use separate folders.")
-    return problems
+    return problems + overlap_problems(concepts, cfg.recursive)
 
 
 # --------------------------------------------------------------------------- the run

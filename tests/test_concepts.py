@@ -114,3 +114,34 @@ def test_class_folder_may_be_created_later_when_its_parent_exists(dirs, tmp_path
     validate_concepts([Concept(str(inst), class_prompt="a dog", class_data_dir=str(later))],
                       need_class=True)
     assert not later.exists()  # validation never creates folders
+
+
+def test_one_check_reports_type_errors_and_unknown_template_fields(tmp_path, dirs):
+    from dbtools.concepts import concepts_problems
+
+    inst, _ = dirs
+    concepts = [Concept.from_dict({"instance_data_dir": 5}),
+                Concept(str(inst), prompt_template="{caption}, {style}")]
+    problems = concepts_problems(concepts)
+    assert problems[0] == "concept 1: 'instance_data_dir' must be a string, got 5."
+    assert "concept 2" in problems[1] and "'style'" in problems[1] and "unknown field" in problems[1]
+    assert len(problems) == 2
+    assert concepts_problems([]) != []
+
+
+def test_overlap_check_gives_one_message_per_folder_not_per_pair(tmp_path, dirs):
+    from dbtools.concepts import overlap_problems
+
+    inst, _ = dirs
+    same = [Concept(str(inst)) for _ in range(300)]  # 44,850 pairs
+    (problem,) = overlap_problems(same)
+    assert problem.startswith(f"instance folders overlap: {inst.resolve()} is used by concepts 1, 2, 3")
+    assert problem.count(",") < 20 and "and 290 more" in problem
+    distinct = [Concept(str(tmp_path / f"c{i}")) for i in range(300)]
+    assert overlap_problems(distinct) == []
+    nested = [Concept(str(inst)), Concept(str(inst / "sub")), Concept(str(inst / "sub")),
+              Concept(str(inst / "sub" / "deeper"))]
+    problems = overlap_problems(nested)
+    assert len(problems) == 3  # sub twice; sub inside inst; deeper inside sub
+    assert any("is inside" in p and "(concepts 2 and 3)" in p for p in problems)
+    assert overlap_problems(nested, nested=False) == [problems[0]]
