@@ -35,10 +35,12 @@ Not written, because no reader needs them: the DDPM schedule buffers (`betas`,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -532,6 +534,11 @@ def check_export_paths(model_path: str | Path, checkpoint_path: str | Path,
     if checkpoint_path.is_dir():
         raise ExportError(f"{checkpoint_path}: is a folder. --checkpoint_path takes a file name such as "
                           f"{checkpoint_path / 'model.safetensors'}.")
+    model_dir = model_path.resolve()
+    if model_dir == checkpoint_path.resolve() or model_dir in checkpoint_path.resolve().parents:
+        raise ExportError(f"--checkpoint_path {checkpoint_path} is inside --model_path {model_path}: the "
+                          "export would overwrite or mix into the model it reads. Write it outside, e.g. "
+                          f"{model_path.resolve().parent / (model_path.resolve().name + '.safetensors')}.")
     return output_format(checkpoint_path, use_safetensors)
 
 
@@ -625,6 +632,8 @@ def _check_weights(component: str, config: dict, state_dict: dict, folder: Path)
 
 
 def _write(state_dict: dict, path: Path, file_format: str) -> None:
+    """Write atomically; a full disk or a folder we cannot write to is one `ExportError`
+    naming the folder (never the temp file), and no partial file is left."""
     def write(tmp: str) -> None:
         if file_format == "safetensors":
             from safetensors.torch import save_file
@@ -635,7 +644,42 @@ def _write(state_dict: dict, path: Path, file_format: str) -> None:
 
             torch.save({"state_dict": state_dict}, tmp)
 
-    atomic_write(path, write)
+    folder = path.parent.resolve()
+    needed = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if _free_bytes(folder) < needed:
+        raise ExportError(_disk_full_message(folder, needed))
+    try:
+        atomic_write(path, write)
+    except PermissionError as exc:
+        raise ExportError(f"{folder}: permission denied, cannot write the export there. Choose a "
+                          "--checkpoint_path in a folder you can write to.") from exc
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise ExportError(f"{folder}: read-only file system, cannot write the export there. Choose "
+                              "a --checkpoint_path on a writable disk.") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(_disk_full_message(folder, needed)) from exc
+        raise
+    except RuntimeError as exc:
+        # torch.save reports a failed write as a RuntimeError from its zip writer.
+        if "write failed" in str(exc) or "failed writing" in str(exc):
+            raise ExportError(_disk_full_message(folder, needed)) from exc
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # a missing folder is created by the write; do not guess
+        return 1 << 62
+
+
+def _disk_full_message(folder: Path, needed: int) -> str:
+    free = _free_bytes(folder)
+    have = f"{free / 1e9:.2f} GB free" if free < 1 << 62 else "the disk filled up"
+    return (f"{folder}: not enough disk space for the export: it needs about {needed / 1e9:.2f} GB, "
+            f"{have}. Free some space, or choose a --checkpoint_path on another disk (--half halves "
+            "the size).")
 
 
 def run_export(config: ExportConfig) -> ExportResult:

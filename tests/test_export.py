@@ -492,3 +492,63 @@ def test_cli_dispatch_knows_export(tiny_sd, tmp_path):
     assert main(["export", "--model_path", str(tiny_sd), "--checkpoint_path", str(out)]) == 0
     assert set(torch.load(out, weights_only=True)) == {"state_dict"}
     assert os.path.getsize(out) > 0
+
+
+# --------------------------------------------------------------------------- hostile and careless paths
+
+
+def test_refuses_an_output_inside_the_model_it_reads(tiny_sd, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_sd, model)
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet.read_bytes()
+    for inside in (unet, model / "model.safetensors", model / "new" / "x.ckpt"):
+        with pytest.raises(ExportError, match="inside --model_path"):
+            export_single_file(model, inside)
+    assert unet.read_bytes() == before and not (model / "model.safetensors").exists()
+
+
+def test_unwritable_folder_is_named_not_the_temp_file(tiny_sd, tmp_path, monkeypatch):
+    from dbtools import atomic
+
+    def denied(path, keep_suffix=True):
+        raise PermissionError(13, "Permission denied", f"{os.path.dirname(path)}/{TMP_PREFIX}1-0.safetensors")
+
+    monkeypatch.setattr(atomic, "_create_temp", denied)
+    with pytest.raises(ExportError) as info:
+        export_single_file(tiny_sd, tmp_path / "ro" / "m.safetensors")
+    message = str(info.value)
+    assert "permission denied" in message and str(tmp_path / "ro") in message and TMP_PREFIX not in message
+
+
+@pytest.mark.parametrize("name", ["m.ckpt", "m.safetensors"])
+def test_full_disk_is_one_message_with_the_space_needed(tiny_sd, tmp_path, monkeypatch, name):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError, match="not enough disk space") as info:
+        export_single_file(tiny_sd, tmp_path / name)
+    assert str(tmp_path) in str(info.value) and "GB" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ckpt_write_failing_midway_is_a_clear_message(tiny_sd, tmp_path, monkeypatch):
+    def full(obj, f):  # what torch's zip writer raises when the disk fills mid-file
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ExportError, match="not enough disk space"):
+        export_single_file(tiny_sd, tmp_path / "m.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_file_gets_the_umask_mode(tiny_sd, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_single_file(tiny_sd, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
