@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import logging
 import os
 from collections import Counter
@@ -65,7 +66,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dbtools.atomic import atomic_create, atomic_put, atomic_write_text
+from dbtools.atomic import atomic_create, atomic_put, atomic_write_bytes
 from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_from_filename,
                               default_template, template_problems)
 from dbtools.concepts import (Concept, ConceptError, concepts_problems, overlap_problems, read_concepts,
@@ -115,6 +116,8 @@ class ExtractSummary:
     legacy: list[Path] = field(default_factory=list)
     no_caption: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    disk_full: list[tuple[Path, int]] = field(default_factory=list)
+    """Caption files not written because the disk was full, with their sizes in bytes."""
     log_files: list[Path] = field(default_factory=list)
     concepts: list[Concept] = field(default_factory=list)
     concepts_list: Path | None = None
@@ -126,7 +129,16 @@ class ExtractSummary:
     @property
     def ok(self) -> bool:
         """True when every image has a usable caption file."""
-        return not self.no_caption and not self.failed
+        return not self.no_caption and not self.failed and not self.disk_full
+
+    def disk_full_message(self) -> str:
+        """One line for every write the full disk stopped: where, how many, space needed."""
+        folders = sorted({shown(p.parent) for p, _ in self.disk_full})
+        # Each small file takes at least one block (4 KB on most disks) plus its directory entry.
+        needed = sum(max(size, 4096) for _, size in self.disk_full)
+        where = folders[0] + (f" (and {len(folders) - 1} more folders)" if len(folders) > 1 else "")
+        return (f"{where}: the disk is full; {len(self.disk_full)} caption file(s) were not written. "
+                f"Free at least {needed / 1024:.0f} KB and run extract again (files already written are kept).")
 
     def describe(self) -> str:
         """A few lines for the screen: counts, then the files that need attention."""
@@ -134,19 +146,21 @@ class ExtractSummary:
         lines = [f"{self.images} images in {len(self.concepts)} concept(s): {parts}."]
         if self.kept:
             lines.append(f"{len(self.kept)} caption file(s) differ from their file name and were "
-                         "kept (hand edits?); --overwrite replaces them. First: " + str(self.kept[0]))
+                         "kept (hand edits?); --overwrite replaces them. First: " + shown(self.kept[0]))
         if self.legacy:
             lines.append(f"{len(self.legacy)} kept file(s) use the old 'caption|instance|class' "
                          "format, which training reads literally: re-run with --overwrite.")
         for image in self.no_caption[:5]:
-            lines.append(f"{image}: the file name gives no caption. Rename the image or write "
+            lines.append(f"{shown(image)}: the file name gives no caption. Rename the image or write "
                          "its caption file by hand.")
         for path, reason in self.failed[:5]:
-            lines.append(f"{path}: {reason}")
+            lines.append(f"{shown(path)}: {reason}")
+        if self.disk_full:
+            lines.append(self.disk_full_message())
         hidden = len(self.no_caption[5:]) + len(self.failed[5:])
         if hidden:
             lines.append(f"... and {hidden} more; see the log.")
-        lines += [f"log: {p}" for p in self.log_files]
+        lines += [f"log: {shown(p)}" for p in self.log_files]
         if self.concepts_list:
             lines.append(f"concepts list: {self.concepts_list}")
         return "\n".join(lines)
@@ -253,12 +267,12 @@ def scan_folder(root: str | os.PathLike, recursive: bool = True) -> list[Scanned
             with os.scandir(path) as it:
                 for entry in it:
                     name = entry.name
-                    if entry.is_dir():
-                        if recursive and not is_skipped_dir(name) and not entry.is_symlink():
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive and not is_skipped_dir(name):
                             subdirs.append(entry.path)
                         continue
                     files.add(name)
-                    if is_image_name(name):
+                    if is_image_name(name) and (not entry.is_symlink() or _leads_to_file(entry)):
                         images.append(name)
         except OSError as exc:
             if not folders:
@@ -269,6 +283,18 @@ def scan_folder(root: str | os.PathLike, recursive: bool = True) -> list[Scanned
         folders.append(ScannedFolder(path, images, files))
         pending += sorted(subdirs, key=natural_key, reverse=True)
     return folders
+
+
+def _leads_to_file(entry: os.DirEntry) -> bool:
+    """For a link: True when it leads to a file; a loop, a dangling link or a link to a
+    folder is skipped with a warning."""
+    try:
+        if entry.is_file():
+            return True
+    except OSError:  # a link loop raises ELOOP here
+        pass
+    logger.warning("skipping %s: a link that loops, leads nowhere or to a folder", entry.path)
+    return False
 
 
 def run_extract(concepts: Sequence[Concept], cfg: ExtractConfig | None = None) -> ExtractSummary:
@@ -302,7 +328,10 @@ def run_extract(concepts: Sequence[Concept], cfg: ExtractConfig | None = None) -
     summary.kept = list(dict.fromkeys(summary.kept))
     summary.legacy = list(dict.fromkeys(summary.legacy))
     if cfg.write_concepts_list:
-        summary.concepts_list = write_concepts(cfg.write_concepts_list, summary.concepts)
+        try:
+            summary.concepts_list = write_concepts(cfg.write_concepts_list, summary.concepts)
+        except OSError as exc:  # the summary must still reach the screen
+            _failed(summary, cfg.write_concepts_list, exc, 4096)
     return summary
 
 
@@ -342,6 +371,11 @@ def _extract_concept(concept: Concept, template: str, folders: list[ScannedFolde
         base = os.path.join(folder.path, "")
         files = folder.files
         for image in folder.images:
+            if not (image.isascii() or _is_utf8(image)):
+                counts[FAILED] += 1
+                lines.append(_undecodable_name(summary, base, prefix, image))
+                bar.update()
+                continue
             target = caption_file_name(image, "stem") if stem else image + ".txt"
             text = plan(image)
             action = ""
@@ -353,7 +387,7 @@ def _extract_concept(concept: Concept, template: str, folders: list[ScannedFolde
                 except FileExistsError:  # appeared since the scan: compare it like any other
                     files.add(target)
                 except OSError as exc:
-                    action, note = _failed(summary, base + target, exc)
+                    action, note = _failed(summary, base + target, exc, len(text.encode("utf-8")))
             if not action:
                 action, note = _process_file(base, image, target, text.encode("utf-8"), files,
                                              cfg.overwrite, summary)
@@ -366,9 +400,40 @@ def _extract_concept(concept: Concept, template: str, folders: list[ScannedFolde
     return lines
 
 
-def _failed(summary: ExtractSummary, path: str, exc: OSError) -> tuple[str, str]:
-    summary.failed.append((Path(path), f"cannot read or write the caption file ({exc})."))
-    return FAILED, f"\t{exc}"
+def _failed(summary: ExtractSummary, path: str, exc: OSError, size: int = 0) -> tuple[str, str]:
+    name = os.path.basename(path)
+    if exc.errno == errno.ENAMETOOLONG:
+        reason = (f"the caption file name is {len(os.fsencode(name))} bytes, over the file system's "
+                  "limit (usually 255). Use --naming stem (writes <stem>.txt), or shorten the image name.")
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        summary.disk_full.append((Path(path), size))
+        return FAILED, "\tdisk full"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = (f"permission denied, cannot write in {os.path.dirname(path)}. Make the folder "
+                  "writable, or copy the images to a folder you can write to.")
+    else:
+        reason = f"cannot read or write the caption file ({exc.strerror or exc})."
+    summary.failed.append((Path(path), reason))
+    return FAILED, f"\t{reason}"
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes kept as surrogates by os.listdir
+        return False
+    return True
+
+
+def shown(path: str | os.PathLike) -> str:
+    """`path` printable: bytes that are not UTF-8 are shown as `\\xNN`."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _undecodable_name(summary: ExtractSummary, base: str, prefix: str, image: str) -> str:
+    summary.failed.append((Path(shown(base + image)), "the file name is not valid UTF-8, so its caption "
+                           "cannot be written or trained on. Rename the image (e.g. in a file manager)."))
+    return f"{FAILED}\t{shown(prefix + image)}\t\tfile name is not valid UTF-8"
 
 
 def _process_file(base: str, image: str, target: str, planned: bytes, files: set[str],
@@ -387,7 +452,7 @@ def _process_file(base: str, image: str, target: str, planned: bytes, files: set
         summary.failed.append((Path(path), str(exc)))
         return FAILED, f"\t{exc}"
     except OSError as exc:
-        return _failed(summary, path, exc)
+        return _failed(summary, path, exc, len(planned))
     if action == NO_CAPTION:
         summary.no_caption.append(Path(base + image))
         return action, "\tthe file name gives no caption"
@@ -467,7 +532,8 @@ def _write_log(concept: Concept, template: str, cfg: ExtractConfig, lines: list[
         while path.exists():
             n += 1
             path = folder / f"{base}-{n}.log"
-        atomic_write_text(path, "\n".join(header + lines) + "\n", fsync=False)  # a log: no wait
+        text = "\n".join(header + lines) + "\n"  # folder names that are not UTF-8: shown as \xNN
+        atomic_write_bytes(path, shown(text).encode("utf-8"), fsync=False)  # a log: no wait
     except OSError as exc:
         logger.warning("could not write the log in %s (%s); the summary is all there is.", folder, exc)
         return

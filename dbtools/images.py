@@ -7,6 +7,7 @@ picture or raises one `ImageError` that names the file and says what to do.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -17,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dbtools.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".tga"}
@@ -66,11 +69,19 @@ def has_images(folder: str | os.PathLike, recursive: bool = False) -> bool:
                     if entry.is_dir(follow_symlinks=False):  # like os.walk: no link loops
                         if recursive and not is_skipped_dir(entry.name):
                             pending.append(entry.path)
-                    elif is_image_file(entry.name) and entry.is_file():
+                    elif is_image_file(entry.name) and _is_file(entry):
                         return True
         except OSError:  # missing or unreadable: like os.walk, skip it
             continue
     return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """`entry.is_file()`, False for a link that loops or leads nowhere (it raises for a loop)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def natural_key(text: str) -> list:
@@ -82,21 +93,29 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     """Every image file under `folder`, naturally sorted by relative path.
 
     Never returns folders, sidecar files (`.txt`, `.caption`), `Thumbs.db`, `.DS_Store`,
-    hidden files, or anything inside `.ipynb_checkpoints`/`.dbtools`.
+    hidden files, anything inside `.ipynb_checkpoints`/`.dbtools`, or links that loop or
+    lead nowhere (logged); links to folders are not followed, so a loop cannot hang it.
     Raises `FileNotFoundError` with a clear message if `folder` is not a directory.
     """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder. Check the path (is Google Drive mounted?).")
-    found = [p for p in _walk(root, recursive) if is_image_file(p)]
+    found = [p for p in _walk(root, recursive) if is_image_file(p) and _is_real_file(p)]
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
+
+
+def _is_real_file(path: Path) -> bool:
+    if not path.is_symlink() or path.is_file():  # is_file is False for loops and dangling links
+        return True
+    logger.warning("skipping %s: a link that loops or leads nowhere", path)
+    return False
 
 
 def _walk(root: Path, recursive: bool) -> Iterable[Path]:
     if not recursive:
         with os.scandir(root) as it:
             for entry in it:
-                if entry.is_file():
+                if _is_file(entry):
                     yield Path(entry.path)
         return
     for dirpath, dirnames, filenames in os.walk(root):
@@ -136,6 +155,9 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
         ) from exc
     except FileNotFoundError as exc:
         raise ImageError(f"{path}: file not found. Check the path.") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{path}: permission denied, cannot read this image. Give yourself read "
+                         "permission (chmod u+r) or remove it from the folder.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(
             f"{path}: cannot read this image ({exc}). The file is truncated or corrupt: "

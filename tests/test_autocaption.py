@@ -404,3 +404,12 @@ def test_everydream_command_lines_from_a_folder_with_input(tiny_captioners, tmp_
     assert len(outputs) == 2
     pattern = r"\d{5}@.+\.(png|jpg)" if "mrwho" in extra else r".+_[01]\.(png|jpg)"
     assert all(re.fullmatch(pattern, n) for n in outputs)
+
+
+def test_link_loops_in_the_folder_do_not_crash_captioning(blip, images):
+    (images / "loop.png").symlink_to("loop.png")
+    (images / "gone.jpg").symlink_to(images / "missing.jpg")
+    (images / "sub" / "up").symlink_to(images)
+    summary = run_caption(fast(images, format="sidecar", recursive=True), blip, progress=False)
+    assert sorted(r.source.name for r in summary.written) == sorted([*GOOD, "e.png"])
+    assert [p.name for p, _ in summary.failed] == ["broken.jpg"]

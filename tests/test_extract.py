@@ -379,3 +379,64 @@ def test_written_files_are_readable_like_normal_files(folder):
     finally:
         os.umask(old)
     assert (folder / "sunset.webp.txt").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- hostile folders
+
+
+def test_link_loops_do_not_crash_or_hide_a_good_image(tmp_path, capsys):
+    folder = tmp_path / "data"
+    touch(folder, "a red car_1.png")
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to(folder)
+    assert cli.main(["extract", "--instance_data_dir", str(folder), "--no_progress"]) == 0
+    assert (folder / "a red car_1.png.txt").read_text() == "a red car"
+    assert not (folder / "loop.png.txt").exists() and not (folder / "gone.png.txt").exists()
+    assert "1 images" in capsys.readouterr().out
+
+
+def test_a_too_long_caption_file_name_says_use_naming_stem(tmp_path, capsys):
+    folder = tmp_path / "data"
+    name = "a" * 251 + ".png"  # 255 bytes: fine for the image, too long for `<name>.txt`
+    touch(folder, name)
+    assert cli.main(["extract", "--instance_data_dir", str(folder), "--no_progress"]) == 1
+    out = capsys.readouterr().out
+    assert "259 bytes" in out and "--naming stem" in out and "/proc/self" not in out
+    assert cli.main(["extract", "--instance_data_dir", str(folder), "--naming", "stem",
+                     "--no_progress"]) == 0
+    assert (folder / ("a" * 251 + ".txt")).read_text() == "a" * 251
+
+
+def test_non_utf8_file_names_are_logged_and_summarised(tmp_path, capsys):
+    folder = tmp_path / "data"
+    touch(folder, "a red car_1.png")
+    os.close(os.open(os.fsencode(folder) + b"/caf\xe9 car_2.png", os.O_CREAT | os.O_WRONLY))
+    assert cli.main(["extract", "--instance_data_dir", str(folder), "--no_progress"]) == 1
+    out = capsys.readouterr().out
+    assert "1 written" in out and "1 failed" in out and "caf\\xe9 car_2.png" in out
+    assert "not valid UTF-8" in out
+    (log,) = (folder / ".dbtools").glob("extract-*.log")
+    assert "failed\tcaf\\xe9 car_2.png" in log.read_text(encoding="utf-8")
+
+
+def test_disk_full_is_one_message_with_the_space_needed_and_the_summary(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dbtools import extract
+
+    folder = tmp_path / "data"
+    touch(folder, *[f"car_{i}.png" for i in range(7)])
+
+    def full(path, data, fsync=True):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(extract, "atomic_create", full)
+    monkeypatch.setattr(extract, "atomic_put", full)
+    assert cli.main(["extract", "--instance_data_dir", str(folder), "--no_progress"]) == 1
+    out = capsys.readouterr().out
+    assert "7 images in 1 concept(s)" in out and "7 failed" in out
+    (line,) = [l for l in out.splitlines() if "disk is full" in l]
+    assert line.startswith(f"{folder}: the disk is full; 7 caption file(s)") and "28 KB" in line
+    assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())

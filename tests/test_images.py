@@ -142,3 +142,36 @@ def test_decompression_bomb_refused(tmp_path, image_factory):
         load_rgb(path, max_pixels=5_000)
     assert load_rgb(path, max_pixels=20_000).size == (100, 100)
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's global limit is never lifted
+
+
+def test_link_loops_and_dangling_links_do_not_hide_or_fake_images(tmp_path, image_factory):
+    folder = tmp_path / "data"
+    image_factory(folder / "good.png")
+    (folder / "loop.png").symlink_to("loop.png")  # a link to itself: ELOOP when followed
+    (folder / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to(folder)  # a folder loop
+    image_factory(tmp_path / "elsewhere.png")
+    (folder / "linked.png").symlink_to(tmp_path / "elsewhere.png")  # a good link stays
+    assert has_images(folder) and has_images(folder, recursive=True)
+    for recursive in (False, True):
+        assert [p.name for p in list_images(folder, recursive=recursive)] == ["good.png", "linked.png"]
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "loop.png").symlink_to("loop.png")
+    assert not has_images(only_bad, recursive=True) and list_images(only_bad) == []
+
+
+def test_unreadable_image_is_permission_denied_not_corrupt(tmp_path, image_factory, monkeypatch):
+    path = image_factory(tmp_path / "private.png")
+    real_open = Image.open
+
+    def denied(fp, *a, **k):  # tests run as root, where chmod 000 does not stop reading
+        if str(fp) == str(path):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(ImageError, match="permission denied") as info:
+        load_rgb(path)
+    assert "corrupt" not in str(info.value) and str(path) in str(info.value)
