@@ -784,12 +784,15 @@ def undo_renames(log: str | Path) -> list[tuple[Path, Path]]:
 
     Checks every step first and raises `CaptionError` naming each blocking file (a
     name that is now taken, or a renamed file that has gone) before touching anything.
+    Only our own logs (`<out_dir>/.dbtools/renames-*.jsonl`, every line a rename) are
+    accepted, and only names inside `<out_dir>` are touched: nothing is renamed or
+    written outside it.
     """
     log = Path(log)
     if not log.is_file():
         raise CaptionError(f"{log}: no such renames log. Logs are in <out_dir>/{STATE_DIR}/.")
     root = log.parent.parent
-    steps = [(root / r["to"], root / r["from"]) for r in read_jsonl(log) if "to" in r and "from" in r]
+    steps = [(_inside(root, r["to"], log), _inside(root, r["from"], log)) for r in _read_renames_log(log)]
     todo, problems = _check_undo(list(reversed(steps)))
     if problems:
         raise CaptionError(f"cannot undo {log}; nothing was changed:\n  " + "\n  ".join(problems))
@@ -797,6 +800,47 @@ def undo_renames(log: str | Path) -> list[tuple[Path, Path]]:
         os.rename(now, before)
     append_jsonl(manifest_path(root), {"undone": log.name})
     return todo
+
+
+def _read_renames_log(log: Path) -> list[dict]:
+    """The records of one of our renames logs; `CaptionError` for any other file."""
+    not_ours = (f"{log}: not a dbtools renames log (those are <out_dir>/{STATE_DIR}/renames-*.jsonl, "
+                "written by a caption run that renamed files). Give the path the run printed.")
+    if log.parent.name != STATE_DIR or not (log.name.startswith("renames-") and log.suffix == ".jsonl"):
+        raise CaptionError(not_ours)
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionError(f"{not_ours} ({exc})") from exc
+    records = []
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:
+                continue  # a torn last line: the run was interrupted while logging
+            raise CaptionError(not_ours) from None
+        if not (isinstance(record, dict) and set(record) == {"from", "to"}
+                and all(isinstance(v, str) for v in record.values())):
+            raise CaptionError(not_ours)
+        records.append(record)
+    return records
+
+
+def _inside(root: Path, name: str, log: Path) -> Path:
+    """`root / name`, refused unless it names a file inside `root` (no `..`, no absolute
+    path, not inside a linked folder that leads elsewhere, not our state folder)."""
+    parts = Path(name).parts
+    if (not parts or Path(name).is_absolute() or ".." in parts or STATE_DIR in parts
+            or "\x00" in name):
+        raise CaptionError(f"{log}: entry {name!r} points outside {root}; undo only renames files "
+                           "inside the folder the log belongs to. Nothing was changed.")
+    path = root / name
+    real_root = root.resolve()
+    if path.parent.resolve() != real_root and real_root not in path.parent.resolve().parents:
+        raise CaptionError(f"{log}: entry {name!r} leads outside {root} through a link. Nothing "
+                           "was changed.")
+    return path
 
 
 def _check_undo(steps: list[tuple[Path, Path]]) -> tuple[list[tuple[Path, Path]], list[str]]:

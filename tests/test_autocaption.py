@@ -413,3 +413,41 @@ def test_link_loops_in_the_folder_do_not_crash_captioning(blip, images):
     summary = run_caption(fast(images, format="sidecar", recursive=True), blip, progress=False)
     assert sorted(r.source.name for r in summary.written) == sorted([*GOOD, "e.png"])
     assert [p.name for p, _ in summary.failed] == ["broken.jpg"]
+
+
+def test_undo_acts_only_inside_the_logs_own_folder(tmp_path):
+    root = tmp_path / "out"
+    (root / ".dbtools").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    (root / "inside.png").write_bytes(b"x")
+    log = root / ".dbtools" / "renames-20260101T000000Z.jsonl"
+    for entry in ({"from": "../stolen.txt", "to": "../victim.txt"},
+                  {"from": "a.png", "to": str(victim)},
+                  {"from": ".dbtools/captions.jsonl", "to": "inside.png"}):
+        log.write_text(json.dumps(entry) + "\n")
+        with pytest.raises(CaptionError, match="outside|points outside"):
+            ac.undo_renames(log)
+    (root / "linked").symlink_to(tmp_path)  # a sub-folder link that leads out
+    log.write_text(json.dumps({"from": "linked/stolen.txt", "to": "linked/victim.txt"}) + "\n")
+    with pytest.raises(CaptionError, match="through a link"):
+        ac.undo_renames(log)
+    assert victim.read_text() == "outside" and not (tmp_path / "stolen.txt").exists()
+    assert (root / "inside.png").exists() and not (root / ".dbtools" / "captions.jsonl").exists()
+
+
+def test_undo_refuses_a_file_that_is_not_one_of_our_logs(tmp_path, capsys):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hostname").write_text("box\n")
+    assert cli.main(["caption", "--undo", str(etc / "hostname")]) == 2
+    assert "not a dbtools renames log" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc"]  # no .dbtools made anywhere
+    fake = tmp_path / "out" / ".dbtools" / "renames-x.jsonl"
+    fake.parent.mkdir(parents=True)
+    for text in ('{"from": "a", "to": "b", "cmd": "x"}\n', 'not json\n{"from": "a", "to": "b"}\n',
+                 '{"from": 1, "to": "b"}\n'):
+        fake.write_text(text)
+        with pytest.raises(CaptionError, match="not a dbtools renames log"):
+            ac.undo_renames(fake)
+    assert sorted(p.name for p in fake.parent.iterdir()) == ["renames-x.jsonl"]
