@@ -534,10 +534,9 @@ def check_export_paths(model_path: str | Path, checkpoint_path: str | Path,
     if checkpoint_path.is_dir():
         raise ExportError(f"{checkpoint_path}: is a folder. --checkpoint_path takes a file name such as "
                           f"{checkpoint_path / 'model.safetensors'}.")
-    model_dir = model_path.resolve()
-    if model_dir == checkpoint_path.resolve() or model_dir in checkpoint_path.resolve().parents:
+    if _overwrites_the_model(model_path, checkpoint_path):
         raise ExportError(f"--checkpoint_path {checkpoint_path} is inside --model_path {model_path}: the "
-                          "export would overwrite or mix into the model it reads. Write it outside, e.g. "
+                          "export would overwrite or mix into the model it reads. Write it elsewhere, e.g. "
                           f"{model_path.resolve().parent / (model_path.resolve().name + '.safetensors')}.")
     return output_format(checkpoint_path, use_safetensors)
 
@@ -548,6 +547,18 @@ def export_components(model_path: Path) -> tuple[str, ...]:
     index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
     sdxl = family_from_model_index(index) is SDXL or (model_path / "text_encoder_2").is_dir()
     return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+
+
+def _overwrites_the_model(model_path: Path, checkpoint_path: Path) -> bool:
+    """True when writing `checkpoint_path` would replace or add to what `model_path` holds:
+    anything inside its sub-folders, or one of its own files. A single file beside the
+    sub-folders (training's `<step>/model.safetensors`) is allowed."""
+    model_dir, out = model_path.resolve(), checkpoint_path.resolve()
+    if model_dir not in out.parents:
+        return False
+    if out.parent != model_dir:
+        return True
+    return out.exists() and out.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 def _component_problems(model_path: Path) -> list[str]:

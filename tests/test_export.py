@@ -502,10 +502,15 @@ def test_refuses_an_output_inside_the_model_it_reads(tiny_sd, tmp_path):
     shutil.copytree(tiny_sd, model)
     unet = model / "unet" / "diffusion_pytorch_model.safetensors"
     before = unet.read_bytes()
-    for inside in (unet, model / "model.safetensors", model / "new" / "x.ckpt"):
+    index = (model / "model_index.json").read_bytes()
+    for inside in (unet, model / "unet" / "x.safetensors", model / "new" / "x.ckpt",
+                   model / "model_index.json"):
         with pytest.raises(ExportError, match="inside --model_path"):
             export_single_file(model, inside)
-    assert unet.read_bytes() == before and not (model / "model.safetensors").exists()
+    assert unet.read_bytes() == before and (model / "model_index.json").read_bytes() == index
+    assert sorted(p.name for p in (model / "unet").iterdir()) == ["config.json", unet.name]
+    # A single file beside the sub-folders is training's own layout (<step>/model.safetensors).
+    assert export_single_file(model, model / "model.safetensors").is_file()
 
 
 def test_unwritable_folder_is_named_not_the_temp_file(tiny_sd, tmp_path, monkeypatch):
