@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -627,13 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools evaluate --output_dir OUT`: score the saved steps."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.num_samples < 1:
-            raise EvaluateError(f"--num_samples {args.num_samples}: use 1 or more.")
-        summary = evaluate(EvalConfig(**vars(args)))
-    except UserError as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+    if args.num_samples < 1:
+        raise EvaluateError(f"--num_samples {args.num_samples}: use 1 or more.")
+    summary = evaluate(EvalConfig(**vars(args)))  # a UserError rises to the entry point
     print(f"best step: {summary['best_step']}  ({Path(args.output_dir) / SUMMARY_FILE}, "
           f"{Path(args.output_dir) / PLOT_FILE})")
     return 0
