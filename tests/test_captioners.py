@@ -14,6 +14,7 @@ from PIL import Image
 
 from dbtools import autocaption as ac
 from dbtools import captioners as cap
+from dbtools import cli
 from dbtools.autocaption import CaptionConfig, CaptionError, run_caption
 from dbtools.tiny import (
     TAGGER_TAGS,
@@ -156,7 +157,7 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CaptionError, match="cannot load captioning model.*selected_tags.csv"):
         ac.load_captioner(str(tmp_path / "empty"))
-    assert ac.main(["--img_dir", str(tmp_path), "--model", str(tmp_path / "bert")]) == 2
+    assert cli.main(["caption", "--img_dir", str(tmp_path), "--model", str(tmp_path / "bert")]) == 2
 
 
 # ----------------------------------------------------------------------------- Florence-2
@@ -184,7 +185,7 @@ def test_florence2_task_token_reaches_the_model_and_boilerplate_goes(tiny, loade
     with pytest.raises(CaptionError, match="task token"):
         run_caption(fast(images, out_dir=tmp_path / "x", prompt="<OD>"), f2, progress=False)
     monkeypatch.setattr(ac, "load_captioner", lambda *a, **k: pytest.fail("loaded a model for a bad --prompt"))
-    assert ac.main(["--img_dir", str(images), "--model", str(f2_path), "--prompt", "describe it"]) == 2
+    assert cli.main(["caption", "--img_dir", str(images), "--model", str(f2_path), "--prompt", "describe it"]) == 2
     assert cap.strip_boilerplate("The image shows a red car on a road.") == "a red car on a road."
     assert cap.strip_boilerplate("In this image we can see a cat.") == "a cat."
     assert cap.strip_boilerplate("The image is NASA's logo") == "NASA's logo"

@@ -84,6 +84,7 @@ def test_user_errors_take_one_path_stderr_and_exit_2(tmp_path, capsys):
         ["train", "--pretrained_model_name_or_path", missing, "--instance_data_dir", missing],
         ["export", "--model_path", missing, "--checkpoint_path", str(tmp_path / "m.safetensors")],
         ["preview", "--output_dir", missing],
+        ["evaluate", "--output_dir", missing],
         ["demo", "--out", missing, "--steps", "0"],
     ]
     for argv in argvs:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dbtools import cli
 from dbtools import notebook as nb
 from dbtools import train as T
 from dbtools.concepts import Concept
@@ -115,7 +116,7 @@ def test_mask_secrets_hides_token_values_and_keeps_other_flags():
 def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory, no_model_loads, capsys, flag,
                                                         value, tiny_sd):
     captioned(tmp_path / "inst", image_factory)
-    code = T.main(["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "inst"),
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "inst"),
                    "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"), f"--{flag}={value}"])
     err = capsys.readouterr().err
     assert code == 2 and f"--{flag}" in err and "Traceback" not in err
@@ -222,7 +223,7 @@ def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path,
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps([{"instance_data_dir": 5, "instance_prompt": "x"},
                                     {"instance_data_dir": str(tmp_path / "inst"), "prompt_template": "{nope} {caption}"}]))
-    code = T.main(["--pretrained_model_name_or_path", str(tiny_sd), "--concepts_list", str(concepts),
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--concepts_list", str(concepts),
                    "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
