@@ -43,7 +43,7 @@ def measure(name: str, concepts: list[Concept]) -> tuple[float, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--same", type=int, default=10_000, help="concepts over one folder")
     parser.add_argument("--distinct", type=int, default=2_000, help="concepts over distinct folders")
     parser.add_argument("--dir", default=None, help="where to make the folders (default: a temp dir)")
