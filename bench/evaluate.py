@@ -106,7 +106,7 @@ def _scoring_share(plan, cfg, likeness_model, clip_model) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--num_samples", type=int, default=4, help="images per prompt (4)")
     p.add_argument("--instance_images", type=int, default=10)
     p.add_argument("--size", type=int, default=64, help="tiny SD image size (64)")
