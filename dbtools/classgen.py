@@ -156,10 +156,15 @@ def class_dir_problems(concepts: list[Concept]) -> list[str]:
         elif not Path(folder).expanduser().absolute().parent.is_dir():
             problems.append(f"{where}: class_data_dir {folder}: its parent folder does not exist. "
                             "Fix the path (is Google Drive mounted?) or create the parent folder.")
-        if not isinstance(concept.class_prompt, str) or not concept.class_prompt.strip():
-            problems.append(f"{where}: 'class_prompt' is empty. Set it to the class, e.g. "
-                            "'a photo of a dog'.")
+        if not isinstance(concept.class_prompt, str):
+            problems.append(f"{where}: 'class_prompt' must be a string, got {concept.class_prompt!r}.")
     return problems
+
+
+EMPTY_CLASS_PROMPT_WARNING = (
+    "class images: %s needs %d more image(s) and its class prompt is empty, so they are generated "
+    "from an empty prompt (the model's unconditional images, as the original notebook's Method 1 "
+    "does). For images of your class give a class prompt, e.g. --class_prompt 'a photo of a dog'.")
 
 
 def _dir_key(folder: str) -> str:
@@ -233,6 +238,10 @@ def ensure_class_images(
     """
     plan = plan_class_images(concepts, cfg) if plan is None else plan
     todo = [(concept, rank_share(indices, rank, world)) for concept, indices in plan]
+    if rank == 0:  # one warning, not one per process
+        for concept, indices in plan:
+            if indices and not concept.class_prompt.strip():
+                logger.warning(EMPTY_CLASS_PROMPT_WARNING, concept.class_data_dir, len(indices))
     generated = {c.class_data_dir: 0 for c, _ in todo}
     total = sum(len(indices) for _, indices in todo)
     if total == 0:

@@ -161,12 +161,26 @@ def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def concept_class_examples(concept: Concept) -> list[Example]:
-    """Class (regularization) examples of one concept; a missing folder has none yet."""
+def concept_class_examples(concept: Concept, read_prompts_from_txts: bool = False) -> list[Example]:
+    """Class (regularization) examples of one concept; a missing folder has none yet.
+
+    Each image's prompt is the class prompt (which may be empty: the original notebook's
+    Method 1); with `read_prompts_from_txts`, an image that has a caption file uses it.
+    """
     folder = Path(concept.class_data_dir)
     if not concept.class_data_dir.strip() or not folder.is_dir():
         return []
-    return [Example(p, concept.class_prompt, is_class=True) for p in list_images(folder)]
+    return [Example(p, _class_prompt_of(p, concept, read_prompts_from_txts), is_class=True)
+            for p in list_images(folder)]
+
+
+def _class_prompt_of(path: Path, concept: Concept, read_prompts_from_txts: bool) -> str:
+    caption_file = find_caption_file(path) if read_prompts_from_txts else None
+    if caption_file is not None:
+        caption = clean_caption(caption_file.read_text(encoding="utf-8", errors="replace"))
+        if caption:
+            return caption
+    return concept.class_prompt
 
 
 def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool = False,
@@ -213,7 +227,7 @@ def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool =
         instance += found
         if with_prior_preservation:
             problems += _class_problems(concept, where)
-            classes += concept_class_examples(concept)
+            classes += concept_class_examples(concept, read_prompts_from_txts)
     if check_images:
         problems += unreadable_images([e.path for e in instance + classes])
     return DataPlan(instance, classes), problems
@@ -247,9 +261,6 @@ def _class_problems(concept: Concept, where: str) -> list[str]:
     elif Path(concept.class_data_dir).exists() and not Path(concept.class_data_dir).is_dir():
         problems.append(f"{where}: class_data_dir {concept.class_data_dir} is a file, not a folder. "
                         "Fix the path.")
-    if not concept.class_prompt.strip():
-        problems.append(f"{where}: prior preservation needs a class_prompt (e.g. 'a photo of a dog'). "
-                        "Set --class_prompt.")
     return problems
 
 

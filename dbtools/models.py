@@ -67,11 +67,33 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
     "dpm++_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-"""Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names."""
+"""Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names; one
+entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's names and
+`dpmsolver++`."""
+
+A1111_SAMPLERS = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC",
+}
+"""AUTOMATIC1111's sampler name for each of `SCHEDULERS` (what its PNG Info shows)."""
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+_SCHEDULER_ALIASES = {"dpmsolver++": "dpm++", **{_fold(c): k for k, c in SCHEDULERS.items()},
+                      **{_fold(a): k for k, a in A1111_SAMPLERS.items()}}
+
+
+def scheduler_key(name: str) -> str | None:
+    """The `SCHEDULERS` key for `name` (a key, a diffusers class name, an AUTOMATIC1111 sampler
+    name or `dpmsolver++`, any case); None when it names no known scheduler."""
+    key = _fold(name)
+    return key if key in SCHEDULERS else _SCHEDULER_ALIASES.get(key)
 
 
 class ModelLoadError(UserError):
@@ -645,11 +667,11 @@ def make_scheduler(name: str, config):
     """
     import diffusers
 
-    key = name.lower().replace("-", "_").replace(" ", "_")
-    if key not in SCHEDULERS:
+    key = scheduler_key(name)
+    if key is None:
         raise ModelLoadError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     cls = getattr(diffusers, SCHEDULERS[key])
-    extra = {"algorithm_type": "dpmsolver++"} if key in ("dpm++", "dpmsolver++") else {}
+    extra = {"algorithm_type": "dpmsolver++"} if key == "dpm++" else {}
     return cls.from_config(config, **extra)
 
 

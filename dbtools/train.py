@@ -245,14 +245,14 @@ def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) ->
     accelerator.wait_for_everyone()
 
 
-def class_examples(concepts: list[Concept], num_class_images: int) -> list:
+def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_from_txts: bool = False) -> list:
     """The first `num_class_images` class images of each distinct class folder (as Shivam's script)."""
     seen, out = set(), []
     for concept in concepts:
         key = os.path.realpath(concept.class_data_dir)
         if key not in seen:
             seen.add(key)
-            out += concept_class_examples(concept)[:num_class_images]
+            out += concept_class_examples(concept, read_prompts_from_txts)[:num_class_images]
     return out
 
 
@@ -519,7 +519,7 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int, num_pro
     """diffusers' schedulers; counts are per process as accelerate steps them once per process."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, step_rules=cfg.lr_step_rules,
                          num_warmup_steps=cfg.lr_warmup_steps * num_processes,
                          num_training_steps=max_train_steps * num_processes,
                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
@@ -876,8 +876,14 @@ def generate(pipe, prompt: str, n: int, cfg: TrainConfig, seed: int, negative: s
 
 
 def save_weights(run: Run, step: int, final: bool = False) -> Path:
-    """Write `<output_dir>/<step>/` (weights, args.json, samples) atomically; main process only."""
+    """Write `<output_dir>/<step>/` (weights, args.json, samples) atomically; main process only.
+
+    With `--output_layout diffusers` the final weights go into `output_dir` itself instead
+    (`from_pretrained(output_dir)` loads them, as with diffusers' script).
+    """
     cfg = run.cfg
+    if final and cfg.output_layout == "diffusers":
+        return _save_final_in_place(run, step)
     target = Path(cfg.output_dir) / str(step)
     with atomic_dir(target) as tmp:
         with _for_inference(run):
@@ -885,7 +891,7 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
             if cfg.use_lora:
                 _save_lora(run, tmp)
             else:
-                pipe.save_pretrained(tmp, safe_serialization=True)
+                _save_pipeline(pipe, tmp, skip_text_encoder=final and cfg.skip_save_text_encoder)
             atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
             if cfg.save_sample_prompt:
                 for i, img in enumerate(generate(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
@@ -900,6 +906,30 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
             export_single_file(tmp, tmp / SINGLE_FILE_NAME)
     logger.info("[*] weights saved at %s", target)
     return target
+
+
+def _save_pipeline(pipe, folder: Path, skip_text_encoder: bool = False) -> None:
+    """`save_pretrained` in safetensors; without the text encoder when asked (diffusers'
+    `--skip_save_text_encoder`: the base model's is given back when loading)."""
+    if skip_text_encoder:
+        pipe = type(pipe)(**{**pipe.components, "text_encoder": None})
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _save_final_in_place(run: Run, step: int) -> Path:
+    """The final weights straight into `output_dir` (diffusers' layout), built in a step
+    folder first so a crash never leaves a half-written pipeline; the step folder's files
+    are then moved up, each with an atomic rename."""
+    staged = save_weights(run, step)
+    root = Path(run.cfg.output_dir)
+    for item in sorted(staged.iterdir()):
+        dest = root / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    staged.rmdir()
+    logger.info("[*] final weights moved into %s (--output_layout diffusers)", root)
+    return root
 
 
 def lora_state_dict(model, adapter: str = "default") -> dict:
@@ -928,7 +958,12 @@ def save_validation(run: Run, step: int) -> None:
 
     cfg = run.cfg
     with atomic_dir(Path(cfg.output_dir) / "validation" / str(step)) as tmp, _for_inference(run):
-        images = generate(build_pipeline(run), cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
+        pipe = build_pipeline(run)
+        if cfg.validation_scheduler:
+            from dbtools.models import make_scheduler
+
+            pipe.scheduler = make_scheduler(cfg.validation_scheduler, pipe.scheduler.config)
+        images = generate(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
         for i, img in enumerate(images):
             atomic_save_image(img, tmp / f"{i}.png")
     for tracker in run.accelerator.trackers:
@@ -970,6 +1005,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
+        _log_start(cfg, plan, accelerator)
         if cfg.overwrite_output_dir:
             move_previous_run(cfg.output_dir)
         remove_stale_temporaries(cfg.output_dir)
@@ -979,12 +1015,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_seed(cfg.seed)
     make_class_images(cfg, concepts, accelerator)
     if cfg.with_prior_preservation:
-        plan = DataPlan(plan.instance, class_examples(concepts, cfg.num_class_images))
+        plan = DataPlan(plan.instance, class_examples(concepts, cfg.num_class_images, cfg.read_prompts_from_txts))
     run = setup(cfg, plan, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth", config=_tracker_config(cfg))
     step = loop(run)
     return finish(run, step)
+
+
+def _log_start(cfg: TrainConfig, plan: DataPlan, accelerator) -> None:
+    """The first lines of a training log: model, data, precision/memory and steps."""
+    vae = f" with VAE {cfg.pretrained_vae_name_or_path}" if cfg.pretrained_vae_name_or_path else ""
+    logger.info("model: %s%s", cfg.pretrained_model_name_or_path, vae)
+    prior = f", prior preservation ({cfg.num_class_images} class images per folder)" \
+        if cfg.with_prior_preservation else ""
+    logger.info("data: %d instance images%s", len(plan.instance), prior)
+    savers = [name for name, on in (("8-bit Adam", cfg.use_8bit_adam), ("gradient checkpointing",
+              cfg.gradient_checkpointing), ("LoRA", cfg.use_lora)) if on]
+    logger.info("precision: %s on %s%s", accelerator.mixed_precision, accelerator.device,
+                f"; memory: {', '.join(savers)}" if savers else "")
+    steps = cfg.max_train_steps or f"{cfg.num_train_epochs} epoch(s)"
+    ckpt = f", checkpoints every {cfg.checkpointing_steps}" if cfg.checkpointing_steps else ""
+    logger.info("steps: %s, weights every %d into %s%s", steps, cfg.save_interval, cfg.output_dir, ckpt)
 
 
 def loop(run: Run) -> int:
@@ -1040,7 +1092,7 @@ def _periodic_saves(run: Run, step: int) -> None:
 def _main_process_saves(run: Run, step: int, last: bool) -> None:
     acc, cfg = run.accelerator, run.cfg
     if acc.is_main_process:
-        if step % cfg.checkpointing_steps == 0:
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             save_checkpoint(run, step)
         if should_save(step, cfg) and not last:
             save_weights(run, step)

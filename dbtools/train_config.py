@@ -20,7 +20,14 @@ from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, SINGLE_FILE_NAM
 from dbtools.concepts import Concept, read_concepts
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                 "constant_with_warmup")
+                 "constant_with_warmup", "piecewise_constant")
+"""The names diffusers' `get_scheduler` accepts (`diffusers.optimization.SchedulerType`)."""
+
+OUTPUT_LAYOUTS = ("shivam", "diffusers")
+"""`shivam`: final weights in `<output_dir>/<step>/`; `diffusers`: in `output_dir` itself."""
+
+DEEPFLOYD_ONLY = ("validation_images", "class_labels_conditioning")
+"""diffusers' flags for DeepFloyd IF upscaler training, which this project does not do."""
 
 @dataclass
 class TrainConfig:
@@ -73,6 +80,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 500
     lr_num_cycles: int = 1
+    lr_step_rules: str | None = None
     lr_power: float = 1.0
     use_8bit_adam: bool = False
     adam_beta1: float = 0.9
@@ -103,12 +111,18 @@ class TrainConfig:
     save_guidance_scale: float = 7.5
     save_infer_steps: int = 20
     save_single_file: bool = False
-    checkpointing_steps: int = 500
+    checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_steps: int = 100
+    validation_scheduler: str | None = None
+    output_layout: str = "shivam"
+    skip_save_text_encoder: bool = False
+    validation_images: list[str] | None = None
+    class_labels_conditioning: str | None = None
+    verbose: bool = False
     logging_dir: str = "logs"
     log_interval: int = 10
     report_to: str = "tensorboard"
@@ -281,6 +295,8 @@ def _optimizer_flags(f: _FlagAdder) -> None:
     f("lr_warmup_steps", "Warmup steps.", type=int)
     f("lr_num_cycles", "Hard restarts for cosine_with_restarts.", type=int)
     f("lr_power", "Power of the polynomial schedule.", type=float)
+    f("lr_step_rules", "piecewise_constant rules, e.g. '1:10,0.1:20,0.01:30,0.005' (multiplier 1 "
+      "until step 10, 0.1 until 20, ..., 0.005 after).", type=str)
     f.switch("use_8bit_adam", "8-bit AdamW from bitsandbytes (falls back to AdamW when it cannot run).")
     f("adam_beta1", "Adam beta1.", type=float)
     f("adam_beta2", "Adam beta2.", type=float)
@@ -317,12 +333,22 @@ def _output_flags(f: _FlagAdder) -> None:
     f("save_infer_steps", "Inference steps for samples.", type=int)
     f.switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
              "(original SD layout for AUTOMATIC1111/ComfyUI).")
-    f("checkpointing_steps", "Save accelerate state for resuming every N steps.", type=int)
+    f("checkpointing_steps", "Save accelerate state for resuming every N steps (default: never, as "
+      "in Shivam's script).", type=int)
     f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
     f("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
     f("validation_prompt", "Prompt for validation images.", type=str)
     f("num_validation_images", "Validation images per run.", type=int)
     f("validation_steps", "Validate every N steps.", type=int)
+    f("validation_scheduler", "Scheduler for validation images (e.g. DPMSolverMultistepScheduler, "
+      "dpm++, ddim; default: the model's).", type=str)
+    f("output_layout", "shivam: final weights in <output_dir>/<step>/ (default); diffusers: the final "
+      "pipeline in <output_dir> itself, as diffusers' script.", type=str, choices=OUTPUT_LAYOUTS)
+    f.switch("skip_save_text_encoder", "Do not save the text encoder with the final weights when it "
+             "was not trained (the pipeline then needs the base model's).")
+    f("validation_images", "DeepFloyd IF only: not supported here.", nargs="+")
+    f("class_labels_conditioning", "DeepFloyd IF only: not supported here.", type=str)
+    f.switch("verbose", "Show every third-party warning and log line.")
     f("logging_dir", "TensorBoard folder, under <output_dir>/0/.", type=str)
     f("log_interval", "Show the mean loss every N steps.", type=int)
     f("report_to", "tensorboard, wandb, all or none.", type=str)
@@ -372,10 +398,13 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
     if cfg.resolution < 8 or cfg.resolution % 8:
         problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
-                 "checkpointing_steps", "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
+                 "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1.")
     problems += number_problems(cfg)
+    if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 1:
+        problems.append("--checkpointing_steps must be at least 1 (or leave it out: no resume checkpoints).")
+    problems += _diffusers_flag_problems(cfg)
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
         problems.append("--max_train_steps must be at least 1.")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
@@ -436,6 +465,21 @@ def number_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} {getattr(cfg, name)}: cannot be negative.")
     if cfg.log_interval < 1 or cfg.validation_steps < 1:
         problems.append("--log_interval and --validation_steps must be at least 1.")
+    return problems
+
+
+def _diffusers_flag_problems(cfg: TrainConfig) -> list[str]:
+    """diffusers-only flags given in a way this project cannot honour."""
+    problems = [f"--{name} is for DeepFloyd IF upscaler training, which this project does not do "
+                "(Stable Diffusion 1.x/2.x only). Drop the flag." for name in DEEPFLOYD_ONLY
+                if getattr(cfg, name)]
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"--lr_scheduler {cfg.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}.")
+    if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_step_rules:
+        problems.append("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. "
+                        "'1:100,0.1:200,0.01' (multiplier:until_step, ..., final multiplier).")
+    if cfg.output_layout not in OUTPUT_LAYOUTS:
+        problems.append(f"--output_layout {cfg.output_layout}: choose shivam or diffusers.")
     return problems
 
 

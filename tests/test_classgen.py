@@ -233,10 +233,19 @@ def test_empty_class_folder_is_a_clear_error_before_loading(tmp_path, loader, mo
     with pytest.raises(ClassGenError, match="'class_data_dir' is empty"):
         ensure_class_images([Concept(instance_data_dir="", class_prompt="a dog", class_data_dir="")],
                             fast(), loader)
-    with pytest.raises(ClassGenError, match="'class_prompt' is empty"):
-        ensure_class_images([concept(tmp_path / "c", prompt="  ")], fast(), loader)
     assert loader.calls == 0
     assert list(tmp_path.iterdir()) == []  # nothing written to the current folder
+
+
+def test_empty_class_prompt_generates_with_one_warning(tmp_path, loader, caplog):
+    """The original notebook's Method 1: no class prompt, yet missing class images are made
+    (from the empty prompt), with one warning saying what that means and how to give one."""
+    folder = tmp_path / "c"
+    with caplog.at_level("WARNING", logger="dbtools.classgen"):
+        made = ensure_class_images([concept(folder, prompt="")], fast(), loader)
+    assert made == {str(folder): 3} and len(names(folder)) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "class prompt is empty" in warnings[0] and "--class_prompt" in warnings[0]
 
 
 def test_missing_folder_is_created_only_when_its_parent_exists(tmp_path, loader):

@@ -81,7 +81,8 @@ def test_scan_reports_every_problem_with_file_and_fix(tmp_path, image_factory):
     assert "broken.png" in text and "truncated or corrupt" in text
     assert "contains no images" in text and "empty_inst" in text
     assert "missing" in text and "not a folder" in text
-    assert "class_data_dir" in text and "class_prompt" in text
+    assert "class_data_dir" in text
+    assert "class_prompt" not in text  # Method 1: an empty class prompt is allowed
     assert not any("Thumbs" in p for p in problems)
 
 
