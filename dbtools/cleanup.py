@@ -129,8 +129,6 @@ def describe(plan: CleanupPlan) -> str:
     if plan.checkpoints and not plan.delete_checkpoints:
         lines.append("Keeping resume checkpoints: " + ", ".join(p.name for p in plan.checkpoints)
                      + " (set delete_checkpoints to remove them).")
-    if targets:
-        lines.append(f'Type {CONFIRM_WORD} in the confirm field to delete.')
     return "\n".join(lines)
 
 
@@ -154,8 +152,9 @@ def run_cleanup(plan: CleanupPlan, confirm: str) -> list[Path]:
     so a deletion cut short never leaves something that looks like complete weights.
     """
     if (confirm or "").strip() != CONFIRM_WORD:
-        logger.warning("Nothing deleted: type %s in the confirm field to delete the listed folders.",
-                       CONFIRM_WORD)
+        if plan.targets:
+            logger.warning("Nothing deleted yet: confirm with %s (the notebook's confirm field, or "
+                           "--confirm %s) to delete the folders listed above.", CONFIRM_WORD, CONFIRM_WORD)
         return []
     deleted = []
     for folder in plan.targets:
@@ -175,3 +174,52 @@ def _safe_to_delete(plan: CleanupPlan, folder: Path) -> bool:
     name_ok = folder.name.isdigit() or re.fullmatch(r"checkpoint-\d+", folder.name) is not None
     return (name_ok and folder.parent == root and folder != root and folder not in plan.kept
             and folder.is_dir() and not folder.is_symlink() and _norm(folder).parent == _norm(root))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def keep_paths(output_dir: str | os.PathLike, items: Iterable[str]) -> list[Path]:
+    """`--keep_steps` values as paths: a step number means `<output_dir>/<step>`; anything
+    else (a weights folder, a checkpoint folder, a single file) is a path as given."""
+    out = []
+    for item in items:
+        for part in str(item).replace(",", " ").split():
+            out.append(Path(output_dir) / part if part.isdigit() else Path(part))
+    return out
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dbtools cleanup", allow_abbrev=False, description=(
+        "Show which weights folders of a training output can be deleted, and delete them only "
+        f"with --confirm {CONFIRM_WORD}."))
+    p.add_argument("--output_dir", required=True, help="the training output folder")
+    p.add_argument("--keep_steps", nargs="*", default=[],
+                   help="steps (e.g. 1000 2000) or paths (weights folder, checkpoint folder, single file) to keep")
+    p.add_argument("--exported", nargs="*", default=[],
+                   help="weights folders already converted to a single file (they may go)")
+    p.add_argument("--delete_unexported", action="store_true",
+                   help="also delete complete weights folders that were never exported")
+    p.add_argument("--delete_checkpoints", action="store_true", help="also delete checkpoint-<step> folders")
+    p.add_argument("--confirm", default="", help=f"{CONFIRM_WORD} to delete; without it only the plan is shown")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dbtools cleanup ...`: print the plan; delete only with `--confirm DELETE`."""
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        plan = cleanup_plan(args.output_dir, keep=keep_paths(args.output_dir, args.keep_steps),
+                            exported=keep_paths(args.output_dir, args.exported),
+                            delete_checkpoints=args.delete_checkpoints, delete_unexported=args.delete_unexported)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(plan))
+    for folder in run_cleanup(plan, args.confirm):
+        print(f"deleted {folder}")
+    return 0

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dbtools.export", "diffusers folder -> single .safetensors/.ckpt"),
     "preview": ("dbtools.preview", "grid of sample images across saved steps"),
     "evaluate": ("dbtools.evaluate", "score saved steps (likeness, prompt fidelity), suggest the best"),
+    "generate": ("dbtools.generate", "generate images with trained weights (PNGs keep their settings)"),
+    "cleanup": ("dbtools.cleanup", "show which old weights can go; delete with --confirm DELETE"),
     "tiny": ("dbtools.tiny", "write tiny offline models (tests, demo)"),
     "demo": ("dbtools.demo", "run the whole journey offline on tiny models"),
 }

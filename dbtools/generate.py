@@ -66,10 +66,21 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
 
 def generation_settings(pipe, prompt: str, negative_prompt: str, seed: int, steps: int,
                         guidance_scale: float, width: int, height: int, scheduler: str | None) -> dict:
-    """The settings recorded with a generated image."""
+    """The settings recorded with a generated image. `scheduler` is the name `--scheduler`
+    takes (the pipeline's own scheduler's name when none was chosen)."""
+    from dbtools.models import scheduler_key
+
+    used = scheduler or type(pipe.scheduler).__name__
     return dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
-                guidance_scale=float(guidance_scale), scheduler=scheduler or type(pipe.scheduler).__name__,
+                guidance_scale=float(guidance_scale), scheduler=scheduler_key(used) or used,
                 width=int(width), height=int(height), model=str(getattr(pipe, "name_or_path", "") or ""))
+
+
+def sampler_name(scheduler: str) -> str:
+    """AUTOMATIC1111's name for a scheduler ("Euler a", "DPM++ 2M", "DDIM"); unknown names as given."""
+    from dbtools.models import A1111_SAMPLERS, scheduler_key
+
+    return A1111_SAMPLERS.get(scheduler_key(scheduler) or "", scheduler)
 
 
 def a1111_parameters(s: dict) -> str:
@@ -77,18 +88,26 @@ def a1111_parameters(s: dict) -> str:
     lines = [s["prompt"]]
     if s["negative_prompt"]:
         lines.append(f"Negative prompt: {s['negative_prompt']}")
-    lines.append(f"Steps: {s['steps']}, Sampler: {s['scheduler']}, CFG scale: {s['guidance_scale']}, "
+    lines.append(f"Steps: {s['steps']}, Sampler: {sampler_name(s['scheduler'])}, CFG scale: {s['guidance_scale']}, "
                  f"Seed: {s['seed']}, Size: {s['width']}x{s['height']}, Model: {s['model']}")
     return "\n".join(lines)
 
 
+PNG_SETTING_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+"""Settings also stored as separate PNG text keys; each value is what `generate`'s flag of
+the same name takes."""
+
+
 def png_metadata(settings: dict):
-    """PNG text chunks: `parameters` (AUTOMATIC1111 style) and `dbtools` (JSON)."""
+    """PNG text chunks: `parameters` (AUTOMATIC1111 style), `dbtools` (JSON) and one key
+    per entry of `PNG_SETTING_KEYS`."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings))
     info.add_text("dbtools", json.dumps(settings, ensure_ascii=False))
+    for key in PNG_SETTING_KEYS:
+        info.add_itxt(key, str(settings[key]))
     return info
 
 
@@ -126,8 +145,11 @@ def generate(
     results: list[Generated] = []
     # A pipeline loaded from a path already has the scheduler; a given one is changed for this call only.
     with _scheduler(pipe, scheduler if pipe is pipe_or_path else None):
-        for start in range(0, len(seeds), max(1, batch_size)):
-            chunk = seeds[start:start + max(1, batch_size)]
+        # A stochastic sampler draws its per-step noise from one generator for the whole
+        # batch, so only one image per call keeps image i reproducible by its seed alone.
+        size = 1 if _stochastic(pipe.scheduler) else max(1, batch_size)
+        for start in range(0, len(seeds), size):
+            chunk = seeds[start:start + size]
             images = pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(chunk),
                           guidance_scale=guidance_scale, num_inference_steps=int(steps), height=height,
                           width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
@@ -138,6 +160,13 @@ def generate(
     if out_dir is not None:
         _save_generated(results, Path(out_dir))
     return results
+
+
+def _stochastic(scheduler) -> bool:
+    """True for samplers that add fresh noise at each step (Euler a, DPM++ SDE, DDPM, ...)."""
+    name = type(scheduler).__name__
+    return "Ancestral" in name or "SDE" in name or name == "DDPMScheduler" \
+        or getattr(scheduler.config, "algorithm_type", "").startswith("sde")
 
 
 @contextlib.contextmanager
@@ -204,17 +233,23 @@ def read_png_settings(path: str | os.PathLike) -> dict:
 DEFAULT_SCHEDULER = "model default"
 
 
+def scheduler_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs for a scheduler menu: one per scheduler, AUTOMATIC1111's names."""
+    from dbtools.models import A1111_SAMPLERS, SCHEDULERS
+
+    return [(DEFAULT_SCHEDULER, DEFAULT_SCHEDULER)] + [(f"{A1111_SAMPLERS[k]} ({k})", k) for k in SCHEDULERS]
+
+
 def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
     """A `gradio.Blocks` app for generating images with one model.
 
     Fields: prompt, negative prompt, number of images, guidance, steps, width, height,
-    seed (-1 = random) and scheduler; results go to a gallery (captioned with their
-    seeds) and, with `out_dir`, are saved as PNGs with their settings. The API name of
-    the generate action is `/generate`. Launch with `launch_gradio(app)`.
+    seed (-1 = random) and scheduler. The gallery serves the saved PNGs, settings
+    included, named `<index>-<seed>.png` (in `out_dir`, or a temporary folder when it is
+    None). Wrong values come back to the page as their message. The API name of the
+    generate action is `/generate`. Launch with `launch_gradio(app)`.
     """
     import gradio as gr
-
-    from dbtools.models import SCHEDULERS
 
     pipe = load_inference_pipeline(pipe_or_path)
     run = _gradio_action(pipe, out_dir)
@@ -230,15 +265,14 @@ def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
                     guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                     steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
                 with gr.Row():
-                    width = gr.Slider(min(64, size), 2048, value=size, step=8, label="Width")
-                    height = gr.Slider(min(64, size), 2048, value=size, step=8, label="Height")
+                    width = gr.Number(value=size, precision=0, label="Width (multiple of 8)")
+                    height = gr.Number(value=size, precision=0, label="Height (multiple of 8)")
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-                    scheduler = gr.Dropdown([DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER,
-                                            label="Scheduler")
+                    scheduler = gr.Dropdown(scheduler_choices(), value=DEFAULT_SCHEDULER, label="Scheduler")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                gallery = gr.Gallery(label="Images", format="png")
+                gallery = gr.Gallery(label="Images")
                 saved = gr.Textbox(label="Saved files", lines=2)
         button.click(run, [prompt, negative, n, guidance, steps, width, height, seed, scheduler],
                      [gallery, saved], api_name="generate")
@@ -246,23 +280,104 @@ def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
 
 
 def _gradio_action(pipe, out_dir: str | os.PathLike | None):
-    """The app's generate action: UI values in, (gallery items, saved paths text) out."""
+    """The app's generate action: UI values in, (saved PNG paths with captions, saved paths
+    text) out; a user's mistake becomes `gr.Error` with its message."""
+    import tempfile
+
+    import gradio as gr
+
+    from dbtools.errors import UserError
+
     lock = threading.Lock()
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dbtools-gradio-"))
 
     def run(prompt, negative, n, guidance, steps, width, height, seed, scheduler):
-        with lock:  # one pipeline, one request at a time
-            results = generate(pipe, prompt, negative or "", int(n), float(guidance), int(steps),
-                               int(height), int(width), None if seed is None else int(seed),
-                               None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler, out_dir)
-        gallery = [(g.image, f"seed {g.settings['seed']}") for g in results]
-        saved = "\n".join(str(g.path) for g in results if g.path) or "(not saved: no output folder)"
+        try:
+            with lock:  # one pipeline, one request at a time
+                results = generate(pipe, prompt, negative or "", int(n), float(guidance), int(steps),
+                                   int(height), int(width), None if seed is None else int(seed),
+                                   None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler, folder)
+        except (ValueError, UserError) as exc:
+            raise gr.Error(str(exc)) from None
+        gallery = [(str(g.path), f"seed {g.settings['seed']}") for g in results]
+        saved = "\n".join(str(g.path) for g in results) if out_dir is not None \
+            else "(not kept: no output folder; download from the gallery)"
         return gallery, saved
 
     return run
 
 
-def launch_gradio(app, share: bool | None = None, **launch_kwargs):
-    """Launch the app; `share` (a public link) defaults to True in Colab, False elsewhere."""
-    from dbtools.notebook import in_colab
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """`"user:password"` -> `("user", "password")`; empty -> None; `ValueError` otherwise."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("Gradio login: write it as user:password (in the form field or $GRADIO_AUTH).")
+    return user, password
 
-    return app.launch(share=in_colab() if share is None else share, **launch_kwargs)
+
+def launch_gradio(app, share: bool | None = None, auth: str | None = None, height: int = 1100,
+                  **launch_kwargs):
+    """Launch the app; `share` (a public link) defaults to True in Colab, False elsewhere.
+
+    `auth` ("user:password", else `$GRADIO_AUTH`) asks for a login; a public link is
+    announced as public. `height` is the notebook frame's, tall enough for the whole form.
+    """
+    from dbtools.env import in_colab
+
+    share = in_colab() if share is None else share
+    login = parse_auth(auth if auth is not None and auth.strip() else os.environ.get("GRADIO_AUTH"))
+    if share:
+        logger.warning("The Gradio UI gets a PUBLIC gradio.live link: anyone who has the link can use it%s.",
+                       " after logging in" if login else " (set a user:password login to restrict it)")
+    return app.launch(share=share, auth=login, height=height, **launch_kwargs)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dbtools generate", allow_abbrev=False, description=(
+        "Generate images with a trained model; PNGs are saved with their settings."))
+    p.add_argument("--model", required=True,
+                   help="a weights folder (e.g. <output_dir>/2000), a Hub id or a .safetensors/.ckpt file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--num_images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30, help="inference steps")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=None, help="default: the model's size")
+    p.add_argument("--height", type=int, default=None, help="default: the model's size")
+    p.add_argument("--seed", type=int, default=-1, help="image i gets seed+i; -1 picks a random seed")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm++_sde, unipc (or "
+                        "AUTOMATIC1111's names such as 'Euler a', 'DPM++ 2M'); default: the model's")
+    p.add_argument("--out_dir", default="generated", help="where the PNGs go (default: ./generated)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dbtools generate ...`; settings problems exit 2 with one message."""
+    import sys
+
+    from dbtools.errors import UserError
+    from dbtools.models import check_model_path, scheduler_key
+
+    args = build_parser().parse_args(argv)
+    try:
+        check_generation_args(args.num_images, args.steps, args.guidance_scale, args.height, args.width)
+        if args.scheduler and scheduler_key(args.scheduler) is None:
+            raise ValueError(f"--scheduler {args.scheduler}: unknown; see --help for the names.")
+        check_model_path(args.model)
+        results = generate(args.model, args.prompt, args.negative_prompt, args.num_images, args.guidance_scale,
+                           args.steps, args.height, args.width, args.seed, args.scheduler, args.out_dir)
+    except (ValueError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for g in results:
+        print(g.path)
+    return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
+from dbtools.env import REPORTED_PACKAGES, format_gpu_report, gpu_report, in_colab, versions_report
 from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
 from dbtools.editor import (CACHE_DIR, CAPTION_FORMATS, CaptionEditor, caption_path, free_caption_name,
                             read_caption, rename_no_overwrite)
@@ -87,18 +88,6 @@ def enable_logging(level: int | str = logging.INFO) -> None:
         log.propagate = False  # no second copy through a root handler
 
 
-def in_colab() -> bool:
-    """True when running inside Google Colab."""
-    if "google.colab" in sys.modules:
-        return True
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("google.colab") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def mount_drive(mountpoint: str = DRIVE_MOUNTPOINT) -> bool:
     """Mount Google Drive at `mountpoint` in Colab; return True when it is mounted.
 
@@ -155,67 +144,50 @@ def resolve_output_dir(
     return root / p
 
 
-def gpu_report() -> str:
-    """One line per CUDA GPU: name, total and free memory; a clear note without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return format_gpu_report([])
-    devices = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        devices.append((torch.cuda.get_device_name(i), total, free))
-    return format_gpu_report(devices)
-
-
-def format_gpu_report(devices: list[tuple[str, int, int]]) -> str:
-    """Text for `gpu_report` from `(name, total_bytes, free_bytes)` per GPU."""
-    if not devices:
-        return ("No CUDA GPU found: running on the CPU. Training a real model needs a GPU "
-                "(in Colab: Runtime > Change runtime type > GPU); the tiny test models work on CPU.")
-    gib = 1024 ** 3
-    return "\n".join(f"GPU {i}: {name}, {total / gib:.1f} GiB total, {free / gib:.1f} GiB free"
-                     for i, (name, total, free) in enumerate(devices))
-
-
-REPORTED_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "huggingface_hub",
-                     "safetensors", "bitsandbytes", "xformers", "Pillow", "ipywidgets", "gradio")
-
-
-def versions_report(packages: Iterable[str] = REPORTED_PACKAGES) -> str:
-    """Python, dbtools and package versions (read from metadata, nothing is imported)."""
-    import importlib.metadata as md
-    import platform
-
-    from dbtools import __version__
-
-    lines = [f"python {platform.python_version()}", f"dbtools {__version__}"]
-    for name in packages:
-        try:
-            lines.append(f"{name} {md.version(name)}")
-        except md.PackageNotFoundError:
-            lines.append(f"{name} (not installed)")
-    return "\n".join(lines)
+LOGIN_HELP = (
+    "Not logged in to the Hugging Face Hub; going on without a token. Public models (such as "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5) need no login. For gated models or pushing to the "
+    "Hub: in Colab add the secret HF_TOKEN (key icon on the left) and run this cell again; elsewhere "
+    "set the environment variable HF_TOKEN, or run `hf auth login` in a terminal (or "
+    "`from huggingface_hub import login; login()` in a cell), then run this cell again.")
 
 
 def hf_login(env_var: str = "HF_TOKEN") -> str:
-    """Make sure the Hugging Face Hub can be used; return where the token comes from.
+    """Find a Hugging Face token without ever stopping the notebook; return where it came from.
 
     `"env"`: `$HF_TOKEN` is set and huggingface_hub uses it directly (nothing is stored).
-    `"stored"`: a token from an earlier login (or a Colab secret) is already available.
-    `"prompt"`: `huggingface_hub.notebook_login()` shows its password widget. This
-    function never writes or prints the token itself.
+    `"secret"`: Colab's `HF_TOKEN` secret, put into this process's `$HF_TOKEN` only.
+    `"stored"`: a token from an earlier login. `"none"`: no token; a message says how to
+    log in and that public models need none. Never asks for input, never writes or prints
+    the token.
     """
     import huggingface_hub
 
     if os.environ.get(env_var, "").strip():
         logger.info("Using the Hugging Face token from $%s.", env_var)
         return "env"
+    secret = _colab_secret(env_var)
+    if secret:
+        os.environ[env_var] = secret
+        logger.info("Using the Hugging Face token from the Colab secret %s.", env_var)
+        return "secret"
     if huggingface_hub.get_token():
         logger.info("Already logged in to the Hugging Face Hub.")
         return "stored"
-    huggingface_hub.notebook_login()
-    return "prompt"
+    logger.info("%s", LOGIN_HELP)
+    return "none"
+
+
+def _colab_secret(name: str) -> str | None:
+    """Colab's secret `name`, or None (not Colab, no such secret, or access not granted)."""
+    if not in_colab():
+        return None
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return (userdata.get(name) or "").strip() or None
+    except Exception:  # SecretNotFoundError, NotebookAccessError, ...: all mean "no secret"
+        return None
 
 
 # =========================================================================== weights

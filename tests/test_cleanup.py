@@ -72,3 +72,16 @@ def test_cleanup_keeps_folders_holding_a_single_file_export(training_output):
     root = out_dir.resolve()
     assert plan.delete == [root / "1000"]
     assert plan.kept[root / "500"] == "contains the single file model.ckpt"
+
+
+def test_cleanup_command_shows_the_plan_and_deletes_only_with_the_word(training_output, capsys):
+    out_dir = training_output
+    flags = ["--output_dir", f"{out_dir}/", "--keep_steps", "1500", "--exported", "1000", str(out_dir / "1500")]
+    assert C.main(flags) == 0
+    text = capsys.readouterr().out
+    assert "- 1000" in text and "deleted" not in text and "DELETE" not in text
+    assert (out_dir / "1000").is_dir()
+    assert C.main([*flags, "--confirm", "DELETE"]) == 0
+    assert f"deleted {out_dir.resolve() / '1000'}" in capsys.readouterr().out
+    assert not (out_dir / "1000").exists() and (out_dir / "1500").is_dir() and (out_dir / "500").is_dir()
+    assert C.main(["--output_dir", str(out_dir / "nope")]) == 2

@@ -31,7 +31,7 @@ def test_generate_images_saves_settings_in_png_metadata(tiny_pipe, tmp_path):
     with Image.open(paths[1]) as img:
         params = img.info["parameters"]
         second = np.asarray(img.convert("RGB"))
-    assert params.startswith("a photo of zwx\nNegative prompt: blurry\nSteps: 2, Sampler: euler")
+    assert params.startswith("a photo of zwx\nNegative prompt: blurry\nSteps: 2, Sampler: Euler,")
     assert "Seed: 12, Size: 64x64" in params
     # image i is reproduced by its own seed alone
     again = G.generate_images(tiny_pipe, "a photo of zwx", negative_prompt="blurry", num_images=1,
@@ -68,11 +68,16 @@ def test_gradio_app_answers_one_request(tiny_pipe, tmp_path, monkeypatch):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         gallery, saved = client.predict("a photo of zwx", "", 1, 7.5, 2, 64, 64, 3, "ddim",
                                         api_name="/generate")
+        with pytest.raises(Exception, match="width=63: use a multiple of 8"):
+            client.predict("a photo of zwx", "", 1, 7.5, 2, 63, 64, 3, "ddim", api_name="/generate")
     finally:
         app.close()
     assert len(gallery) == 1 and gallery[0]["caption"] == "seed 3"
-    with Image.open(gallery[0]["image"]) as img:
+    downloaded = Path(gallery[0]["image"])
+    assert downloaded.name == "00000-3.png"  # the saved file, with its settings
+    with Image.open(downloaded) as img:
         assert img.size == (64, 64)
+        assert "Sampler: DDIM" in img.info["parameters"] and img.info["seed"] == "3"
     saved_path = Path(saved.strip())
     assert saved_path.parent == tmp_path / "gradio"
     assert G.read_png_settings(saved_path)["scheduler"] == "ddim"
@@ -86,8 +91,58 @@ def test_a_scheduler_choice_does_not_stick_to_the_callers_pipeline(tiny_pipe):
     assert chosen.settings["scheduler"] == "euler"
     assert tiny_pipe.scheduler is original
     after = G.generate(tiny_pipe, "a photo of zwx", steps=2, seed=5)[0]
-    assert after.settings["scheduler"] == before.settings["scheduler"] == type(original).__name__
+    from dbtools.models import scheduler_key
+
+    assert after.settings["scheduler"] == before.settings["scheduler"] == scheduler_key(type(original).__name__)
     assert np.array_equal(np.asarray(after.image), np.asarray(before.image))
     with pytest.raises(ValueError):  # the pipeline itself refuses: no prompt
         G.generate(tiny_pipe, None, steps=1, scheduler="ddim")
     assert tiny_pipe.scheduler is original
+
+
+def test_png_setting_keys_are_accepted_by_the_generate_command(tiny_sd, tmp_path, capsys):
+    """The separate PNG keys hold values `generate`'s own flags take: feeding them back
+    reproduces the image."""
+    out = tmp_path / "gen"
+    assert G.main(["--model", str(tiny_sd), "--prompt", "a photo of zwx", "--num_images", "2", "--steps", "2",
+                   "--seed", "7", "--scheduler", "Euler a", "--width", "64", "--height", "64",
+                   "--out_dir", str(out)]) == 0
+    paths = [Path(line) for line in capsys.readouterr().out.split()]
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
+    with Image.open(paths[1]) as img:
+        info, pixels = dict(img.info), np.asarray(img.convert("RGB"))
+    assert info["scheduler"] == "euler_a" and "Sampler: Euler a" in info["parameters"]
+    flags = [arg for key in G.PNG_SETTING_KEYS if info[key] for arg in (f"--{key}", info[key])]
+    assert G.main(["--model", str(tiny_sd), *flags, "--out_dir", str(out)]) == 0
+    again = Path(capsys.readouterr().out.split()[0])
+    with Image.open(again) as img:
+        assert np.array_equal(np.asarray(img.convert("RGB")), pixels)
+    assert G.main(["--model", str(tiny_sd), "--prompt", "x", "--width", "100"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_scheduler_menu_has_one_entry_per_scheduler():
+    from dbtools.models import SCHEDULERS, scheduler_key
+
+    values = [v for _, v in G.scheduler_choices()]
+    assert len(values) == len(set(values)) == len(set(SCHEDULERS.values())) + 1
+    assert scheduler_key("dpmsolver++") == scheduler_key("DPM++ 2M") == scheduler_key("DPMSolverMultistepScheduler") == "dpm++"
+    assert G.sampler_name("euler_a") == "Euler a" and G.sampler_name("ddim") == "DDIM"
+
+
+def test_launch_announces_a_public_link_and_takes_auth(monkeypatch, caplog):
+    calls = []
+
+    class FakeApp:
+        def launch(self, **kw):
+            calls.append(kw)
+
+    monkeypatch.setenv("GRADIO_AUTH", "me:secret")
+    with caplog.at_level("WARNING", logger="dbtools.generate"):
+        G.launch_gradio(FakeApp(), share=True)
+    assert calls[-1]["share"] is True and calls[-1]["auth"] == ("me", "secret")
+    assert "PUBLIC" in caplog.text and "after logging in" in caplog.text
+    G.launch_gradio(FakeApp(), share=False, auth="a:b")
+    assert calls[-1]["auth"] == ("a", "b") and calls[-1]["height"] >= 1000
+    with pytest.raises(ValueError, match="user:password"):
+        G.launch_gradio(FakeApp(), share=False, auth="nocolon")
