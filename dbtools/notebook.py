@@ -19,10 +19,12 @@ import shlex
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
+from dbtools.errors import UserError
 from dbtools.env import REPORTED_PACKAGES, format_gpu_report, gpu_report, in_colab, versions_report
 from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
 from dbtools.editor import (CACHE_DIR, CAPTION_FORMATS, CaptionEditor, caption_path, free_caption_name,
@@ -41,7 +43,8 @@ __all__ = [
     "flag_args", "build_train_command", "check_train_flags", "CommandError", "run_command",
     "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "parse_extra_flags", "training_command", "launch_training",
     # cell steps
-    "setup", "caption_step", "omnitool_step",
+    "setup", "caption_step", "omnitool_step", "Session", "parse_steps", "review_step", "pick_weights",
+    "preview_step", "export_step", "generate_step", "gradio_step", "cleanup_step",
     # dbtools.editor
     "CACHE_DIR", "CAPTION_FORMATS", "CaptionEditor", "caption_path", "free_caption_name", "read_caption",
     "rename_no_overwrite",
@@ -480,6 +483,8 @@ def training_command(model: str, output_dir: str | os.PathLike, concepts_list: s
     notebook's flags, then the memory profile, the form's `flags`, and `extra_flags`
     (later ones win). Checkpoints follow `save_interval` (one kept) unless set; `resume`
     adds `--resume_from_checkpoint latest`."""
+    # An empty form field means "not given" (e.g. no VAE: the model's own).
+    flags = {k: v for k, v in flags.items() if not (isinstance(v, str) and not v.strip())}
     merged = {**SEED_TRAIN_FLAGS, **MEMORY_PROFILES[memory_profile], **flags}
     merged.setdefault("checkpointing_steps", merged["save_interval"])
     merged.setdefault("checkpoints_total_limit", 1)
@@ -498,3 +503,152 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
     argv = training_command(model, output_dir, concepts_list, **options)
     logger.info("%s\n", shlex.join(mask_secrets(argv)))
     return run_command(argv, check=True)
+
+
+# =========================================================================== the session and later steps
+
+
+@dataclass
+class Session:
+    """What the notebook's cells share, made once by the settings cell (`Session.start`)."""
+
+    model: str
+    output_dir: Path
+    on_drive: bool = False
+    captioned_dir: Path | None = None
+    weights_dir: Path | None = None
+    exported_from: list[Path] = field(default_factory=list)
+    app: Any = None
+
+    @classmethod
+    def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> "Session":
+        """The settings cell: mount Drive when asked (Colab only), make the output folder."""
+        on_drive = bool(save_to_gdrive) and mount_drive()
+        out = resolve_output_dir(output_dir, save_to_gdrive)
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info("Base model: %s\nOutput folder: %s", model, out)
+        return cls(model=model, output_dir=out, on_drive=on_drive)
+
+    @property
+    def concepts_list(self) -> Path:
+        return self.output_dir / "concepts_list.json"
+
+    def path(self, text: str) -> Path:
+        """A folder typed into a form field, on Drive when the session is."""
+        return resolve_output_dir(text, self.on_drive)
+
+    def weights(self) -> Path:
+        if self.weights_dir is None:
+            raise UserError("No weights picked yet: run the 'Pick the weights' cell first.")
+        return self.weights_dir
+
+
+def _show(*paths: Path) -> None:
+    """Show images in the running cell (nothing outside IPython)."""
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    display(*[Image(filename=str(p)) for p in paths])
+
+
+def parse_steps(text: str) -> list[int] | None:
+    """`"500, 1000 1500"` -> `[500, 1000, 1500]`; empty -> None (all steps)."""
+    parts = str(text or "").replace(",", " ").split()
+    bad = [p for p in parts if not p.isdigit()]
+    if bad:
+        raise UserError(f"steps {text!r}: {', '.join(bad)} is not a step number. Write steps like "
+                        "500, 1000 (or leave the field empty for all).")
+    return [int(p) for p in parts] or None
+
+
+def review_step(session: Session, review_folder: str, caption_format: str, images_per_page: int):
+    """The review cell: show the caption editor for `review_folder` (empty: the captioned folder)."""
+    folder = session.path(review_folder) if review_folder.strip() else session.captioned_dir
+    if folder is None:
+        raise UserError("No folder to review: set review_folder, or run the auto-caption cell first.")
+    editor = CaptionEditor(folder, caption_format, images_per_page)
+    try:
+        from IPython.display import display
+
+        display(editor.widget)
+    except ImportError:
+        pass
+    return editor
+
+
+def pick_weights(session: Session, step: str = "") -> Path:
+    """The pick cell: the weights saved at `step` (empty: the latest complete ones)."""
+    steps = parse_steps(step)
+    if steps and len(steps) > 1:
+        raise UserError(f"weights_step {step!r}: give one step (or leave it empty for the latest).")
+    if steps:
+        weights = weights_for_step(session.output_dir, steps[0])
+    else:
+        weights = latest_weights(session.output_dir)
+        if weights is None:
+            raise UserError(f"No complete weights in {session.output_dir} yet: run the training cell first "
+                            "(or check OUTPUT_DIR).")
+    session.weights_dir = weights
+    logger.info("Using the weights in %s", weights)
+    return weights
+
+
+def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, thumbnail_size: int = 256) -> Path:
+    """The preview cell: save and show the grid of samples across steps."""
+    from dbtools.preview import run_preview
+
+    png = run_preview(session.output_dir, steps=parse_steps(steps), max_samples=samples_per_step,
+                      thumb=thumbnail_size)
+    logger.info("Saved %s", png)
+    _show(png)
+    return png
+
+
+def export_step(session: Session, export_format: str = "safetensors", fp16: bool = True, name: str = "") -> Path:
+    """The export cell: the picked weights as one file in the output folder."""
+    from dbtools.export import export_single_file
+
+    weights = session.weights()
+    stem = name.strip() or f"{session.output_dir.name}-{weights.name}"
+    path = export_single_file(weights, session.output_dir / f"{stem}.{export_format}", half=fp16)
+    session.exported_from.append(weights)  # the cleanup cell may now delete this folder
+    logger.info("Wrote %s (%.2f GiB)", path, path.stat().st_size / 1024**3)
+    return path
+
+
+def generate_step(session: Session, prompt: str, negative_prompt: str = "", num_images: int = 4,
+                  guidance_scale: float = 7.5, steps: int = 30, width: int = 512, height: int = 512,
+                  seed: int = -1, scheduler: str = DEFAULT_SCHEDULER) -> list[Path]:
+    """The generate cell: images saved in `<output>/generated/` with their settings, and shown."""
+    paths = generate_images(session.weights(), prompt, negative_prompt, num_images, guidance_scale, steps,
+                            height, width, seed, None if scheduler == DEFAULT_SCHEDULER else scheduler,
+                            out_dir=session.output_dir / "generated")
+    logger.info("%s", "\n".join(map(str, paths)))
+    _show(*paths)
+    return paths
+
+
+def gradio_step(session: Session, save_images: bool = True, auth: str = ""):
+    """The Gradio cell: replace the session's running UI with one for the picked weights."""
+    if session.app is not None:
+        session.app.close()  # one UI at a time; frees its model
+        session.app = None
+    session.app = build_gradio_app(session.weights(),
+                                   out_dir=session.output_dir / "gradio" if save_images else None)
+    return launch_gradio(session.app, auth=auth)
+
+
+def cleanup_step(session: Session, also_keep_steps: str = "", delete_unexported: bool = False,
+                 delete_checkpoints: bool = False, confirm: str = "") -> list[Path]:
+    """The cleanup cell: show the plan; delete only when `confirm` is the confirm word."""
+    keep = [session.output_dir / str(s) for s in parse_steps(also_keep_steps) or []]
+    if session.weights_dir is not None:
+        keep.append(session.weights_dir)
+    plan = cleanup_plan(session.output_dir, keep=keep, exported=session.exported_from,
+                        delete_checkpoints=delete_checkpoints, delete_unexported=delete_unexported)
+    logger.info("%s", describe(plan))
+    deleted = run_cleanup(plan, confirm)
+    if deleted:
+        logger.info("Deleted %d folder(s): %s", len(deleted), ", ".join(p.name for p in deleted))
+    return deleted

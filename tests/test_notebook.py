@@ -75,9 +75,31 @@ def stream_text(cell) -> str:
 def test_notebook_is_valid_and_every_code_cell_parses():
     nb = read_notebook()
     nbformat.validate(nb)
-    assert len(code_cells(nb)) == 13
     for cell in code_cells(nb):
         ast.parse(python_source(cell.source))  # raises SyntaxError naming the line
+
+
+PARSING_CALLS = {"strip", "split", "int", "float", "replace", "partition", "globals", "locals"}
+
+
+def test_every_cell_is_form_fields_plus_one_call():
+    """After the `#@param` lines and imports, at most two statements (the setup cell: four),
+    no `globals()` and no parsing of form values inline: the logic lives in dbtools."""
+    for index, cell in enumerate(code_cells(read_notebook())):
+        title = cell.source.splitlines()[0]
+        body = [n for n in ast.parse(python_source(cell.source)).body
+                if not isinstance(n, (ast.Import, ast.ImportFrom))]
+        params = {name for name, (_, _, _) in form_fields_of(cell).items()}
+        statements = [n for n in body if not (isinstance(n, ast.Assign) and len(n.targets) == 1
+                                              and isinstance(n.targets[0], ast.Name) and n.targets[0].id in params)]
+        assert len(statements) <= (4 if index == 0 else 2), f"{title}: {len(statements)} statements"
+        calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                 for n in statements for node in ast.walk(n) if isinstance(node, ast.Call)}
+        assert not calls & PARSING_CALLS or index == 0, f"{title}: inline {sorted(calls & PARSING_CALLS)}"
+
+
+def form_fields_of(cell) -> dict:
+    return {m["name"]: (0, 0, m["value"]) for line in cell.source.splitlines() if (m := PARAM_LINE.match(line))}
 
 
 def test_every_code_cell_is_a_titled_form_without_definitions():
@@ -125,14 +147,6 @@ def test_no_token_field_and_real_defaults():
     assert {k: defaults[k] for k in expected} == expected
     assert fields["confirm"] == "" and fields["extra_flags"] == ""
     assert fields["save_sample_prompt"]
-
-
-def test_setup_cell_hands_the_install_to_nb_setup():
-    """The setup cell installs nothing itself: `nb.setup` does, only in Colab (tested in
-    test_notebook_helpers)."""
-    setup = read_notebook().cells[cell_titled(read_notebook(), "1.")].source
-    assert "COLAB = nb.setup(install_requirements)" in setup
-    assert "pip" not in setup
 
 
 # --------------------------------------------------------------------------- headless run
@@ -287,3 +301,67 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
     assert "Will delete 1 folder(s)" in text[cell_titled(nb, "13.")]
     assert not (out / "2").exists() and (out / "4" / "model_index.json").is_file()
     assert export.is_file() and (out / "preview.png").is_file() and list(out.glob("checkpoint-*"))
+
+
+def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_blip, monkeypatch):
+    """A new user's Run All: the notebook's own defaults (Method 1, no prompts, prior
+    preservation, Drive on, the default memory profile, no extra flags), offline and with
+    no token; only model names, paths, sizes and step/image counts are changed for CPU."""
+    from gradio_client import Client
+    from nbclient import NotebookClient
+
+    from dbtools.demo import make_dataset
+    from dbtools.notebook import read_png_settings
+
+    raw, captioned, klass, out = tmp_path / "raw", tmp_path / "captioned", tmp_path / "class", tmp_path / "out"
+    make_dataset(raw, seed=0)
+    port = free_port()
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name, value in {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "DBTOOLS_SKIP_INSTALL": "1",
+                        "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1",
+                        "GRADIO_SERVER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    kernel = venv_kernel(tmp_path / "jupyter", monkeypatch)
+
+    nb = read_notebook()
+    defaults = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(nb).items()}
+    changed = dict(
+        # model names and paths
+        MODEL_NAME=str(tiny_sd), caption_model=str(tiny_blip), vae_name="", OUTPUT_DIR=str(out),
+        images_folder=str(raw), captioned_folder=str(captioned), class_data_dir=str(klass),
+        # sizes and counts
+        num_beams=2, min_length=3, max_length=8, caption_batch_size=4, resolution=64, max_train_steps=4,
+        num_class_images=2, save_interval=2, thumbnail_size=64, num_images=2, inference_steps=2, width=64,
+        height=64,
+    )
+    assert defaults["method"].startswith("Method 1") and defaults["class_prompt"] == ""
+    assert defaults["instance_prompt"] == "" and defaults["extra_flags"] == "" and defaults["confirm"] == ""
+    set_form_values(nb, changed)
+
+    client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}})
+    gradio_cell = cell_titled(nb, "12.")
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
+            if index == gradio_cell:
+                ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 64, 64, 3, "model default", api_name="/generate")
+    text = {i: stream_text(cell) for i, cell in enumerate(nb.cells)}
+
+    login = text[cell_titled(nb, "2.")]
+    assert "hf auth login" in login and "need no login" in login
+    # Method 1: no prompts; class images generated from the empty class prompt, with a warning
+    assert len(list(klass.glob("*.jpg"))) == 2
+    train_text = text[cell_titled(nb, "7.")]
+    assert "class prompt is empty" in train_text
+    # one resume checkpoint kept; weights in Shivam's layout
+    assert (out / "4" / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert f"Using the weights in {out / '4'}" in text[cell_titled(nb, "8.")]
+    assert (out / "preview.png").is_file() and (out / "out-4.safetensors").is_file()
+    generated = sorted((out / "generated").glob("*.png"))
+    assert len(generated) == 2 and read_png_settings(generated[0])["prompt"] == defaults["prompt"]
+    assert len(gallery) == 1
+    # the cleanup cell only shows its plan without the confirm word
+    cleanup = text[cell_titled(nb, "13.")]
+    assert "Nothing to delete" in cleanup and "2 (not exported yet)" in cleanup
+    assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
