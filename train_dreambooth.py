@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     """Train with `args`; returns the exit code (2 for a problem the user can fix)."""
+    from dbtools.env import quiet_third_party
+
+    quiet_third_party(getattr(args, "verbose", False))
     from dbtools.errors import UserError, report
     from dbtools.train import TrainConfig, run_training
 

@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     lines = ["usage: python -m dbtools <command> [flags]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `python -m dbtools <command> --help` for a command's flags."]
+    lines += ["", "Run `python -m dbtools <command> --help` for a command's flags; --verbose shows every",
+              "third-party warning (known-harmless ones are hidden by default)."]
     return "\n".join(lines)
 
 
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from dbtools.env import quiet_third_party
+
+    verbose = "--verbose" in rest
+    if verbose and name != "train":  # training has its own --verbose flag
+        rest.remove("--verbose")
+    quiet_third_party(verbose)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = importlib.import_module(COMMANDS[name][0])
     try:

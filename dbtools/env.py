@@ -60,3 +60,50 @@ def versions_report(packages: Iterable[str] = REPORTED_PACKAGES) -> str:
         except md.PackageNotFoundError:
             lines.append(f"{name} (not installed)")
     return "\n".join(lines)
+
+
+# Third-party lines known to be harmless here, matched by where they come from and what they
+# say (never a blanket filter): everything else still shows, and `--verbose` shows these too.
+HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
+    # bitsandbytes' optional CPU 4-bit kernel package; 8-bit Adam does not use it
+    ("bitsandbytes.backends.cpu.ops", r"kernels-community|No module named 'kernels'"),
+    # transformers falls back to Pillow image processors without torchvision (we never use it)
+    ("transformers.utils.import_utils", r"requires torchvision \(not installed\)"),
+    # accelerate launch lists defaults it used; the training command passes what matters
+    ("accelerate.commands.launch", r"not passed to `accelerate launch` and had defaults used"),
+)
+HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),
+)
+
+
+class _DropMatching:
+    """A logging filter that drops records whose message matches `pattern`."""
+
+    def __init__(self, pattern: str):
+        import re
+
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Hide the known-harmless third-party warnings above so a user's first lines are ours.
+
+    Call before importing torch/diffusers/transformers. Safe to call more than once;
+    `verbose=True` (or `DBTOOLS_VERBOSE=1`) leaves everything as it is.
+    """
+    import logging
+    import os
+    import warnings
+
+    if verbose or os.environ.get("DBTOOLS_VERBOSE") == "1":
+        return
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, pattern in HARMLESS_LOG_LINES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in log.filters):
+            log.addFilter(_DropMatching(pattern))

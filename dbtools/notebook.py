@@ -25,7 +25,8 @@ from typing import Any, Iterable, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
 from dbtools.errors import UserError
-from dbtools.env import REPORTED_PACKAGES, format_gpu_report, gpu_report, in_colab, versions_report
+from dbtools.env import (REPORTED_PACKAGES, format_gpu_report, gpu_report, in_colab, quiet_third_party,
+                         versions_report)
 from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
 from dbtools.editor import (CACHE_DIR, CAPTION_FORMATS, CaptionEditor, caption_path, free_caption_name,
                             read_caption, rename_no_overwrite)
@@ -258,8 +259,20 @@ def build_train_command(
     args = flag_args(**flags)
     if Path(script).name == "train_dreambooth.py":
         check_train_flags(args)
+    launch_args = list(launch_args) or _launch_defaults()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
     return launcher + [os.fspath(script)] + args
+
+
+def _launch_defaults() -> list[str]:
+    """Without an accelerate config file, accelerate prints every default it picks; passing
+    the single-process defaults keeps that noise out. A config file (`accelerate config`,
+    e.g. for several GPUs) is left to decide."""
+    from accelerate.commands.config import default_config_file
+
+    if os.path.isfile(default_config_file):
+        return []
+    return ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
 
 
 def check_train_flags(args: list[str]) -> None:
@@ -384,6 +397,7 @@ def setup(install: bool = True, requirements: str = "requirements.txt") -> bool:
     only, on top of Colab's torch; never with `DBTOOLS_SKIP_INSTALL=1`), Colab's widget
     manager on, then the GPU and version reports. Returns whether this is Colab."""
     enable_logging()
+    quiet_third_party()
     colab = in_colab()
     if colab and install and os.environ.get("DBTOOLS_SKIP_INSTALL") != "1":
         run_command([sys.executable, "-m", "pip", "install", "-q", "-r", requirements, "gradio>=5"], check=True)
@@ -483,8 +497,9 @@ def training_command(model: str, output_dir: str | os.PathLike, concepts_list: s
     notebook's flags, then the memory profile, the form's `flags`, and `extra_flags`
     (later ones win). Checkpoints follow `save_interval` (one kept) unless set; `resume`
     adds `--resume_from_checkpoint latest`."""
-    # An empty form field means "not given" (e.g. no VAE: the model's own).
-    flags = {k: v for k, v in flags.items() if not (isinstance(v, str) and not v.strip())}
+    # An empty form field means "leave the flag out", even one the original notebook set
+    # (an empty VAE field: the model's own VAE).
+    flags = {k: None if isinstance(v, str) and not v.strip() else v for k, v in flags.items()}
     merged = {**SEED_TRAIN_FLAGS, **MEMORY_PROFILES[memory_profile], **flags}
     merged.setdefault("checkpointing_steps", merged["save_interval"])
     merged.setdefault("checkpoints_total_limit", 1)

@@ -1171,5 +1171,9 @@ def run_training(cfg: TrainConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools train [flags]`: the same flags as train_dreambooth.py."""
+    from dbtools.env import quiet_third_party
+
+    args = parse_args(argv)
+    quiet_third_party(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_training(TrainConfig.from_args(parse_args(argv)))
+    return run_training(TrainConfig.from_args(args))

@@ -1,0 +1,50 @@
+"""Environment probes and quiet output (`dbtools.env`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from dbtools import env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NOISY = """
+import logging, warnings
+from dbtools.env import quiet_third_party
+quiet_third_party({verbose})
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from transformers import CLIPImageProcessor  # the torchvision notice, without torchvision
+warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
+warnings.warn("a real problem", UserWarning)
+logging.getLogger("transformers.utils.import_utils").warning("another transformers warning")
+"""
+
+
+def run(verbose: bool) -> str:
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", NOISY.format(verbose=verbose)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "DBTOOLS_VERBOSE": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_known_harmless_third_party_lines_are_hidden_and_real_ones_stay():
+    quiet = run(verbose=False)
+    assert "requires torchvision" not in quiet and "gradient_checkpointing_enable" not in quiet
+    assert "a real problem" in quiet and "another transformers warning" in quiet
+    loud = run(verbose=True)
+    assert "gradient_checkpointing_enable" in loud and "a real problem" in loud
+
+
+def test_quiet_is_by_message_and_category_not_blanket():
+    env.quiet_third_party()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        env.quiet_third_party()  # re-applies its filters over "default"
+        warnings.warn("`gradient_checkpointing_enable` is deprecated", UserWarning)  # other category
+        warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in seen] == ["`gradient_checkpointing_enable` is deprecated", "something else"]
