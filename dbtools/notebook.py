@@ -451,11 +451,26 @@ def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, c
         concepts = [Concept(instance_data_dir=str(instance), instance_prompt=instance_prompt,
                             class_prompt=class_prompt, class_data_dir=str(class_dir or ""))]
     method_1 = method.startswith("Method 1") and not concepts_file.strip()
+    if not method_1 and not concepts_file.strip():
+        _check_method_2(concepts[0])
     chosen = template.strip() or (TEMPLATE_CAPTION_ONLY if method_1 else None)
     summary = run_extract(concepts, ExtractConfig(template=chosen, overwrite=overwrite,
                                                   write_concepts_list=str(concepts_list)))
     logger.info("%s", summary.describe())
     return summary
+
+
+def _check_method_2(concept) -> None:
+    """Method 2 asks for a class prompt: refuse an empty one when class images must be made
+    from it (Method 1 is the way to train with an empty class prompt)."""
+    from dbtools.images import list_images
+
+    folder = Path(concept.class_data_dir) if concept.class_data_dir else None
+    if concept.class_prompt.strip() or (folder and folder.is_dir() and list_images(folder)):
+        return
+    raise UserError("Method 2 needs a class_prompt (e.g. 'a photo of a dog') to generate the class images "
+                    f"for {concept.class_data_dir or 'class_data_dir'}. Fill in class_prompt, or choose "
+                    "Method 1 (class images from an empty prompt, or your own images in the class folder).")
 
 
 # The original notebook's training flags: the starting point the training cell changes.

@@ -317,7 +317,7 @@ def test_parse_extra_flags():
 def test_training_command_layers_seed_flags_profile_fields_and_extra_flags(tmp_path):
     argv = nb.training_command("some/model", tmp_path / "out", tmp_path / "c.json",
                                memory_profile="fp32, no memory savings", learning_rate=1e-4, resume=True,
-                               pretrained_vae_name_or_path=None,
+                               pretrained_vae_name_or_path="  ",  # an empty form field
                                extra_flags="--seed=42 --checkpointing_steps 7 --lr_scheduler=cosine")
     args = argv[argv.index("train_dreambooth.py") + 1:]
     assert "--revision=fp16" in args and "--read_prompts_from_txts" in args  # the original notebook's
@@ -328,6 +328,7 @@ def test_training_command_layers_seed_flags_profile_fields_and_extra_flags(tmp_p
     assert not [a for a in args if a.startswith("--pretrained_vae_name_or_path")]
     default = nb.training_command("m", tmp_path, tmp_path / "c.json")
     assert "--checkpointing_steps=500" in default and "--gradient_checkpointing" in default
+    assert "--pretrained_vae_name_or_path=stabilityai/sd-vae-ft-mse" in default
     with pytest.raises(ValueError, match="seeed"):
         nb.training_command("m", tmp_path, tmp_path / "c.json", extra_flags="--seeed=1")
 
@@ -336,3 +337,39 @@ def test_caption_step_without_images_folder_uses_the_captioned_folder(tmp_path):
     assert nb.caption_step("", str(tmp_path), False) == tmp_path
     with pytest.raises(ValueError, match="images_folder"):
         nb.caption_step("", "", False)
+
+
+def test_notebook_steps_share_a_session_and_parse_their_fields(tmp_path, training_output):
+    session = nb.Session.start("some/model", str(tmp_path / "fresh"), save_to_gdrive=False)
+    assert session.output_dir == tmp_path / "fresh" and session.output_dir.is_dir()
+    assert session.concepts_list == tmp_path / "fresh" / "concepts_list.json"
+    assert nb.parse_steps(" 500, 1000 1500 ") == [500, 1000, 1500] and nb.parse_steps("") is None
+    with pytest.raises(nb.UserError, match="not a step number"):
+        nb.parse_steps("500, latest")
+    with pytest.raises(nb.UserError, match="Pick the weights"):
+        nb.export_step(session)
+    with pytest.raises(nb.UserError, match="run the training cell first"):
+        nb.pick_weights(session, "")
+    session.output_dir = training_output
+    assert nb.pick_weights(session, "") == training_output / "1500" == session.weights_dir
+    assert nb.pick_weights(session, "1000") == training_output / "1000"
+    # cleanup keeps the picked weights; without the confirm word it only shows the plan
+    assert nb.cleanup_step(session, "500", delete_unexported=True) == []
+    assert nb.cleanup_step(session, "", delete_unexported=True, confirm="DELETE") == [
+        training_output.resolve() / "500", training_output.resolve() / "1500"]
+    assert (training_output / "1000").is_dir()
+
+
+def test_method_2_without_a_class_prompt_is_refused_when_images_must_be_made(tmp_path, image_factory):
+    inst = tmp_path / "inst"
+    image_factory(inst / "a red car_1.png")
+    common = dict(instance_data_dir=str(inst), captioned_dir=inst, on_drive=False,
+                  concepts_list=tmp_path / "c.json", class_data_dir=str(tmp_path / "class"))
+    with pytest.raises(nb.UserError, match="Method 2 needs a class_prompt"):
+        nb.omnitool_step(method="Method 2: captions with instance and class prompts", instance_prompt="sks", **common)
+    assert not (tmp_path / "c.json").exists()
+    nb.omnitool_step(method="Method 1: captions only", **common)  # Method 1: fine
+    image_factory(tmp_path / "class" / "mine.png")  # the user's own class images: fine too
+    nb.omnitool_step(method="Method 2: captions with instance and class prompts", instance_prompt="sks",
+                     overwrite=True, **common)
+    assert (tmp_path / "c.json").is_file()
