@@ -94,7 +94,8 @@ def sample_grid(
 ) -> Image.Image:
     """A grid of sample images: one row per saved step, one column per sample.
 
-    Each row is labelled with its step number; each sample is scaled to fit a
+    Each row is labelled "step N" and the sample prompt (from `args.json`) heads the grid;
+    each sample is scaled to fit a
     `thumb`-pixel square. Steps without samples are skipped (with a log message).
     Raises `NoSamplesError` naming `output_dir` when there is nothing to show.
     """
@@ -114,7 +115,7 @@ def sample_grid(
             "save writes samples, or check the output folder path."
         )
     _check_grid_size(rows, thumb)
-    return _draw_grid(rows, thumb)
+    return _draw_grid(rows, thumb, sample_prompt(rows[-1][1][0].parent.parent))
 
 
 def _check_grid_size(rows: list[tuple[int, list[Path]]], thumb: int) -> None:
@@ -127,18 +128,49 @@ def _check_grid_size(rows: list[tuple[int, list[Path]]], thumb: int) -> None:
                         "--steps or --max_samples.")
 
 
-def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int) -> Image.Image:
+def row_label(step: int) -> str:
+    """The label of a grid row."""
+    return f"step {step}"
+
+
+def sample_prompt(weights_dir: str | os.PathLike) -> str | None:
+    """The prompt training drew a weights folder's samples with (`args.json`), if recorded."""
+    import json
+
+    try:
+        args = json.loads((Path(weights_dir) / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    prompt = args.get("save_sample_prompt") if isinstance(args, dict) else None
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+def label_font(thumb: int) -> ImageFont.ImageFont:
+    """Large enough to read when the grid is shown at its own size (at least 16 px)."""
+    return default_font(max(16, thumb // 8))
+
+
+def header_height(title: str | None, thumb: int) -> int:
+    """Height of the band above the rows that holds the prompt (0 without one)."""
+    return label_font(thumb).size + 2 * PAD if title else 0
+
+
+def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int, title: str | None = None) -> Image.Image:
     from dbtools.images import ImageError, load_rgb
 
-    font = default_font(max(12, thumb // 8))
+    font = label_font(thumb)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = max(probe.textbbox((0, 0), str(step), font=font)[2] for step, _ in rows)
+    label_width = max(probe.textbbox((0, 0), row_label(step), font=font)[2] for step, _ in rows)
     cols = max(len(files) for _, files in rows)
-    grid = Image.new("RGB", grid_size(len(rows), cols, thumb, label_width), BACKGROUND)
+    width, height = grid_size(len(rows), cols, thumb, label_width)
+    header = header_height(title, thumb)
+    grid = Image.new("RGB", (width, height + header), BACKGROUND)
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((PAD, PAD), _fit(draw, f"prompt: {title}", font, width - 2 * PAD), fill=TEXT_COLOR, font=font)
     for r, (step, files) in enumerate(rows):
-        top = PAD + r * (thumb + PAD)
-        draw.text((PAD, top + thumb // 2), str(step), fill=TEXT_COLOR, font=font, anchor="lm")
+        top = header + PAD + r * (thumb + PAD)
+        draw.text((PAD, top + thumb // 2), row_label(step), fill=TEXT_COLOR, font=font, anchor="lm")
         for c, path in enumerate(files):
             try:
                 cell = ImageOps.contain(load_rgb(path), (thumb, thumb))
@@ -148,6 +180,15 @@ def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int) -> Image.Image:
             left = 2 * PAD + label_width + c * (thumb + PAD)
             grid.paste(cell, (left + (thumb - cell.width) // 2, top + (thumb - cell.height) // 2))
     return grid
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, shortened with an ellipsis to fit in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def run_preview(

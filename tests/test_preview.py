@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dbtools import preview
 from dbtools.preview import PAD, NoSamplesError, find_weight_steps, run_preview, sample_grid
@@ -86,6 +86,23 @@ def test_rows_are_labelled_with_their_step(out_dir):
     for label in labels:
         assert (label != np.array(preview.BACKGROUND, np.uint8)).any(axis=-1).sum() > 10
     assert not np.array_equal(labels[0], labels[1])  # "500" and "1000" are drawn differently
+
+
+def test_rows_say_step_and_the_prompt_heads_the_grid(out_dir):
+    thumb = 48
+    plain = sample_grid(out_dir, thumb=thumb)
+    (out_dir / "1000" / "args.json").write_text(json.dumps({"save_sample_prompt": "sks style, a castle"}))
+    titled = sample_grid(out_dir, thumb=thumb)
+    header = preview.header_height("sks style, a castle", thumb)
+    assert header >= 16 and titled.height == plain.height + header
+    band = np.asarray(titled)[:header]
+    assert (band != np.array(preview.BACKGROUND, np.uint8)).any(axis=-1).sum() > 50  # the prompt is drawn
+    assert np.array_equal(np.asarray(titled)[header:], np.asarray(plain))  # rows below, unchanged
+    font = preview.label_font(thumb)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = plain.width - 2 * PAD - 3 * (thumb + PAD)
+    assert preview.row_label(1000) == "step 1000"
+    assert label_width == probe.textbbox((0, 0), "step 1000", font=font)[2]
 
 
 def test_steps_and_max_samples_select_rows_and_columns(out_dir):
