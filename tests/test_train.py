@@ -76,7 +76,8 @@ SHIVAM_DEFAULTS = dict(
     hub_model_id=None, logging_dir="logs", log_interval=10, save_interval=10_000, save_min_steps=0,
     not_cache_latents=False, hflip=False, local_rank=-1, concepts_list=None, read_prompts_from_txts=False)
 DIFFUSERS_DEFAULTS = dict(
-    checkpointing_steps=500, checkpoints_total_limit=None, resume_from_checkpoint=None, validation_prompt=None,
+    # diffusers saves checkpoints every 500 steps by default; Shivam (the default here) never does
+    checkpointing_steps=None, checkpoints_total_limit=None, resume_from_checkpoint=None, validation_prompt=None,
     num_validation_images=4, validation_steps=100, snr_gamma=None, offset_noise=False,
     pre_compute_text_embeddings=False, report_to="tensorboard", allow_tf32=False,
     enable_xformers_memory_efficient_attention=False, set_grads_to_none=False, prior_generation_precision=None,
