@@ -344,7 +344,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m dbtools generate", allow_abbrev=False, description=(
         "Generate images with a trained model; PNGs are saved with their settings."))
     p.add_argument("--model", required=True,
-                   help="a weights folder (e.g. <output_dir>/2000), a Hub id or a .safetensors/.ckpt file")
+                   help="a weights folder (e.g. <output_dir>/2000), a checkpoint-<step> folder, a Hub id "
+                        "or a .safetensors/.ckpt file")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--num_images", type=int, default=1)
@@ -365,14 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from dbtools.errors import UserError
-    from dbtools.models import check_model_path, scheduler_key
+    from dbtools.models import check_model_path, is_checkpoint_folder, scheduler_key
 
     args = build_parser().parse_args(argv)
     try:
         check_generation_args(args.num_images, args.steps, args.guidance_scale, args.height, args.width)
         if args.scheduler and scheduler_key(args.scheduler) is None:
             raise ValueError(f"--scheduler {args.scheduler}: unknown; see --help for the names.")
-        check_model_path(args.model)
+        if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
+            check_model_path(args.model)
         results = generate(args.model, args.prompt, args.negative_prompt, args.num_images, args.guidance_scale,
                            args.steps, args.height, args.width, args.seed, args.scheduler, args.out_dir)
     except (ValueError, UserError) as exc:

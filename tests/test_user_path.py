@@ -98,6 +98,16 @@ def test_method1_with_an_empty_class_folder_generates_images_and_diffusers_layou
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert pipe.text_encoder is not None and not (out / "2").exists()
     assert (out / "checkpoint-2").is_dir() and (out / "args.json").is_file()
+    from diffusers import UNet2DConditionModel
+
+    assert UNet2DConditionModel.from_pretrained(out / "checkpoint-2" / "unet").config.sample_size == \
+        pipe.unet.config.sample_size  # diffusers' documented way to use a checkpoint
+    # generate accepts the checkpoint folder too
+    from dbtools.generate import main as generate, read_png_settings
+
+    assert generate(["--model", str(out / "checkpoint-2"), "--prompt", "a red car", "--steps", "1",
+                     "--seed", "4", "--out_dir", str(tmp_path / "gen")]) == 0
+    assert read_png_settings(next((tmp_path / "gen").glob("*-4.png")))["seed"] == 4
 
 
 def test_diffusers_flags_are_accepted_or_explained():
