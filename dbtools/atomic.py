@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -73,14 +72,7 @@ def atomic_put(path: str, data: bytes, fsync: bool = True) -> None:
     fd, tmp = _create_temp(path, keep_suffix=False)
     try:
         _keep_mode(path, fd)
-        written = os.write(fd, data)
-        if written < len(data):  # os.write may write less than asked
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
+        _write_all(fd, data, fsync)
         fd = -1
         os.replace(tmp, path)
     except BaseException:
@@ -95,62 +87,53 @@ def atomic_create(path: str, data: bytes, fsync: bool = True) -> None:
     """Write a *new* file atomically: it appears complete or not at all.
 
     Raises `FileExistsError` when `path` already exists: an existing file is never
-    replaced. On Linux the data goes into an unnamed file (`O_TMPFILE`) that is then
-    linked under its name, which is both race-free and cheaper than a temp file plus
-    rename; elsewhere (other systems, network/FUSE file systems) a temp file is renamed
-    into place after checking that `path` is still free.
+    replaced. The data goes into a temp file in the same folder, which is then
+    hard-linked under its name (the link fails if the name is taken, with no window
+    between a check and the write). File systems without hard links (some FUSE and
+    network mounts) get a check for the name followed by `os.replace`.
     """
-    fd = _open_unnamed(path) if _unnamed_files_work else -1
-    if fd < 0:
-        if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "File exists", path)
-        atomic_put(path, data, fsync)
-        return
+    fd, tmp = _create_temp(path, keep_suffix=False)
     try:
-        written = os.write(fd, data)
-        if written < len(data):
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-        # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the unnamed file; passing a
-        # dir fd makes Python call linkat (the source path is absolute, so it is unused).
-        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
-            raise
-        _give_up_unnamed_files()  # no /proc or no linkat here: use the portable way
-        os.close(fd)
+        _write_all(fd, data, fsync)
         fd = -1
-        atomic_create(path, data, fsync)
+        _link_new(tmp, path)
     finally:
         if fd >= 0:
             os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
-_unnamed_files_work = hasattr(os, "O_TMPFILE") and sys.platform.startswith("linux")
+def _write_all(fd: int, data: bytes, fsync: bool) -> None:
+    """Write `data` to `fd`, flush it to disk if asked, and close `fd`."""
+    written = os.write(fd, data)
+    if written < len(data):  # os.write may write less than asked
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
+    if fsync:
+        os.fsync(fd)
+    os.close(fd)
 
 
-def _give_up_unnamed_files() -> None:
-    global _unnamed_files_work
-    _unnamed_files_work = False
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+                  errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
-def _open_unnamed(path: str) -> int:
-    """An unnamed writable file in `path`'s folder, or -1 where that is not supported."""
+def _link_new(tmp: str, path: str) -> None:
+    """Give the complete file `tmp` the name `path` unless `path` exists (`FileExistsError`)."""
     try:
-        return os.open(os.path.dirname(path) or ".", _UNNAMED_FLAGS, 0o666)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT,
-                         errno.ENOTDIR):
-            return -1  # this file system cannot, or the folder is missing: portable way
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path) from None
+        os.replace(tmp, path)
 
 
-_UNNAMED_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _temp_names = itertools.count()
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import sys
 
 import pytest
 from PIL import Image
@@ -81,17 +81,29 @@ def test_atomic_create_never_replaces(tmp_path):
     with pytest.raises(FileExistsError):
         atomic_create(str(target), b"second")
     assert target.read_bytes() == b"first" and leftovers(tmp_path) == []
-    if sys.platform.startswith("linux"):  # the unnamed-file path works here, no fallback
-        assert atomic._unnamed_files_work
 
 
-def test_atomic_create_portable_fallback(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "_unnamed_files_work", False)
+def test_atomic_create_without_hard_links(tmp_path, monkeypatch):
+    def no_links(*_, **__):  # what a FUSE or network mount without hard links answers
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
     atomic_create(str(tmp_path / "new" / "x.txt"), b"data")
     assert (tmp_path / "new" / "x.txt").read_bytes() == b"data"
     with pytest.raises(FileExistsError):
         atomic_create(str(tmp_path / "new" / "x.txt"), b"other")
     assert (tmp_path / "new" / "x.txt").read_bytes() == b"data"
+    assert leftovers(tmp_path / "new") == []
+
+
+def test_atomic_create_failure_leaves_nothing(tmp_path, monkeypatch):
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "write", full)
+    with pytest.raises(OSError):
+        atomic_create(str(tmp_path / "x.txt"), b"data")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_image(tmp_path):
