@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dbtools import extract  # noqa: E402
-from dbtools.captions import caption_from_filename  # noqa: E402
+from dbtools.captions import caption_file_name, caption_from_filename  # noqa: E402
 from dbtools.concepts import Concept  # noqa: E402
-from dbtools.extract import ExtractConfig, caption_file_name, plan_caption, run_extract  # noqa: E402
+from dbtools.extract import ExtractConfig, plan_caption, run_extract  # noqa: E402
 
 EXTENSIONS = (".png", ".JPG", ".jpeg", ".webp")
 

@@ -72,7 +72,7 @@ from typing import Iterator
 from dbtools.errors import UserError
 from dbtools.atomic import atomic_write, atomic_write_text
 from dbtools.captioners import FLORENCE2_MODEL, FLORENCE2_TASKS, TAGGER_MODEL, VLM_MODEL
-from dbtools.captions import clean_caption, safe_filename_stem
+from dbtools.captions import FILENAME_FORMATS, caption_file_name, caption_image_name, clean_caption
 from dbtools.images import list_images, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 BLIP2_MODEL = "Salesforce/blip2-opt-2.7b"
 FORMATS = ("filename", "mrwho", "joepenna", "txt", "text", "caption", "sidecar")
-FILENAME_FORMATS = frozenset({"filename", "mrwho", "joepenna"})
 STATE_DIR = ".dbtools"
 MANIFEST_NAME = "captions.jsonl"
 BLIP_PROMPT = "a picture of"
@@ -269,25 +268,6 @@ def parse_bool(text: str) -> bool:
 def full_caption(cfg: CaptionConfig, text: str) -> str:
     """The caption as written: `prefix + text + suffix` (literal), cleaned to one line."""
     return clean_caption(f"{cfg.prefix}{text}{cfg.suffix}")
-
-
-def caption_file_name(image_name: str, fmt: str) -> str:
-    """Caption-file name for caption-file formats: `a.png` -> `a.txt` / `a.caption` /
-    `a.png.txt` (sidecar)."""
-    if fmt == "sidecar":
-        return f"{image_name}.txt"
-    stem = Path(image_name).stem
-    return f"{stem}.caption" if fmt == "caption" else f"{stem}.txt"
-
-
-def caption_image_name(caption: str, fmt: str, index: int, ext: str) -> str:
-    """Image file name for filename formats, at most 255 bytes: `filename` ->
-    `<caption>_<index><ext>`, `mrwho`/`joepenna` -> `<index:05>@<caption><ext>`."""
-    if fmt == "filename":
-        tail = f"_{index}{ext}"
-        return safe_filename_stem(caption, tail) + tail
-    head = f"{index:05}@"
-    return head + safe_filename_stem(caption, head + ext) + ext
 
 
 def candidate_indices(index: int, total: int) -> Iterator[int]:

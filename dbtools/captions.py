@@ -107,3 +107,54 @@ def safe_filename_stem(caption: str, suffix: str = "", max_bytes: int = MAX_NAME
     budget = max(1, max_bytes - len(suffix.encode("utf-8")))
     stem = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip(" .")
     return stem or "untitled"
+
+
+# --------------------------------------------------------------------------- caption formats
+# The one table of where an image's caption lives. Caption-file formats name a file from
+# the image's name: the whole name (`a.png` -> `a.png.txt`, read by `--read_prompts_from_txts`)
+# or its stem (`a.png` -> `a.txt`, `a.caption`). Filename formats keep the caption in the
+# image's own name (EveryDream: `<caption>_<i>.png`, mrwho/joepenna: `<i:05>@<caption>.png`).
+CAPTION_FILE_FORMATS = {"sidecar": (True, ".txt"), "txt": (False, ".txt"), "caption": (False, ".caption")}
+FILENAME_FORMATS = ("filename", "mrwho", "joepenna")
+FORMAT_ALIASES = {"text": "txt", "stem": "txt"}
+"""Other names of a format: EveryDream's `text`, the Omnitool's `--naming stem`."""
+
+
+def caption_format(fmt: str) -> str:
+    """`fmt` under its table name (aliases resolved); `ValueError` for an unknown format."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in CAPTION_FILE_FORMATS and fmt not in FILENAME_FORMATS:
+        known = [*CAPTION_FILE_FORMATS, *FILENAME_FORMATS, *FORMAT_ALIASES]
+        raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(known)}.")
+    return fmt
+
+
+def caption_file_name(image_name: str, fmt: str = "sidecar") -> str | None:
+    """The name of image `image_name`'s caption file in format `fmt`; None for a filename
+    format (the image's name is its caption). `a.png` -> `a.png.txt` / `a.txt` / `a.caption`."""
+    keep_extension, suffix = CAPTION_FILE_FORMATS.get(FORMAT_ALIASES.get(fmt, fmt), (None, ""))
+    if keep_extension is None:
+        caption_format(fmt)  # raises for an unknown format
+        return None
+    if keep_extension:
+        return image_name + suffix
+    dot = image_name.rfind(".")
+    return (image_name[:dot] if dot > 0 else image_name) + suffix
+
+
+def caption_candidates(image_name: str) -> list[str]:
+    """The caption-file names that may hold an image's caption, in the order training
+    looks for them: `<name>.txt`, `<stem>.txt`, `<stem>.caption`."""
+    return [caption_file_name(image_name, fmt) for fmt in CAPTION_FILE_FORMATS]
+
+
+def caption_image_name(caption: str, fmt: str, index: int, ext: str) -> str:
+    """The image name that carries `caption` in filename format `fmt`, at most 255 bytes:
+    `filename` -> `<caption>_<index><ext>`, `mrwho`/`joepenna` -> `<index:05>@<caption><ext>`."""
+    if caption_format(fmt) == "filename":
+        tail = f"_{index}{ext}"
+        return safe_filename_stem(caption, tail) + tail
+    if fmt not in FILENAME_FORMATS:
+        raise ValueError(f"{fmt!r} keeps captions in files, not in image names")
+    head = f"{index:05}@"
+    return head + safe_filename_stem(caption, head + ext) + ext

@@ -32,30 +32,23 @@ import numpy as np
 from PIL import Image
 
 from dbtools.atomic import atomic_write
-from dbtools.captions import apply_template, clean_caption, template_problems
+from dbtools.captions import apply_template, caption_candidates, clean_caption, template_problems
 from dbtools.concepts import Concept, concept_problems
 from dbtools.images import ImageError, list_images, load_rgb
 from dbtools.textio import CaptionEncodingError, read_caption_file
 
 logger = logging.getLogger(__name__)
 
-CAPTION_SUFFIXES = (".txt", ".caption")
 Size = tuple[int, int]  # (width, height) in pixels
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def caption_candidates(image: Path) -> list[Path]:
-    """Caption files that may hold `image`'s prompt, in the order they are looked for."""
-    image = Path(image)
-    return [image.with_name(image.name + ".txt"),
-            *(image.with_suffix(s) for s in CAPTION_SUFFIXES)]
-
-
 def find_caption_file(image: Path) -> Path | None:
-    """The first existing caption file of `image` (see `caption_candidates`), else None."""
-    return next((p for p in caption_candidates(image) if _is_file(p)), None)
+    """The first existing caption file of `image` (`dbtools.captions.caption_candidates`), else None."""
+    image = Path(image)
+    return next((p for p in map(image.with_name, caption_candidates(image.name)) if _is_file(p)), None)
 
 
 def _is_file(path: Path) -> bool:

@@ -17,26 +17,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dbtools.captions import FORMAT_ALIASES, caption_file_name
+
 logger = logging.getLogger(__name__)
 
 CAPTION_FORMATS = ("sidecar", "txt", "caption", "filename")
-_FORMAT_ALIASES = {"text": "txt", "sidecar": "sidecar", "txt": "txt", "caption": "caption",
-                   "filename": "filename"}
+"""The formats the editor reads and writes (and `text` for `txt`): see `dbtools.captions`."""
 CACHE_DIR = ".dbtools"
 
 
 def caption_path(image: Path, fmt: str) -> Path | None:
     """Where an image's caption lives in format `fmt` (None for `filename`: the name itself)."""
-    fmt = _FORMAT_ALIASES.get(fmt, fmt)
-    if fmt == "sidecar":
-        return image.with_name(image.name + ".txt")
-    if fmt == "txt":
-        return image.with_suffix(".txt")
-    if fmt == "caption":
-        return image.with_suffix(".caption")
-    if fmt == "filename":
-        return None
-    raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
+    name = caption_file_name(image.name, _editor_format(fmt))
+    return None if name is None else image.with_name(name)
+
+
+def _editor_format(fmt: str) -> str:
+    """`fmt` under its table name, if the editor handles it; else `ValueError`."""
+    name = FORMAT_ALIASES.get(fmt, fmt)
+    if name not in CAPTION_FORMATS:
+        raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
+    return name
 
 
 def read_caption(image: Path, fmt: str) -> str:
@@ -98,12 +99,11 @@ class CaptionEditor:
     def __init__(self, folder: str | os.PathLike, fmt: str = "sidecar", page_size: int = 24, thumb: int = 128):
         from dbtools.images import list_images
 
-        if fmt not in _FORMAT_ALIASES:
-            raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
+        fmt = _editor_format(fmt)
         if page_size < 1 or thumb < 16:
             raise ValueError("page_size must be at least 1 and thumb at least 16 pixels.")
         self.folder = Path(folder)
-        self.fmt = _FORMAT_ALIASES[fmt]
+        self.fmt = fmt
         self.page_size = page_size
         self.thumb = thumb
         self.images: list[Path] = list_images(self.folder)

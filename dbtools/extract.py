@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.atomic import atomic_create, atomic_put, atomic_write_bytes
-from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_from_filename,
+from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_file_name, caption_from_filename,
                               default_template, template_problems)
 from dbtools.concepts import (Concept, ConceptError, concepts_problems, overlap_problems, read_concepts,
                               write_concepts)
@@ -178,14 +178,6 @@ def plan_caption(image_name: str, concept: Concept, template: str | None = None)
         template = default_template(concept.instance_prompt, concept.class_prompt)
     return apply_template(template, caption_from_filename(image_name),
                           concept.instance_prompt, concept.class_prompt)
-
-
-def caption_file_name(image_name: str, naming: str = "sidecar") -> str:
-    """`a.png` -> `a.png.txt` (sidecar) or `a.txt` (stem)."""
-    if naming == "stem":
-        dot = image_name.rfind(".")
-        return (image_name[:dot] if dot > 0 else image_name) + ".txt"
-    return image_name + ".txt"
 
 
 def concept_template(concept: Concept, template: str | None = None) -> str:

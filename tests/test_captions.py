@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dbtools.captions import (TEMPLATE_CAPTION_ONLY, TEMPLATE_WITH_PROMPTS, apply_template,
-                              caption_from_filename, clean_caption, default_template,
-                              safe_filename_stem, template_problems)
+from dbtools.captions import (CAPTION_FILE_FORMATS, TEMPLATE_CAPTION_ONLY, TEMPLATE_WITH_PROMPTS,
+                              apply_template, caption_candidates, caption_file_name, caption_from_filename,
+                              caption_image_name, clean_caption, default_template, safe_filename_stem,
+                              template_problems)
 
 
 @pytest.mark.parametrize("name, caption", [
@@ -83,3 +84,32 @@ def test_safe_filename_stem_length_in_bytes():
     assert len(data) <= 255 and data.decode("utf-8") and set(stem) == {"猫"}
     emoji = safe_filename_stem("🐈" * 100, suffix=".jpg", max_bytes=50)
     assert len((emoji + ".jpg").encode()) <= 50 and set(emoji) == {"🐈"}
+
+
+def test_caption_file_names_come_from_one_table():
+    names = [caption_file_name("v1.2 car.JPG", f) for f in ("sidecar", "txt", "text", "stem", "caption")]
+    assert names == ["v1.2 car.JPG.txt", "v1.2 car.txt", "v1.2 car.txt", "v1.2 car.txt", "v1.2 car.caption"]
+    assert caption_file_name("a red car_3.png") == "a red car_3.png.txt"  # the default: sidecar
+    assert [caption_file_name("a.png", f) for f in ("filename", "mrwho", "joepenna")] == [None] * 3
+    with pytest.raises(ValueError, match="unknown caption format 'png'"):
+        caption_file_name("a.png", "png")
+    # training looks for the sidecar first (`--read_prompts_from_txts`), then the stem files
+    assert caption_candidates("a.b.png") == ["a.b.png.txt", "a.b.txt", "a.b.caption"]
+    assert caption_image_name("a red car", "filename", 3, ".png") == "a red car_3.png"
+    assert caption_image_name("a red car", "joepenna", 3, ".png") == "00003@a red car.png"
+    with pytest.raises(ValueError):
+        caption_image_name("a red car", "txt", 3, ".png")
+
+
+@pytest.mark.parametrize("fmt", list(CAPTION_FILE_FORMATS))
+def test_every_caption_file_the_tools_write_is_the_one_training_reads(tmp_path, fmt):
+    from dbtools.autocaption import CaptionConfig
+    from dbtools.data import find_caption_file
+    from dbtools.editor import caption_path
+
+    image = tmp_path / "a.b.png"
+    image.write_bytes(b"")
+    assert caption_path(image, fmt) == tmp_path / caption_file_name(image.name, fmt)
+    caption_path(image, fmt).write_text("a caption")
+    assert find_caption_file(image) == caption_path(image, fmt)
+    assert CaptionConfig(format=fmt).format == fmt  # autocaption takes the same format names

@@ -10,7 +10,7 @@ import pytest
 
 from dbtools import cli
 from dbtools.concepts import Concept, ConceptError, read_concepts
-from dbtools.extract import (CAPTION_TEMPLATE_KEY, ExtractConfig, caption_file_name,
+from dbtools.extract import (CAPTION_TEMPLATE_KEY, ExtractConfig,
                              caption_planner, decide, main, plan_caption, run_extract)
 
 
@@ -78,12 +78,6 @@ def test_planner_gives_exactly_plan_caption(template):
         plan = caption_planner(concept, template)
         for name in names:
             assert plan(name) == plan_caption(name, concept, template), (template, name)
-
-
-def test_caption_file_names():
-    assert caption_file_name("a red car_3.png") == "a red car_3.png.txt"
-    assert caption_file_name("a red car_3.png", "stem") == "a red car_3.txt"
-    assert caption_file_name("v1.2 car.JPG", "stem") == "v1.2 car.txt"
 
 
 def test_decide():
