@@ -44,9 +44,10 @@ from PIL import Image  # noqa: E402
 
 from dbtools.atomic import atomic_write_text  # noqa: E402
 from dbtools.autocaption import (CaptionConfig, Captioner, default_num_workers,  # noqa: E402
-                                 generation_kwargs, load_captioner, pick_device, run_caption)
+                                 generation_kwargs, load_captioner, run_caption)
 from dbtools.captions import clean_caption  # noqa: E402
 from dbtools.images import list_images, load_rgb  # noqa: E402
+from dbtools.models import pick_device  # noqa: E402
 from dbtools.tiny import write_bert_vocab  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per method, alternating order (1)")
     args = p.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = torch.device(pick_device(args.device))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -362,15 +362,6 @@ class Captioner:
         return self.generate(pixels, prompt, **gen_kwargs)
 
 
-def pick_device(device=None):
-    """`device` if given, else CUDA, else MPS, else CPU (as a torch.device)."""
-    import torch
-
-    from dbtools.models import pick_device as best_device
-
-    return torch.device(device if device is not None else best_device())
-
-
 def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_with: str | None = None,
                    quantize: str | None = None):
     """Load a captioner of any family from a Hub id or a local folder.
@@ -381,10 +372,13 @@ def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_wit
     Default placement: CUDA in float16, else MPS, else CPU, both in float32.
     Raises `CaptionError` when the model cannot be found or is not a captioner.
     """
+    import torch
+
     from dbtools import captioners as cap
+    from dbtools.models import pick_device
 
     family = cap.detect_family(model)
-    device = pick_device(device)
+    device = torch.device(pick_device(device))
     if tags_with:
         if family != "tagger":
             raise CaptionError(f"--tags_with {tags_with}: --model must then be a tagger "

@@ -251,10 +251,13 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
 # --------------------------------------------------------------------------- devices
 
 
-def pick_device() -> str:
-    """The best device here: "cuda", then Apple "mps", else "cpu"."""
+def pick_device(device: str | None = None) -> str:
+    """`device` when one is given (e.g. a `--device` flag), else the best one here:
+    "cuda", then Apple "mps", else "cpu"."""
     import torch
 
+    if device is not None:
+        return str(device)
     if torch.cuda.is_available():
         return "cuda"
     mps = getattr(torch.backends, "mps", None)

@@ -375,6 +375,18 @@ def test_pick_device_prefers_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert models.pick_device() == "cpu"
+    assert models.pick_device("cuda:1") == "cuda:1"  # a --device flag wins
+
+
+def test_captioners_go_where_pick_device_says(tmp_path, monkeypatch):
+    from dbtools import autocaption
+    from dbtools.tiny import build_tiny_blip
+
+    asked = []
+    monkeypatch.setattr(models, "pick_device", lambda device=None: asked.append(device) or "cpu")
+    blip = build_tiny_blip(tmp_path / "blip")
+    assert autocaption.load_captioner(str(blip)).device == torch.device("cpu")
+    assert asked == [None]  # the one device rule decided, not a copy of it
 
 
 def test_vae_from_a_single_file_takes_its_config_from_the_base_folder(tiny_sd, tmp_path):
