@@ -438,13 +438,11 @@ def load_sd_components(
     from diffusers import DDPMScheduler
 
     dtype = torch_dtype or torch.float32
-    model_name_or_path = _normalize(model_name_or_path)
     needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
-    check_model_path(model_name_or_path, needed)
-    revision, variant = resolve_revision(model_name_or_path, revision, variant)
+    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
+                                                               needed=needed)
     _refuse_sdxl_training(model_name_or_path, config, revision)
-    variant = _usable_variant(model_name_or_path, variant)
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
         parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
@@ -463,6 +461,27 @@ def load_sd_components(
         unet=_as_dtype(parts["unet"], dtype),
         noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
     )
+
+
+def _resolve_source(name: str, revision: str | None, variant: str | None, *, config: str | None = None,
+                    needed: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()):
+    """Check a model source before anything loads; return `(name, revision, variant, family)`.
+
+    `name` comes back with `~` expanded, `revision`/`variant` mapped as the flags mean
+    them (`resolve_revision`), the variant dropped when the model does not have it. A
+    local model must hold `needed` components, or when `needed` is None its family's
+    components less `skip`; a missing one is a `ModelLoadError` naming it. `family` is
+    detected only when `needed` is None (else None).
+    """
+    name = _normalize(name)
+    check_model_path(name, ())
+    revision, variant = resolve_revision(name, revision, variant)
+    family = None
+    if needed is None:
+        family = detect_family(name, config=config, revision=revision).family
+        needed = tuple(c for c in family.components if c not in skip)
+    check_model_path(name, needed)
+    return name, revision, _usable_variant(name, variant), family
 
 
 def _refuse_sdxl_training(name: str, config: str | None, revision: str | None) -> None:
@@ -704,13 +723,8 @@ def load_pipeline(
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
     if is_checkpoint_folder(model_name_or_path):
         return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
-    model_name_or_path = _normalize(model_name_or_path)
-    check_model_path(model_name_or_path, ())
-    revision, variant = resolve_revision(model_name_or_path, revision, variant)
-    family = detect_family(model_name_or_path, config=config, revision=revision).family
-    needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path))
-    check_model_path(model_name_or_path, needed)
-    variant = _usable_variant(model_name_or_path, variant)
+    model_name_or_path, revision, variant, family = _resolve_source(
+        model_name_or_path, revision, variant, config=config, skip=("vae",) if vae_name_or_path else ())
     extra: dict = {}
     if vae_name_or_path:
         extra["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
