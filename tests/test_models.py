@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from dbtools import models
 from dbtools.families import SD1
@@ -148,14 +149,19 @@ def test_seed_notebook_revision_fp16_works_on_fp16_only_folder(fp16_only_folder)
     c = load_sd_components(str(fp16_only_folder), revision="fp16")
     assert c.unet.dtype == torch.float32
     pipe = load_pipeline(str(fp16_only_folder), revision="fp16")
-    assert pipe.unet is not None
+    assert same_weights(pipe.unet, c.unet)  # both read the folder's fp16 weights
 
 
 def test_local_folder_without_variant_falls_back_with_a_warning(tiny_sd, caplog):
     with caplog.at_level(logging.WARNING, logger="dbtools.models"):
         c = load_sd_components(str(tiny_sd), variant="fp16")
-    assert c.unet is not None
     assert "no fp16 weights" in caplog.text
+    assert same_weights(c.unet, UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa)
 
 
 def _hub_repo_without_variant(returns, calls: list):
@@ -234,7 +240,7 @@ def test_missing_component_is_named(tiny_sd, tmp_path):
         load_sd_components(str(broken))
     # ... unless a separate VAE is given.
     c = load_sd_components(str(broken), vae_name_or_path=str(tiny_sd))
-    assert c.vae is not None
+    assert same_weights(c.vae, AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae"))
 
 
 def test_missing_weights_are_named(tiny_sd, tmp_path):
