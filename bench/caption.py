@@ -43,8 +43,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dbtools.atomic import atomic_write_text  # noqa: E402
-from dbtools.autocaption import (CaptionConfig, Captioner, default_num_workers,  # noqa: E402
-                                 generation_kwargs, load_captioner, run_caption)
+from dbtools.autocaption import (  # noqa: E402
+    CaptionConfig,
+    Captioner,
+    default_num_workers,
+    generation_kwargs,
+    load_captioner,
+    run_caption,
+)
 from dbtools.captions import clean_caption  # noqa: E402
 from dbtools.images import list_images, load_rgb  # noqa: E402
 from dbtools.models import pick_device  # noqa: E402
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n * args.repeats
     n_params = _n_params(captioner)
     print(f"device {device} ({dtype}), {name} ({n_params:.1f}M params, random weights), "
-          f"{args.n} images 768x512{'' if args.model else ' -> 384 px'}, {args.tokens} tokens, {args.num_beams} beam(s), "
+          f"{args.n} images 768x512{'' if args.model else ' -> 384 px'}, {args.tokens} tokens, "
+          f"{args.num_beams} beam(s), "
           f"torch threads {torch.get_num_threads()}, {args.repeats} run(s) per method")
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     print(f"naive   (1 image at a time):                  {n / t_naive:8.3f} images/s  ({t_naive:.1f} s)")

@@ -67,7 +67,8 @@ def make_output(root: Path, sd: Path, args: argparse.Namespace) -> Path:
     shutil.copytree(sd, step)
     (step / "samples").mkdir()
     for i in range(args.num_samples):
-        Image.fromarray((rng.random((args.size, args.size, 3)) * 255).astype(np.uint8)).save(step / "samples" / f"{i}.png")
+        pixels = (rng.random((args.size, args.size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(step / "samples" / f"{i}.png")
     (step / "args.json").write_text(json.dumps({
         "instance_data_dir": str(inst), "save_sample_prompt": "a photo of sks toy",
         "save_infer_steps": args.infer_steps, "save_guidance_scale": 7.5, "resolution": args.size}))
@@ -120,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         folders = {"tiny": (build_tiny_dinov2(tmp / "dino"), build_tiny_clip(tmp / "clip"))}
         if "real" in args.scorers:
             folders["real"] = real_scorers(tmp / "real")
-        print(f"device {pick_device()}, torch threads {torch.get_num_threads()}; tiny SD at {args.size} px, {args.infer_steps} "
+        print(f"device {pick_device()}, torch threads {torch.get_num_threads()}; tiny SD at {args.size} px, "
+              f"{args.infer_steps} "
               f"steps; {args.num_samples} samples x {len(ev.CONTEXTS)} eval prompts, "
               f"{args.instance_images} instance images (512 px)", flush=True)
         for name in args.scorers:
             load, per_save, scoring = time_saves(out, *folders[name], args)
-            print(f"{name:>4} score models: load + embed instance images once {load:6.2f} s; per save {per_save:6.2f} s "
+            print(f"{name:>4} score models: load + embed instance images once {load:6.2f} s; "
+                  f"per save {per_save:6.2f} s "
                   f"(score models {scoring:5.2f} s, the rest is loading the saved pipeline and generating)",
                   flush=True)
     return 0

@@ -64,15 +64,15 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
-from dbtools.errors import UserError
 from dbtools.atomic import atomic_write, atomic_write_text
 from dbtools.captioners import FLORENCE2_MODEL, FLORENCE2_TASKS, TAGGER_MODEL, VLM_MODEL
 from dbtools.captions import FILENAME_FORMATS, caption_file_name, caption_image_name, clean_caption
+from dbtools.errors import UserError
 from dbtools.images import list_images, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ class CaptionConfig:
 
     `out_dir` defaults to `output` (EveryDream); `None` or the image folder itself
     means rename / write in place. `min_length`/`max_length` `None` mean the family's
-    (`LENGTHS`); a minimum left out never exceeds a given maximum. `num_workers=None` picks `default_num_workers()`; 0 decodes in
-    the main process. `prompt=None` means "a picture of" for BLIP and none for BLIP-2.
+    (`LENGTHS`); a minimum left out never exceeds a given maximum. `num_workers=None`
+    picks `default_num_workers()`; 0 decodes in the main process. `prompt=None` means
+    "a picture of" for BLIP and none for BLIP-2.
     """
 
     img_dir: str | Path = "input"
@@ -402,8 +403,7 @@ def load_for_config(cfg: CaptionConfig, device=None):
 def load_blip(model: str, kind: str, device, dtype=None) -> Captioner:
     """Load BLIP (`kind="blip"`) or BLIP-2 (`"blip2"`) with its processor on `device`."""
     import torch
-    from transformers import (AutoConfig, AutoProcessor, Blip2ForConditionalGeneration,
-                              BlipForConditionalGeneration)
+    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
 
     cls = Blip2ForConditionalGeneration if kind == "blip2" else BlipForConditionalGeneration
     config = AutoConfig.from_pretrained(model)

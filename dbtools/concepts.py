@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from dbtools.errors import UserError
 from dbtools.atomic import atomic_write_text
 from dbtools.captions import template_problems
+from dbtools.errors import UserError
 from dbtools.images import has_images
 
 SHIVAM_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
@@ -38,7 +38,7 @@ class Concept:
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Concept":
+    def from_dict(cls, data: dict) -> Concept:
         known = {k: data[k] for k in (*SHIVAM_KEYS, "prompt_template") if k in data}
         extra = {k: v for k, v in data.items() if k not in known}
         for key in SHIVAM_KEYS:

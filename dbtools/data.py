@@ -23,10 +23,10 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -450,7 +450,7 @@ class DreamBoothData:
     the instance and class streams; the shorter one wraps around.
     """
 
-    def __init__(self, plan: DataPlan, cfg: DataConfig, latent_cache: "LatentCache | None" = None):
+    def __init__(self, plan: DataPlan, cfg: DataConfig, latent_cache: LatentCache | None = None):
         self.cfg = cfg
         self.instance = place_items(plan.instance, cfg)
         self.classes = place_items(plan.classes, cfg)

@@ -29,9 +29,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dbtools.atomic import atomic_save_image, atomic_write_text
 from dbtools.errors import UserError

@@ -41,12 +41,12 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from dbtools.errors import UserError
 from dbtools.atomic import atomic_write
+from dbtools.errors import UserError
 from dbtools.families import SDXL, family_from_model_index
 from dbtools.models import WEIGHT_STEMS
 

@@ -57,20 +57,25 @@ import errno
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.atomic import atomic_create, atomic_put, atomic_write_bytes
-from dbtools.captions import (TEMPLATE_CAPTION_ONLY, apply_template, caption_file_name, caption_from_filename,
-                              default_template, template_problems)
-from dbtools.concepts import (Concept, ConceptError, concepts_problems, overlap_problems, read_concepts,
-                              write_concepts)
+from dbtools.captions import (
+    TEMPLATE_CAPTION_ONLY,
+    apply_template,
+    caption_file_name,
+    caption_from_filename,
+    default_template,
+    template_problems,
+)
+from dbtools.concepts import Concept, ConceptError, concepts_problems, overlap_problems, read_concepts, write_concepts
 from dbtools.images import is_image_name, is_skipped_dir, natural_key
 from dbtools.textio import CaptionEncodingError, decode_caption
 

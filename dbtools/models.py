@@ -266,7 +266,7 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
-def inference_dtype(device) -> "torch.dtype":
+def inference_dtype(device) -> torch.dtype:
     """fp16 on CUDA (half the memory, same pictures), fp32 elsewhere (CPU fp16 is slow/unsupported)."""
     import torch
 
@@ -708,7 +708,7 @@ def load_pipeline(
     scheduler: str | None = None,
     config: str | None = None,
     original_config: str | None = None,
-) -> "StableDiffusionPipeline":
+) -> StableDiffusionPipeline:
     """Load the model family's pipeline for generating images (safety checker off).
 
     A `StableDiffusionPipeline` for SD 1.x/2.x, a `StableDiffusionXLPipeline` for SDXL
@@ -779,7 +779,8 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
     args = _checkpoint_args(folder)
     dtype = torch_dtype or torch.float32
-    pipe = load_pipeline(args["pretrained_model_name_or_path"], vae_name_or_path=args.get("pretrained_vae_name_or_path"),
+    pipe = load_pipeline(args["pretrained_model_name_or_path"],
+                         vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
                          scheduler=scheduler)
     if (folder / "unet").is_dir():

@@ -318,8 +318,7 @@ def build_tiny_blip2(out: str | Path, seed: int = 0, num_query_tokens: int = 4) 
     `num_query_tokens` times by the processor, 32x32 images. Captions are noise.
     """
     import torch
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              GPT2Tokenizer)
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GPT2Tokenizer
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     out = Path(out)
@@ -377,8 +376,7 @@ def build_tiny_florence2(out: str | Path, seed: int = 0) -> Path:
     `<image>` token, a two-stage DaViT vision tower, 32x32 images (17 image tokens).
     """
     import torch
-    from transformers import (BartTokenizer, Florence2Config, Florence2ForConditionalGeneration,
-                              Florence2Processor)
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     out = Path(out)
@@ -420,8 +418,7 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     with a chat template; `AutoModelForImageTextToText` loads it. 32x32 images, no
     splitting, 4 image tokens per image."""
     import torch
-    from transformers import (GPT2TokenizerFast, Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3Processor)
+    from transformers import GPT2TokenizerFast, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     out = Path(out)

@@ -9,8 +9,16 @@ import pytest
 from PIL import Image
 
 from dbtools import atomic
-from dbtools.atomic import (atomic_create, atomic_dir, atomic_put, atomic_save_image,
-                            atomic_write, atomic_write_bytes, atomic_write_text, is_temporary)
+from dbtools.atomic import (
+    atomic_create,
+    atomic_dir,
+    atomic_put,
+    atomic_save_image,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    is_temporary,
+)
 
 
 def leftovers(folder):
@@ -188,8 +196,8 @@ def test_next_swap_restores_an_interrupted_one_first(tmp_path):
 
 
 def test_published_files_get_the_umask_mode_whatever_the_writer_did(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     old = os.umask(0o022)
     try:
@@ -206,8 +214,8 @@ def test_published_files_get_the_umask_mode_whatever_the_writer_did(tmp_path):
 
 
 def test_a_replaced_file_keeps_its_mode(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     for name, mode in (("shared.txt", 0o664), ("private.txt", 0o600)):
         (tmp_path / name).write_text("old")

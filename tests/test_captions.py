@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from dbtools.captions import (CAPTION_FILE_FORMATS, TEMPLATE_CAPTION_ONLY, TEMPLATE_WITH_PROMPTS,
-                              apply_template, caption_candidates, caption_file_name, caption_from_filename,
-                              caption_image_name, clean_caption, default_template, safe_filename_stem,
-                              template_problems)
+from dbtools.captions import (
+    CAPTION_FILE_FORMATS,
+    TEMPLATE_CAPTION_ONLY,
+    TEMPLATE_WITH_PROMPTS,
+    apply_template,
+    caption_candidates,
+    caption_file_name,
+    caption_from_filename,
+    caption_image_name,
+    clean_caption,
+    default_template,
+    safe_filename_stem,
+    template_problems,
+)
 
 
 @pytest.mark.parametrize("name, caption", [

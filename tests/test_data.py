@@ -10,9 +10,23 @@ import numpy as np
 import pytest
 
 from dbtools.concepts import Concept
-from dbtools.data import (BatchStream, DataConfig, DataPlan, DreamBoothData, Example, LatentCache,
-                          build_prompt, cover_crop_box, find_caption_file, image_to_array, make_buckets,
-                          nearest_bucket, place_items, scan_concepts, transform_caption)
+from dbtools.data import (
+    BatchStream,
+    DataConfig,
+    DataPlan,
+    DreamBoothData,
+    Example,
+    LatentCache,
+    build_prompt,
+    cover_crop_box,
+    find_caption_file,
+    image_to_array,
+    make_buckets,
+    nearest_bucket,
+    place_items,
+    scan_concepts,
+    transform_caption,
+)
 
 
 def write_caption(image: Path, text: str, kind: str = "full") -> Path:

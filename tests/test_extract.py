@@ -10,8 +10,15 @@ import pytest
 
 from dbtools import cli
 from dbtools.concepts import Concept, ConceptError, read_concepts
-from dbtools.extract import (CAPTION_TEMPLATE_KEY, ExtractConfig,
-                             caption_planner, decide, main, plan_caption, run_extract)
+from dbtools.extract import (
+    CAPTION_TEMPLATE_KEY,
+    ExtractConfig,
+    caption_planner,
+    decide,
+    main,
+    plan_caption,
+    run_extract,
+)
 
 
 def touch(folder: Path, *names: str) -> None:
@@ -431,6 +438,6 @@ def test_disk_full_is_one_message_with_the_space_needed_and_the_summary(tmp_path
     assert cli.main(["extract", "--instance_data_dir", str(folder), "--no_progress"]) == 1
     out = capsys.readouterr().out
     assert "7 images in 1 concept(s)" in out and "7 failed" in out
-    (line,) = [l for l in out.splitlines() if "disk is full" in l]
+    (line,) = [text for text in out.splitlines() if "disk is full" in text]
     assert line.startswith(f"{folder}: the disk is full; 7 caption file(s)") and "28 KB" in line
     assert not any(p.name.startswith(".tmp-") for p in folder.iterdir())
