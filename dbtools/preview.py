@@ -2,8 +2,10 @@
 
 Training writes `<output_dir>/<step>/samples/<i>.png` into every weights folder. The
 grid has one row per saved step (labelled with the step number) and one column per
-sample, so a glance shows where the model started to learn and where it overfits.
-`python -m dbtools preview --output_dir D` writes it to `D/preview.png`.
+sample, so a glance shows where the model started to learn and where it overfits. When
+the steps were scored (`<output_dir>/metrics.jsonl`, see `dbtools.evaluate`), each row's
+label also gives its scores, and the suggested best step (`metrics-summary.json`) is
+framed in red. `python -m dbtools preview --output_dir D` writes it to `D/preview.png`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ PAD = 4
 """Pixels between cells and around the grid."""
 BACKGROUND = (24, 24, 24)
 TEXT_COLOR = (235, 235, 235)
+BEST_COLOR = (210, 30, 30)
+"""The frame around the suggested best step's row (the colour of its line in `metrics.png`)."""
 
 
 MIN_THUMB, MAX_THUMB = 16, 2048
@@ -95,9 +99,11 @@ def sample_grid(
     """A grid of sample images: one row per saved step, one column per sample.
 
     Each row is labelled "step N" and the sample prompt (from `args.json`) heads the grid;
-    each sample is scaled to fit a
-    `thumb`-pixel square. Steps without samples are skipped (with a log message).
-    Raises `NoSamplesError` naming `output_dir` when there is nothing to show.
+    each sample is scaled to fit a `thumb`-pixel square. A scored step's label also lists
+    its scores, and the suggested best step's row is framed in `BEST_COLOR` (see
+    `step_scores`); without scores the grid is the plain one. Steps without samples are
+    skipped (with a log message). Raises `NoSamplesError` naming `output_dir` when there
+    is nothing to show.
     """
     if not MIN_THUMB <= thumb <= MAX_THUMB:
         raise UserError(f"--thumb {thumb}: use a cell size from {MIN_THUMB} to {MAX_THUMB} pixels.")
@@ -115,7 +121,9 @@ def sample_grid(
             "save writes samples, or check the output folder path."
         )
     _check_grid_size(rows, thumb)
-    return _draw_grid(rows, thumb, sample_prompt(rows[-1][1][0].parent.parent))
+    records, best = step_scores(output_dir)
+    labels = {step: row_lines(step, records.get(step), best) for step, _ in rows}
+    return _draw_grid(rows, thumb, sample_prompt(rows[-1][1][0].parent.parent), labels, best)
 
 
 def _check_grid_size(rows: list[tuple[int, list[Path]]], thumb: int) -> None:
@@ -131,6 +139,45 @@ def _check_grid_size(rows: list[tuple[int, list[Path]]], thumb: int) -> None:
 def row_label(step: int) -> str:
     """The label of a grid row."""
     return f"step {step}"
+
+
+SCORE_LABELS = (("likeness", "likeness"), ("prompt_fidelity", "fidelity"), ("validation_loss", "val. loss"))
+"""Metrics shown under a row's step, in this order, with their short names."""
+BEST_LABEL = "* suggested"
+
+
+def step_scores(output_dir: str | os.PathLike) -> tuple[dict[int, dict], int | None]:
+    """The scores of each step (`metrics.jsonl`) and the suggested best step
+    (`metrics-summary.json`), as `evaluate` wrote them; `({}, None)` when there are none.
+    An unreadable summary only loses the mark (with a warning), never the grid."""
+    import json
+
+    from dbtools.evaluate import SUMMARY_FILE, read_metrics
+
+    records = {int(r["step"]): r for r in read_metrics(output_dir)}
+    path = Path(output_dir) / SUMMARY_FILE
+    best = None
+    if path.is_file():
+        try:
+            best = json.loads(path.read_text(encoding="utf-8")).get("best_step")
+            best = None if best is None else int(best)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("%s: unreadable (%s); the suggested step is not marked", path, exc)
+            best = None
+    return records, best
+
+
+def row_lines(step: int, record: dict | None = None, best: int | None = None) -> list[str]:
+    """The lines of a row's label: "step N", then each score the step has ("likeness 0.812",
+    "fidelity 0.305", "val. loss 0.1234"), then `BEST_LABEL` on the suggested step."""
+    lines = [row_label(step)]
+    for key, name in SCORE_LABELS:
+        value = (record or {}).get(key)
+        if isinstance(value, (int, float)):
+            lines.append(f"{name} {value:.4g}" if key == "validation_loss" else f"{name} {value:.3f}")
+    if best is not None and step == best:
+        lines.append(BEST_LABEL)
+    return lines
 
 
 def sample_prompt(weights_dir: str | os.PathLike) -> str | None:
@@ -155,31 +202,58 @@ def header_height(title: str | None, thumb: int) -> int:
     return label_font(thumb).size + 2 * PAD if title else 0
 
 
-def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int, title: str | None = None) -> Image.Image:
-    from dbtools.images import ImageError, load_rgb
+def row_height(lines: list[str], thumb: int) -> int:
+    """A row is one cell high, taller only when its label's lines need it."""
+    if len(lines) <= 1:
+        return thumb
+    return max(thumb, len(lines) * (label_font(thumb).size + PAD))
 
+
+def _draw_grid(rows: list[tuple[int, list[Path]]], thumb: int, title: str | None = None,
+               labels: dict[int, list[str]] | None = None, best: int | None = None) -> Image.Image:
+    labels = labels or {step: [row_label(step)] for step, _ in rows}
     font = label_font(thumb)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = max(probe.textbbox((0, 0), row_label(step), font=font)[2] for step, _ in rows)
+    label_width = max(probe.textbbox((0, 0), line, font=font)[2] for step, _ in rows for line in labels[step])
     cols = max(len(files) for _, files in rows)
-    width, height = grid_size(len(rows), cols, thumb, label_width)
+    heights = [row_height(labels[step], thumb) for step, _ in rows]
+    width, _ = grid_size(len(rows), cols, thumb, label_width)
     header = header_height(title, thumb)
-    grid = Image.new("RGB", (width, height + header), BACKGROUND)
+    grid = Image.new("RGB", (width, header + PAD + sum(h + PAD for h in heights)), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((PAD, PAD), _fit(draw, f"prompt: {title}", font, width - 2 * PAD), fill=TEXT_COLOR, font=font)
-    for r, (step, files) in enumerate(rows):
-        top = header + PAD + r * (thumb + PAD)
-        draw.text((PAD, top + thumb // 2), row_label(step), fill=TEXT_COLOR, font=font, anchor="lm")
-        for c, path in enumerate(files):
-            try:
-                cell = ImageOps.contain(load_rgb(path), (thumb, thumb))
-            except ImageError as exc:
-                logger.warning("skipping unreadable sample: %s", exc)
-                continue
-            left = 2 * PAD + label_width + c * (thumb + PAD)
-            grid.paste(cell, (left + (thumb - cell.width) // 2, top + (thumb - cell.height) // 2))
+    top = header + PAD
+    for (step, files), height in zip(rows, heights):
+        _draw_label(draw, labels[step], font, top, height)
+        _paste_cells(grid, files, thumb, 2 * PAD + label_width, top + (height - thumb) // 2)
+        if step == best:
+            # In the padding around the row, so no sample pixel is covered.
+            draw.rectangle((1, top - PAD + 1, width - 2, top + height + PAD - 2), outline=BEST_COLOR, width=2)
+        top += height + PAD
     return grid
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, lines: list[str], font, top: int, height: int) -> None:
+    """The label's lines, centred vertically on the row."""
+    line_height = font.size + PAD
+    first = top + height // 2 - (len(lines) - 1) * line_height // 2
+    for i, line in enumerate(lines):
+        color = BEST_COLOR if line == BEST_LABEL else TEXT_COLOR
+        draw.text((PAD, first + i * line_height), line, fill=color, font=font, anchor="lm")
+
+
+def _paste_cells(grid: Image.Image, files: list[Path], thumb: int, left: int, top: int) -> None:
+    from dbtools.images import ImageError, load_rgb
+
+    for c, path in enumerate(files):
+        try:
+            cell = ImageOps.contain(load_rgb(path), (thumb, thumb))
+        except ImageError as exc:
+            logger.warning("skipping unreadable sample: %s", exc)
+            continue
+        x = left + c * (thumb + PAD)
+        grid.paste(cell, (x + (thumb - cell.width) // 2, top + (thumb - cell.height) // 2))
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:

@@ -161,3 +161,54 @@ def test_out_never_overwrites_a_sample_image(out_dir, capsys):
     assert sample.read_bytes() == before
     with pytest.raises(preview.UserError):  # a new name there would become a sample too
         run_preview(out_dir, out_dir / "1000" / "samples" / "grid.png")
+
+
+def write_scores(root: Path, best) -> None:
+    lines = [{"step": 500, "likeness": 0.5, "prompt_fidelity": 0.31},
+             {"step": 1000, "likeness": 0.8123, "prompt_fidelity": 0.3049, "validation_loss": 0.12341},
+             {"step": 500, "validation_loss": 0.2}]  # a later line for the same step adds to it
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (root / "metrics-summary.json").write_text(json.dumps({"best_step": best, "rule": "r", "per_step": []}))
+
+
+def red_rows(grid: Image.Image) -> np.ndarray:
+    """The y coordinates holding the suggested step's frame colour."""
+    pixels = np.asarray(grid)
+    return np.nonzero((pixels == np.array(preview.BEST_COLOR, np.uint8)).all(axis=-1).any(axis=1))[0]
+
+
+def test_rows_show_their_scores_and_the_suggested_step_is_framed(out_dir):
+    write_scores(out_dir, best=1000)
+    assert preview.step_scores(out_dir)[1] == 1000
+    records = preview.step_scores(out_dir)[0]
+    assert preview.row_lines(500, records[500], 1000) == ["step 500", "likeness 0.500", "fidelity 0.310",
+                                                          "val. loss 0.2"]
+    assert preview.row_lines(1000, records[1000], 1000) == ["step 1000", "likeness 0.812", "fidelity 0.305",
+                                                            "val. loss 0.1234", preview.BEST_LABEL]
+    assert preview.row_lines(1500, None, 1000) == ["step 1500"]
+    thumb = 48
+    grid = sample_grid(out_dir, thumb=thumb)
+    heights = [preview.row_height(preview.row_lines(s, records[s], 1000), thumb) for s in (500, 1000)]
+    assert heights[0] > thumb and grid.height == PAD + sum(h + PAD for h in heights)  # rows grow to fit
+    # samples stay centred in their (taller) rows, in the same columns
+    for row, step in enumerate((500, 1000)):
+        top = PAD + sum(h + PAD for h in heights[:row]) + (heights[row] - thumb) // 2
+        for col, color in enumerate(COLORS[step]):
+            left = grid.width - (3 - col) * (thumb + PAD)
+            assert grid.getpixel((left + thumb // 2, top + thumb // 2)) == color
+    red = red_rows(grid)
+    second_row = PAD + heights[0]  # the padding between row 500 and row 1000 starts here
+    assert red.size and red.min() >= second_row and red.max() < grid.height  # only step 1000 is marked
+    # the labels are wider than the plain grid's "step 1000"
+    plain_width = sample_grid(out_dir, thumb=thumb, steps=[500]).width
+    (out_dir / "metrics.jsonl").unlink()
+    (out_dir / "metrics-summary.json").unlink()
+    assert sample_grid(out_dir, thumb=thumb, steps=[500]).width < plain_width
+
+
+def test_no_suggested_step_means_no_frame_and_a_broken_summary_keeps_the_grid(out_dir, caplog):
+    write_scores(out_dir, best=None)
+    assert red_rows(sample_grid(out_dir, thumb=32)).size == 0
+    (out_dir / "metrics-summary.json").write_text("{not json")
+    grid = sample_grid(out_dir, thumb=32)
+    assert red_rows(grid).size == 0 and "suggested step is not marked" in caplog.text
