@@ -365,6 +365,20 @@ def summarize(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: 
     return summary
 
 
+def suggested_step(output_dir: str | os.PathLike) -> int | None:
+    """The `best_step` of `<output_dir>/metrics-summary.json`; None when there is no summary,
+    it suggests none, or it cannot be read (then with a warning naming the file)."""
+    path = Path(output_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text(encoding="utf-8")).get("best_step")
+        return None if best is None else int(best)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        logger.warning("%s: unreadable (%s); no suggested step", path, exc)
+        return None
+
+
 def write_summary(output_dir: str | os.PathLike, summary: dict) -> Path:
     """Write `<output_dir>/metrics-summary.json` atomically."""
     return atomic_write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

@@ -45,6 +45,7 @@ __all__ = [
     "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "parse_extra_flags", "training_command", "launch_training",
     # cell steps
     "setup", "caption_step", "omnitool_step", "Session", "parse_steps", "review_step", "pick_weights",
+    "suggested_weights", "score_curves",
     "preview_step", "export_step", "generate_step", "gradio_step", "cleanup_step",
     # dbtools.editor
     "CACHE_DIR", "CAPTION_FORMATS", "CaptionEditor", "caption_path", "free_caption_name", "read_caption",
@@ -608,20 +609,58 @@ def review_step(session: Session, review_folder: str, caption_format: str, image
 
 
 def pick_weights(session: Session, step: str = "") -> Path:
-    """The pick cell: the weights saved at `step` (empty: the latest complete ones)."""
+    """The pick cell: the weights saved at `step`. Empty: the suggested best step when the
+    saved steps were scored (`metrics-summary.json`) and its weights are still complete,
+    else the latest complete weights. Shows the score curves (`metrics.png`) when there are scores."""
     steps = parse_steps(step)
     if steps and len(steps) > 1:
-        raise UserError(f"weights_step {step!r}: give one step (or leave it empty for the latest).")
+        raise UserError(f"weights_step {step!r}: give one step (or leave it empty for the suggested or latest).")
     if steps:
         weights = weights_for_step(session.output_dir, steps[0])
     else:
-        weights = latest_weights(session.output_dir)
+        weights = suggested_weights(session.output_dir) or latest_weights(session.output_dir)
         if weights is None:
             raise UserError(f"No complete weights in {session.output_dir} yet: run the training cell first "
                             "(or check OUTPUT_DIR).")
     session.weights_dir = weights
     logger.info("Using the weights in %s", weights)
+    curves = score_curves(session.output_dir)
+    if curves is not None:
+        _show(curves)
     return weights
+
+
+def suggested_weights(output_dir: str | os.PathLike) -> Path | None:
+    """The weights folder of the suggested best step, when it is still complete."""
+    from dbtools.evaluate import SUMMARY_FILE, suggested_step
+
+    best = suggested_step(output_dir)
+    if best is None:
+        return None
+    weights = dict(list_weights(output_dir)).get(best)
+    if weights is None:
+        logger.warning("The suggested step %d (%s) has no complete weights folder any more; using the latest.",
+                       best, Path(output_dir) / SUMMARY_FILE)
+        return None
+    logger.info("Step %d is the suggested best step (%s says why); type another step to override.",
+                best, Path(output_dir) / SUMMARY_FILE)
+    return weights
+
+
+def score_curves(output_dir: str | os.PathLike) -> Path | None:
+    """`metrics.png`, the curves of the scores against steps (best step in red), drawn again
+    when `metrics.jsonl` is newer; None when no step was scored."""
+    from dbtools.evaluate import METRICS_FILE, PLOT_FILE, read_metrics, save_plot, suggested_step
+
+    metrics, png = Path(output_dir) / METRICS_FILE, Path(output_dir) / PLOT_FILE
+    if not metrics.is_file():
+        return None
+    if not png.is_file() or png.stat().st_mtime < metrics.stat().st_mtime:
+        records = read_metrics(output_dir)
+        if not records:
+            return None
+        save_plot(output_dir, records, suggested_step(output_dir))
+    return png
 
 
 def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, thumbnail_size: int = 256) -> Path:

@@ -150,21 +150,9 @@ def step_scores(output_dir: str | os.PathLike) -> tuple[dict[int, dict], int | N
     """The scores of each step (`metrics.jsonl`) and the suggested best step
     (`metrics-summary.json`), as `evaluate` wrote them; `({}, None)` when there are none.
     An unreadable summary only loses the mark (with a warning), never the grid."""
-    import json
+    from dbtools.evaluate import read_metrics, suggested_step
 
-    from dbtools.evaluate import SUMMARY_FILE, read_metrics
-
-    records = {int(r["step"]): r for r in read_metrics(output_dir)}
-    path = Path(output_dir) / SUMMARY_FILE
-    best = None
-    if path.is_file():
-        try:
-            best = json.loads(path.read_text(encoding="utf-8")).get("best_step")
-            best = None if best is None else int(best)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            logger.warning("%s: unreadable (%s); the suggested step is not marked", path, exc)
-            best = None
-    return records, best
+    return {int(r["step"]): r for r in read_metrics(output_dir)}, suggested_step(output_dir)
 
 
 def row_lines(step: int, record: dict | None = None, best: int | None = None) -> list[str]:

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dbtools import notebook as nb
 
@@ -376,3 +377,30 @@ def test_method_2_without_a_class_prompt_is_refused_when_images_must_be_made(tmp
     nb.omnitool_step(method="Method 2: captions with instance and class prompts", instance_prompt="sks",
                      overwrite=True, **common)
     assert (tmp_path / "c.json").is_file()
+
+
+def test_pick_weights_defaults_to_the_suggested_step_and_shows_the_curves(tmp_path, training_output,
+                                                                          monkeypatch, caplog):
+    from dbtools.evaluate import append_metrics, summarize, write_summary
+
+    shown = []
+    monkeypatch.setattr(nb, "_show", lambda *paths: shown.extend(paths))
+    session = nb.Session(model="m", output_dir=training_output)
+    assert nb.pick_weights(session, "") == training_output / "1500" and shown == []  # no scores: latest
+    records = [{"step": 500, "likeness": 0.4, "prompt_fidelity": 0.30, "validation_loss": 0.2},
+               {"step": 1000, "likeness": 0.7, "prompt_fidelity": 0.29, "validation_loss": 0.15},
+               {"step": 1500, "likeness": 0.9, "prompt_fidelity": 0.10, "validation_loss": 0.15}]
+    for r in records:
+        append_metrics(training_output, r)
+    summary = summarize(records)
+    assert summary["best_step"] == 1000  # step 1500 copies the photos: its fidelity fell
+    write_summary(training_output, summary)
+    assert nb.pick_weights(session, "") == training_output / "1000" == session.weights_dir
+    curves = training_output / "metrics.png"
+    assert shown == [curves] and curves.is_file()
+    with Image.open(curves) as img:
+        assert img.format == "PNG"
+    assert nb.pick_weights(session, "1500") == training_output / "1500"  # a typed step wins
+    write_summary(training_output, dict(summary, best_step=2000))  # its save was interrupted
+    assert nb.pick_weights(session, "") == training_output / "1500"
+    assert "suggested step 2000" in caplog.text
