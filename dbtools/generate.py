@@ -3,8 +3,10 @@ Gradio UI over the same function.
 
 Each image gets its own seed, so image `i` of a call is reproduced by `seed=seed+i,
 num_images=1`; saved PNGs carry their settings in text metadata (AUTOMATIC1111's
-`parameters` and a `dbtools` JSON chunk). Importing this module has no side effects;
-torch, diffusers and gradio are imported on use.
+`parameters`, a `dbtools` JSON chunk and one key per setting). `reproduce` makes an image
+again from the settings in its PNG; training draws its samples through `generate` too, so a
+sample and `python -m dbtools generate --from_png SAMPLE` are the same computation.
+Importing this module has no side effects; torch, diffusers and gradio are imported on use.
 """
 
 from __future__ import annotations
@@ -187,8 +189,6 @@ def _scheduler(pipe, name: str | None):
 
 
 def _save_generated(results: list[Generated], out_dir: Path) -> None:
-    from dbtools.atomic import atomic_save_image
-
     out_dir.mkdir(parents=True, exist_ok=True)
     n = _next_index(out_dir)
     for g in results:
@@ -196,7 +196,7 @@ def _save_generated(results: list[Generated], out_dir: Path) -> None:
         while path.exists():
             n += 1
             path = out_dir / f"{n:05d}-{g.settings['seed']}.png"
-        g.path = atomic_save_image(g.image, path, pnginfo=png_metadata(g.settings))
+        save_image(g, path)
         n += 1
     logger.info("saved %d image(s) to %s", len(results), out_dir)
 
@@ -228,6 +228,60 @@ def read_png_settings(path: str | os.PathLike) -> dict:
     with Image.open(path) as img:
         text = img.info.get("dbtools")
     return json.loads(text) if text else {}
+
+
+_SETTING_TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance_scale": float,
+                  "width": int, "height": int, "scheduler": str}
+
+
+def settings_from_png(path: str | os.PathLike) -> dict:
+    """The `generate` arguments stored in a PNG (`PNG_SETTING_KEYS`, typed as its flags take
+    them), so `generate(model, **settings_from_png(png))` makes that image again.
+
+    Reads the separate PNG keys, else the `dbtools` JSON chunk. A file that is not a PNG
+    with these settings raises `UserError` naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from dbtools.errors import UserError
+
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"{path}: cannot read this image ({exc}); give a PNG saved by generate or training.") from None
+    stored = {**(_json_settings(info.get("dbtools"))), **{k: info[k] for k in PNG_SETTING_KEYS if k in info}}
+    missing = [k for k in PNG_SETTING_KEYS if k not in stored]
+    if missing:
+        raise UserError(f"{path}: no stored {', '.join(missing)}; only PNGs saved by generate or by training "
+                        "(samples/) carry their settings.")
+    try:
+        return {k: _SETTING_TYPES[k](stored[k]) for k in PNG_SETTING_KEYS}
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: a stored setting is not readable ({exc}).") from None
+
+
+def _json_settings(text) -> dict:
+    try:
+        settings = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def reproduce(pipe_or_path, png: str | os.PathLike) -> Generated:
+    """The image in `png` made again with `pipe_or_path` from the settings stored in it:
+    one image, its own seed, its scheduler by name. On the same weights, on a CPU in
+    float32, the pixels are identical; half precision on a GPU differs slightly."""
+    return generate(pipe_or_path, num_images=1, batch_size=1, **settings_from_png(png))[0]
+
+
+def save_image(result: Generated, path: str | os.PathLike) -> Path:
+    """Save one generated image atomically at `path` with its settings in the PNG's text."""
+    from dbtools.atomic import atomic_save_image
+
+    result.path = atomic_save_image(result.image, Path(path), pnginfo=png_metadata(result.settings))
+    return result.path
 
 
 DEFAULT_SCHEDULER = "model default"
@@ -338,6 +392,11 @@ def launch_gradio(app, share: bool | None = None, auth: str | None = None, heigh
 # --------------------------------------------------------------------------- command line
 
 
+FLAG_DEFAULTS = {"negative_prompt": "", "num_images": 1, "steps": 30, "guidance_scale": 7.5, "width": None,
+                 "height": None, "seed": -1, "scheduler": None}
+"""The command's defaults; with `--from_png` the PNG's settings come before them."""
+
+
 def build_parser():
     import argparse
 
@@ -346,19 +405,36 @@ def build_parser():
     p.add_argument("--model", required=True,
                    help="a weights folder (e.g. <output_dir>/2000), a checkpoint-<step> folder, a Hub id "
                         "or a .safetensors/.ckpt file")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default="")
-    p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=30, help="inference steps")
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--from_png", default=None, metavar="PNG",
+                   help="take prompt, negative prompt, seed, steps, guidance, size and scheduler from a PNG "
+                        "saved by generate or training (e.g. <output_dir>/2000/samples/0.png); flags given "
+                        "as well win")
+    p.add_argument("--prompt", default=None, help="required unless --from_png gives it")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_images", type=int, default=None, help="default 1")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default 30)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="default 7.5")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
     p.add_argument("--height", type=int, default=None, help="default: the model's size")
-    p.add_argument("--seed", type=int, default=-1, help="image i gets seed+i; -1 picks a random seed")
+    p.add_argument("--seed", type=int, default=None, help="image i gets seed+i; -1 (default) picks a random seed")
     p.add_argument("--scheduler", default=None,
                    help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm++_sde, unipc (or "
                         "AUTOMATIC1111's names such as 'Euler a', 'DPM++ 2M'); default: the model's")
     p.add_argument("--out_dir", default="generated", help="where the PNGs go (default: ./generated)")
     return p
+
+
+def command_settings(args) -> dict:
+    """The settings of one command: flags given, else the `--from_png` PNG's, else the defaults."""
+    from dbtools.errors import UserError
+
+    stored = settings_from_png(args.from_png) if args.from_png else {}
+    settings = {k: v if (v := getattr(args, k)) is not None else stored.get(k, default)
+                for k, default in FLAG_DEFAULTS.items()}
+    settings["prompt"] = args.prompt if args.prompt is not None else stored.get("prompt")
+    if settings["prompt"] is None:
+        raise UserError("give --prompt (or --from_png with a PNG saved by generate or training).")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,13 +446,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        check_generation_args(args.num_images, args.steps, args.guidance_scale, args.height, args.width)
-        if args.scheduler and scheduler_key(args.scheduler) is None:
-            raise ValueError(f"--scheduler {args.scheduler}: unknown; see --help for the names.")
+        s = command_settings(args)
+        check_generation_args(s["num_images"], s["steps"], s["guidance_scale"], s["height"], s["width"])
+        if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
+            raise ValueError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
         if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
             check_model_path(args.model)
-        results = generate(args.model, args.prompt, args.negative_prompt, args.num_images, args.guidance_scale,
-                           args.steps, args.height, args.width, args.seed, args.scheduler, args.out_dir)
+        # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
+        results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
+                           s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,
+                           batch_size=1 if args.from_png else 4)
     except (ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -146,3 +146,41 @@ def test_launch_announces_a_public_link_and_takes_auth(monkeypatch, caplog):
     assert calls[-1]["auth"] == ("a", "b") and calls[-1]["height"] >= 1000
     with pytest.raises(ValueError, match="user:password"):
         G.launch_gradio(FakeApp(), share=False, auth="nocolon")
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_a_png_is_made_again_from_its_stored_settings(tiny_sd, tiny_pipe, tmp_path, capsys):
+    """`reproduce` and `generate --from_png` read the settings back from the file alone."""
+    first = G.generate(tiny_pipe, "a photo of zwx", negative_prompt="blurry", num_images=2, guidance_scale=4.0,
+                       steps=3, seed=21, scheduler="ddim", width=64, height=56, batch_size=1)[1]
+    png = G.save_image(first, tmp_path / "samples" / "1.png")
+    assert png == tmp_path / "samples" / "1.png"
+    assert G.settings_from_png(png) == {"prompt": "a photo of zwx", "negative_prompt": "blurry", "seed": 22,
+                                        "steps": 3, "guidance_scale": 4.0, "width": 64, "height": 56,
+                                        "scheduler": "ddim"}
+    assert np.array_equal(np.asarray(G.reproduce(tiny_pipe, png).image), pixels(png))
+    out = tmp_path / "again"
+    assert G.main(["--model", str(tiny_sd), "--from_png", str(png), "--out_dir", str(out)]) == 0
+    again = Path(capsys.readouterr().out.split()[0])
+    assert again.name == "00000-22.png" and np.array_equal(pixels(again), pixels(png))
+    assert G.settings_from_png(again) == G.settings_from_png(png)
+    # a flag given as well wins over the PNG
+    assert G.main(["--model", str(tiny_sd), "--from_png", str(png), "--seed", "5", "--out_dir", str(out)]) == 0
+    changed = Path(capsys.readouterr().out.split()[0])
+    assert G.settings_from_png(changed) == dict(G.settings_from_png(png), seed=5)
+
+
+def test_from_png_refuses_files_without_settings(tiny_sd, tmp_path, capsys):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert G.main(["--model", str(tiny_sd), "--from_png", str(plain)]) == 2
+    assert f"{plain}: no stored prompt" in capsys.readouterr().err
+    (tmp_path / "text.png").write_text("not an image")
+    assert G.main(["--model", str(tiny_sd), "--from_png", str(tmp_path / "text.png")]) == 2
+    assert "cannot read this image" in capsys.readouterr().err
+    assert G.main(["--model", str(tiny_sd)]) == 2
+    assert "give --prompt" in capsys.readouterr().err
