@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from dbtools.checkpoints import LORA_WEIGHTS, list_weights
+from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, list_weights, step_folders
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def cleanup_plan(
             plan.kept[root / folder.name] = reason
         else:
             plan.delete.append(root / folder.name)
-    plan.checkpoints = sorted((p for p in root.iterdir() if p.name.startswith("checkpoint-")
-                               and p.is_dir() and not p.is_symlink()), key=lambda p: _step_of(p.name))
+    # training's own rule for `checkpoint-<step>`; a link is never followed into
+    plan.checkpoints = [p for _, p in step_folders(root, CHECKPOINT_PREFIX) if not p.is_symlink()]
     return plan
 
 
@@ -106,11 +106,6 @@ def _single_files_in(folder: Path) -> list[str]:
     exports written into the folder, which deleting it would lose."""
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != LORA_WEIGHTS
                   and p.suffix.lower() in (".safetensors", ".ckpt"))
-
-
-def _step_of(name: str) -> int:
-    digits = name.rsplit("-", 1)[-1]
-    return int(digits) if digits.isdigit() else -1
 
 
 def describe(plan: CleanupPlan) -> str:

@@ -18,6 +18,7 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from dbtools.checkpoints import list_weights
 from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,18 +39,6 @@ MAX_GRID_PIXELS = 120_000_000
 
 class NoSamplesError(UserError):
     """No sample images were found; the message says where they were expected."""
-
-
-def find_weight_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete weights folders in `output_dir` as `(step, path)`, sorted by step.
-
-    Only folders named by a step number count, and only complete ones: a folder under
-    a temporary `.tmp-` name, or one with neither `model_index.json` (a diffusers
-    pipeline) nor LoRA weights, is never returned. A missing `output_dir` gives `[]`.
-    """
-    from dbtools.checkpoints import list_weights  # training owns the output layout
-
-    return list_weights(output_dir)
 
 
 def sample_files(weights_dir: str | os.PathLike) -> list[Path]:
@@ -108,7 +97,7 @@ def sample_grid(
     if not MIN_THUMB <= thumb <= MAX_THUMB:
         raise UserError(f"--thumb {thumb}: use a cell size from {MIN_THUMB} to {MAX_THUMB} pixels.")
     rows = []
-    for step, folder in select_rows(find_weight_steps(output_dir), steps):
+    for step, folder in select_rows(list_weights(output_dir), steps):
         files = sample_files(folder)[:max_samples]
         if files:
             rows.append((step, files))
@@ -278,7 +267,7 @@ def run_preview(
 
 
 def _refuse_sample_folder(out: Path, output_dir: str | os.PathLike) -> None:
-    sample_dirs = {(folder / "samples").resolve() for _, folder in find_weight_steps(output_dir)}
+    sample_dirs = {(folder / "samples").resolve() for _, folder in list_weights(output_dir)}
     if out.resolve().parent in sample_dirs:
         raise UserError(f"--out {out}: that is inside a samples folder, where the grid would replace "
                         "or join the sample images. Write it elsewhere (default <output_dir>/preview.png).")

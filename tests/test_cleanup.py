@@ -85,3 +85,18 @@ def test_cleanup_command_shows_the_plan_and_deletes_only_with_the_word(training_
     assert f"deleted {out_dir.resolve() / '1000'}" in capsys.readouterr().out
     assert not (out_dir / "1000").exists() and (out_dir / "1500").is_dir() and (out_dir / "500").is_dir()
     assert C.main(["--output_dir", str(out_dir / "nope")]) == 2
+
+
+def test_cleanup_lists_only_the_checkpoints_training_would_resume_from(training_output, tmp_path):
+    # The same rule as `--resume_from_checkpoint latest`: `checkpoint-<step>` folders,
+    # sorted by step; a look-alike name or a link to a folder elsewhere is not ours to delete.
+    out_dir = training_output
+    (out_dir / "checkpoint-200").mkdir()
+    (out_dir / "checkpoint-notes").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", out_dir / "checkpoint-3000")
+    plan = C.cleanup_plan(out_dir, delete_checkpoints=True)
+    root = out_dir.resolve()
+    assert plan.checkpoints == [root / "checkpoint-200", root / "checkpoint-1500"]
+    assert C.run_cleanup(plan, "DELETE")[-2:] == plan.checkpoints
+    assert (out_dir / "checkpoint-notes").is_dir() and (tmp_path / "elsewhere").is_dir()

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dbtools import preview
-from dbtools.preview import PAD, NoSamplesError, find_weight_steps, run_preview, sample_grid
+from dbtools.checkpoints import list_weights
+from dbtools.preview import PAD, NoSamplesError, run_preview, sample_grid
 
 COLORS = {
     500: [(255, 0, 0), (0, 255, 0), (0, 0, 255)],
@@ -47,10 +48,10 @@ def cell_center(grid: Image.Image, row: int, col: int, cols: int, thumb: int) ->
     return grid.getpixel((left + thumb // 2, top + thumb // 2))
 
 
-def test_find_weight_steps_lists_complete_numeric_folders_only(out_dir):
-    assert find_weight_steps(out_dir) == [(500, out_dir / "500"), (1000, out_dir / "1000")]
-    assert find_weight_steps(str(out_dir) + "/") == find_weight_steps(out_dir)
-    assert find_weight_steps(out_dir / "missing") == []
+def test_list_weights_lists_complete_numeric_folders_only(out_dir):
+    assert list_weights(out_dir) == [(500, out_dir / "500"), (1000, out_dir / "1000")]
+    assert list_weights(str(out_dir) + "/") == list_weights(out_dir)
+    assert list_weights(out_dir / "missing") == []
 
 
 def test_lora_weights_folders_count(tmp_path):
@@ -58,7 +59,7 @@ def test_lora_weights_folders_count(tmp_path):
     (folder / "samples").mkdir(parents=True)
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
     Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "samples" / "0.png")
-    assert find_weight_steps(tmp_path / "out") == [(300, folder)]
+    assert list_weights(tmp_path / "out") == [(300, folder)]
     grid = sample_grid(tmp_path / "out", thumb=16)
     assert cell_center(grid, 0, 0, 1, 16) == (1, 2, 3)
 

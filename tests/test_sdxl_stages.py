@@ -55,12 +55,13 @@ def test_generate_with_an_sdxl_model_saves_its_settings(sdxl_pipe, tiny_sdxl, tm
 
 
 def test_preview_finds_sdxl_step_folders(tiny_sdxl, tmp_path, image_factory):
-    from dbtools.preview import find_weight_steps, run_preview
+    from dbtools.checkpoints import list_weights
+    from dbtools.preview import run_preview
 
     out = tmp_path / "out"
     step = shutil.copytree(tiny_sdxl, out / "500")
     image_factory(step / "samples" / "0.png", size=(64, 64))
-    assert find_weight_steps(out) == [(500, step)]
+    assert list_weights(out) == [(500, step)]
     assert run_preview(out).is_file()
 
 
