@@ -201,24 +201,10 @@ def _save_generated(results: list[Generated], out_dir: Path) -> None:
     logger.info("saved %d image(s) to %s", len(results), out_dir)
 
 
-def generate_images(
-    pipe_or_path,
-    prompt: str,
-    negative_prompt: str = "",
-    num_images: int = 1,
-    guidance_scale: float = 7.5,
-    steps: int = 30,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int | None = None,
-    scheduler: str | None = None,
-    out_dir: str | os.PathLike | None = None,
-) -> list:
-    """Generate images (see `generate`); return the saved PNG paths when `out_dir` is
-    given, else the PIL images."""
-    results = generate(pipe_or_path, prompt, negative_prompt, num_images, guidance_scale, steps,
-                       height, width, seed, scheduler, out_dir)
-    return [g.path for g in results] if out_dir is not None else [g.image for g in results]
+def generate_images(pipe_or_path, prompt: str, *args, **kwargs) -> list:
+    """`generate` (same arguments), returning what a caller keeps: the saved PNG paths
+    when `out_dir` is given, else the PIL images."""
+    return [g.image if g.path is None else g.path for g in generate(pipe_or_path, prompt, *args, **kwargs)]
 
 
 def read_png_settings(path: str | os.PathLike) -> dict:

@@ -41,6 +41,10 @@ def test_generate_images_saves_settings_in_png_metadata(tiny_pipe, tmp_path):
         assert np.array_equal(np.asarray(img.convert("RGB")), second)
     images = G.generate_images(tiny_pipe, "x", steps=1, seed=1)
     assert isinstance(images[0], Image.Image) and len(list(out.iterdir())) == 3
+    # every argument of `generate` is taken, batch_size included
+    batched = G.generate_images(tiny_pipe, "a photo of zwx", negative_prompt="blurry", num_images=2,
+                                guidance_scale=5.0, steps=2, seed=11, scheduler="euler", batch_size=1)
+    assert np.array_equal(np.asarray(batched[1].convert("RGB")), second)
 
 
 def test_generate_images_rejects_bad_settings_before_loading(tmp_path):
