@@ -104,4 +104,8 @@ def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_pat
     assert export.main(["--model_path", str(sdxl_lora), "--checkpoint_path", str(out)]) == 0
     assert "kohya-style LoRA" in capsys.readouterr().out
     assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in load_file(str(out)))
-    assert export.main(["--model_path", str(sdxl_lora), "--checkpoint_path", str(tmp_path / "s.ckpt")]) == 1
+    from dbtools.cli import main as cli_main
+
+    assert cli_main(["export", "--model_path", str(sdxl_lora), "--checkpoint_path", str(tmp_path / "s.ckpt")]) == 2
+    assert "Name it s.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "s.ckpt").exists()
