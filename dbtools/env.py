@@ -4,7 +4,7 @@ other dbtools module, so any stage can ask where it runs without importing the n
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def in_colab() -> bool:
@@ -30,6 +30,15 @@ def gpu_report() -> str:
         free, total = torch.cuda.mem_get_info(i)
         devices.append((torch.cuda.get_device_name(i), total, free))
     return format_gpu_report(devices)
+
+
+def gpu_memory_gib(index: int = 0) -> float | None:
+    """Total memory of CUDA GPU `index` in GiB; None without a CUDA GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(index).total_memory / 1024 ** 3
 
 
 def format_gpu_report(devices: list[tuple[str, int, int]]) -> str:

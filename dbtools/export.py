@@ -764,6 +764,12 @@ def _export_lora(config: ExportConfig) -> ExportResult:
                         file_format="safetensors")
 
 
+def export_lora_fused(lora_folder: str | Path, checkpoint_path: str | Path, half: bool = False) -> Path:
+    """Write a LoRA weights folder as one full original-layout checkpoint: the run's base
+    model (named in its `args.json`) with the adapters fused in; return its path."""
+    return _export_checkpoint(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None)).path
+
+
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,
                        use_safetensors: bool | None = None) -> Path:
     """Write the diffusers SD folder `model_path` as one original-layout file; return its path.

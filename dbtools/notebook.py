@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
+from dbtools.profiles import AUTO, MEMORY_PROFILES, SD_DEFAULT, fit_warning, profile_note, recommended_profile
 from dbtools.errors import UserError
-from dbtools.env import (REPORTED_PACKAGES, format_gpu_report, gpu_report, in_colab, quiet_third_party,
-                         versions_report)
+from dbtools.env import (REPORTED_PACKAGES, format_gpu_report, gpu_memory_gib, gpu_report, in_colab,
+                         quiet_third_party, versions_report)
 from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
 from dbtools.editor import (CACHE_DIR, CAPTION_FORMATS, CaptionEditor, caption_path, free_caption_name,
                             read_caption, rename_no_overwrite)
@@ -42,11 +43,12 @@ __all__ = [
     "latest_weights", "weights_for_step",
     # training launch
     "flag_args", "build_train_command", "check_train_flags", "CommandError", "run_command",
-    "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "parse_extra_flags", "training_command", "launch_training",
+    "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "SD_VAE", "SDXL_VAE", "TrainingFlags", "family_defaults",
+    "parse_extra_flags", "training_flags", "training_command", "launch_training", "recommended_profile",
     # cell steps
     "setup", "caption_step", "omnitool_step", "Session", "parse_steps", "review_step", "pick_weights",
     "suggested_weights", "score_curves",
-    "preview_step", "export_step", "generate_step", "gradio_step", "cleanup_step",
+    "preview_step", "EXPORT_CHOICES", "export_step", "generate_step", "gradio_step", "cleanup_step",
     # dbtools.editor
     "CACHE_DIR", "CAPTION_FORMATS", "CaptionEditor", "caption_path", "free_caption_name", "read_caption",
     "rename_no_overwrite",
@@ -483,13 +485,22 @@ SEED_TRAIN_FLAGS: dict[str, Any] = dict(
     sample_batch_size=4, save_interval=500,
 )
 
-# The memory/speed choices of the training cell (see its table).
-MEMORY_PROFILES: dict[str, dict[str, Any]] = {
-    "fp16 + 8-bit Adam + gradient checkpointing": dict(mixed_precision="fp16", use_8bit_adam=True,
-                                                       gradient_checkpointing=True),
-    "fp16 + 8-bit Adam": dict(mixed_precision="fp16", use_8bit_adam=True, gradient_checkpointing=False),
-    "fp32, no memory savings": dict(mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False),
-}
+# The SD 1.x VAE the original notebook swapped in, and its SDXL counterpart: SDXL's own VAE
+# overflows in fp16 (NaNs) and must run in fp32, the fp16-fix VAE does not.
+SD_VAE = "stabilityai/sd-vae-ft-mse"
+SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+def family_defaults(detected) -> dict[str, Any]:
+    """The training cell's `auto` values for a detected family (`families.Detected`): the
+    native resolution and the VAE. SD 1.x gets exactly the original notebook's."""
+    vae = SDXL_VAE if detected.family.is_sdxl else SD_VAE
+    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=vae)
+
+
+def _is_auto(value: Any) -> bool:
+    """A form value meaning "the model's own default": "auto" or a 0 size."""
+    return (isinstance(value, str) and value.strip().lower() == AUTO) or (value == 0 and not isinstance(value, bool))
 
 
 def parse_extra_flags(text: str) -> dict[str, Any]:
@@ -506,31 +517,81 @@ def parse_extra_flags(text: str) -> dict[str, Any]:
     return flags
 
 
-def training_command(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
-                     memory_profile: str = next(iter(MEMORY_PROFILES)), resume: bool = False,
-                     extra_flags: str = "", **flags: Any) -> list[str]:
-    """The training cell's `accelerate launch train_dreambooth.py` argv: the original
-    notebook's flags, then the memory profile, the form's `flags`, and `extra_flags`
-    (later ones win). Checkpoints follow `save_interval` (one kept) unless set; `resume`
-    adds `--resume_from_checkpoint latest`."""
-    # An empty form field means "leave the flag out", even one the original notebook set
-    # (an empty VAE field: the model's own VAE).
+@dataclass
+class TrainingFlags:
+    """What the training cell runs with: the flags, notes to show, and a memory warning."""
+
+    flags: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    warning: str | None = None
+    family: Any = None
+
+
+def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None, gpu_gib: float | None = None,
+                   extra_flags: str = "", **flags: Any) -> TrainingFlags:
+    """The training cell's flags, with the notes and the memory warning to show about them.
+
+    Layers, later ones winning: the original notebook's flags, the family's defaults
+    (`family_defaults`, when the family is known), the form's `flags`, the memory profile,
+    then `extra_flags`. An empty form field leaves its flag out; `"auto"` (or 0 for a size)
+    takes the family's default, and `memory_profile="auto"` the `recommended_profile` for
+    the family and `gpu_gib`. `family` (a `families.Detected`) is detected from `model` only
+    when an `auto` value needs it. A profile's flags win over the form's fields (each change
+    is noted). With a known family and `gpu_gib`, `warning` says when the run is estimated
+    not to fit the GPU (`profiles.fit_warning`).
+    """
     flags = {k: None if isinstance(v, str) and not v.strip() else v for k, v in flags.items()}
-    merged = {**SEED_TRAIN_FLAGS, **MEMORY_PROFILES[memory_profile], **flags}
+    autos = {k for k, v in flags.items() if _is_auto(v)}
+    if family is None and (autos or memory_profile == AUTO):
+        from dbtools.models import detect_family
+
+        family = detect_family(model, revision=flags.get("revision") or SEED_TRAIN_FLAGS["revision"])
+    notes: list[str] = []
+    if memory_profile == AUTO:
+        memory_profile = recommended_profile(family.family.key, gpu_gib)
+        notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
+    if memory_profile not in MEMORY_PROFILES:
+        raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
+                        f"{AUTO!r}. Pick one of them in the training cell.")
+    profile = MEMORY_PROFILES[memory_profile]
+    form = {k: v for k, v in flags.items() if k not in autos}
+    notes += [f"The memory profile {memory_profile!r} sets --{k}={v} (the form had {form[k]}); "
+              f"put --{k} in extra_flags to change it." for k, v in profile.items()
+              if form.get(k) is not None and form[k] != v]
+    merged = {**SEED_TRAIN_FLAGS, **(family_defaults(family) if family is not None else {}), **form, **profile}
     merged.setdefault("checkpointing_steps", merged["save_interval"])
     merged.setdefault("checkpoints_total_limit", 1)
     merged.update(parse_extra_flags(extra_flags))
+    result = TrainingFlags(merged, notes, family=family)
+    if family is not None:
+        notes += [n for n in [profile_note(memory_profile, family.family.key)] if n]
+        result.warning = fit_warning(family.family.key, merged, gpu_gib, memory_profile)
+    return result
+
+
+def training_command(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
+                     resume: bool = False, **options: Any) -> list[str]:
+    """The training cell's `accelerate launch train_dreambooth.py` argv from `training_flags`
+    (`options` are its arguments; its notes and warning are logged). Checkpoints follow
+    `save_interval` (one kept) unless set; `resume` adds `--resume_from_checkpoint latest`."""
+    chosen = training_flags(model, **options)
+    for note in chosen.notes:
+        logger.info("%s", note)
+    if chosen.warning:
+        logger.warning("%s", chosen.warning)
     return build_train_command(pretrained_model_name_or_path=model, output_dir=output_dir,
                                concepts_list=concepts_list,
-                               resume_from_checkpoint="latest" if resume else None, **merged)
+                               resume_from_checkpoint="latest" if resume else None, **chosen.flags)
 
 
 def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike,
                     **options: Any) -> int:
-    """The training cell: show the command (`training_command`), run it with its output
-    streamed into the cell; raises `CommandError` with the last lines when it fails."""
+    """The training cell: show the command (`training_command`, with this machine's GPU
+    memory for `auto` and the fit check), run it with its output streamed into the cell;
+    raises `CommandError` with the last lines when it fails."""
     from dbtools.train_config import mask_secrets
 
+    options.setdefault("gpu_gib", gpu_memory_gib())
     argv = training_command(model, output_dir, concepts_list, **options)
     logger.info("%s\n", shlex.join(mask_secrets(argv)))
     return run_command(argv, check=True)
@@ -550,15 +611,19 @@ class Session:
     weights_dir: Path | None = None
     exported_from: list[Path] = field(default_factory=list)
     app: Any = None
+    family: Any = None
+    """The base model's `families.Detected`, or None when it could not be read yet."""
 
     @classmethod
     def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> "Session":
-        """The settings cell: mount Drive when asked (Colab only), make the output folder."""
+        """The settings cell: mount Drive when asked (Colab only), make the output folder,
+        tell the model's family (the training cell adapts to it)."""
         on_drive = bool(save_to_gdrive) and mount_drive()
         out = resolve_output_dir(output_dir, save_to_gdrive)
         out.mkdir(parents=True, exist_ok=True)
-        logger.info("Base model: %s\nOutput folder: %s", model, out)
-        return cls(model=model, output_dir=out, on_drive=on_drive)
+        session = cls(model=model, output_dir=out, on_drive=on_drive, family=_try_detect(model))
+        logger.info("Base model: %s%s\nOutput folder: %s", model, _family_line(session.family), out)
+        return session
 
     @property
     def concepts_list(self) -> Path:
@@ -572,6 +637,29 @@ class Session:
         if self.weights_dir is None:
             raise UserError("No weights picked yet: run the 'Pick the weights' cell first.")
         return self.weights_dir
+
+
+def _try_detect(model: str):
+    """The model's family, or None with a note (offline, a typo): the training cell asks again
+    and then reports the problem."""
+    from dbtools.models import detect_family
+
+    try:
+        return detect_family(model)
+    except UserError as exc:
+        logger.info("Could not read the model's family yet (%s); the training cell will try again.",
+                    str(exc).splitlines()[0])
+        return None
+
+
+def _family_line(detected) -> str:
+    if detected is None:
+        return ""
+    line = f" ({detected.family.label}, {detected.resolution} px"
+    if detected.family.is_sdxl:
+        line += (f"; memory profile 'auto' picks {recommended_profile('sdxl', gpu_memory_gib())!r}, "
+                 "LoRA is recommended on 16 GB GPUs")
+    return line + ")"
 
 
 def _show(*paths: Path) -> None:
@@ -674,13 +762,35 @@ def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, t
     return png
 
 
-def export_step(session: Session, export_format: str = "safetensors", fp16: bool = True, name: str = "") -> Path:
-    """The export cell: the picked weights as one file in the output folder."""
-    from dbtools.export import export_single_file
+EXPORT_CHOICES = ("auto", "single-file checkpoint", "LoRA file (kohya)")
 
+
+def export_step(session: Session, export_format: str = "safetensors", fp16: bool = True, name: str = "",
+                export_as: str = "auto") -> Path:
+    """The export cell: the picked weights as one file in the output folder.
+
+    `export_as`: "single-file checkpoint" (the whole model in the original layout; a LoRA
+    run's adapters are fused into its base model), "LoRA file (kohya)" (a LoRA run's
+    adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
+    a LoRA run, else the checkpoint).
+    """
+    from dbtools.export import export_lora_fused, export_single_file, is_lora_folder
+
+    if export_as not in EXPORT_CHOICES:
+        raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
     weights = session.weights()
-    stem = name.strip() or f"{session.output_dir.name}-{weights.name}"
-    path = export_single_file(weights, session.output_dir / f"{stem}.{export_format}", half=fp16)
+    lora = is_lora_folder(weights)
+    as_lora = lora if export_as == "auto" else export_as.startswith("LoRA")
+    if as_lora and not lora:
+        raise UserError(f"{weights} holds a full model, not LoRA adapters: export it as a 'single-file "
+                        "checkpoint' (a LoRA file comes from a run trained with --use_lora).")
+    if as_lora and export_format != "safetensors":
+        raise UserError("A LoRA file is written as .safetensors (AUTOMATIC1111 and ComfyUI do not read LoRA "
+                        "pickles): set export_format to safetensors.")
+    stem = name.strip() or f"{session.output_dir.name}-{weights.name}" + ("-lora" if as_lora else "")
+    out = session.output_dir / f"{stem}.{export_format}"
+    write = export_lora_fused if lora and not as_lora else export_single_file
+    path = write(weights, out, half=fp16)
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
     logger.info("Wrote %s (%.2f GiB)", path, path.stat().st_size / 1024**3)
     return path
@@ -689,9 +799,10 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
 def generate_step(session: Session, prompt: str, negative_prompt: str = "", num_images: int = 4,
                   guidance_scale: float = 7.5, steps: int = 30, width: int = 512, height: int = 512,
                   seed: int = -1, scheduler: str = DEFAULT_SCHEDULER) -> list[Path]:
-    """The generate cell: images saved in `<output>/generated/` with their settings, and shown."""
+    """The generate cell: images saved in `<output>/generated/` with their settings, and shown.
+    A `width`/`height` of 0 is the model's own size (512 for SD 1.x, 1024 for SDXL)."""
     paths = generate_images(session.weights(), prompt, negative_prompt, num_images, guidance_scale, steps,
-                            height, width, seed, None if scheduler == DEFAULT_SCHEDULER else scheduler,
+                            height or None, width or None, seed, None if scheduler == DEFAULT_SCHEDULER else scheduler,
                             out_dir=session.output_dir / "generated")
     logger.info("%s", "\n".join(map(str, paths)))
     _show(*paths)

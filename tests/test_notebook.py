@@ -141,10 +141,15 @@ def test_no_token_field_and_real_defaults():
                     train_batch_size=1, train_text_encoder=True, mixed_precision="fp16", use_8bit_adam=True,
                     gradient_accumulation_steps=1, learning_rate=1e-6, lr_scheduler="constant", lr_warmup_steps=0,
                     num_class_images=200, sample_batch_size=4, save_interval=500)
-    defaults = {**notebook.SEED_TRAIN_FLAGS, **notebook.MEMORY_PROFILES[fields["memory_profile"]],
-                "pretrained_vae_name_or_path": fields["vae_name"]}
-    defaults.update({k: fields[k] for k in expected if k in fields})
-    assert {k: defaults[k] for k in expected} == expected
+    # What the training cell passes for an SD 1.x model: its "auto" fields become exactly the
+    # original notebook's flags.
+    from dbtools.families import SD1, Detected
+
+    chosen = notebook.training_flags(fields["MODEL_NAME"], family=Detected(SD1), memory_profile=fields["memory_profile"],
+                                     pretrained_vae_name_or_path=fields["vae_name"],
+                                     **{k: fields[k] for k in expected if k in fields})
+    assert {k: chosen.flags[k] for k in expected} == expected
+    assert chosen.flags["gradient_checkpointing"] is True and not chosen.flags.get("use_lora")
     assert fields["confirm"] == "" and fields["extra_flags"] == ""
     assert fields["save_sample_prompt"]
 

@@ -1,0 +1,174 @@
+"""Memory profiles: named sets of training flags per model family, and how much GPU memory
+a run needs.
+
+Pure rules with no I/O and no torch: the notebook's training cell offers the profiles, and
+training's pre-flight (and the notebook) use `estimate_training_memory` to warn before a
+run that cannot fit the GPU. The estimate counts what dominates a diffusion fine-tune:
+weights (frozen ones in the mixed-precision dtype, trained ones in float32), their
+gradients, the optimizer's state, activations (scaled by pixels and batch size, much
+smaller with gradient checkpointing) and a fixed allowance for the CUDA context and the
+allocator. It is calibrated on Shivam Shrirao's published figure for SD 1.5 (fp16, 8-bit
+Adam, gradient checkpointing, text encoder trained: 9.92 GB on a T4) and is meant to be
+within about 1 GB: good enough to say "this will not fit a 16 GB card", not a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GIB = 1024 ** 3
+
+SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
+SDXL_LORA_16GB = "SDXL LoRA, 16 GB (Colab T4)"
+SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
+AUTO = "auto"
+
+# The training cell's memory/speed choices: the flags each one sets. The SD 1.x/2.x ones come
+# first and the first is the default for those families (the original notebook's settings).
+MEMORY_PROFILES: dict[str, dict[str, Any]] = {
+    SD_DEFAULT: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True},
+    "fp16 + 8-bit Adam": {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": False},
+    "fp32, no memory savings": {"mixed_precision": "no", "use_8bit_adam": False, "gradient_checkpointing": False},
+    # LoRA adapters on a frozen fp16 UNet; latents and text embeddings cached so both text
+    # encoders and the VAE can leave the GPU; the UNet alone is trained.
+    SDXL_LORA_16GB: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": True, "train_text_encoder": False},
+    # All UNet weights trained, text encoders frozen; bf16 where the GPU has it (Ampere or newer).
+    SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": False, "train_text_encoder": False},
+}
+
+# Which families a profile is meant for (a profile of another family still runs, with a note).
+PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
+    SD_DEFAULT: ("sd1", "sd2"),
+    "fp16 + 8-bit Adam": ("sd1", "sd2"),
+    "fp32, no memory savings": ("sd1", "sd2", "sdxl"),
+    SDXL_LORA_16GB: ("sdxl",),
+    SDXL_FULL_24GB: ("sdxl",),
+}
+
+# Facts about the real models: parameter counts (UNet, text encoders, VAE), the native size,
+# LoRA parameters per unit of rank for the attention projections the trainer adapts, and
+# activation memory (GiB) at the native size, batch 1, half precision, with and without
+# gradient checkpointing.
+_PARAMS = {
+    "sd1": {"unet": 859_520_964, "text": (123_060_480,), "vae": 83_653_863},
+    "sd2": {"unet": 865_910_724, "text": (340_387_840,), "vae": 83_653_863},
+    "sdxl": {"unet": 2_567_463_684, "text": (123_060_480, 694_659_840), "vae": 83_653_863},
+}
+_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+_LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
+                  "sd2": {"unet": 199_296, "text": (245_760,)},
+                  "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)}}
+_ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0)}  # (checkpointed, not)
+_OVERHEAD_GIB = 0.5
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GiB needed by a training run, in parts (weights, gradients, optimizer, activations, overhead)."""
+
+    parts: dict[str, float]
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.parts.values())
+
+    def fits(self, gpu_gib: float) -> bool:
+        return self.total_gib <= gpu_gib
+
+    def describe(self) -> str:
+        detail = ", ".join(f"{name} {gib:.1f}" for name, gib in self.parts.items() if gib >= 0.05)
+        return f"about {self.total_gib:.1f} GiB ({detail})"
+
+
+def _flag(flags: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    value = flags.get(name)
+    return default if value is None else value
+
+
+def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEstimate:
+    """Peak GPU memory of a real-size `family` model ("sd1", "sd2", "sdxl") trained with the
+    training command's `flags` (names as `train_dreambooth.py`'s: `mixed_precision`,
+    `use_8bit_adam`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
+    `resolution`, `train_batch_size`, `not_cache_latents`, `shuffle_captions`).
+
+    Frozen weights count in the mixed-precision dtype, trained ones (full weights or LoRA
+    adapters) in float32 with float32 gradients; AdamW keeps 8 bytes per trained weight,
+    8-bit Adam 2. A text encoder that is not trained leaves the GPU when its embeddings are
+    cached (not with `shuffle_captions`), the VAE when latents are.
+    """
+    params, lora = _PARAMS[family], _LORA_PER_RANK[family]
+    half = str(_flag(flags, "mixed_precision", "no")) in ("fp16", "bf16")
+    frozen_bytes = 2 if half else 4
+    train_te = bool(_flag(flags, "train_text_encoder", False))
+    rank = int(_flag(flags, "lora_rank", 4))
+    use_lora = bool(_flag(flags, "use_lora", False))
+    text_resident = train_te or bool(_flag(flags, "shuffle_captions", False))
+    vae_resident = bool(_flag(flags, "not_cache_latents", False))
+
+    trained = frozen = 0
+    if use_lora:
+        frozen += params["unet"] + (sum(params["text"]) if train_te else 0)
+        trained += rank * (lora["unet"] + (sum(lora["text"]) if train_te else 0))
+    else:
+        trained += params["unet"] + (sum(params["text"]) if train_te else 0)
+    if text_resident and not train_te:
+        frozen += sum(params["text"])
+    if vae_resident:
+        frozen += params["vae"]
+    optimizer_bytes = 2 if _flag(flags, "use_8bit_adam", False) else 8
+    return MemoryEstimate({
+        "weights": (frozen * frozen_bytes + trained * 4) / GIB,
+        "gradients": trained * 4 / GIB,
+        "optimizer": trained * optimizer_bytes / GIB,
+        "activations": _activations_gib(family, flags, half),
+        "overhead": _OVERHEAD_GIB,
+    })
+
+
+def _activations_gib(family: str, flags: Mapping[str, Any], half: bool) -> float:
+    checkpointed, full = _ACTIVATIONS_GIB[family]
+    base = checkpointed if _flag(flags, "gradient_checkpointing", False) else full
+    pixels = (int(_flag(flags, "resolution", _NATIVE[family])) / _NATIVE[family]) ** 2
+    batch = int(_flag(flags, "train_batch_size", 1))
+    return base * pixels * batch * (1 if half else 2)
+
+
+def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, profile: str = "") -> str | None:
+    """A warning when a run with `flags` is estimated not to fit a GPU of `gpu_gib` GiB
+    (None: no GPU known, no warning); what to change, with the profile that would fit."""
+    if gpu_gib is None:
+        return None
+    estimate = estimate_training_memory(family, flags)
+    if estimate.fits(gpu_gib):
+        return None
+    what = f"The memory profile {profile!r}" if profile else "These training settings"
+    advice = ("choose the memory profile " + repr(SDXL_LORA_16GB) if family == "sdxl" and not flags.get("use_lora")
+              else "turn on gradient checkpointing and 8-bit Adam, lower the resolution or batch size, "
+                   "or train LoRA (--use_lora)")
+    return (f"{what} needs {estimate.describe()} but this GPU has {gpu_gib:.1f} GiB: training will "
+            f"probably run out of memory. To fit, {advice}.")
+
+
+def recommended_profile(family: str, gpu_gib: float | None = None) -> str:
+    """The profile the notebook's `auto` picks: the original notebook's for SD 1.x/2.x; for
+    SDXL the full fine-tune when it is estimated to fit the GPU, else LoRA (always LoRA
+    when the GPU is unknown: it fits a 16 GB Colab T4)."""
+    if family != "sdxl":
+        return SD_DEFAULT
+    full = {**MEMORY_PROFILES[SDXL_FULL_24GB], "resolution": _NATIVE["sdxl"]}
+    if gpu_gib is not None and estimate_training_memory("sdxl", full).fits(gpu_gib):
+        return SDXL_FULL_24GB
+    return SDXL_LORA_16GB
+
+
+def profile_note(profile: str, family: str) -> str | None:
+    """A note when `profile` is meant for other model families than `family`."""
+    meant = PROFILE_FAMILIES.get(profile, ())
+    if family in meant:
+        return None
+    return (f"The memory profile {profile!r} is meant for {' / '.join(meant)} models, not {family}; "
+            f"'{AUTO}' picks {recommended_profile(family)!r} for this model.")
