@@ -34,6 +34,7 @@ from PIL import Image
 from dbtools.atomic import atomic_write
 from dbtools.captions import apply_template, caption_candidates, clean_caption, template_problems
 from dbtools.concepts import Concept, concept_problems
+from dbtools.families import add_time_ids
 from dbtools.images import ImageError, list_images, load_rgb
 from dbtools.textio import CaptionEncodingError, read_caption_file
 
@@ -404,6 +405,8 @@ class Item:
     example: Example
     size: Size
     box: tuple[Size, tuple[int, int]]
+    original: Size = (0, 0)
+    """The image's upright (width, height) before any resizing."""
 
 
 @dataclass
@@ -433,8 +436,20 @@ def place_items(examples: Sequence[Example], cfg: DataConfig) -> list[Item]:
         size = nearest_bucket(w, h, buckets)
         rng = None if cfg.center_crop or cfg.aspect_ratio_bucketing else \
             random.Random(step_seed(cfg.seed, 0, f"crop:{ex.path}"))
-        items.append(Item(ex, size, cover_crop_box((w, h), size, rng)))
+        items.append(Item(ex, size, cover_crop_box((w, h), size, rng), (w, h)))
     return items
+
+
+def item_time_ids(item: Item, flip: bool) -> list[int]:
+    """SDXL's `add_time_ids` for what was done to `item`: its original (height, width), the
+    (top, left) of the crop in the resized image and the (height, width) trained on. A
+    flipped item's crop is mirrored: flipping after the crop equals cropping the flipped
+    image on the other side."""
+    (resized_w, _), (left, top) = item.box
+    width, height = item.size
+    if flip:
+        left = resized_w - left - width
+    return add_time_ids((item.original[1], item.original[0]), (top, left), (height, width))
 
 
 def _upright_size(img: Image.Image) -> Size:
@@ -468,7 +483,8 @@ class DreamBoothData:
 
     def micro_batch(self, i: int) -> dict:
         """Batch `i`: `{"instance": part, "class": part | None}`, each part a dict with
-        `prompts` and either `latent_mean`/`latent_std` (cached) or `pixels` (float32 NCHW)."""
+        `prompts`, `time_ids` (SDXL's micro-conditioning per image, `item_time_ids`) and
+        either `latent_mean`/`latent_std` (cached) or `pixels` (float32 NCHW)."""
         rng = random.Random(step_seed(self.cfg.seed, i, "batch"))
         inst = self._part([self.instance[k] for k in self.instance_stream.batch(i)], rng, captions=True)
         cls = None
@@ -482,7 +498,8 @@ class DreamBoothData:
         prompts = [transform_caption(it.example.prompt, rng, dropout=c.caption_dropout,
                                      shuffle=c.shuffle_captions, keep_tokens=c.keep_tokens)
                    if captions else it.example.prompt for it in items]
-        part = {"prompts": prompts}
+        part = {"prompts": prompts,
+                "time_ids": np.array([item_time_ids(it, f) for it, f in zip(items, flips)], dtype=np.float32)}
         if self.cache is not None:
             stats = [self.cache.get(it, f) for it, f in zip(items, flips)]
             part["latent_mean"] = np.stack([s[0] for s in stats])

@@ -770,8 +770,8 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
                              scheduler: str | None = None) -> StableDiffusionPipeline:
     """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
     `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
-    `unet/` and `text_encoder/`, or its LoRA adapters. The weights are the trained ones, not
-    the EMA average (that is what the run's weights folders hold).
+    `unet/`, `text_encoder/` and (SDXL) `text_encoder_2/`, or its LoRA adapters. The weights are
+    the trained ones, not the EMA average (that is what the run's weights folders hold).
     """
     import torch
     from diffusers import UNet2DConditionModel
@@ -785,9 +785,10 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
                          scheduler=scheduler)
     if (folder / "unet").is_dir():
         pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
-    if (folder / "text_encoder").is_dir():
-        cls = type(pipe.text_encoder)
-        pipe.text_encoder = _guard(str(folder), lambda: cls.from_pretrained(folder / "text_encoder", dtype=dtype))
+    for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained
+        if (folder / sub).is_dir() and getattr(pipe, sub, None) is not None:
+            setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
+                folder / sub, dtype=dtype)))
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(folder))
     elif not (folder / "unet").is_dir():

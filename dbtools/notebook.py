@@ -549,7 +549,8 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     notes: list[str] = []
     if memory_profile == AUTO:
         memory_profile = recommended_profile(family.family.key, gpu_gib)
-        notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
+        if family.family.is_sdxl:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
+            notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
     if memory_profile not in MEMORY_PROFILES:
         raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
                         f"{AUTO!r}. Pick one of them in the training cell.")
@@ -575,25 +576,35 @@ def training_command(model: str, output_dir: str | os.PathLike, concepts_list: s
     (`options` are its arguments; its notes and warning are logged). Checkpoints follow
     `save_interval` (one kept) unless set; `resume` adds `--resume_from_checkpoint latest`."""
     chosen = training_flags(model, **options)
-    for note in chosen.notes:
-        logger.info("%s", note)
-    if chosen.warning:
-        logger.warning("%s", chosen.warning)
+    _log_notes(chosen)
+    return _command(model, output_dir, concepts_list, chosen, resume)
+
+
+def _command(model: str, output_dir, concepts_list, chosen: TrainingFlags, resume: bool) -> list[str]:
     return build_train_command(pretrained_model_name_or_path=model, output_dir=output_dir,
                                concepts_list=concepts_list,
                                resume_from_checkpoint="latest" if resume else None, **chosen.flags)
 
 
-def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike,
-                    **options: Any) -> int:
+def _log_notes(chosen: TrainingFlags) -> None:
+    for note in chosen.notes:
+        logger.info("%s", note)
+    if chosen.warning:
+        logger.warning("%s", chosen.warning)
+
+
+def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
+                    resume: bool = False, **options: Any) -> int:
     """The training cell: show the command (`training_command`, with this machine's GPU
-    memory for `auto` and the fit check), run it with its output streamed into the cell;
-    raises `CommandError` with the last lines when it fails."""
+    memory for `auto` and the fit check) and then its notes, run it with its output streamed
+    into the cell; raises `CommandError` with the last lines when it fails."""
     from dbtools.train_config import mask_secrets
 
     options.setdefault("gpu_gib", gpu_memory_gib())
-    argv = training_command(model, output_dir, concepts_list, **options)
+    chosen = training_flags(model, **options)
+    argv = _command(model, output_dir, concepts_list, chosen, resume)
     logger.info("%s\n", shlex.join(mask_secrets(argv)))
+    _log_notes(chosen)
     return run_command(argv, check=True)
 
 
