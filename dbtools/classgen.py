@@ -31,6 +31,7 @@ from dbtools.errors import UserError
 from dbtools.atomic import atomic_save_image
 from dbtools.concepts import Concept, read_concepts
 from dbtools.images import list_images
+from dbtools.seeds import derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ class ClassGenConfig:
 
 def image_seed(seed: int, class_prompt: str, index: int) -> int:
     """The generator seed of image `index` for `class_prompt` (stable across runs and batch sizes)."""
-    digest = hashlib.sha256(f"{seed}\0{class_prompt}\0{index}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    return derived_seed(seed, class_prompt, index, sep="\0", byteorder="big")
 
 
 def image_index(path: str | os.PathLike) -> int | None:

@@ -36,6 +36,7 @@ from dbtools.captions import apply_template, caption_candidates, clean_caption, 
 from dbtools.concepts import Concept, concept_problems
 from dbtools.families import add_time_ids
 from dbtools.images import ImageError, list_images, load_rgb
+from dbtools.seeds import derived_seed
 from dbtools.textio import CaptionEncodingError, read_caption_file
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,7 @@ def image_to_array(img: Image.Image, dst: Size, box: tuple[Size, tuple[int, int]
 
 def step_seed(seed: int, index: int, salt: str = "") -> int:
     """A 63-bit seed for the random choices of micro-batch `index` (stable across runs)."""
-    # surrogateescape: a salt holding a file name that is not UTF-8 keeps its raw bytes.
-    digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derived_seed(seed, index, salt)
 
 
 class BatchStream:
