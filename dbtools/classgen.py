@@ -23,13 +23,13 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from dbtools.errors import UserError
 from dbtools.atomic import atomic_save_image
 from dbtools.concepts import Concept, read_concepts
+from dbtools.errors import UserError
 from dbtools.images import list_images
 from dbtools.seeds import derived_seed
 

@@ -12,9 +12,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, list_weights, step_folders
 

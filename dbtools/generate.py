@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class Generated:
     """One generated image with the settings that reproduce it."""
 
-    image: "Image.Image"
+    image: Image.Image
     settings: dict[str, Any]
     path: Path | None = None
 

@@ -19,21 +19,47 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
-from dbtools.profiles import AUTO, MEMORY_PROFILES, SD_DEFAULT, fit_warning, profile_note, recommended_profile
-from dbtools.errors import UserError
-from dbtools.env import (REPORTED_PACKAGES, format_gpu_report, gpu_memory_gib, gpu_report, in_colab,
-                         quiet_third_party, versions_report)
 from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
-from dbtools.editor import (CACHE_DIR, CAPTION_FORMATS, CaptionEditor, caption_path, free_caption_name,
-                            read_caption, rename_no_overwrite)
-from dbtools.generate import (DEFAULT_SCHEDULER, Generated, a1111_parameters, build_gradio_app,
-                              check_generation_args, generate, generate_images, generation_settings,
-                              launch_gradio, load_inference_pipeline, png_metadata, read_png_settings)
+from dbtools.editor import (
+    CACHE_DIR,
+    CAPTION_FORMATS,
+    CaptionEditor,
+    caption_path,
+    free_caption_name,
+    read_caption,
+    rename_no_overwrite,
+)
+from dbtools.env import (
+    REPORTED_PACKAGES,
+    format_gpu_report,
+    gpu_memory_gib,
+    gpu_report,
+    in_colab,
+    quiet_third_party,
+    versions_report,
+)
+from dbtools.errors import UserError
+from dbtools.generate import (
+    DEFAULT_SCHEDULER,
+    Generated,
+    a1111_parameters,
+    build_gradio_app,
+    check_generation_args,
+    generate,
+    generate_images,
+    generation_settings,
+    launch_gradio,
+    load_inference_pipeline,
+    png_metadata,
+    read_png_settings,
+)
+from dbtools.profiles import AUTO, MEMORY_PROFILES, SD_DEFAULT, fit_warning, profile_note, recommended_profile
 
 __all__ = [
     # environment
@@ -626,7 +652,7 @@ class Session:
     """The base model's `families.Detected`, or None when it could not be read yet."""
 
     @classmethod
-    def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> "Session":
+    def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> Session:
         """The settings cell: mount Drive when asked (Colab only), make the output folder,
         tell the model's family (the training cell adapts to it)."""
         on_drive = bool(save_to_gdrive) and mount_drive()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 

@@ -45,6 +45,6 @@ def test_quiet_is_by_message_and_category_not_blanket():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         env.quiet_third_party()  # re-applies its filters over "default"
-        warnings.warn("`gradient_checkpointing_enable` is deprecated", UserWarning)  # other category
-        warnings.warn("something else", FutureWarning)
+        warnings.warn("`gradient_checkpointing_enable` is deprecated", UserWarning, stacklevel=1)  # other category
+        warnings.warn("something else", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["`gradient_checkpointing_enable` is deprecated", "something else"]

@@ -130,7 +130,8 @@ def test_scheduler_menu_has_one_entry_per_scheduler():
 
     values = [v for _, v in G.scheduler_choices()]
     assert len(values) == len(set(values)) == len(set(SCHEDULERS.values())) + 1
-    assert scheduler_key("dpmsolver++") == scheduler_key("DPM++ 2M") == scheduler_key("DPMSolverMultistepScheduler") == "dpm++"
+    assert scheduler_key("dpmsolver++") == scheduler_key("DPM++ 2M") == "dpm++"
+    assert scheduler_key("DPMSolverMultistepScheduler") == "dpm++"
     assert G.sampler_name("euler_a") == "Euler a" and G.sampler_name("ddim") == "DDIM"
 
 

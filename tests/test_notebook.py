@@ -121,7 +121,7 @@ def test_every_form_field_is_a_literal_and_is_used():
         for node in ast.walk(ast.parse(python_source(cell.source))):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
                 loaded.add(node.id)
-    for name, (_, _, value) in fields.items():
+    for _, _, value in fields.values():
         ast.literal_eval(value)  # Colab forms need a plain literal
     unused = sorted(set(fields) - loaded)
     assert not unused, f"form fields never used: {unused}"
@@ -145,7 +145,8 @@ def test_no_token_field_and_real_defaults():
     # original notebook's flags.
     from dbtools.families import SD1, Detected
 
-    chosen = notebook.training_flags(fields["MODEL_NAME"], family=Detected(SD1), memory_profile=fields["memory_profile"],
+    chosen = notebook.training_flags(fields["MODEL_NAME"], family=Detected(SD1),
+                                     memory_profile=fields["memory_profile"],
                                      pretrained_vae_name_or_path=fields["vae_name"],
                                      **{k: fields[k] for k in expected if k in fields})
     assert {k: chosen.flags[k] for k in expected} == expected

@@ -297,7 +297,8 @@ def test_setup_installs_requirements_only_in_colab(monkeypatch, capsys, colab, s
     monkeypatch.setattr(nb, "in_colab", lambda: colab)
     monkeypatch.setattr(nb, "run_command", lambda argv, **kw: calls.append(argv) or 0)
     monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
-    sys.modules["google.colab"].output = type("output", (), {"enable_custom_widget_manager": staticmethod(lambda: None)})
+    sys.modules["google.colab"].output = type("output", (),
+                                              {"enable_custom_widget_manager": staticmethod(lambda: None)})
     if skip_env:
         monkeypatch.setenv("DBTOOLS_SKIP_INSTALL", skip_env)
     else:

@@ -103,7 +103,8 @@ def test_method1_with_an_empty_class_folder_generates_images_and_diffusers_layou
     assert UNet2DConditionModel.from_pretrained(out / "checkpoint-2" / "unet").config.sample_size == \
         pipe.unet.config.sample_size  # diffusers' documented way to use a checkpoint
     # generate accepts the checkpoint folder too
-    from dbtools.generate import main as generate, read_png_settings
+    from dbtools.generate import main as generate
+    from dbtools.generate import read_png_settings
 
     assert generate(["--model", str(out / "checkpoint-2"), "--prompt", "a red car", "--steps", "1",
                      "--seed", "4", "--out_dir", str(tmp_path / "gen")]) == 0
