@@ -185,7 +185,7 @@ def run_ours(a: argparse.Namespace) -> dict:
                         gradient_checkpointing=a.gpu_flags, use_8bit_adam=a.gpu_flags, pad_tokens=True,
                         use_lora=a.use_lora)
     real_finish = T.finish
-    T.finish = lambda run, step: clock.tick()  # stop the clock; saving is not part of the loop
+    T.finish = lambda run, step, skipped=0: clock.tick()  # stop the clock; saving is not part of the loop
     T.train(cfg)
     T.finish = real_finish
     return clock.report(a.warmup)

@@ -30,13 +30,9 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dbtools.atomic import TMP_PREFIX, atomic_dir, atomic_write_text, is_temporary, restore_interrupted_swaps
 from dbtools.errors import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dbtools.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +120,6 @@ def resume_path(output_dir: str | os.PathLike, resume_from_checkpoint: str | Non
 def checkpoint_step(path: Path) -> int:
     """The step encoded in a `checkpoint-<step>` folder name."""
     return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def should_save(step: int, cfg: TrainConfig) -> bool:
-    """Shivam's rule: every `save_interval` steps once `save_min_steps` is reached."""
-    return step > 0 and step % cfg.save_interval == 0 and step >= cfg.save_min_steps
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
@@ -354,7 +345,7 @@ def save_ema(ema, names: list[str], folder: Path) -> None:
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params)}, str(folder / EMA_WEIGHTS))
+    save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}, str(folder / EMA_WEIGHTS))
     state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     atomic_write_text(folder / EMA_STATE, json.dumps({**state, "names": names}, indent=2))
 

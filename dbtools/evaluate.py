@@ -249,7 +249,7 @@ def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed:
     import torch
     import torch.nn.functional as F
 
-    from dbtools.train import diffusion_target  # the one home of the target rule
+    from dbtools.losses import diffusion_target  # the one home of the target rule
 
     gen = torch.Generator("cpu").manual_seed(int(seed))
     grid = validation_timesteps(noise_scheduler.config.num_train_timesteps, num_timesteps)

@@ -10,7 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dbtools import checkpoints as C
 from dbtools import train as T
+from dbtools import train_setup as S
+from dbtools.train_config import TrainConfig
+from dbtools.train_setup import TrainError
 from dbtools.errors import UserError
 from tests.test_train import assert_same, config, weights
 
@@ -120,8 +124,8 @@ def test_a_hostile_file_is_refused_at_load_time_too(ema_run, tmp_path):
 def test_resume_from_a_weights_folder_names_the_checkpoints(ema_run, tmp_path, tiny_sd):
     root, inst, kw, _ = ema_run
     out = root / "out"
-    with pytest.raises(T.TrainError) as err:
-        T.preflight(config(tiny_sd, inst, out, resume_from_checkpoint=str(out / "4"), **kw))
+    with pytest.raises(TrainError) as err:
+        S.preflight(config(tiny_sd, inst, out, resume_from_checkpoint=str(out / "4"), **kw))
     msg = str(err.value)
     assert "is a weights folder" in msg and str(out / "checkpoint-2") in msg and str(out / "checkpoint-4") in msg
 
@@ -166,7 +170,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_pat
           "max_train_steps": 2}
     full = T.train(config(tiny_sd, inst, tmp_path / "full", **kw))
     ckpt = tmp_path / "full" / "checkpoint-1"
-    adapters = load_file(str(ckpt / T.LORA_WEIGHTS))
+    adapters = load_file(str(ckpt / C.LORA_WEIGHTS))
     assert any(k.startswith("unet.") for k in adapters) and any(k.startswith("text_encoder.") for k in adapters)
     assert not list(ckpt.glob("*.pkl"))
     pipe = load_pipeline(str(ckpt))
@@ -175,7 +179,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_pat
     shutil.copytree(ckpt, tmp_path / "resumed" / ckpt.name)
     resumed = T.train(config(tiny_sd, inst, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     assert resumed.resumed_from is not None
-    assert_same(load_file(str(full.weights_dir / T.LORA_WEIGHTS)), load_file(str(resumed.weights_dir / T.LORA_WEIGHTS)))
+    assert_same(load_file(str(full.weights_dir / C.LORA_WEIGHTS)), load_file(str(resumed.weights_dir / C.LORA_WEIGHTS)))
 
 
 def test_ema_is_kept_on_the_main_process_only(tiny_sd):
@@ -184,11 +188,11 @@ def test_ema_is_kept_on_the_main_process_only(tiny_sd):
     from dbtools.models import load_sd_components
 
     models = load_sd_components(str(tiny_sd))
-    cfg = T.TrainConfig(use_ema=True)
+    cfg = TrainConfig(use_ema=True)
     other = SimpleNamespace(is_main_process=False, device=torch.device("cpu"))
     main = SimpleNamespace(is_main_process=True, device=torch.device("cpu"))
-    assert T._make_ema(cfg, models, other) is None
-    assert T._make_ema(cfg, models, main) is not None
+    assert S.make_ema(cfg, models, other) is None
+    assert S.make_ema(cfg, models, main) is not None
 
 
 def test_export_accepts_a_checkpoint_folder(ema_run, tmp_path, tiny_sd):

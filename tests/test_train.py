@@ -17,8 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from dbtools import cli
+from dbtools import checkpoints as C
 from dbtools import train as T
-from dbtools.train import TrainConfig, TrainError
+from dbtools import train_config as TC
+from dbtools import train_outputs as O
+from dbtools import train_setup as S
+from dbtools.prompts import PromptEncoder
+from dbtools.train_config import TrainConfig
+from dbtools.train_setup import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -87,7 +93,7 @@ DIFFUSERS_DEFAULTS = dict(
 
 def test_parser_accepts_both_flag_sets_with_their_defaults(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    args = T.parse_args(["--pretrained_model_name_or_path", "m"])
+    args = TC.parse_args(["--pretrained_model_name_or_path", "m"])
     for name, default in {**SHIVAM_DEFAULTS, **DIFFUSERS_DEFAULTS}.items():
         assert getattr(args, name) == default, name
     cfg = TrainConfig.from_args(args)
@@ -96,28 +102,28 @@ def test_parser_accepts_both_flag_sets_with_their_defaults(monkeypatch):
     import train_dreambooth
 
     assert vars(train_dreambooth.parse_args(["--mixed_precision", "bf16", "--use_lora", "--lora_rank", "8"])) == \
-        vars(T.parse_args(["--mixed_precision", "bf16", "--use_lora", "--lora_rank", "8"]))
+        vars(TC.parse_args(["--mixed_precision", "bf16", "--use_lora", "--lora_rank", "8"]))
 
 
 def test_args_json_never_holds_secrets():
     cfg = TrainConfig(hub_token=TOKEN, save_sample_prompt=f"leaked {TOKEN}", pad_tokens=True, keep_tokens=2)
-    text = json.dumps(T.public_args(cfg))
+    text = json.dumps(TC.public_args(cfg))
     assert TOKEN not in text and "hub_token" not in text
     assert '"pad_tokens": true' in text and '"keep_tokens": 2' in text
 
 
 def test_mixed_precision_falls_back_without_cuda():
-    precision, warning = T.resolve_mixed_precision("fp16", cuda=False)
+    precision, warning = TC.resolve_mixed_precision("fp16", cuda=False)
     assert precision == "no" and "needs a CUDA GPU" in warning
-    assert T.resolve_mixed_precision("fp16", cuda=True) == ("fp16", None)
-    assert T.resolve_mixed_precision("bf16", cuda=False) == ("bf16", None)
-    assert T.resolve_mixed_precision(None, cuda=True) == ("no", None)
+    assert TC.resolve_mixed_precision("fp16", cuda=True) == ("fp16", None)
+    assert TC.resolve_mixed_precision("bf16", cuda=False) == ("bf16", None)
+    assert TC.resolve_mixed_precision(None, cuda=True) == ("no", None)
 
 
 def test_8bit_adam_falls_back_to_adamw_with_a_warning(monkeypatch, caplog):
     params = [torch.nn.Parameter(torch.zeros(3))]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
-    opt = T.make_optimizer(TrainConfig(use_8bit_adam=True), params, "cpu")
+    opt = S.make_optimizer(TrainConfig(use_8bit_adam=True), params, "cpu")
     assert type(opt) is torch.optim.AdamW
     assert "bitsandbytes cannot run" in caplog.text
 
@@ -128,10 +134,10 @@ def test_latest_weights_and_checkpoint_see_only_complete_folders(tmp_path):
     for name in ("2", "10", ".tmp-30-abc"):
         (tmp_path / name / "model_index.json").write_text("{}")
     (tmp_path / "0" / "model_index.json").unlink(missing_ok=True)
-    assert T.latest_weights(tmp_path) == tmp_path / "10"
-    assert T.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
-    assert T.checkpoints_to_remove(tmp_path, 1) == [tmp_path / "checkpoint-5"]
-    assert T.latest_weights(tmp_path / "nothing") is None
+    assert C.latest_weights(tmp_path) == tmp_path / "10"
+    assert C.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert C.checkpoints_to_remove(tmp_path, 1) == [tmp_path / "checkpoint-5"]
+    assert C.latest_weights(tmp_path / "nothing") is None
 
 
 def test_preflight_lists_every_problem_before_loading_a_model(tmp_path, dataset, tiny_sd, monkeypatch, capsys):
@@ -263,7 +269,7 @@ def test_sigkill_mid_checkpoint_then_resume_latest_matches(tmp_path, dataset, ti
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert T.latest_checkpoint(out) == out / "checkpoint-2"
+    assert C.latest_checkpoint(out) == out / "checkpoint-2"
     resumed = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), f"--output_dir={out}",
                               "--resume_from_checkpoint=latest", *flags], env=env(), capture_output=True,
                              text=True, timeout=600)
@@ -311,13 +317,13 @@ def test_lora_weights_load_with_diffusers(tmp_path, dataset, tiny_sd):
     result = T.train(config(tiny_sd, dataset, tmp_path / "lora", use_lora=True, lora_rank=2,
                             train_text_encoder=True, save_sample_prompt="sks toy"))
     folder = result.weights_dir
-    assert (folder / T.LORA_WEIGHTS).is_file() and not (folder / "unet").exists()
-    assert (folder / "samples" / "0.png").is_file() and T.latest_weights(tmp_path / "lora") == folder
+    assert (folder / C.LORA_WEIGHTS).is_file() and not (folder / "unet").exists()
+    assert (folder / "samples" / "0.png").is_file() and C.latest_weights(tmp_path / "lora") == folder
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.load_lora_weights(folder)
-    saved = load_file(str(folder / T.LORA_WEIGHTS))
+    saved = load_file(str(folder / C.LORA_WEIGHTS))
     assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
     lora_b = {k: v for k, v in pipe.unet.state_dict().items() if "lora_B" in k}
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())  # trained, not the zero init
@@ -337,7 +343,7 @@ def test_nonfinite_loss_is_skipped_then_aborts(tmp_path, dataset, tiny_sd, monke
     bad.update(range(100))
     with pytest.raises(TrainError, match="not finite.*3 steps in a row"):
         T.train(config(tiny_sd, dataset, tmp_path / "all", max_train_steps=10, max_nonfinite_steps=3))
-    assert T.latest_weights(tmp_path / "all") is None
+    assert C.latest_weights(tmp_path / "all") is None
 
 
 def test_push_to_hub_uses_upload_folder_and_login_token(tmp_path, monkeypatch):
@@ -357,7 +363,7 @@ def test_push_to_hub_uses_upload_folder_and_login_token(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    repo = T.push_to_hub(TrainConfig(output_dir=str(tmp_path / "my-model")), tmp_path / "my-model" / "7")
+    repo = O.push_to_hub(TrainConfig(output_dir=str(tmp_path / "my-model")), tmp_path / "my-model" / "7")
     assert repo == "me/my-model" and calls["token"] is None
     assert calls["upload"] == ("me/my-model", str(tmp_path / "my-model" / "7"))
 
@@ -385,17 +391,17 @@ def test_cached_prompt_states_equal_encoding_the_batch_padded_to_its_longest(tin
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval()
     prompts = ["a red car", "a photo of a dog sitting in a green forest", ""]
-    cached = T.PromptEncoder(tok, te, pad_tokens=False, max_length=None, use_attention_mask=False, cache=True)
+    cached = PromptEncoder(tok, pad_tokens=False, max_length=None, use_attention_mask=False, cache=True)
     with torch.no_grad():
         ids = tok(prompts, padding="longest", return_tensors="pt").input_ids
         direct = te(ids)[0]
-        got = cached.encode(prompts, "cpu")
-        again = cached.encode(prompts[:1], "cpu")  # from the cache, cut to its own length
+        got = cached.encode(prompts, te, "cpu")
+        again = cached.encode(prompts[:1], te, "cpu")  # from the cache, cut to its own length
     assert got.shape == direct.shape and torch.allclose(got, direct, atol=1e-5)
     assert again.shape[1] == len(tok(prompts[0]).input_ids)
-    padded = T.PromptEncoder(tok, te, pad_tokens=True, max_length=None, use_attention_mask=False, cache=False)
+    padded = PromptEncoder(tok, pad_tokens=True, max_length=None, use_attention_mask=False, cache=False)
     with torch.no_grad():
-        assert padded.encode(prompts[:1], "cpu").shape[1] == tok.model_max_length
+        assert padded.encode(prompts[:1], te, "cpu").shape[1] == tok.model_max_length
 
 
 # --------------------------------------------------------------------------- latent cache on disk
@@ -413,7 +419,7 @@ def test_cache_dir_is_reused_by_a_new_run_and_only_edited_images_are_encoded(tmp
 
     from diffusers import AutoencoderKL
 
-    caplog.set_level(logging.INFO, logger="dbtools.train")
+    caplog.set_level(logging.INFO, logger="dbtools.train_setup")
     cache = tmp_path / "latent-cache"
     real_encode = AutoencoderKL.encode
     encoded: list[int] = []

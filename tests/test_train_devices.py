@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from dbtools import train as T
-from dbtools.train import TrainConfig
+from dbtools import train_outputs as O
+from dbtools import train_setup as S
+from dbtools.train_config import TrainConfig
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def config(model, data, out, **kw) -> TrainConfig:
 
 
 def test_process_group_waits_hours_not_the_ten_minute_default(tmp_path):
-    acc = T.make_accelerator(TrainConfig(output_dir=str(tmp_path), report_to="none"))
+    acc = S.make_accelerator(TrainConfig(output_dir=str(tmp_path), report_to="none"))
     assert acc.init_handler is not None and acc.init_handler.timeout >= timedelta(hours=1)
 
 
@@ -59,15 +61,15 @@ def _probe(monkeypatch, native: bool) -> list:
 def test_gpu_is_asked_about_bf16_only_when_bf16_is_requested(monkeypatch):
     calls = _probe(monkeypatch, native=True)
     for requested in ("no", "fp16"):
-        assert T.usable_precision(requested, cuda=True) == (requested, None)
+        assert S.usable_precision(requested, cuda=True) == (requested, None)
     assert calls == []  # asking wakes CUDA on GPU 0 in every process
-    assert T.usable_precision("bf16", cuda=True) == ("bf16", None)
+    assert S.usable_precision("bf16", cuda=True) == ("bf16", None)
     assert calls == [False]
 
 
 def test_emulated_bf16_is_not_support(monkeypatch):
     _probe(monkeypatch, native=False)
-    precision, warning = T.usable_precision("bf16", cuda=True)
+    precision, warning = S.usable_precision("bf16", cuda=True)
     assert precision == "no" and "does not support bf16" in warning
 
 
@@ -102,8 +104,8 @@ def _prepared(tiny_sd, tmp_path, **kw):
     from types import SimpleNamespace
 
     cfg = config(tiny_sd, tmp_path, tmp_path / "out", **kw)
-    models = T.load_models(cfg)
-    params = T.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), torch.float32)
+    models = S.load_models(cfg)
+    params = S.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), torch.float32)
     return models, params
 
 
@@ -146,8 +148,8 @@ def test_no_deprecation_or_float32_messages_while_preparing_and_moving(tiny_sd, 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             models, _ = _prepared(tiny_sd, tmp_path, train_text_encoder=True, gradient_checkpointing=True)
-            T._move(models.vae, "cpu", torch.bfloat16)
-            T._move(models.vae, "cpu", torch.float32)
+            S.move_module(models.vae, "cpu", torch.bfloat16)
+            S.move_module(models.vae, "cpu", torch.float32)
     finally:
         diffusers_logger.removeHandler(handler)
     assert models.vae.dtype == torch.float32 and models.text_encoder.is_gradient_checkpointing
@@ -183,13 +185,13 @@ def _prompt_encoder(tiny_sd, tmp_path, **kw):
     items = [SimpleNamespace(example=SimpleNamespace(prompt=f"sks toy, red, round, number {i}")) for i in range(3)]
     data = SimpleNamespace(all_items=lambda: items)
     cfg = config(tiny_sd, tmp_path, tmp_path / "out", caption_dropout=0.1, **kw)
-    return T.make_prompt_encoder(cfg, models, data, SimpleNamespace(device=torch.device("cpu")))
+    return S.make_prompt_encoder(cfg, models, data, SimpleNamespace(device=torch.device("cpu"))), models.text_encoder
 
 
 def test_shuffled_captions_do_not_grow_the_prompt_cache(tiny_sd, tmp_path):
     import random
 
-    enc = _prompt_encoder(tiny_sd, tmp_path, shuffle_captions=True)
+    enc, te = _prompt_encoder(tiny_sd, tmp_path, shuffle_captions=True)
     assert enc.cache is not None and "" in enc.cache  # dropped captions still come from the cache
     before = len(enc.cache)
     rng = random.Random(0)
@@ -197,12 +199,12 @@ def test_shuffled_captions_do_not_grow_the_prompt_cache(tiny_sd, tmp_path):
     with torch.no_grad():
         for _ in range(20):
             prompts = [", ".join(rng.sample(tags, len(tags))) for _ in range(2)]
-            got = enc.encode(prompts, "cpu")
+            got = enc.encode(prompts, te, "cpu")
             ids = enc.tokenize(prompts)[0]
-            assert torch.allclose(got, enc.text_encoder(ids)[0][:, :got.shape[1]], atol=1e-5)
+            assert torch.allclose(got, te(ids)[0][:, :got.shape[1]], atol=1e-5)
     assert len(enc.cache) == before <= 4
 
-    fixed = _prompt_encoder(tiny_sd, tmp_path)  # unshuffled prompts repeat: every one is cached
+    fixed, _ = _prompt_encoder(tiny_sd, tmp_path)  # unshuffled prompts repeat: every one is cached
     assert len(fixed.cache) == 4 and fixed.grow
 
 
@@ -285,7 +287,7 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
     import dbtools.export
 
     state = {"inside": False, "runs": []}
-    real_setup, real_export = T._for_inference, dbtools.export.export_single_file
+    real_setup, real_export = O._for_inference, dbtools.export.export_single_file
 
     @contextlib.contextmanager
     def spied_setup(run):
@@ -301,7 +303,7 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
         state["runs"].append((state["inside"], state["run"].ema.temp_stored_params is None))
         return real_export(folder, out, *a, **kw)
 
-    monkeypatch.setattr(T, "_for_inference", spied_setup)
+    monkeypatch.setattr(O, "_for_inference", spied_setup)
     monkeypatch.setattr(dbtools.export, "export_single_file", spied_export)
     result = T.train(config(tiny_sd, dataset, tmp_path / "out", use_ema=True, save_single_file=True))
     assert state["runs"] == [(False, True)]

@@ -21,12 +21,15 @@ import pytest
 from dbtools import cli
 from dbtools import notebook as nb
 from dbtools import train as T
+from dbtools import train_outputs as O
+from dbtools import train_setup as S
 from dbtools.concepts import Concept
 from dbtools.data import find_caption_file, scan_concepts, step_seed, weights_key
 from dbtools.editor import read_caption
 from dbtools.extract import ExtractConfig, run_extract
 from dbtools.textio import CaptionEncodingError, decode_caption
-from dbtools.train import TrainConfig, TrainError
+from dbtools.train_config import TrainConfig
+from dbtools.train_setup import TrainError
 from dbtools.train_config import mask_secrets, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +64,7 @@ def no_model_loads(monkeypatch):
 
 def preflight_error(cfg: TrainConfig) -> str:
     with pytest.raises(TrainError) as info:
-        T.preflight(cfg)
+        S.preflight(cfg)
     return str(info.value)
 
 
@@ -174,17 +177,15 @@ def test_disk_full_as_the_writers_report_it(tmp_path, monkeypatch, error):
 
     import torch
 
-    import dbtools.train as train_module
-
     run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=types.SimpleNamespace(
         unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)))
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(TrainError, match="disk is full.*needs about 4 MiB"), T._disk_full_message(run):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(TrainError, match="disk is full.*needs about 4 MiB"), O.disk_full_message(run):
         raise error
     # With room to spare, only an error that names errno 28 is still taken for a full disk.
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, 10**11))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, 10**11))
     expected = TrainError if "os error 28" in str(error) else RuntimeError
-    with pytest.raises(expected) as info, T._disk_full_message(run):
+    with pytest.raises(expected) as info, O.disk_full_message(run):
         raise error
     assert type(info.value) is expected
 
@@ -244,15 +245,15 @@ def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(
     shutil.rmtree(out / "500")
     weights_factory(out, "checkpoint-7")
     assert "another run" in preflight_error(config(tiny_sd, tmp_path / "inst", out))
-    T.preflight(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))  # resuming is fine
+    S.preflight(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))  # resuming is fine
     shutil.rmtree(out / "checkpoint-7")
     weights_factory(out, "9")  # weights but nothing to resume from
     text = preflight_error(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))
     assert "no checkpoint to resume from" in text and "--overwrite_output_dir" in text
-    T.preflight(config(tiny_sd, tmp_path / "inst", out, overwrite_output_dir=True))
+    S.preflight(config(tiny_sd, tmp_path / "inst", out, overwrite_output_dir=True))
     shutil.rmtree(out)
     (out / "0" / "logs").mkdir(parents=True)  # logs alone are not a run
-    T.preflight(config(tiny_sd, tmp_path / "inst", out))
+    S.preflight(config(tiny_sd, tmp_path / "inst", out))
 
 
 def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(tmp_path, image_factory, tiny_sd,
@@ -311,7 +312,7 @@ def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, image_
     shutil.copytree(tiny_sd, model)
     captioned(tmp_path / "inst", image_factory)
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="dbtools.train")
+    caplog.set_level(logging.INFO, logger="dbtools.train_setup")
     T.train(config(model, tmp_path / "inst", tmp_path / "a", cache_dir=str(cache)))
     vae = AutoencoderKL.from_pretrained(model / "vae")
     with torch.no_grad():

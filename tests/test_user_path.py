@@ -129,7 +129,7 @@ def test_diffusers_flags_are_accepted_or_explained():
 def test_skip_save_text_encoder_saves_a_pipeline_without_it(tmp_path, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    from dbtools.train import _save_pipeline
+    from dbtools.train_outputs import _save_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     _save_pipeline(pipe, tmp_path / "w", skip_text_encoder=True)

@@ -1,0 +1,250 @@
+"""What a training run writes: weights folders with sample images, validation images,
+accelerate checkpoints and the Hub upload.
+
+Every folder is built under a temporary name and renamed when complete (`atomic_dir`),
+so a crash never leaves a half-written folder that looks finished. Only the main
+process calls these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
+from dbtools.checkpoints import SINGLE_FILE_NAME, write_checkpoint
+from dbtools.train_config import TrainConfig, public_args
+from dbtools.train_folders import human_size, nearest_existing
+from dbtools.train_setup import TrainError, move_module
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+    from PIL.Image import Image
+
+    from dbtools.models import SDComponents
+    from dbtools.train import Run
+
+logger = logging.getLogger(__name__)
+
+
+def periodic_saves(run: Run, step: int) -> None:
+    """Checkpoint, weights and validation images due at `step` (main process; the others wait)."""
+    with disk_full_message(run):
+        if run.accelerator.is_main_process:
+            _saves_due(run, step, last=step == run.max_train_steps)
+    run.accelerator.wait_for_everyone()
+
+
+def _saves_due(run: Run, step: int, last: bool) -> None:
+    cfg = run.cfg
+    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+        save_checkpoint(run, step)
+    if should_save(step, cfg) and not last:
+        save_weights(run, step)
+    if cfg.validation_prompt and step % cfg.validation_steps == 0:
+        save_validation(run, step)
+
+
+def should_save(step: int, cfg: TrainConfig) -> bool:
+    """Shivam's rule: weights every `save_interval` steps once `save_min_steps` is reached."""
+    return step > 0 and step % cfg.save_interval == 0 and step >= cfg.save_min_steps
+
+
+def save_weights(run: Run, step: int, final: bool = False) -> Path:
+    """Write `<output_dir>/<step>/` (weights, args.json, samples) atomically; main process only.
+
+    With `--output_layout diffusers` the final weights go into `output_dir` itself instead
+    (`from_pretrained(output_dir)` loads them, as with diffusers' script).
+    """
+    cfg = run.cfg
+    if final and cfg.output_layout == "diffusers":
+        return _save_final_in_place(run, step)
+    target = Path(cfg.output_dir) / str(step)
+    with atomic_dir(target) as tmp:
+        with _for_inference(run):
+            pipe = build_pipeline(run)
+            if cfg.use_lora:
+                save_lora(tmp, run.accelerator, run.models, cfg.train_text_encoder)
+            else:
+                _save_pipeline(pipe, tmp, skip_text_encoder=final and cfg.skip_save_text_encoder)
+            atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
+            if cfg.save_sample_prompt:
+                for i, img in enumerate(sample_images(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
+                                                 cfg.save_sample_negative_prompt)):
+                    atomic_save_image(img, tmp / "samples" / f"{i}.png")
+            del pipe
+        if final and cfg.save_single_file:
+            # The export reads the saved folder, so it runs after the float32 VAE and text
+            # encoder have left the GPU and the EMA's copy of the trained weights is gone.
+            from dbtools.export import export_single_file
+
+            export_single_file(tmp, tmp / SINGLE_FILE_NAME)
+    logger.info("[*] weights saved at %s", target)
+    return target
+
+
+def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encoder: bool = False) -> None:
+    """`save_pretrained` in safetensors; without the text encoder when asked (diffusers'
+    `--skip_save_text_encoder`: the base model's is given back when loading)."""
+    if skip_text_encoder:
+        pipe = type(pipe)(**{**pipe.components, "text_encoder": None})
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _save_final_in_place(run: Run, step: int) -> Path:
+    """The final weights straight into `output_dir` (diffusers' layout), built in a step
+    folder first so a crash never leaves a half-written pipeline; the step folder's files
+    are then moved up, each with an atomic rename."""
+    staged = save_weights(run, step)
+    root = Path(run.cfg.output_dir)
+    for item in sorted(staged.iterdir()):
+        dest = root / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    staged.rmdir()
+    logger.info("[*] final weights moved into %s (--output_layout diffusers)", root)
+    return root
+
+
+def build_pipeline(run: Run) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` from the models being trained (DDIM sampler)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    acc = run.accelerator
+    return StableDiffusionPipeline(
+        vae=run.models.vae, text_encoder=acc.unwrap_model(run.text_encoder), tokenizer=run.models.tokenizer,
+        unet=acc.unwrap_model(run.unet), scheduler=DDIMScheduler.from_config(run.models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@contextlib.contextmanager
+def _for_inference(run: Run) -> Iterator[None]:
+    """Frozen modules on the device in float32, EMA weights swapped in; all undone afterwards."""
+    device = run.accelerator.device
+    frozen = [run.models.vae] + ([] if run.cfg.train_text_encoder else [run.models.text_encoder])
+    before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
+    for m in frozen:
+        move_module(m, device, torch.float32)
+    params = list(run.accelerator.unwrap_model(run.unet).parameters())
+    if run.ema is not None:
+        run.ema.store(params)
+        run.ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if run.ema is not None:
+            run.ema.restore(params)
+        for m, dev, dtype in before:
+            move_module(m, dev, dtype)
+
+
+def sample_images(pipe: StableDiffusionPipeline, prompt: str, n: int, cfg: TrainConfig, seed: int,
+                  negative: str | None = None) -> list[Image]:
+    """`n` images of `prompt` with a fixed seed (one pipeline call per image)."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(n):
+        gen = torch.Generator("cpu").manual_seed(seed + i)
+        with torch.no_grad():
+            images += pipe(prompt, negative_prompt=negative, guidance_scale=cfg.save_guidance_scale,
+                           num_inference_steps=cfg.save_infer_steps, generator=gen, height=cfg.resolution,
+                           width=cfg.resolution).images
+    return images
+
+
+def lora_state_dict(model, adapter: str = "default") -> dict:
+    """The LoRA tensors of `model` with peft's key names (adapter name removed)."""
+    marker = f".{adapter}."
+    return {k.replace(marker, "."): v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, train_text_encoder: bool) -> None:
+    """The LoRA adapters of the UNet (and text encoder when trained) in diffusers' file layout."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(models.unet)))
+    te_layers = None
+    if train_text_encoder:
+        te_layers = convert_state_dict_to_diffusers(lora_state_dict(accelerator.unwrap_model(models.text_encoder)))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=te_layers)
+
+
+def save_validation(run: Run, step: int) -> None:
+    """diffusers-style validation images: `<output_dir>/validation/<step>/<i>.png` and TensorBoard."""
+    import numpy as np
+
+    cfg = run.cfg
+    with atomic_dir(Path(cfg.output_dir) / "validation" / str(step)) as tmp, _for_inference(run):
+        pipe = build_pipeline(run)
+        if cfg.validation_scheduler:
+            from dbtools.models import make_scheduler
+
+            pipe.scheduler = make_scheduler(cfg.validation_scheduler, pipe.scheduler.config)
+        images = sample_images(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
+        for i, img in enumerate(images):
+            atomic_save_image(img, tmp / f"{i}.png")
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
+    return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit,
+                            args=public_args(run.cfg))
+
+
+def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
+    """Upload `folder` with `HfApi.upload_folder`; the token comes from HF_TOKEN / login unless given."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=cfg.hub_token or None)
+    repo_id = cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"weights {folder.name}")
+    return repo_id
+
+
+@contextlib.contextmanager
+def disk_full_message(run: Run) -> Iterator[None]:
+    """A full disk while saving becomes one `TrainError` naming the folder and the space needed
+    (the half-written folder is already removed by `atomic_dir`)."""
+    try:
+        yield
+    except Exception as exc:  # safetensors and torch.save report a full disk in their own ways
+        out = Path(run.cfg.output_dir)
+        need, free = _save_bytes(run), shutil.disk_usage(nearest_existing(out)).free
+        if not (_is_disk_full(exc) or free < need):
+            raise
+        raise TrainError(f"The disk is full: saving in {out} needs about {human_size(need)} "
+                         f"({human_size(free)} free). Free space there (e.g. remove older step folders with "
+                         "`python -m dbtools cleanup` or the clean-up cell), then continue with "
+                         "--resume_from_checkpoint latest.") from exc
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "code: 28" in text
+
+
+def _save_bytes(run: Run) -> int:
+    """Bytes of one weights save: every saved module in float32."""
+    modules = [run.models.unet, run.models.text_encoder, run.models.vae]
+    return sum(p.numel() * 4 for m in modules for p in m.parameters())
