@@ -133,7 +133,7 @@ class TrainConfig:
     local_rank: int = -1
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace | dict) -> "TrainConfig":
+    def from_args(cls, args: argparse.Namespace | dict) -> TrainConfig:
         """Build from parsed flags (unknown keys are ignored)."""
         data = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
         names = {f.name for f in dataclasses.fields(cls)}

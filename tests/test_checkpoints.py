@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from dbtools import checkpoints as C
 from dbtools import train as T
 from dbtools import train_setup as S
+from dbtools.errors import UserError
 from dbtools.train_config import TrainConfig
 from dbtools.train_setup import TrainError
-from dbtools.errors import UserError
 from tests.test_train import assert_same, config, weights
 
 

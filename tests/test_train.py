@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbtools import cli
 from dbtools import checkpoints as C
+from dbtools import cli
 from dbtools import train as T
 from dbtools import train_config as TC
 from dbtools import train_outputs as O

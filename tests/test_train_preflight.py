@@ -28,9 +28,8 @@ from dbtools.data import find_caption_file, scan_concepts, step_seed, weights_ke
 from dbtools.editor import read_caption
 from dbtools.extract import ExtractConfig, run_extract
 from dbtools.textio import CaptionEncodingError, decode_caption
-from dbtools.train_config import TrainConfig
+from dbtools.train_config import TrainConfig, mask_secrets, parse_args
 from dbtools.train_setup import TrainError
-from dbtools.train_config import mask_secrets, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
