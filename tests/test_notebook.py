@@ -284,6 +284,7 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
     assert sum("image/png" in o.get("data", {}) for o in nb.cells[cell_titled(nb, "9.")].outputs) == 1
 
     # 10: the single file, in fp16, readable by diffusers
+    import torch
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
@@ -291,7 +292,10 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
     with safe_open(str(export), "pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert {d for d in dtypes if d.startswith(("F", "BF"))} == {"F16"}
-    assert StableDiffusionPipeline.from_single_file(str(export), config=str(out / "4")) is not None
+    back = StableDiffusionPipeline.from_single_file(str(export), config=str(out / "4")).unet.state_dict()
+    step_4 = StableDiffusionPipeline.from_pretrained(out / "4").unet.state_dict()
+    assert back.keys() == step_4.keys()  # the weights of step 4, rounded to half precision
+    assert all(torch.equal(back[k].float(), step_4[k].half().float()) for k in back)
 
     # 11: images shown and saved with their settings
     generated = sorted((out / "generated").glob("*.png"))
