@@ -345,7 +345,8 @@ def save_ema(ema, names: list[str], folder: Path) -> None:
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}, str(folder / EMA_WEIGHTS))
+    tensors = {n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}
+    save_file(tensors, str(folder / EMA_WEIGHTS))
     state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     atomic_write_text(folder / EMA_STATE, json.dumps({**state, "names": names}, indent=2))
 

@@ -295,7 +295,8 @@ def test_sd2_vprediction_with_buckets_ema_snr_and_validation(tmp_path, dataset, 
         tiny_sd2, dataset, out, resolution=64, aspect_ratio_bucketing=True, hflip=True, snr_gamma=5.0,
         offset_noise=True, use_ema=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
         not_cache_latents=True, dataloader_num_workers=1, shuffle_captions=True, keep_tokens=1,
-        max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1, validation_prompt="a toy", validation_steps=3, num_validation_images=1,
+        max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1, validation_prompt="a toy",
+        validation_steps=3, num_validation_images=1,
         save_sample_prompt="sks toy", pad_tokens=True, report_to="tensorboard"))
     assert result.global_step == 3 and result.skipped_steps == 0
     assert list((out / "0" / "logs").rglob("events.out.tfevents*"))
@@ -451,7 +452,7 @@ def test_cache_dir_is_reused_by_a_new_run_and_only_edited_images_are_encoded(tmp
     caplog.clear()
     encoded.clear()
     monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
-    third = T.train(config(tiny_sd, dataset, tmp_path / "third", cache_dir=str(cache)))
+    T.train(config(tiny_sd, dataset, tmp_path / "third", cache_dir=str(cache)))
     assert _latents_log(caplog) == f"latents: 1 encoded, 2 read from {cache}"
     assert sum(encoded) == 1 and len(list(cache.rglob("*.safetensors"))) == 4
     assert not list(cache.rglob(".tmp-*"))

@@ -118,8 +118,9 @@ def test_mask_secrets_hides_token_values_and_keeps_other_flags():
 def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory, no_model_loads, capsys, flag,
                                                         value, tiny_sd):
     captioned(tmp_path / "inst", image_factory)
-    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(tmp_path / "inst"),
-                   "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"), f"--{flag}={value}"])
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd),
+                     "--instance_data_dir", str(tmp_path / "inst"),
+                     "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"), f"--{flag}={value}"])
     err = capsys.readouterr().err
     assert code == 2 and f"--{flag}" in err and "Traceback" not in err
 
@@ -221,8 +222,9 @@ def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path,
                                                                        no_model_loads, capsys):
     captioned(tmp_path / "inst", image_factory)
     concepts = tmp_path / "concepts.json"
-    concepts.write_text(json.dumps([{"instance_data_dir": 5, "instance_prompt": "x"},
-                                    {"instance_data_dir": str(tmp_path / "inst"), "prompt_template": "{nope} {caption}"}]))
+    concepts.write_text(json.dumps([
+        {"instance_data_dir": 5, "instance_prompt": "x"},
+        {"instance_data_dir": str(tmp_path / "inst"), "prompt_template": "{nope} {caption}"}]))
     code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--concepts_list", str(concepts),
                    "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -327,7 +329,8 @@ def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, image_
 
 
 @pytest.mark.parametrize("data", ["café crème".encode(), codecs.BOM_UTF8 + "café crème".encode(),
-                                  "café crème".encode("utf-16"), codecs.BOM_UTF16_BE + "café crème".encode("utf-16-be")])
+                                  "café crème".encode("utf-16"),
+                                  codecs.BOM_UTF16_BE + "café crème".encode("utf-16-be")])
 def test_caption_files_in_utf8_or_utf16_with_bom_read_the_same(data):
     assert decode_caption(data) == "café crème"
 
