@@ -111,14 +111,15 @@ def test_png_setting_keys_are_accepted_by_the_generate_command(tiny_sd, tmp_path
     assert G.main(["--model", str(tiny_sd), "--prompt", "a photo of zwx", "--num_images", "2", "--steps", "2",
                    "--seed", "7", "--scheduler", "Euler a", "--width", "64", "--height", "64",
                    "--out_dir", str(out)]) == 0
-    paths = [Path(line) for line in capsys.readouterr().out.split()]
+    # The command prints one path per image; log lines another test routed to stdout are not paths.
+    paths = [Path(line) for line in capsys.readouterr().out.split() if line.endswith(".png")]
     assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"]
     with Image.open(paths[1]) as img:
         info, pixels = dict(img.info), np.asarray(img.convert("RGB"))
     assert info["scheduler"] == "euler_a" and "Sampler: Euler a" in info["parameters"]
     flags = [arg for key in G.PNG_SETTING_KEYS if info[key] for arg in (f"--{key}", info[key])]
     assert G.main(["--model", str(tiny_sd), *flags, "--out_dir", str(out)]) == 0
-    again = Path(capsys.readouterr().out.split()[0])
+    again = next(Path(word) for word in capsys.readouterr().out.split() if word.endswith(".png"))
     with Image.open(again) as img:
         assert np.array_equal(np.asarray(img.convert("RGB")), pixels)
     assert G.main(["--model", str(tiny_sd), "--prompt", "x", "--width", "100"]) == 2
@@ -170,7 +171,7 @@ def test_a_png_is_made_again_from_its_stored_settings(tiny_sd, tiny_pipe, tmp_pa
     assert np.array_equal(np.asarray(G.reproduce(tiny_pipe, png).image), pixels(png))
     out = tmp_path / "again"
     assert G.main(["--model", str(tiny_sd), "--from_png", str(png), "--out_dir", str(out)]) == 0
-    again = Path(capsys.readouterr().out.split()[0])
+    again = next(Path(word) for word in capsys.readouterr().out.split() if word.endswith(".png"))
     assert again.name == "00000-22.png" and np.array_equal(pixels(again), pixels(png))
     assert G.settings_from_png(again) == G.settings_from_png(png)
     # a flag given as well wins over the PNG
