@@ -1,6 +1,8 @@
 """Cost of the evaluation scores per save: seconds added to each `<step>/` weights save.
 
-Per save, `dbtools.evaluate.score_step` loads the saved pipeline, scores the saved samples
+Two paths are timed. In training (`--score_saves`), `SaveScorer.score` scores the pipeline
+already in memory for the save. On demand (`python -m dbtools evaluate`),
+`dbtools.evaluate.score_step` loads the saved pipeline first. Both score the saved samples
 against the instance images (likeness) and generates `--num_samples` images for each of
 the eval prompts on fixed seeds to score them against their prompts (prompt fidelity).
 The score models are loaded once, before the first save, as training and `evaluate` do.
@@ -75,6 +77,32 @@ def make_output(root: Path, sd: Path, args: argparse.Namespace) -> Path:
     return root / "out"
 
 
+def time_training_saves(out: Path, dino: Path, clip: Path, args) -> tuple[float, float]:
+    """(load seconds once, mean seconds per save) of `SaveScorer`, training's path: the saved
+    pipeline is already in memory, the models are loaded once and the instance images embedded once."""
+    from dbtools.generate import load_inference_pipeline
+    from dbtools.images import load_rgb
+    from dbtools.preview import sample_files
+
+    plan = ev.plan_evaluation(ev.EvalConfig(str(out)))
+    folder = plan.weights[0][1]
+    cfg = ev.EvalConfig(str(out / "training"), likeness_model=str(dino), clip_model=str(clip),
+                        num_samples=args.num_samples, batch_size=16)
+    tplan = ev.training_plan(plan.instance_prompt, None, plan.references, args.infer_steps, 7.5, args.size)
+    (out / "training").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    scorer = ev.SaveScorer.load(cfg, tplan)
+    load = time.perf_counter() - t0
+    pipe = load_inference_pipeline(folder)
+    samples = [load_rgb(p) for p in sample_files(folder)]
+    totals = []
+    for step in range(args.saves):
+        t0 = time.perf_counter()
+        scorer.score(step + 1, pipe, samples, pick_device())
+        totals.append(time.perf_counter() - t0)
+    return load, statistics.mean(totals)
+
+
 def time_saves(out: Path, dino: Path, clip: Path, args) -> tuple[float, float, float]:
     """(load seconds once, mean seconds per save, of which scoring) over `--saves` saves."""
     cfg = ev.EvalConfig(str(out), num_samples=args.num_samples, batch_size=16)
@@ -126,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
               f"steps; {args.num_samples} samples x {len(ev.CONTEXTS)} eval prompts, "
               f"{args.instance_images} instance images (512 px)", flush=True)
         for name in args.scorers:
+            load, per_save = time_training_saves(out, *folders[name], args)
+            print(f"{name:>4} score models, in training (--score_saves): load + embed instance images once "
+                  f"{load:6.2f} s; per save {per_save:6.2f} s (generating the eval images, scoring, "
+                  "metrics files and plot)", flush=True)
             load, per_save, scoring = time_saves(out, *folders[name], args)
-            print(f"{name:>4} score models: load + embed instance images once {load:6.2f} s; "
+            print(f"{name:>4} score models, evaluate command: load + embed instance images once {load:6.2f} s; "
                   f"per save {per_save:6.2f} s "
                   f"(score models {scoring:5.2f} s, the rest is loading the saved pipeline and generating)",
                   flush=True)

@@ -25,7 +25,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +84,14 @@ class Example:
 
 @dataclass
 class DataPlan:
-    """Every example training will use, found and checked before any model loads."""
+    """Every example training will use, found and checked before any model loads.
+
+    `validation` holds the held-out images: they never reach a training batch; only the
+    validation loss reads them."""
 
     instance: list[Example]
     classes: list[Example]
+    validation: list[Example] = field(default_factory=list)
 
 
 def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool, template: str | None,
@@ -119,6 +123,49 @@ def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool, te
             continue
         examples.append(Example(path, build_prompt(caption, concept, template)))
     return examples, problems
+
+
+def with_validation(plan: DataPlan, concepts: Sequence[Concept], *, validation_data_dir: str | None = None,
+                    validation_split: float = 0.0, seed: int = 0, read_prompts_from_txts: bool = False,
+                    prompt_template: str | None = None) -> tuple[DataPlan, list[str]]:
+    """`plan` with its held-out images, and a message for each problem.
+
+    `validation_data_dir` is read like an instance folder (captions with
+    `read_prompts_from_txts`, else the first concept's instance prompt); or
+    `validation_split` moves a deterministic share of the instance images out of training
+    (`dbtools.evaluate.validation_split`: by file name and `seed`). Giving both is a problem.
+    """
+    if validation_data_dir and validation_split:
+        return plan, ["--validation_data_dir and --validation_split both given: held-out images come "
+                      "from one of them. Drop one."]
+    if validation_split:
+        return _split_off(plan, validation_split, seed)
+    if not validation_data_dir:
+        return plan, []
+    folder = Path(validation_data_dir)
+    if not folder.is_dir():
+        return plan, [f"--validation_data_dir {folder}: not a folder. Give the folder of held-out images "
+                      "(with their caption files), or drop the flag."]
+    first = concepts[0] if concepts else Concept("", "")
+    concept = Concept(instance_data_dir=str(folder), instance_prompt=first.instance_prompt)
+    examples, problems = concept_instance_examples(concept, read_prompts_from_txts,
+                                                   prompt_template or first.prompt_template)
+    if not examples and not problems:
+        problems = [f"--validation_data_dir {folder}: no images there (.jpg .png .webp ...)."]
+    problems += unreadable_images([e.path for e in examples])
+    return DataPlan(plan.instance, plan.classes, examples), problems
+
+
+def _split_off(plan: DataPlan, share: float, seed: int) -> tuple[DataPlan, list[str]]:
+    from dbtools.evaluate import EvaluateError, validation_split
+
+    try:
+        _, held = validation_split([e.path for e in plan.instance], share, seed)
+    except EvaluateError as exc:
+        return plan, [str(exc)]
+    held_set = set(held)
+    train = [e for e in plan.instance if e.path not in held_set]
+    return DataPlan(train, plan.classes, [e for e in plan.instance if e.path in held_set]), []
 
 
 def instance_images(folder: str | os.PathLike, exclude_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:

@@ -70,7 +70,7 @@ def load_likeness_model(name: str = DEFAULT_LIKENESS_MODEL) -> ScoreModel:
     on the CPU in float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoImageProcessor, AutoModel
 
-    _check_model_name(name, "--likeness_model")
+    check_score_model_name(name, "--likeness_model")
     model = _load(lambda: AutoModel.from_pretrained(name), name, "--likeness_model")
     processor = _load(lambda: AutoImageProcessor.from_pretrained(name), name, "--likeness_model")
     return ScoreModel(model.eval(), processor, name)
@@ -81,14 +81,14 @@ def load_clip_model(name: str = DEFAULT_CLIP_MODEL) -> ScoreModel:
     float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoProcessor, CLIPModel
 
-    _check_model_name(name, "--clip_model")
+    check_score_model_name(name, "--clip_model")
     model = _load(lambda: CLIPModel.from_pretrained(name), name, "--clip_model")
     processor = _load(lambda: AutoProcessor.from_pretrained(name), name, "--clip_model")
     return ScoreModel(model.eval(), processor, name)
 
 
-def _check_model_name(name: str, flag: str) -> None:
-    """A name that can only be a local path (not `org/model`) must exist."""
+def check_score_model_name(name: str, flag: str) -> None:
+    """A name that can only be a local path (not `org/model`) must exist; `EvaluateError` otherwise."""
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_local and not Path(name).expanduser().is_dir():
         raise EvaluateError(f"{flag} {name}: no such folder. Give a Hub id "
@@ -557,16 +557,28 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
     """Scores of one weights folder: its saved samples (or generated ones) against the
     instance images (`references`: their embeddings, else loaded from `plan`), and images
     of the eval prompts on fixed seeds against their prompts."""
-    from dbtools.generate import generate, load_inference_pipeline
+    from dbtools.generate import load_inference_pipeline
     from dbtools.images import load_rgb
     from dbtools.preview import sample_files
 
-    pipe = load_inference_pipeline(folder)
+    samples = [load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
+    return score_pipeline(load_inference_pipeline(folder), samples, plan, cfg, likeness_model, clip, references)
+
+
+def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel | None,
+                   clip: ScoreModel, references=None) -> dict:
+    """Scores of the model in `pipe`: `samples` (images of the instance prompt; generated on
+    fixed seeds when empty) against the instance images, and `cfg.num_samples` images per
+    eval prompt, on the seeds `cfg.seed`, `cfg.seed + 1`, ... at every call, against their
+    prompts. Returns `{"likeness": ..., "prompt_fidelity": ...}` (likeness only with a
+    likeness model and instance images)."""
+    from dbtools.generate import generate
+
     gen = dict(steps=plan.settings["steps"], guidance_scale=plan.settings["guidance_scale"],
                height=plan.settings["size"], width=plan.settings["size"], batch_size=cfg.batch_size)
     record: dict = {}
     if likeness_model is not None and plan.references:
-        samples = [load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
+        samples = list(samples)
         if not samples and plan.instance_prompt:
             samples = [g.image for g in generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
                                                  seed=cfg.seed, **gen)]
@@ -580,6 +592,61 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
         prompts += [prompt] * cfg.num_samples
     record["prompt_fidelity"] = prompt_fidelity(clip, images, prompts, cfg.batch_size)
     return record
+
+
+@dataclass
+class SaveScorer:
+    """Scores each weights save of a training run, with the models loaded once.
+
+    Between saves the score models wait on the CPU (`scoring_on`), and the instance images
+    are embedded once. `score` appends the step's line to `metrics.jsonl` and rewrites the
+    summary and the plot.
+    """
+
+    cfg: EvalConfig
+    plan: EvalPlan
+    likeness_model: ScoreModel | None
+    clip: ScoreModel
+    references: Any = None
+
+    @classmethod
+    def load(cls, cfg: EvalConfig, plan: EvalPlan) -> SaveScorer:
+        """Load the score models (likeness only when there are instance images) and embed
+        the instance images."""
+        likeness_model = load_likeness_model(cfg.likeness_model) if plan.references else None
+        scorer = cls(cfg, plan, likeness_model, load_clip_model(cfg.clip_model))
+        if likeness_model is not None:
+            scorer.references = reference_embeddings(likeness_model, plan, cfg.batch_size)
+        return scorer
+
+    def score(self, step: int, pipe, samples: Sequence, device) -> dict:
+        """Score the model in `pipe` at `step` (its `samples` for likeness), record it and
+        return the step's scores."""
+        with scoring_on(device, self.likeness_model, self.clip):
+            record = score_pipeline(pipe, samples, self.plan, self.cfg, self.likeness_model, self.clip,
+                                    self.references)
+        append_metrics(self.cfg.output_dir, {"step": step, **record})
+        refresh_summary(self.cfg.output_dir, self.cfg.tolerance, self.cfg.base_fidelity)
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+        return record
+
+
+def training_plan(instance_prompt: str, eval_prompts: Sequence[str] | None, references: Sequence[Path],
+                  steps: int, guidance_scale: float, size: int) -> EvalPlan:
+    """What a training run scores at each save: the eval prompts (default: the instance prompt
+    in new contexts), the instance images it trains on, and its sample settings."""
+    prompts = list(eval_prompts or []) or default_eval_prompts(instance_prompt)
+    return EvalPlan([], instance_prompt, prompts, list(references),
+                    {"steps": int(steps), "guidance_scale": float(guidance_scale), "size": int(size)})
+
+
+def refresh_summary(output_dir: str | os.PathLike, tolerance: float = 0.05,
+                    base_fidelity: float | None = None) -> dict:
+    """Rewrite `metrics-summary.json` and `metrics.png` from `metrics.jsonl`; return the summary."""
+    summary = summarize(read_metrics(output_dir), tolerance, base_fidelity)
+    write_summary(output_dir, summary)
+    save_plot(output_dir, summary["per_step"], summary["best_step"])
+    return summary
 
 
 def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: ScoreModel | None = None,
@@ -609,10 +676,7 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
             record = score_step(folder, plan, cfg, likeness_model, clip, references)
         append_metrics(cfg.output_dir, {"step": step, **record})
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-    summary = summarize(read_metrics(cfg.output_dir), cfg.tolerance, cfg.base_fidelity)
-    write_summary(cfg.output_dir, summary)
-    save_plot(cfg.output_dir, summary["per_step"], summary["best_step"])
-    return summary
+    return refresh_summary(cfg.output_dir, cfg.tolerance, cfg.base_fidelity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,6 +120,15 @@ class TrainConfig:
     validation_scheduler: str | None = None
     output_layout: str = "shivam"
     skip_save_text_encoder: bool = False
+    # held-out validation loss and scores per save
+    validation_data_dir: str | None = None
+    validation_split: float = 0.0
+    score_saves: bool = False
+    eval_prompts: list[str] | None = None
+    eval_num_samples: int = 4
+    likeness_model: str = "facebook/dinov2-small"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    best_step_tolerance: float = 0.05
     validation_images: list[str] | None = None
     class_labels_conditioning: str | None = None
     verbose: bool = False
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False,
                                 description="DreamBooth training for Stable Diffusion with per-image prompts.")
     f = _FlagAdder(p)
-    for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _output_flags, _hub_flags):
+    for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _output_flags, _evaluation_flags,
+                _hub_flags):
         add(f)
     return p
 
@@ -354,6 +364,25 @@ def _output_flags(f: _FlagAdder) -> None:
     f("report_to", "tensorboard, wandb, all or none.", type=str)
 
 
+def _evaluation_flags(f: _FlagAdder) -> None:
+    """Held-out validation loss and the scores that suggest the best step."""
+    f("validation_data_dir", "Held-out images (with caption files, read like instance data): their "
+      "diffusion loss is logged every --validation_steps to the trackers and <output_dir>/metrics.jsonl.",
+      type=str)
+    f("validation_split", "Or keep this share of the instance images out of training for the validation "
+      "loss, e.g. 0.1 (chosen by file name and --seed).", type=float)
+    f.switch("score_saves", "Score each weights save: likeness of the samples to the instance images "
+             "(--likeness_model) and prompt fidelity of --eval_prompts images (--clip_model); writes "
+             "metrics.jsonl, metrics-summary.json (suggested best step) and metrics.png.")
+    f("eval_prompts", "'New context' prompts for prompt fidelity (default: the sample prompt on a beach, "
+      "in a snowy forest, in a city street at night, as an oil painting).", nargs="+", metavar="PROMPT")
+    f("eval_num_samples", "Images per eval prompt at each save, on the same seeds every time.", type=int)
+    f("likeness_model", "DINOv2 model for likeness (Hub id or folder).", type=str)
+    f("clip_model", "CLIP model for prompt fidelity (Hub id or folder).", type=str)
+    f("best_step_tolerance", "How far prompt fidelity may fall below the first save's and still be "
+      "suggested.", type=float)
+
+
 def _hub_flags(f: _FlagAdder) -> None:
     """Hub upload and the launcher."""
     f.switch("push_to_hub", "Upload the final weights to the Hub (token from HF_TOKEN or huggingface-cli login).")
@@ -465,6 +494,32 @@ def number_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} {getattr(cfg, name)}: cannot be negative.")
     if cfg.log_interval < 1 or cfg.validation_steps < 1:
         problems.append("--log_interval and --validation_steps must be at least 1.")
+    return problems + _evaluation_problems(cfg)
+
+
+def _evaluation_problems(cfg: TrainConfig) -> list[str]:
+    """The held-out share and the scoring flags."""
+    import math
+
+    problems = []
+    if not (math.isfinite(cfg.validation_split) and 0 <= cfg.validation_split < 1):
+        problems.append(f"--validation_split {cfg.validation_split}: give a share from 0 up to (not "
+                        "including) 1, e.g. 0.1.")
+    if not (math.isfinite(cfg.best_step_tolerance) and cfg.best_step_tolerance >= 0):
+        problems.append(f"--best_step_tolerance {cfg.best_step_tolerance}: must be 0 or more (0.05 is typical).")
+    if cfg.eval_num_samples < 1:
+        problems.append("--eval_num_samples must be at least 1.")
+    if cfg.score_saves and not (cfg.eval_prompts or cfg.save_sample_prompt or cfg.instance_prompt):
+        problems.append("--score_saves needs a prompt to score: give --save_sample_prompt (the samples are "
+                        "scored for likeness) or --eval_prompts.")
+    if cfg.score_saves:
+        from dbtools.evaluate import EvaluateError, check_score_model_name
+
+        for flag, name in (("--likeness_model", cfg.likeness_model), ("--clip_model", cfg.clip_model)):
+            try:
+                check_score_model_name(name, flag)
+            except EvaluateError as exc:
+                problems.append(str(exc))
     return problems
 
 

@@ -202,3 +202,37 @@ def test_latent_cache_on_disk_skips_encoding_until_the_file_changes(tmp_path, im
     LatentCache("model-a", tmp_path / "cache").fill(items, (False,), encode, progress=False)
     assert calls == [2, 1, 1]  # an edited image is encoded again
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_held_out_images_leave_the_training_plan(tmp_path, image_factory):
+    from dbtools.data import DataPlan, DreamBoothData, with_validation
+
+    inst = tmp_path / "inst"
+    for i in range(10):
+        image_factory(inst / f"img{i}.png")
+        (inst / f"img{i}.png.txt").write_text(f"caption {i}")
+    concepts = [Concept(str(inst), "sks")]
+    plan, problems = scan_concepts(concepts, read_prompts_from_txts=True)
+    assert not problems and len(plan.instance) == 10
+    split, problems = with_validation(plan, concepts, validation_split=0.2, seed=3)
+    again, _ = with_validation(plan, concepts, validation_split=0.2, seed=3)
+    assert not problems and split == again  # deterministic
+    assert len(split.validation) == 2 and len(split.instance) == 8
+    held = {e.path for e in split.validation}
+    assert held.isdisjoint(e.path for e in split.instance)
+    assert {e.prompt for e in split.validation} <= {f"caption {i}" for i in range(10)}
+    # no micro-batch of a whole epoch (and more) ever holds a held-out image
+    data = DreamBoothData(split, DataConfig(resolution=16, train_batch_size=3, seed=3))
+    seen = {it.example.path for i in range(3 * data.batches_per_epoch)
+            for it in (data.instance[k] for k in data.instance_stream.batch(i))}
+    assert seen == {e.path for e in split.instance}
+    # a held-out folder is read like instance data; both sources at once, or a bad folder, are problems
+    val = tmp_path / "val"
+    image_factory(val / "v.png")
+    (val / "v.png.txt").write_text("held out")
+    plan2, problems = with_validation(plan, concepts, validation_data_dir=str(val), read_prompts_from_txts=True)
+    assert not problems and [(e.path.name, e.prompt) for e in plan2.validation] == [("v.png", "held out")]
+    assert plan2.instance == plan.instance
+    assert "both given" in with_validation(plan, concepts, validation_data_dir=str(val), validation_split=0.1)[1][0]
+    assert "not a folder" in with_validation(plan, concepts, validation_data_dir=str(tmp_path / "no"))[1][0]
+    assert "at least 2" in with_validation(DataPlan(plan.instance[:1], []), concepts, validation_split=0.5)[1][0]
