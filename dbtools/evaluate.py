@@ -642,8 +642,14 @@ def training_plan(instance_prompt: str, eval_prompts: Sequence[str] | None, refe
 
 def refresh_summary(output_dir: str | os.PathLike, tolerance: float = 0.05,
                     base_fidelity: float | None = None) -> dict:
-    """Rewrite `metrics-summary.json` and `metrics.png` from `metrics.jsonl`; return the summary."""
-    summary = summarize(read_metrics(output_dir), tolerance, base_fidelity)
+    """Rewrite `metrics-summary.json` and `metrics.png` from `metrics.jsonl`; return the summary.
+
+    The best step is chosen among the scored steps (those with a prompt fidelity, i.e. saved
+    weights), so a step that only logged a validation loss is never suggested; `per_step`
+    and the plot keep every step."""
+    records = read_metrics(output_dir)
+    summary = summarize([r for r in records if "prompt_fidelity" in r], tolerance, base_fidelity)
+    summary["per_step"] = records
     write_summary(output_dir, summary)
     save_plot(output_dir, summary["per_step"], summary["best_step"])
     return summary

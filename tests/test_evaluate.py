@@ -346,3 +346,13 @@ def test_evaluate_input_problems_are_user_errors_before_loading(tmp_path, traine
         ev.plan_evaluation(EvalConfig(str(trained_output), instance_data_dir=str(tmp_path / "none")))
     with pytest.raises(EvaluateError, match="--steps"):
         ev.plan_evaluation(EvalConfig(str(trained_output), steps=[3]))
+
+
+def test_refresh_summary_suggests_only_scored_steps(tmp_path):
+    """Training logs validation loss at steps without weights; they are plotted, never suggested."""
+    ev.append_metrics(tmp_path, {"step": 1, "validation_loss": 0.1})
+    ev.append_metrics(tmp_path, {"step": 2, "validation_loss": 0.2, "likeness": 0.5, "prompt_fidelity": 0.3})
+    ev.append_metrics(tmp_path, {"step": 3, "validation_loss": 0.3})
+    summary = ev.refresh_summary(tmp_path)
+    assert summary["best_step"] == 2 and [r["step"] for r in summary["per_step"]] == [1, 2, 3]
+    assert ev.suggested_step(tmp_path) == 2 and (tmp_path / ev.PLOT_FILE).is_file()
