@@ -29,12 +29,20 @@ import torch
 from tqdm.auto import tqdm
 
 from dbtools.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
-from dbtools.data import DataPlan, DreamBoothData, step_seed
+from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
 from dbtools.prompts import PromptEncoder
 from dbtools.train_config import TrainConfig, parse_args, public_args
 from dbtools.train_folders import move_previous_run
-from dbtools.train_outputs import disk_full_message, periodic_saves, push_to_hub, save_lora, save_weights
+from dbtools.train_outputs import (
+    HeldOut,
+    disk_full_message,
+    make_scorer,
+    periodic_saves,
+    push_to_hub,
+    save_lora,
+    save_weights,
+)
 from dbtools.train_setup import (
     TrainError,
     class_examples,
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
     from torch.optim.lr_scheduler import LRScheduler
 
+    from dbtools.evaluate import SaveScorer
     from dbtools.models import SDComponents
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,8 @@ class Run:
     max_train_steps: int = 0
     start_step: int = 0
     resumed_from: Path | None = None
+    held_out: HeldOut | None = None
+    scorer: SaveScorer | None = None
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -138,7 +149,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_seed(cfg.seed)
     make_class_images(cfg, concepts, accelerator)
     if cfg.with_prior_preservation:
-        plan = DataPlan(plan.instance, class_examples(concepts, cfg.num_class_images, cfg.read_prompts_from_txts))
+        plan = dataclasses.replace(plan, classes=class_examples(concepts, cfg.num_class_images,
+                                                                cfg.read_prompts_from_txts))
     run = setup(cfg, plan, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth", config=_tracker_config(run.cfg))
@@ -186,9 +198,11 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
         folder, accelerator, models, cfg.train_text_encoder))
     start_step, resumed_from = resume(cfg, accelerator)
     batches = MicroBatches(data, cfg, micro_indices(cfg, start_step, max_steps, world, accelerator.process_index))
+    held_out = HeldOut(place_items(plan.validation, data.cfg)) if plan.validation else None
     return Run(cfg=cfg, accelerator=accelerator, models=models, data=data, prompts=prompts, optimizer=optimizer,
                lr_scheduler=lr_scheduler, params=params, weight_dtype=weight_dtype, batches=batches, ema=ema,
-               seed=cfg.seed or 0, max_train_steps=max_steps, start_step=start_step, resumed_from=resumed_from)
+               seed=cfg.seed or 0, max_train_steps=max_steps, start_step=start_step, resumed_from=resumed_from,
+               held_out=held_out, scorer=make_scorer(cfg, plan, accelerator))
 
 
 def loop(run: Run) -> tuple[int, int]:

@@ -1,5 +1,10 @@
 """What a training run writes: weights folders with sample images, validation images,
-accelerate checkpoints and the Hub upload.
+the held-out validation loss and the scores of each save (`metrics.jsonl`), accelerate
+checkpoints and the Hub upload.
+
+Samples are made by `dbtools.generate.generate`, one image per pipeline call, and each PNG
+stores its settings as `generate` stores them, so `python -m dbtools generate --model
+<output_dir>/<step> --from_png <output_dir>/<step>/samples/0.png` makes the same image.
 
 Every folder is built under a temporary name and renamed when complete (`atomic_dir`),
 so a crash never leaves a half-written folder that looks finished. Only the main
@@ -18,10 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from dbtools.atomic import atomic_dir, atomic_save_image, atomic_write_text
+from dbtools.atomic import atomic_dir, atomic_write_text
 from dbtools.checkpoints import SINGLE_FILE_NAME, write_checkpoint
+from dbtools.generate import save_image
 from dbtools.train_config import TrainConfig, public_args
 from dbtools.train_folders import human_size, nearest_existing
 from dbtools.train_setup import TrainError, move_module
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from PIL.Image import Image
 
+    from dbtools.data import DataPlan, Item
+    from dbtools.evaluate import SaveScorer
+    from dbtools.generate import Generated
     from dbtools.models import SDComponents
     from dbtools.train import Run
 
@@ -47,6 +57,8 @@ def periodic_saves(run: Run, step: int) -> None:
 
 def _saves_due(run: Run, step: int, last: bool) -> None:
     cfg = run.cfg
+    if run.held_out is not None and step % cfg.validation_steps == 0:
+        log_validation_loss(run, step)
     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
         save_checkpoint(run, step)
     if should_save(step, cfg) and not last:
@@ -70,6 +82,7 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
     if final and cfg.output_layout == "diffusers":
         return _save_final_in_place(run, step)
     target = Path(cfg.output_dir) / str(step)
+    samples: list[Generated] = []
     with atomic_dir(target) as tmp:
         with _for_inference(run):
             pipe = build_pipeline(run)
@@ -79,9 +92,11 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
                 _save_pipeline(pipe, tmp, skip_text_encoder=final and cfg.skip_save_text_encoder)
             atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
             if cfg.save_sample_prompt:
-                for i, img in enumerate(sample_images(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
-                                                 cfg.save_sample_negative_prompt)):
-                    atomic_save_image(img, tmp / "samples" / f"{i}.png")
+                samples = sample_images(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
+                                        cfg.save_sample_negative_prompt)
+                for i, sample in enumerate(samples):
+                    sample.settings["model"] = str(target)
+                    save_image(sample, tmp / "samples" / f"{i}.png")
             del pipe
         if final and cfg.save_single_file:
             # The export reads the saved folder, so it runs after the float32 VAE and text
@@ -90,6 +105,10 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
 
             export_single_file(tmp, tmp / SINGLE_FILE_NAME)
     logger.info("[*] weights saved at %s", target)
+    if run.held_out is not None and run.held_out.last_step != step:
+        log_validation_loss(run, step)  # the best-step rule reads the loss of each saved step
+    if run.scorer is not None:
+        score_save(run, step, [s.image for s in samples])  # after the folder is complete: a failure keeps it
     return target
 
 
@@ -150,17 +169,20 @@ def _for_inference(run: Run) -> Iterator[None]:
 
 
 def sample_images(pipe: StableDiffusionPipeline, prompt: str, n: int, cfg: TrainConfig, seed: int,
-                  negative: str | None = None) -> list[Image]:
-    """`n` images of `prompt` with a fixed seed (one pipeline call per image)."""
+                  negative: str | None = None) -> list[Generated]:
+    """`n` images of `prompt` on the seeds `seed`, `seed + 1`, ... with their settings.
+
+    Made by `dbtools.generate.generate`, one image per pipeline call (as `generate
+    --from_png` makes one again): the same scheduler config, generator device and dtypes,
+    so the saved weights reproduce each sample pixel for pixel on a CPU in float32.
+    """
+    from dbtools.generate import generate
+
+    if n < 1:
+        return []
     pipe.set_progress_bar_config(disable=True)
-    images = []
-    for i in range(n):
-        gen = torch.Generator("cpu").manual_seed(seed + i)
-        with torch.no_grad():
-            images += pipe(prompt, negative_prompt=negative, guidance_scale=cfg.save_guidance_scale,
-                           num_inference_steps=cfg.save_infer_steps, generator=gen, height=cfg.resolution,
-                           width=cfg.resolution).images
-    return images
+    return generate(pipe, prompt, negative or "", n, cfg.save_guidance_scale, cfg.save_infer_steps,
+                    cfg.resolution, cfg.resolution, seed, batch_size=1)
 
 
 def lora_state_dict(model, adapter: str = "default") -> dict:
@@ -185,8 +207,6 @@ def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, trai
 
 def save_validation(run: Run, step: int) -> None:
     """diffusers-style validation images: `<output_dir>/validation/<step>/<i>.png` and TensorBoard."""
-    import numpy as np
-
     cfg = run.cfg
     with atomic_dir(Path(cfg.output_dir) / "validation" / str(step)) as tmp, _for_inference(run):
         pipe = build_pipeline(run)
@@ -196,11 +216,99 @@ def save_validation(run: Run, step: int) -> None:
             pipe.scheduler = make_scheduler(cfg.validation_scheduler, pipe.scheduler.config)
         images = sample_images(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
         for i, img in enumerate(images):
-            atomic_save_image(img, tmp / f"{i}.png")
+            save_image(img, tmp / f"{i}.png")
+        images = [g.image for g in images]
     for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
                                       dataformats="NHWC")
+
+
+# --------------------------------------------------------------------------- held-out loss and scores
+
+
+class HeldOut:
+    """The held-out images for the validation loss (never in a training batch).
+
+    Their latents are encoded once, from the VAE's mean in float32, so the loss does not
+    depend on the training precision or on a random latent sample; their prompts are
+    encoded at each use, since the text encoder may be training.
+    """
+
+    def __init__(self, items: list[Item]):
+        self.items = items
+        self.groups: list[tuple[torch.Tensor, list[str]]] | None = None
+        self.last_step: int | None = None
+
+    def loss(self, run: Run) -> float:
+        """The mean validation loss over the held-out images (`evaluate.validation_loss`:
+        fixed timesteps, fixed noise seeded by the run's seed); call under `_for_inference`."""
+        from dbtools.evaluate import validation_loss
+
+        acc, device = run.accelerator, run.accelerator.device
+        unet, text_encoder = acc.unwrap_model(run.unet), acc.unwrap_model(run.text_encoder)
+        total = 0.0
+        for latents, prompts in self._latents(run):
+            with torch.no_grad(), acc.autocast():
+                states = run.prompts.encode(prompts, text_encoder, device)
+                total += validation_loss(unet, latents.to(device), states, run.models.noise_scheduler,
+                                         seed=run.seed) * len(prompts)
+        return total / len(self.items)
+
+    def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str]]]:
+        """Scaled latents and prompts, one group per image size (buckets), encoded once."""
+        if self.groups is None:
+            from dbtools.data import load_item
+
+            vae, device = run.models.vae, run.accelerator.device
+            by_size: dict[tuple[int, int], list[Item]] = {}
+            for item in self.items:
+                by_size.setdefault(item.size, []).append(item)
+            self.groups = []
+            for items in by_size.values():
+                pixels = torch.from_numpy(np.stack([load_item(it, False) for it in items]))
+                with torch.no_grad():
+                    mean = vae.encode(pixels.to(device, torch.float32)).latent_dist.mean
+                self.groups.append(((mean * vae.config.scaling_factor).float().cpu(),
+                                    [it.example.prompt for it in items]))
+        return self.groups
+
+
+def log_validation_loss(run: Run, step: int) -> float:
+    """The held-out loss at `step`, to the trackers and `<output_dir>/metrics.jsonl`."""
+    from dbtools.evaluate import append_metrics, refresh_summary
+
+    with _for_inference(run):
+        loss = run.held_out.loss(run)
+    run.held_out.last_step = step
+    run.accelerator.log({"validation_loss": loss}, step=step)
+    append_metrics(run.cfg.output_dir, {"step": step, "validation_loss": loss})
+    if run.scorer is not None:
+        refresh_summary(run.cfg.output_dir, run.cfg.best_step_tolerance)
+    logger.info("step %d: validation loss %.6f", step, loss)
+    return loss
+
+
+def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> SaveScorer | None:
+    """With `--score_saves`, the score models (loaded once, main process only) and what to score:
+    likeness against the instance images trained on, prompt fidelity of the eval prompts."""
+    if not cfg.score_saves or not accelerator.is_main_process:
+        return None
+    from dbtools.evaluate import EvalConfig, SaveScorer, training_plan
+
+    ecfg = EvalConfig(cfg.output_dir, eval_prompts=list(cfg.eval_prompts or []), likeness_model=cfg.likeness_model,
+                      clip_model=cfg.clip_model, num_samples=cfg.eval_num_samples,
+                      seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance)
+    prompt = cfg.save_sample_prompt or cfg.instance_prompt or ""
+    plan_ = training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
+                          cfg.save_guidance_scale, cfg.resolution)
+    return SaveScorer.load(ecfg, plan_)
+
+
+def score_save(run: Run, step: int, samples: list[Image]) -> dict:
+    """Score the weights just saved at `step` (EMA weights, as saved) and update the metrics files."""
+    with _for_inference(run):
+        return run.scorer.score(step, build_pipeline(run), samples, run.accelerator.device)
 
 
 def save_checkpoint(run: Run, step: int) -> Path:

@@ -26,6 +26,7 @@ from dbtools.data import (
     concept_class_examples,
     scan_concepts,
     weights_key,
+    with_validation,
 )
 from dbtools.errors import UserError
 from dbtools.prompts import PromptEncoder
@@ -73,6 +74,11 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
             prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation,
             output_dir=cfg.output_dir)
         problems += data_problems
+        plan, held_out_problems = with_validation(
+            plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
+            seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts,
+            prompt_template=cfg.prompt_template)
+        problems += held_out_problems
     problems += output_problems(cfg, concepts, plan)
     problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
     if problems:
