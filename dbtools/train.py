@@ -164,7 +164,8 @@ def _log_start(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> No
     logger.info("model: %s%s", cfg.pretrained_model_name_or_path, vae)
     prior = f", prior preservation ({cfg.num_class_images} class images per folder)" \
         if cfg.with_prior_preservation else ""
-    logger.info("data: %d instance images%s", len(plan.instance), prior)
+    held = f", {len(plan.validation)} held out for the validation loss" if plan.validation else ""
+    logger.info("data: %d instance images%s%s", len(plan.instance), held, prior)
     savers = [name for name, on in (("8-bit Adam", cfg.use_8bit_adam), ("gradient checkpointing",
               cfg.gradient_checkpointing), ("LoRA", cfg.use_lora)) if on]
     logger.info("precision: %s on %s%s", accelerator.mixed_precision, accelerator.device,
