@@ -110,10 +110,22 @@ class SDComponents:
     unet: Any
     noise_scheduler: Any
     """A `DDPMScheduler` built from the model's scheduler config (keeps `prediction_type`)."""
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    """SDXL's second tokenizer and OpenCLIP bigG encoder (`CLIPTextModelWithProjection`); None for SD 1.x/2.x."""
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders, in the order their hidden states are concatenated."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -427,7 +439,8 @@ def load_sd_components(
     config: str | None = None,
     original_config: str | None = None,
 ) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training.
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
+    an SDXL model also its second tokenizer and text encoder (see `detect_family`).
 
     `model_name_or_path` is a Hub id, a diffusers folder or a single checkpoint file (for
     which `config`, a diffusers folder or Hub id with the model's configs, avoids a
@@ -442,11 +455,14 @@ def load_sd_components(
                    and not (c == "tokenizer" and tokenizer_name))
     model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
                                                                needed=needed)
-    _refuse_sdxl_training(model_name_or_path, config, revision)
+    if _is_sdxl(model_name_or_path, config, revision):
+        needed += ("tokenizer_2", "text_encoder_2")
+        check_model_path(model_name_or_path, needed)
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
         parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                     unet=pipe.unet, scheduler_config=pipe.scheduler.config)
+                     unet=pipe.unet, scheduler_config=pipe.scheduler.config,
+                     tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
     else:
         parts = _load_parts(model_name_or_path, revision, variant, dtype, needed)
     if tokenizer_name:
@@ -460,6 +476,8 @@ def load_sd_components(
         vae=_as_dtype(parts["vae"], dtype),
         unet=_as_dtype(parts["unet"], dtype),
         noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
+        tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtype) if parts.get("text_encoder_2") is not None else None,
     )
 
 
@@ -484,15 +502,12 @@ def _resolve_source(name: str, revision: str | None, variant: str | None, *, con
     return name, revision, _usable_variant(name, variant), family
 
 
-def _refuse_sdxl_training(name: str, config: str | None, revision: str | None) -> None:
-    """Training loads one text encoder; an SDXL model needs both, so say so before loading."""
+def _is_sdxl(name: str, config: str | None, revision: str | None) -> bool:
+    """Whether the model to train is SDXL (two text encoders), read from its files."""
     path = Path(name)
     if is_local(name) and path.is_dir() and not (path / "model_index.json").is_file():
-        return  # a folder of components only: SD 1.x/2.x parts are loaded one by one
-    if detect_family(name, config=config, revision=revision).family is SDXL:
-        raise ModelLoadError(f"{name}: is a Stable Diffusion XL model. Training SDXL is not available yet; "
-                             "train an SD 1.x/2.x model (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). "
-                             "SDXL models can already be used for class images, generation and export.")
+        return False  # a folder of components only: SD 1.x/2.x parts are loaded one by one
+    return detect_family(name, config=config, revision=revision).family is SDXL
 
 
 def _normalize(name: str) -> str:
@@ -533,11 +548,14 @@ def _as_dtype(model, dtype):
 def _load_parts(name: str, revision: str | None, variant: str | None, dtype, needed: tuple[str, ...]) -> dict:
     """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     loaders = dict(
         tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
         text_encoder=lambda: _from_pretrained(CLIPTextModel, name, "text_encoder", revision, variant, dtype),
+        tokenizer_2=lambda: _load_tokenizer(name, "tokenizer_2", revision),
+        text_encoder_2=lambda: _from_pretrained(CLIPTextModelWithProjection, name, "text_encoder_2", revision,
+                                                variant, dtype),
         vae=lambda: _from_pretrained(AutoencoderKL, name, "vae", revision, variant, dtype),
         unet=lambda: _from_pretrained(UNet2DConditionModel, name, "unet", revision, variant, dtype),
         scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(

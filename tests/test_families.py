@@ -143,9 +143,16 @@ def test_sdxl_folder_missing_its_second_encoder_is_named(tiny_sdxl, tmp_path):
         load_pipeline(str(broken))
 
 
-def test_training_an_sdxl_model_is_refused_before_loading(tiny_sdxl):
-    with pytest.raises(ModelLoadError, match="Stable Diffusion XL model. Training SDXL is not available yet"):
-        load_sd_components(str(tiny_sdxl))
+def test_training_loads_both_sdxl_text_encoders_and_names_a_missing_one(tiny_sdxl, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    parts = load_sd_components(str(tiny_sdxl))
+    assert parts.is_sdxl and isinstance(parts.text_encoder_2, CLIPTextModelWithProjection)
+    assert parts.tokenizer_2.pad_token == "!" and len(parts.text_encoders) == 2
+    broken = shutil.copytree(tiny_sdxl, tmp_path / "broken")
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match="'text_encoder_2' folder is missing"):
+        load_sd_components(str(broken))
 
 
 # --------------------------------------------------------------------------- SDXL prompts
