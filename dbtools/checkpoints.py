@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SINGLE_FILE_NAME = "model.safetensors"
+KOHYA_LORA_NAME = "lora_kohya.safetensors"  # a LoRA run's --save_single_file: for AUTOMATIC1111/ComfyUI
 ARGS_FILE = "args.json"
 EMA_FOLDER = "unet_ema"
 EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -238,13 +238,14 @@ def validation_timesteps(num_train_timesteps: int, count: int = 4) -> list[int]:
 
 
 def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed: int = 0,
-                    num_timesteps: int = 4) -> float:
+                    num_timesteps: int = 4, added_cond_kwargs: dict | None = None) -> float:
     """The diffusion loss of `unet` on `latents` (already scaled), averaged over a fixed
     grid of timesteps (`validation_timesteps`) with fixed noise.
 
     The noise comes from its own generator seeded with `seed`, so the global random state
     (and with it the training run) is untouched, and two calls with the same inputs and
     seed give the same number. The target follows the scheduler's `prediction_type`.
+    `added_cond_kwargs` is SDXL's extra conditioning (pooled `text_embeds`, `time_ids`).
     """
     import torch
     import torch.nn.functional as F
@@ -261,7 +262,7 @@ def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed:
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states).sample
+            pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
             losses.append(F.mse_loss(pred.float(), target.float()).item())
     return sum(losses) / len(losses)
 

@@ -186,7 +186,8 @@ def encode_prompt_sdxl(text_encoders: Sequence, input_ids: Sequence):
 
     hidden, pooled = [], None
     for encoder, ids in zip(text_encoders, input_ids, strict=True):
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        # The parameters' device, not `.device`: a data-parallel wrapper (training) has none.
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = getattr(out, "text_embeds", None)
     if pooled is None:

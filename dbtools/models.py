@@ -120,12 +120,24 @@ class SDComponents:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return is_sdxl_models(self)
 
     @property
     def text_encoders(self) -> list:
         """The text encoders, in the order their hidden states are concatenated."""
-        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return text_encoders_of(self)
+
+
+def text_encoders_of(models) -> list:
+    """The text encoders of loaded components (one, or SDXL's two in order); also works for
+    any object with `text_encoder` (and optionally `text_encoder_2`) attributes."""
+    second = getattr(models, "text_encoder_2", None)
+    return [models.text_encoder] + ([second] if second is not None else [])
+
+
+def is_sdxl_models(models) -> bool:
+    """Whether loaded components are SDXL's (they have a second text encoder)."""
+    return getattr(models, "text_encoder_2", None) is not None
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -462,7 +474,8 @@ def load_sd_components(
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
         parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                      unet=pipe.unet, scheduler_config=pipe.scheduler.config,
-                     tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
+                     tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                     text_encoder_2=getattr(pipe, "text_encoder_2", None))
     else:
         parts = _load_parts(model_name_or_path, revision, variant, dtype, needed)
     if tokenizer_name:
@@ -730,8 +743,9 @@ def load_pipeline(
     """Load the model family's pipeline for generating images (safety checker off).
 
     A `StableDiffusionPipeline` for SD 1.x/2.x, a `StableDiffusionXLPipeline` for SDXL
-    (see `detect_family`). Accepts what `load_sd_components` accepts, and a training
-    `checkpoint-<step>/` folder (see `load_checkpoint_pipeline`). `scheduler` picks a sampler by name
+    (see `detect_family`). Accepts what `load_sd_components` accepts, a training
+    `checkpoint-<step>/` folder and a LoRA run's weights folder (see `load_checkpoint_pipeline`).
+    `scheduler` picks a sampler by name
     ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
     model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
     `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
@@ -739,7 +753,7 @@ def load_pipeline(
     import torch
 
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
-    if is_checkpoint_folder(model_name_or_path):
+    if is_checkpoint_folder(model_name_or_path) or is_lora_weights_folder(model_name_or_path):
         return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
     model_name_or_path, revision, variant, family = _resolve_source(
         model_name_or_path, revision, variant, config=config, skip=("vae",) if vae_name_or_path else ())
@@ -784,12 +798,21 @@ def is_checkpoint_folder(path: str | os.PathLike) -> bool:
     return (folder / "optimizer.bin").is_file() and not (folder / "model_index.json").is_file()
 
 
+def is_lora_weights_folder(path: str | os.PathLike) -> bool:
+    """True for a LoRA run's weights folder (`pytorch_lora_weights.safetensors` and `args.json`
+    naming the base model, no pipeline of its own)."""
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    return ((folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "args.json").is_file()
+            and not (folder / "model_index.json").is_file())
+
+
 def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
                              scheduler: str | None = None) -> StableDiffusionPipeline:
     """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
     `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
     `unet/`, `text_encoder/` and (SDXL) `text_encoder_2/`, or its LoRA adapters. The weights are
-    the trained ones, not the EMA average (that is what the run's weights folders hold).
+    the trained ones, not the EMA average (that is what the run's weights folders hold). A
+    LoRA run's weights folder (`is_lora_weights_folder`) loads the same way.
     """
     import torch
     from diffusers import UNet2DConditionModel

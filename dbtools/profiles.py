@@ -35,9 +35,10 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
     # encoders and the VAE can leave the GPU; the UNet alone is trained.
     SDXL_LORA_16GB: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True,
                      "use_lora": True, "train_text_encoder": False},
-    # All UNet weights trained, text encoders frozen; bf16 where the GPU has it (Ampere or newer).
-    SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
-                     "use_lora": False, "train_text_encoder": False},
+    # All UNet weights trained, text encoders frozen; bf16 where the GPU has it (Ampere or newer);
+    # Adafactor, whose state is about 0.1 floats per weight, where 8-bit Adam's 2 bytes would not fit.
+    SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": False, "use_adafactor": True,
+                     "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False},
 }
 
 # Which families a profile is meant for (a profile of another family still runs, with a note).
@@ -64,6 +65,9 @@ _LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
                   "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)}}
 _ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0)}  # (checkpointed, not)
 _OVERHEAD_GIB = 0.5
+# Adafactor keeps row and column second moments: 0.095 floats per weight for SDXL's UNet (its
+# 3x3 convolutions factor over the last two axes only).
+_ADAFACTOR_BYTES = 0.38
 
 
 @dataclass(frozen=True)
@@ -92,12 +96,12 @@ def _flag(flags: Mapping[str, Any], name: str, default: Any = None) -> Any:
 def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEstimate:
     """Peak GPU memory of a real-size `family` model ("sd1", "sd2", "sdxl") trained with the
     training command's `flags` (names as `train_dreambooth.py`'s: `mixed_precision`,
-    `use_8bit_adam`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
+    `use_8bit_adam`, `use_adafactor`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
     `resolution`, `train_batch_size`, `not_cache_latents`, `shuffle_captions`).
 
     Frozen weights count in the mixed-precision dtype, trained ones (full weights or LoRA
     adapters) in float32 with float32 gradients; AdamW keeps 8 bytes per trained weight,
-    8-bit Adam 2. A text encoder that is not trained leaves the GPU when its embeddings are
+    8-bit Adam 2, Adafactor about 0.4. A text encoder that is not trained leaves the GPU when its embeddings are
     cached (not with `shuffle_captions`), the VAE when latents are.
     """
     params, lora = _PARAMS[family], _LORA_PER_RANK[family]
@@ -119,7 +123,8 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
         frozen += sum(params["text"])
     if vae_resident:
         frozen += params["vae"]
-    optimizer_bytes = 2 if _flag(flags, "use_8bit_adam", False) else 8
+    optimizer_bytes = _ADAFACTOR_BYTES if _flag(flags, "use_adafactor", False) else \
+        2 if _flag(flags, "use_8bit_adam", False) else 8
     return MemoryEstimate({
         "weights": (frozen * frozen_bytes + trained * 4) / GIB,
         "gradients": trained * 4 / GIB,

@@ -60,3 +60,42 @@ class PromptEncoder:
         where = next(text_encoder.parameters()).device
         out = text_encoder(ids.to(where), attention_mask=mask.to(where) if self.use_mask else None)[0]
         return out.to(device)
+
+
+class SDXLPromptEncoder:
+    """SDXL prompts -> (both encoders' penultimate hidden states side by side, the second
+    encoder's pooled projection), exactly as diffusers' SDXL pipeline encodes them
+    (`families.encode_prompt_sdxl`); prompts are always padded to 77 tokens.
+
+    With `cache=True` (frozen text encoders) both tensors are kept per prompt, under the
+    same `grow` rule as `PromptEncoder`: once False, new prompts are encoded and not kept.
+    """
+
+    def __init__(self, tokenizers: list[PreTrainedTokenizerBase], *, cache: bool, max_cached: int = 20_000):
+        self.tokenizers = list(tokenizers)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.max_cached = max_cached
+        self.grow = True
+
+    def encode(self, prompts: list[str], text_encoders: list[PreTrainedModel],
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(states (N, 77, D1 + D2), pooled (N, P))` on `device` (with grad if the encoders train)."""
+        if self.cache is None:
+            return self._forward(prompts, text_encoders, device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                states, pooled = self._forward(missing, text_encoders, device)
+            fresh = dict(zip(missing, zip(states, pooled, strict=True), strict=True))
+            for p in missing:
+                if self.grow and len(self.cache) < self.max_cached:
+                    self.cache[p] = fresh[p]
+        entries = [self.cache[p] if p in self.cache else fresh[p] for p in prompts]
+        return torch.stack([s for s, _ in entries]), torch.stack([q for _, q in entries])
+
+    def _forward(self, prompts, text_encoders, device) -> tuple[torch.Tensor, torch.Tensor]:
+        from dbtools.families import encode_prompt_sdxl, tokenize_sdxl
+
+        states, pooled = encode_prompt_sdxl(text_encoders, tokenize_sdxl(self.tokenizers, prompts))
+        return states.to(device), pooled.to(device)

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from dbtools.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
+from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
 from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
-from dbtools.prompts import PromptEncoder
+from dbtools.models import is_sdxl_models, text_encoders_of
+from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train_config import TrainConfig, parse_args, public_args
 from dbtools.train_folders import move_previous_run
 from dbtools.train_outputs import (
@@ -46,6 +47,7 @@ from dbtools.train_outputs import (
 from dbtools.train_setup import (
     TrainError,
     class_examples,
+    encoders_of,
     load_models,
     make_accelerator,
     make_class_images,
@@ -88,7 +90,7 @@ class Run:
     accelerator: Accelerator
     models: SDComponents
     data: DreamBoothData
-    prompts: PromptEncoder
+    prompts: PromptEncoder | SDXLPromptEncoder
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
     params: list[torch.nn.Parameter]
@@ -191,10 +193,7 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
     optimizer = make_optimizer(cfg, params, accelerator.device)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, max_steps, world)
     ema = make_ema(cfg, models, accelerator)
-    trained = [models.unet] + ([models.text_encoder] if cfg.train_text_encoder else [])
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    models = dataclasses.replace(models, unet=trained[0], text_encoder=trained[1] if len(trained) > 1
-                                 else models.text_encoder)
+    models, optimizer, lr_scheduler = _prepare(cfg, models, optimizer, lr_scheduler, accelerator)
     register_state_hooks(accelerator, ema, save_adapters=lambda folder: save_lora(
         folder, accelerator, models, cfg.train_text_encoder))
     start_step, resumed_from = resume(cfg, accelerator)
@@ -204,6 +203,16 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
                lr_scheduler=lr_scheduler, params=params, weight_dtype=weight_dtype, batches=batches, ema=ema,
                seed=cfg.seed or 0, max_train_steps=max_steps, start_step=start_step, resumed_from=resumed_from,
                held_out=held_out, scorer=make_scorer(cfg, plan, accelerator))
+
+
+def _prepare(cfg: TrainConfig, models: SDComponents, optimizer, lr_scheduler, accelerator: Accelerator):
+    """`accelerator.prepare` the trained modules (the UNet, and the text encoders when they
+    train), the optimizer and the schedule; `models` holds the prepared modules."""
+    names = ["unet"] + (["text_encoder", "text_encoder_2"][:len(text_encoders_of(models))]
+                        if cfg.train_text_encoder else [])
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*[getattr(models, n) for n in names],
+                                                            optimizer, lr_scheduler)
+    return dataclasses.replace(models, **dict(zip(names, trained, strict=True))), optimizer, lr_scheduler
 
 
 def loop(run: Run) -> tuple[int, int]:
@@ -332,14 +341,39 @@ def compute_loss(run: Run, micro: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(step_seed(run.seed, micro, "noise"))
     parts = [batch["instance"]] + ([batch["class"]] if batch["class"] else [])
     latents = [_latents(run, part, gen) for part in parts]
-    embeds = run.prompts.encode([p for part in parts for p in part["prompts"]], run.text_encoder,
-                                run.accelerator.device)
-    embeds = torch.split(embeds, [len(part["prompts"]) for part in parts])
+    embeds, pooled = _encode_prompts(run, [p for part in parts for p in part["prompts"]])
+    sizes = [len(part["prompts"]) for part in parts]
+    embeds = torch.split(embeds, sizes)
+    pooled = torch.split(pooled, sizes) if pooled is not None else [None] * len(parts)
+    time_ids = [torch.from_numpy(part["time_ids"]) for part in parts]
     is_prior = [torch.full((len(lat),), i == 1) for i, lat in enumerate(latents)]
     if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
-        latents, embeds, is_prior = [torch.cat(latents)], [torch.cat(embeds)], [torch.cat(is_prior)]
-    losses = [_part_loss(run, lat, emb, prior, gen) for lat, emb, prior in zip(latents, embeds, is_prior, strict=True)]
+        latents, embeds, is_prior, time_ids = ([torch.cat(x)] for x in (latents, embeds, is_prior, time_ids))
+        pooled = [torch.cat(pooled)] if pooled[0] is not None else [None]
+    losses = [_part_loss(run, lat, Conditioning(emb, pool, ids), prior, gen)
+              for lat, emb, pool, ids, prior in zip(latents, embeds, pooled, time_ids, is_prior, strict=True)]
     return losses[0] if len(losses) == 1 else losses[0] + losses[1]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on: prompt embeddings; for SDXL also the pooled text
+    embeddings and the micro-conditioning `time_ids` (original size, crop, target size)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    time_ids: torch.Tensor
+
+    def unet_kwargs(self, device) -> dict:
+        if self.pooled is None:
+            return {}
+        return {"added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids.to(device)}}
+
+
+def _encode_prompts(run: Run, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings and (SDXL) pooled embeddings of `prompts`, on the training device."""
+    out = run.prompts.encode(prompts, encoders_of(run.models), run.accelerator.device)
+    return out if is_sdxl_models(run.models) else (out, None)
 
 
 def _latents(run: Run, part: dict, gen: torch.Generator) -> torch.Tensor:
@@ -351,13 +385,14 @@ def _latents(run: Run, part: dict, gen: torch.Generator) -> torch.Tensor:
         return (sample * vae.config.scaling_factor).to(device)
     # Not cached: the distribution stays where the VAE made it (no GPU -> CPU round trip);
     # only the noise, drawn from the seeded CPU generator, travels.
+    dtype = getattr(vae, "dtype", run.weight_dtype)  # an SDXL VAE may stay float32 (`vae_dtype`)
     with torch.no_grad():
-        dist = vae.encode(torch.from_numpy(part["pixels"]).to(device, dtype=run.weight_dtype)).latent_dist
+        dist = vae.encode(torch.from_numpy(part["pixels"]).to(device, dtype=dtype)).latent_dist
     noise = torch.randn(dist.mean.shape, generator=gen).to(device)
     return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
 
 
-def _part_loss(run: Run, latents: torch.Tensor, embeds: torch.Tensor, is_prior: torch.Tensor,
+def _part_loss(run: Run, latents: torch.Tensor, cond: Conditioning, is_prior: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and score the prediction."""
     scheduler, cfg = run.models.noise_scheduler, run.cfg
@@ -366,7 +401,7 @@ def _part_loss(run: Run, latents: torch.Tensor, embeds: torch.Tensor, is_prior: 
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(scheduler, latents, noise, timesteps)
-    pred = run.unet(noisy, timesteps, embeds).sample
+    pred = run.unet(noisy, timesteps, cond.embeds, **cond.unet_kwargs(latents.device)).sample
     return dreambooth_loss(pred, target, timesteps, scheduler, is_prior=is_prior,
                            prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma)
 
@@ -375,7 +410,8 @@ def _no_sync(run: Run) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(run.accelerator.no_sync(run.unet))
     if run.cfg.train_text_encoder:
-        stack.enter_context(run.accelerator.no_sync(run.text_encoder))
+        for encoder in text_encoders_of(run.models):
+            stack.enter_context(run.accelerator.no_sync(encoder))
     return stack
 
 
@@ -436,7 +472,7 @@ def finish(run: Run, step: int, skipped: int = 0) -> TrainResult:
     if acc.is_main_process:
         with disk_full_message(run):
             weights = save_weights(run, step, final=True)
-        single = weights / SINGLE_FILE_NAME if cfg.save_single_file else None
+        single = weights / (KOHYA_LORA_NAME if cfg.use_lora else SINGLE_FILE_NAME) if cfg.save_single_file else None
         if cfg.push_to_hub:
             logger.info("uploaded to https://huggingface.co/%s", push_to_hub(cfg, weights))
     acc.wait_for_everyone()

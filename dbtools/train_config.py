@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, SINGLE_FILE_NAME, resume_path
+from dbtools.checkpoints import CHECKPOINT_PREFIX, KOHYA_LORA_NAME, SINGLE_FILE_NAME, resume_path
 from dbtools.concepts import Concept, read_concepts
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -83,6 +83,7 @@ class TrainConfig:
     lr_step_rules: str | None = None
     lr_power: float = 1.0
     use_8bit_adam: bool = False
+    use_adafactor: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -308,6 +309,8 @@ def _optimizer_flags(f: _FlagAdder) -> None:
     f("lr_step_rules", "piecewise_constant rules, e.g. '1:10,0.1:20,0.01:30,0.005' (multiplier 1 "
       "until step 10, 0.1 until 20, ..., 0.005 after).", type=str)
     f.switch("use_8bit_adam", "8-bit AdamW from bitsandbytes (falls back to AdamW when it cannot run).")
+    f.switch("use_adafactor", "Adafactor (transformers) at --learning_rate instead of AdamW: factored "
+             "second moments, about 0.1 floats of state per weight; what fits an SDXL full fine-tune in 24 GB.")
     f("adam_beta1", "Adam beta1.", type=float)
     f("adam_beta2", "Adam beta2.", type=float)
     f("adam_weight_decay", "Weight decay.", type=float)
@@ -342,7 +345,8 @@ def _output_flags(f: _FlagAdder) -> None:
     f("save_guidance_scale", "CFG scale for samples.", type=float)
     f("save_infer_steps", "Inference steps for samples.", type=int)
     f.switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
-             "(original SD layout for AUTOMATIC1111/ComfyUI).")
+             f"(original SD layout for AUTOMATIC1111/ComfyUI); with --use_lora as <step>/{KOHYA_LORA_NAME}, "
+             "a kohya-style LoRA file they load.")
     f("checkpointing_steps", "Save accelerate state for resuming every N steps (default: never, as "
       "in Shivam's script).", type=int)
     f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
@@ -442,11 +446,10 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
         problems.append("--caption_dropout is a probability: give a value from 0 to 1.")
     if cfg.keep_tokens < 0:
         problems.append("--keep_tokens cannot be negative.")
+    if cfg.use_8bit_adam and cfg.use_adafactor:
+        problems.append("--use_8bit_adam and --use_adafactor pick different optimizers: drop one of the two.")
     if cfg.use_lora and cfg.use_ema:
         problems.append("--use_ema works on full UNet weights; drop it when training with --use_lora.")
-    if cfg.use_lora and cfg.save_single_file:
-        problems.append("--save_single_file needs full weights; LoRA mode saves an adapter "
-                        f"({LORA_WEIGHTS}, load it with pipe.load_lora_weights). Drop one of the two.")
     if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         problems.append("--enable_xformers_memory_efficient_attention: xformers is not installed. "
                         "`pip install xformers`, or drop the flag (PyTorch's SDPA attention is used).")

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from dbtools.atomic import atomic_dir, atomic_write_text
-from dbtools.checkpoints import SINGLE_FILE_NAME, write_checkpoint
+from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, write_checkpoint
 from dbtools.generate import save_image
+from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.train_config import TrainConfig, public_args
 from dbtools.train_folders import human_size, nearest_existing
 from dbtools.train_setup import TrainError, move_module
@@ -101,9 +102,14 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
         if final and cfg.save_single_file:
             # The export reads the saved folder, so it runs after the float32 VAE and text
             # encoder have left the GPU and the EMA's copy of the trained weights is gone.
-            from dbtools.export import export_single_file
+            if cfg.use_lora:
+                from dbtools.kohya import write_kohya_lora
 
-            export_single_file(tmp, tmp / SINGLE_FILE_NAME)
+                write_kohya_lora(tmp, tmp / KOHYA_LORA_NAME, alpha=cfg.lora_rank)
+            else:
+                from dbtools.export import export_single_file
+
+                export_single_file(tmp, tmp / SINGLE_FILE_NAME)
     logger.info("[*] weights saved at %s", target)
     if run.held_out is not None and run.held_out.last_step != step:
         log_validation_loss(run, step)  # the best-step rule reads the loss of each saved step
@@ -116,7 +122,8 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encode
     """`save_pretrained` in safetensors; without the text encoder when asked (diffusers'
     `--skip_save_text_encoder`: the base model's is given back when loading)."""
     if skip_text_encoder:
-        pipe = type(pipe)(**{**pipe.components, "text_encoder": None})
+        encoders = [n for n in ("text_encoder", "text_encoder_2") if n in pipe.components]
+        pipe = type(pipe)(**{**pipe.components, **dict.fromkeys(encoders)})
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -137,21 +144,26 @@ def _save_final_in_place(run: Run, step: int) -> Path:
 
 
 def build_pipeline(run: Run) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` from the models being trained (DDIM sampler)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's pipeline (SD, or SDXL with both text encoders) from the models being
+    trained, with a DDIM sampler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    acc = run.accelerator
-    return StableDiffusionPipeline(
-        vae=run.models.vae, text_encoder=acc.unwrap_model(run.text_encoder), tokenizer=run.models.tokenizer,
-        unet=acc.unwrap_model(run.unet), scheduler=DDIMScheduler.from_config(run.models.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    acc, models = run.accelerator, run.models
+    parts = dict(vae=models.vae, text_encoder=acc.unwrap_model(models.text_encoder), tokenizer=models.tokenizer,
+                 unet=acc.unwrap_model(models.unet),
+                 scheduler=DDIMScheduler.from_config(models.noise_scheduler.config))
+    if is_sdxl_models(models):
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=acc.unwrap_model(models.text_encoder_2),
+                                         tokenizer_2=models.tokenizer_2)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 @contextlib.contextmanager
 def _for_inference(run: Run) -> Iterator[None]:
     """Frozen modules on the device in float32, EMA weights swapped in; all undone afterwards."""
     device = run.accelerator.device
-    frozen = [run.models.vae] + ([] if run.cfg.train_text_encoder else [run.models.text_encoder])
+    frozen = [run.models.vae] + ([] if run.cfg.train_text_encoder else text_encoders_of(run.models))
     before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
     for m in frozen:
         move_module(m, device, torch.float32)
@@ -192,17 +204,22 @@ def lora_state_dict(model, adapter: str = "default") -> dict:
 
 
 def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, train_text_encoder: bool) -> None:
-    """The LoRA adapters of the UNet (and text encoder when trained) in diffusers' file layout."""
-    from diffusers import StableDiffusionPipeline
+    """The LoRA adapters of the UNet (and the text encoders when trained) in diffusers' file
+    layout: `pytorch_lora_weights.safetensors`, which `load_lora_weights` reads."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(models.unet)))
-    te_layers = None
-    if train_text_encoder:
-        te_layers = convert_state_dict_to_diffusers(lora_state_dict(accelerator.unwrap_model(models.text_encoder)))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=te_layers)
+    te_layers = [convert_state_dict_to_diffusers(lora_state_dict(accelerator.unwrap_model(encoder)))
+                 if train_text_encoder else None for encoder in text_encoders_of(models)]
+    if is_sdxl_models(models):
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                                    text_encoder_lora_layers=te_layers[0],
+                                                    text_encoder_2_lora_layers=te_layers[1])
+    else:
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                                  text_encoder_lora_layers=te_layers[0])
 
 
 def save_validation(run: Run, step: int) -> None:
@@ -237,7 +254,7 @@ class HeldOut:
 
     def __init__(self, items: list[Item]):
         self.items = items
-        self.groups: list[tuple[torch.Tensor, list[str]]] | None = None
+        self.groups: list[tuple[torch.Tensor, list[str], torch.Tensor]] | None = None
         self.last_step: int | None = None
 
     def loss(self, run: Run) -> float:
@@ -246,19 +263,24 @@ class HeldOut:
         from dbtools.evaluate import validation_loss
 
         acc, device = run.accelerator, run.accelerator.device
-        unet, text_encoder = acc.unwrap_model(run.unet), acc.unwrap_model(run.text_encoder)
+        unet = acc.unwrap_model(run.unet)
+        encoders = [acc.unwrap_model(e) for e in text_encoders_of(run.models)]
         total = 0.0
-        for latents, prompts in self._latents(run):
+        for latents, prompts, time_ids in self._latents(run):
             with torch.no_grad(), acc.autocast():
-                states = run.prompts.encode(prompts, text_encoder, device)
+                if is_sdxl_models(run.models):
+                    states, pooled = run.prompts.encode(prompts, encoders, device)
+                    added = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+                else:
+                    states, added = run.prompts.encode(prompts, encoders[0], device), None
                 total += validation_loss(unet, latents.to(device), states, run.models.noise_scheduler,
-                                         seed=run.seed) * len(prompts)
+                                         seed=run.seed, added_cond_kwargs=added) * len(prompts)
         return total / len(self.items)
 
-    def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str]]]:
-        """Scaled latents and prompts, one group per image size (buckets), encoded once."""
+    def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str], torch.Tensor]]:
+        """Scaled latents, prompts and SDXL time ids, one group per image size (buckets), encoded once."""
         if self.groups is None:
-            from dbtools.data import load_item
+            from dbtools.data import item_time_ids, load_item
 
             vae, device = run.models.vae, run.accelerator.device
             by_size: dict[tuple[int, int], list[Item]] = {}
@@ -270,7 +292,8 @@ class HeldOut:
                 with torch.no_grad():
                     mean = vae.encode(pixels.to(device, torch.float32)).latent_dist.mean
                 self.groups.append(((mean * vae.config.scaling_factor).float().cpu(),
-                                    [it.example.prompt for it in items]))
+                                    [it.example.prompt for it in items],
+                                    torch.tensor([item_time_ids(it, False) for it in items], dtype=torch.float32)))
         return self.groups
 
 
@@ -354,5 +377,6 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 def _save_bytes(run: Run) -> int:
     """Bytes of one weights save: every saved module in float32."""
-    modules = [run.models.unet, run.models.text_encoder, run.models.vae]
-    return sum(p.numel() * 4 for m in modules for p in m.parameters())
+    models = run.models
+    modules = [models.unet, models.text_encoder, getattr(models, "text_encoder_2", None), models.vae]
+    return sum(p.numel() * 4 for m in modules if m is not None for p in m.parameters())

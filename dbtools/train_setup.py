@@ -29,7 +29,8 @@ from dbtools.data import (
     with_validation,
 )
 from dbtools.errors import UserError
-from dbtools.prompts import PromptEncoder
+from dbtools.models import is_sdxl_models, text_encoders_of
+from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train_config import TrainConfig, flag_problems, report_trackers, resolve_mixed_precision
 from dbtools.train_folders import MiB, another_run_message, folder_problems, holds_another_run
 
@@ -83,7 +84,26 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
+    _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def _warn_if_too_big(cfg: TrainConfig) -> None:
+    """Warn (never refuse: the estimate is rough) when the run is estimated not to fit the GPU."""
+    from dbtools.env import gpu_memory_gib
+    from dbtools.models import detect_family
+    from dbtools.profiles import fit_warning
+
+    gpu = gpu_memory_gib()
+    if gpu is None:
+        return
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    except UserError:
+        return  # the model loader reports what is wrong with it
+    warning = fit_warning(family.family.key, dataclasses.asdict(cfg), gpu)
+    if warning:
+        logger.warning("%s", warning)
 
 
 def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -> list[str]:
@@ -112,7 +132,7 @@ def local_model_bytes(name_or_path: str) -> int:
     if not path.is_dir():
         return 0
     total = 0
-    for sub in ("unet", "text_encoder", "vae"):
+    for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
         files = [f for f in (path / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
         full = [f for f in files if ".fp16." not in f.name] or files
         total += sum(f.stat().st_size * (2 if ".fp16." in f.name else 1) for f in full)
@@ -221,32 +241,43 @@ def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list
     """Freeze what is not trained, add LoRA adapters, enable memory savers; return trainable params."""
     _freeze_and_place(cfg, models, accelerator.device, weight_dtype)
     _enable_memory_savers(cfg, models)
-    modules = [models.unet] + ([models.text_encoder] if cfg.train_text_encoder else [])
+    modules = [models.unet] + (text_encoders_of(models) if cfg.train_text_encoder else [])
     for m in modules:
         m.train()
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
-    """Frozen modules go to `device` in `weight_dtype`; trained weights (or LoRA adapters) stay float32."""
+    """Frozen modules go to `device` in `weight_dtype` (a VAE that overflows in half
+    precision stays float32); trained weights (or LoRA adapters) stay float32."""
     models.vae.requires_grad_(False)
-    move_module(models.vae, device, weight_dtype)
+    move_module(models.vae, device, vae_dtype(models.vae, weight_dtype))
     train_te = cfg.train_text_encoder
+    encoders = text_encoders_of(models)
     if cfg.use_lora:
         _add_lora(cfg, models)
     else:
         models.unet.requires_grad_(True)
-        models.text_encoder.requires_grad_(train_te)
+        for encoder in encoders:
+            encoder.requires_grad_(train_te)
     if not train_te:
-        move_module(models.text_encoder, device, weight_dtype)
+        for encoder in encoders:
+            move_module(encoder, device, weight_dtype)
     if cfg.use_lora and weight_dtype != torch.float32:
         # Frozen base weights in half precision, trainable adapters in float32.
         move_module(models.unet, device, weight_dtype)
         if train_te:
-            move_module(models.text_encoder, device, weight_dtype)
+            for encoder in encoders:
+                move_module(encoder, device, weight_dtype)
         from diffusers.training_utils import cast_training_params
 
-        cast_training_params([models.unet] + ([models.text_encoder] if train_te else []), dtype=torch.float32)
+        cast_training_params([models.unet] + (encoders if train_te else []), dtype=torch.float32)
+
+
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: `weight_dtype`, but float32 for a VAE whose config says it overflows
+    in half precision (`force_upcast`: SDXL's own VAE; the fp16-fix VAE does not)."""
+    return torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype
 
 
 def _enable_memory_savers(cfg: TrainConfig, models) -> None:
@@ -254,7 +285,8 @@ def _enable_memory_savers(cfg: TrainConfig, models) -> None:
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            _checkpoint_text_encoder(models.text_encoder)
+            for encoder in text_encoders_of(models):
+                _checkpoint_text_encoder(encoder)
     if cfg.enable_xformers_memory_efficient_attention:
         _try_xformers(models.unet)
     if cfg.allow_tf32 and torch.cuda.is_available():
@@ -296,16 +328,17 @@ def _add_lora(cfg: TrainConfig, models) -> None:
     from peft import LoraConfig
 
     models.unet.requires_grad_(False)
-    models.text_encoder.requires_grad_(False)
+    for encoder in text_encoders_of(models):
+        encoder.requires_grad_(False)
     models.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     if cfg.train_text_encoder:
         from peft import inject_adapter_in_model
 
         # peft directly: transformers' own `add_adapter` may demand a newer peft.
-        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
-                                models.text_encoder)
+        for encoder in text_encoders_of(models):
+            inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
 
 
 def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
@@ -325,7 +358,7 @@ def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtyp
     data = DreamBoothData(plan, dcfg, cache)
     if cache is not None:
         flips = (False, True) if cfg.hflip else (False,)
-        cache.fill(data.all_items(), flips, lambda px: _vae_stats(vae, px, accelerator.device, weight_dtype),
+        cache.fill(data.all_items(), flips, lambda px: _vae_stats(vae, px, accelerator.device, vae.dtype),
                    progress=accelerator.is_local_main_process)
         logger.info("latents: %d encoded, %d read from %s", cache.encoded, cache.read_from_disk,
                     cfg.cache_dir or "memory")
@@ -358,31 +391,42 @@ def _vae_stats(vae, pixels, device, dtype):
     return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
 
 
-def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator) -> PromptEncoder:
-    """Prompt encoding; embeddings are cached when the text encoder is frozen."""
+def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
+                        accelerator) -> PromptEncoder | SDXLPromptEncoder:
+    """Prompt encoding (SDXL: both encoders, pooled embeddings too); embeddings are cached
+    when the text encoders are frozen."""
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
-    enc = PromptEncoder(models.tokenizer, pad_tokens=cfg.pad_tokens,
-                        max_length=cfg.tokenizer_max_length, use_attention_mask=cfg.text_encoder_use_attention_mask,
-                        cache=cache)
+    if is_sdxl_models(models):
+        enc = SDXLPromptEncoder([models.tokenizer, models.tokenizer_2], cache=cache)
+    else:
+        enc = PromptEncoder(models.tokenizer, pad_tokens=cfg.pad_tokens, max_length=cfg.tokenizer_max_length,
+                            use_attention_mask=cfg.text_encoder_use_attention_mask, cache=cache)
     if cache:
         prompts = {"" if cfg.caption_dropout else None}
         if not cfg.shuffle_captions:
             prompts |= {it.example.prompt for it in data.all_items()}
         prompts = sorted(prompts - {None})
         for k in range(0, len(prompts), 64):
-            enc.encode(prompts[k:k + 64], models.text_encoder, accelerator.device)
+            enc.encode(prompts[k:k + 64], encoders_of(models), accelerator.device)
         # Shuffled captions almost never repeat: caching them would only fill GPU memory
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
     return enc
 
 
-def offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder) -> None:
-    """Frozen modules whose outputs are all cached leave the GPU until sampling time."""
+def encoders_of(models):
+    """What the prompt encoder takes: the text encoder, or SDXL's list of both."""
+    return text_encoders_of(models) if is_sdxl_models(models) else models.text_encoder
+
+
+def offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder | SDXLPromptEncoder) -> None:
+    """Frozen modules whose outputs are all cached leave the GPU until sampling time
+    (for SDXL both text encoders: what lets SDXL LoRA fit a 16 GB GPU)."""
     if not cfg.not_cache_latents:
         models.vae.to("cpu")
     if prompts.cache is not None and not cfg.shuffle_captions:
-        models.text_encoder.to("cpu")
+        for encoder in text_encoders_of(models):
+            encoder.to("cpu")
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int) -> int:
@@ -394,7 +438,14 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int) ->
 
 
 def make_optimizer(cfg: TrainConfig, params: list, device):
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked and it runs on `device` (else AdamW + warning)."""
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked and it runs on `device` (else AdamW +
+    warning), or transformers' Adafactor at the fixed `--learning_rate` (the schedule still
+    applies; no relative step sizes)."""
+    if cfg.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=cfg.adam_weight_decay)
     cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         cls = _adamw_8bit(device) or cls

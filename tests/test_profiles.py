@@ -52,9 +52,13 @@ def test_estimates_match_the_known_figures():
     # a bigger picture costs activations: 1024 px is 4x the pixels of 512 px
     small = estimate_training_memory("sdxl", {**MEMORY_PROFILES[SDXL_LORA_16GB], "resolution": 512})
     assert lora.parts["activations"] == pytest.approx(4 * small.parts["activations"])
-    # SDXL with every weight trained in float32 with 8-bit Adam does not fit a T4 or even 24 GB
+    # SDXL with every UNet weight trained in float32: 8-bit Adam's state does not fit 24 GB,
+    # Adafactor's (the 24 GB profile) does, with little room; neither fits a T4
     full = estimate_training_memory("sdxl", {**MEMORY_PROFILES[SDXL_FULL_24GB], "resolution": 1024})
-    assert full.total_gib > 24 and not full.fits(T4_GIB) and full.fits(40)
+    adam8 = estimate_training_memory("sdxl", {**MEMORY_PROFILES[SDXL_FULL_24GB], "use_adafactor": False,
+                                              "use_8bit_adam": True, "resolution": 1024})
+    assert 22 < full.total_gib <= 24 < adam8.total_gib and not full.fits(T4_GIB)
+    assert full.parts["optimizer"] == pytest.approx(2_567_463_684 * 0.38 / 1024**3)
 
 
 def test_fit_warning_names_the_profile_and_the_fix():
@@ -72,7 +76,7 @@ def test_recommended_profile_keeps_sd_and_picks_lora_for_sdxl_on_small_gpus():
         assert recommended_profile("sd1", gpu) == recommended_profile("sd2", gpu) == SD_DEFAULT
     assert recommended_profile("sdxl", None) == SDXL_LORA_16GB
     assert recommended_profile("sdxl", T4_GIB) == SDXL_LORA_16GB
-    assert recommended_profile("sdxl", 80.0) == SDXL_FULL_24GB
+    assert recommended_profile("sdxl", 80.0) == recommended_profile("sdxl", 24.0) == SDXL_FULL_24GB
 
 
 # --------------------------------------------------------------------------- the training cell
@@ -176,3 +180,21 @@ def test_export_cell_writes_a_lora_file_or_a_fused_checkpoint(lora_run, tiny_sdx
         nb.export_step(full, export_as="LoRA file (kohya)")
     with pytest.raises(nb.UserError, match="safetensors"):
         nb.export_step(session, export_format="ckpt", export_as="LoRA file (kohya)")
+
+
+def test_the_24gb_profile_optimizer_is_adafactor_at_the_given_learning_rate():
+    from transformers.optimization import Adafactor
+
+    from dbtools.train_config import TrainConfig, flag_problems
+    from dbtools.train_setup import make_optimizer
+
+    cfg = TrainConfig(instance_data_dir="x", output_dir="y", learning_rate=2e-6,
+                      **{k: v for k, v in MEMORY_PROFILES[SDXL_FULL_24GB].items() if k != "mixed_precision"})
+    weight = torch.nn.Parameter(torch.ones(3, 4))
+    opt = make_optimizer(cfg, [weight], "cpu")
+    assert isinstance(opt, Adafactor) and opt.param_groups[0]["lr"] == 2e-6
+    weight.grad = torch.ones(3, 4)
+    opt.step()
+    assert torch.all(weight < 1)  # it steps at the fixed rate, no relative step size
+    both = TrainConfig(instance_data_dir="x", output_dir="y", use_adafactor=True, use_8bit_adam=True)
+    assert any("--use_adafactor" in p for p in flag_problems(both))

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pytest
+import torch
 
 from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
 
@@ -48,3 +54,159 @@ def test_a_checkpoint_with_a_trained_second_text_encoder_loads_it(tiny_sdxl, tmp
     UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet").save_pretrained(ckpt / "unet")
     pipe = load_checkpoint_pipeline(ckpt)
     assert torch.equal(pipe.text_encoder_2.text_projection.weight, trained.text_projection.weight)
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def sdxl_data(tmp_path_factory):
+    """Two captioned instance images of different shapes (they land in different buckets)."""
+    from conftest import make_image
+
+    inst = tmp_path_factory.mktemp("sdxl_data") / "inst"
+    for i, size in enumerate([(96, 48), (64, 64)]):
+        img = make_image(inst / f"toy_{i}.png", size=size, color=(200, 40 * i, 0))
+        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
+    return inst
+
+
+def sdxl_config(model, data, out, **kw):
+    from dbtools.train_config import TrainConfig
+
+    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
+                read_prompts_from_txts=True, resolution=64, train_batch_size=1, max_train_steps=4, seed=3,
+                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", save_interval=4,
+                n_save_sample=1, save_infer_steps=2, checkpointing_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_sdxl, sdxl_data, tmp_path_factory):
+    """Full fine-tune of the UNet and both text encoders, prior preservation with class
+    images made by the SDXL pipeline, aspect buckets, flips, min-SNR, offset noise and EMA;
+    every UNet call's added conditioning is recorded."""
+    from diffusers import UNet2DConditionModel
+
+    from dbtools import train as T
+
+    root = tmp_path_factory.mktemp("sdxl_full")
+    calls = []
+    real_forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kw):
+        if self.training:
+            calls.append((tuple(sample.shape), encoder_hidden_states.shape,
+                          {k: v.detach().clone() for k, v in (added_cond_kwargs or {}).items()}))
+        return real_forward(self, sample, timestep, encoder_hidden_states, *args,
+                            added_cond_kwargs=added_cond_kwargs, **kw)
+
+    cfg = sdxl_config(tiny_sdxl, sdxl_data, root / "out", train_text_encoder=True, with_prior_preservation=True,
+                      class_data_dir=str(root / "class"), class_prompt="a photo of a toy", num_class_images=2,
+                      sample_batch_size=2, aspect_ratio_bucketing=True, hflip=True, snr_gamma=5.0,
+                      offset_noise=True, use_ema=True, caption_dropout=0.2, save_sample_prompt="a photo of sks toy")
+    UNet2DConditionModel.forward = recording
+    try:
+        result = T.train(cfg)
+    finally:
+        UNet2DConditionModel.forward = real_forward
+    return cfg, result, calls
+
+
+def test_full_fine_tune_trains_the_unet_and_both_text_encoders_with_prior_preservation(full_run, tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg, result, calls = full_run
+    out = Path(cfg.output_dir)
+    assert result.weights_dir == out / "4" and result.global_step == 4
+    assert len(list(Path(cfg.class_data_dir).glob("*.jpg"))) == 2  # made by the SDXL pipeline
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert changed(tensors(tiny_sdxl / part), tensors(out / "4" / part)), part
+    assert (out / "4" / "args.json").is_file() and (out / "4" / "samples" / "0.png").is_file()
+    assert (out / "checkpoint-4" / "text_encoder_2").is_dir()
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "4")
+    assert pipe.text_encoder_2 is not None
+    # every training call got SDXL's added conditioning: pooled embeddings from the second
+    # encoder's projection (32 wide) and six time ids per sample
+    assert calls and all(set(added) == {"text_embeds", "time_ids"} for _, _, added in calls)
+    for shape, states, added in calls:
+        assert added["text_embeds"].shape == (shape[0], 32) and added["time_ids"].shape == (shape[0], 6)
+        assert states[-1] == 96  # both encoders' hidden states side by side (32 + 64)
+
+
+def test_time_ids_in_training_match_each_images_bucket_and_crop(full_run, tiny_sdxl):
+    """The ids the UNet got in training are each image's original size, the crop made to
+    fit its bucket (mirrored when flipped) and the size trained on (`item_time_ids`)."""
+    import json
+
+    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
+
+    cfg, _, calls = full_run
+    vae_scale = 2 ** (len(json.loads((tiny_sdxl / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    unet_levels = len(json.loads((tiny_sdxl / "unet" / "config.json").read_text())["block_out_channels"])
+    plan = DataPlan([Example(p, "") for p in sorted(Path(cfg.instance_data_dir).glob("*.png"))],
+                    [Example(p, "", True) for p in sorted(Path(cfg.class_data_dir).glob("*.jpg"))])
+    data = DreamBoothData(plan, DataConfig(resolution=64, bucket_step=vae_scale * 2 ** (unet_levels - 1),
+                                           aspect_ratio_bucketing=True, seed=3))
+    expected = {tuple(item_time_ids(it, flip)) for it in data.all_items() for flip in (False, True)}
+    wide = next(it for it in data.instance if it.original == (96, 48))
+    assert wide.size[0] > wide.size[1] and wide.box[1] != (0, 0)  # bucketed and cropped
+    seen = set()
+    for shape, _, added in calls:
+        for row in added["time_ids"].tolist():
+            ids = tuple(int(v) for v in row)
+            assert ids[4:] == (shape[2] * vae_scale, shape[3] * vae_scale)  # the size trained on
+            seen.add(ids)
+    assert seen <= expected
+    assert any(ids[:2] == (48, 96) and ids[2:4] != (0, 0) for ids in seen)  # the wide image, cropped
+
+
+def test_resume_matches_the_uninterrupted_run(full_run, tmp_path, tiny_sdxl):
+    from dbtools import train as T
+
+    cfg, result, _ = full_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(Path(cfg.output_dir) / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = T.train(dataclasses.replace(cfg, output_dir=str(resumed_dir), resume_from_checkpoint="latest"))
+    assert resumed.global_step == 4 and resumed.resumed_from == resumed_dir / "checkpoint-2"
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = tensors(result.weights_dir / part), tensors(resumed.weights_dir / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdxl, sdxl_data, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from dbtools import train as T
+    from dbtools.generate import generate_images
+
+    cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "lora", use_lora=True, train_text_encoder=True,
+                      save_single_file=True, lora_rank=2, max_train_steps=2, save_interval=2, checkpointing_steps=None,
+                      validation_split=0.5)
+    result = T.train(cfg)
+    folder = result.weights_dir
+    metrics = (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
+    assert "validation_loss" in metrics[-1]  # the held-out image's loss, with SDXL's conditioning
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() and not (folder / "unet").exists()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(str(folder))
+    assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = load_file(str(result.single_file))
+    assert result.single_file == folder / "lora_kohya.safetensors"
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
+    assert all(v.item() == 2 for k, v in kohya.items() if k.endswith(".alpha"))
+    images = generate_images(str(folder), "a photo of sks toy", num_images=1, steps=2, height=64, width=64, seed=1)
+    assert len(images) == 1 and images[0].size == (64, 64)
