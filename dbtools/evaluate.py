@@ -252,6 +252,7 @@ def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed:
 
     from dbtools.losses import diffusion_target  # the one home of the target rule
 
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
     gen = torch.Generator("cpu").manual_seed(int(seed))
     grid = validation_timesteps(noise_scheduler.config.num_train_timesteps, num_timesteps)
     losses = []
@@ -262,7 +263,7 @@ def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed:
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+            pred = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
             losses.append(F.mse_loss(pred.float(), target.float()).item())
     return sum(losses) / len(losses)
 
