@@ -480,8 +480,10 @@ def place_items(examples: Sequence[Example], cfg: DataConfig) -> list[Item]:
         with Image.open(ex.path) as img:  # header only: the size, EXIF rotation applied below
             w, h = _upright_size(img)
         size = nearest_bucket(w, h, buckets)
+        # Seeded by the file name, not the full path: the same dataset crops the same
+        # wherever it lies (Drive, a local copy, another machine).
         rng = None if cfg.center_crop or cfg.aspect_ratio_bucketing else \
-            random.Random(step_seed(cfg.seed, 0, f"crop:{ex.path}"))
+            random.Random(step_seed(cfg.seed, 0, f"crop:{ex.path.name}"))
         items.append(Item(ex, size, cover_crop_box((w, h), size, rng), (w, h)))
     return items
 
