@@ -454,9 +454,18 @@ def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **op
         logger.info("Auto-captioning skipped; the next steps use the images in %s.", out)
         return out
     images = resolve_output_dir(images_folder, on_drive)
-    cfg = CaptionConfig(img_dir=images, out_dir=out or images, **options)
+    cfg = CaptionConfig(img_dir=images, out_dir=out or images, **_form_defaults(options))
     logger.info("%s", format_summary(run_caption(cfg, load_for_config(cfg))))
     return cfg.output_dir
+
+
+# A form field left at its "use the default" value: 0 for the caption lengths, "" for text.
+_FORM_DEFAULTS = {"min_length": 0, "max_length": 0, "prompt": "", "tags_with": ""}
+
+
+def _form_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with form fields left at their default value turned into None."""
+    return {k: None if k in _FORM_DEFAULTS and v == _FORM_DEFAULTS[k] else v for k, v in options.items()}
 
 
 def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, concepts_list: Path, *,
@@ -648,6 +657,10 @@ class Session:
     weights_dir: Path | None = None
     exported_from: list[Path] = field(default_factory=list)
     app: Any = None
+    caption_options: dict[str, Any] = field(default_factory=dict)
+    """The caption options cell's fields, passed on by the auto-caption cell."""
+    train_options: dict[str, Any] = field(default_factory=dict)
+    """The training options cell's fields, passed on by the training cell."""
     family: Any = None
     """The base model's `families.Detected`, or None when it could not be read yet."""
 
