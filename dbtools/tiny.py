@@ -178,11 +178,8 @@ def tiny_sdxl_configs(vocab_size: int = 1000) -> dict:
     text_2 = dict(base["text"], hidden_act="gelu", hidden_size=64, intermediate_size=74, projection_dim=32)
     time_dim = 8
     unet = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        base["unet"],
         layers_per_block=2,
-        block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -192,7 +189,6 @@ def tiny_sdxl_configs(vocab_size: int = 1000) -> dict:
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + text_2["projection_dim"],
-        norm_num_groups=32,
     )
     vae = dict(base["vae"], scaling_factor=0.13025, force_upcast=True)
     scheduler = {k: v for k, v in base["scheduler"].items() if k != "clip_sample"}
