@@ -16,6 +16,18 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests: tiny models run fastest that way, and
+    several threads spin-wait when the cores are busy. The previous count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny SD 1.x-style (epsilon) pipeline folder, built once per session."""

@@ -17,15 +17,7 @@ from dbtools.captions import caption_file_name, caption_from_filename, caption_i
 GOOD = ["a.png", "b.jpg", "c.JPG", "d.webp"]  # top level; sub/e.png is the recursive one
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several spin-wait when cores are busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

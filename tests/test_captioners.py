@@ -26,14 +26,7 @@ from dbtools.tiny import (
 GOOD = ["a.png", "b.jpg", "c.JPG", "d.webp", "grey.png", "alpha.png", "palette.gif", "turned.jpg"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
