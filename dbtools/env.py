@@ -80,6 +80,9 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
     ("transformers.utils.import_utils", r"requires torchvision \(not installed\)"),
     # accelerate launch lists defaults it used; the training command passes what matters
     ("accelerate.commands.launch", r"not passed to `accelerate launch` and had defaults used"),
+    # accelerate names each file it writes into a checkpoint being built under a temporary
+    # name (RNG pickles we then drop among them); our own line names the finished folder
+    ("accelerate.checkpointing", r"(weights|states?)( for dataloader \d+)? saved in |loaded successfully$"),
 )
 HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),

@@ -48,3 +48,18 @@ def test_quiet_is_by_message_and_category_not_blanket():
         warnings.warn("`gradient_checkpointing_enable` is deprecated", UserWarning, stacklevel=1)  # other category
         warnings.warn("something else", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["`gradient_checkpointing_enable` is deprecated", "something else"]
+
+
+def test_accelerate_checkpoint_file_lines_are_hidden_but_its_other_lines_stay(caplog):
+    """accelerate names every file it writes into a checkpoint's temporary folder (RNG pickles
+    we then drop among them); our own line names the finished folder."""
+    import logging
+
+    env.quiet_third_party()
+    log = logging.getLogger("accelerate.checkpointing")
+    with caplog.at_level(logging.INFO, logger="accelerate.checkpointing"):
+        log.info("Random states saved in out/.tmp-checkpoint-3-x/random_states_0.pkl")
+        log.info("Sampler state for dataloader 0 saved in out/.tmp-checkpoint-3-x/sampler.bin")
+        log.info("All model weights loaded successfully")
+        log.info("Could not find a sampler state to load")
+    assert [r.getMessage() for r in caplog.records] == ["Could not find a sampler state to load"]
