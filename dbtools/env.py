@@ -21,24 +21,54 @@ def in_colab() -> bool:
 
 def gpu_report() -> str:
     """One line per CUDA GPU: name, total and free memory; a clear note without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return format_gpu_report([])
-    devices = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        devices.append((torch.cuda.get_device_name(i), total, free))
-    return format_gpu_report(devices)
+    return format_gpu_report(_gpus())
 
 
 def gpu_memory_gib(index: int = 0) -> float | None:
     """Total memory of CUDA GPU `index` in GiB; None without a CUDA GPU."""
+    gpus = _gpus()
+    return gpus[index][1] / 1024 ** 3 if index < len(gpus) else None
+
+
+def _gpus() -> list[tuple[str, int, int]]:
+    """`(name, total_bytes, free_bytes)` per GPU. nvidia-smi is asked first: torch would
+    create a CUDA context in this process, which holds GPU memory for as long as it lives
+    (the notebook's kernel, while training runs in a process of its own)."""
+    gpus = _nvidia_smi_gpus()
+    if gpus is not None:
+        return gpus
     import torch
 
     if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_name(i), *reversed(torch.cuda.mem_get_info(i)))
+            for i in range(torch.cuda.device_count())]
+
+
+def _nvidia_smi_gpus() -> list[tuple[str, int, int]] | None:
+    """The GPUs nvidia-smi lists; None when it is not installed or does not answer."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
         return None
-    return torch.cuda.get_device_properties(index).total_memory / 1024 ** 3
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return parse_nvidia_smi(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def parse_nvidia_smi(text: str) -> list[tuple[str, int, int]]:
+    """`(name, total_bytes, free_bytes)` from `nvidia-smi --query-gpu=name,memory.total,
+    memory.free --format=csv,noheader,nounits` output (MiB figures)."""
+    gpus = []
+    for line in text.strip().splitlines():
+        name, total, free = (part.strip() for part in line.rsplit(",", 2))
+        gpus.append((name, int(float(total)) * 1024 ** 2, int(float(free)) * 1024 ** 2))
+    return gpus
 
 
 def format_gpu_report(devices: list[tuple[str, int, int]]) -> str:

@@ -63,3 +63,23 @@ def test_accelerate_checkpoint_file_lines_are_hidden_but_its_other_lines_stay(ca
         log.info("All model weights loaded successfully")
         log.info("Could not find a sampler state to load")
     assert [r.getMessage() for r in caplog.records] == ["Could not find a sampler state to load"]
+
+
+def test_gpu_figures_come_from_nvidia_smi_without_waking_cuda_here(monkeypatch):
+    """A CUDA context in the notebook's kernel would hold GPU memory the training process needs."""
+    import subprocess
+
+    import torch
+
+    assert env.parse_nvidia_smi("Tesla T4, 15360, 15095\nNVIDIA A100-SXM4-40GB, 40960, 40000\n") == [
+        ("Tesla T4", 15360 * 2**20, 15095 * 2**20), ("NVIDIA A100-SXM4-40GB", 40960 * 2**20, 40000 * 2**20)]
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda was asked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nvidia-smi")
+    answer = subprocess.CompletedProcess([], 0, "Tesla T4, 15360, 15095\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: answer)
+    assert env.gpu_report() == "GPU 0: Tesla T4, 15.0 GiB total, 14.7 GiB free"
+    assert env.gpu_memory_gib() == 15.0 and env.gpu_memory_gib(1) is None
