@@ -47,7 +47,7 @@ from pathlib import Path
 
 from dbtools.atomic import atomic_write
 from dbtools.errors import UserError
-from dbtools.families import SDXL, family_from_model_index
+from dbtools.families import SDXL, UnsupportedFamily, family_from_model_index
 from dbtools.models import WEIGHT_STEMS
 
 logger = logging.getLogger(__name__)
@@ -545,7 +545,10 @@ def export_components(model_path: Path) -> tuple[str, ...]:
     """The component folders an export reads: SDXL adds `text_encoder_2`."""
     index_file = model_path / "model_index.json"
     index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
-    sdxl = family_from_model_index(index) is SDXL or (model_path / "text_encoder_2").is_dir()
+    try:
+        sdxl = family_from_model_index(index) is SDXL or (model_path / "text_encoder_2").is_dir()
+    except UnsupportedFamily as exc:
+        raise ExportError(f"{model_path} is {exc}.") from None
     return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
 
 

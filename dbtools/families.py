@@ -1,5 +1,8 @@
 """Model families (SD 1.x, SD 2.x, SDXL): what tells them apart and what each one needs.
 
+Other families (Flux, SD3, Z-Image, ...) are recognised and refused by name
+(`UnsupportedFamily`), never taken for one of ours.
+
 Pure rules, no file access: callers (`dbtools.models`) read `model_index.json`, component
 configs or a single file's key names and hand them in. A family is detected from what a
 model is, never declared by a flag:
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from dbtools.errors import UserError
 
 EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"
@@ -87,27 +92,95 @@ def family_from_text_config(text_config: dict) -> Family:
     return SD1
 
 
+# Pipelines we recognise but do not train (yet), by the start of their `_class_name`; the
+# first match wins, so the more specific names come first.
+OTHER_PIPELINES = (
+    ("Flux2Klein", "Flux.2 [klein]"), ("Flux2", "Flux.2 [dev]"), ("FluxKontext", "Flux.1 Kontext"),
+    ("Flux", "Flux.1"), ("StableDiffusion3", "Stable Diffusion 3"), ("ZImage", "Z-Image"),
+    ("QwenImage", "Qwen-Image"), ("Chroma", "Chroma"), ("HiDream", "HiDream"), ("Sana", "Sana"),
+    ("Lumina", "Lumina"), ("PixArt", "PixArt"), ("Kandinsky", "Kandinsky"), ("IF", "DeepFloyd IF"),
+    ("StableCascade", "Stable Cascade"), ("HunyuanDiT", "Hunyuan-DiT"), ("AuraFlow", "AuraFlow"),
+    ("CogView", "CogView"), ("Kolors", "Kolors"), ("StableVideoDiffusion", "Stable Video Diffusion"),
+    ("StableDiffusionXLInpaint", "SDXL inpainting"), ("StableDiffusionInpaint", "Stable Diffusion inpainting"),
+    ("StableDiffusionUpscale", "Stable Diffusion upscaler"), ("StableDiffusionLatentUpscale",
+                                                              "Stable Diffusion upscaler"),
+)
+TRAINED = "SD 1.x, SD 2.x, SDXL"
+"""The families this toolkit trains, as messages name them."""
+
+
+class UnsupportedFamily(UserError):
+    """A model of a family this toolkit recognises but does not train; `label` names it."""
+
+    def __init__(self, label: str, detail: str = ""):
+        article = "an" if label[:1].upper() in "AEIOU" else "a"
+        super().__init__(f"{article} {label} model{detail}; this toolkit trains: {TRAINED}")
+        self.label = label
+
+
+def _component_class(model_index: dict, name: str) -> str | None:
+    """The class name of one `model_index.json` component (None when absent or null)."""
+    entry = model_index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        return str(entry[1])
+    return None
+
+
 def family_from_model_index(model_index: dict, text_config: dict | None = None) -> Family:
     """The family of a diffusers pipeline from its `model_index.json` (and text encoder config).
 
-    SDXL is recognised by its pipeline class or its second text encoder; SD 1.x and 2.x share
-    a pipeline class, so `text_config` tells them apart (SD 1.x when it is not given).
+    A pipeline class we know but do not train (Flux, SD3, Z-Image, an inpainting model, ...)
+    or a pipeline of a transformer and no UNet, or with other than CLIP text encoders, raises
+    `UnsupportedFamily`: nothing
+    is guessed. Otherwise a second CLIP text encoder means SDXL (fine-tunes sometimes save
+    under another pipeline name); SD 1.x and 2.x share a pipeline class, so `text_config`
+    tells them apart (SD 1.x when it is not given).
     """
     name = str(model_index.get("_class_name", ""))
-    if "XL" in name or "text_encoder_2" in model_index:
+    label = next((lab for prefix, lab in OTHER_PIPELINES if name.startswith(prefix)), None)
+    if label:
+        raise UnsupportedFamily(label)
+    encoder, encoder_2 = (_component_class(model_index, n) for n in ("text_encoder", "text_encoder_2"))
+    has_parts = any(k in model_index for k in ("unet", "transformer", "text_encoder", "text_encoder_2"))
+    if has_parts:
+        _check_sd_parts(name, model_index, encoder, encoder_2)
+    if "XL" in name or encoder_2:
         return SDXL
     return family_from_text_config(text_config or {})
+
+
+def _check_sd_parts(name: str, model_index: dict, encoder: str | None, encoder_2: str | None) -> None:
+    """Refuse a pipeline whose parts are not a UNet with CLIP text encoders (SD 1.x/2.x/XL)."""
+    label = name.removesuffix("Pipeline") or "diffusers"
+    if _component_class(model_index, "transformer") and not _component_class(model_index, "unet"):
+        raise UnsupportedFamily(label, " (a transformer, no UNet)")
+    if encoder_2 and not encoder:
+        raise UnsupportedFamily("SDXL refiner", " (one text encoder, made for img2img)")
+    for cls in (encoder, encoder_2):
+        if cls is not None and not cls.startswith("CLIPTextModel"):
+            raise UnsupportedFamily(label, f" ({cls} text encoder)")
+
+
+# Single files of transformer families, by a tensor name prefix (with or without ComfyUI's
+# `model.diffusion_model.` in front).
+OTHER_SINGLE_FILES = (("double_blocks.", "Flux-style transformer"), ("joint_blocks.", "Stable Diffusion 3"),
+                      ("noise_refiner.", "Z-Image/Lumina 2"))
 
 
 def family_from_keys(keys: Iterable[str]) -> Family | None:
     """The family of a single-file checkpoint (original layout) from its tensor names; None if unknown.
 
     The text encoders' names decide; a file with a UNet only is SDXL when the UNet has SDXL's
-    added conditioning (`label_emb`), else SD 1.x (SD 2.x has the same UNet names).
+    added conditioning (`label_emb`), else SD 1.x (SD 2.x has the same UNet names). A
+    transformer family's file (Flux, SD3, Z-Image) raises `UnsupportedFamily`.
     """
     seen = {"sdxl": False, "sd2": False, "sd1": False}
     unet = False
     for key in keys:
+        bare = key.removeprefix("model.diffusion_model.")
+        other = next((label for prefix, label in OTHER_SINGLE_FILES if bare.startswith(prefix)), None)
+        if other:
+            raise UnsupportedFamily(other)
         unet = unet or key.startswith("model.diffusion_model.")
         if key.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.0.")):
             seen["sdxl"] = True

@@ -18,6 +18,7 @@ and the tiny test models all take the same path. What we promise:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -98,6 +99,10 @@ def scheduler_key(name: str) -> str | None:
 
 class ModelLoadError(UserError):
     """A model cannot be loaded because of something the user can fix; the message says what."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model is of a family this toolkit recognises but does not train."""
 
 
 @dataclass
@@ -267,9 +272,26 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
             raise ModelLoadError(f"{path}: not a model file. Give a .safetensors or .ckpt checkpoint, "
                                  "or a diffusers folder containing model_index.json.")
         return
+    _refuse_other_family(path)
     problems = model_folder_problems(path, needed)
     if problems:
         raise ModelLoadError("\n".join(problems))
+
+
+def _refuse_other_family(folder: Path) -> None:
+    """A pipeline folder of a family we do not train is named before its parts are checked
+    (a Flux folder is not "missing its unet")."""
+    from dbtools import families
+
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # absent or unreadable: model_folder_problems says so
+    try:
+        families.family_from_model_index(index if isinstance(index, dict) else {})
+    except families.UnsupportedFamily as exc:
+        raise UnsupportedModelError(f"{folder} is {exc}.") from None
 
 
 # --------------------------------------------------------------------------- devices
@@ -359,11 +381,20 @@ def detect_family(model_name_or_path: str, *, config: str | None = None,
     config (a few small files; nothing is loaded). A single file is read from its tensor
     names; its prediction type comes from `config` (a diffusers folder or Hub id, or
     $DBTOOLS_SINGLE_FILE_CONFIG) when given. Raises `ModelLoadError` when the model cannot
-    be read or is none of SD 1.x, 2.x and XL.
+    be read or is none of SD 1.x, 2.x and XL (naming the family when it is a known one).
     """
     from dbtools import families
 
     name = _normalize(model_name_or_path)
+    try:
+        return _detect_family(name, config, revision)
+    except families.UnsupportedFamily as exc:
+        raise UnsupportedModelError(f"{name} is {exc}.") from None
+
+
+def _detect_family(name: str, config: str | None, revision: str | None) -> Detected:
+    from dbtools import families
+
     path = Path(name)
     if is_local(name) and path.is_file():
         keys = single_file_keys(path)

@@ -692,10 +692,12 @@ class Session:
 def _try_detect(model: str):
     """The model's family, or None with a note (offline, a typo): the training cell asks again
     and then reports the problem."""
-    from dbtools.models import detect_family
+    from dbtools.models import UnsupportedModelError, detect_family
 
     try:
         return detect_family(model)
+    except UnsupportedModelError:
+        raise
     except UserError as exc:
         logger.info("Could not read the model's family yet (%s); the training cell will try again.",
                     str(exc).splitlines()[0])

@@ -30,6 +30,8 @@ def test_family_from_model_index_and_text_config():
     assert families.family_from_model_index({"_class_name": "StableDiffusionXLPipeline"}) is SDXL
     # fine-tunes sometimes save under another pipeline name; the second encoder tells
     assert families.family_from_model_index({"_class_name": "DiffusionPipeline",
+                                             "unet": ["diffusers", "UNet2DConditionModel"],
+                                             "text_encoder": ["transformers", "CLIPTextModel"],
                                              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}) is SDXL
 
 
