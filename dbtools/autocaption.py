@@ -70,78 +70,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dbtools.atomic import atomic_write, atomic_write_text
+from dbtools.caption_config import (
+    DEFAULT_MODEL,
+    CaptionConfig,
+    CaptionError,
+    generation_kwargs,
+    length_limits,
+)
 from dbtools.captioners import FLORENCE2_MODEL, FLORENCE2_TASKS, TAGGER_MODEL, VLM_MODEL
 from dbtools.captions import FILENAME_FORMATS, caption_file_name, caption_image_name, clean_caption
-from dbtools.errors import UserError
 from dbtools.images import list_images, load_rgb
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 BLIP2_MODEL = "Salesforce/blip2-opt-2.7b"
 FORMATS = ("filename", "mrwho", "joepenna", "txt", "text", "caption", "sidecar")
 STATE_DIR = ".dbtools"
 MANIFEST_NAME = "captions.jsonl"
 BLIP_PROMPT = "a picture of"
-DEFAULT_MIN_LENGTH = 22
-# (min, max) new tokens per family when --min_length / --max_length are left out.
-LENGTHS = {"blip": (DEFAULT_MIN_LENGTH, 48), "blip2": (DEFAULT_MIN_LENGTH, 48),
-           "florence2": (0, 256), "vlm": (0, 160)}
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "on"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", "off"})
-
-
-class CaptionError(UserError):
-    """A problem the user can fix (bad flag, folder, model or undo log); says how."""
-
-
-@dataclass
-class CaptionConfig:
-    """Everything one captioning run needs; the CLI, notebook and tests build this.
-
-    `out_dir` defaults to `output` (EveryDream); `None` or the image folder itself
-    means rename / write in place. `min_length`/`max_length` `None` mean the family's
-    (`LENGTHS`); a minimum left out never exceeds a given maximum. `num_workers=None`
-    picks `default_num_workers()`; 0 decodes in the main process. `prompt=None` means
-    "a picture of" for BLIP and none for BLIP-2.
-    """
-
-    img_dir: str | Path = "input"
-    out_dir: str | Path | None = "output"
-    format: str = "filename"
-    model: str = DEFAULT_MODEL
-    nucleus: bool = False
-    q_factor: float = 1.0
-    min_length: int | None = None
-    max_length: int | None = None
-    num_beams: int = 16
-    batch_size: int = 8
-    num_workers: int | None = None
-    prefix: str = ""
-    suffix: str = ""
-    prompt: str | None = None
-    recursive: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    threshold: float = 0.35
-    character_threshold: float = 0.85
-    include_ratings: bool = False
-    exclude_tags: str = ""
-    tags_with: str | None = None
-    quantize: str | None = None
-
-    @property
-    def image_dir(self) -> Path:
-        return Path(self.img_dir)
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir not in (None, "") else Path(self.img_dir)
-
-    @property
-    def in_place(self) -> bool:
-        """True when outputs go into the image folder itself (renames, no copies)."""
-        return _same_path(self.output_dir, self.image_dir)
 
 
 @dataclass
@@ -202,28 +150,7 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
     return problems
 
 
-def length_limits(cfg: CaptionConfig, family: str = "blip") -> tuple[int, int]:
-    """(min, max) caption tokens: the flags, or `family`'s defaults for those left out.
-    A default minimum follows a smaller given maximum (EveryDream: `--max_length 12`)."""
-    low, high = LENGTHS.get(family, LENGTHS["blip"])
-    high = cfg.max_length if cfg.max_length is not None else high
-    low = cfg.min_length if cfg.min_length is not None else min(low, high)
-    return low, high
 
-
-def generation_kwargs(cfg: CaptionConfig, family: str = "blip") -> dict:
-    """Keyword arguments for `model.generate`, with EveryDream's meaning of the flags.
-
-    Nucleus: sampling with `top_p=q_factor` (above 1: 1.0, no cut). Otherwise beam
-    search with `num_beams` beams and `repetition_penalty=q_factor`. Lengths count the
-    caption's own tokens.
-    """
-    low, high = length_limits(cfg, family)
-    lengths = {"min_new_tokens": low, "max_new_tokens": high}
-    if cfg.nucleus:
-        return {"do_sample": True, "top_p": min(cfg.q_factor, 1.0), "num_beams": 1, **lengths}
-    return {"do_sample": False, "num_beams": cfg.num_beams,
-            "repetition_penalty": cfg.q_factor, **lengths}
 
 
 def family_problems(cfg: CaptionConfig, family: str) -> list[str]:
@@ -286,10 +213,6 @@ def _count(start: int) -> Iterator[int]:
 def default_num_workers() -> int:
     """Decoding workers: one per spare CPU core, at most 4 (0 on a single core)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b) or (a.exists() and b.exists() and a.samefile(b))
 
 
 # ----------------------------------------------------------------------------- the model

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbtools.caption_config import CaptionError, generation_kwargs
 from dbtools.captions import clean_caption
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ BOILERPLATE = re.compile(
 
 
 def _error(message: str):
-    from dbtools.autocaption import CaptionError
-
     return CaptionError(message)
 
 
@@ -171,8 +170,6 @@ class Florence2Captioner:
 
     def caption_batch(self, pixel_values, cfg) -> list[str]:
         import torch
-
-        from dbtools.autocaption import generation_kwargs
 
         task = cfg.prompt or FLORENCE2_DEFAULT_TASK
         inputs = self.prompt_inputs(task, pixel_values.shape[0])
@@ -369,8 +366,6 @@ class VlmCaptioner:
 
     def caption_batch(self, images, cfg) -> list[str]:
         import torch
-
-        from dbtools.autocaption import generation_kwargs
 
         inputs = self.inputs(images, cfg.prompt or VLM_DEFAULT_INSTRUCTION)
         with torch.inference_mode():
