@@ -398,7 +398,7 @@ def plot_curves(per_step: Sequence[dict], best: int | None = None):
     against the step, each with its own scale, the best step marked by a red line."""
     from PIL import Image, ImageDraw
 
-    from dbtools.preview import default_font
+    from dbtools.images import default_font
 
     height = len(METRICS) * PANEL_HEIGHT + 30
     img = Image.new("RGB", (PLOT_WIDTH, height), "white")
@@ -560,8 +560,7 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
     instance images (`references`: their embeddings, else loaded from `plan`), and images
     of the eval prompts on fixed seeds against their prompts."""
     from dbtools.generate import load_inference_pipeline
-    from dbtools.images import load_rgb
-    from dbtools.preview import sample_files
+    from dbtools.images import load_rgb, sample_files
 
     samples = [load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
     return score_pipeline(load_inference_pipeline(folder), samples, plan, cfg, likeness_model, clip, references)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFont, ImageOps
 
 from dbtools.errors import UserError
 
@@ -196,3 +196,17 @@ def _scale_to_rgb(img: Image.Image) -> Image.Image:
         scaled = arr if (lo >= 0.0 and hi <= 1.0) else (arr - lo) / max(hi - lo, 1e-12)
     grey = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def sample_files(weights_dir: str | os.PathLike) -> list[Path]:
+    """The sample images saved in one weights folder (`samples/`), naturally sorted."""
+    folder = Path(weights_dir) / "samples"
+    return list_images(folder) if folder.is_dir() else []
+
+
+def default_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font at `size` pixels (the fixed bitmap font on old Pillow)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed size
+        return ImageFont.load_default()

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dbtools.checkpoints import list_weights
 from dbtools.errors import UserError
+from dbtools.images import default_font, sample_files
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class NoSamplesError(UserError):
     """No sample images were found; the message says where they were expected."""
 
 
-def sample_files(weights_dir: str | os.PathLike) -> list[Path]:
-    """The sample images saved in one weights folder (`samples/`), naturally sorted."""
-    from dbtools.images import list_images
-
-    folder = Path(weights_dir) / "samples"
-    return list_images(folder) if folder.is_dir() else []
-
-
 def select_rows(
     available: list[tuple[int, Path]], steps: Iterable[int] | None
 ) -> list[tuple[int, Path]]:
@@ -62,14 +55,6 @@ def select_rows(
         have = ", ".join(str(s) for s in by_step) or "none"
         raise NoSamplesError(f"no complete weights folder for step(s) {missing}; saved steps: {have}.")
     return [(s, by_step[s]) for s in wanted]
-
-
-def default_font(size: int) -> ImageFont.ImageFont:
-    """Pillow's built-in font at `size` pixels (the fixed bitmap font on old Pillow)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed size
-        return ImageFont.load_default()
 
 
 def grid_size(rows: int, cols: int, thumb: int, label_width: int) -> tuple[int, int]:
