@@ -7,6 +7,11 @@
 - `prompt_fidelity`: CLIP text-image cosine similarity of samples made from "new
   context" prompts (the instance prompt placed in other scenes). It falls when the model
   overfits and every prompt returns the training photos.
+- `class_drift`: language drift, DreamBooth's known failure: the likeness of images of the
+  class prompt alone ("a dog", "a painting", without the instance token) to the instance
+  images. It rises when the class itself starts to look like the subject. Measured only
+  when the run has a class prompt; the reference is the base model's value when known,
+  else the first scored step's.
 - `validation_loss`: the diffusion loss on held-out images at a fixed grid of timesteps
   with fixed noise, so it is comparable across steps and runs (`validation_loss`,
   `validation_split` are ready for the training loop).
@@ -44,7 +49,7 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics-summary.json"
 PLOT_FILE = "metrics.png"
-METRICS = ("likeness", "prompt_fidelity", "validation_loss")
+METRICS = ("likeness", "prompt_fidelity", "class_drift", "validation_loss")
 CONTEXTS = ("on a beach", "in a snowy forest", "in a city street at night", "as an oil painting")
 """Scenes the default "new context" prompts place the instance prompt in."""
 
@@ -271,29 +276,34 @@ def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed:
 # --------------------------------------------------------------------------- best step
 
 
-def best_step_rule(tolerance: float, loss_tolerance: float) -> str:
+def best_step_rule(tolerance: float, loss_tolerance: float, drift_tolerance: float = 0.05) -> str:
     """The rule `best_step` applies, in words (stored in the summary)."""
     return (f"highest likeness among steps whose prompt_fidelity is at least the reference's minus "
-            f"{tolerance:g} (reference: the base model's when known, else the first scored step's) and "
+            f"{tolerance:g}, whose class_drift is at most the reference's plus {drift_tolerance:g} "
+            f"(references: the base model's when known, else the first scored step's) and "
             f"whose validation_loss is at most {1 + loss_tolerance:g} x the lowest validation_loss up to "
             f"that step; a missing score does not exclude a step; ties go to the earliest step")
 
 
 def best_step(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: float | None = None,
-              loss_tolerance: float = 0.01) -> int | None:
+              loss_tolerance: float = 0.01, drift_tolerance: float = 0.05,
+              base_drift: float | None = None) -> int | None:
     """Suggest the best saved step from per-step records (`step` and any of `likeness`,
-    `prompt_fidelity`, `validation_loss`).
+    `prompt_fidelity`, `class_drift`, `validation_loss`).
 
     A step is eligible when (a) its prompt fidelity has not fallen more than `tolerance`
-    below the reference fidelity (`base_fidelity`, else the earliest step's), and (b)
-    its validation loss has not risen: at most `(1 + loss_tolerance)` times the lowest
-    loss of any step up to it. A step missing a score is not excluded by that score.
+    below the reference fidelity (`base_fidelity`, else the earliest step's), (b) its class
+    drift has not risen more than `drift_tolerance` above the reference drift (`base_drift`,
+    else the earliest step's), and (c) its validation loss has not risen: at most
+    `(1 + loss_tolerance)` times the lowest loss of any step up to it. A step missing a
+    score is not excluded by that score.
     Among eligible steps the highest likeness wins (steps without likeness rank below
     those with it); ties go to the earliest step, the one least likely to be overfit.
     Returns None when no step is eligible or there are no records.
     """
     rows = sorted((r for r in per_step if r.get("step") is not None), key=lambda r: int(r["step"]))
     reference = base_fidelity if base_fidelity is not None else _first(rows, "prompt_fidelity")
+    drift_reference = base_drift if base_drift is not None else _first(rows, "class_drift")
     eligible, lowest = [], math.inf
     for r in rows:
         loss = r.get("validation_loss")
@@ -302,7 +312,9 @@ def best_step(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: 
         fid = r.get("prompt_fidelity")
         fid_ok = fid is None or reference is None or fid >= reference - tolerance
         loss_ok = loss is None or loss <= lowest * (1 + loss_tolerance) + 1e-12
-        if fid_ok and loss_ok:
+        drift = r.get("class_drift")
+        drift_ok = drift is None or drift_reference is None or drift <= drift_reference + drift_tolerance
+        if fid_ok and loss_ok and drift_ok:
             eligible.append(r)
     if not eligible:
         return None
@@ -359,11 +371,13 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
 
 
 def summarize(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: float | None = None,
-              loss_tolerance: float = 0.01) -> dict:
+              loss_tolerance: float = 0.01, drift_tolerance: float = 0.05, base_drift: float | None = None) -> dict:
     """The summary written to `metrics-summary.json`: best step, the rule, the records."""
-    summary = {"best_step": best_step(per_step, tolerance, base_fidelity, loss_tolerance),
-               "rule": best_step_rule(tolerance, loss_tolerance),
-               "tolerance": tolerance, "base_fidelity": base_fidelity, "per_step": list(per_step)}
+    summary = {"best_step": best_step(per_step, tolerance, base_fidelity, loss_tolerance, drift_tolerance,
+                                      base_drift),
+               "rule": best_step_rule(tolerance, loss_tolerance, drift_tolerance),
+               "tolerance": tolerance, "base_fidelity": base_fidelity,
+               "drift_tolerance": drift_tolerance, "base_drift": base_drift, "per_step": list(per_step)}
     return summary
 
 
@@ -389,12 +403,13 @@ def write_summary(output_dir: str | os.PathLike, summary: dict) -> Path:
 # --------------------------------------------------------------------------- plot
 
 PLOT_WIDTH, PANEL_HEIGHT, MARGIN = 720, 170, 56
-COLORS = {"likeness": (40, 110, 200), "prompt_fidelity": (40, 150, 70), "validation_loss": (200, 80, 40)}
+COLORS = {"likeness": (40, 110, 200), "prompt_fidelity": (40, 150, 70), "class_drift": (150, 60, 170),
+          "validation_loss": (200, 80, 40)}
 BEST_COLOR = (210, 30, 30)
 
 
 def plot_curves(per_step: Sequence[dict], best: int | None = None):
-    """A PIL image: one panel per score (likeness, prompt fidelity, validation loss)
+    """A PIL image: one panel per score (likeness, prompt fidelity, class drift, validation loss)
     against the step, each with its own scale, the best step marked by a red line."""
     from PIL import Image, ImageDraw
 
@@ -470,6 +485,9 @@ class EvalConfig:
     base_fidelity: float | None = None
     rescore: bool = False
     batch_size: int = 16
+    class_prompts: list[str] = field(default_factory=list)
+    drift_tolerance: float = 0.05
+    base_drift: float | None = None
 
 
 @dataclass
@@ -481,6 +499,8 @@ class EvalPlan:
     eval_prompts: list[str]
     references: list[Path]
     settings: dict
+    class_prompts: list[str] = field(default_factory=list)
+    """Class prompts whose images measure `class_drift` (none: not measured)."""
 
 
 def plan_evaluation(cfg: EvalConfig) -> EvalPlan:
@@ -507,7 +527,8 @@ def plan_evaluation(cfg: EvalConfig) -> EvalPlan:
     settings = {"steps": int(args.get("save_infer_steps") or 20),
                 "guidance_scale": float(args.get("save_guidance_scale") or 7.5),
                 "size": int(args.get("resolution") or 512)}
-    return EvalPlan(weights, prompt, eval_prompts, _references(cfg, args), settings)
+    return EvalPlan(weights, prompt, eval_prompts, _references(cfg, args), settings,
+                    list(cfg.class_prompts) or _class_prompts(args))
 
 
 def _read_args(folder: Path) -> dict:
@@ -517,6 +538,29 @@ def _read_args(folder: Path) -> dict:
     except (ValueError, OSError):
         logger.warning("%s: unreadable; using the defaults", path)
         return {}
+
+
+def _from_concepts(args: dict, key: str) -> list:
+    """`key` of each concept of the run's `args.json`: from its concepts list when it has one
+    (readable), else its single `key` flag."""
+    if args.get("concepts_list"):
+        try:
+            from dbtools.concepts import read_concepts
+
+            return [getattr(c, key) for c in read_concepts(args["concepts_list"])]
+        except UserError as exc:
+            logger.warning("%s", exc)
+    return [args.get(key)]
+
+
+def _class_prompts(args: dict) -> list[str]:
+    """The run's class prompts from its `args.json` (its concepts list, else `class_prompt`)."""
+    return unique_prompts(_from_concepts(args, "class_prompt"))
+
+
+def unique_prompts(prompts: Sequence[str | None]) -> list[str]:
+    """The non-empty prompts, each once, in order."""
+    return list(dict.fromkeys(p.strip() for p in prompts if isinstance(p, str) and p.strip()))
 
 
 def _references(cfg: EvalConfig, args: dict) -> list[Path]:
@@ -529,14 +573,7 @@ def _references(cfg: EvalConfig, args: dict) -> list[Path]:
             raise EvaluateError(f"--instance_data_dir {folder}: no images there. Give the folder of "
                                 "the images the model was trained on.")
         return list_images(folder)
-    folders = [args.get("instance_data_dir")]
-    if args.get("concepts_list"):
-        try:
-            from dbtools.concepts import read_concepts
-
-            folders = [c.instance_data_dir for c in read_concepts(args["concepts_list"])]
-        except UserError as exc:
-            logger.warning("%s", exc)
+    folders = _from_concepts(args, "instance_data_dir")
     found = [p for f in folders if f and Path(f).is_dir() for p in list_images(f)]
     if not found:
         logger.warning("no instance images found (args.json); likeness is not measured. "
@@ -587,12 +624,24 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
             references = reference_embeddings(likeness_model, plan, cfg.batch_size)
         if samples:
             record["likeness"] = likeness(likeness_model, samples, references, cfg.batch_size)
+        if plan.class_prompts:
+            record["class_drift"] = class_drift(pipe, plan, cfg, likeness_model, references, gen)
     images, prompts = [], []
     for prompt in plan.eval_prompts:
         images += [g.image for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
         prompts += [prompt] * cfg.num_samples
     record["prompt_fidelity"] = prompt_fidelity(clip, images, prompts, cfg.batch_size)
     return record
+
+
+def class_drift(pipe, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel, references, gen: dict) -> float:
+    """Likeness to the instance images of `cfg.num_samples` images per class prompt, made on
+    the same seeds at every call: how much the class itself has come to look like the subject."""
+    from dbtools.generate import generate
+
+    images = [g.image for prompt in plan.class_prompts
+              for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
+    return likeness(likeness_model, images, references, cfg.batch_size)
 
 
 @dataclass
@@ -627,29 +676,35 @@ class SaveScorer:
             record = score_pipeline(pipe, samples, self.plan, self.cfg, self.likeness_model, self.clip,
                                     self.references)
         append_metrics(self.cfg.output_dir, {"step": step, **record})
-        refresh_summary(self.cfg.output_dir, self.cfg.tolerance, self.cfg.base_fidelity)
+        refresh_summary(self.cfg.output_dir, self.cfg.tolerance, self.cfg.base_fidelity, self.cfg.drift_tolerance,
+                        self.cfg.base_drift)
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
         return record
 
 
 def training_plan(instance_prompt: str, eval_prompts: Sequence[str] | None, references: Sequence[Path],
-                  steps: int, guidance_scale: float, size: int) -> EvalPlan:
+                  steps: int, guidance_scale: float, size: int,
+                  class_prompts: Sequence[str | None] = ()) -> EvalPlan:
     """What a training run scores at each save: the eval prompts (default: the instance prompt
-    in new contexts), the instance images it trains on, and its sample settings."""
+    in new contexts), the instance images it trains on, its class prompts (for the drift) and
+    its sample settings."""
     prompts = list(eval_prompts or []) or default_eval_prompts(instance_prompt)
     return EvalPlan([], instance_prompt, prompts, list(references),
-                    {"steps": int(steps), "guidance_scale": float(guidance_scale), "size": int(size)})
+                    {"steps": int(steps), "guidance_scale": float(guidance_scale), "size": int(size)},
+                    unique_prompts(class_prompts))
 
 
 def refresh_summary(output_dir: str | os.PathLike, tolerance: float = 0.05,
-                    base_fidelity: float | None = None) -> dict:
+                    base_fidelity: float | None = None, drift_tolerance: float = 0.05,
+                    base_drift: float | None = None) -> dict:
     """Rewrite `metrics-summary.json` and `metrics.png` from `metrics.jsonl`; return the summary.
 
     The best step is chosen among the scored steps (those with a prompt fidelity, i.e. saved
     weights), so a step that only logged a validation loss is never suggested; `per_step`
     and the plot keep every step."""
     records = read_metrics(output_dir)
-    summary = summarize([r for r in records if "prompt_fidelity" in r], tolerance, base_fidelity)
+    summary = summarize([r for r in records if "prompt_fidelity" in r], tolerance, base_fidelity,
+                        drift_tolerance=drift_tolerance, base_drift=base_drift)
     summary["per_step"] = records
     write_summary(output_dir, summary)
     save_plot(output_dir, summary["per_step"], summary["best_step"])
@@ -683,7 +738,7 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
             record = score_step(folder, plan, cfg, likeness_model, clip, references)
         append_metrics(cfg.output_dir, {"step": step, **record})
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-    return refresh_summary(cfg.output_dir, cfg.tolerance, cfg.base_fidelity)
+    return refresh_summary(cfg.output_dir, cfg.tolerance, cfg.base_fidelity, cfg.drift_tolerance, cfg.base_drift)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -704,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="how far prompt fidelity may fall below the reference (0.05)")
     p.add_argument("--base_fidelity", type=float, help="the base model's prompt fidelity, if measured")
+    p.add_argument("--class_prompts", nargs="+", default=[], metavar="PROMPT",
+                   help="class prompts for the class drift (default: from args.json; none: not measured)")
+    p.add_argument("--drift_tolerance", type=float, default=0.05,
+                   help="how far class drift may rise above the reference (0.05)")
+    p.add_argument("--base_drift", type=float, help="the base model's class drift, if measured")
     p.add_argument("--rescore", action="store_true", help="score steps already in metrics.jsonl again")
     p.add_argument("--batch_size", type=int, default=16)
     return p

@@ -115,7 +115,8 @@ def row_label(step: int) -> str:
     return f"step {step}"
 
 
-SCORE_LABELS = (("likeness", "likeness"), ("prompt_fidelity", "fidelity"), ("validation_loss", "val. loss"))
+SCORE_LABELS = (("likeness", "likeness"), ("prompt_fidelity", "fidelity"), ("class_drift", "drift"),
+                ("validation_loss", "val. loss"))
 """Metrics shown under a row's step, in this order, with their short names."""
 BEST_LABEL = "* suggested"
 
@@ -131,7 +132,7 @@ def step_scores(output_dir: str | os.PathLike) -> tuple[dict[int, dict], int | N
 
 def row_lines(step: int, record: dict | None = None, best: int | None = None) -> list[str]:
     """The lines of a row's label: "step N", then each score the step has ("likeness 0.812",
-    "fidelity 0.305", "val. loss 0.1234"), then `BEST_LABEL` on the suggested step."""
+    "fidelity 0.305", "drift 0.402", "val. loss 0.1234"), then `BEST_LABEL` on the suggested step."""
     lines = [row_label(step)]
     for key, name in SCORE_LABELS:
         value = (record or {}).get(key)

@@ -130,6 +130,7 @@ class TrainConfig:
     likeness_model: str = "facebook/dinov2-small"
     clip_model: str = "openai/clip-vit-base-patch32"
     best_step_tolerance: float = 0.05
+    drift_tolerance: float = 0.05
     validation_images: list[str] | None = None
     class_labels_conditioning: str | None = None
     verbose: bool = False
@@ -385,6 +386,9 @@ def _evaluation_flags(f: _FlagAdder) -> None:
     f("clip_model", "CLIP model for prompt fidelity (Hub id or folder).", type=str)
     f("best_step_tolerance", "How far prompt fidelity may fall below the first save's and still be "
       "suggested.", type=float)
+    f("drift_tolerance", "With a class prompt, --score_saves also measures class drift (how much images of "
+      "the class prompt alone look like the instance images); a save whose drift rose more than this "
+      "above the first save's is not suggested.", type=float)
 
 
 def _hub_flags(f: _FlagAdder) -> None:
@@ -508,8 +512,10 @@ def _evaluation_problems(cfg: TrainConfig) -> list[str]:
     if not (math.isfinite(cfg.validation_split) and 0 <= cfg.validation_split < 1):
         problems.append(f"--validation_split {cfg.validation_split}: give a share from 0 up to (not "
                         "including) 1, e.g. 0.1.")
-    if not (math.isfinite(cfg.best_step_tolerance) and cfg.best_step_tolerance >= 0):
-        problems.append(f"--best_step_tolerance {cfg.best_step_tolerance}: must be 0 or more (0.05 is typical).")
+    for flag in ("best_step_tolerance", "drift_tolerance"):
+        value = getattr(cfg, flag)
+        if not (math.isfinite(value) and value >= 0):
+            problems.append(f"--{flag} {value}: must be 0 or more (0.05 is typical).")
     if cfg.eval_num_samples < 1:
         problems.append("--eval_num_samples must be at least 1.")
     if cfg.score_saves and not (cfg.eval_prompts or cfg.save_sample_prompt or cfg.instance_prompt):

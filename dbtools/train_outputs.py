@@ -307,24 +307,26 @@ def log_validation_loss(run: Run, step: int) -> float:
     run.accelerator.log({"validation_loss": loss}, step=step)
     append_metrics(run.cfg.output_dir, {"step": step, "validation_loss": loss})
     if run.scorer is not None:
-        refresh_summary(run.cfg.output_dir, run.cfg.best_step_tolerance)
+        refresh_summary(run.cfg.output_dir, run.cfg.best_step_tolerance, drift_tolerance=run.cfg.drift_tolerance)
     logger.info("step %d: validation loss %.6f", step, loss)
     return loss
 
 
 def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> SaveScorer | None:
     """With `--score_saves`, the score models (loaded once, main process only) and what to score:
-    likeness against the instance images trained on, prompt fidelity of the eval prompts."""
+    likeness against the instance images trained on, prompt fidelity of the eval prompts, and
+    class drift from the run's class prompts."""
     if not cfg.score_saves or not accelerator.is_main_process:
         return None
     from dbtools.evaluate import EvalConfig, SaveScorer, training_plan
 
     ecfg = EvalConfig(cfg.output_dir, eval_prompts=list(cfg.eval_prompts or []), likeness_model=cfg.likeness_model,
                       clip_model=cfg.clip_model, num_samples=cfg.eval_num_samples,
-                      seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance)
+                      seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance,
+                      drift_tolerance=cfg.drift_tolerance)
     prompt = cfg.save_sample_prompt or cfg.instance_prompt or ""
     plan_ = training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
-                          cfg.save_guidance_scale, cfg.resolution)
+                          cfg.save_guidance_scale, cfg.resolution, [c.class_prompt for c in cfg.concepts()])
     return SaveScorer.load(ecfg, plan_)
 
 

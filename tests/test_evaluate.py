@@ -114,13 +114,14 @@ def test_default_eval_prompts_place_the_instance_prompt_in_new_scenes():
 # --------------------------------------------------------------------------- best step
 
 
-def rows(likeness=None, fidelity=None, loss=None, steps=None):
-    n = len(next(x for x in (likeness, fidelity, loss) if x is not None))
+def rows(likeness=None, fidelity=None, loss=None, steps=None, drift=None):
+    n = len(next(x for x in (likeness, fidelity, loss, drift) if x is not None))
     steps = steps or [100 * (i + 1) for i in range(n)]
     out = []
     for i, s in enumerate(steps):
         r = {"step": s}
-        for key, vals in (("likeness", likeness), ("prompt_fidelity", fidelity), ("validation_loss", loss)):
+        for key, vals in (("likeness", likeness), ("prompt_fidelity", fidelity), ("validation_loss", loss),
+                          ("class_drift", drift)):
             if vals is not None and vals[i] is not None:
                 r[key] = vals[i]
         out.append(r)
@@ -151,6 +152,19 @@ def test_rising_validation_loss_excludes_the_step():
     assert best_step(curves) == 400
     assert best_step(curves[:3]) == 200
     assert best_step(curves[:3], loss_tolerance=0.1) == 300
+
+
+def test_steps_whose_class_drift_rose_past_the_tolerance_are_not_suggested():
+    curves = rows(likeness=[0.2, 0.5, 0.7, 0.9], drift=[0.30, 0.33, 0.36, 0.45])
+    # reference: the first save's drift 0.30; 0.33 is within 0.05, 0.36 and 0.45 are not
+    assert best_step(curves) == 200
+    assert best_step(curves, drift_tolerance=0.1) == 300
+    assert best_step(curves, drift_tolerance=0.2) == 400
+    assert best_step(curves, base_drift=0.2) is None  # every save drifted from the base model's 0.2
+    assert best_step(curves, base_drift=0.32) == 300
+    summary = ev.summarize(curves, drift_tolerance=0.1, base_drift=0.3)
+    assert summary["best_step"] == 300 and "class_drift" in summary["rule"]
+    assert (summary["drift_tolerance"], summary["base_drift"]) == (0.1, 0.3)
 
 
 def test_ties_go_to_the_earliest_step():
@@ -274,11 +288,12 @@ def test_read_metrics_skips_broken_lines(tmp_path):
     assert [r["step"] for r in ev.read_metrics(tmp_path)] == [1, 3]
 
 
-def test_plot_draws_three_curves_and_marks_the_best_step(tmp_path):
-    per_step = rows(likeness=[0.2, 0.6, 0.9], fidelity=[0.3, 0.28, 0.2], loss=[0.2, 0.18, 0.19])
+def test_plot_draws_every_curve_and_marks_the_best_step(tmp_path):
+    per_step = rows(likeness=[0.2, 0.6, 0.9], fidelity=[0.3, 0.28, 0.2], loss=[0.2, 0.18, 0.19],
+                    drift=[0.3, 0.31, 0.4])
     path = ev.save_plot(tmp_path, per_step, best=200)
     img = Image.open(path).convert("RGB")
-    assert img.size == (ev.PLOT_WIDTH, 3 * ev.PANEL_HEIGHT + 30)
+    assert img.size == (ev.PLOT_WIDTH, 4 * ev.PANEL_HEIGHT + 30)
     arr = np.asarray(img)
     for color in ev.COLORS.values():
         assert (arr == color).all(axis=2).sum() > 50
@@ -325,6 +340,27 @@ def test_evaluate_scores_every_step_and_writes_summary_and_plot(trained_output, 
     assert "best step: 2" in capsys.readouterr().out
     assert main(argv) == 0  # scored steps are not scored again
     assert len((trained_output / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_measures_class_drift_from_the_class_prompt(trained_output, tiny_scorers, capsys):
+    from dbtools.cli import main
+    from dbtools.preview import row_lines
+
+    argv = ["evaluate", "--output_dir", str(trained_output), "--likeness_model", str(tiny_scorers["dinov2"]),
+            "--clip_model", str(tiny_scorers["clip"]), "--num_samples", "1", "--eval_prompts", "sks toy on a beach",
+            "--class_prompts", "a toy"]
+    assert main(argv) == 0
+    records = ev.read_metrics(trained_output)
+    drifts = [r["class_drift"] for r in records]
+    assert all(-1 <= d < 0.9999 for d in drifts)  # images of "a toy", not the instance image itself
+    assert drifts[0] == drifts[1]  # same weights, same seeds: the same drift
+    assert f"drift {drifts[0]:.3f}" in row_lines(2, records[0])
+    # the class prompt comes from args.json when not given
+    for step in (2, 4):
+        args = json.loads((trained_output / str(step) / "args.json").read_text())
+        (trained_output / str(step) / "args.json").write_text(json.dumps({**args, "class_prompt": "a toy"}))
+    plan = ev.plan_evaluation(EvalConfig(str(trained_output)))
+    assert plan.class_prompts == ["a toy"]
 
 
 def test_evaluate_generates_likeness_samples_when_a_step_has_none(trained_output, tiny_scorers):

@@ -86,7 +86,7 @@ def test_saves_score_validate_and_samples_equal_generate(tmp_path, toy_data, tin
                               "--save_sample_prompt=a photo of sks toy", "--n_save_sample=2", "--save_infer_steps=2",
                               "--score_saves", f"--likeness_model={tiny_scorers['dinov2']}",
                               f"--clip_model={tiny_scorers['clip']}", "--eval_num_samples=1",
-                              "--eval_prompts", "a photo of sks toy on a beach")) == 0
+                              "--eval_prompts", "a photo of sks toy on a beach", "--class_prompt=a toy")) == 0
     # held-out images never reach a training batch
     _, held = validation_split(sorted(toy_data.glob("*.png")), 0.25, 3)
     held_prompts = {Path(f"{p}.txt").read_text() for p in held}
@@ -95,7 +95,7 @@ def test_saves_score_validate_and_samples_equal_generate(tmp_path, toy_data, tin
     records = read_metrics(out)
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
-        assert {"likeness", "prompt_fidelity", "validation_loss"} <= r.keys()
+        assert {"likeness", "prompt_fidelity", "class_drift", "validation_loss"} <= r.keys()
     summary = json.loads((out / "metrics-summary.json").read_text())
     assert summary["best_step"] in (2, 4) and (out / "metrics.png").is_file()
     scores, best = step_scores(out)
