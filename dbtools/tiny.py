@@ -1,9 +1,9 @@
 """Tiny, deterministic, offline models for tests and the demo.
 
-They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
-BLIP, BLIP-2, Florence-2, an Idefics3/SmolVLM-style VLM, and an ONNX WD14-style tagger)
-with very small configs and random weights, and generated tokenizer
-files. They are written with `save_pretrained` and read back with `from_pretrained`,
+They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, the
+Flux.1 transformer with a T5 encoder, BLIP, BLIP-2, Florence-2, an Idefics3/SmolVLM-style
+VLM, and an ONNX WD14-style tagger) with very small configs and random weights, and
+generated tokenizer files. They are written with `save_pretrained` and read back with `from_pretrained`,
 the same path a Hub model takes. Their outputs are noise: they exist to exercise code.
 """
 
@@ -222,6 +222,73 @@ def build_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     logger.info("tiny Stable Diffusion XL pipeline written to %s", out)
+    return out
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A small T5-style (SentencePiece Unigram) tokenizer built in memory: the corpus words as
+    whole pieces after the word-start mark, their letters as fallback pieces, and T5's
+    `<pad>` 0, `</s>` 1 (appended to every text) and `<unk>` 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5Tokenizer
+
+    words = sorted(set(CORPUS.split()))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in sorted(set("".join(words)))]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                special_tokens=[("</s>", 1)])
+    return T5Tokenizer(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                       extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_flux_configs(clip_width: int = 32) -> dict:
+    """Configs for a tiny Flux.1 [dev]-style pipeline: a transformer with one double and one
+    single block and the guidance embedding, a 16-channel VAE with Flux's shift and scaling
+    factors (no quant convs), a 32-wide T5 encoder, and Flux.1 [dev]'s flow-matching
+    scheduler settings. Latents are packed 2x2 into 64 channels, as the real model's."""
+    transformer = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=clip_width,
+                       guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               layers_per_block=1, norm_num_groups=4, sample_size=32, shift_factor=0.1159, scaling_factor=0.3611,
+               use_quant_conv=False, use_post_quant_conv=False)
+    t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+              feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    scheduler = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                     base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer, vae=vae, t5=t5, scheduler=scheduler)
+
+
+def build_tiny_flux(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny FluxPipeline folder (Flux.1 [dev]'s parts: CLIP-L-style and T5-style text
+    encoders, the transformer with guidance embedding, a 16-channel VAE) to `out`."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    out = Path(out)
+    vocab_size = write_clip_tokenizer(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=77)
+    text = tiny_sd_configs("sd1", vocab_size)["text"]
+    tokenizer_2 = t5_tokenizer()
+    cfg = tiny_flux_configs(text["hidden_size"])
+    torch.manual_seed(seed)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **cfg["t5"])),
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**cfg["transformer"]),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("tiny Flux.1 pipeline written to %s", out)
     return out
 
 

@@ -113,3 +113,23 @@ def test_the_notebook_settings_cell_names_the_family(flux_folder, tmp_path):
 
     with pytest.raises(UnsupportedModelError, match=f"is a Flux.1 model; {TRAINED}"):
         nb.Session.start(str(flux_folder), str(tmp_path / "out"), save_to_gdrive=False)
+
+
+def test_a_real_flux_folder_is_named_by_training_before_it_loads(tmp_path, image_factory, capsys):
+    """The tiny Flux.1 pipeline (the real classes, loaded back through `from_pretrained`) is
+    a complete Flux download; training names the family instead of missing a UNet."""
+    from diffusers import FluxPipeline
+
+    from dbtools.cli import main
+    from dbtools.tiny import build_tiny_flux
+
+    flux = build_tiny_flux(tmp_path / "flux")
+    pipe = FluxPipeline.from_pretrained(flux)
+    assert pipe.transformer.config.guidance_embeds and pipe.vae.config.latent_channels == 16
+    assert pipe.tokenizer_2("a red car").input_ids[-1] == pipe.tokenizer_2.eos_token_id
+    data = tmp_path / "data"
+    image_factory(data / "a red car.png")
+    argv = ["train", "--pretrained_model_name_or_path", str(flux), "--instance_data_dir", str(data),
+            "--instance_prompt", "sks car", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
+    assert main(argv) == 2
+    assert f"{flux} is a Flux.1 model; {TRAINED}" in capsys.readouterr().err
