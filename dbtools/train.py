@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
+from dbtools.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
 from dbtools.models import is_sdxl_models, text_encoders_of
@@ -472,7 +472,8 @@ def finish(run: Run, step: int, skipped: int = 0) -> TrainResult:
     if acc.is_main_process:
         with disk_full_message(run):
             weights = save_weights(run, step, final=True)
-        single = weights / (KOHYA_LORA_NAME if cfg.use_lora else SINGLE_FILE_NAME) if cfg.save_single_file else None
+        if cfg.save_single_file:
+            single = ui_lora_file(weights) if cfg.use_lora else weights / SINGLE_FILE_NAME
         if cfg.push_to_hub:
             logger.info("uploaded to https://huggingface.co/%s", push_to_hub(cfg, weights))
     acc.wait_for_everyone()
