@@ -48,6 +48,25 @@ def test_progress_file_is_written_on_state_changes_and_every_few_seconds(tmp_pat
     assert not (tmp_path / "other").exists()
 
 
+def test_progress_names_the_last_save_its_samples_and_the_newest_metrics(tmp_path):
+    from dbtools.evaluate import append_metrics
+
+    (tmp_path / "20" / "samples").mkdir(parents=True)
+    for i in (1, 0):
+        (tmp_path / "20" / "samples" / f"{i}.png").write_bytes(b"png")
+    append_metrics(tmp_path, {"step": 10, "validation_loss": 0.5})
+    append_metrics(tmp_path, {"step": 20, "validation_loss": 0.25})
+    append_metrics(tmp_path, {"step": 20, "likeness": 0.7, "prompt_fidelity": 0.3})
+    progress = Progress(tmp_path)
+    progress.saved(tmp_path, 20)
+    seen = json.loads((tmp_path / PROGRESS_FILE).read_text())
+    assert (seen["last_saved_step"], seen["weights_dir"]) == (20, str(tmp_path / "20"))
+    assert seen["last_saved_samples"] == [str(tmp_path / "20" / "samples" / f"{i}.png") for i in (0, 1)]
+    assert seen["validation_loss"] == {"step": 20, "loss": 0.25}
+    assert seen["scores"] == {"step": 20, "likeness": 0.7, "prompt_fidelity": 0.3}
+    assert not progress.read_metrics(tmp_path)  # unchanged file: not read again
+
+
 def test_second_signal_is_ignored_and_the_third_aborts(caplog):
     stop = StopSignal()
     stop.install()
