@@ -242,7 +242,9 @@ class Watch:
         if kind is KeyboardInterrupt:
             self.progress.state("stopped", message="interrupted; nothing more was saved")
         elif kind is not None:
-            self.progress.state("failed", message=f"{kind.__name__}: {exc}")
+            from dbtools.train_config import mask_secret_text
+
+            self.progress.state("failed", message=mask_secret_text(f"{kind.__name__}: {exc}"))
 
     def state(self, state: str, **fields) -> None:
         self.progress.state(state, **fields)

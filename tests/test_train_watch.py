@@ -199,3 +199,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, t
     assert stderr.count("SIGTERM: stopping after this step") == 1
     assert_stopped_with_saves(out, stdout, 200)
     assert stdout.count("Stopped at step") == 1  # said once, by the main process
+
+
+def test_a_failed_run_says_failed_and_why_without_secrets(tmp_path):
+    from dbtools.train_watch import Watch
+
+    with pytest.raises(RuntimeError), Watch(Progress(tmp_path), None):
+        raise RuntimeError("upload refused for hf_abcdefghijklmnopqrstuvwxyz0123456789")
+    seen = json.loads((tmp_path / PROGRESS_FILE).read_text())
+    assert (seen["state"], seen["message"]) == ("failed", "RuntimeError: upload refused for <redacted>")
