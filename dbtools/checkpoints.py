@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SINGLE_FILE_NAME = "model.safetensors"
-KOHYA_LORA_NAME = "lora_kohya.safetensors"  # a LoRA run's --save_single_file: for AUTOMATIC1111/ComfyUI
+UI_LORA_SUFFIX = "-lora.safetensors"
+"""How the kohya-style LoRA file in a LoRA step folder ends (see `ui_lora_name`)."""
 ARGS_FILE = "args.json"
 EMA_FOLDER = "unet_ema"
 EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -73,6 +74,19 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete `checkpoint-<step>` folder in `output_dir`, or None."""
     found = step_folders(output_dir, CHECKPOINT_PREFIX)
     return found[-1][1] if found else None
+
+
+def ui_lora_name(output_name: str, step: int) -> str:
+    """`<output name>-<step>-lora.safetensors`: the LoRA file for AUTOMATIC1111, Forge and ComfyUI
+    that every LoRA step folder holds beside diffusers' `pytorch_lora_weights.safetensors`."""
+    safe = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", output_name).strip(" .") or "lora"
+    return f"{safe}-{step}{UI_LORA_SUFFIX}"
+
+
+def ui_lora_file(folder: Path) -> Path | None:
+    """The UI LoRA file of a LoRA step folder (see `ui_lora_name`), or None."""
+    found = sorted(p for p in Path(folder).glob(f"*{UI_LORA_SUFFIX}") if p.is_file())
+    return found[0] if found else None
 
 
 def is_weights_folder(path: Path) -> bool:

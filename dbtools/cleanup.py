@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, list_weights, step_folders
+from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, UI_LORA_SUFFIX, list_weights, step_folders
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,11 @@ def _keep_reason(folder: Path, keep: list[Path], exported: list[Path], unexporte
 
 
 def _single_files_in(folder: Path) -> list[str]:
-    """Top-level `.safetensors`/`.ckpt` files of a weights folder other than LoRA weights:
-    exports written into the folder, which deleting it would lose."""
+    """Top-level `.safetensors`/`.ckpt` files of a weights folder other than LoRA weights (the
+    diffusers file and the UI file training writes into every LoRA step folder): exports
+    written into the folder, which deleting it would lose."""
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != LORA_WEIGHTS
-                  and p.suffix.lower() in (".safetensors", ".ckpt"))
+                  and not p.name.endswith(UI_LORA_SUFFIX) and p.suffix.lower() in (".safetensors", ".ckpt"))
 
 
 def describe(plan: CleanupPlan) -> str:

@@ -61,6 +61,14 @@ SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder",
            "sdxl": "SDXL, CLIP and OpenCLIP text encoders",
            "kohya": "kohya-style LoRA for AUTOMATIC1111/ComfyUI"}
+WHERE_IT_GOES = {
+    "lora": "A LoRA file: put it in models/Lora (AUTOMATIC1111, Forge) or models/loras (ComfyUI) and use it with "
+            "its base model. diffusers' load_lora_weights reads the step folder's pytorch_lora_weights.safetensors "
+            "instead (the web UIs ignore that one).",
+    "checkpoint": "A full checkpoint: put it in models/Stable-diffusion (AUTOMATIC1111, Forge) or models/checkpoints "
+                  "(ComfyUI).",
+}
+"""The line `export` prints after a file: which folder of which program it goes into."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
 """What a LoRA training step folder holds instead of a full pipeline."""
 OPENCLIP_LOGIT_SCALE = math.log(100.0)
@@ -98,6 +106,9 @@ class ExportConfig:
     """Write floating-point weights as fp16 (half the size)."""
     use_safetensors: bool | None = None
     """Force safetensors (True) or a torch pickle (False); None decides by extension."""
+    fuse_lora: bool = False
+    """A LoRA step folder becomes one full checkpoint (base model with the adapters fused in)
+    instead of the LoRA file for the web UIs."""
 
 
 @dataclass
@@ -114,7 +125,11 @@ class ExportResult:
     def summary(self) -> str:
         size = f"{self.num_bytes / 2**20:.1f} MiB" if self.num_bytes >= 2**20 else f"{self.num_bytes} bytes"
         return (f"wrote {self.path}: {self.num_tensors} tensors, {size}, {self.dtype}, "
-                f"{self.file_format}, layout {self.layout} ({LAYOUTS[self.layout]})")
+                f"{self.file_format}, layout {self.layout} ({LAYOUTS[self.layout]})\n{WHERE_IT_GOES[self.kind]}")
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.layout == "kohya" else "checkpoint"
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -708,7 +723,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     if is_checkpoint_folder(model_path):
         return _export_checkpoint(config)
     if is_lora_folder(model_path):
-        return _export_lora(config)
+        return _export_checkpoint(config) if config.fuse_lora else _export_lora(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
     configs, weights = {}, {}
     for component in export_components(model_path):
@@ -751,13 +766,14 @@ def is_lora_folder(path: Path) -> bool:
 
 def _export_lora(config: ExportConfig) -> ExportResult:
     """A LoRA folder becomes a kohya-style LoRA file (see `dbtools.kohya`)."""
-    from dbtools.kohya import write_kohya_lora
+    from dbtools.kohya import lora_folder_metadata, write_kohya_lora
 
     out = Path(config.checkpoint_path)
     if config.use_safetensors is False or out.suffix.lower() != ".safetensors":
         raise ExportError(f"{out}: a LoRA is written as .safetensors (AUTOMATIC1111 and ComfyUI do not read "
                           f"LoRA pickles). Name it {out.with_suffix('.safetensors').name}.")
-    write_kohya_lora(config.model_path, out, half=config.half)
+    metadata = lora_folder_metadata(config.model_path, out.stem)
+    write_kohya_lora(config.model_path, out, half=config.half, metadata=metadata)
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as fh:
@@ -770,7 +786,7 @@ def _export_lora(config: ExportConfig) -> ExportResult:
 def export_lora_fused(lora_folder: str | Path, checkpoint_path: str | Path, half: bool = False) -> Path:
     """Write a LoRA weights folder as one full original-layout checkpoint: the run's base
     model (named in its `args.json`) with the adapters fused in; return its path."""
-    return _export_checkpoint(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None)).path
+    return _export_checkpoint(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None, True)).path
 
 
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,
@@ -794,13 +810,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m dbtools export",
         description="Convert a diffusers Stable Diffusion folder (e.g. a training step folder) into one "
                     "file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x, 2.x and XL. "
-                    "A LoRA step folder (pytorch_lora_weights.safetensors) becomes a kohya-style LoRA file.",
+                    "A LoRA step folder (pytorch_lora_weights.safetensors) becomes a kohya-style LoRA file "
+                    "with kohya's metadata, or with --fuse_lora one full checkpoint.",
     )
     parser.add_argument("--model_path", required=True, help="the diffusers folder to convert")
     parser.add_argument("--checkpoint_path", required=True,
                         help="the file to write. Its extension picks the format: .safetensors (the "
                              "default, cannot run code when loaded) or .ckpt (a torch pickle for old tools)")
     parser.add_argument("--half", action="store_true", help="save weights in fp16 (half the size)")
+    parser.add_argument("--fuse_lora", action="store_true",
+                        help="for a LoRA step folder: write one full checkpoint, the run's base model with the "
+                             "LoRA fused in. Without it a LoRA step folder becomes the LoRA file for "
+                             "AUTOMATIC1111, Forge and ComfyUI")
     parser.add_argument("--use_safetensors", action="store_true", default=None,
                         help="write safetensors. Already the default unless --checkpoint_path ends with "
                              ".ckpt; together with a .ckpt name it is refused, because loaders choose "
@@ -811,7 +832,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools export --model_path DIR --checkpoint_path OUT.safetensors [--half]`."""
     args = parse_args(argv)
-    config = ExportConfig(Path(args.model_path), Path(args.checkpoint_path), args.half, args.use_safetensors)
+    config = ExportConfig(Path(args.model_path), Path(args.checkpoint_path), args.half, args.use_safetensors,
+                          args.fuse_lora)
     result = run_export(config)
     print(result.summary())
     return 0

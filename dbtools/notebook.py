@@ -826,7 +826,7 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
     a LoRA run, else the checkpoint).
     """
-    from dbtools.export import export_lora_fused, export_single_file, is_lora_folder
+    from dbtools.export import WHERE_IT_GOES, export_lora_fused, export_single_file, is_lora_folder
 
     if export_as not in EXPORT_CHOICES:
         raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
@@ -844,7 +844,8 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     write = export_lora_fused if lora and not as_lora else export_single_file
     path = write(weights, out, half=fp16)
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
-    logger.info("Wrote %s (%.2f GiB)", path, path.stat().st_size / 1024**3)
+    logger.info("Wrote %s (%.2f GiB). %s", path, path.stat().st_size / 1024**3,
+                WHERE_IT_GOES["lora" if as_lora else "checkpoint"])
     return path
 
 

@@ -12,10 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+class MissingExtra(ImportError):
+    """A tiny model needs an optional package that is not installed; the message says which."""
+
 
 # A small English corpus from which the tiny BPE merges are learnt, so that common
 # caption words become single tokens, as they do with the real CLIP tokenizer.
@@ -547,8 +553,7 @@ def build_tiny_tagger(out: str | Path, seed: int = 0, size: int = 32, logits=Non
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:
-        raise ImportError("building the tiny tagger needs the onnx package: pip install onnx "
-                          "(or pip install -e .[tiny])") from exc
+        raise MissingExtra("it needs the onnx package: pip install onnx (or pip install -e .[tiny])") from exc
 
     out = Path(out)
     n = len(TAGGER_TAGS)
@@ -623,21 +628,36 @@ def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build_all(out: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, the captioners and the scorers."""
-    out = Path(out)
-    return {
-        "sd": build_tiny_sd(out / "sd", "sd1", seed),
-        "sd2": build_tiny_sd(out / "sd2", "sd2", seed),
-        "sdxl": build_tiny_sdxl(out / "sdxl", seed),
-        "blip": build_tiny_blip(out / "blip", seed=seed),
-        "blip2": build_tiny_blip2(out / "blip2", seed=seed),
-        "florence2": build_tiny_florence2(out / "florence2", seed=seed),
-        "wd-tagger": build_tiny_tagger(out / "wd-tagger", seed=seed),
-        "vlm": build_tiny_vlm(out / "vlm", seed=seed),
-        "dinov2": build_tiny_dinov2(out / "dinov2", seed=seed),
-        "clip": build_tiny_clip(out / "clip", seed=seed),
-    }
+BUILDERS = {
+    "sd": lambda out, seed: build_tiny_sd(out, "sd1", seed),
+    "sd2": lambda out, seed: build_tiny_sd(out, "sd2", seed),
+    "sdxl": lambda out, seed: build_tiny_sdxl(out, seed),
+    "blip": lambda out, seed: build_tiny_blip(out, seed=seed),
+    "blip2": lambda out, seed: build_tiny_blip2(out, seed=seed),
+    "florence2": lambda out, seed: build_tiny_florence2(out, seed=seed),
+    "wd-tagger": lambda out, seed: build_tiny_tagger(out, seed=seed),
+    "vlm": lambda out, seed: build_tiny_vlm(out, seed=seed),
+    "dinov2": lambda out, seed: build_tiny_dinov2(out, seed=seed),
+    "clip": lambda out, seed: build_tiny_clip(out, seed=seed),
+}
+"""Each tiny model's folder name under `--out` and how it is built."""
+
+
+def build_all(out: str | Path, seed: int = 0, skipped: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, the captioners and the scorers.
+
+    A model whose optional package is missing (the tagger needs onnx, the `tiny` extra) is
+    left out; with `skipped` given, its name and the reason are put there instead of raising.
+    """
+    out, built = Path(out), {}
+    for name, build in BUILDERS.items():
+        try:
+            built[name] = build(out / name, seed)
+        except MissingExtra as exc:
+            if skipped is None:
+                raise
+            skipped[name] = str(exc)
+    return built
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,7 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, sdxl/, blip/ ... into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, path in build_all(args.out, args.seed).items():
+    skipped: dict[str, str] = {}
+    for name, path in build_all(args.out, args.seed, skipped).items():
         print(f"{name}: {path}")
+    for name, why in skipped.items():
+        print(f"{name}: not built, {why}; the other models were written.", file=sys.stderr)
     print("These are tiny models with random weights: for tests and demos, not for real images.")
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
+from dbtools.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
 from dbtools.models import is_sdxl_models, text_encoders_of
@@ -64,6 +65,7 @@ from dbtools.train_setup import (
     total_steps,
     weight_dtype_for,
 )
+from dbtools.train_watch import Watch, save_at_stop, stop_message
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -97,6 +99,7 @@ class Run:
     weight_dtype: torch.dtype
     batches: MicroBatches
     ema: EMAModel | None = None
+    watch: Watch = dataclasses.field(default_factory=Watch.disabled)
     seed: int = 0
     max_train_steps: int = 0
     start_step: int = 0
@@ -123,6 +126,11 @@ class TrainResult:
     skipped_steps: int
     single_file: Path | None = None
     resumed_from: Path | None = None
+    stopped: bool = False
+    """Stopped by SIGINT/SIGTERM: `weights_dir` and `checkpoint` hold the last step trained."""
+    checkpoint: Path | None = None
+    message: str | None = None
+    """The line that says where the weights are and how to resume (main process only)."""
 
 
 # --------------------------------------------------------------------------- the run
@@ -140,6 +148,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
+    with Watch.start(cfg, accelerator) as watch:  # progress.json; SIGINT/SIGTERM stop and save
+        return _train(cfg, concepts, plan, accelerator, watch)
+
+
+def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator, watch: Watch) -> TrainResult:
+    """The run inside its watch: class images, setup, loop, final save (or the clean stop's)."""
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
         if cfg.overwrite_output_dir:
@@ -149,14 +163,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
+    if cfg.with_prior_preservation:
+        watch.state("class images")
     make_class_images(cfg, concepts, accelerator)
     if cfg.with_prior_preservation:
         plan = dataclasses.replace(plan, classes=class_examples(concepts, cfg.num_class_images,
                                                                 cfg.read_prompts_from_txts))
-    run = setup(cfg, plan, accelerator)
+    watch.state("caching")
+    run = dataclasses.replace(setup(cfg, plan, accelerator), watch=watch)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth", config=_tracker_config(run.cfg))
     step, skipped = loop(run)
+    if watch.stopping:
+        return _stopped(run, step, skipped)
     return finish(run, step, skipped)
 
 
@@ -223,8 +242,9 @@ def loop(run: Run) -> tuple[int, int]:
     recent: list[float] = []
     skipped = nonfinite_in_a_row = 0
     step = run.start_step
+    run.watch.loop_started(run)
     with run.batches:
-        while step < run.max_train_steps:
+        while step < run.max_train_steps and not run.watch.should_stop(run):
             loss = train_step(run, step)
             step += 1
             bar.update(1)
@@ -234,7 +254,9 @@ def loop(run: Run) -> tuple[int, int]:
                 continue
             nonfinite_in_a_row = 0
             _log_step(run, bar, step, loss, recent)
+            run.watch.after_step(run, step, loss)
             periodic_saves(run, step)
+            run.watch.after_saves(run, step)
     bar.close()
     return step, skipped
 
@@ -469,15 +491,30 @@ def finish(run: Run, step: int, skipped: int = 0) -> TrainResult:
     """Save the final weights (and single file, Hub upload); end the trackers."""
     acc, cfg = run.accelerator, run.cfg
     weights = single = None
+    run.watch.state("saving", step=step)
     if acc.is_main_process:
         with disk_full_message(run):
             weights = save_weights(run, step, final=True)
-        single = weights / (KOHYA_LORA_NAME if cfg.use_lora else SINGLE_FILE_NAME) if cfg.save_single_file else None
+        if cfg.save_single_file:
+            single = ui_lora_file(weights) if cfg.use_lora else weights / SINGLE_FILE_NAME
         if cfg.push_to_hub:
             logger.info("uploaded to https://huggingface.co/%s", push_to_hub(cfg, weights))
     acc.wait_for_everyone()
     acc.end_training()
+    run.watch.finished(run, weights, step)
     return TrainResult(Path(cfg.output_dir), weights, step, skipped, single, run.resumed_from)
+
+
+def _stopped(run: Run, step: int, skipped: int) -> TrainResult:
+    """A clean stop (SIGINT/SIGTERM): weights and a resume checkpoint at the last step trained."""
+    weights, checkpoint = save_at_stop(run, step)
+    run.accelerator.end_training()
+    message = stop_message(step, weights, checkpoint)
+    run.watch.state("stopped", step=step, resume_from=checkpoint and str(checkpoint), message=message)
+    if not run.accelerator.is_main_process:
+        weights = checkpoint = message = None
+    return TrainResult(Path(run.cfg.output_dir), weights, step, skipped, None, run.resumed_from, True, checkpoint,
+                       message)
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:
@@ -489,8 +526,16 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
-    result = train(cfg)
-    if result.weights_dir is not None:
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:  # before the loop, or a third interrupt while stopping
+        print("Interrupted: nothing more was saved; complete weights and checkpoint folders stay as they were.",
+              file=sys.stderr)
+        return 130
+    if result.stopped:
+        if result.message:
+            print(result.message)
+    elif result.weights_dir is not None:
         print(f"Trained {result.global_step} steps ({result.skipped_steps} skipped). "
               f"Weights: {result.weights_dir}")
         if result.single_file:

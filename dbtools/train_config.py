@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from dbtools.checkpoints import CHECKPOINT_PREFIX, KOHYA_LORA_NAME, SINGLE_FILE_NAME, resume_path
+from dbtools.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, resume_path
 from dbtools.concepts import Concept, read_concepts
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -112,6 +112,8 @@ class TrainConfig:
     save_guidance_scale: float = 7.5
     save_infer_steps: int = 20
     save_single_file: bool = False
+    output_name: str | None = None
+    training_comment: str | None = None
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
@@ -346,8 +348,12 @@ def _output_flags(f: _FlagAdder) -> None:
     f("save_guidance_scale", "CFG scale for samples.", type=float)
     f("save_infer_steps", "Inference steps for samples.", type=int)
     f.switch("save_single_file", f"Also export the final weights as <step>/{SINGLE_FILE_NAME} "
-             f"(original SD layout for AUTOMATIC1111/ComfyUI); with --use_lora as <step>/{KOHYA_LORA_NAME}, "
-             "a kohya-style LoRA file they load.")
+             "(original SD layout for AUTOMATIC1111/ComfyUI). A LoRA run needs no flag: every step folder "
+             "holds <output name>-<step>-lora.safetensors, the LoRA file they load.")
+    f("output_name", "Name of a LoRA run's files for the web UIs (<name>-<step>-lora.safetensors, and their "
+      "ss_output_name); default: the output folder's name.", type=str)
+    f("training_comment", "A note stored in each LoRA file's metadata (ss_training_comment), as kohya's "
+      "scripts do.", type=str)
     f("checkpointing_steps", "Save accelerate state for resuming every N steps (default: never, as "
       "in Shivam's script).", type=int)
     f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)

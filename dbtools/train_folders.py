@@ -20,7 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, is_weights_folder, list_weights, step_folders
+from dbtools.checkpoints import (
+    CHECKPOINT_PREFIX,
+    LORA_WEIGHTS,
+    UI_LORA_SUFFIX,
+    is_weights_folder,
+    list_weights,
+    step_folders,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,7 @@ def _pipeline_entries(root: Path) -> list[str]:
     import json
 
     names = ["model_index.json", LORA_WEIGHTS, "args.json", "samples"]
+    names += [p.name for p in root.glob(f"*{UI_LORA_SUFFIX}")]
     try:
         index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
         names += [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dbtools.atomic import atomic_dir, atomic_write_text
-from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, write_checkpoint
+from dbtools.checkpoints import SINGLE_FILE_NAME, ui_lora_name, write_checkpoint
 from dbtools.generate import save_image
 from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.train_config import TrainConfig, public_args
@@ -89,6 +89,7 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
             pipe = build_pipeline(run)
             if cfg.use_lora:
                 save_lora(tmp, run.accelerator, run.models, cfg.train_text_encoder)
+                save_ui_lora(run, tmp, step)
             else:
                 _save_pipeline(pipe, tmp, skip_text_encoder=final and cfg.skip_save_text_encoder)
             atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
@@ -99,17 +100,12 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
                     sample.settings["model"] = str(target)
                     save_image(sample, tmp / "samples" / f"{i}.png")
             del pipe
-        if final and cfg.save_single_file:
+        if final and cfg.save_single_file and not cfg.use_lora:  # a LoRA folder has its UI file already
             # The export reads the saved folder, so it runs after the float32 VAE and text
             # encoder have left the GPU and the EMA's copy of the trained weights is gone.
-            if cfg.use_lora:
-                from dbtools.kohya import write_kohya_lora
+            from dbtools.export import export_single_file
 
-                write_kohya_lora(tmp, tmp / KOHYA_LORA_NAME, alpha=cfg.lora_rank)
-            else:
-                from dbtools.export import export_single_file
-
-                export_single_file(tmp, tmp / SINGLE_FILE_NAME)
+            export_single_file(tmp, tmp / SINGLE_FILE_NAME)
     logger.info("[*] weights saved at %s", target)
     if run.held_out is not None and run.held_out.last_step != step:
         log_validation_loss(run, step)  # the best-step rule reads the loss of each saved step
@@ -220,6 +216,35 @@ def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, trai
     else:
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
                                                   text_encoder_lora_layers=te_layers[0])
+
+
+def output_name(cfg: TrainConfig) -> str:
+    """The run's name in the web UIs: `--output_name`, else the output folder's name."""
+    return cfg.output_name or Path(cfg.output_dir).resolve().name
+
+
+def save_ui_lora(run: Run, folder: Path, step: int) -> Path:
+    """Write the LoRA in `folder` (just saved by `save_lora`) as the kohya-style file with kohya's
+    metadata that AUTOMATIC1111, Forge and ComfyUI load: `<output name>-<step>-lora.safetensors`."""
+    from dbtools.families import family_from_text_config
+    from dbtools.kohya import kohya_metadata, write_kohya_lora
+
+    cfg, models, unwrap = run.cfg, run.models, run.accelerator.unwrap_model
+    family = "sdxl" if is_sdxl_models(models) else family_from_text_config(
+        unwrap(models.text_encoder).config.to_dict()).key
+    alphas = {name: _lora_alpha(unwrap(getattr(models, name)), cfg.lora_rank)
+              for name in ("unet", "text_encoder", "text_encoder_2") if getattr(models, name, None) is not None}
+    name = ui_lora_name(output_name(cfg), step)
+    meta = kohya_metadata(family, cfg.lora_rank, alphas["unet"], name[: -len(".safetensors")],
+                          v_prediction=models.prediction_type == "v_prediction", resolution=cfg.resolution,
+                          steps=step, args=public_args(cfg))
+    return write_kohya_lora(folder, folder / name, alpha=alphas, metadata=meta)
+
+
+def _lora_alpha(model, default: float) -> float:
+    """The `lora_alpha` peft gave `model`'s adapters (`default` when it has no peft config)."""
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    return getattr(config, "lora_alpha", default)
 
 
 def save_validation(run: Run, step: int) -> None:

@@ -123,6 +123,22 @@ def test_tiny_is_deterministic(tmp_path):
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_tiny_without_onnx_builds_the_rest_and_says_why(tmp_path, monkeypatch, capsys):
+    """`python -m dbtools tiny` without the `tiny` extra: no traceback, the tagger is left out in one line."""
+    from dbtools import tiny
+    from dbtools.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` meets when it is not installed
+    monkeypatch.setattr(tiny, "BUILDERS", {k: tiny.BUILDERS[k] for k in ("sd", "wd-tagger")})
+    assert main(["tiny", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"sd: {tmp_path / 'sd'}" in out and (tmp_path / "sd" / "model_index.json").is_file()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("wd-tagger: not built, it needs the onnx package: pip install onnx "
+                                        "(or pip install -e .[tiny]); the other models were written.")
+    assert not (tmp_path / "wd-tagger" / "model.onnx").exists()
+
+
 def test_user_errors_take_one_path_stderr_and_exit_2(tmp_path, capsys):
     """Every command reports a user error the same way: one message on stderr, exit code 2."""
     import train_dreambooth

@@ -8,36 +8,48 @@ from safetensors.torch import load_file
 
 from dbtools.kohya import LoraConvertError, to_kohya, write_kohya_lora
 
+TEXT_PREFIXES = {"sd1": {"lora_te_"}, "sd2": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}}
 
-@pytest.fixture(scope="module")
-def sdxl_lora(tiny_sdxl, tmp_path_factory):
-    """A diffusers LoRA folder for the tiny SDXL model (rank 4 UNet, rank 2 text encoders),
-    written as training writes it, with non-zero up weights so that it changes the output."""
-    from diffusers import StableDiffusionXLPipeline
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def make_lora(model, family: str, out):
+    """A diffusers LoRA folder for a tiny model (rank 4 UNet, rank 2 text encoders), written as
+    training writes it, with non-zero up weights so that it changes the output."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe = pipeline_class(family).from_pretrained(model)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     te = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    for encoder in encoders:
         inject_adapter_in_model(te, encoder)
     torch.manual_seed(0)
     with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-            for name, p in model.named_parameters():
+        for model_ in [pipe.unet, *encoders]:
+            for name, p in model_.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.5)
 
-    def layers(model):
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    def layers(model_):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model_))
 
-    out = tmp_path_factory.mktemp("lora")
-    StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers(pipe.unet),
-                                                text_encoder_lora_layers=layers(pipe.text_encoder),
-                                                text_encoder_2_lora_layers=layers(pipe.text_encoder_2))
+    kw = dict(unet_lora_layers=layers(pipe.unet), text_encoder_lora_layers=layers(pipe.text_encoder))
+    if family == "sdxl":
+        kw["text_encoder_2_lora_layers"] = layers(pipe.text_encoder_2)
+    pipe.save_lora_weights(out, **kw)
     return out
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tiny_sdxl, tmp_path_factory):
+    return make_lora(tiny_sdxl, "sdxl", tmp_path_factory.mktemp("lora"))
 
 
 def test_kohya_key_naming_and_alphas(sdxl_lora, tmp_path):
@@ -109,3 +121,42 @@ def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_pat
     assert cli_main(["export", "--model_path", str(sdxl_lora), "--checkpoint_path", str(tmp_path / "s.ckpt")]) == 2
     assert "Name it s.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "s.ckpt").exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_every_key_reaches_a_module_and_the_metadata_names_the_base_model(family, request, tmp_path):
+    """The web UIs' rules (tests/ui_loaders.py): each tensor patches a module of this family's
+    UNet or text encoders with a fitting shape, and the Lora tab lists the file for this family."""
+    from ui_loaders import UI_VERSION, a1111_version, forge_version, module_map, unmatched
+
+    from dbtools.kohya import kohya_metadata, read_metadata
+
+    model = request.getfixturevalue({"sd1": "tiny_sd", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}[family])
+    lora = make_lora(model, family, tmp_path / "lora")
+    meta = kohya_metadata(family, 4, 4, "style-500-lora", resolution=512, steps=500, training_comment="test run",
+                          v_prediction=family == "sd2")
+    out = write_kohya_lora(lora, tmp_path / "style-500-lora.safetensors", alpha={"unet": 4, "text_encoder": 2,
+                                                                                   "text_encoder_2": 2},
+                           metadata=meta)
+    sd = load_file(str(out))
+    pipe = pipeline_class(family).from_pretrained(model)
+    modules = module_map(pipe, family)
+    assert unmatched(sd, modules) == []
+    patched = {k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_up.weight")}
+    assert {m.split("text_model")[0] for m in patched if "_te" in m} == set(TEXT_PREFIXES[family])
+    assert all(m + ".alpha" in sd and m + ".lora_down.weight" in sd for m in patched)
+    header = read_metadata(out)
+    assert a1111_version(header) == forge_version(header) == UI_VERSION[family]
+    assert header["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[family]
+    assert (header["ss_network_module"], header["ss_network_dim"], header["ss_network_alpha"]) == \
+        ("networks.lora", "4", "4.0")
+    assert (header["ss_output_name"], header["ss_resolution"], header["ss_steps"], header["ss_training_comment"]) == \
+        ("style-500-lora", "(512, 512)", "500", "test run")
+    # diffusers reads the file too, to the same images as its own LoRA file
+    images = []
+    for source in (lora, out):
+        pipe = pipeline_class(family).from_pretrained(model)
+        pipe.load_lora_weights(str(source))
+        images.append(pipe("a red car", num_inference_steps=1, output_type="latent",
+                           generator=torch.Generator().manual_seed(0)).images)
+    assert torch.allclose(images[0], images[1], atol=1e-5)

@@ -157,12 +157,17 @@ def lora_run(tiny_sdxl, tmp_path_factory):
     return out
 
 
-def test_export_cell_writes_a_lora_file_or_a_fused_checkpoint(lora_run, tiny_sdxl, tmp_path):
+def test_export_cell_writes_a_lora_file_or_a_fused_checkpoint(lora_run, tiny_sdxl, tmp_path, caplog):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
     session = nb.Session(model=str(tiny_sdxl), output_dir=lora_run, weights_dir=lora_run / "4")
-    lora_file = nb.export_step(session, fp16=False)  # auto: a LoRA run exports its LoRA file
+    with caplog.at_level(logging.INFO, logger="dbtools"):
+        lora_file = nb.export_step(session, fp16=False)  # auto: a LoRA run exports its LoRA file
+    assert "put it in models/Lora (AUTOMATIC1111, Forge) or models/loras (ComfyUI)" in caplog.text
+    from dbtools.kohya import read_metadata
+
+    assert read_metadata(lora_file)["ss_base_model_version"] == "sdxl_base_v1-0"  # from args.json's base model
     assert lora_file.name == f"{lora_run.name}-4-lora.safetensors"
     keys = set(load_file(str(lora_file)))
     assert keys and all(k.startswith("lora_unet_") for k in keys)

@@ -204,7 +204,10 @@ def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdx
     pipe.load_lora_weights(str(folder))
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     kohya = load_file(str(result.single_file))
-    assert result.single_file == folder / "lora_kohya.safetensors"
+    assert result.single_file == folder / "lora-2-lora.safetensors"  # <output folder name>-<step>-lora
+    from dbtools.kohya import read_metadata
+
+    assert read_metadata(result.single_file)["ss_base_model_version"] == "sdxl_base_v1-0"
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
     assert all(v.item() == 2 for k, v in kohya.items() if k.endswith(".alpha"))
