@@ -632,6 +632,7 @@ BUILDERS = {
     "sd": lambda out, seed: build_tiny_sd(out, "sd1", seed),
     "sd2": lambda out, seed: build_tiny_sd(out, "sd2", seed),
     "sdxl": lambda out, seed: build_tiny_sdxl(out, seed),
+    "flux": lambda out, seed: build_tiny_flux(out, seed),
     "blip": lambda out, seed: build_tiny_blip(out, seed=seed),
     "blip2": lambda out, seed: build_tiny_blip2(out, seed=seed),
     "florence2": lambda out, seed: build_tiny_florence2(out, seed=seed),
@@ -644,7 +645,7 @@ BUILDERS = {
 
 
 def build_all(out: str | Path, seed: int = 0, skipped: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, the captioners and the scorers.
+    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, `flux`, the captioners and the scorers.
 
     A model whose optional package is missing (the tagger needs onnx, the `tiny` extra) is
     left out; with `skipped` given, its name and the reason are put there instead of raising.
