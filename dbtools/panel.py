@@ -426,6 +426,8 @@ class TrainingPanel:
         self._metrics = _MetricsReader(self.output_dir)
         self._shown: tuple | None = None
         self._curve_len: int | None = None
+        self._disk_stamp: int | None = None
+        self._disk_steps: list[int] = []
         self.status = w.HTML("starting")
         self.button = w.Button(description="Stop and save", button_style="danger", icon="stop",
                                tooltip="Finish this step, save the weights and a resume checkpoint, then stop",
@@ -441,10 +443,11 @@ class TrainingPanel:
 
     def refresh(self) -> PanelState:
         """Read progress.json and metrics.jsonl again and update what changed."""
-        progress = read_progress(self.output_dir)
-        if progress is not None:
-            self.history.update(progress)
-        self.state = ps = panel_state(progress or {}, self.history, self._metrics.read())
+        progress = read_progress(self.output_dir) or {}
+        if saved_step_of(progress)[0] is None:
+            progress = self._saves_on_disk(progress)
+        self.history.update(progress)
+        self.state = ps = panel_state(progress, self.history, self._metrics.read())
         self.status.value = f"<b>{_html(status_text(ps))}</b>"
         if len(self.history.steps) != self._curve_len:
             self._curve_len = len(self.history.steps)
@@ -461,6 +464,22 @@ class TrainingPanel:
         """The run is over: the button says how (`finished`, `stopped`, `failed`, an exit code)."""
         self.button.disabled = True
         self.button.description = {"finished": "Finished", "stopped": "Stopped and saved"}.get(state, state)
+
+    def _saves_on_disk(self, progress: dict) -> dict:
+        """`progress` with the newest complete weights folder as the saved step (and the one
+        before it in the history), for a progress.json that names no save: the samples are
+        then read from the folders. The folder is listed again only when it changed."""
+        try:
+            stamp = self.output_dir.stat().st_mtime_ns
+        except OSError:
+            return progress
+        if stamp != self._disk_stamp:
+            from dbtools.checkpoints import list_weights
+
+            self._disk_stamp, self._disk_steps = stamp, [s for s, _ in list_weights(self.output_dir)][-2:]
+        for step in self._disk_steps[:-1]:
+            self.history.saves.setdefault(step, [])
+        return {**progress, "last_saved_step": self._disk_steps[-1]} if self._disk_steps else progress
 
     def _show_samples(self, ps: PanelState) -> bool:
         """Put the newest and the previous save's samples in; False when an image is not readable yet."""
@@ -674,6 +693,7 @@ def show_tensorboard(output_dir: str | os.PathLike) -> bool:
     if shell is None:
         logger.info("Not in a notebook: %s.", by_hand)
         return False
+    _tensorboard_binary()
     try:
         shell.run_line_magic("load_ext", "tensorboard")
         shell.run_line_magic("tensorboard", f"--logdir {shlex.quote(str(logdir))}")
@@ -681,3 +701,15 @@ def show_tensorboard(output_dir: str | os.PathLike) -> bool:
         logger.warning("TensorBoard could not be shown here (%s): %s.", exc, by_hand)
         return False
     return True
+
+
+def _tensorboard_binary() -> None:
+    """The extension starts `tensorboard` from PATH; a kernel of a virtual environment that is
+    not activated has it only next to its Python: point `$TENSORBOARD_BINARY` there."""
+    import shutil
+
+    if os.environ.get("TENSORBOARD_BINARY") or shutil.which("tensorboard"):
+        return
+    script = Path(sys.executable).with_name("tensorboard")
+    if script.is_file():
+        os.environ["TENSORBOARD_BINARY"] = str(script)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -160,6 +161,21 @@ def test_panel_follows_progress_json_written_step_by_step(tmp_path):
     assert "likeness 0.6250" in panel.scores.value and ps.done and panel.button.disabled
 
 
+def test_without_saves_in_progress_json_the_panel_shows_the_weights_folders(tmp_path):
+    """A progress.json that names no save (or none at all): the newest complete weights
+    folders on disk are the saves shown; a folder still being written is not."""
+    panel = TrainingPanel(tmp_path)
+    atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": 2}))
+    for step, color in ((2, "red"), (4, "blue")):
+        write_png(tmp_path / str(step) / "samples" / "0.png", color)
+        (tmp_path / str(step) / "model_index.json").write_text("{}")
+    write_png(tmp_path / ".tmp-6" / "samples" / "0.png", "green")
+    ps = panel.refresh()
+    assert (ps.saved_step, ps.previous_step) == (4, 2)
+    assert "step 4" in panel.newest.children[0].value and "step 2" in panel.previous.children[0].value
+    assert Image.open(io.BytesIO(panel.newest.children[1].children[0].value)).getpixel((1, 1)) == (0, 0, 255)
+
+
 # A stand-in for the trainer: writes progress.json step by step until SIGINT, then saves and exits 0.
 TRAINER = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -295,9 +311,12 @@ def test_tensorboard_is_shown_for_the_runs_log_folder(tmp_path, monkeypatch, cap
 
     out = tmp_path / "my run"
     shell = FakeShell()
+    monkeypatch.setenv("PATH", str(tmp_path))  # a kernel of a venv that is not activated
+    monkeypatch.delenv("TENSORBOARD_BINARY", raising=False)
     monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
     assert show_tensorboard(out) is True
     assert shell.calls == [("load_ext", "tensorboard"), ("tensorboard", f"--logdir '{out / '0'}'")]
+    assert os.environ["TENSORBOARD_BINARY"] == str(Path(sys.executable).with_name("tensorboard"))
     # training's TensorBoard folder, <output_dir>/0/<--logging_dir>, is under the folder shown
     logging_dir = build_parser().parse_args(["--output_dir", str(out)]).logging_dir
     assert tensorboard_logdir(out) in (out / "0" / logging_dir).parents
