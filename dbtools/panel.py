@@ -617,6 +617,23 @@ async def run_live(argv: Sequence[str | os.PathLike], output_dir: str | os.PathL
         panel.on_stop = run.stop
         if show:
             _display(panel.widget)
+    try:
+        await _follow(run, panel, stream, poll_seconds)
+    except BaseException:  # not an interrupt (handled there): never leave the run going unwatched
+        if run.proc.poll() is None:
+            run.stop()
+        raise
+    code = run.proc.wait()
+    run.proc.stdout.close()
+    if panel is not None:
+        ps = _refresh(panel)
+        done = ps.state if ps is not None and ps.done else "finished"
+        panel.ended(done if code == 0 else f"ended (exit code {code})")
+    return code, run.tail
+
+
+async def _follow(run: LiveRun, panel: TrainingPanel | None, stream: TextIO | None, poll_seconds: float) -> None:
+    """Pass the output on and refresh the panel until the output ends; an interrupt stops the run."""
     ended = False
     while not ended:
         try:
@@ -631,13 +648,6 @@ async def run_live(argv: Sequence[str | os.PathLike], output_dir: str | os.PathL
             run.stop()
             if panel is not None:
                 panel.button.disabled, panel.button.description = True, "Stopping: saving…"
-    code = run.proc.wait()
-    run.proc.stdout.close()
-    if panel is not None:
-        ps = _refresh(panel)
-        done = ps.state if ps is not None and ps.done else "finished"
-        panel.ended(done if code == 0 else f"ended (exit code {code})")
-    return code, run.tail
 
 
 def _refresh(panel: TrainingPanel) -> PanelState | None:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from dbtools.panel import (
     draw_curve,
     panel_state,
     plot_box,
+    read_progress,
     run_live,
     send_stop,
     start_live,
@@ -240,8 +242,25 @@ def test_interrupting_the_cell_stops_and_saves_like_the_button(tmp_path):
         return await task
 
     code, tail = asyncio.run(interrupt_when_running())
-    assert code == 0 and (tmp_path / "stopped-at").is_file() and "saved at step" in tail
+    assert code == 0 and int((tmp_path / "stopped-at").read_text()) < 3000 and "saved at step" in tail
     assert json.loads((tmp_path / "progress.json").read_text())["state"] == "stopped"
+
+
+class BrokenStream(io.StringIO):
+    def write(self, text):
+        raise RuntimeError("the cell's output is gone")
+
+
+def test_a_broken_display_never_leaves_the_run_going_unwatched(tmp_path):
+    trainer = tmp_path / "train_dreambooth.py"
+    trainer.write_text(TRAINER)
+    with pytest.raises(RuntimeError, match="output is gone"):
+        asyncio.run(run_live([sys.executable, trainer, tmp_path], tmp_path, show=False, poll_seconds=0.05,
+                             stream=BrokenStream()))
+    deadline = time.monotonic() + 120  # the run was asked to stop and save: it does, well before its 3000 steps
+    while read_progress(tmp_path)["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert read_progress(tmp_path)["state"] == "stopped" and int((tmp_path / "stopped-at").read_text()) < 3000
 
 
 def test_a_failing_run_streams_its_output_and_returns_its_exit_code(tmp_path):
