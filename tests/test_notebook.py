@@ -264,12 +264,14 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, tiny_sc
     review = cell_titled(nb, "5.")
     nb.cells.insert(review + 1, nbformat.v4.new_code_cell(
         'editor.set_caption(editor.images[0], "a hand fixed caption")\nedited = editor.save()\nprint(edited)'))
-    gradio_cell = cell_titled(nb, "12.")
+    gradio_cell, tensorboard_cell = cell_titled(nb, "12."), cell_titled(nb, "7b.")
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(REPO)}})
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
+            if index == tensorboard_cell:
+                tensorboards = tensorboard_servers()  # while the kernel (and the servers it started) runs
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
                 gallery, saved = ui.predict("sks style, a castle", "", 1, 7.5, 2, 64, 64, 3, "model default",
@@ -355,7 +357,7 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, tiny_sc
     assert "Will delete 1 folder(s)" in text[cell_titled(nb, "13.")]
     assert not (out / "2").exists() and (out / "4" / "model_index.json").is_file()
     assert export.is_file() and (out / "preview.png").is_file() and list(out.glob("checkpoint-*"))
-    assert_tensorboard_shown(nb.cells[cell_titled(nb, "7b.")], out)
+    assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)
 
 
 def scorer_flags(scorers: dict[str, Path]) -> str:
@@ -371,14 +373,19 @@ def assert_live_panel_and_scores(cell, train_text: str, out: Path) -> None:
     assert {r["step"] for r in scored if "likeness" in r and "prompt_fidelity" in r} == {2, 4}
 
 
-def assert_tensorboard_shown(cell, out: Path) -> None:
-    """The TensorBoard cell showed TensorBoard (its frame) for the folder training logged to."""
+def tensorboard_servers() -> list:
     from tensorboard import manager
 
+    return manager.get_all()
+
+
+def assert_tensorboard_shown(cell, servers: list, out: Path) -> None:
+    """The TensorBoard cell showed the frame of a TensorBoard server reading the folder training
+    logged to."""
     frames = [o["data"]["text/html"] for o in cell.outputs if "text/html" in o.get("data", {})]
     assert frames and "<iframe" in frames[0], cell.outputs
-    ports = {info.port for info in manager.get_all() if info.logdir == str(out / "0")}
-    assert ports and any(f"const port = {port};" in frames[0] for port in ports)
+    ports = {info.port for info in servers if info.logdir == str(out / "0")}
+    assert ports and any(f"const port = {port};" in frames[0] for port in ports), servers
     assert list((out / "0").rglob("events.out.tfevents.*"))  # training's TensorBoard logs are in it
 
 
@@ -431,10 +438,12 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     set_form_values(nb, changed)
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}})
-    gradio_cell = cell_titled(nb, "12.")
+    gradio_cell, tensorboard_cell = cell_titled(nb, "12."), cell_titled(nb, "7b.")
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
+            if index == tensorboard_cell:
+                tensorboards = tensorboard_servers()  # while the kernel (and the servers it started) runs
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
                 gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 64, 64, 3, "model default", api_name="/generate")
@@ -463,4 +472,4 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     cleanup = text[cell_titled(nb, "13.")]
     assert "Nothing to delete" in cleanup and f"{6 - best} (not exported yet)" in cleanup
     assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
-    assert_tensorboard_shown(nb.cells[cell_titled(nb, "7b.")], out)
+    assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)
