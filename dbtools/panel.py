@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -434,7 +434,7 @@ class TrainingPanel:
                                layout=w.Layout(width="auto"))
         self.button.on_click(lambda _: self.stop())
         self.curve = w.Image(value=draw_curve(self.history), format="png")
-        self.newest, self.previous = w.VBox(), w.VBox()
+        self.newest, self.previous = w.VBox(), w.VBox(layout=w.Layout(margin="0 32px 0 0"))
         self.scores = w.HTML(scores_text(self.state))
         self.log = w.Output(layout=w.Layout(max_height="360px", overflow="auto"))
         self.log_box = w.Accordion(children=[self.log], titles=("Training log",), selected_index=None)
@@ -464,6 +464,8 @@ class TrainingPanel:
         """The run is over: the button says how (`finished`, `stopped`, `failed`, an exit code)."""
         self.button.disabled = True
         self.button.description = {"finished": "Finished", "stopped": "Stopped and saved"}.get(state, state)
+        if not self.state.done:  # progress.json did not say (yet): the exit code does
+            self.status.value = f"<b>{_html(status_text(replace(self.state, state=state)))}</b>"
 
     def _saves_on_disk(self, progress: dict) -> dict:
         """`progress` with the newest complete weights folder as the saved step (and the one

@@ -271,6 +271,9 @@ def test_a_failing_run_streams_its_output_and_returns_its_exit_code(tmp_path):
     code, tail = asyncio.run(run_live([sys.executable, script], tmp_path, show=False, poll_seconds=0.05,
                                       stream=stream))
     assert code == 3 and stream.getvalue() == tail == "loading\nerror: no images in data/\n"
+    panel = TrainingPanel(tmp_path)  # no progress.json: the panel says how the run ended
+    assert asyncio.run(run_live([sys.executable, script], tmp_path, panel=panel, show=False, poll_seconds=0.05))[0] == 3
+    assert "ended (exit code 3)" in panel.status.value and panel.button.description == "ended (exit code 3)"
 
 
 def test_a_long_curve_is_drawn_from_at_most_a_few_points_per_pixel():
