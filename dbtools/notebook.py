@@ -70,10 +70,10 @@ __all__ = [
     # training launch
     "flag_args", "build_train_command", "check_train_flags", "CommandError", "run_command",
     "SEED_TRAIN_FLAGS", "MEMORY_PROFILES", "SD_VAE", "SDXL_VAE", "TrainingFlags", "family_defaults",
-    "parse_extra_flags", "training_flags", "training_command", "launch_training", "recommended_profile",
+    "parse_extra_flags", "training_flags", "training_command", "launch_training", "train_live", "recommended_profile",
     # cell steps
     "setup", "caption_step", "omnitool_step", "Session", "parse_steps", "review_step", "pick_weights",
-    "suggested_weights", "score_curves",
+    "suggested_weights", "score_curves", "tensorboard_step",
     "preview_step", "EXPORT_CHOICES", "export_step", "generate_step", "gradio_step", "cleanup_step",
     # dbtools.editor
     "CACHE_DIR", "CAPTION_FORMATS", "CaptionEditor", "caption_path", "free_caption_name", "read_caption",
@@ -633,6 +633,26 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
     """The training cell: show the command (`training_command`, with this machine's GPU
     memory for `auto` and the fit check) and then its notes, run it with its output streamed
     into the cell; raises `CommandError` with the last lines when it fails."""
+    return run_command(_shown_command(model, output_dir, concepts_list, resume, options), check=True)
+
+
+async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
+                     resume: bool = False, **options: Any) -> int:
+    """The training cell with the live panel (`dbtools.panel`): `launch_training`'s command,
+    with progress, loss curve, samples, scores and a **Stop and save** button shown while it
+    runs and the text log folded. Await it in the cell (the kernel then handles the button);
+    interrupting the cell also stops and saves. Raises `CommandError` when the run fails."""
+    from dbtools.panel import run_live
+
+    argv = _shown_command(model, output_dir, concepts_list, resume, options)
+    code, tail = await run_live(argv, output_dir)
+    if code != 0:
+        raise CommandError(argv, code, [line + "\n" for line in tail.rstrip("\n").split("\n")[-20:]])
+    return code
+
+
+def _shown_command(model: str, output_dir, concepts_list, resume: bool, options: dict[str, Any]) -> list[str]:
+    """The training command for this machine's GPU memory, shown with its notes."""
     from dbtools.train_config import mask_secrets
 
     options.setdefault("gpu_gib", gpu_memory_gib())
@@ -640,7 +660,14 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
     argv = _command(model, output_dir, concepts_list, chosen, resume)
     logger.info("%s\n", shlex.join(mask_secrets(argv)))
     _log_notes(chosen)
-    return run_command(argv, check=True)
+    return argv
+
+
+def tensorboard_step(session: Session, show: bool = True) -> bool:
+    """The TensorBoard cell: the run's TensorBoard (`<OUTPUT_DIR>/0/`) shown in the cell."""
+    from dbtools.panel import show_tensorboard
+
+    return show and show_tensorboard(session.output_dir)
 
 
 # =========================================================================== the session and later steps

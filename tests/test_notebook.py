@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -29,6 +31,11 @@ def code_cells(nb) -> list:
 def python_source(source: str) -> str:
     """The cell without IPython `!`/`%` lines (they are not Python)."""
     return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("!", "%")))
+
+
+def parse_cell(source: str) -> ast.Module:
+    """The cell as IPython reads it: `await` is allowed at the top level."""
+    return compile(source, "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
 
 def form_fields(nb) -> dict[str, tuple[int, int, str]]:
@@ -65,8 +72,25 @@ def cell_titled(nb, prefix: str) -> int:
     return hits[0]
 
 
-def stream_text(cell) -> str:
-    return "".join(out.get("text", "") for out in cell.get("outputs", []) if out.output_type == "stream")
+def stream_text(cell, widgets: dict | None = None) -> str:
+    """The cell's text output, with the text of the Output widgets it shows (the training log)."""
+    text = "".join(out.get("text", "") for out in cell.get("outputs", []) if out.output_type == "stream")
+    views = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for o in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    return text + "".join(widget_text(widgets or {}, v) for v in views)
+
+
+def widget_text(widgets: dict, model_id: str) -> str:
+    """The stream text inside the widget `model_id` and its children (nbclient keeps it in the
+    notebook's widget state)."""
+    state = widgets.get(model_id, {}).get("state", {})
+    text = "".join(o.get("text", "") for o in state.get("outputs", []) if o.get("output_type") == "stream")
+    children = [c.removeprefix("IPY_MODEL_") for c in state.get("children", []) if isinstance(c, str)]
+    return text + "".join(widget_text(widgets, c) for c in children)
+
+
+def widget_states(nb) -> dict:
+    return nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
 
 
 # --------------------------------------------------------------------------- static checks
@@ -76,7 +100,7 @@ def test_notebook_is_valid_and_every_code_cell_parses():
     nb = read_notebook()
     nbformat.validate(nb)
     for cell in code_cells(nb):
-        ast.parse(python_source(cell.source))  # raises SyntaxError naming the line
+        parse_cell(python_source(cell.source))  # raises SyntaxError naming the line
 
 
 PARSING_CALLS = {"strip", "split", "int", "float", "replace", "partition", "globals", "locals"}
@@ -87,7 +111,7 @@ def test_every_cell_is_form_fields_plus_one_call():
     no `globals()` and no parsing of form values inline: the logic lives in dbtools."""
     for index, cell in enumerate(code_cells(read_notebook())):
         title = cell.source.splitlines()[0]
-        body = [n for n in ast.parse(python_source(cell.source)).body
+        body = [n for n in parse_cell(python_source(cell.source)).body
                 if not isinstance(n, (ast.Import, ast.ImportFrom))]
         params = {name for name, (_, _, _) in form_fields_of(cell).items()}
         statements = [n for n in body if not (isinstance(n, ast.Assign) and len(n.targets) == 1
@@ -107,7 +131,7 @@ def test_every_code_cell_is_a_titled_form_without_definitions():
         title = cell.source.splitlines()[0]
         assert title.startswith("#@title "), f"code cell without a #@title: {title!r}"
         assert cell.metadata.get("cellView") == "form", title
-        tree = ast.parse(python_source(cell.source))
+        tree = parse_cell(python_source(cell.source))
         defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         assert not defs, f"{title}: define functions and classes in dbtools, not in the notebook"
 
@@ -118,7 +142,7 @@ def test_every_form_field_is_a_literal_and_is_used():
     assert len(fields) > 40
     loaded = set()
     for cell in code_cells(nb):
-        for node in ast.walk(ast.parse(python_source(cell.source))):
+        for node in ast.walk(parse_cell(python_source(cell.source))):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
                 loaded.add(node.id)
     for _, _, value in fields.values():
@@ -155,6 +179,22 @@ def test_no_token_field_and_real_defaults():
     assert fields["save_sample_prompt"]
 
 
+def test_scores_are_on_by_default_with_their_cost_in_the_help():
+    """The training cell scores every save unless the field is unticked, and says what it costs."""
+    from dbtools import notebook
+    from dbtools.families import SD1, Detected
+
+    nb = read_notebook()
+    fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(nb).items()}
+    assert fields["score_saves"] is True
+    help_lines = [line for line in nb.cells[cell_titled(nb, "7a.")].source.splitlines()
+                  if line.startswith("#@markdown") and "per save" in line]
+    assert help_lines and "T4" in help_lines[0] and "minutes" in help_lines[0]
+    options = dict(score_saves=fields["score_saves"], save_sample_prompt=fields["save_sample_prompt"])
+    chosen = notebook.training_flags(fields["MODEL_NAME"], family=Detected(SD1), **options)
+    assert "--score_saves" in notebook.flag_args(**chosen.flags)
+
+
 # --------------------------------------------------------------------------- headless run
 
 
@@ -184,7 +224,7 @@ def tiny_blip(tmp_path_factory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("tiny") / "blip")
 
 
-def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeypatch):
+def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, tiny_scorers, stop_tensorboard, monkeypatch):
     """The whole journey on CPU with tiny models, every cell as a user runs it, only the
     form fields changed; then each step's output is checked on disk."""
     from gradio_client import Client
@@ -212,8 +252,9 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
         class_prompt="a painting", class_data_dir=str(klass),
         vae_name="", max_train_steps=4, learning_rate=1e-4, resolution=64, num_class_images=2,
         save_interval=2, resume=True,
-        extra_flags="--sample_batch_size=2 --n_save_sample 2 --save_infer_steps=2 --checkpointing_steps=2",
-        save_sample_prompt="sks style, a castle",
+        extra_flags="--sample_batch_size=2 --n_save_sample 2 --save_infer_steps=2 --checkpointing_steps=2 "
+                    f"--eval_num_samples=1 {scorer_flags(tiny_scorers)}",
+        save_sample_prompt="sks style, a castle", weights_step="4",
         thumbnail_size=64,
         prompt="sks style, a red car", num_images=2, inference_steps=2, width=64, height=64, inference_seed=5,
         scheduler="euler",
@@ -223,17 +264,20 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
     review = cell_titled(nb, "5.")
     nb.cells.insert(review + 1, nbformat.v4.new_code_cell(
         'editor.set_caption(editor.images[0], "a hand fixed caption")\nedited = editor.save()\nprint(edited)'))
-    gradio_cell = cell_titled(nb, "12.")
+    gradio_cell, tensorboard_cell = cell_titled(nb, "12."), cell_titled(nb, "7b.")
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(REPO)}})
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
+            if index == tensorboard_cell:
+                tensorboards = tensorboard_servers()  # while the kernel (and the servers it started) runs
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
                 gallery, saved = ui.predict("sks style, a castle", "", 1, 7.5, 2, 64, 64, 3, "model default",
                                             api_name="/generate")
-    text = {i: stream_text(cell) for i, cell in enumerate(nb.cells)}
+    client.set_widgets_metadata()  # the Output widgets' text: the training log
+    text = {i: stream_text(cell, widget_states(nb)) for i, cell in enumerate(nb.cells)}
 
     # 1-3: the Colab-only steps said they were skipped; the login used $HF_TOKEN, and the token never shows
     assert "Not installing anything" in text[cell_titled(nb, "1.")]
@@ -276,8 +320,9 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
         assert "fp16 mixed precision needs a CUDA GPU" in train_text
     assert len(list(klass.glob("*.jpg"))) == 2
     assert (out / "4" / "model_index.json").is_file() and list(out.glob("checkpoint-*"))
+    assert_live_panel_and_scores(nb.cells[cell_titled(nb, "7.")], train_text, out)
 
-    # 8-9: the latest weights were picked; the grid has one row per saved step
+    # 8-9: the step typed in the pick cell was used; the grid has one row per saved step
     assert f"Using the weights in {out / '4'}" in text[cell_titled(nb, "8.")]
     with Image.open(out / "preview.png") as grid:  # steps 2 and 4, before the cleanup removed step 2
         assert grid.format == "PNG" and grid.height > 2 * 64
@@ -312,9 +357,51 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
     assert "Will delete 1 folder(s)" in text[cell_titled(nb, "13.")]
     assert not (out / "2").exists() and (out / "4" / "model_index.json").is_file()
     assert export.is_file() and (out / "preview.png").is_file() and list(out.glob("checkpoint-*"))
+    assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)
 
 
-def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_blip, monkeypatch):
+def scorer_flags(scorers: dict[str, Path]) -> str:
+    return f"--likeness_model={scorers['dinov2']} --clip_model={scorers['clip']}"
+
+
+def assert_live_panel_and_scores(cell, train_text: str, out: Path) -> None:
+    """The training cell showed the live panel (a widget; the log folded in it) and every save
+    was scored."""
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in cell.outputs)
+    assert "step" in train_text.split("\n", 1)[1]  # the training log, from the panel's Output widget
+    scored = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in scored if "likeness" in r and "prompt_fidelity" in r} == {2, 4}
+
+
+def tensorboard_servers() -> list:
+    from tensorboard import manager
+
+    return manager.get_all()
+
+
+def assert_tensorboard_shown(cell, servers: list, out: Path) -> None:
+    """The TensorBoard cell showed the frame of a TensorBoard server reading the folder training
+    logged to."""
+    frames = [o["data"]["text/html"] for o in cell.outputs if "text/html" in o.get("data", {})]
+    assert frames and "<iframe" in frames[0], cell.outputs
+    ports = {info.port for info in servers if info.logdir == str(out / "0")}
+    assert ports and any(f"const port = {port};" in frames[0] for port in ports), servers
+    assert list((out / "0").rglob("events.out.tfevents.*"))  # training's TensorBoard logs are in it
+
+
+@pytest.fixture
+def stop_tensorboard(tmp_path):
+    """Stop the TensorBoard servers the notebook's TensorBoard cell started for this test's runs."""
+    yield
+    from tensorboard import manager
+
+    for info in manager.get_all():
+        if info.logdir.startswith(str(tmp_path)):
+            os.kill(info.pid, signal.SIGTERM)
+
+
+def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_blip, tiny_scorers, stop_tensorboard,
+                                                      monkeypatch):
     """A new user's Run All: the notebook's own defaults (Method 1, no prompts, prior
     preservation, Drive on, the default memory profile, no extra flags), offline and with
     no token; only model names, paths, sizes and step/image counts are changed for CPU."""
@@ -337,8 +424,9 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     nb = read_notebook()
     defaults = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(nb).items()}
     changed = dict(
-        # model names and paths
+        # model names and paths (the score models are flags: there is no field for them)
         MODEL_NAME=str(tiny_sd), caption_model=str(tiny_blip), vae_name="", OUTPUT_DIR=str(out),
+        extra_flags=scorer_flags(tiny_scorers),
         images_folder=str(raw), captioned_folder=str(captioned), class_data_dir=str(klass),
         # sizes and counts
         num_beams=2, min_length=3, max_length=8, caption_batch_size=4, resolution=64, max_train_steps=4,
@@ -350,14 +438,17 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     set_form_values(nb, changed)
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}})
-    gradio_cell = cell_titled(nb, "12.")
+    gradio_cell, tensorboard_cell = cell_titled(nb, "12."), cell_titled(nb, "7b.")
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
+            if index == tensorboard_cell:
+                tensorboards = tensorboard_servers()  # while the kernel (and the servers it started) runs
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
                 gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 64, 64, 3, "model default", api_name="/generate")
-    text = {i: stream_text(cell) for i, cell in enumerate(nb.cells)}
+    client.set_widgets_metadata()  # the Output widgets' text: the training log
+    text = {i: stream_text(cell, widget_states(nb)) for i, cell in enumerate(nb.cells)}
 
     login = text[cell_titled(nb, "2.")]
     assert "hf auth login" in login and "need no login" in login
@@ -367,12 +458,18 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     assert "class prompt is empty" in train_text
     # one resume checkpoint kept; weights in Shivam's layout
     assert (out / "4" / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
-    assert f"Using the weights in {out / '4'}" in text[cell_titled(nb, "8.")]
-    assert (out / "preview.png").is_file() and (out / "out-4.safetensors").is_file()
+    assert "--score_saves" in train_text.splitlines()[0]
+    assert_live_panel_and_scores(nb.cells[cell_titled(nb, "7.")], train_text, out)
+    # scores are on by default: the pick cell took the suggested best step, and the export is of it
+    best = json.loads((out / "metrics-summary.json").read_text())["best_step"]
+    assert best in (2, 4) and f"Step {best} is the suggested best step" in text[cell_titled(nb, "8.")]
+    assert f"Using the weights in {out / str(best)}" in text[cell_titled(nb, "8.")]
+    assert (out / "preview.png").is_file() and (out / f"out-{best}.safetensors").is_file()
     generated = sorted((out / "generated").glob("*.png"))
     assert len(generated) == 2 and read_png_settings(generated[0])["prompt"] == defaults["prompt"]
     assert len(gallery) == 1
     # the cleanup cell only shows its plan without the confirm word
     cleanup = text[cell_titled(nb, "13.")]
-    assert "Nothing to delete" in cleanup and "2 (not exported yet)" in cleanup
+    assert "Nothing to delete" in cleanup and f"{6 - best} (not exported yet)" in cleanup
     assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
+    assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)

@@ -280,7 +280,8 @@ def test_every_nb_name_the_notebook_uses_exists():
 
     notebook = nbformat.read(Path(__file__).resolve().parents[1] / "KaliYuga_DreamBooth.ipynb", as_version=4)
     used = {node.attr for cell in notebook.cells if cell.cell_type == "code"
-            for node in ast.walk(ast.parse(cell.source))
+            for node in ast.walk(compile(cell.source, "<cell>", "exec",  # cells may `await`, as IPython allows
+                                         ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT))
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "nb"}
     assert used and not [name for name in sorted(used) if not hasattr(nb, name)]
 

@@ -282,7 +282,7 @@ def test_notebook_training_cell_offers_overwrite_output_dir(tmp_path):
     assert "--overwrite_output_dir" in argv
     assert "--overwrite_output_dir" not in nb.training_command("m", tmp_path / "out", tmp_path / "c.json")
     cells = json.loads((ROOT / "KaliYuga_DreamBooth.ipynb").read_text(encoding="utf-8"))["cells"]
-    training = ["".join(c["source"]) for c in cells if "nb.launch_training(" in "".join(c["source"])]
+    training = ["".join(c["source"]) for c in cells if "nb.train_live(" in "".join(c["source"])]
     assert len(training) == 1
     assert "overwrite_output_dir = False  #@param" in training[0]
     assert "overwrite_output_dir=overwrite_output_dir" in training[0]
