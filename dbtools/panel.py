@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,21 +38,11 @@ from typing import Any, TextIO
 from PIL import Image, ImageDraw
 
 from dbtools.images import default_font
+from dbtools.train_watch import PROGRESS_FILE
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
-STATES = ("starting", "caching", "class images", "running", "saving", "finished", "stopped", "failed")
 DONE_STATES = ("finished", "stopped", "failed")
-
-# The names the saved step, its samples, the validation loss and the scores may have in
-# progress.json: the first one present wins.
-SAVED_STEP_KEYS = ("last_saved_step", "saved_step", "last_save_step", "last_save", "saved")
-SAMPLES_KEYS = ("last_samples", "samples", "sample_paths", "saved_samples", "last_saved_samples")
-VALIDATION_KEYS = ("validation_loss", "val_loss", "last_validation_loss")
-SCORES_KEYS = ("scores", "last_scores", "latest_scores", "metrics")
-SCORE_NAMES = ("likeness", "prompt_fidelity", "drift")
-"""Scores also read when progress.json has them at its top level."""
 
 LOSS_COLOR = (31, 119, 180)
 LR_COLOR = (255, 127, 14)
@@ -124,35 +114,23 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _first(progress: dict, names: Iterable[str]) -> Any:
-    return next((progress[n] for n in names if progress.get(n) is not None), None)
-
-
 def saved_step_of(progress: dict) -> tuple[int | None, list[str]]:
-    """The last saved step and its sample paths, whichever names progress.json uses (the step
-    may also be an object holding `step` and `samples`)."""
-    saved = _first(progress, SAVED_STEP_KEYS)
-    samples = _first(progress, SAMPLES_KEYS)
-    if isinstance(saved, dict):
-        samples = samples if samples is not None else _first(saved, SAMPLES_KEYS)
-        saved = saved.get("step")
-    step = _number(saved)
+    """The last saved step and its sample paths (`last_saved_step`, `last_saved_samples`)."""
+    step, samples = _number(progress.get("last_saved_step")), progress.get("last_saved_samples")
     paths = [str(p) for p in samples] if isinstance(samples, (list, tuple)) else []
     return (None if step is None else int(step)), paths
 
 
 def _scores_of(progress: dict) -> tuple[dict[str, float], float | None, int | None]:
-    """Scores, validation loss and the step they belong to, as progress.json gives them."""
-    raw = _first(progress, SCORES_KEYS)
+    """Scores (`scores`, with the `step` they belong to) and the validation loss (`validation_loss`:
+    `{"step", "loss"}`) of progress.json."""
+    raw = progress.get("scores")
     raw = raw if isinstance(raw, dict) else {}
-    merged = {**{k: progress[k] for k in SCORE_NAMES if k in progress}, **raw}
-    validation = _number(_first(progress, VALIDATION_KEYS))
-    if validation is None:
-        validation = _number(_first(merged, VALIDATION_KEYS))
-    scores = {k: v for k, v in ((k, _number(v)) for k, v in merged.items())
-              if v is not None and k not in VALIDATION_KEYS and k != "step"}
+    scores = {k: v for k, v in ((k, _number(v)) for k, v in raw.items()) if v is not None and k != "step"}
     step = _number(raw.get("step"))
-    return scores, validation, None if step is None else int(step)
+    validation = progress.get("validation_loss")
+    validation = validation.get("loss") if isinstance(validation, dict) else validation
+    return scores, _number(validation), None if step is None else int(step)
 
 
 def panel_state(progress: dict, history: History, metrics: Sequence[dict] = ()) -> PanelState:
@@ -167,7 +145,7 @@ def panel_state(progress: dict, history: History, metrics: Sequence[dict] = ()) 
     latest = dict(metrics[-1]) if metrics else {}
     scores, validation, scores_step = _scores_of(progress)
     from_file = {k: v for k, v in ((k, _number(latest.get(k))) for k in latest)
-                 if v is not None and k not in ("step", *VALIDATION_KEYS)}
+                 if v is not None and k not in ("step", "validation_loss")}
     step, max_steps = _number(progress.get("step")), _number(progress.get("max_train_steps"))
     state = progress.get("state")
     return PanelState(

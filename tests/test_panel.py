@@ -19,7 +19,6 @@ from dbtools.atomic import atomic_write_text
 from dbtools.panel import (
     LOSS_COLOR,
     History,
-    PanelState,
     TrainingPanel,
     curve_xy,
     draw_curve,
@@ -39,21 +38,25 @@ BASE = {"step": 120, "max_train_steps": 400, "loss": 0.125, "lr": 2e-6, "steps_p
 # --------------------------------------------------------------------------- panel_state
 
 
-@pytest.mark.parametrize("names", [
-    {"last_saved_step": 100, "last_samples": ["100/samples/0.png"], "validation_loss": 0.2,
-     "scores": {"likeness": 0.7, "prompt_fidelity": 0.3}},
-    {"saved_step": 100, "samples": ["100/samples/0.png"], "val_loss": 0.2,
-     "last_scores": {"likeness": 0.7, "prompt_fidelity": 0.3}},
-    {"last_save": {"step": 100, "samples": ["100/samples/0.png"]},
-     "scores": {"validation_loss": 0.2, "likeness": 0.7, "prompt_fidelity": 0.3}},
-    {"last_save_step": 100, "sample_paths": ["100/samples/0.png"], "validation_loss": 0.2,
-     "likeness": 0.7, "prompt_fidelity": 0.3},
-])
-def test_panel_state_takes_every_spelling_of_the_save_and_score_keys(names):
-    ps = panel_state({**BASE, **names}, History())
-    assert ps == PanelState(state="running", step=120, max_steps=400, loss=0.125, lr=2e-6, steps_per_second=0.93,
-                            eta_seconds=301, gpu_memory_gib=9.8, saved_step=100, samples=["100/samples/0.png"],
-                            validation_loss=0.2, scores={"likeness": 0.7, "prompt_fidelity": 0.3})
+def test_panel_reads_what_the_trainer_writes(tmp_path):
+    """The panel reads progress.json as training's writer (`train_watch.Progress`) writes it."""
+    from dbtools.evaluate import append_metrics
+    from dbtools.train_watch import PROGRESS_FILE, Progress
+
+    sample = tmp_path / "100" / "samples" / "0.png"
+    sample.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(sample)
+    append_metrics(tmp_path, {"step": 100, "likeness": 0.7, "prompt_fidelity": 0.3, "class_drift": 0.4,
+                              "validation_loss": 0.2})
+    progress = Progress(tmp_path)
+    progress.state("running")
+    progress.step(120, 400, 0.125, 2e-6, gpu_memory_gib=9.8)
+    progress.saved(tmp_path, 100)
+    ps = panel_state(json.loads((tmp_path / PROGRESS_FILE).read_text()), History())
+    assert (ps.state, ps.step, ps.max_steps, ps.loss, ps.lr, ps.gpu_memory_gib) == ("running", 120, 400, 0.125,
+                                                                                     2e-6, 9.8)
+    assert (ps.saved_step, ps.samples, ps.validation_loss) == (100, [str(sample)], 0.2)
+    assert (ps.scores, ps.scores_step) == ({"likeness": 0.7, "prompt_fidelity": 0.3, "class_drift": 0.4}, 100)
 
 
 def test_panel_state_without_gpu_or_saves_and_with_bad_values():
@@ -68,7 +71,7 @@ def test_previous_save_comes_from_the_history_and_scores_from_metrics():
     history = History()
     for step, saved, samples in [(2, 2, ["2/samples/0.png"]), (3, 2, []), (4, 4, ["4/samples/0.png"])]:
         history.update({"step": step, "loss": 1.0 / step, "lr": 1e-4, "last_saved_step": saved,
-                        "last_samples": samples})
+                        "last_saved_samples": samples})
     metrics = [{"step": 2, "likeness": 0.5, "prompt_fidelity": 0.25},
                {"step": 4, "likeness": 0.75, "prompt_fidelity": 0.2, "validation_loss": 0.3}]
     ps = panel_state({"step": 4, "last_saved_step": 4, "state": "saving"}, history, metrics)
@@ -76,8 +79,8 @@ def test_previous_save_comes_from_the_history_and_scores_from_metrics():
     assert (ps.previous_step, ps.previous_samples) == (2, ["2/samples/0.png"])
     assert (ps.validation_loss, ps.scores, ps.scores_step) == (0.3, {"likeness": 0.75, "prompt_fidelity": 0.2}, 4)
     # what progress.json says wins over the file
-    ps = panel_state({"step": 4, "scores": {"likeness": 0.9, "drift": 0.1}}, history, metrics)
-    assert ps.scores == {"likeness": 0.9, "prompt_fidelity": 0.2, "drift": 0.1}
+    ps = panel_state({"step": 4, "scores": {"likeness": 0.9, "class_drift": 0.1}}, history, metrics)
+    assert ps.scores == {"likeness": 0.9, "prompt_fidelity": 0.2, "class_drift": 0.1}
 
 
 def test_history_keeps_one_point_per_step_and_restarts_at_a_resumed_step():
@@ -149,13 +152,13 @@ def test_panel_follows_progress_json_written_step_by_step(tmp_path):
     assert panel.newest.children == () and panel.previous.children == ()
 
     write_png(tmp_path / "2" / "samples" / "0.png", "red")  # a save without sample paths: its samples/ folder
-    atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": 3, "saved_step": 2}))
+    atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": 3, "last_saved_step": 2}))
     panel.refresh()
     assert "step 2" in panel.newest.children[0].value and len(panel.newest.children[1].children) == 1
     samples = [write_png(tmp_path / "4" / "samples" / f"{i}.png", "blue") for i in range(2)]
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "likeness": 0.625}) + "\n")
     atomic_write_text(tmp_path / "progress.json", json.dumps(
-        {**BASE, "step": 4, "state": "finished", "saved_step": 4, "samples": samples}))
+        {**BASE, "step": 4, "state": "finished", "last_saved_step": 4, "last_saved_samples": samples}))
     ps = panel.refresh()
     assert "step 4" in panel.newest.children[0].value and len(panel.newest.children[1].children) == 2
     assert "step 2" in panel.previous.children[0].value
