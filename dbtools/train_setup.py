@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dbtools.checkpoints import check_checkpoint_files, checkpoint_step, resume_path, resume_problems
-from dbtools.concepts import Concept, ConceptError
+from dbtools.concepts import Concept, ConceptError, overlap_problems
 from dbtools.data import (
     DataConfig,
     DataPlan,
@@ -69,6 +69,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
             concepts = cfg.concepts()
         except ConceptError as exc:
             problems.append(str(exc))
+    problems += overlap_problems(concepts, nested=False)  # as extract: a folder listed twice
     if concepts:
         plan, data_problems = scan_concepts(
             concepts, read_prompts_from_txts=cfg.read_prompts_from_txts,

@@ -1,0 +1,112 @@
+"""Careless or unlucky inputs met through the user's entry points (`train_dreambooth.py`,
+`python -m dbtools ...`): each gets one message naming the file or flag and the fix
+(`error: ...` on stderr, exit 2, no traceback) before any model loads, or a note in the log."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbtools import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_dreambooth  # noqa: E402
+
+
+def captioned(folder: Path, image_factory, name: str = "a.png", text: str = "sks toy") -> Path:
+    img = image_factory(folder / name)
+    Path(f"{img}.txt").write_text(text, encoding="utf-8")
+    return img
+
+
+def train_flags(model, out, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--read_prompts_from_txts",
+            "--resolution=32", "--train_batch_size=1", "--max_train_steps=1", "--learning_rate=1e-3",
+            "--lr_warmup_steps=0", "--report_to=none", "--save_interval=1000", *map(str, extra)]
+
+
+def run_train(argv: list[str], capsys) -> tuple[int, str]:
+    """`train_dreambooth.py argv` in this process: its exit code and stderr."""
+    code = train_dreambooth.main(train_dreambooth.parse_args(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_one_message(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if training loads a model (everything must be caught before)."""
+    import dbtools.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the pre-flight finished")
+
+    monkeypatch.setattr(dbtools.models, "load_sd_components", refuse)
+
+
+# --------------------------------------------------------------------------- concepts_list.json
+
+
+def test_empty_concepts_list_is_one_message_in_training_and_class_images(tmp_path, tiny_sd, no_model_loads,
+                                                                        capsys):
+    concepts = tmp_path / "concepts_list.json"
+    concepts.write_text("[]", encoding="utf-8")
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--concepts_list", concepts), capsys)
+    assert_one_message(code, err, f"{concepts}: the list holds no concept")
+    code = cli.main(["classgen", "--pretrained_model_name_or_path", str(tiny_sd), "--concepts_list", str(concepts)])
+    err = capsys.readouterr().err
+    assert_one_message(code, err, f"{concepts}: the list holds no concept")
+    assert "already has" not in err
+
+
+def test_concepts_list_with_a_bom_is_read(tmp_path, tiny_sd, image_factory, capsys):
+    captioned(tmp_path / "inst", image_factory)
+    concepts = tmp_path / "concepts_list.json"
+    text = json.dumps([{"instance_data_dir": str(tmp_path / "inst"), "instance_prompt": "sks toy"}])
+    concepts.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--concepts_list", concepts), capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "1" / "model_index.json").is_file()
+
+
+def test_the_same_concept_twice_is_refused_by_training_and_extract_alike(tmp_path, tiny_sd, image_factory,
+                                                                         no_model_loads, capsys):
+    captioned(tmp_path / "inst", image_factory)
+    concept = {"instance_data_dir": str(tmp_path / "inst"), "instance_prompt": "sks toy"}
+    concepts = tmp_path / "concepts_list.json"
+    concepts.write_text(json.dumps([concept, dict(concept, instance_data_dir=f"{tmp_path / 'inst'}/")]))
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--concepts_list", concepts), capsys)
+    assert_one_message(code, err, f"{tmp_path / 'inst'} is used by concepts 1 and 2", "List each folder once")
+    code = cli.main(["extract", "--concepts_list", str(concepts)])
+    assert_one_message(code, capsys.readouterr().err, f"{tmp_path / 'inst'} is used by concepts 1 and 2",
+                       "List each folder once")
+
+
+def test_missing_relative_folder_names_the_folder_it_was_resolved_against(tmp_path, tiny_sd, no_model_loads,
+                                                                          capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    concepts = tmp_path / "concepts_list.json"
+    concepts.write_text(json.dumps([{"instance_data_dir": "photos/me", "instance_prompt": "sks"}]))
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--concepts_list", concepts), capsys)
+    assert_one_message(code, err, "photos/me", f"relative path, resolved against the current folder {tmp_path}")
+    code = cli.main(["extract", "--concepts_list", str(concepts)])
+    assert_one_message(code, capsys.readouterr().err, f"resolved against the current folder {tmp_path}")
+
+
+def test_caption_file_that_is_a_folder_is_named_as_a_folder(tmp_path, tiny_sd, image_factory, no_model_loads,
+                                                            capsys):
+    img = image_factory(tmp_path / "inst" / "a.png")
+    (tmp_path / "inst" / "a.png.txt").mkdir()
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst"), capsys)
+    assert_one_message(code, err, f"{img}.txt is a folder, not a caption file")
+    assert "no caption file" not in err
