@@ -29,6 +29,22 @@ OUTPUT_LAYOUTS = ("shivam", "diffusers")
 DEEPFLOYD_ONLY = ("validation_images", "class_labels_conditioning")
 """diffusers' flags for DeepFloyd IF upscaler training, which this project does not do."""
 
+MAX_RESOLUTION = 4096
+"""The largest `--resolution`: twice the largest native size of the families trained here
+(SD 1.x 512, SD 2.x 768, SDXL 1024); one 4096 px image alone takes about 16 GiB to encode."""
+RESOLUTION_ADVICE = "the models' own sizes: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL"
+
+
+def largest_bucket_bytes(resolution: int, half: bool) -> int:
+    """A lower bound of the memory one image of the largest bucket takes to encode.
+
+    Every bucket holds at most `resolution`² pixels. The pixels are float32, and the VAE
+    encoder's first block holds at least two 128-channel activations of the full image
+    (in half precision under fp16/bf16). Training needs more than this; never less.
+    """
+    return resolution ** 2 * (3 * 4 + 2 * 128 * (2 if half else 4))
+
+
 @dataclass
 class TrainConfig:
     """Every training setting; field names and defaults are the command-line flags'."""
@@ -428,8 +444,9 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
     if not cfg.concepts_list and not cfg.instance_data_dir:
         problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
                         "--concepts_list.")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
+    if cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_RESOLUTION:
+        problems.append(f"--resolution {cfg.resolution} must be a multiple of 8 from 8 to {MAX_RESOLUTION} "
+                        f"({RESOLUTION_ADVICE}).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
                  "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
         if getattr(cfg, name) < 1:

@@ -31,7 +31,15 @@ from dbtools.data import (
 from dbtools.errors import UserError
 from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
-from dbtools.train_config import TrainConfig, flag_problems, report_trackers, resolve_mixed_precision
+from dbtools.train_config import (
+    MAX_RESOLUTION,
+    RESOLUTION_ADVICE,
+    TrainConfig,
+    flag_problems,
+    largest_bucket_bytes,
+    report_trackers,
+    resolve_mixed_precision,
+)
 from dbtools.train_folders import MiB, another_run_message, folder_problems, holds_another_run
 
 if TYPE_CHECKING:
@@ -83,6 +91,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         problems += held_out_problems
     problems += output_problems(cfg, concepts, plan)
     problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
+    problems += bucket_memory_problems(cfg)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
@@ -105,6 +114,24 @@ def _warn_if_too_big(cfg: TrainConfig) -> None:
     warning = fit_warning(family.family.key, dataclasses.asdict(cfg), gpu)
     if warning:
         logger.warning("%s", warning)
+
+
+def bucket_memory_problems(cfg: TrainConfig) -> list[str]:
+    """`--resolution` whose largest bucket cannot even be encoded in the memory of the device
+    that trains (the GPU, or the machine's memory without one): refused before anything loads."""
+    from dbtools.env import gpu_memory_gib, ram_gib
+
+    if not 8 <= cfg.resolution <= MAX_RESOLUTION:
+        return []  # `flag_problems` names it
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    gpu = None if on_cpu else gpu_memory_gib()
+    have, where = (gpu, "GPU") if gpu is not None else (ram_gib(), "memory")
+    need = largest_bucket_bytes(cfg.resolution, cfg.mixed_precision in ("fp16", "bf16")) / 1024 ** 3
+    if have is None or need <= have:
+        return []
+    return [f"--resolution {cfg.resolution}: one image of the largest bucket ({cfg.resolution}x{cfg.resolution} "
+            f"pixels) needs at least {need:.1f} GiB to encode, more than this machine's {have:.1f} GiB of {where}. "
+            f"Use a lower --resolution ({RESOLUTION_ADVICE})."]
 
 
 def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -> list[str]:

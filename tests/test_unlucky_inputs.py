@@ -110,3 +110,34 @@ def test_caption_file_that_is_a_folder_is_named_as_a_folder(tmp_path, tiny_sd, i
     code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst"), capsys)
     assert_one_message(code, err, f"{img}.txt is a folder, not a caption file")
     assert "no caption file" not in err
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def test_huge_resolution_is_refused_before_anything_loads(tmp_path, tiny_sd, image_factory, no_model_loads, capsys):
+    captioned(tmp_path / "inst", image_factory)
+    flags = train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst")
+    code, err = run_train([*flags, "--resolution=100000"], capsys)
+    assert_one_message(code, err, "--resolution 100000 must be a multiple of 8 from 8 to 4096", "1024 for SDXL")
+    assert err.count("--resolution") == 1
+
+
+def test_resolution_whose_largest_bucket_cannot_fit_is_refused_with_the_estimate(tmp_path, tiny_sd, image_factory,
+                                                                                 no_model_loads, capsys, monkeypatch):
+    import dbtools.env
+
+    monkeypatch.setattr(dbtools.env, "gpu_memory_gib", lambda index=0: None)
+    monkeypatch.setattr(dbtools.env, "ram_gib", lambda: 3.0, raising=False)
+    captioned(tmp_path / "inst", image_factory)
+    flags = train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst", "--aspect_ratio_bucketing")
+    code, err = run_train([*flags, "--resolution=2048"], capsys)
+    assert_one_message(code, err, "--resolution 2048: one image of the largest bucket (2048x2048 pixels) needs at "
+                       "least 4.0 GiB to encode, more than this machine's 3.0 GiB of memory")
+    monkeypatch.setattr(dbtools.env, "gpu_memory_gib", lambda index=0: 1.5)  # a GPU encodes in its own memory
+    code, err = run_train([*flags, "--resolution=2048", "--mixed_precision=bf16"], capsys)
+    assert_one_message(code, err, "needs at least 2.0 GiB to encode, more than this machine's 1.5 GiB of GPU")
+    from dbtools.train_config import TrainConfig
+    from dbtools.train_setup import bucket_memory_problems
+
+    assert bucket_memory_problems(TrainConfig(resolution=1024, mixed_precision="bf16")) == []
