@@ -141,3 +141,45 @@ def test_resolution_whose_largest_bucket_cannot_fit_is_refused_with_the_estimate
     from dbtools.train_setup import bucket_memory_problems
 
     assert bucket_memory_problems(TrainConfig(resolution=1024, mixed_precision="bf16")) == []
+
+
+# --------------------------------------------------------------------------- generate --from_png
+
+
+def edited_png(path: Path, image_factory, **changes) -> Path:
+    """A PNG carrying generate's settings, edited by hand (`changes`)."""
+    from PIL import Image
+
+    from dbtools.generate import png_metadata
+
+    settings = {**dict(prompt="a toy", negative_prompt="", seed=3, steps=2, guidance_scale=7.5, width=32, height=32,
+                       scheduler="ddim", model="m"), **changes}
+    image_factory(path)
+    with Image.open(path) as img:
+        img.load()
+        img.save(path, pnginfo=png_metadata(settings))
+    return path
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(width=100_000), "width=100000: use a multiple of 8 from 8 to 4096"),
+    (dict(seed=2**70), f"seed={2**70}: use a seed from 0 to {2**64 - 1}"),
+    (dict(guidance_scale=float("nan")), "guidance_scale=nan: use a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale=inf: use a finite number"),
+    (dict(prompt="a toy " * 500_000), "prompt of 3,000,000 characters: at most 10,000"),
+])
+def test_generate_from_an_edited_png_gets_the_flags_range_checks(tmp_path, tiny_sd, image_factory, capsys,
+                                                                 monkeypatch, changes, needle):
+    import dbtools.generate
+
+    def refuse(*a, **k):
+        raise AssertionError("the pipeline was loaded for settings that cannot work")
+
+    monkeypatch.setattr(dbtools.generate, "load_inference_pipeline", refuse)
+    png = edited_png(tmp_path / "edited.png", image_factory, **changes)
+    code = cli.main(["generate", "--model", str(tiny_sd), "--from_png", str(png), "--out_dir", str(tmp_path / "g")])
+    assert_one_message(code, capsys.readouterr().err, f"--from_png {png}", needle)
+    flag, value = next(iter(changes.items()))
+    if flag != "prompt":  # the same value given as a flag gets the same message
+        code = cli.main(["generate", "--model", str(tiny_sd), "--prompt", "a toy", f"--{flag}={value}"])
+        assert_one_message(code, capsys.readouterr().err, needle)
