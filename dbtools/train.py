@@ -46,6 +46,7 @@ from dbtools.train_outputs import (
 )
 from dbtools.train_setup import (
     TrainError,
+    agree_on_seed,
     class_examples,
     encoders_of,
     load_models,
@@ -61,6 +62,7 @@ from dbtools.train_setup import (
     prepare_modules,
     resume,
     run_config,
+    settle_seed,
     total_steps,
     weight_dtype_for,
 )
@@ -135,13 +137,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     before any model loads. A resumed seeded run ends with the same weights as an
     uninterrupted one. `cfg` itself is never changed.
     """
+    asked = cfg.seed
+    cfg = settle_seed(cfg)
     concepts, plan = preflight(cfg)
     if cfg.hub_token:
         logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
+    cfg, plan = agree_on_seed(cfg, asked, accelerator, concepts, plan)
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
+        if asked != cfg.seed:
+            logger.info("seed: %d for --seed %d (saved in args.json; --seed %d repeats this run)", cfg.seed, asked,
+                        cfg.seed)
         if cfg.overwrite_output_dir:
             move_previous_run(cfg.output_dir)
         remove_stale_temporaries(cfg.output_dir)

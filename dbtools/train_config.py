@@ -32,6 +32,8 @@ DEEPFLOYD_ONLY = ("validation_images", "class_labels_conditioning")
 MAX_RESOLUTION = 4096
 """The largest `--resolution`: twice the largest native size of the families trained here
 (SD 1.x 512, SD 2.x 768, SDXL 1024); one 4096 px image alone takes about 16 GiB to encode."""
+MAX_SEED = 2**32 - 1
+"""The largest `--seed` (numpy's generators take no more); -1 draws one."""
 RESOLUTION_ADVICE = "the models' own sizes: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL"
 
 
@@ -309,7 +311,8 @@ def _prior_flags(f: _FlagAdder) -> None:
 
 def _optimizer_flags(f: _FlagAdder) -> None:
     """Optimizer, schedule, precision and loss options."""
-    f("seed", "Seed for reproducible training.", type=int)
+    f("seed", "Seed for reproducible training; -1 draws one (logged and saved in args.json; resuming "
+      "with -1 takes the checkpoint's).", type=int)
     f.switch("train_text_encoder", "Train the text encoder too.")
     f("train_batch_size", "Batch size per device.", type=int)
     f("num_train_epochs", "Epochs (used when --max_train_steps is not given).", type=int)
@@ -451,6 +454,9 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
                  "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1.")
+    if cfg.seed is not None and not (cfg.seed == -1 or 0 <= cfg.seed <= MAX_SEED):
+        problems.append(f"--seed {cfg.seed}: use a seed from 0 to {MAX_SEED}, or -1 to draw one (it is logged "
+                        "and saved in args.json, so the run can be repeated).")
     problems += number_problems(cfg)
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 1:
         problems.append("--checkpointing_steps must be at least 1 (or leave it out: no resume checkpoints).")

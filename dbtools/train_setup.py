@@ -8,6 +8,7 @@ schedule, EMA and resume. `dbtools.train.setup` calls these in this order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dbtools.checkpoints import check_checkpoint_files, checkpoint_step, resume_path, resume_problems
+from dbtools.checkpoints import (
+    ARGS_FILE,
+    check_checkpoint_files,
+    checkpoint_step,
+    resume_path,
+    resume_problems,
+)
 from dbtools.concepts import Concept, ConceptError, overlap_problems
 from dbtools.data import (
     DataConfig,
@@ -33,6 +40,7 @@ from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train_config import (
     MAX_RESOLUTION,
+    MAX_SEED,
     RESOLUTION_ADVICE,
     TrainConfig,
     flag_problems,
@@ -79,16 +87,8 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
             problems.append(str(exc))
     problems += overlap_problems(concepts, nested=False)  # as extract: a folder listed twice
     if concepts:
-        plan, data_problems = scan_concepts(
-            concepts, read_prompts_from_txts=cfg.read_prompts_from_txts,
-            prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation,
-            output_dir=cfg.output_dir)
+        plan, data_problems = data_plan(cfg, concepts)
         problems += data_problems
-        plan, held_out_problems = with_validation(
-            plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
-            seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts,
-            prompt_template=cfg.prompt_template)
-        problems += held_out_problems
     problems += output_problems(cfg, concepts, plan)
     problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
     problems += bucket_memory_problems(cfg)
@@ -96,6 +96,58 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
+    """The examples of `concepts` with the held-out ones set apart, and what is wrong with them."""
+    plan, problems = scan_concepts(
+        concepts, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template,
+        with_prior_preservation=cfg.with_prior_preservation, output_dir=cfg.output_dir, check_images=check_images)
+    plan, held_out_problems = with_validation(
+        plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
+        seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template)
+    return plan, problems + held_out_problems
+
+
+RANDOM_SEED = -1
+"""`--seed -1`: draw a seed (logged and saved in args.json, so the run can be repeated)."""
+
+
+def settle_seed(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `--seed -1` replaced by the seed of the checkpoint it resumes (so the resume
+    is exact), else by a freshly drawn one; any other seed as given."""
+    if cfg.seed != RANDOM_SEED:
+        return cfg
+    import secrets
+
+    seed = checkpoint_args(cfg).get("seed")
+    if not isinstance(seed, int) or seed < 0:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def agree_on_seed(cfg: TrainConfig, asked: int | None, accelerator, concepts: list[Concept],
+                  plan: DataPlan) -> tuple[TrainConfig, DataPlan]:
+    """Every process takes the main process's drawn seed; held-out images are chosen again with it."""
+    if asked != RANDOM_SEED or accelerator.num_processes == 1:
+        return cfg, plan
+    from accelerate.utils import broadcast_object_list
+
+    seed = broadcast_object_list([cfg.seed])[0]
+    if seed == cfg.seed:
+        return cfg, plan
+    cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg, (data_plan(cfg, concepts, check_images=False)[0] if cfg.validation_split else plan)
+
+
+def checkpoint_args(cfg: TrainConfig) -> dict:
+    """The settings saved in the checkpoint `--resume_from_checkpoint` names ({} when none or unreadable)."""
+    path = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    try:
+        data = json.loads((path / ARGS_FILE).read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _warn_if_too_big(cfg: TrainConfig) -> None:

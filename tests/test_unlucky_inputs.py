@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -141,6 +142,36 @@ def test_resolution_whose_largest_bucket_cannot_fit_is_refused_with_the_estimate
     from dbtools.train_setup import bucket_memory_problems
 
     assert bucket_memory_problems(TrainConfig(resolution=1024, mixed_precision="bf16")) == []
+
+
+def saved_unet(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_seed_minus_one_draws_a_seed_that_is_logged_saved_and_repeats_the_run(tmp_path, tiny_sd, image_factory,
+                                                                              capsys, caplog):
+    caplog.set_level(logging.INFO)
+    captioned(tmp_path / "inst", image_factory)
+    data = ["--instance_data_dir", tmp_path / "inst", "--hflip"]
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "drawn", *data, "--seed=-1"), capsys)
+    assert code == 0, err
+    seed = json.loads((tmp_path / "drawn" / "1" / "args.json").read_text())["seed"]
+    assert 0 <= seed < 2**32
+    assert f"seed: {seed} for --seed -1 (saved in args.json; --seed {seed} repeats this run)" in caplog.text
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "again", *data, f"--seed={seed}"), capsys)
+    assert code == 0, err
+    drawn, again = saved_unet(tmp_path / "drawn" / "1"), saved_unet(tmp_path / "again" / "1")
+    assert all((drawn[k] == again[k]).all() for k in drawn)
+
+
+@pytest.mark.parametrize("seed", ["-2", str(2**32)])
+def test_other_out_of_range_seeds_are_one_message(tmp_path, tiny_sd, image_factory, no_model_loads, capsys, seed):
+    captioned(tmp_path / "inst", image_factory)
+    code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst",
+                                      f"--seed={seed}"), capsys)
+    assert_one_message(code, err, f"--seed {seed}: use a seed from 0 to 4294967295, or -1 to draw one")
 
 
 # --------------------------------------------------------------------------- generate --from_png
