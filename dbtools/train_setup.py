@@ -90,7 +90,8 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         plan, data_problems = data_plan(cfg, concepts)
         problems += data_problems
     problems += output_problems(cfg, concepts, plan)
-    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
+    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint, lora=cfg.use_lora,
+                                text_encoder=cfg.train_text_encoder, ema=cfg.use_ema)
     problems += bucket_memory_problems(cfg)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -172,6 +174,68 @@ def test_other_out_of_range_seeds_are_one_message(tmp_path, tiny_sd, image_facto
     code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst",
                                       f"--seed={seed}"), capsys)
     assert_one_message(code, err, f"--seed {seed}: use a seed from 0 to 4294967295, or -1 to draw one")
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, tiny_sd):
+    """A 2-step run with checkpoints at steps 1 and 2: (its root, its training flags)."""
+    from tests.conftest import make_image
+
+    root = tmp_path_factory.mktemp("checkpointed")
+    for i in range(2):
+        img = make_image(root / "inst" / f"{i}.png")
+        Path(f"{img}.txt").write_text(f"sks toy {i}", encoding="utf-8")
+    flags = train_flags(tiny_sd, root / "out", "--instance_data_dir", root / "inst", "--seed=5",
+                        "--checkpointing_steps=1")
+    flags[flags.index("--max_train_steps=1")] = "--max_train_steps=2"
+    assert train_dreambooth.main(train_dreambooth.parse_args(flags)) == 0
+    return root, flags
+
+
+def run_copy(checkpointed, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the checkpointed run's output folder, and flags that resume it from `latest`."""
+    root, flags = checkpointed
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    flags = [f if f != str(root / "out") else str(out) for f in flags]
+    return out, [*flags, "--resume_from_checkpoint=latest", "--max_train_steps=3"]
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "optimizer.bin: missing"),
+    ("cut", "optimizer.bin: cut short"),
+    ("empty", "scheduler.bin: empty"),
+    ("weights", "diffusion_pytorch_model.safetensors: not a valid .safetensors file"),
+])
+def test_damaged_or_incomplete_checkpoint_is_named_so_in_preflight(checkpointed, tmp_path, no_model_loads, capsys,
+                                                                  damage, needle):
+    out, flags = run_copy(checkpointed, tmp_path)
+    ckpt = out / "checkpoint-2"
+    if damage == "missing":
+        (ckpt / "optimizer.bin").unlink()
+    elif damage == "cut":  # an incomplete Drive sync
+        data = (ckpt / "optimizer.bin").read_bytes()
+        (ckpt / "optimizer.bin").write_bytes(data[:len(data) // 2])
+    elif damage == "empty":
+        (ckpt / "scheduler.bin").write_bytes(b"")
+    else:
+        (ckpt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 4096)
+    code, err = run_train(flags, capsys)
+    assert_one_message(code, err, needle, f"{ckpt} is damaged or incomplete",
+                       f"resume from an earlier checkpoint (--resume_from_checkpoint {out / 'checkpoint-1'}")
+    assert "could run code" not in err and "tampered" not in err
+
+
+def test_a_readable_file_that_would_run_code_is_still_a_security_refusal(checkpointed, tmp_path, no_model_loads,
+                                                                         capsys):
+    out, flags = run_copy(checkpointed, tmp_path)
+    (out / "checkpoint-2" / "optimizer.bin").write_bytes(pickle.dumps(print))
+    code, err = run_train(flags, capsys)
+    assert_one_message(code, err, "optimizer.bin: refused: loading it could run code")
+    assert "damaged" not in err
 
 
 # --------------------------------------------------------------------------- generate --from_png
