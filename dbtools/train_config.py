@@ -133,6 +133,7 @@ class TrainConfig:
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    resume_with_changes: bool = False
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_steps: int = 100
@@ -370,6 +371,9 @@ def _output_flags(f: _FlagAdder) -> None:
       "in Shivam's script).", type=int)
     f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
     f("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
+    f.switch("resume_with_changes", "Resume although the model, data, resolution, batch size, seed or what is "
+             "trained differ from the checkpoint's args.json (refused without it: the run would not continue "
+             "the interrupted one exactly).")
     f("validation_prompt", "Prompt for validation images.", type=str)
     f("num_validation_images", "Validation images per run.", type=int)
     f("validation_steps", "Validate every N steps.", type=int)

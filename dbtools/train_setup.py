@@ -93,6 +93,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint, lora=cfg.use_lora,
                                 text_encoder=cfg.train_text_encoder, ema=cfg.use_ema)
     problems += bucket_memory_problems(cfg)
+    problems += resume_change_problems(cfg)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
@@ -149,6 +150,59 @@ def checkpoint_args(cfg: TrainConfig) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# Settings that decide which model, which batches, which noise and which weights train:
+# changing one between a checkpoint and its resume means the run no longer continues the
+# interrupted one exactly. Learning-rate settings and the number of steps may change.
+RESUME_SETTINGS = (
+    "pretrained_model_name_or_path", "pretrained_vae_name_or_path", "revision", "variant", "tokenizer_name",
+    "concepts_list", "instance_data_dir", "instance_prompt", "read_prompts_from_txts", "prompt_template",
+    "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images", "validation_data_dir",
+    "validation_split", "resolution", "center_crop", "hflip", "aspect_ratio_bucketing", "caption_dropout",
+    "shuffle_captions", "keep_tokens", "train_batch_size", "gradient_accumulation_steps", "seed",
+    "train_text_encoder", "use_lora", "lora_rank", "use_ema")
+_PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "tokenizer_name", "concepts_list",
+                  "instance_data_dir", "class_data_dir", "validation_data_dir")
+
+
+def resume_changes(cfg: TrainConfig) -> list[str]:
+    """Each of `RESUME_SETTINGS` (that matters for this run) whose value differs from the
+    resumed checkpoint's args.json, as `--flag: <then> in the checkpoint, <now> now`."""
+    saved = checkpoint_args(cfg)
+    unused = set()
+    if not (cfg.with_prior_preservation or saved.get("with_prior_preservation")):
+        unused |= {"class_data_dir", "class_prompt", "num_class_images"}
+    if cfg.read_prompts_from_txts and not cfg.prompt_template and saved.get("read_prompts_from_txts"):
+        unused.add("instance_prompt")
+    if not cfg.shuffle_captions:
+        unused.add("keep_tokens")
+    if not cfg.use_lora:
+        unused.add("lora_rank")
+    return [f"--{key}: {saved[key]!r} in the checkpoint, {getattr(cfg, key)!r} now" for key in RESUME_SETTINGS
+            if key in saved and key not in unused and not _same_setting(key, saved[key], getattr(cfg, key))]
+
+
+def _same_setting(key: str, then, now) -> bool:
+    if key in _PATH_SETTINGS and isinstance(then, str) and isinstance(now, str) and then and now:
+        return os.path.realpath(os.path.expanduser(then)) == os.path.realpath(os.path.expanduser(now))
+    return then == now or (not then and not now)  # None, "" and False alike
+
+
+def resume_change_problems(cfg: TrainConfig) -> list[str]:
+    """Resuming with settings that break an exact resume: refused unless `--resume_with_changes`
+    (then a warning naming them)."""
+    changes = resume_changes(cfg) if resume_path(cfg.output_dir, cfg.resume_from_checkpoint) else []
+    if not changes:
+        return []
+    where = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if cfg.resume_with_changes:
+        logger.warning("resuming from %s with changed settings (--resume_with_changes): %s. The run will not "
+                       "continue the interrupted one exactly.", where, "; ".join(changes))
+        return []
+    return [f"--resume_from_checkpoint: {where} was written with other settings, so the run would not continue it "
+            f"exactly: {'; '.join(changes)}. Resume with the checkpoint's settings (its {ARGS_FILE}), or add "
+            "--resume_with_changes to go on with the new ones."]
 
 
 def _warn_if_too_big(cfg: TrainConfig) -> None:

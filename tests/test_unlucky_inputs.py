@@ -238,6 +238,28 @@ def test_a_readable_file_that_would_run_code_is_still_a_security_refusal(checkpo
     assert "damaged" not in err
 
 
+def test_resume_with_settings_that_break_an_exact_resume_names_them(checkpointed, tmp_path, no_model_loads, capsys,
+                                                                    image_factory):
+    out, flags = run_copy(checkpointed, tmp_path)
+    captioned(tmp_path / "other", image_factory)
+    code, err = run_train([*flags, "--resolution=64", "--train_batch_size=2", "--instance_data_dir",
+                           str(tmp_path / "other"), "--learning_rate=5e-4"], capsys)
+    assert_one_message(code, err, f"{out / 'checkpoint-2'} was written with other settings",
+                       "--resolution: 32 in the checkpoint, 64 now", "--train_batch_size: 1 in the checkpoint, 2 now",
+                       f"--instance_data_dir: '{checkpointed[0] / 'inst'}' in the checkpoint, '{tmp_path / 'other'}' "
+                       "now", "add --resume_with_changes")
+    assert "--learning_rate" not in err  # learning-rate settings and the step count may change
+
+
+def test_resume_with_changes_goes_on_with_a_warning(checkpointed, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    out, flags = run_copy(checkpointed, tmp_path)
+    code, err = run_train([*flags, "--resolution=64", "--resume_with_changes"], capsys)
+    assert code == 0, err
+    assert "with changed settings (--resume_with_changes): --resolution: 32 in the checkpoint, 64 now" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text and (out / "3" / "model_index.json").is_file()
+
+
 # --------------------------------------------------------------------------- generate --from_png
 
 
