@@ -37,7 +37,7 @@ from dbtools.data import (
 )
 from dbtools.errors import UserError
 from dbtools.models import is_sdxl_models, text_encoders_of
-from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
+from dbtools.prompts import PromptEncoder, SDXLPromptEncoder, truncation_note
 from dbtools.train_config import (
     MAX_RESOLUTION,
     MAX_SEED,
@@ -530,6 +530,8 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
                         accelerator) -> PromptEncoder | SDXLPromptEncoder:
     """Prompt encoding (SDXL: both encoders, pooled embeddings too); embeddings are cached
     when the text encoders are frozen."""
+    if accelerator.is_main_process:
+        _note_cut_captions(cfg, models.tokenizer, data)
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
     if is_sdxl_models(models):
         enc = SDXLPromptEncoder([models.tokenizer, models.tokenizer_2], cache=cache)
@@ -547,6 +549,17 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
     return enc
+
+
+def _note_cut_captions(cfg: TrainConfig, tokenizer, data: DreamBoothData) -> None:
+    """Say once per run how many training prompts the text encoder cuts short, and by how much."""
+    captions: dict[str, str] = {}
+    for item in data.all_items():
+        captions.setdefault(item.example.prompt, f"the prompt of {item.example.path}")
+    max_length = cfg.tokenizer_max_length or tokenizer.model_max_length
+    note = truncation_note(captions, tokenizer, max_length) if captions else None
+    if note:
+        logger.warning("%s", note)
 
 
 def encoders_of(models):

@@ -176,6 +176,19 @@ def test_other_out_of_range_seeds_are_one_message(tmp_path, tiny_sd, image_facto
     assert_one_message(code, err, f"--seed {seed}: use a seed from 0 to 4294967295, or -1 to draw one")
 
 
+def test_captions_cut_by_the_text_encoder_are_counted_once_per_run(tmp_path, tiny_sd, image_factory, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    captioned(tmp_path / "inst", image_factory, "short.png", "sks toy")
+    long_one = captioned(tmp_path / "inst", image_factory, "long.png", ", ".join(["sks toy on a red table"] * 30))
+    flags = train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst")
+    code, err = run_train([*flags, "--max_train_steps=2"], capsys)
+    assert code == 0, err
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("captions: ")]
+    assert len(notes) == 1, notes
+    assert "captions: 1 of 2 are longer than the text encoder's 77 tokens and are cut (by " in notes[0]
+    assert f"Shorten them; the longest is the prompt of {long_one} (" in notes[0]
+
+
 # --------------------------------------------------------------------------- resuming
 
 
