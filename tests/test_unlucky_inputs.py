@@ -168,6 +168,30 @@ def test_seed_minus_one_draws_a_seed_that_is_logged_saved_and_repeats_the_run(tm
     assert all((drawn[k] == again[k]).all() for k in drawn)
 
 
+def test_every_process_takes_the_main_process_drawn_seed_and_its_held_out_images(tmp_path, image_factory,
+                                                                                  monkeypatch):
+    """What `torchrun --nproc_per_node 2 train_dreambooth.py --seed -1` relies on: the main
+    process's seed goes to every process, which chooses the held-out images with it."""
+    import dataclasses
+    import types
+
+    import accelerate.utils
+
+    from dbtools import train_setup as S
+    from dbtools.train_config import TrainConfig
+
+    for i in range(6):
+        captioned(tmp_path / "inst", image_factory, f"{i}.png")
+    cfg = TrainConfig(instance_data_dir=str(tmp_path / "inst"), read_prompts_from_txts=True, validation_split=0.5,
+                      output_dir=str(tmp_path / "out"), seed=1)
+    concepts = cfg.concepts()
+    plan, _ = S.data_plan(cfg, concepts)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process=0: [2])
+    agreed, agreed_plan = S.agree_on_seed(cfg, -1, types.SimpleNamespace(num_processes=2), concepts, plan)
+    assert agreed.seed == 2 and agreed_plan.validation != plan.validation
+    assert agreed_plan == S.data_plan(dataclasses.replace(cfg, seed=2), concepts)[0]
+
+
 @pytest.mark.parametrize("seed", ["-2", str(2**32)])
 def test_other_out_of_range_seeds_are_one_message(tmp_path, tiny_sd, image_factory, no_model_loads, capsys, seed):
     captioned(tmp_path / "inst", image_factory)
