@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_dreambooth  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models train fastest on one thread
+
 
 def captioned(folder: Path, image_factory, name: str = "a.png", text: str = "sks toy") -> Path:
     img = image_factory(folder / name)
