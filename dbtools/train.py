@@ -147,7 +147,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg, plan = agree_on_seed(cfg, asked, accelerator, concepts, plan)
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
-        if asked != cfg.seed:
+        if asked != cfg.seed and cfg.seed is not None:
             logger.info("seed: %d for --seed %d (saved in args.json; --seed %d repeats this run)", cfg.seed, asked,
                         cfg.seed)
         if cfg.overwrite_output_dir:

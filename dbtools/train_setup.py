@@ -122,7 +122,10 @@ def settle_seed(cfg: TrainConfig) -> TrainConfig:
         return cfg
     import secrets
 
-    seed = checkpoint_args(cfg).get("seed")
+    saved = checkpoint_args(cfg)
+    seed = saved.get("seed")
+    if "seed" in saved and seed is None:
+        return dataclasses.replace(cfg, seed=None)  # the checkpoint's run had no seed: nor has its resume
     if not isinstance(seed, int) or seed < 0:
         seed = secrets.randbelow(MAX_SEED + 1)
     return dataclasses.replace(cfg, seed=seed)

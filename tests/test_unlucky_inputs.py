@@ -299,6 +299,13 @@ def test_resume_with_changes_goes_on_with_a_warning(checkpointed, tmp_path, caps
     assert f"resuming from {out / 'checkpoint-2'}" in caplog.text and (out / "3" / "model_index.json").is_file()
 
 
+def test_resume_with_seed_minus_one_takes_the_checkpoints_seed(checkpointed, tmp_path, capsys):
+    out, flags = run_copy(checkpointed, tmp_path)
+    code, err = run_train([f if f != "--seed=5" else "--seed=-1" for f in flags], capsys)
+    assert code == 0, err
+    assert json.loads((out / "3" / "args.json").read_text())["seed"] == 5
+
+
 # --------------------------------------------------------------------------- generate --from_png
 
 
