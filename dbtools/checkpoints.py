@@ -177,12 +177,15 @@ def write_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, tota
 # --------------------------------------------------------------------------- resume checks
 
 
-def resume_problems(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> list[str]:
+def resume_problems(output_dir: str | os.PathLike, resume_from_checkpoint: str | None, *,
+                    lora: bool | None = None, text_encoder: bool = False, ema: bool = False) -> list[str]:
     """What stops resuming from `resume_from_checkpoint`, checked before any model loads.
 
     A weights folder given as a checkpoint is named as such, with the checkpoints that
     exist; a checkpoint holding a file whose loading could run code is refused (see
-    `check_checkpoint_files`).
+    `check_checkpoint_files`); one with a file cut short, unreadable or (given `lora`, and
+    the run's `text_encoder` and `ema`) missing is named damaged or incomplete, with the
+    earlier checkpoints to resume from instead.
     """
     if not resume_from_checkpoint:
         return []
@@ -194,7 +197,39 @@ def resume_problems(output_dir: str | os.PathLike, resume_from_checkpoint: str |
         return []
     if is_weights_folder(path) and not path.name.startswith(CHECKPOINT_PREFIX):
         return [_weights_folder_message(path, output_dir, resume_from_checkpoint)]
-    return unsafe_checkpoint_files(path)
+    problems = unsafe_checkpoint_files(path, damaged=True)
+    if lora is not None:
+        problems += [f"{path / name}: missing; {_DAMAGED}." for name in
+                     missing_checkpoint_files(path, lora=lora, text_encoder=text_encoder, ema=ema)]
+    if any(_DAMAGED in p for p in problems):
+        problems.append(_damaged_advice(path, output_dir))
+    return problems
+
+
+def missing_checkpoint_files(folder: Path, *, lora: bool, text_encoder: bool, ema: bool = False) -> list[str]:
+    """The files resume reads that `folder` lacks, by their names in it (`unet/*.safetensors`
+    for the weights' shards), for a run that trains LoRA adapters or full weights, the text
+    encoder or not, with an EMA or not."""
+    need = ["optimizer.bin", "scheduler.bin"]
+    if lora:
+        need += ["model.safetensors"] + (["model_1.safetensors"] if text_encoder else [])
+    else:
+        need += [f"{sub}/{name}" for sub in ["unet"] + (["text_encoder"] if text_encoder else [])
+                 for name in ("config.json", "*.safetensors")]
+    if ema:
+        need += [f"{EMA_FOLDER}/{EMA_WEIGHTS}", f"{EMA_FOLDER}/{EMA_STATE}"]
+    return [name for name in need if not any(p.is_file() for p in folder.glob(name))]
+
+
+def _damaged_advice(path: Path, output_dir: str | os.PathLike) -> str:
+    earlier = [p for step, p in step_folders(path.parent, CHECKPOINT_PREFIX)
+               if path.name.startswith(CHECKPOINT_PREFIX) and step < checkpoint_step(path)]
+    older = (f"resume from an earlier checkpoint (--resume_from_checkpoint {earlier[-1]}; all: "
+             f"{', '.join(p.name for p in earlier)})" if earlier else "resume from an earlier checkpoint if you "
+             "have one")
+    return (f"{path} is damaged or incomplete (a save that was interrupted, or a copy or Drive sync that has not "
+            f"finished): {older}, wait for the copy to finish, or start a new run in {output_dir} with "
+            "--overwrite_output_dir (the old run is moved aside).")
 
 
 def _weights_folder_message(path: Path, output_dir: str | os.PathLike, given: str) -> str:
@@ -226,6 +261,7 @@ def check_checkpoint_files(folder: Path) -> None:
         raise CheckpointError("\n".join([f"Refusing to resume from {folder}:", *[f"- {p}" for p in problems]]))
 
 
+_DAMAGED = "damaged or incomplete"
 _REFUSED = ("refused: loading it could run code on this machine. dbtools never writes such a file; if you did "
             "not put it there, the folder may have been tampered with. Resume from a checkpoint you made, or "
             "delete this file")
@@ -238,7 +274,7 @@ def _file_problem(f: Path, damaged: bool) -> str | None:
         try:
             json.loads(f.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
-            return "not valid JSON. The checkpoint is damaged: resume from another one."
+            return f"not valid JSON: {_DAMAGED}."
         return None
     if _CUSTOM_STATE.match(f.name):
         return f"{_REFUSED} (it is a pickle of Python objects)."
@@ -254,20 +290,32 @@ def _safetensors_problem(f: Path) -> str | None:
         with safe_open(str(f), framework="pt") as fh:
             fh.keys()
     except (SafetensorError, OSError, ValueError):
-        return "not a valid .safetensors file. The checkpoint is damaged: resume from another one."
+        return f"not a valid .safetensors file: {_DAMAGED}."
     return None
 
 
 def _torch_state_problem(f: Path) -> str | None:
-    """Statically list the pickle's imports (nothing is unpickled); refuse any outside the safe list."""
+    """Statically list the pickle's imports (nothing is unpickled); refuse any outside the safe list.
+
+    A file that is neither a pickle nor a complete zip archive (empty, cut short, zero-filled)
+    cannot run code: it is damaged, not hostile."""
+    import zipfile
+
     import torch
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
+    with open(f, "rb") as fh:
+        head = fh.read(2)
+    if not zipfile.is_zipfile(f):
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a bare pickle (protocol 2-5)
+            return f"{_REFUSED} (it is a pickle of Python objects, not a PyTorch state file)."
+        return (f"{'empty' if not head else 'cut short or not a complete PyTorch state file'} "
+                f"({f.stat().st_size:,} bytes): {_DAMAGED}.")
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-    except (ValueError, RuntimeError, OSError, KeyError):  # not a zip archive, or a damaged one
-        return f"{_REFUSED} (it is not a PyTorch state file written by torch.save)."
+    except (ValueError, RuntimeError, OSError, KeyError):  # a damaged archive or pickle
+        return f"not a readable PyTorch state file: {_DAMAGED}."
     if unsafe:
         return f"{_REFUSED} (it imports {', '.join(sorted(unsafe))})."
     return None

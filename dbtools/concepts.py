@@ -81,12 +81,20 @@ def _folder_problems(where: str, key: str, path: str, need_images: bool) -> list
                 "taken as the current folder)."]
     folder = Path(path)
     if not folder.is_dir():
-        return [f"{where}: {key} {folder} does not exist or is not a folder. Fix the path "
-                "(is Google Drive mounted?)."]
+        return [f"{where}: {key} {folder}{resolved_against(path)} does not exist or is not a folder. Fix the "
+                "path (is Google Drive mounted?)."]
     if need_images and not has_images(folder, recursive=True):
         return [f"{where}: {key} {folder} contains no images (.jpg .png .webp ...). Put your "
                 "images there or fix the path."]
     return []
+
+
+def resolved_against(path: str | os.PathLike) -> str:
+    """For a relative path, the note " (a relative path, resolved against the current folder
+    <cwd>)" that a missing-folder message adds; "" for an absolute path."""
+    if os.path.isabs(os.path.expanduser(path)):
+        return ""
+    return f" (a relative path, resolved against the current folder {os.getcwd()}; give the full path)"
 
 
 def _class_folder_problems(where: str, path: str) -> list[str]:
@@ -131,8 +139,9 @@ def overlap_problems(concepts: Sequence[Concept], nested: bool = True) -> list[s
             if path not in resolved:
                 resolved[path] = Path(path).resolve()
             users.setdefault(resolved[path], []).append(i)
-    problems = [f"instance folders overlap: {folder} is used by {_numbers(ids)}: their caption files would "
-                "clash. Give each concept its own folder." for folder, ids in users.items() if len(ids) > 1]
+    problems = [f"instance folders overlap: {folder} is used by {_numbers(ids)}: training would take its images "
+                "once per listing and their caption files would clash. List each folder once (give each concept "
+                "its own folder)." for folder, ids in users.items() if len(ids) > 1]
     if nested:
         for folder, ids in users.items():
             outer = next((p for p in folder.parents if p in users), None)
@@ -157,7 +166,7 @@ def read_concepts(path: str | os.PathLike) -> list[Concept]:
     """Read a `concepts_list.json`; one clear error if it is not a list of objects."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # Windows Notepad writes a BOM
     except FileNotFoundError as exc:
         raise ConceptError(f"{path}: file not found. Write it with `python -m dbtools extract "
                            "--write_concepts_list` or fix the path.") from exc
@@ -170,6 +179,10 @@ def read_concepts(path: str | os.PathLike) -> list[Concept]:
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise ConceptError(f"{path}: must be a JSON list of objects with keys "
                            f"{', '.join(SHIVAM_KEYS)}.")
+    if not data:
+        raise ConceptError(f"{path}: the list holds no concept. Add one object per concept with keys "
+                           f"{', '.join(SHIVAM_KEYS)}, or write the file with `python -m dbtools extract "
+                           "--write_concepts_list`.")
     return [Concept.from_dict(d) for d in data]
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dbtools.atomic import atomic_write
 from dbtools.captions import apply_template, caption_candidates, clean_caption, template_problems
-from dbtools.concepts import Concept, concept_problems
+from dbtools.concepts import Concept, concept_problems, resolved_against
 from dbtools.families import add_time_ids
 from dbtools.images import ImageError, list_images, load_rgb
 from dbtools.seeds import derived_seed
@@ -108,9 +108,7 @@ def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool, te
             continue
         caption_file = find_caption_file(path)
         if caption_file is None:
-            problems.append(f"{path}: no caption file (looked for {path.name}.txt, {path.stem}.txt, "
-                            f"{path.stem}.caption). Write one (python -m dbtools extract) or remove "
-                            "the image.")
+            problems.append(_no_caption_message(path))
             continue
         try:
             caption = clean_caption(read_caption_file(caption_file))
@@ -123,6 +121,16 @@ def concept_instance_examples(concept: Concept, read_prompts_from_txts: bool, te
             continue
         examples.append(Example(path, build_prompt(caption, concept, template)))
     return examples, problems
+
+
+def _no_caption_message(image: Path) -> str:
+    """Why `image` has no caption: a caption name taken by a folder, or no caption file at all."""
+    folder = next((p for p in map(image.with_name, caption_candidates(image.name)) if p.is_dir()), None)
+    if folder is not None:
+        return (f"{folder} is a folder, not a caption file. Rename or move that folder and write the caption "
+                f"of {image.name} into a file of that name (python -m dbtools extract), or remove the image.")
+    return (f"{image}: no caption file (looked for {image.name}.txt, {image.stem}.txt, {image.stem}.caption). "
+            "Write one (python -m dbtools extract) or remove the image.")
 
 
 def with_validation(plan: DataPlan, concepts: Sequence[Concept], *, validation_data_dir: str | None = None,
@@ -251,7 +259,8 @@ def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool =
         problems += bad_template
         folder = Path(concept.instance_data_dir or "")
         if not concept.instance_data_dir.strip() or not folder.is_dir():
-            problems.append(f"{where}: instance_data_dir {concept.instance_data_dir!r} is not a folder. "
+            problems.append(f"{where}: instance_data_dir {concept.instance_data_dir!r}"
+                            f"{resolved_against(concept.instance_data_dir)} is not a folder. "
                             "Fix the path (is Google Drive mounted?).")
             continue
         mixed = _mixing_problems(concept, where, with_prior_preservation, output_dir)

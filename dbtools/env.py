@@ -30,6 +30,16 @@ def gpu_memory_gib(index: int = 0) -> float | None:
     return gpus[index][1] / 1024 ** 3 if index < len(gpus) else None
 
 
+def ram_gib() -> float | None:
+    """This machine's memory in GiB; None where the system does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows) or no such name
+        return None
+
+
 def _gpus() -> list[tuple[str, int, int]]:
     """`(name, total_bytes, free_bytes)` per GPU. nvidia-smi is asked first: torch would
     create a CUDA context in this process, which holds GPU memory for as long as it lives

@@ -36,19 +36,40 @@ class Generated:
     path: Path | None = None
 
 
+MAX_SIDE = 4096
+"""The largest width or height generated (as training's largest `--resolution`)."""
+MAX_PROMPT_CHARS = 10_000
+"""The longest prompt taken: the text encoders read only the first 77 tokens (about 300
+characters); anything far longer is a pasted file, not a prompt."""
+MAX_SEED = 2**64 - 1
+"""The largest seed a torch generator takes."""
+
+
 def check_generation_args(num_images: int, steps: int, guidance_scale: float,
-                          height: int | None, width: int | None) -> None:
-    """Raise one clear `ValueError` for settings the pipeline cannot use."""
+                          height: int | None, width: int | None, *, seed: int | None = None,
+                          prompts: dict[str, str | None] | None = None) -> None:
+    """Raise one clear `ValueError` for settings the pipeline cannot use: the same ranges
+    for flags, the Gradio form and settings read from a PNG. `prompts` maps a setting's
+    name (`prompt`, `negative_prompt`) to its text."""
+    import math
+
     problems = []
     if int(num_images) < 1:
         problems.append(f"num_images={num_images}: generate at least 1 image.")
     if int(steps) < 1:
         problems.append(f"steps={steps}: use at least 1 inference step (20-50 is typical).")
-    if guidance_scale < 0:
-        problems.append(f"guidance_scale={guidance_scale}: use 0 or more (7.5 is typical).")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        problems.append(f"guidance_scale={guidance_scale}: use a finite number, 0 or more (7.5 is typical).")
     for name, v in (("height", height), ("width", width)):
-        if v is not None and (int(v) < 8 or int(v) % 8):
-            problems.append(f"{name}={v}: use a multiple of 8 (e.g. 512 or 768).")
+        if v is not None and (int(v) < 8 or int(v) % 8 or int(v) > MAX_SIDE):
+            problems.append(f"{name}={v}: use a multiple of 8 from 8 to {MAX_SIDE} (e.g. 512 or 768).")
+    if seed is not None and int(seed) + int(num_images) - 1 > MAX_SEED:
+        problems.append(f"seed={seed}: use a seed from 0 to {MAX_SEED} (image i takes seed+i), or -1 for a "
+                        "random one.")
+    for name, text in (prompts or {}).items():
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            problems.append(f"{name} of {len(text):,} characters: at most {MAX_PROMPT_CHARS:,} are taken (the text "
+                            "encoder reads only its first 77 tokens, about 300 characters). Shorten it.")
     if problems:
         raise ValueError(" ".join(problems))
 
@@ -140,7 +161,8 @@ def generate(
     """
     import torch
 
-    check_generation_args(num_images, steps, guidance_scale, height, width)
+    check_generation_args(num_images, steps, guidance_scale, height, width, seed=seed,
+                          prompts={"prompt": prompt, "negative_prompt": negative_prompt})
     pipe = load_inference_pipeline(pipe_or_path, scheduler)
     first = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
     seeds = [first + i for i in range(int(num_images))]
@@ -423,6 +445,18 @@ def command_settings(args) -> dict:
     return settings
 
 
+def _check_command_settings(s: dict, from_png: str | None) -> None:
+    """`check_generation_args` on a command's settings; the message names the PNG they were read from."""
+    try:
+        check_generation_args(s["num_images"], s["steps"], s["guidance_scale"], s["height"], s["width"],
+                              seed=s["seed"], prompts={k: s[k] for k in ("prompt", "negative_prompt")})
+    except ValueError as exc:
+        if not from_png:
+            raise
+        raise ValueError(f"--from_png {from_png}: settings out of range (edited?): {exc} Fix them in the PNG, or "
+                         "give the flag of the same name, which wins over the PNG.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools generate ...`; settings problems exit 2 with one message."""
     import sys
@@ -433,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = command_settings(args)
-        check_generation_args(s["num_images"], s["steps"], s["guidance_scale"], s["height"], s["width"])
+        _check_command_settings(s, args.from_png)
         if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
             raise ValueError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
         if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads

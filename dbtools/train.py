@@ -47,6 +47,7 @@ from dbtools.train_outputs import (
 )
 from dbtools.train_setup import (
     TrainError,
+    agree_on_seed,
     class_examples,
     encoders_of,
     load_models,
@@ -62,6 +63,7 @@ from dbtools.train_setup import (
     prepare_modules,
     resume,
     run_config,
+    settle_seed,
     total_steps,
     weight_dtype_for,
 )
@@ -143,19 +145,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     before any model loads. A resumed seeded run ends with the same weights as an
     uninterrupted one. `cfg` itself is never changed.
     """
+    asked = cfg.seed
+    cfg = settle_seed(cfg)
     concepts, plan = preflight(cfg)
     if cfg.hub_token:
         logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
+    cfg, plan = agree_on_seed(cfg, asked, accelerator, concepts, plan)
     with Watch.start(cfg, accelerator) as watch:  # progress.json; SIGINT/SIGTERM stop and save
-        return _train(cfg, concepts, plan, accelerator, watch)
+        return _train(cfg, concepts, plan, accelerator, watch, asked)
 
 
-def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator, watch: Watch) -> TrainResult:
+def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator, watch: Watch,
+           asked_seed: int | None) -> TrainResult:
     """The run inside its watch: class images, setup, loop, final save (or the clean stop's)."""
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
+        if asked_seed != cfg.seed and cfg.seed is not None:
+            logger.info("seed: %d for --seed %d (saved in args.json; --seed %d repeats this run)", cfg.seed,
+                        asked_seed, cfg.seed)
         if cfg.overwrite_output_dir:
             move_previous_run(cfg.output_dir)
         remove_stale_temporaries(cfg.output_dir)

@@ -29,6 +29,24 @@ OUTPUT_LAYOUTS = ("shivam", "diffusers")
 DEEPFLOYD_ONLY = ("validation_images", "class_labels_conditioning")
 """diffusers' flags for DeepFloyd IF upscaler training, which this project does not do."""
 
+MAX_RESOLUTION = 4096
+"""The largest `--resolution`: twice the largest native size of the families trained here
+(SD 1.x 512, SD 2.x 768, SDXL 1024); one 4096 px image alone takes about 16 GiB to encode."""
+MAX_SEED = 2**32 - 1
+"""The largest `--seed` (numpy's generators take no more); -1 draws one."""
+RESOLUTION_ADVICE = "the models' own sizes: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL"
+
+
+def largest_bucket_bytes(resolution: int, half: bool) -> int:
+    """A lower bound of the memory one image of the largest bucket takes to encode.
+
+    Every bucket holds at most `resolution`² pixels. The pixels are float32, and the VAE
+    encoder's first block holds at least two 128-channel activations of the full image
+    (in half precision under fp16/bf16). Training needs more than this; never less.
+    """
+    return resolution ** 2 * (3 * 4 + 2 * 128 * (2 if half else 4))
+
+
 @dataclass
 class TrainConfig:
     """Every training setting; field names and defaults are the command-line flags'."""
@@ -117,6 +135,7 @@ class TrainConfig:
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    resume_with_changes: bool = False
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_steps: int = 100
@@ -296,7 +315,8 @@ def _prior_flags(f: _FlagAdder) -> None:
 
 def _optimizer_flags(f: _FlagAdder) -> None:
     """Optimizer, schedule, precision and loss options."""
-    f("seed", "Seed for reproducible training.", type=int)
+    f("seed", "Seed for reproducible training; -1 draws one (logged and saved in args.json; resuming "
+      "with -1 takes the checkpoint's).", type=int)
     f.switch("train_text_encoder", "Train the text encoder too.")
     f("train_batch_size", "Batch size per device.", type=int)
     f("num_train_epochs", "Epochs (used when --max_train_steps is not given).", type=int)
@@ -358,6 +378,9 @@ def _output_flags(f: _FlagAdder) -> None:
       "in Shivam's script).", type=int)
     f("checkpoints_total_limit", "Keep at most this many checkpoint-<step> folders.", type=int)
     f("resume_from_checkpoint", "A checkpoint folder, or 'latest'.", type=str)
+    f.switch("resume_with_changes", "Resume although the model, data, resolution, batch size, seed or what is "
+             "trained differ from the checkpoint's args.json (refused without it: the run would not continue "
+             "the interrupted one exactly).")
     f("validation_prompt", "Prompt for validation images.", type=str)
     f("num_validation_images", "Validation images per run.", type=int)
     f("validation_steps", "Validate every N steps.", type=int)
@@ -438,12 +461,16 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
     if not cfg.concepts_list and not cfg.instance_data_dir:
         problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
                         "--concepts_list.")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        problems.append(f"--resolution {cfg.resolution} must be a positive multiple of 8 (e.g. 512).")
+    if cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_RESOLUTION:
+        problems.append(f"--resolution {cfg.resolution} must be a multiple of 8 from 8 to {MAX_RESOLUTION} "
+                        f"({RESOLUTION_ADVICE}).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",
                  "max_nonfinite_steps", "lora_rank", "sample_batch_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1.")
+    if cfg.seed is not None and not (cfg.seed == -1 or 0 <= cfg.seed <= MAX_SEED):
+        problems.append(f"--seed {cfg.seed}: use a seed from 0 to {MAX_SEED}, or -1 to draw one (it is logged "
+                        "and saved in args.json, so the run can be repeated).")
     problems += number_problems(cfg)
     if cfg.checkpointing_steps is not None and cfg.checkpointing_steps < 1:
         problems.append("--checkpointing_steps must be at least 1 (or leave it out: no resume checkpoints).")

@@ -8,6 +8,7 @@ schedule, EMA and resume. `dbtools.train.setup` calls these in this order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -16,8 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dbtools.checkpoints import check_checkpoint_files, checkpoint_step, resume_path, resume_problems
-from dbtools.concepts import Concept, ConceptError
+from dbtools.checkpoints import (
+    ARGS_FILE,
+    check_checkpoint_files,
+    checkpoint_step,
+    resume_path,
+    resume_problems,
+)
+from dbtools.concepts import Concept, ConceptError, overlap_problems
 from dbtools.data import (
     DataConfig,
     DataPlan,
@@ -30,8 +37,17 @@ from dbtools.data import (
 )
 from dbtools.errors import UserError
 from dbtools.models import is_sdxl_models, text_encoders_of
-from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
-from dbtools.train_config import TrainConfig, flag_problems, report_trackers, resolve_mixed_precision
+from dbtools.prompts import PromptEncoder, SDXLPromptEncoder, truncation_note
+from dbtools.train_config import (
+    MAX_RESOLUTION,
+    MAX_SEED,
+    RESOLUTION_ADVICE,
+    TrainConfig,
+    flag_problems,
+    largest_bucket_bytes,
+    report_trackers,
+    resolve_mixed_precision,
+)
 from dbtools.train_folders import MiB, another_run_message, folder_problems, holds_another_run
 
 if TYPE_CHECKING:
@@ -69,23 +85,127 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
             concepts = cfg.concepts()
         except ConceptError as exc:
             problems.append(str(exc))
+    problems += overlap_problems(concepts, nested=False)  # as extract: a folder listed twice
     if concepts:
-        plan, data_problems = scan_concepts(
-            concepts, read_prompts_from_txts=cfg.read_prompts_from_txts,
-            prompt_template=cfg.prompt_template, with_prior_preservation=cfg.with_prior_preservation,
-            output_dir=cfg.output_dir)
+        plan, data_problems = data_plan(cfg, concepts)
         problems += data_problems
-        plan, held_out_problems = with_validation(
-            plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
-            seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts,
-            prompt_template=cfg.prompt_template)
-        problems += held_out_problems
     problems += output_problems(cfg, concepts, plan)
-    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint)
+    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint, lora=cfg.use_lora,
+                                text_encoder=cfg.train_text_encoder, ema=cfg.use_ema)
+    problems += bucket_memory_problems(cfg)
+    problems += resume_change_problems(cfg)
     if problems:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
+    """The examples of `concepts` with the held-out ones set apart, and what is wrong with them."""
+    plan, problems = scan_concepts(
+        concepts, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template,
+        with_prior_preservation=cfg.with_prior_preservation, output_dir=cfg.output_dir, check_images=check_images)
+    plan, held_out_problems = with_validation(
+        plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
+        seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template)
+    return plan, problems + held_out_problems
+
+
+RANDOM_SEED = -1
+"""`--seed -1`: draw a seed (logged and saved in args.json, so the run can be repeated)."""
+
+
+def settle_seed(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `--seed -1` replaced by the seed of the checkpoint it resumes (so the resume
+    is exact), else by a freshly drawn one; any other seed as given."""
+    if cfg.seed != RANDOM_SEED:
+        return cfg
+    import secrets
+
+    saved = checkpoint_args(cfg)
+    seed = saved.get("seed")
+    if "seed" in saved and seed is None:
+        return dataclasses.replace(cfg, seed=None)  # the checkpoint's run had no seed: nor has its resume
+    if not isinstance(seed, int) or seed < 0:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def agree_on_seed(cfg: TrainConfig, asked: int | None, accelerator, concepts: list[Concept],
+                  plan: DataPlan) -> tuple[TrainConfig, DataPlan]:
+    """Every process takes the main process's drawn seed; held-out images are chosen again with it."""
+    if asked != RANDOM_SEED or accelerator.num_processes == 1:
+        return cfg, plan
+    from accelerate.utils import broadcast_object_list
+
+    seed = broadcast_object_list([cfg.seed])[0]
+    if seed == cfg.seed:
+        return cfg, plan
+    cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg, (data_plan(cfg, concepts, check_images=False)[0] if cfg.validation_split else plan)
+
+
+def checkpoint_args(cfg: TrainConfig) -> dict:
+    """The settings saved in the checkpoint `--resume_from_checkpoint` names ({} when none or unreadable)."""
+    path = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    try:
+        data = json.loads((path / ARGS_FILE).read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# Settings that decide which model, which batches, which noise and which weights train:
+# changing one between a checkpoint and its resume means the run no longer continues the
+# interrupted one exactly. Learning-rate settings and the number of steps may change.
+RESUME_SETTINGS = (
+    "pretrained_model_name_or_path", "pretrained_vae_name_or_path", "revision", "variant", "tokenizer_name",
+    "concepts_list", "instance_data_dir", "instance_prompt", "read_prompts_from_txts", "prompt_template",
+    "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images", "validation_data_dir",
+    "validation_split", "resolution", "center_crop", "hflip", "aspect_ratio_bucketing", "caption_dropout",
+    "shuffle_captions", "keep_tokens", "train_batch_size", "gradient_accumulation_steps", "seed",
+    "train_text_encoder", "use_lora", "lora_rank", "use_ema")
+_PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "tokenizer_name", "concepts_list",
+                  "instance_data_dir", "class_data_dir", "validation_data_dir")
+
+
+def resume_changes(cfg: TrainConfig) -> list[str]:
+    """Each of `RESUME_SETTINGS` (that matters for this run) whose value differs from the
+    resumed checkpoint's args.json, as `--flag: <then> in the checkpoint, <now> now`."""
+    saved = checkpoint_args(cfg)
+    unused = set()
+    if not (cfg.with_prior_preservation or saved.get("with_prior_preservation")):
+        unused |= {"class_data_dir", "class_prompt", "num_class_images"}
+    if cfg.read_prompts_from_txts and not cfg.prompt_template and saved.get("read_prompts_from_txts"):
+        unused.add("instance_prompt")
+    if not cfg.shuffle_captions:
+        unused.add("keep_tokens")
+    if not cfg.use_lora:
+        unused.add("lora_rank")
+    return [f"--{key}: {saved[key]!r} in the checkpoint, {getattr(cfg, key)!r} now" for key in RESUME_SETTINGS
+            if key in saved and key not in unused and not _same_setting(key, saved[key], getattr(cfg, key))]
+
+
+def _same_setting(key: str, then, now) -> bool:
+    if key in _PATH_SETTINGS and isinstance(then, str) and isinstance(now, str) and then and now:
+        return os.path.realpath(os.path.expanduser(then)) == os.path.realpath(os.path.expanduser(now))
+    return then == now or (not then and not now)  # None, "" and False alike
+
+
+def resume_change_problems(cfg: TrainConfig) -> list[str]:
+    """Resuming with settings that break an exact resume: refused unless `--resume_with_changes`
+    (then a warning naming them)."""
+    changes = resume_changes(cfg) if resume_path(cfg.output_dir, cfg.resume_from_checkpoint) else []
+    if not changes:
+        return []
+    where = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if cfg.resume_with_changes:
+        logger.warning("resuming from %s with changed settings (--resume_with_changes): %s. The run will not "
+                       "continue the interrupted one exactly.", where, "; ".join(changes))
+        return []
+    return [f"--resume_from_checkpoint: {where} was written with other settings, so the run would not continue it "
+            f"exactly: {'; '.join(changes)}. Resume with the checkpoint's settings (its {ARGS_FILE}), or add "
+            "--resume_with_changes to go on with the new ones."]
 
 
 def _warn_if_too_big(cfg: TrainConfig) -> None:
@@ -104,6 +224,24 @@ def _warn_if_too_big(cfg: TrainConfig) -> None:
     warning = fit_warning(family.family.key, dataclasses.asdict(cfg), gpu)
     if warning:
         logger.warning("%s", warning)
+
+
+def bucket_memory_problems(cfg: TrainConfig) -> list[str]:
+    """`--resolution` whose largest bucket cannot even be encoded in the memory of the device
+    that trains (the GPU, or the machine's memory without one): refused before anything loads."""
+    from dbtools.env import gpu_memory_gib, ram_gib
+
+    if not 8 <= cfg.resolution <= MAX_RESOLUTION:
+        return []  # `flag_problems` names it
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    gpu = None if on_cpu else gpu_memory_gib()
+    have, where = (gpu, "GPU") if gpu is not None else (ram_gib(), "memory")
+    need = largest_bucket_bytes(cfg.resolution, cfg.mixed_precision in ("fp16", "bf16")) / 1024 ** 3
+    if have is None or need <= have:
+        return []
+    return [f"--resolution {cfg.resolution}: one image of the largest bucket ({cfg.resolution}x{cfg.resolution} "
+            f"pixels) needs at least {need:.1f} GiB to encode, more than this machine's {have:.1f} GiB of {where}. "
+            f"Use a lower --resolution ({RESOLUTION_ADVICE})."]
 
 
 def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -> list[str]:
@@ -395,6 +533,8 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
                         accelerator) -> PromptEncoder | SDXLPromptEncoder:
     """Prompt encoding (SDXL: both encoders, pooled embeddings too); embeddings are cached
     when the text encoders are frozen."""
+    if accelerator.is_main_process:
+        _note_cut_captions(cfg, models.tokenizer, data)
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
     if is_sdxl_models(models):
         enc = SDXLPromptEncoder([models.tokenizer, models.tokenizer_2], cache=cache)
@@ -412,6 +552,17 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
     return enc
+
+
+def _note_cut_captions(cfg: TrainConfig, tokenizer, data: DreamBoothData) -> None:
+    """Say once per run how many training prompts the text encoder cuts short, and by how much."""
+    captions: dict[str, str] = {}
+    for item in data.all_items():
+        captions.setdefault(item.example.prompt, f"the prompt of {item.example.path}")
+    max_length = cfg.tokenizer_max_length or tokenizer.model_max_length
+    note = truncation_note(captions, tokenizer, max_length) if captions else None
+    if note:
+        logger.warning("%s", note)
 
 
 def encoders_of(models):

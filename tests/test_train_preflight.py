@@ -246,7 +246,9 @@ def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(
     shutil.rmtree(out / "500")
     weights_factory(out, "checkpoint-7")
     assert "another run" in preflight_error(config(tiny_sd, tmp_path / "inst", out))
-    S.preflight(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))  # resuming is fine
+    # Resuming is not refused as another run (this stand-in checkpoint has no optimizer state: it is damaged).
+    text = preflight_error(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))
+    assert "another run" not in text and "checkpoint-7 is damaged or incomplete" in text
     shutil.rmtree(out / "checkpoint-7")
     weights_factory(out, "9")  # weights but nothing to resume from
     text = preflight_error(config(tiny_sd, tmp_path / "inst", out, resume_from_checkpoint="latest"))
