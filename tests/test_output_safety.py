@@ -1,0 +1,150 @@
+"""Nothing trained is lost behind the user's back: exports tied to their weights, keep
+values checked, one run per output folder, the demo's folder, earlier runs inside the
+instance folder, and the temporaries that interrupted commands leave."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from dbtools import cleanup as C
+from dbtools import cli
+from dbtools import notebook as nb
+from dbtools import train as T
+from dbtools.errors import UserError
+from tests.test_train_preflight import captioned, config, no_model_loads  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+HOUR = 3600
+
+
+def age(path: Path, seconds: float = HOUR) -> Path:
+    """Make `path` (and what is inside) look untouched for `seconds`."""
+    then = time.time() - seconds
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.utime(os.path.join(dirpath, name), (then, then))
+    os.utime(path, (then, then))
+    return path
+
+
+# --------------------------------------------------------------------------- exports and keep values
+
+
+def test_cleanup_cell_never_deletes_a_newer_runs_weights_at_an_exported_step(tmp_path, image_factory, tiny_sd):
+    """Pick step 1, export it, retrain into the same folder (overwrite): the new run's step 1
+    was never exported, so DELETE keeps it; once exported, it may go."""
+    captioned(tmp_path / "inst", image_factory)
+    out = tmp_path / "out"
+    quick = dict(max_train_steps=2, save_interval=1, n_save_sample=1, save_infer_steps=1)
+    T.train(config(tiny_sd, tmp_path / "inst", out, **quick))
+    session = nb.Session(model=str(tiny_sd), output_dir=out)
+    nb.pick_weights(session, "1")
+    nb.export_step(session, fp16=False)
+    nb.pick_weights(session, "2")  # looked at another step afterwards
+
+    T.train(config(tiny_sd, tmp_path / "inst", out, **quick, seed=4, overwrite_output_dir=True))
+    new_step = (out / "1" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert nb.cleanup_step(session, confirm="DELETE") == []
+    assert (out / "1" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == new_step
+
+    nb.pick_weights(session, "1")
+    nb.export_step(session, fp16=False)  # the new run's step 1, exported
+    nb.pick_weights(session, "2")
+    assert nb.cleanup_step(session, confirm="DELETE") == [out.resolve() / "1"]
+    assert (out / "2" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("spelling", ["0500", "500/", " 500", "500,"])
+def test_keep_steps_in_another_spelling_keep_the_step(training_output, spelling, capsys):
+    out = training_output
+    flags = ["--output_dir", str(out), "--delete_unexported", "--confirm", "DELETE"]
+    assert C.main([*flags, "--keep_steps", spelling]) == 0
+    assert (out / "500" / "model_index.json").is_file()
+    assert not (out / "1000").exists() and not (out / "1500").exists()
+
+
+def test_keep_values_that_name_no_step_are_refused_before_anything_is_deleted(training_output, capsys,
+                                                                               tmp_path):
+    out = training_output
+    flags = ["--output_dir", str(out), "--delete_unexported", "--delete_checkpoints", "--confirm", "DELETE"]
+    assert cli.main(["cleanup", *flags, "--keep_steps", "1500", "15OO", "999", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "'15OO'" in err and "'999'" in err and "Saved steps there: 500, 1000, 1500." in err
+    assert "'1500'" not in err
+    for name in ("500", "1000", "1500", "checkpoint-1500"):
+        assert (out / name).is_dir()
+    # A kept step keeps its checkpoint too; a path inside the output folder is a value as well.
+    assert cli.main(["cleanup", *flags, "--keep_steps", "1500", str(out / "1000")]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "0", "1000", "1500", "2000", "checkpoint-1500", "model.safetensors"]
+    # The notebook's cleanup cell checks its field the same way.
+    session = nb.Session(model="m", output_dir=out)
+    with pytest.raises(UserError, match="also_keep_steps '9'.*Saved steps there: 1000, 1500[.]"):
+        nb.cleanup_step(session, "9", delete_unexported=True, confirm="DELETE")
+    assert (out / "1000").is_dir() and (out / "1500").is_dir()
+
+
+# --------------------------------------------------------------------------- leftovers of interrupted commands
+
+
+def test_export_removes_the_temporaries_of_an_export_that_was_killed(tiny_sd, tmp_path, capsys):
+    dest = tmp_path / "exports"
+    dest.mkdir()
+    stale = dest / ".tmp-4242-0.safetensors"
+    stale.write_bytes(b"half a model")
+    age(stale)
+    fresh = dest / ".tmp-4243-0.safetensors"  # maybe another export still writing
+    fresh.write_bytes(b"being written")
+    users = [dest / ".tmp-notes.safetensors", dest / ".tmp-4242-1"]  # not an export's names
+    for path in users:
+        path.write_bytes(b"mine")
+        age(path)
+    assert cli.main(["export", "--model_path", str(tiny_sd), "--checkpoint_path", str(dest / "m.safetensors")]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["m.safetensors", fresh.name] + [p.name for p in users])
+
+
+def test_extract_removes_the_temporaries_of_an_extract_that_was_killed(tmp_path, image_factory):
+    inst = tmp_path / "inst"
+    image_factory(inst / "a red car_1.png")
+    image_factory(inst / "sub" / "a blue car_2.png")
+    stale = [inst / ".tmp-77-3", inst / "sub" / ".tmp-77-9"]
+    mine = [inst / ".tmp-77-4", inst / ".tmp-draft", inst / "sub" / ".tmp-77-3.txt"]
+    for path in stale + mine:
+        path.write_text("half a caption")
+        age(path)
+    (inst / ".tmp-77-4").touch()  # fresh: maybe being written
+    assert cli.main(["extract", "--instance_data_dir", str(inst), "--no_progress"]) == 0
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in mine)
+    assert (inst / "a red car_1.png.txt").read_text(encoding="utf-8") == "a red car"
+
+
+def test_cleanup_lists_temporaries_and_removes_only_stale_ones_of_ours(training_output, capsys):
+    out = training_output  # holds `.tmp-2500-x`: not a name we give
+    cut_short = out / ".tmp-deleting-700"  # a confirmed deletion, interrupted
+    (cut_short / "unet").mkdir(parents=True)
+    (cut_short / "unet" / "w.safetensors").write_bytes(b"w" * 2048)
+    export = out / ".tmp-31-0.safetensors"
+    export.write_bytes(b"e" * 4096)
+    age(export)
+    saving = out / ".tmp-2600-0a1b2c3d"  # a save in progress
+    saving.mkdir()
+    only_copy = out / ".tmp-old-7"  # an interrupted swap's only copy: never deleted
+    only_copy.mkdir()
+    age(only_copy)
+    flags = ["--output_dir", str(out)]
+    assert C.main(flags) == 0
+    text = capsys.readouterr().out
+    listed = text[text.index("Left by interrupted runs"):]
+    for path in (cut_short, export, saving, only_copy):
+        assert path.name in listed
+    assert ".tmp-2500-x" not in listed
+    assert C.main([*flags, "--confirm", "DELETE"]) == 0
+    gone = {p.name for p in (cut_short, export)}
+    assert not any((out / n).exists() for n in gone)
+    assert saving.is_dir() and only_copy.is_dir() and (out / ".tmp-2500-x").is_dir()
+    assert all((out / s / "model_index.json").is_file() for s in ("500", "1000", "1500"))
