@@ -34,7 +34,7 @@ from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
 from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train_config import TrainConfig, parse_args, public_args
-from dbtools.train_folders import move_previous_run
+from dbtools.train_folders import hold_output_dir, move_previous_run
 from dbtools.train_outputs import (
     HeldOut,
     disk_full_message,
@@ -140,6 +140,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
+    with hold_output_dir(cfg.output_dir, accelerator):  # one run per output folder at a time
+        return _run(cfg, concepts, plan, accelerator)
+
+
+def _run(cfg: TrainConfig, concepts: list, plan: DataPlan, accelerator: Accelerator) -> TrainResult:
+    """The run itself, once the output folder is this run's."""
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
         if cfg.overwrite_output_dir:

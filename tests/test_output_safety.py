@@ -4,16 +4,24 @@ instance folder, and the temporaries that interrupted commands leave."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import train_dreambooth
 from dbtools import cleanup as C
 from dbtools import cli
 from dbtools import notebook as nb
 from dbtools import train as T
+from dbtools import train_folders as F
 from dbtools.errors import UserError
 from tests.test_train_preflight import captioned, config, no_model_loads  # noqa: F401 (a fixture)
 
@@ -87,6 +95,82 @@ def test_keep_values_that_name_no_step_are_refused_before_anything_is_deleted(tr
     with pytest.raises(UserError, match="also_keep_steps '9'.*Saved steps there: 1000, 1500[.]"):
         nb.cleanup_step(session, "9", delete_unexported=True, confirm="DELETE")
     assert (out / "1000").is_dir() and (out / "1500").is_dir()
+
+
+# --------------------------------------------------------------------------- one run per output folder
+
+
+def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
+    code = ("import sys, time\nfrom dbtools.train_folders import hold_output_dir\n"
+            "with hold_output_dir(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_run_into_a_held_output_folder_is_refused_and_a_crashed_runs_lock_is_taken_over(
+        tmp_path, image_factory, tiny_sd, monkeypatch, capsys, caplog):
+    captioned(tmp_path / "inst", image_factory)
+    out = tmp_path / "out"
+    argv = [f"--pretrained_model_name_or_path={tiny_sd}", f"--instance_data_dir={tmp_path / 'inst'}",
+            "--read_prompts_from_txts", f"--output_dir={out}", "--resolution=32", "--train_batch_size=1",
+            "--max_train_steps=1", "--seed=1", "--report_to=none", "--save_infer_steps=1", "--n_save_sample=1"]
+    holder = hold_lock_in_another_process(out)
+    try:
+        import dbtools.models
+
+        real_load = dbtools.models.load_sd_components
+        monkeypatch.setattr(dbtools.models, "load_sd_components",
+                            lambda *a, **k: pytest.fail("a model was loaded by the refused run"))
+        assert train_dreambooth.main(train_dreambooth.parse_args(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Traceback" not in err
+        assert f"--output_dir {out} is in use by another training run (pid {holder.pid} on" in err
+        assert not any(out.glob("[0-9]*"))
+        monkeypatch.setattr(dbtools.models, "load_sd_components", real_load)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the lock stays behind
+        holder.wait()
+    assert (out / F.LOCK_FILE).is_file()
+    caplog.set_level(logging.WARNING, logger="dbtools.train_folders")
+    assert train_dreambooth.main(train_dreambooth.parse_args(argv)) == 0
+    assert "taking over the lock of a run that is gone" in caplog.text and str(holder.pid) in caplog.text
+    assert (out / "1" / "model_index.json").is_file() and not (out / F.LOCK_FILE).exists()
+
+
+def test_a_lock_from_another_machine_counts_while_its_heartbeat_is_fresh(tmp_path, caplog):
+    lock = tmp_path / F.LOCK_FILE
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-elsewhere", "started": "then"}))
+    with pytest.raises(F.OutputDirInUse, match="in use by another training run"):
+        with F.hold_output_dir(tmp_path):
+            pass
+    age(lock, F.STALE_LOCK_S + 60)
+    with F.hold_output_dir(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "taking over" in caplog.text and not lock.exists()
+
+
+def test_a_two_process_run_into_a_held_folder_stops_with_one_message(tmp_path, image_factory, tiny_sd):
+    """Only the main process takes the lock (the other process would find it taken); when it
+    is refused, both processes stop before any model loads."""
+    captioned(tmp_path / "inst", image_factory)
+    out = tmp_path / "out"
+    holder = hold_lock_in_another_process(out)
+    try:
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
+             str(ROOT / "train_dreambooth.py"), f"--pretrained_model_name_or_path={tiny_sd}",
+             f"--instance_data_dir={tmp_path / 'inst'}", "--read_prompts_from_txts", f"--output_dir={out}",
+             "--resolution=32", "--max_train_steps=1", "--report_to=none"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                 "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert proc.stderr.count("is in use by another training run") == 1, proc.stderr[-3000:]
+    assert not any(out.glob("[0-9]*"))
 
 
 # --------------------------------------------------------------------------- leftovers of interrupted commands
