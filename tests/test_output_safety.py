@@ -173,6 +173,43 @@ def test_a_two_process_run_into_a_held_folder_stops_with_one_message(tmp_path, i
     assert not any(out.glob("[0-9]*"))
 
 
+# --------------------------------------------------------------------------- the demo's folder
+
+
+def test_demo_into_a_project_folder_is_refused_and_its_files_are_untouched(tmp_path, image_factory, capsys):
+    project = tmp_path / "project"
+    concepts = project / "concepts_list.json"
+    captioned(project / "photos", image_factory)
+    concepts.write_text('[{"instance_data_dir": "photos"}]', encoding="utf-8")
+    assert cli.main(["demo", "--out", str(project), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {project} is not empty" in err and "concepts_list.json" in err and "Traceback" not in err
+    assert concepts.read_text(encoding="utf-8") == '[{"instance_data_dir": "photos"}]'
+    assert sorted(p.name for p in project.iterdir()) == ["concepts_list.json", "photos"]
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_demo_may_write_again_into_its_own_folder(tmp_path):
+    from dbtools import demo
+
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / demo.DEMO_MARKER).write_text("demo")
+    (marked / "concepts_list.json").write_text("[]")
+    demo._check_out(marked)
+    older = tmp_path / "older"  # written before the marker existed: its own layout only
+    (older / "dataset" / "raw").mkdir(parents=True)
+    (older / "dataset" / "raw" / demo.SAMPLE_IMAGES[0][0]).write_bytes(b"")
+    (older / "models" / "sd").mkdir(parents=True)
+    (older / "output-previous-20250101-000000").mkdir()
+    demo._check_out(older)
+    (older / "my notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        demo._check_out(older)
+
+
 # --------------------------------------------------------------------------- leftovers of interrupted commands
 
 
