@@ -22,6 +22,7 @@ from dbtools import cli
 from dbtools import notebook as nb
 from dbtools import train as T
 from dbtools import train_folders as F
+from dbtools import train_setup as S
 from dbtools.errors import UserError
 from tests.test_train_preflight import captioned, config, no_model_loads  # noqa: F401 (a fixture)
 
@@ -208,6 +209,35 @@ def test_demo_may_write_again_into_its_own_folder(tmp_path):
     (older / "my notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         demo._check_out(older)
+
+
+# --------------------------------------------------------------------------- earlier runs in the data
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_earlier_runs_anywhere_under_the_instance_folder_are_not_training_images(tmp_path, image_factory,
+                                                                                 tiny_sd, caplog):
+    inst = tmp_path / "inst"
+    image_factory(inst / "a.png")
+    image_factory(inst / "sub" / "b.png")
+    old_run = inst / "old project" / "out"  # Shivam's layout: <step>/args.json, samples/
+    image_factory(old_run / "500" / "samples" / "0.png")
+    (old_run / "500" / "args.json").write_text("{}")
+    image_factory(old_run / "0" / "notes.png")
+    lora_run = inst / "sub" / "deep" / "lora-out"  # only a checkpoint so far
+    image_factory(lora_run / "checkpoint-10" / "x.png")
+    image_factory(lora_run / "3" / "samples" / "0.png")
+    numbered = inst / "2024" / "7"  # photos in numbered folders are not a run
+    image_factory(numbered / "c.png")
+    caplog.set_level(logging.INFO, logger="dbtools.data")
+    cfg = config(tiny_sd, inst, tmp_path / "out", read_prompts_from_txts=False, instance_prompt="sks toy")
+    _, plan = S.preflight(cfg)
+    assert sorted(e.path.relative_to(inst).as_posix() for e in plan.instance) == [
+        "2024/7/c.png", "a.png", "sub/b.png"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped sub-folder" in r.getMessage()]
+    assert len(skipped) == 2
+    assert any(os.path.join("old project", "out") in m for m in skipped)
+    assert any(os.path.join("sub", "deep", "lora-out") in m for m in skipped)
 
 
 # --------------------------------------------------------------------------- leftovers of interrupted commands
