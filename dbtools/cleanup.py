@@ -104,17 +104,21 @@ def cleanup_plan(
     return plan
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
 def weights_fingerprint(folder: str | os.PathLike) -> str:
-    """What tells one save of a weights folder from another at the same path: each file's
-    path inside it, size and modification time, hashed. A new run writing the same step
-    gives a new fingerprint, so an export recorded with the old one no longer counts."""
+    """What tells one save of a weights folder from another at the same path: each weights
+    file's path inside it, size and modification time, hashed. A new run writing the same
+    step gives a new fingerprint, so an export recorded with the old one no longer counts;
+    images or notes added to the folder later do not change it."""
     import hashlib
 
     digest = hashlib.sha256()
     root = Path(folder)
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(f for f in files if f.lower().endswith(WEIGHT_SUFFIXES)):
             path = Path(dirpath, name)
             with contextlib.suppress(OSError):
                 st = path.lstat()
@@ -178,7 +182,9 @@ def describe(plan: CleanupPlan) -> str:
 
 def _du(path: Path) -> int:
     if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:

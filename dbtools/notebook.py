@@ -898,7 +898,7 @@ def _still_exported(session: Session) -> list[Path]:
 def cleanup_step(session: Session, also_keep_steps: str = "", delete_unexported: bool = False,
                  delete_checkpoints: bool = False, confirm: str = "") -> list[Path]:
     """The cleanup cell: show the plan; delete only when `confirm` is the confirm word."""
-    keep = keep_paths(session.output_dir, [also_keep_steps], "also_keep_steps")
+    keep = keep_paths(session.output_dir, [also_keep_steps or ""], "also_keep_steps")
     if session.weights_dir is not None:
         keep.append(session.weights_dir)
     plan = cleanup_plan(session.output_dir, keep=keep, exported=_still_exported(session),

@@ -156,11 +156,11 @@ def move_previous_run(output_dir: str | os.PathLike) -> Path | None:
 
 LOCK_FILE = ".dbtools-train.lock"
 """Held in the output folder by the run writing there: its pid, host and start time (JSON)."""
-HEARTBEAT_S = 60.0
+HEARTBEAT_S = 30.0
 """How often a live run touches its lock."""
-STALE_LOCK_S = 10 * 60.0
+STALE_LOCK_S = 5 * 60.0
 """A lock untouched this long belongs to a run that is gone (a crashed machine, another
-host whose process cannot be asked)."""
+host whose process cannot be asked, e.g. the Colab runtime before a disconnect)."""
 
 
 class OutputDirInUse(UserError):
@@ -272,6 +272,9 @@ def _heartbeat(path: Path, stop: threading.Event) -> None:
 
 def _in_use_message(path: Path, owner: dict) -> str:
     who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+    with contextlib.suppress(OSError):
+        who += f", last alive {time.time() - path.stat().st_mtime:.0f} s ago"
     return (f"--output_dir {path.parent} is in use by another training run ({who}); two runs in one folder "
-            f"would replace each other's weights. Wait for it to finish, or choose another --output_dir. If no "
-            f"run is using it, delete {path}.")
+            f"would replace each other's weights. Wait for it to finish, or choose another --output_dir. A run "
+            f"that died on another machine frees it after {STALE_LOCK_S / 60:.0f} minutes; if you are sure no run "
+            f"is using it, delete {path}.")
