@@ -11,8 +11,10 @@ import errno
 import itertools
 import logging
 import os
+import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -312,3 +314,87 @@ def _swap_in(tmp: Path, final: Path, replace: bool) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- leftovers of killed runs
+
+STALE_AFTER_S = 30 * 60
+"""A temporary untouched this long belongs to a run that is gone: a live writer's file or
+folder changes every few seconds while it writes."""
+
+LEFTOVER_KINDS = {
+    "file": re.compile(rf"{re.escape(TMP_PREFIX)}\d+-\d+(\.[^./\\]{{1,15}})?"),  # atomic_write / atomic_put
+    "folder": re.compile(rf"{re.escape(TMP_PREFIX)}.+-[0-9a-f]{{8}}"),  # atomic_dir
+    "old": re.compile(rf"{re.escape(OLD_PREFIX)}.+"),  # atomic_dir's swap
+    "deleting": re.compile(rf"{re.escape(TMP_PREFIX)}deleting-.+"),  # cleanup
+}
+"""The names our writers give their temporaries, by kind. A name of no kind (a user's
+`.tmp-notes`) is never ours."""
+
+
+def leftover_kind(name: str) -> str | None:
+    """Which of our temporaries `name` is (a key of `LEFTOVER_KINDS`), or None."""
+    for kind in ("deleting", "old", "file", "folder"):  # the most specific names first
+        if LEFTOVER_KINDS[kind].fullmatch(name):
+            return kind
+    return None
+
+
+def last_change(path: str | os.PathLike) -> float:
+    """The newest modification time of `path` or of anything inside it (links not followed)."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def leftovers(folder: str | os.PathLike, kinds: tuple[str, ...] = tuple(LEFTOVER_KINDS),
+              suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Our temporaries of `kinds` directly in `folder` (any age), sorted; `suffixes` limits
+    "file" temporaries to those ending so (`""` for none: `atomic_put`'s)."""
+    found = []
+    for name in _names_with_prefix(Path(folder), TMP_PREFIX):
+        kind = leftover_kind(name)
+        if kind not in kinds:
+            continue
+        if kind == "file" and suffixes is not None and os.path.splitext(name[len(TMP_PREFIX):])[1] not in suffixes:
+            continue
+        found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def is_stale(path: str | os.PathLike, max_age_s: float = STALE_AFTER_S) -> bool:
+    """True when nothing in `path` changed for `max_age_s` seconds. A `.tmp-old-X` without
+    `X` is never stale: it is the only complete copy (see `restore_interrupted_swaps`)."""
+    path = Path(path)
+    if leftover_kind(path.name) == "old" and not os.path.lexists(path.with_name(path.name[len(OLD_PREFIX):])):
+        return False
+    try:
+        return time.time() - last_change(path) > max_age_s
+    except OSError:
+        return False
+
+
+def remove_leftovers(folder: str | os.PathLike, kinds: tuple[str, ...],
+                     suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the stale temporaries of `kinds` in `folder` (see `leftovers`, `is_stale`);
+    return them. Each removal is logged; one that fails is skipped."""
+    return [p for p in leftovers(folder, kinds, suffixes) if is_stale(p) and remove_leftover(p)]
+
+
+def remove_leftover(path: Path) -> bool:
+    """Delete one temporary (a folder with what is inside; a link itself, never its target);
+    log it; False when it could not be removed (a warning says why)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        logger.warning("could not remove %s, left by an interrupted run (%s)", path, exc)
+        return False
+    logger.info("removed %s, left by an interrupted run", path)
+    return True

@@ -99,6 +99,33 @@ def list_weights(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return [(s, p) for s, p in step_folders(output_dir) if is_weights_folder(p)]
 
 
+def holds_training_run(folder: str | os.PathLike, subfolders: list[str] | None = None) -> bool:
+    """True when `folder` holds a training run of ours: a `checkpoint-<step>/`, a `<step>/`
+    with `args.json` or with weights and `samples/`, or weights and `args.json` in the folder
+    itself (diffusers layout). `subfolders`: its sub-folder names, when already listed."""
+    root = Path(folder)
+    if subfolders is None:
+        subfolders = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    for name in subfolders:
+        step = root / name
+        if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", name) or name.isdigit() and (
+                (step / ARGS_FILE).is_file() or (step / "samples").is_dir() and is_weights_folder(step)):
+            return True
+    return (root / ARGS_FILE).is_file() and is_weights_folder(root)
+
+
+def training_runs_under(root: str | os.PathLike, skip_dir: Callable[[str], bool] = lambda name: False) -> list[Path]:
+    """The folders strictly under `root` that hold a training run (`holds_training_run`),
+    outermost only; links to folders are not followed, `skip_dir(name)` folders not entered."""
+    found = []
+    for dirpath, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not skip_dir(d)]
+        if dirpath != os.fspath(root) and holds_training_run(dirpath, dirs):
+            found.append(Path(dirpath))
+            dirs[:] = []
+    return found
+
+
 def latest_weights(output_dir: str | os.PathLike) -> Path | None:
     """The complete weights folder with the highest step (never a half-written one), or None.
 

@@ -3,11 +3,13 @@
 `cleanup_plan` decides and deletes nothing; `describe` shows the plan; `run_cleanup`
 deletes only when the confirm text is exactly `CONFIRM_WORD`. Weights that were never
 exported, chosen ones, half-written ones, links and anything outside the output folder
-are never deleted.
+are never deleted. Temporaries left by interrupted runs (`.tmp-*`, see
+`dbtools.atomic.leftovers`) are listed; those untouched for a while go with the confirm word.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,12 +18,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbtools.atomic import is_stale, leftover_kind, leftovers, remove_leftover
 from dbtools.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, UI_LORA_SUFFIX, list_weights, step_folders
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 CONFIRM_WORD = "DELETE"
 """What the cleanup cell's confirm field must contain before anything is deleted."""
+
+
+class CleanupError(UserError):
+    """A keep or exported value that names nothing in the output folder."""
+
 
 @dataclass
 class CleanupPlan:
@@ -34,11 +43,19 @@ class CleanupPlan:
     """`checkpoint-*` resume-state folders (deleted only if `delete_checkpoints`)."""
     delete_checkpoints: bool = False
     kept: dict[Path, str] = field(default_factory=dict)
-    """Weights folders that stay, with the reason."""
+    """Weights and checkpoint folders that stay, with the reason."""
+    leftovers: list[Path] = field(default_factory=list)
+    """Temporaries of interrupted runs (`.tmp-*`), listed; the stale ones go with the rest."""
 
     @property
     def targets(self) -> list[Path]:
         return self.delete + (self.checkpoints if self.delete_checkpoints else [])
+
+    @property
+    def stale_leftovers(self) -> list[Path]:
+        """Leftovers that may go: a deletion cut short (already confirmed), or any of ours
+        untouched for `STALE_AFTER_S` (never an interrupted swap's only copy)."""
+        return [p for p in self.leftovers if leftover_kind(p.name) == "deleting" or is_stale(p)]
 
 
 def _norm(path: str | os.PathLike) -> Path:
@@ -69,9 +86,7 @@ def cleanup_plan(
     `delete_unexported=True` (an explicit opt-in) also lists complete folders that were
     never exported, still never a kept one. Paths may have trailing slashes.
     """
-    root = _norm(output_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{output_dir}: not a folder. Check OUTPUT_DIR (is Google Drive mounted?).")
+    root = _must_be_folder(output_dir)
     keep_paths = [_norm(p) for p in keep if str(p).strip()]
     exported_paths = [_norm(p) for p in exported if str(p).strip()]
     plan = CleanupPlan(output_dir=root, delete_checkpoints=delete_checkpoints)
@@ -82,8 +97,40 @@ def cleanup_plan(
         else:
             plan.delete.append(root / folder.name)
     # training's own rule for `checkpoint-<step>`; a link is never followed into
-    plan.checkpoints = [p for _, p in step_folders(root, CHECKPOINT_PREFIX) if not p.is_symlink()]
+    checkpoints = [p for _, p in step_folders(root, CHECKPOINT_PREFIX) if not p.is_symlink()]
+    plan.checkpoints = [p for p in checkpoints if not any(_related(p, k) for k in keep_paths)]
+    plan.kept.update({p: "chosen to keep" for p in checkpoints if p not in plan.checkpoints})
+    plan.leftovers = leftovers(root)
     return plan
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str:
+    """What tells one save of a weights folder from another at the same path: each weights
+    file's path inside it, size and modification time, hashed. A new run writing the same
+    step gives a new fingerprint, so an export recorded with the old one no longer counts;
+    images or notes added to the folder later do not change it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(f for f in files if f.lower().endswith(WEIGHT_SUFFIXES)):
+            path = Path(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = path.lstat()
+                digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _must_be_folder(output_dir: str | os.PathLike) -> Path:
+    root = _norm(output_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{output_dir}: not a folder. Check OUTPUT_DIR (is Google Drive mounted?).")
+    return root
 
 
 def _keep_reason(folder: Path, keep: list[Path], exported: list[Path], unexported_ok: bool) -> str | None:
@@ -125,10 +172,20 @@ def describe(plan: CleanupPlan) -> str:
     if plan.checkpoints and not plan.delete_checkpoints:
         lines.append("Keeping resume checkpoints: " + ", ".join(p.name for p in plan.checkpoints)
                      + " (set delete_checkpoints to remove them).")
+    if plan.leftovers:
+        lines.append("Left by interrupted runs (temporaries):")
+        stale = plan.stale_leftovers
+        lines += [f"  ~ {p.name} ({_du(p) / 1024**2:.1f} MiB; "
+                  + ("goes with the confirm word)" if p in stale else "changed recently, maybe in use: left alone)")
+                  for p in plan.leftovers]
     return "\n".join(lines)
 
 
 def _du(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -141,18 +198,19 @@ def _du(path: Path) -> int:
 
 def run_cleanup(plan: CleanupPlan, confirm: str) -> list[Path]:
     """Delete the plan's folders, but only when `confirm` is exactly "DELETE"
-    (surrounding spaces ignored); return the folders deleted.
+    (surrounding spaces ignored); return the folders deleted, stale leftovers first.
 
     Each folder is checked again just before deletion (still a direct, non-link child of
     the output folder with a step or checkpoint name) and first renamed to a `.tmp-` name,
     so a deletion cut short never leaves something that looks like complete weights.
     """
     if (confirm or "").strip() != CONFIRM_WORD:
-        if plan.targets:
+        if plan.targets or plan.stale_leftovers:
             logger.warning("Nothing deleted yet: confirm with %s (the notebook's confirm field, or "
                            "--confirm %s) to delete the folders listed above.", CONFIRM_WORD, CONFIRM_WORD)
         return []
-    deleted = []
+    # leftovers first: a deletion cut short (confirmed before) may hold the name used below
+    deleted = [p for p in plan.stale_leftovers if p.parent == plan.output_dir and remove_leftover(p)]
     for folder in plan.targets:
         if not _safe_to_delete(plan, folder):
             logger.warning("%s: skipped (changed since the plan was made, or not a weights folder).", folder)
@@ -175,14 +233,47 @@ def _safe_to_delete(plan: CleanupPlan, folder: Path) -> bool:
 # --------------------------------------------------------------------------- command line
 
 
-def keep_paths(output_dir: str | os.PathLike, items: Iterable[str]) -> list[Path]:
-    """`--keep_steps` values as paths: a step number means `<output_dir>/<step>`; anything
-    else (a weights folder, a checkpoint folder, a single file) is a path as given."""
-    out = []
+def keep_paths(output_dir: str | os.PathLike, items: Iterable[str], flag: str = "--keep_steps") -> list[Path]:
+    """`--keep_steps` values as paths in `output_dir`: a step number (any spelling: `0500`,
+    `500/`, ` 500`) means every folder of that step (`<step>/`, `checkpoint-<step>/`);
+    anything else is a path (as given, or inside `output_dir`) to something in the output folder.
+
+    Raises `CleanupError` naming every value that is neither, with the steps that exist,
+    so nothing is deleted on a typo.
+    """
+    root = _norm(output_dir)
+    steps: dict[int, list[Path]] = {}
+    for step, folder in step_folders(root) + step_folders(root, CHECKPOINT_PREFIX):
+        steps.setdefault(step, []).append(folder)
+    out, unknown = [], []
     for item in items:
         for part in str(item).replace(",", " ").split():
-            out.append(Path(output_dir) / part if part.isdigit() else Path(part))
+            found = _keep_target(root, part, steps)
+            out += found
+            unknown += [] if found else [part]
+    if unknown:
+        saved = sorted({s for s, _ in list_weights(root) + step_folders(root, CHECKPOINT_PREFIX)})
+        raise CleanupError(_unknown_message(root, unknown, saved, flag))
     return out
+
+
+def _keep_target(root: Path, value: str, steps: dict[int, list[Path]]) -> list[Path]:
+    """The folders of a step number, or the path `value` names inside `root`; [] for neither."""
+    bare = value.rstrip("/" + os.sep)
+    if bare.isdigit():
+        return steps.get(int(bare), [])
+    for candidate in (Path(os.path.expanduser(value)), root / value):
+        if os.path.lexists(candidate):
+            where = Path(os.path.normpath(_norm(candidate.parent) / candidate.name))  # a link itself
+            return [where] if where == root or root in where.parents else []
+    return []
+
+
+def _unknown_message(root: Path, unknown: list[str], saved: list[int], flag: str) -> str:
+    shown = ", ".join(repr(v) for v in unknown)
+    have = ", ".join(map(str, saved)) or "none"
+    return (f"{flag} {shown}: not a step or a folder of {root}, so nothing was deleted. Saved steps there: "
+            f"{have}. Give step numbers like 500 1000 (or paths inside the output folder).")
 
 
 def build_parser():
@@ -209,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        _must_be_folder(args.output_dir)
         plan = cleanup_plan(args.output_dir, keep=keep_paths(args.output_dir, args.keep_steps),
-                            exported=keep_paths(args.output_dir, args.exported),
+                            exported=keep_paths(args.output_dir, args.exported, "--exported"),
                             delete_checkpoints=args.delete_checkpoints, delete_unexported=args.delete_unexported)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(describe(plan))

@@ -33,9 +33,10 @@ from PIL import Image
 
 from dbtools.atomic import atomic_write
 from dbtools.captions import apply_template, caption_candidates, clean_caption, template_problems
+from dbtools.checkpoints import training_runs_under
 from dbtools.concepts import Concept, concept_problems, resolved_against
 from dbtools.families import add_time_ids
-from dbtools.images import ImageError, list_images, load_rgb
+from dbtools.images import ImageError, is_skipped_dir, list_images, load_rgb
 from dbtools.seeds import derived_seed
 from dbtools.textio import CaptionEncodingError, read_caption_file
 
@@ -177,12 +178,14 @@ def _split_off(plan: DataPlan, share: float, seed: int) -> tuple[DataPlan, list[
 
 
 def instance_images(folder: str | os.PathLike, exclude_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """Images under `folder` (recursively), without those inside any of `exclude_dirs`.
+    """Images under `folder` (recursively), without those inside any of `exclude_dirs` or
+    inside a folder holding a training run (`training_runs_under`), wherever it sits.
 
-    The skipped sub-folders are logged.
+    The skipped sub-folders are logged, one line each.
     """
     root = Path(folder)
-    inside = _subfolders_inside(root, exclude_dirs)
+    runs = training_runs_under(root, is_skipped_dir)  # an earlier run's samples are not training images
+    inside = list(dict.fromkeys(_subfolders_inside(root, [*exclude_dirs, *runs])))
     images = list_images(root, recursive=True)
     if not inside:
         return images

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbtools.atomic import atomic_save_image
+from dbtools.atomic import atomic_save_image, atomic_write_text
 from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ SAMPLE_IMAGES = (
     ("IMG_0005.webp", (64, 64), (150, 60, 170)),
     ("IMG_0006.JPG", (72, 96), (250, 140, 30)),
 )
+
+
+DEMO_MARKER = "dbtools-demo.txt"
+"""Written first into the demo's folder: a later demo may write there again."""
 
 
 @dataclass
@@ -70,12 +74,15 @@ def make_dataset(folder: Path, seed: int) -> list[Path]:
 def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     """Run every stage into `cfg.out`; return the main outputs by name.
 
-    Raises `UserError` for a step count below 1, before anything is written.
+    Raises `UserError` for a step count below 1, or for an `out` folder that is not empty
+    and not an earlier demo's, before anything is written.
     """
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: the demo trains, saves and previews at least one "
                         "step; use --steps 1 or more (default 6).")
     out = Path(cfg.out).resolve()
+    _check_out(out)
+    atomic_write_text(out / DEMO_MARKER, "Written by `python -m dbtools demo`: tiny random models and their outputs.\n")
     started = time.time()
     say = _announcer(started)
     raw, instance, klass = out / "dataset" / "raw", out / "dataset" / "instance", out / "dataset" / "class"
@@ -92,6 +99,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Path]:
     say("done. The models are tiny and random, so images and captions are noise; "
         "the stages, files and folders are the real ones.")
     return outputs
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a folder the demo would write into that is not its own: a file, or a folder
+    holding anything but an earlier demo's output (a project's `concepts_list.json`...)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file. Give a new folder (or an earlier demo's folder).")
+    if not out.is_dir() or _is_earlier_demo(out):
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        raise UserError(f"--out {out} is not empty and holds no earlier demo ({', '.join(entries[:5])}"
+                        f"{', ...' if len(entries) > 5 else ''}); the demo would write over files there "
+                        "(concepts_list.json, dataset/, output/). Give a new or empty folder.")
+
+
+def _is_earlier_demo(out: Path) -> bool:
+    """The marker, or (a demo from before the marker) its own layout and nothing else."""
+    if (out / DEMO_MARKER).is_file():
+        return True
+    own = {"dataset", "models", "output", "concepts_list.json"}
+    names = {p.name for p in out.iterdir()}
+    return ((out / "dataset" / "raw" / SAMPLE_IMAGES[0][0]).is_file() and (out / "models" / "sd").is_dir()
+            and all(n in own or n.startswith("output-previous-") for n in names))
 
 
 def _announcer(started: float):

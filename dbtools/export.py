@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbtools.atomic import atomic_write
+from dbtools.atomic import atomic_write, remove_leftovers
 from dbtools.errors import UserError
 from dbtools.families import SDXL, UnsupportedFamily, family_from_model_index
 from dbtools.models import WEIGHT_STEMS
@@ -74,6 +74,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 OPENCLIP_LOGIT_SCALE = math.log(100.0)
 """OpenCLIP's `logit_scale` after training (clamped at ln 100); unused by image generation."""
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
+EXPORT_SUFFIXES = (".safetensors", *CKPT_SUFFIXES)
+"""The endings of the files an export writes (and of its temporary files)."""
 """Output names written as a torch pickle (`{"state_dict": ...}`) rather than safetensors."""
 
 _UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -719,6 +721,9 @@ def run_export(config: ExportConfig) -> ExportResult:
     """
     model_path, out = Path(config.model_path), Path(config.checkpoint_path)
     from dbtools.models import is_checkpoint_folder
+
+    if out.parent.is_dir():  # what an export that was killed left there
+        remove_leftovers(out.parent, ("file",), suffixes=tuple({*EXPORT_SUFFIXES, out.suffix} - {""}))
 
     if is_checkpoint_folder(model_path):
         return _export_checkpoint(config)

@@ -66,7 +66,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dbtools.atomic import atomic_create, atomic_put, atomic_write_bytes
+from dbtools.atomic import TMP_PREFIX, atomic_create, atomic_put, atomic_write_bytes, remove_leftovers
 from dbtools.captions import (
     TEMPLATE_CAPTION_ONLY,
     apply_template,
@@ -309,6 +309,7 @@ def run_extract(concepts: Sequence[Concept], cfg: ExtractConfig | None = None) -
         raise ConceptError("\n".join(["Problems with the concepts:", *problems]))
     _warn_about_prompts(concepts, cfg)
     scans = [scan_folder(c.instance_data_dir, cfg.recursive) for c in concepts]
+    _remove_leftovers(scans, concepts, cfg)
     total = sum(len(f.images) for folders in scans for f in folders)
     summary = ExtractSummary()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -330,6 +331,17 @@ def run_extract(concepts: Sequence[Concept], cfg: ExtractConfig | None = None) -
         except OSError as exc:  # the summary must still reach the screen
             _failed(summary, cfg.write_concepts_list, exc, 4096)
     return summary
+
+
+def _remove_leftovers(scans: list[list[ScannedFolder]], concepts: Sequence[Concept], cfg: ExtractConfig) -> None:
+    """Remove what an extract that was killed left in the folders it writes to: temporary
+    files named `.tmp-<pid>-<n>`, untouched for a while (`dbtools.atomic.remove_leftovers`)."""
+    folders = {f.path for found in scans for f in found if any(n.startswith(TMP_PREFIX) for n in f.files)}
+    folders |= {cfg.log_dir or os.path.join(c.instance_data_dir, LOG_FOLDER) for c in concepts}
+    if cfg.write_concepts_list:
+        folders.add(os.path.dirname(os.path.abspath(cfg.write_concepts_list)))
+    for folder in sorted(folders):
+        remove_leftovers(folder, ("file",), suffixes=("",))
 
 
 def processed_concept(concept: Concept, template: str) -> Concept:

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dbtools.checkpoints import latest_weights, list_weights
-from dbtools.cleanup import CONFIRM_WORD, CleanupPlan, cleanup_plan, describe, run_cleanup
+from dbtools.cleanup import (
+    CONFIRM_WORD,
+    CleanupPlan,
+    cleanup_plan,
+    describe,
+    keep_paths,
+    run_cleanup,
+    weights_fingerprint,
+)
 from dbtools.editor import (
     CACHE_DIR,
     CAPTION_FORMATS,
@@ -683,6 +691,9 @@ class Session:
     captioned_dir: Path | None = None
     weights_dir: Path | None = None
     exported_from: list[Path] = field(default_factory=list)
+    exported_fingerprints: dict[Path, str] = field(default_factory=dict)
+    """Each exported folder's `weights_fingerprint` at export time: the cleanup cell counts an
+    export only while the folder still holds those weights (not a later run's same step)."""
     app: Any = None
     caption_options: dict[str, Any] = field(default_factory=dict)
     """The caption options cell's fields, passed on by the auto-caption cell."""
@@ -869,8 +880,10 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     stem = name.strip() or f"{session.output_dir.name}-{weights.name}" + ("-lora" if as_lora else "")
     out = session.output_dir / f"{stem}.{export_format}"
     write = export_lora_fused if lora and not as_lora else export_single_file
+    fingerprint = weights_fingerprint(weights)
     path = write(weights, out, half=fp16)
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
+    session.exported_fingerprints[weights] = fingerprint
     logger.info("Wrote %s (%.2f GiB). %s", path, path.stat().st_size / 1024**3,
                 WHERE_IT_GOES["lora" if as_lora else "checkpoint"])
     return path
@@ -899,13 +912,26 @@ def gradio_step(session: Session, save_images: bool = True, auth: str = ""):
     return launch_gradio(session.app, auth=auth)
 
 
+def _still_exported(session: Session) -> list[Path]:
+    """The exported folders that still hold the weights that were exported (a run trained
+    into the same folder since then wrote new, unexported weights there)."""
+    same = []
+    for folder in dict.fromkeys(session.exported_from):
+        if folder.is_dir() and weights_fingerprint(folder) == session.exported_fingerprints.get(folder):
+            same.append(folder)
+        elif folder.is_dir():
+            logger.info("%s holds other weights than the ones exported from it (a newer run?): "
+                        "they count as not exported.", folder)
+    return same
+
+
 def cleanup_step(session: Session, also_keep_steps: str = "", delete_unexported: bool = False,
                  delete_checkpoints: bool = False, confirm: str = "") -> list[Path]:
     """The cleanup cell: show the plan; delete only when `confirm` is the confirm word."""
-    keep = [session.output_dir / str(s) for s in parse_steps(also_keep_steps) or []]
+    keep = keep_paths(session.output_dir, [also_keep_steps or ""], "also_keep_steps")
     if session.weights_dir is not None:
         keep.append(session.weights_dir)
-    plan = cleanup_plan(session.output_dir, keep=keep, exported=session.exported_from,
+    plan = cleanup_plan(session.output_dir, keep=keep, exported=_still_exported(session),
                         delete_checkpoints=delete_checkpoints, delete_unexported=delete_unexported)
     logger.info("%s", describe(plan))
     deleted = run_cleanup(plan, confirm)

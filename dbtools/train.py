@@ -35,7 +35,7 @@ from dbtools.losses import diffusion_target, dreambooth_loss, training_noise
 from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train_config import TrainConfig, parse_args, public_args
-from dbtools.train_folders import move_previous_run
+from dbtools.train_folders import hold_output_dir, move_previous_run
 from dbtools.train_outputs import (
     HeldOut,
     disk_full_message,
@@ -153,13 +153,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
     cfg, plan = agree_on_seed(cfg, asked, accelerator, concepts, plan)
-    with Watch.start(cfg, accelerator) as watch:  # progress.json; SIGINT/SIGTERM stop and save
+    # One run per output folder at a time; only the run holding it writes progress.json there.
+    with hold_output_dir(cfg.output_dir, accelerator), Watch.start(cfg, accelerator) as watch:
         return _train(cfg, concepts, plan, accelerator, watch, asked)
 
 
 def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator, watch: Watch,
            asked_seed: int | None) -> TrainResult:
-    """The run inside its watch: class images, setup, loop, final save (or the clean stop's)."""
+    """The run inside its lock and watch: class images, setup, loop, final save (or the clean stop's)."""
     if accelerator.is_main_process:
         _log_start(cfg, plan, accelerator)
         if asked_seed != cfg.seed and cfg.seed is not None:

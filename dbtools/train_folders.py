@@ -7,19 +7,28 @@
   checkpoints of an earlier run is refused, unless the run resumes from it or
   `--overwrite_output_dir` asks to move the old run's folders aside (never deleted).
 
-The checks return messages (each naming the path and the fix); `move_previous_run` is
-the one function here that changes anything.
+- Two runs never write into one output folder at the same time: a run holds
+  `<output_dir>/.dbtools-train.lock` (`hold_output_dir`); a second one is refused at once.
+
+The checks return messages (each naming the path and the fix); `move_previous_run` and the
+lock are the only things here that change anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from dbtools.atomic import atomic_create
 from dbtools.checkpoints import (
     CHECKPOINT_PREFIX,
     LORA_WEIGHTS,
@@ -28,6 +37,7 @@ from dbtools.checkpoints import (
     list_weights,
     step_folders,
 )
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -148,3 +158,131 @@ def move_previous_run(output_dir: str | os.PathLike) -> Path | None:
     logger.info("--overwrite_output_dir: moved the earlier run's %d folder(s) from %s to %s",
                 len(entries), root, target)
     return target
+
+
+# --------------------------------------------------------------------------- one run at a time
+
+LOCK_FILE = ".dbtools-train.lock"
+"""Held in the output folder by the run writing there: its pid, host and start time (JSON)."""
+HEARTBEAT_S = 30.0
+"""How often a live run touches its lock."""
+STALE_LOCK_S = 5 * 60.0
+"""A lock untouched this long belongs to a run that is gone (a crashed machine, another
+host whose process cannot be asked, e.g. the Colab runtime before a disconnect)."""
+
+
+class OutputDirInUse(UserError):
+    """Another live run holds the output folder."""
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | os.PathLike, accelerator=None) -> Iterator[None]:
+    """Hold `output_dir` for one run; raise `OutputDirInUse` at once when a live run holds it.
+
+    Only the main process of a multi-process run takes the lock; the others learn whether
+    it was refused and then leave with exit code 2 (the main process says why). A lock whose
+    owner is gone (its pid is not running on this host, or no heartbeat for
+    `STALE_LOCK_S`) is taken over with a warning. The lock goes when the block ends.
+    """
+    main = accelerator is None or accelerator.is_main_process
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if main:
+            try:
+                stack.enter_context(_lock(Path(output_dir) / LOCK_FILE))
+            except OutputDirInUse as exc:
+                refusal = exc
+        refused = refusal is not None
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            refused = broadcast_object_list([refused])[0]
+        if refusal is not None:
+            raise refusal
+        if refused:
+            raise SystemExit(2)
+        yield
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _acquire(path, me)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stop), name="dbtools-lock", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        if _owner(path) == me:  # not if another run took it over meanwhile
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _acquire(path: Path, me: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            atomic_create(str(path), json.dumps(me).encode("utf-8"))
+            return
+        except FileExistsError:
+            pass
+        owner = _owner(path)
+        if owner is None:  # gone since: try again
+            continue
+        if not _owner_gone(path, owner):
+            raise OutputDirInUse(_in_use_message(path, owner))
+        logger.warning("%s: taking over the lock of a run that is gone (pid %s on %s, started %s).",
+                       path.parent, owner.get("pid"), owner.get("host"), owner.get("started"))
+        with contextlib.suppress(OSError):  # one taker wins the rename; the others find a new lock
+            aside = path.with_name(f"{path.name}.{os.getpid()}")
+            os.rename(path, aside)
+            aside.unlink()
+    raise OutputDirInUse(_in_use_message(path, _owner(path) or {}))
+
+
+def _owner(path: Path) -> dict | None:
+    """The lock's record; None when there is no lock, {} when it cannot be read."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _owner_gone(path: Path, owner: dict) -> bool:
+    try:
+        if time.time() - path.stat().st_mtime > STALE_LOCK_S:
+            return True
+    except FileNotFoundError:
+        return True
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False  # another machine's process cannot be asked: only the heartbeat tells
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # running, under another user
+        return False
+    return False
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def _in_use_message(path: Path, owner: dict) -> str:
+    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+    with contextlib.suppress(OSError):
+        who += f", last alive {time.time() - path.stat().st_mtime:.0f} s ago"
+    return (f"--output_dir {path.parent} is in use by another training run ({who}); two runs in one folder "
+            f"would replace each other's weights. Wait for it to finish, or choose another --output_dir. A run "
+            f"that died on another machine frees it after {STALE_LOCK_S / 60:.0f} minutes; if you are sure no run "
+            f"is using it, delete {path}.")

@@ -42,8 +42,8 @@ def test_cleanup_handles_trailing_slashes_and_never_touches_the_output_dir(train
 
 def test_cleanup_keeping_the_output_dir_keeps_everything(training_output):
     out_dir = training_output
-    plan = C.cleanup_plan(out_dir, keep=[f"{out_dir}/"], delete_unexported=True)
-    assert plan.delete == [] and len(plan.kept) == 3
+    plan = C.cleanup_plan(out_dir, keep=[f"{out_dir}/"], delete_unexported=True, delete_checkpoints=True)
+    assert plan.delete == [] and plan.targets == [] and len(plan.kept) == 4  # 3 weights, 1 checkpoint
 
 
 def test_cleanup_never_deletes_outside_or_through_links(training_output, tmp_path, weights_factory):
