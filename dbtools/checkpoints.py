@@ -37,6 +37,10 @@ from dbtools.errors import UserError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_FILES_DIR = "0"
+"""Shivam's `<output_dir>/0/`: the run's own files (TensorBoard logs, progress.json), never
+weights. It sorts before every step, so the original notebook's
+`natsorted(glob(OUTPUT_DIR/*))[-1]` still names the newest weights folder."""
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SINGLE_FILE_NAME = "model.safetensors"
 UI_LORA_SUFFIX = "-lora.safetensors"

@@ -1,6 +1,6 @@
 """The training cell's live panel: watch a run and stop it cleanly.
 
-While `train_dreambooth.py` runs, the panel shows what `<output_dir>/progress.json` says
+While `train_dreambooth.py` runs, the panel shows what `<output_dir>/0/progress.json` says
 (state, step, steps/s, time left, GPU memory, smoothed loss and learning rate), the loss
 curve with the learning rate, the newest samples next to the previous save's, and the
 validation loss and scores (from `progress.json` and `metrics.jsonl`). Its **Stop and
@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from PIL import Image, ImageDraw
 
+from dbtools.checkpoints import RUN_FILES_DIR
 from dbtools.images import default_font
 from dbtools.train_watch import PROGRESS_FILE
 
@@ -303,7 +304,7 @@ def thumbnail_png(path: str | os.PathLike, size: int = 160) -> bytes | None:
 
 
 def read_progress(output_dir: str | os.PathLike) -> dict | None:
-    """`<output_dir>/progress.json`, or None while there is none (or it cannot be read)."""
+    """`<output_dir>/0/progress.json`, or None while there is none (or it cannot be read)."""
     try:
         data = json.loads((Path(output_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -662,7 +663,7 @@ def _display(widget) -> None:
 def tensorboard_logdir(output_dir: str | os.PathLike) -> Path:
     """Where training's TensorBoard logs go: `<output_dir>/0/` (`--logging_dir`, default `logs`,
     is a folder in it; TensorBoard reads the folders below the one it is given)."""
-    return Path(output_dir) / "0"
+    return Path(output_dir) / RUN_FILES_DIR
 
 
 def show_tensorboard(output_dir: str | os.PathLike) -> bool:

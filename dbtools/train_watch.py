@@ -1,6 +1,6 @@
 """Watching a training run and stopping it well.
 
-`<output_dir>/progress.json` is replaced atomically (by the main process only) whenever the
+`<output_dir>/0/progress.json` is replaced atomically (by the main process only) whenever the
 run changes state, after each save, and at least every `PROGRESS_INTERVAL` seconds while it
 trains. It holds `state` (one of `STATES`), `step`, `max_train_steps`, `loss` (smoothed),
 `lr`, `steps_per_second`, `eta_seconds`, `gpu_memory_gib` (peak allocated, on a GPU; else
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbtools.atomic import atomic_write_text
+from dbtools.checkpoints import RUN_FILES_DIR
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
+PROGRESS_FILE = f"{RUN_FILES_DIR}/progress.json"
+"""Relative to the output folder: in the run's own folder, beside the logs (see `RUN_FILES_DIR`)."""
 STATES = ("starting", "caching", "class images", "running", "saving", "finished", "stopped", "failed")
 PROGRESS_INTERVAL = 2.0
 """Seconds between two writes of progress.json while steps go by (state changes write at once)."""
@@ -144,6 +146,7 @@ class Progress:
         self._written = self.clock()
         payload = json.dumps({**self.fields, "updated_at": time.time()}, indent=1)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, payload, fsync=False)  # replaced every few seconds: no fsync
         except OSError as exc:  # watching must never stop the training
             logger.warning("could not write %s: %s", self.path, exc)

@@ -30,6 +30,14 @@ from dbtools.panel import (
     start_live,
     status_text,
 )
+from dbtools.train_watch import PROGRESS_FILE
+
+
+def write_progress(output_dir, text: str) -> None:
+    """Replace the run's progress.json, as the trainer does."""
+    (output_dir / PROGRESS_FILE).parent.mkdir(exist_ok=True)
+    atomic_write_text(output_dir / PROGRESS_FILE, text)
+
 
 BASE = {"step": 120, "max_train_steps": 400, "loss": 0.125, "lr": 2e-6, "steps_per_second": 0.93,
         "eta_seconds": 301, "gpu_memory_gib": 9.8, "state": "running"}
@@ -41,7 +49,7 @@ BASE = {"step": 120, "max_train_steps": 400, "loss": 0.125, "lr": 2e-6, "steps_p
 def test_panel_reads_what_the_trainer_writes(tmp_path):
     """The panel reads progress.json as training's writer (`train_watch.Progress`) writes it."""
     from dbtools.evaluate import append_metrics
-    from dbtools.train_watch import PROGRESS_FILE, Progress
+    from dbtools.train_watch import Progress
 
     sample = tmp_path / "100" / "samples" / "0.png"
     sample.parent.mkdir(parents=True)
@@ -145,19 +153,19 @@ def test_panel_follows_progress_json_written_step_by_step(tmp_path):
     assert panel.refresh().state == "starting" and "none yet" in panel.scores.value
     first_curve = panel.curve.value
     for step in (1, 2, 3):
-        atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": step, "loss": 1 / step}))
+        write_progress(tmp_path, json.dumps({**BASE, "step": step, "loss": 1 / step}))
         ps = panel.refresh()
         assert ps.step == step and f"step {step} / 400" in panel.status.value
     assert panel.history.steps == [1, 2, 3] and panel.curve.value == draw_curve(panel.history) != first_curve
     assert panel.newest.children == () and panel.previous.children == ()
 
     write_png(tmp_path / "2" / "samples" / "0.png", "red")  # a save without sample paths: its samples/ folder
-    atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": 3, "last_saved_step": 2}))
+    write_progress(tmp_path, json.dumps({**BASE, "step": 3, "last_saved_step": 2}))
     panel.refresh()
     assert "step 2" in panel.newest.children[0].value and len(panel.newest.children[1].children) == 1
     samples = [write_png(tmp_path / "4" / "samples" / f"{i}.png", "blue") for i in range(2)]
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "likeness": 0.625}) + "\n")
-    atomic_write_text(tmp_path / "progress.json", json.dumps(
+    write_progress(tmp_path, json.dumps(
         {**BASE, "step": 4, "state": "finished", "last_saved_step": 4, "last_saved_samples": samples}))
     ps = panel.refresh()
     assert "step 4" in panel.newest.children[0].value and len(panel.newest.children[1].children) == 2
@@ -170,7 +178,7 @@ def test_without_saves_in_progress_json_the_panel_shows_the_weights_folders(tmp_
     """A progress.json that names no save (or none at all): the newest complete weights
     folders on disk are the saves shown; a folder still being written is not."""
     panel = TrainingPanel(tmp_path)
-    atomic_write_text(tmp_path / "progress.json", json.dumps({**BASE, "step": 2}))
+    write_progress(tmp_path, json.dumps({**BASE, "step": 2}))
     for step, color in ((2, "red"), (4, "blue")):
         write_png(tmp_path / str(step) / "samples" / "0.png", color)
         (tmp_path / str(step) / "model_index.json").write_text("{}")
@@ -188,10 +196,11 @@ TRAINER = textwrap.dedent('''
     stop = []
     signal.signal(signal.SIGINT, lambda *a: stop.append(1))
     def progress(**kw):
-        tmp = os.path.join(out, ".tmp-progress.json")
+        os.makedirs(os.path.join(out, "0"), exist_ok=True)
+        tmp = os.path.join(out, "0", ".tmp-progress.json")
         with open(tmp, "w") as f:
             json.dump(kw, f)
-        os.replace(tmp, os.path.join(out, "progress.json"))
+        os.replace(tmp, os.path.join(out, "0", "progress.json"))
     step = 0
     while not stop and step < 3000:
         step += 1
@@ -239,14 +248,14 @@ def test_interrupting_the_cell_stops_and_saves_like_the_button(tmp_path):
     async def interrupt_when_running():
         task = asyncio.ensure_future(run_live([sys.executable, trainer, tmp_path], tmp_path, show=False,
                                               poll_seconds=0.05, stream=io.StringIO()))
-        while not (tmp_path / "progress.json").is_file():
+        while not (tmp_path / PROGRESS_FILE).is_file():
             await asyncio.sleep(0.05)
         task.cancel()
         return await task
 
     code, tail = asyncio.run(interrupt_when_running())
     assert code == 0 and int((tmp_path / "stopped-at").read_text()) < 3000 and "saved at step" in tail
-    assert json.loads((tmp_path / "progress.json").read_text())["state"] == "stopped"
+    assert json.loads((tmp_path / PROGRESS_FILE).read_text())["state"] == "stopped"
 
 
 class BrokenStream(io.StringIO):
