@@ -173,6 +173,7 @@ class CaptionEditor:
                     area.value = text
                 finally:
                     self._syncing = False
+        self._show_pending()
 
     @property
     def pending(self) -> dict[Path, str]:
@@ -362,11 +363,27 @@ class CaptionEditor:
             area = w.Textarea(value=caption, layout=w.Layout(width="100%", height="4.5em"))
             area.observe(lambda change, img=image: self._area_changed(img, change["new"]), names="value")
             ui["areas"][image] = area
-            picture = w.Image(value=self.thumbnail(image), format="jpeg",
-                              layout=w.Layout(max_width=f"{self.thumb}px", max_height=f"{self.thumb}px"))
-            name = w.HTML(f"<small>{html.escape(image.name)}</small>")
-            cards.append(w.VBox([picture, name, area], layout=w.Layout(border="1px solid #ddd", padding="4px")))
+            # every card alike: a square picture box, the name on one line (in full on hover)
+            picture = w.Image(value=self.thumbnail(image), format="jpeg", layout=w.Layout(
+                width=f"{self.thumb}px", height=f"{self.thumb}px", object_fit="contain", align_self="center"))
+            name = w.HTML(f"<div title='{html.escape(image.name)}' style='white-space:nowrap;overflow:hidden;"
+                          f"text-overflow:ellipsis;font-size:smaller;line-height:1.4'>{html.escape(image.name)}</div>",
+                          layout=w.Layout(width="100%"))
+            cards.append(w.VBox([picture, name, area], layout=w.Layout(border="1px solid #ddd", padding="4px",
+                                                                       overflow="hidden")))
         ui["grid"].children = cards
+        self._show_pending()
+
+    def _show_pending(self) -> None:
+        """The status line says when edits wait for Save (they are kept across pages)."""
+        if self._ui is None:
+            return
+        n = len(self.pending)
+        if n:
+            self._ui["status"].value = (f"<b style='color:#b45f06'>{n} unsaved edit(s), kept when you change "
+                                        "page: press Save</b>")
+        elif "unsaved" in self._ui["status"].value:
+            self._ui["status"].value = ""
 
     def _area_changed(self, image: Path, text: str) -> None:
         if not self._syncing:

@@ -63,7 +63,7 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
     device = pick_device()
     pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=inference_dtype(device),
                          scheduler=scheduler)
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(leave=False, desc="generating")
     return pipe
 
 
@@ -369,7 +369,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def launch_gradio(app, share: bool | None = None, auth: str | None = None, height: int = 1100,
+def launch_gradio(app, share: bool | None = None, auth: str | None = None, height: int = 800,
                   **launch_kwargs):
     """Launch the app; `share` (a public link) defaults to True in Colab, False elsewhere.
 

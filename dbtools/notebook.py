@@ -814,8 +814,8 @@ class Session:
     def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> Session:
         """The settings cell: mount Drive when asked (Colab only), make the output folder,
         tell the model's family (the training cell adapts to it)."""
-        on_drive = bool(save_to_gdrive) and mount_drive()
-        out = resolve_output_dir(output_dir, save_to_gdrive)
+        on_drive = bool(save_to_gdrive) and mount_drive()  # outside Colab it says so, once
+        out = resolve_output_dir(output_dir, on_drive)
         out.mkdir(parents=True, exist_ok=True)
         session = cls(model=model, output_dir=out, on_drive=on_drive, family=_try_detect(model))
         logger.info("Base model: %s%s\nOutput folder: %s", model, _family_line(session.family), out)
@@ -990,8 +990,7 @@ def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, t
     from dbtools.preview import run_preview
 
     png = run_preview(session.output_dir, steps=parse_steps(steps), max_samples=samples_per_step,
-                      thumb=thumbnail_size)
-    logger.info("Saved %s", png)
+                      thumb=thumbnail_size)  # (it says where it saved the grid)
     _show(png)
     return png
 

@@ -9,7 +9,7 @@ weights, samples, checkpoints and uploads in `dbtools.train_outputs`, the loss m
 
 Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
 folder (LoRA mode: `pytorch_lora_weights.safetensors`) with `args.json` and
-`samples/<i>.png`; TensorBoard logs go under `<output_dir>/0/logs`. Accelerate state for
+`samples/<i>.png`; TensorBoard logs go under `<output_dir>/logs`. Accelerate state for
 resuming goes to `<output_dir>/checkpoint-<step>/`. Every folder is built under a
 temporary name and renamed when complete, so `latest_weights`, `latest_checkpoint` and
 `--resume_from_checkpoint latest` only ever see complete folders.
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.checkpoints import KOHYA_LORA_NAME, SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries
 from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
@@ -170,7 +171,8 @@ def _log_start(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> No
     logger.info("data: %d instance images%s%s", len(plan.instance), held, prior)
     savers = [name for name, on in (("8-bit Adam", cfg.use_8bit_adam), ("gradient checkpointing",
               cfg.gradient_checkpointing), ("LoRA", cfg.use_lora)) if on]
-    logger.info("precision: %s on %s%s", accelerator.mixed_precision, accelerator.device,
+    precision = "fp32 (no mixed precision)" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    logger.info("precision: %s on %s%s", precision, accelerator.device,
                 f"; memory: {', '.join(savers)}" if savers else "")
     steps = cfg.max_train_steps or f"{cfg.num_train_epochs} epoch(s)"
     ckpt = f", checkpoints every {cfg.checkpointing_steps}" if cfg.checkpointing_steps else ""
@@ -223,7 +225,7 @@ def loop(run: Run) -> tuple[int, int]:
     recent: list[float] = []
     skipped = nonfinite_in_a_row = 0
     step = run.start_step
-    with run.batches:
+    with run.batches, logging_redirect_tqdm():  # log lines on their own line, above the bar
         while step < run.max_train_steps:
             loss = train_step(run, step)
             step += 1
@@ -489,6 +491,9 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
+    from dbtools.env import quiet_library_progress_bars
+
+    quiet_library_progress_bars(cfg.verbose)
     result = train(cfg)
     if result.weights_dir is not None:
         print(f"Trained {result.global_step} steps ({result.skipped_steps} skipped). "

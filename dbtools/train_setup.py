@@ -110,7 +110,7 @@ def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -
     """Folders the run writes to that are files, unwritable, short of space, or hold another run."""
     model_bytes = local_model_bytes(cfg.pretrained_model_name_or_path)
     problems = folder_problems(cfg.output_dir, "--output_dir", max(model_bytes, 64 * MiB))
-    problems += folder_problems(Path(cfg.output_dir, "0", cfg.logging_dir), "--logging_dir", 16 * MiB)
+    problems += folder_problems(Path(cfg.output_dir, cfg.logging_dir), "--logging_dir", 16 * MiB)
     if cfg.cache_dir and not cfg.not_cache_latents:
         problems += folder_problems(cfg.cache_dir, "--cache_dir", _latent_bytes(cfg, len(plan.instance)))
     if cfg.with_prior_preservation:
@@ -178,7 +178,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if warning:
         logger.warning(warning)
     project = ProjectConfiguration(project_dir=cfg.output_dir,
-                                   logging_dir=str(Path(cfg.output_dir, "0", cfg.logging_dir)))
+                                   logging_dir=str(Path(cfg.output_dir, cfg.logging_dir)))
     trackers = report_trackers(cfg.report_to)
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
     return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project,

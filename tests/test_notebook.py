@@ -317,9 +317,12 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, monkeyp
 def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_blip, monkeypatch):
     """A new user's Run All: the notebook's own defaults (Method 1, no prompts, prior
     preservation, Drive on, the default memory profile, no extra flags), offline and with
-    no token; only model names, paths, sizes and step/image counts are changed for CPU."""
+    no token; only model names, paths, sizes and step/image counts are changed for CPU.
+    The notebook runs outside the project folder; then Run All again stops at training
+    with one short message."""
     from gradio_client import Client
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     from dbtools.demo import make_dataset
     from dbtools.notebook import read_png_settings
@@ -349,14 +352,19 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     assert defaults["instance_prompt"] == "" and defaults["extra_flags"] == "" and defaults["confirm"] == ""
     set_form_values(nb, changed)
 
-    client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}})
+    elsewhere = tmp_path / "elsewhere"  # opened outside the project folder
+    elsewhere.mkdir()
+    client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(elsewhere)}})
     gradio_cell = cell_titled(nb, "12.")
+    again = nbformat.from_dict(json.loads(json.dumps(nb.cells[cell_titled(nb, "7.")])))
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 64, 64, 3, "model default", api_name="/generate")
+                gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 0, 64, 3, "model default", api_name="/generate")
+        with pytest.raises(CellExecutionError):  # a second Run All: the folder holds a run
+            client.execute_cell(again, len(nb.cells))
     text = {i: stream_text(cell) for i, cell in enumerate(nb.cells)}
 
     login = text[cell_titled(nb, "2.")]
@@ -376,3 +384,18 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     cleanup = text[cell_titled(nb, "13.")]
     assert "Nothing to delete" in cleanup and "2 (not exported yet)" in cleanup
     assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
+
+    # quiet output: harmless third-party lines hidden, our lines on lines of their own
+    for noise in ("Skipping publisher trust check", "Saving current state to", "Writing model shards",
+                  "precision: no ", "set `share=True`"):
+        assert not any(noise in t for t in text.values()), noise
+    assert train_text.count("ignoring --revision") <= 1
+    assert re.search(r"(^|\n)class images: generating 2 for the empty prompt", train_text)
+    assert "GRADIO_SHARE=true" in text[gradio_cell]
+    settings = text[cell_titled(nb, "3.")]  # each thing said once
+    assert settings.count("Colab") == 1 and text[cell_titled(nb, "9.")].count("preview.png") == 1
+    # Run All again: one short message in the notebook's words, no traceback, nothing else red
+    [error] = [o for o in again.outputs if o.output_type == "error"]
+    assert len(error.traceback) == 1 and "ticking `resume` in step 7" in error.traceback[0]
+    assert "--resume_from_checkpoint" not in error.traceback[0]
+    assert "already holds" not in stream_text(again) and "Traceback" not in stream_text(again)

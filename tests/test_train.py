@@ -205,7 +205,7 @@ def test_seed_notebook_command_runs_unchanged(tmp_path, dataset, tiny_sd):
         assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
         args = json.loads((folder / "args.json").read_text())
         assert args["revision"] == "fp16" and "hub_token" not in args
-    assert list((out / "0" / "logs").rglob("events.out.tfevents*"))
+    assert list((out / "logs").rglob("events.out.tfevents*"))
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".yml", ".yaml", ".txt") or "tfevents" in f.name:
             assert TOKEN.encode() not in f.read_bytes(), f
@@ -299,7 +299,7 @@ def test_sd2_vprediction_with_buckets_ema_snr_and_validation(tmp_path, dataset, 
         validation_steps=3, num_validation_images=1,
         save_sample_prompt="sks toy", pad_tokens=True, report_to="tensorboard"))
     assert result.global_step == 3 and result.skipped_steps == 0
-    assert list((out / "0" / "logs").rglob("events.out.tfevents*"))
+    assert list((out / "logs").rglob("events.out.tfevents*"))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     assert (out / "validation" / "3" / "0.png").is_file()
     saved = weights(result.weights_dir)
