@@ -100,6 +100,7 @@ def notebook_check(work: Path, images: Path, out: Path) -> None:
            "JUPYTER_RUNTIME_DIR": str(work / "jrt"), "IPYTHONDIR": str(work / "ipy")}
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
                                "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+                               "--allow-root",
                                f"--ServerApp.root_dir={work}", "--LabApp.news_url=None"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(out / "lab.log", "w"))
     driver = browser(work / "profile-lab")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtools.captions import FORMAT_ALIASES, caption_file_name
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _editor_format(fmt: str) -> str:
     """`fmt` under its table name, if the editor handles it; else `ValueError`."""
     name = FORMAT_ALIASES.get(fmt, fmt)
     if name not in CAPTION_FORMATS:
-        raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
+        raise UserError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
     return name
 
 
@@ -101,7 +102,7 @@ class CaptionEditor:
 
         fmt = _editor_format(fmt)
         if page_size < 1 or thumb < 16:
-            raise ValueError("page_size must be at least 1 and thumb at least 16 pixels.")
+            raise UserError("page_size must be at least 1 and thumb at least 16 pixels.")
         self.folder = Path(folder)
         self.fmt = fmt
         self.page_size = page_size
@@ -341,7 +342,7 @@ class CaptionEditor:
         prev_b.on_click(lambda _: self.page(max(0, self.current_page - 1)))
         next_b.on_click(lambda _: self.page(min(self.n_pages - 1, self.current_page + 1)))
         save_b.on_click(lambda _: self._save_clicked())
-        box = w.VBox([w.HBox([prev_b, label, next_b, save_b, status]), grid])
+        box = w.VBox([w.HBox([prev_b, label, next_b, save_b]), status, grid])  # status: a line of its own
         return dict(box=box, grid=grid, label=label, status=status, prev=prev_b, next=next_b,
                     save=save_b, areas={})
 
@@ -350,9 +351,10 @@ class CaptionEditor:
 
         ui = self._ui
         first = self.current_page * self.page_size
-        ui["label"].value = (f"&nbsp;page {self.current_page + 1}/{self.n_pages} &nbsp;"
-                             f"(images {first + 1}-{first + len(self.page_images())} of {len(self.images)})&nbsp;"
-                             if self.images else f"&nbsp;no images in {html.escape(str(self.folder))}&nbsp;")
+        ui["label"].value = ("<span style='white-space:nowrap'>" + (
+            f"&nbsp;page {self.current_page + 1}/{self.n_pages} &nbsp;"
+            f"(images {first + 1}-{first + len(self.page_images())} of {len(self.images)})&nbsp;"
+            if self.images else f"&nbsp;no images in {html.escape(str(self.folder))}&nbsp;") + "</span>")
         ui["prev"].disabled = self.current_page == 0
         ui["next"].disabled = self.current_page >= self.n_pages - 1
         ui["areas"] = {}

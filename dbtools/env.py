@@ -116,7 +116,7 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
                                  r"(^|\] )Could not load random states$"),
     # ... and the temporary folder itself (after its "[RANK n] "); ours say "checkpoint saved
     # at" and "resuming from"
-    ("accelerate.accelerator", r"(^|\] )(Saving current state to|Loading states from) "),
+    ("accelerate.accelerator", r"(^|\] )(Saving current state to|Loading states from|Loading in \d+ custom states)"),
     # the bitsandbytes kernel package's note on its own download (offline, or not installed)
     ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
 )

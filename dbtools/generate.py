@@ -39,7 +39,9 @@ class Generated:
 
 def check_generation_args(num_images: int, steps: int, guidance_scale: float,
                           height: int | None, width: int | None) -> None:
-    """Raise one clear `ValueError` for settings the pipeline cannot use."""
+    """Raise one clear `UserError` (a `ValueError`) for settings the pipeline cannot use."""
+    from dbtools.errors import UserError
+
     problems = []
     if int(num_images) < 1:
         problems.append(f"num_images={num_images}: generate at least 1 image.")
@@ -51,7 +53,7 @@ def check_generation_args(num_images: int, steps: int, guidance_scale: float,
         if v is not None and (int(v) < 8 or int(v) % 8):
             problems.append(f"{name}={v}: use a multiple of 8 (e.g. 512 or 768).")
     if problems:
-        raise ValueError(" ".join(problems))
+        raise UserError(" ".join(problems))
 
 
 def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
@@ -359,13 +361,15 @@ def _gradio_action(pipe, out_dir: str | os.PathLike | None, check: Callable[[], 
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """`"user:password"` -> `("user", "password")`; empty -> None; `ValueError` otherwise."""
+    """`"user:password"` -> `("user", "password")`; empty -> None; `UserError` otherwise."""
+    from dbtools.errors import UserError
+
     text = (text or "").strip()
     if not text:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
-        raise ValueError("Gradio login: write it as user:password (in the form field or $GRADIO_AUTH).")
+        raise UserError("Gradio login: write it as user:password (in the form field or $GRADIO_AUTH).")
     return user, password
 
 

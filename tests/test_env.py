@@ -72,6 +72,7 @@ def test_accelerate_temporary_folder_and_bitsandbytes_kernel_lines_are_hidden(ca
     env.quiet_third_party()
     lines = [("accelerate.accelerator", "[RANK 0] Saving current state to out/.tmp-checkpoint-2-0ed8d6ff"),
              ("accelerate.accelerator", "Loading states from out/checkpoint-2"),
+             ("accelerate.accelerator", "[RANK 0] Loading in 0 custom states"),
              ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-"
                                            "bitsandbytes' because Hugging Face Hub is in offline mode."),
              ("accelerate.accelerator", "Saving the state of a model that is not prepared"),
@@ -79,7 +80,7 @@ def test_accelerate_temporary_folder_and_bitsandbytes_kernel_lines_are_hidden(ca
     with caplog.at_level(logging.INFO):
         for name, message in lines:
             logging.getLogger(name).info(message)
-    assert [r.getMessage() for r in caplog.records] == [lines[3][1], lines[4][1]]
+    assert [r.getMessage() for r in caplog.records] == [lines[4][1], lines[5][1]]
 
 
 def test_gpu_figures_come_from_nvidia_smi_without_waking_cuda_here(monkeypatch):

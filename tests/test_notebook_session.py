@@ -121,6 +121,7 @@ def test_a_bug_in_training_keeps_its_output(tmp_path, monkeypatch, capsys):
 
 
 def test_cells_before_their_inputs_name_the_missing_step(tmp_path, training_output):
+    from dbtools.generate import parse_auth
     with pytest.raises(UserError, match=r"instance_data_dir in step 6.*step 4 \(Auto-caption\)") as info:
         nb.omnitool_step("", None, False, tmp_path / "c.json", method="Method 1: captions only")
     assert "None" not in str(info.value)
@@ -130,6 +131,13 @@ def test_cells_before_their_inputs_name_the_missing_step(tmp_path, training_outp
     assert len(info.value._render_traceback_()) == 1
     with pytest.raises(UserError, match="step 8"):
         nb.generate_step(session, "a castle")
+    # the generate, Gradio and review cells' settings mistakes are user errors too
+    with pytest.raises(UserError, match="width=13: use a multiple of 8"):
+        nb.check_generation_args(1, 30, 7.5, None, 13)
+    with pytest.raises(UserError, match="user:password"):
+        parse_auth("nocolon")
+    with pytest.raises(UserError, match="unknown caption format"):
+        nb.review_step(session, str(tmp_path), "sidecars", 24)
 
 
 # --------------------------------------------------------------------------- caption edits reach training
