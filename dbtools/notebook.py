@@ -380,7 +380,7 @@ def run_command(
 
     With a `user_errors` list, the message of a line `error: ...` (how dbtools' commands
     report a problem the user can fix) is put there instead of being shown, and the output
-    after it (a launcher's traceback) is held back; `DBTOOLS_VERBOSE=1` shows it all.
+    after it (a launcher's traceback) is held back; `DBTOOLS_VERBOSE=1` shows them too.
     """
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     # A session of its own: the whole process tree can be stopped together.
@@ -389,8 +389,8 @@ def run_command(
                             start_new_session=os.name == "posix")
     tail: list[str] = []
     out = stream or sys.stdout
-    if user_errors is not None and os.environ.get("DBTOOLS_VERBOSE") != "1":
-        out = _ErrorLines(out, user_errors)
+    if user_errors is not None:
+        out = _ErrorLines(out, user_errors, show_all=os.environ.get("DBTOOLS_VERBOSE") == "1")
     try:
         _pump(proc.stdout, out, tail)
         if isinstance(out, _ErrorLines):
@@ -434,13 +434,15 @@ class _ErrorLines:
 
     PREFIX = "error: "
 
-    def __init__(self, out: TextIO, errors: list[str]):
-        self.out, self.errors = out, errors
+    def __init__(self, out: TextIO, errors: list[str], show_all: bool = False):
+        self.out, self.errors, self.show_all = out, errors, show_all
         self.line = ""  # the start of a line held back
         self.at_start = True
         self.after: list[str] | None = None  # text after an error line, once one was seen
 
     def write(self, text: str) -> None:
+        if self.show_all:
+            self.out.write(text)
         shown = []
         for part in re.split(r"(?<=[\r\n])", text):
             if not part:
@@ -460,7 +462,7 @@ class _ErrorLines:
             else:
                 shown.append(line)
                 self.at_start = line.endswith(("\n", "\r"))
-        if shown:
+        if shown and not self.show_all:
             self.out.write("".join(shown))
 
     def flush(self) -> None:
@@ -468,7 +470,7 @@ class _ErrorLines:
 
     def close(self) -> None:
         """The end of the output: a held line is shown; an error line becomes its message."""
-        if self.line:
+        if self.line and not self.show_all:
             self.out.write(self.line)
         if self.after is not None:
             self.errors.append(_error_message("".join(self.after)))

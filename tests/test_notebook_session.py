@@ -40,7 +40,7 @@ def test_a_user_error_shows_in_the_notebook_as_its_message_alone():
     assert any("Traceback" in line for line in shown[1])  # our bugs keep their traceback
 
 
-def test_run_command_takes_the_error_line_and_holds_back_the_launchers_traceback():
+def test_run_command_takes_the_error_line_and_holds_back_the_launchers_traceback(monkeypatch):
     code = textwrap.dedent("""
         import sys
         sys.stdout.write("steps: 10%\\rsteps: 20%\\r"); sys.stdout.flush()
@@ -55,6 +55,12 @@ def test_run_command_takes_the_error_line_and_holds_back_the_launchers_traceback
         nb.run_command([sys.executable, "-c", code], check=True, stream=out, user_errors=errors)
     assert errors == ["Cannot start training. Fix these first:\n- a.png: no caption file.\n- b: bad."]
     assert out.getvalue() == "steps: 10%\rsteps: 20%\r"
+    monkeypatch.setenv("DBTOOLS_VERBOSE", "1")  # verbose: everything shown, the message still taken
+    out, errors = io.StringIO(), []
+    with pytest.raises(nb.CommandError):
+        nb.run_command([sys.executable, "-c", code], check=True, stream=out, user_errors=errors)
+    assert errors[0].startswith("Cannot start training") and "CalledProcessError: boom" in out.getvalue()
+    monkeypatch.delenv("DBTOOLS_VERBOSE")
     # lines that only start like one are shown
     out, errors = io.StringIO(), []
     nb.run_command([sys.executable, "-c", "print('errors: 0'); print('err'); print('error:x')"], stream=out,
