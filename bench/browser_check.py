@@ -157,7 +157,7 @@ def gradio_check(work: Path, model: Path, out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", default="browser-check")
     args = parser.parse_args()
     out = Path(args.out)
