@@ -254,6 +254,11 @@ def ensure_class_images(
     _quiet(pipe)
     from tqdm.auto import tqdm
 
+    for concept, indices in todo:  # said before the bar starts, so no line is glued to it
+        if indices:
+            logger.info("class images: generating %d for %s in %s", len(indices),
+                        repr(concept.class_prompt) if concept.class_prompt else "the empty prompt",
+                        Path(concept.class_data_dir).expanduser())
     with tqdm(total=total, desc="class images", unit="img", disable=not cfg.show_progress) as bar:
         for concept, indices in todo:
             if indices:
@@ -265,7 +270,6 @@ def ensure_class_images(
 
 def _fill_folder(pipe, concept: Concept, indices: list[int], seed: int, cfg: ClassGenConfig, bar) -> int:
     folder = Path(concept.class_data_dir).expanduser()
-    logger.info("class images: generating %d for %r in %s", len(indices), concept.class_prompt, folder)
     written = 0
     for chunk in batches(indices, cfg.sample_batch_size):
         for index, image in zip(chunk, _generate(pipe, concept.class_prompt, chunk, seed, cfg)):

@@ -198,7 +198,8 @@ def _preview(output_dir: Path, say) -> Path:
     from dbtools.preview import run_preview
 
     grid = run_preview(output_dir)
-    say(f"7/7 preview grid of samples across steps: {grid}")
+    say(f"7/7 preview grid of samples across steps: {grid} (its samples are noise: they come from tiny "
+        "random models, made to show every stage running, not to draw anything)")
     return grid
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtools.captions import FORMAT_ALIASES, caption_file_name
+from dbtools.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _editor_format(fmt: str) -> str:
     """`fmt` under its table name, if the editor handles it; else `ValueError`."""
     name = FORMAT_ALIASES.get(fmt, fmt)
     if name not in CAPTION_FORMATS:
-        raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
+        raise UserError(f"unknown caption format {fmt!r}; use one of {', '.join(CAPTION_FORMATS)}.")
     return name
 
 
@@ -101,7 +102,7 @@ class CaptionEditor:
 
         fmt = _editor_format(fmt)
         if page_size < 1 or thumb < 16:
-            raise ValueError("page_size must be at least 1 and thumb at least 16 pixels.")
+            raise UserError("page_size must be at least 1 and thumb at least 16 pixels.")
         self.folder = Path(folder)
         self.fmt = fmt
         self.page_size = page_size
@@ -112,8 +113,15 @@ class CaptionEditor:
         self._edits: dict[Path, str] = {}
         self._ui: dict[str, Any] | None = None
         self._syncing = False
+        self.notes: list[str] = []
+        """What the last `save()` changed besides the captions (caption files that followed a rename)."""
         if self.fmt == "txt":
             _warn_shared_stems(self.images)
+        orphans = orphaned_caption_files(self.folder, self.images)
+        if orphans:
+            logger.warning("%d caption file(s) in %s belong to no image (training ignores them): %s",
+                           len(orphans), self.folder, ", ".join(p.name for p in orphans[:5])
+                           + (", ..." if len(orphans) > 5 else ""))
 
     # ----------------------------------------------------------------- paging and captions
 
@@ -166,6 +174,7 @@ class CaptionEditor:
                     area.value = text
                 finally:
                     self._syncing = False
+        self._show_pending()
 
     @property
     def pending(self) -> dict[Path, str]:
@@ -182,10 +191,15 @@ class CaptionEditor:
 
         Caption files are written atomically. In `filename` format an image is renamed to
         `<safe caption>_<i><ext>` with the first free `i` (never overwriting a file) and
-        the renames are logged to `<folder>/.dbtools/renames-<time>.jsonl`.
+        the renames are logged to `<folder>/.dbtools/renames-<time>.jsonl`; the image's
+        caption files for training (the Omnitool's `<image>.txt`, `<stem>.txt`,
+        `<stem>.caption`) follow it, with the old caption replaced by the new one in their
+        text (a file that does not hold the old caption is moved as it is). `notes` then
+        says what else changed.
         """
         from dbtools.captions import clean_caption
 
+        self.notes = []
         changes = {img: clean_caption(text) for img, text in self.pending.items()}
         if self.fmt == "filename":
             written = self._rename_images(changes)
@@ -221,13 +235,46 @@ class CaptionEditor:
                 continue
             target = free_caption_name(image.parent, text, image.suffix, taken)
             log = log or autocaption.new_renames_log(self.folder)
+            old_caption = self._saved.get(image, "")
             _record_rename(log, self.folder, image, target, text)
             taken.add(target.name)
             renamed.append(target)
             self._after_rename(image, target)
+            self.notes += self._follow_caption_files(log, image, target, old_caption, text)
         if renamed:
             logger.info("renamed %d image(s); undo with: python -m dbtools caption --undo %s", len(renamed), log)
+        for note in self.notes:
+            logger.info("%s", note)
         return renamed
+
+    def _follow_caption_files(self, log: Path, old: Path, new: Path, old_caption: str, caption: str) -> list[str]:
+        """Move `old`'s caption files for training to `new`'s names (each move logged for
+        undo) and put `caption` in place of `old_caption` in their text; one note each."""
+        from dbtools import autocaption
+        from dbtools.atomic import atomic_write_text
+        from dbtools.captions import caption_candidates
+        from dbtools.textio import read_caption_file
+
+        notes = []
+        stems = {p.stem for p in self.images}
+        for src_name, dst_name in zip(caption_candidates(old.name), caption_candidates(new.name)):
+            src, dst = old.with_name(src_name), new.with_name(dst_name)
+            if not src.is_file() or (src_name.startswith(old.stem + ".") and old.stem in stems):
+                continue  # none, or a `<stem>` file another image still uses
+            if dst.exists():
+                notes.append(f"{src.name} was left as it is: {dst.name} exists already.")
+                continue
+            text = read_caption_file(src).strip()
+            updated = replace_caption(text, old_caption, caption)
+            autocaption.append_jsonl(log, {"from": _relative(src, self.folder), "to": _relative(dst, self.folder)})
+            rename_no_overwrite(src, dst)
+            if updated is None:
+                notes.append(f"{dst.name} (was {src.name}) moved with its image; it does not hold the old "
+                             f"caption, so its text stays {text!r}: check it.")
+                continue
+            atomic_write_text(dst, updated + "\n")
+            notes.append(f"{dst.name} (was {src.name}), read by training, now holds {updated!r}.")
+        return notes
 
     def _after_rename(self, old: Path, new: Path) -> None:
         self.images[self.images.index(old)] = new
@@ -295,7 +342,7 @@ class CaptionEditor:
         prev_b.on_click(lambda _: self.page(max(0, self.current_page - 1)))
         next_b.on_click(lambda _: self.page(min(self.n_pages - 1, self.current_page + 1)))
         save_b.on_click(lambda _: self._save_clicked())
-        box = w.VBox([w.HBox([prev_b, label, next_b, save_b, status]), grid])
+        box = w.VBox([w.HBox([prev_b, label, next_b, save_b]), status, grid])  # status: a line of its own
         return dict(box=box, grid=grid, label=label, status=status, prev=prev_b, next=next_b,
                     save=save_b, areas={})
 
@@ -304,9 +351,10 @@ class CaptionEditor:
 
         ui = self._ui
         first = self.current_page * self.page_size
-        ui["label"].value = (f"&nbsp;page {self.current_page + 1}/{self.n_pages} &nbsp;"
-                             f"(images {first + 1}-{first + len(self.page_images())} of {len(self.images)})&nbsp;"
-                             if self.images else f"&nbsp;no images in {html.escape(str(self.folder))}&nbsp;")
+        ui["label"].value = ("<span style='white-space:nowrap'>" + (
+            f"&nbsp;page {self.current_page + 1}/{self.n_pages} &nbsp;"
+            f"(images {first + 1}-{first + len(self.page_images())} of {len(self.images)})&nbsp;"
+            if self.images else f"&nbsp;no images in {html.escape(str(self.folder))}&nbsp;") + "</span>")
         ui["prev"].disabled = self.current_page == 0
         ui["next"].disabled = self.current_page >= self.n_pages - 1
         ui["areas"] = {}
@@ -317,11 +365,27 @@ class CaptionEditor:
             area = w.Textarea(value=caption, layout=w.Layout(width="100%", height="4.5em"))
             area.observe(lambda change, img=image: self._area_changed(img, change["new"]), names="value")
             ui["areas"][image] = area
-            picture = w.Image(value=self.thumbnail(image), format="jpeg",
-                              layout=w.Layout(max_width=f"{self.thumb}px", max_height=f"{self.thumb}px"))
-            name = w.HTML(f"<small>{html.escape(image.name)}</small>")
-            cards.append(w.VBox([picture, name, area], layout=w.Layout(border="1px solid #ddd", padding="4px")))
+            # every card alike: a square picture box, the name on one line (in full on hover)
+            picture = w.Image(value=self.thumbnail(image), format="jpeg", layout=w.Layout(
+                width=f"{self.thumb}px", height=f"{self.thumb}px", object_fit="contain", align_self="center"))
+            name = w.HTML(f"<div title='{html.escape(image.name)}' style='white-space:nowrap;overflow:hidden;"
+                          f"text-overflow:ellipsis;font-size:smaller;line-height:1.4'>{html.escape(image.name)}</div>",
+                          layout=w.Layout(width="100%"))
+            cards.append(w.VBox([picture, name, area], layout=w.Layout(border="1px solid #ddd", padding="4px",
+                                                                       overflow="hidden")))
         ui["grid"].children = cards
+        self._show_pending()
+
+    def _show_pending(self) -> None:
+        """The status line says when edits wait for Save (they are kept across pages)."""
+        if self._ui is None:
+            return
+        n = len(self.pending)
+        if n:
+            self._ui["status"].value = (f"<b style='color:#b45f06'>{n} unsaved edit(s), kept when you change "
+                                        "page: press Save</b>")
+        elif "unsaved" in self._ui["status"].value:
+            self._ui["status"].value = ""
 
     def _area_changed(self, image: Path, text: str) -> None:
         if not self._syncing:
@@ -338,7 +402,37 @@ class CaptionEditor:
             logger.exception("saving captions failed")
             self._ui["status"].value = f"<b style='color:#c00'>Not saved: {html.escape(str(exc))}</b>"
             return
-        self._ui["status"].value = f"Saved {len(written)} file(s)."
+        self._ui["status"].value = "<br>".join(html.escape(line) for line in
+                                               [f"Saved {len(written)} file(s).", *self.notes])
+
+
+def replace_caption(text: str, old: str, new: str) -> str | None:
+    """`text` (a caption file's prompt, e.g. `sks style, <caption>, a painting`) with the
+    one comma-separated occurrence of the caption `old` replaced by `new`; None when `old`
+    is not in it exactly once as a whole part."""
+    import re
+
+    if not old:
+        return None
+    pattern = re.compile(r"(^|,\s*)" + re.escape(old) + r"(?=\s*,|$)")
+    if len(pattern.findall(text)) != 1:
+        return None
+    return pattern.sub(lambda m: m.group(1) + new, text)
+
+
+def orphaned_caption_files(folder: Path, images: list[Path]) -> list[Path]:
+    """Caption files named after an image (`<image name>.txt`, what the Omnitool writes) in
+    the folders of `images` whose image is not there (renamed or deleted)."""
+    from dbtools.images import is_image_name
+
+    names = {image.name for image in images}
+    folders = {image.parent for image in images} | {Path(folder)}
+    return sorted(p for d in folders if d.is_dir() for p in d.iterdir()
+                  if p.suffix == ".txt" and is_image_name(p.stem) and p.stem not in names and p.is_file())
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return Path(os.path.relpath(path, folder)).as_posix()
 
 
 def _close_tree(widget) -> None:
@@ -377,13 +471,10 @@ def _record_rename(log: Path, folder: Path, src: Path, dst: Path, caption: str) 
     """
     from dbtools import autocaption
 
-    def rel(p: Path) -> str:
-        return Path(os.path.relpath(p, folder)).as_posix()
-
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; not overwriting it.")
-    autocaption.append_jsonl(log, {"from": rel(src), "to": rel(dst)})
+    autocaption.append_jsonl(log, {"from": _relative(src, folder), "to": _relative(dst, folder)})
     rename_no_overwrite(src, dst)
     autocaption.append_jsonl(autocaption.manifest_path(folder), {
-        "source": os.path.abspath(src), "output": rel(dst), "format": "filename",
+        "source": os.path.abspath(src), "output": _relative(dst, folder), "format": "filename",
         "caption": caption, "action": "renamed", "renames_log": log.name})

@@ -122,7 +122,13 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
     ("accelerate.commands.launch", r"not passed to `accelerate launch` and had defaults used"),
     # accelerate names each file it writes into a checkpoint being built under a temporary
     # name (RNG pickles we then drop among them); our own line names the finished folder
-    ("accelerate.checkpointing", r"(weights|states?)( for dataloader \d+)? saved in |loaded successfully$"),
+    ("accelerate.checkpointing", r"(weights|states?)( for dataloader \d+)? saved in |loaded successfully$|"
+                                 r"(^|\] )Could not load random states$"),
+    # ... and the temporary folder itself (after its "[RANK n] "); ours say "checkpoint saved
+    # at" and "resuming from"
+    ("accelerate.accelerator", r"(^|\] )(Saving current state to|Loading states from|Loading in \d+ custom states)"),
+    # the bitsandbytes kernel package's note on its own download (offline, or not installed)
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
 )
 HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),
@@ -139,6 +145,25 @@ class _DropMatching:
 
     def filter(self, record) -> bool:
         return not self.pattern.search(record.getMessage())
+
+
+def quiet_library_progress_bars(verbose: bool = False) -> None:
+    """Hide transformers' and diffusers' own bars (loading components and weights, writing
+    shards: a few lines per save, unlabelled in a log), keeping downloads' bars. For a
+    process that has imported them (training); `verbose` keeps everything."""
+    import os
+
+    if verbose or os.environ.get("DBTOOLS_VERBOSE") == "1":
+        return
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    downloads = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # (this switches the Hub's bars off too)
+    diffusers.utils.logging.disable_progress_bar()
+    if downloads:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 def quiet_third_party(verbose: bool = False) -> None:

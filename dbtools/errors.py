@@ -10,7 +10,15 @@ import sys
 
 
 class UserError(ValueError):
-    """A problem the user can fix; the message names the file or flag and the fix."""
+    """A problem the user can fix; the message names the file or flag and the fix.
+
+    In IPython (the notebook) it shows as that one message, with no traceback: IPython
+    prints what `_render_traceback_` returns in place of the traceback. The cell still
+    fails, so Run All stops there.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[1;31merror:\x1b[0m {self}"]
 
 
 def report(exc: UserError) -> int:

@@ -415,7 +415,7 @@ def plot_curves(per_step: Sequence[dict], best: int | None = None):
 
     from dbtools.images import default_font
 
-    height = len(METRICS) * PANEL_HEIGHT + 30
+    height = len(METRICS) * PANEL_HEIGHT + 44
     img = Image.new("RGB", (PLOT_WIDTH, height), "white")
     draw = ImageDraw.Draw(img)
     font = default_font(13)
@@ -424,9 +424,33 @@ def plot_curves(per_step: Sequence[dict], best: int | None = None):
     x_of = _scale(lo, hi, MARGIN + 10, PLOT_WIDTH - 20)
     for i, key in enumerate(METRICS):
         _draw_panel(draw, font, per_step, key, i * PANEL_HEIGHT + 10, x_of, best)
+    axis = len(METRICS) * PANEL_HEIGHT - 24  # the last panel's bottom edge
+    for step in step_ticks(steps):
+        x = x_of(step)
+        draw.line((x, axis, x, axis + 4), fill=(90, 90, 90))
+        draw.text((x - 3 * len(str(step)), axis + 5), str(step), fill=(90, 90, 90), font=font)
     title = f"best step: {best}" if best is not None else "best step: none suggested"
-    draw.text((MARGIN, height - 20), f"step ({lo} to {hi});  {title}", fill=(0, 0, 0), font=font)
+    draw.text((MARGIN, height - 18), f"step;  {title}", fill=(0, 0, 0), font=font)
     return img
+
+
+def step_ticks(steps: Sequence[int], most: int = 8) -> list[int]:
+    """The saved steps to label on the step axis: all of them, or `most` spread evenly
+    (first and last included)."""
+    steps = sorted(set(steps))
+    if len(steps) <= most:
+        return steps
+    return sorted({steps[round(i * (len(steps) - 1) / (most - 1))] for i in range(most)})
+
+
+def axis_labels(lo: float, hi: float) -> tuple[str, str | None]:
+    """Labels for the top (`hi`) and bottom (`lo`) of a value axis, with as many digits as it
+    takes to tell them apart; `(label, None)` when the values are equal (one label, mid-axis)."""
+    for digits in range(3, 9):
+        top, bottom = f"{hi:.{digits}g}", f"{lo:.{digits}g}"
+        if top != bottom:
+            return top, bottom
+    return top, None
 
 
 def _scale(lo: float, hi: float, out_lo: float, out_hi: float):
@@ -448,8 +472,12 @@ def _draw_panel(draw, font, per_step, key: str, top: int, x_of, best: int | None
     y_of = _scale(min(values), max(values), bottom - 8, top + 26)
     draw.text((left, top), f"{label}  (min {min(values):.4g}, max {max(values):.4g})",
               fill=COLORS[key], font=font)
-    draw.text((4, top + 18), f"{max(values):.3g}", fill=(90, 90, 90), font=font)
-    draw.text((4, bottom - 14), f"{min(values):.3g}", fill=(90, 90, 90), font=font)
+    high, low = axis_labels(min(values), max(values))
+    if low is None:
+        draw.text((4, (top + 18 + bottom) // 2 - 7), high, fill=(90, 90, 90), font=font)
+    else:
+        draw.text((4, top + 18), high, fill=(90, 90, 90), font=font)
+        draw.text((4, bottom - 14), low, fill=(90, 90, 90), font=font)
     if best is not None:
         bx = x_of(best)
         draw.line((bx, top + 18, bx, bottom), fill=BEST_COLOR, width=2)
@@ -612,6 +640,8 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
     likeness model and instance images)."""
     from dbtools.generate import generate
 
+    if hasattr(pipe, "set_progress_bar_config"):  # one unlabelled bar per prompt otherwise
+        pipe.set_progress_bar_config(disable=True)
     gen = dict(steps=plan.settings["steps"], guidance_scale=plan.settings["guidance_scale"],
                height=plan.settings["size"], width=plan.settings["size"], batch_size=cfg.batch_size)
     record: dict = {}

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,10 +49,12 @@ MAX_SEED = 2**64 - 1
 def check_generation_args(num_images: int, steps: int, guidance_scale: float,
                           height: int | None, width: int | None, *, seed: int | None = None,
                           prompts: dict[str, str | None] | None = None) -> None:
-    """Raise one clear `ValueError` for settings the pipeline cannot use: the same ranges
-    for flags, the Gradio form and settings read from a PNG. `prompts` maps a setting's
-    name (`prompt`, `negative_prompt`) to its text."""
+    """Raise one clear `UserError` (a `ValueError`) for settings the pipeline cannot use: the
+    same ranges for flags, the Gradio form and settings read from a PNG. `prompts` maps a
+    setting's name (`prompt`, `negative_prompt`) to its text."""
     import math
+
+    from dbtools.errors import UserError
 
     problems = []
     if int(num_images) < 1:
@@ -71,7 +74,7 @@ def check_generation_args(num_images: int, steps: int, guidance_scale: float,
             problems.append(f"{name} of {len(text):,} characters: at most {MAX_PROMPT_CHARS:,} are taken (the text "
                             "encoder reads only its first 77 tokens, about 300 characters). Shorten it.")
     if problems:
-        raise ValueError(" ".join(problems))
+        raise UserError(" ".join(problems))
 
 
 def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
@@ -83,7 +86,7 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
     device = pick_device()
     pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=inference_dtype(device),
                          scheduler=scheduler)
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(leave=False, desc="generating")
     return pipe
 
 
@@ -302,36 +305,42 @@ def scheduler_choices() -> list[tuple[str, str]]:
     return [(DEFAULT_SCHEDULER, DEFAULT_SCHEDULER)] + [(f"{A1111_SAMPLERS[k]} ({k})", k) for k in SCHEDULERS]
 
 
-def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
+def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None, *,
+                     defaults: dict[str, Any] | None = None, check: Callable[[], None] | None = None):
     """A `gradio.Blocks` app for generating images with one model.
 
-    Fields: prompt, negative prompt, number of images, guidance, steps, width, height,
-    seed (-1 = random) and scheduler. The gallery serves the saved PNGs, settings
+    Fields: prompt, negative prompt, number of images, guidance, steps, width, height
+    (0 = the model's size), seed (-1 = random) and scheduler, starting from `defaults`
+    (`generate_images`' argument names). The gallery serves the saved PNGs, settings
     included, named `<index>-<seed>.png` (in `out_dir`, or a temporary folder when it is
-    None). Wrong values come back to the page as their message. The API name of the
-    generate action is `/generate`. Launch with `launch_gradio(app)`.
+    None). `check()` runs before each generation and may raise `UserError` (e.g. the
+    model was retrained). Wrong values come back to the page as their message. The API
+    name of the generate action is `/generate`. Launch with `launch_gradio(app)`.
     """
     import gradio as gr
 
     pipe = load_inference_pipeline(pipe_or_path)
-    run = _gradio_action(pipe, out_dir)
+    run = _gradio_action(pipe, out_dir, check)
     size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    d = {"prompt": "", "negative_prompt": "", "num_images": 1, "guidance_scale": 7.5, "steps": 30, "width": 0,
+         "height": 0, "seed": -1, "scheduler": DEFAULT_SCHEDULER, **(defaults or {})}
 
     with gr.Blocks(title="dbtools: generate") as app:
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", lines=2)
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt = gr.Textbox(value=d["prompt"], label="Prompt", lines=2)
+                negative = gr.Textbox(value=d["negative_prompt"], label="Negative prompt", lines=1)
                 with gr.Row():
-                    n = gr.Slider(1, 8, value=1, step=1, label="Images")
-                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
-                    steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                    n = gr.Slider(1, 8, value=min(max(int(d["num_images"]), 1), 8), step=1, label="Images")
+                    guidance = gr.Slider(0, 20, value=d["guidance_scale"], step=0.5, label="Guidance scale")
+                    steps = gr.Slider(1, 150, value=d["steps"], step=1, label="Steps")
                 with gr.Row():
-                    width = gr.Number(value=size, precision=0, label="Width (multiple of 8)")
-                    height = gr.Number(value=size, precision=0, label="Height (multiple of 8)")
+                    width = gr.Number(value=d["width"] or 0, precision=0, label=f"Width (multiple of 8; 0 = {size})")
+                    height = gr.Number(value=d["height"] or 0, precision=0, label=f"Height (multiple of 8; 0 = {size})")
                 with gr.Row():
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
-                    scheduler = gr.Dropdown(scheduler_choices(), value=DEFAULT_SCHEDULER, label="Scheduler")
+                    seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)")
+                    scheduler = gr.Dropdown(scheduler_choices(), value=d["scheduler"] or DEFAULT_SCHEDULER,
+                                            label="Scheduler")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Images")
@@ -341,9 +350,10 @@ def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None):
     return app
 
 
-def _gradio_action(pipe, out_dir: str | os.PathLike | None):
+def _gradio_action(pipe, out_dir: str | os.PathLike | None, check: Callable[[], None] | None = None):
     """The app's generate action: UI values in, (saved PNG paths with captions, saved paths
-    text) out; a user's mistake becomes `gr.Error` with its message."""
+    text) out; a user's mistake (or `check()`'s `UserError`) becomes `gr.Error` with its
+    message. A size of 0 (or empty) is the model's own."""
     import tempfile
 
     import gradio as gr
@@ -355,9 +365,12 @@ def _gradio_action(pipe, out_dir: str | os.PathLike | None):
 
     def run(prompt, negative, n, guidance, steps, width, height, seed, scheduler):
         try:
+            if check is not None:
+                check()
             with lock:  # one pipeline, one request at a time
                 results = generate(pipe, prompt, negative or "", int(n), float(guidance), int(steps),
-                                   int(height), int(width), None if seed is None else int(seed),
+                                   int(height or 0) or None, int(width or 0) or None,
+                                   None if seed is None else int(seed),
                                    None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler, folder)
         except (ValueError, UserError) as exc:
             raise gr.Error(str(exc)) from None
@@ -370,31 +383,41 @@ def _gradio_action(pipe, out_dir: str | os.PathLike | None):
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """`"user:password"` -> `("user", "password")`; empty -> None; `ValueError` otherwise."""
+    """`"user:password"` -> `("user", "password")`; empty -> None; `UserError` otherwise."""
+    from dbtools.errors import UserError
+
     text = (text or "").strip()
     if not text:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
-        raise ValueError("Gradio login: write it as user:password (in the form field or $GRADIO_AUTH).")
+        raise UserError("Gradio login: write it as user:password (in the form field or $GRADIO_AUTH).")
     return user, password
 
 
-def launch_gradio(app, share: bool | None = None, auth: str | None = None, height: int = 1100,
+def launch_gradio(app, share: bool | None = None, auth: str | None = None, height: int = 800,
                   **launch_kwargs):
     """Launch the app; `share` (a public link) defaults to True in Colab, False elsewhere.
 
     `auth` ("user:password", else `$GRADIO_AUTH`) asks for a login; a public link is
-    announced as public. `height` is the notebook frame's, tall enough for the whole form.
+    announced as public. `$GRADIO_SHARE=true` asks for one outside Colab; Gradio's own
+    lines (which point at `launch()` code the notebook's user never sees) are replaced by
+    one of ours. `height` is the notebook frame's, tall enough for the whole form.
     """
     from dbtools.env import in_colab
 
-    share = in_colab() if share is None else share
+    if share is None:
+        share = in_colab() or os.environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true")
     login = parse_auth(auth if auth is not None and auth.strip() else os.environ.get("GRADIO_AUTH"))
     if share:
         logger.warning("The Gradio UI gets a PUBLIC gradio.live link: anyone who has the link can use it%s.",
                        " after logging in" if login else " (set a user:password login to restrict it)")
-    return app.launch(share=share, auth=login, height=height, **launch_kwargs)
+    launched = app.launch(share=share, auth=login, height=height, quiet=True, **launch_kwargs)
+    if not in_colab():
+        logger.info("The UI runs at %s on this machine%s.", getattr(app, "local_url", None), "" if share else (
+            "; for a public link (anyone who has it can use the UI) set the environment variable "
+            "GRADIO_SHARE=true and run this cell again"))
+    return launched
 
 
 # --------------------------------------------------------------------------- command line

@@ -167,6 +167,9 @@ def is_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or looks_like_local_path(name)
 
 
+_SAID_REVISION: set[tuple[str, str]] = set()
+
+
 def resolve_revision(
     model_name_or_path: str, revision: str | None, variant: str | None
 ) -> tuple[str | None, str | None]:
@@ -179,7 +182,8 @@ def resolve_revision(
     tag or commit) are passed through for Hub ids.
     """
     if is_local(model_name_or_path):
-        if revision:
+        if revision and (model_name_or_path, revision) not in _SAID_REVISION:
+            _SAID_REVISION.add((model_name_or_path, revision))  # once per process, not per load
             logger.info("%s is a local path: ignoring --revision %s", model_name_or_path, revision)
         return None, variant
     if revision in ("fp16", "bf16"):

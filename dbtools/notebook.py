@@ -52,6 +52,7 @@ from dbtools.env import (
     quiet_third_party,
     versions_report,
 )
+from dbtools.error_lines import ErrorLines
 from dbtools.errors import UserError
 from dbtools.generate import (
     DEFAULT_SCHEDULER,
@@ -165,7 +166,7 @@ def resolve_output_dir(
     """
     text = str(path).strip()
     if not text:
-        raise ValueError("The output folder is empty: set OUTPUT_DIR to a folder name.")
+        raise UserError("The output folder is empty: set OUTPUT_DIR to a folder name.")
     p = Path(os.path.normpath(os.path.expanduser(text)))
     if not save_to_gdrive:
         return p
@@ -235,13 +236,13 @@ def _colab_secret(name: str) -> str | None:
 
 
 def weights_for_step(output_dir: str | os.PathLike, step: int) -> Path:
-    """The complete weights folder saved at `step`; `FileNotFoundError` lists the saved steps."""
+    """The complete weights folder saved at `step`; `UserError` lists the saved steps."""
     found = dict(list_weights(output_dir))
     if int(step) in found:
         return found[int(step)]
     have = ", ".join(str(s) for s in found) or "none yet"
-    raise FileNotFoundError(f"{Path(output_dir) / str(step)}: no complete weights saved at step {step}. "
-                            f"Saved steps: {have}. Pick one of them, or leave the step empty for the latest.")
+    raise UserError(f"{Path(output_dir) / str(step)}: no complete weights saved at step {step}. "
+                    f"Saved steps: {have}. Pick one of them, or leave the step empty for the latest.")
 
 
 # =========================================================================== training launch
@@ -268,9 +269,26 @@ def flag_args(**flags: Any) -> list[str]:
     return args
 
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+"""The project folder this dbtools was loaded from (it holds `train_dreambooth.py`)."""
+
+
+def train_script() -> list[str]:
+    """How `accelerate launch` runs training: the project's `train_dreambooth.py` wherever the
+    notebook runs from (its short name when it is in the working folder), else the same
+    trainer as a module (`-m dbtools train`, for an installed dbtools without the project)."""
+    script = PROJECT_DIR / "train_dreambooth.py"
+    if not script.is_file():
+        return ["-m", "dbtools", "train"]
+    try:
+        return [os.fspath(script.relative_to(Path.cwd().resolve()))]
+    except ValueError:
+        return [os.fspath(script)]
+
+
 def build_train_command(
     *,
-    script: str | os.PathLike = "train_dreambooth.py",
+    script: str | os.PathLike | None = None,
     launch_args: Iterable[str] = (),
     **flags: Any,
 ) -> list[str]:
@@ -281,24 +299,27 @@ def build_train_command(
     `flag_args` for how values become flags. `launch_args` go to `accelerate launch`
     itself (e.g. `["--num_processes=2"]`). Accelerate runs through the current Python
     (`python -m accelerate.commands.launch`), so the kernel's environment is used even
-    when its `bin/` is not on PATH. A `hub_token` is refused: log in with `hf_login()`.
+    when its `bin/` is not on PATH; `--quiet` keeps its own traceback out when training
+    stops with a message. `script` defaults to `train_script()`. A `hub_token` is refused:
+    log in with `hf_login()`.
     """
     from dbtools.train_config import is_secret_flag
 
     secret = [name for name, value in flags.items() if is_secret_flag(name) and value]
     if secret:
-        raise ValueError(f"Do not pass {secret[0]} as a flag (it would be visible in the command and "
+        raise UserError(f"Do not pass {secret[0]} as a flag (it would be visible in the command and "
                          "saved with the run). Log in with hf_login() or set $HF_TOKEN instead.")
     flags = {name: value for name, value in flags.items() if not is_secret_flag(name)}
     bad = [name for name in flags if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
     if bad:
-        raise ValueError(f"not valid flag names: {bad}")
+        raise UserError(f"not valid flag names: {bad}")
     args = flag_args(**flags)
-    if Path(script).name == "train_dreambooth.py":
+    target = train_script() if script is None else [os.fspath(script)]
+    if script is None or Path(script).name == "train_dreambooth.py":
         check_train_flags(args)
     launch_args = list(launch_args) or _launch_defaults()
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
-    return launcher + [os.fspath(script)] + args
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *launch_args]
+    return launcher + target + args
 
 
 def _launch_defaults() -> list[str]:
@@ -313,7 +334,7 @@ def _launch_defaults() -> list[str]:
 
 
 def check_train_flags(args: list[str]) -> None:
-    """Parse `args` with the training parser; `ValueError` naming a wrong flag or value.
+    """Parse `args` with the training parser; `UserError` naming a wrong flag or value.
 
     Catches typos in notebook fields before accelerate starts or a model loads.
     """
@@ -327,7 +348,7 @@ def check_train_flags(args: list[str]) -> None:
     try:
         _, unknown = parser.parse_known_args(args)
     except argparse.ArgumentError as exc:
-        raise ValueError(mask_secret_text(f"training flag problem: {exc}")) from None
+        raise UserError(mask_secret_text(f"training flag problem: {exc}")) from None
     known = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
     problems = []
     for arg in unknown:
@@ -336,7 +357,7 @@ def check_train_flags(args: list[str]) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             problems.append(f"--{name} is not a training flag" + (f" (did you mean --{close[0]}?)" if close else ""))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
 
 
 class CommandError(RuntimeError):
@@ -356,6 +377,7 @@ def run_command(
     check: bool = False,
     env: dict[str, str] | None = None,
     stream: TextIO | None = None,
+    user_errors: list[str] | None = None,
 ) -> int:
     """Run `argv`, streaming its stdout and stderr (merged, in order) as they are written.
 
@@ -364,6 +386,10 @@ def run_command(
     Returns the exit code; with `check=True` a non-zero exit raises `CommandError`
     quoting the last lines. Interrupting (the notebook's stop button) stops the child
     and everything it started (e.g. the processes `accelerate launch` spawns).
+
+    With a `user_errors` list, the message of a line `error: ...` (how dbtools' commands
+    report a problem the user can fix) is put there instead of being shown, and the output
+    after it (a launcher's traceback) is held back; `DBTOOLS_VERBOSE=1` shows them too.
     """
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     # A session of its own: the whole process tree can be stopped together.
@@ -371,8 +397,13 @@ def run_command(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=os.name == "posix")
     tail: list[str] = []
+    out = stream or sys.stdout
+    if user_errors is not None:
+        out = ErrorLines(out, user_errors, show_all=os.environ.get("DBTOOLS_VERBOSE") == "1")
     try:
-        _pump(proc.stdout, stream or sys.stdout, tail)
+        _pump(proc.stdout, out, tail)
+        if isinstance(out, ErrorLines):
+            out.close()
         code = proc.wait()
     except BaseException:
         _stop(proc)
@@ -404,6 +435,7 @@ def _pump(pipe, out: TextIO, tail: list[str], keep_chars: int = 4000) -> None:
     tail[:] = [line + "\n" for line in lines[-20:]]
 
 
+# A line where a launcher's or Python's report starts after our message.
 def _stop(proc: subprocess.Popen) -> None:
     """Stop `proc` and its process group: SIGTERM, then SIGKILL after 10 seconds."""
     _signal_tree(proc, signal.SIGTERM)
@@ -429,18 +461,24 @@ def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
 # form fields and this call, and the step is tested here.
 
 
-def setup(install: bool = True, requirements: str = "requirements.txt") -> bool:
+def setup(install: bool = True, requirements: str | os.PathLike | None = None) -> bool:
     """The setup cell: dbtools' messages in the cell, `requirements.txt` installed (Colab
     only, on top of Colab's torch; never with `DBTOOLS_SKIP_INSTALL=1`), Colab's widget
-    manager on, then the GPU and version reports. Returns whether this is Colab."""
+    manager on, then the GPU and version reports. `requirements` defaults to the project's
+    `requirements.txt`, wherever the notebook runs from. Returns whether this is Colab."""
     enable_logging()
     quiet_third_party()
     colab = in_colab()
-    if colab and install and os.environ.get("DBTOOLS_SKIP_INSTALL") != "1":
-        run_command([sys.executable, "-m", "pip", "install", "-q", "-r", requirements, "gradio>=5"], check=True)
+    skip = os.environ.get("DBTOOLS_SKIP_INSTALL") == "1"
+    why_not = ("not in Colab" if not colab else "DBTOOLS_SKIP_INSTALL=1" if skip
+               else "install_requirements is off" if not install else None)
+    if why_not is None:
+        requirements = requirements or PROJECT_DIR / "requirements.txt"
+        run_command([sys.executable, "-m", "pip", "install", "-q", "-r", os.fspath(requirements), "gradio>=5"],
+                    check=True)
     else:
-        logger.info("Not installing anything (not in Colab, DBTOOLS_SKIP_INSTALL=1, or install is off): "
-                    "using this environment's packages.")
+        logger.info("Not installing anything (%s): using this environment's packages.", why_not)
+    logger.info("Project folder: %s", PROJECT_DIR)
     if colab:
         from google.colab import output
 
@@ -458,7 +496,8 @@ def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **op
     out = resolve_output_dir(captioned_folder, on_drive) if captioned_folder.strip() else None
     if not images_folder.strip():
         if out is None:
-            raise ValueError("Set images_folder (to caption it) or captioned_folder (already captioned).")
+            raise UserError("Set images_folder (to caption it) or captioned_folder (already captioned) in "
+                            "step 4.")
         logger.info("Auto-captioning skipped; the next steps use the images in %s.", out)
         return out
     images = resolve_output_dir(images_folder, on_drive)
@@ -494,6 +533,9 @@ def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, c
         if class_dir:
             class_dir.mkdir(parents=True, exist_ok=True)  # training generates the class images into it
         instance = resolve_output_dir(instance_data_dir, on_drive) if instance_data_dir.strip() else captioned_dir
+        if instance is None:
+            raise UserError("No training images yet: fill in instance_data_dir in step 6 (the folder of your "
+                            "captioned images), or run step 4 (Auto-caption) first.")
         concepts = [Concept(instance_data_dir=str(instance), instance_prompt=instance_prompt,
                             class_prompt=class_prompt, class_data_dir=str(class_dir or ""))]
     method_1 = method.startswith("Method 1") and not concepts_file.strip()
@@ -552,7 +594,7 @@ def parse_extra_flags(text: str) -> dict[str, Any]:
     for i, token in enumerate(tokens):
         if not token.startswith("--"):
             if i == 0 or not tokens[i - 1].startswith("--") or "=" in tokens[i - 1]:
-                raise ValueError(f"extra flags: {token!r} is not a --flag or the value of one.")
+                raise UserError(f"extra_flags: {token!r} is not a --flag or the value of one.")
             continue
         name, eq, value = token[2:].partition("=")
         nxt = tokens[i + 1] if i + 1 < len(tokens) else None
@@ -640,8 +682,16 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
                     resume: bool = False, **options: Any) -> int:
     """The training cell: show the command (`training_command`, with this machine's GPU
     memory for `auto` and the fit check) and then its notes, run it with its output streamed
-    into the cell; raises `CommandError` with the last lines when it fails."""
-    return run_command(_shown_command(model, output_dir, concepts_list, resume, options), check=True)
+    into the cell. A problem the user can fix (the run's `error: ...` line) rises as one
+    `UserError` in the notebook's words; any other failure raises `CommandError` with the last lines."""
+    errors: list[str] = []
+    try:
+        return run_command(_shown_command(model, output_dir, concepts_list, resume, options), check=True,
+                           user_errors=errors)
+    except CommandError:
+        if not errors:  # not a message for the user: a bug, with its output
+            raise
+    raise UserError(notebook_words(errors[0]))
 
 
 async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
@@ -649,11 +699,16 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
     """The training cell with the live panel (`dbtools.panel`): `launch_training`'s command,
     with progress, loss curve, samples, scores and a **Stop and save** button shown while it
     runs and the text log folded. Await it in the cell (the kernel then handles the button);
-    interrupting the cell also stops and saves. Raises `CommandError` when the run fails."""
+    interrupting the cell also stops and saves. A problem the user can fix rises as one
+    `UserError` in the notebook's words, as in `launch_training`; any other failure raises
+    `CommandError`."""
     from dbtools.panel import run_live
 
     argv = _shown_command(model, output_dir, concepts_list, resume, options)
-    code, tail = await run_live(argv, output_dir)
+    errors: list[str] = []
+    code, tail = await run_live(argv, output_dir, user_errors=errors)
+    if code != 0 and errors:
+        raise UserError(notebook_words(errors[0]))
     if code != 0:
         raise CommandError(argv, code, [line + "\n" for line in tail.rstrip("\n").split("\n")[-20:]])
     return code
@@ -678,6 +733,35 @@ def tensorboard_step(session: Session, show: bool = True) -> bool:
     return show and show_tensorboard(session.output_dir)
 
 
+# The training script's words for its flags and the other commands, and the training
+# cell's words for them (in order: the longer phrases first).
+NOTEBOOK_WORDS: tuple[tuple[str, str], ...] = (
+    (r"with --resume_from_checkpoint latest", "by ticking `resume` in step 7 (Train)"),
+    (r"\(--resume_from_checkpoint\)", "(`resume` in step 7)"),
+    (r"--resume_from_checkpoint(?: latest)?", "`resume` (step 7)"),
+    (r"add --overwrite_output_dir to", "tick `overwrite_output_dir` in step 7 to"),
+    (r"--overwrite_output_dir", "`overwrite_output_dir` (step 7)"),
+    (r"choose a new --output_dir", "choose a new OUTPUT_DIR in step 3 (Settings)"),
+    (r"--output_dir\b", "OUTPUT_DIR"),
+    (r"Write one \(python -m dbtools extract\)", "Run step 6 (Omnitool) again to write it"),
+    (r"Write it with `python -m dbtools extract[^`]*`", "Run step 6 (Omnitool) to write it"),
+    (r"`?python -m dbtools extract\b[^`.;)]*`?", "step 6 (Omnitool)"),
+    (r"--(max_train_steps|learning_rate|extra_flags)\b", r"`\1` (step 7)"),
+    (r"--(resolution|train_text_encoder|memory_profile|with_prior_preservation|num_class_images|"
+     r"save_interval|save_sample_prompt)\b", r"`\1` (step 7a)"),
+    (r"--concepts_list\b", "concepts_list.json (step 6)"),
+    (r"--pretrained_model_name_or_path\b", "MODEL_NAME (step 3)"),
+)
+
+
+def notebook_words(message: str) -> str:
+    """A training message with its command-line words (flags, `python -m dbtools ...`)
+    replaced by the notebook's (the field and the step to change)."""
+    for pattern, words in NOTEBOOK_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
+
+
 # =========================================================================== the session and later steps
 
 
@@ -690,6 +774,12 @@ class Session:
     on_drive: bool = False
     captioned_dir: Path | None = None
     weights_dir: Path | None = None
+    weights_id: tuple | None = None
+    """`weights_identity` of `weights_dir` when it was picked: a retrain changes it."""
+    weights_step: str = ""
+    """The step typed into the pick cell ("" when the cell chose the suggested or latest)."""
+    generate_settings: dict[str, Any] = field(default_factory=dict)
+    """The generate cell's last settings: the Gradio UI starts from them."""
     exported_from: list[Path] = field(default_factory=list)
     exported_fingerprints: dict[Path, str] = field(default_factory=dict)
     """Each exported folder's `weights_fingerprint` at export time: the cleanup cell counts an
@@ -706,8 +796,8 @@ class Session:
     def start(cls, model: str, output_dir: str, save_to_gdrive: bool) -> Session:
         """The settings cell: mount Drive when asked (Colab only), make the output folder,
         tell the model's family (the training cell adapts to it)."""
-        on_drive = bool(save_to_gdrive) and mount_drive()
-        out = resolve_output_dir(output_dir, save_to_gdrive)
+        on_drive = bool(save_to_gdrive) and mount_drive()  # outside Colab it says so, once
+        out = resolve_output_dir(output_dir, on_drive)
         out.mkdir(parents=True, exist_ok=True)
         session = cls(model=model, output_dir=out, on_drive=on_drive, family=_try_detect(model))
         logger.info("Base model: %s%s\nOutput folder: %s", model, _family_line(session.family), out)
@@ -721,10 +811,48 @@ class Session:
         """A folder typed into a form field, on Drive when the session is."""
         return resolve_output_dir(text, self.on_drive)
 
+    def use_weights(self, weights: Path, step: str = "") -> Path:
+        """Remember `weights` as the picked weights (`step`: the step the user typed)."""
+        self.weights_dir, self.weights_id, self.weights_step = weights, weights_identity(weights), step
+        return weights
+
     def weights(self) -> Path:
+        """The picked weights. When training wrote a new run into the output folder since they
+        were picked, the new run's suggested or latest weights (said in one line), or, for a
+        step the user typed, one line asking to pick again."""
         if self.weights_dir is None:
-            raise UserError("No weights picked yet: run the 'Pick the weights' cell first.")
-        return self.weights_dir
+            raise UserError("No weights picked yet: run step 8 (Pick the weights) first.")
+        if self.weights_current():
+            return self.weights_dir
+        if self.weights_step:
+            raise UserError(f"The weights picked in step 8 ({self.weights_dir}) are not there any more: the "
+                            "output folder holds a new training run. Run step 8 (Pick the weights) again.")
+        weights = suggested_weights(self.output_dir) or latest_weights(self.output_dir)
+        if weights is None:
+            raise UserError(f"The weights picked in step 8 are gone and {self.output_dir} holds no complete "
+                            "weights yet: let training finish (step 7), then run step 8 again.")
+        logger.info("The output folder holds a new training run since step 8: using its weights in %s "
+                    "(run step 8 to pick another step).", weights)
+        return self.use_weights(weights)
+
+    def weights_current(self, weights: Path | None = None, identity: tuple | None = None) -> bool:
+        """True while `weights` (default: the picked weights) are the files they were when
+        picked (`identity`, default: the picked identity)."""
+        if weights is None:
+            weights, identity = self.weights_dir, self.weights_id
+        return weights is not None and identity is not None and weights_identity(weights) == identity
+
+
+def weights_identity(folder: Path) -> tuple | None:
+    """What tells one run's weights folder from the next run's at the same path: the name,
+    file id, size and modification time of its first marker file (None when it has none)."""
+    for name in ("model_index.json", "pytorch_lora_weights.safetensors", "args.json"):
+        try:
+            st = (Path(folder) / name).stat()
+        except OSError:
+            continue
+        return name, st.st_ino, st.st_size, st.st_mtime_ns
+    return None
 
 
 def _try_detect(model: str):
@@ -800,7 +928,7 @@ def pick_weights(session: Session, step: str = "") -> Path:
         if weights is None:
             raise UserError(f"No complete weights in {session.output_dir} yet: run the training cell first "
                             "(or check OUTPUT_DIR).")
-    session.weights_dir = weights
+    session.use_weights(weights, step.strip())
     logger.info("Using the weights in %s", weights)
     curves = score_curves(session.output_dir)
     if curves is not None:
@@ -846,8 +974,7 @@ def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, t
     from dbtools.preview import run_preview
 
     png = run_preview(session.output_dir, steps=parse_steps(steps), max_samples=samples_per_step,
-                      thumb=thumbnail_size)
-    logger.info("Saved %s", png)
+                      thumb=thumbnail_size)  # (it says where it saved the grid)
     _show(png)
     return png
 
@@ -893,7 +1020,11 @@ def generate_step(session: Session, prompt: str, negative_prompt: str = "", num_
                   guidance_scale: float = 7.5, steps: int = 30, width: int = 512, height: int = 512,
                   seed: int = -1, scheduler: str = DEFAULT_SCHEDULER) -> list[Path]:
     """The generate cell: images saved in `<output>/generated/` with their settings, and shown.
-    A `width`/`height` of 0 is the model's own size (512 for SD 1.x, 1024 for SDXL)."""
+    A `width`/`height` of 0 is the model's own size (512 for SD 1.x, 1024 for SDXL). The
+    settings are kept for the Gradio UI to start from."""
+    session.generate_settings = dict(prompt=prompt, negative_prompt=negative_prompt, num_images=num_images,
+                                     guidance_scale=guidance_scale, steps=steps, width=width, height=height,
+                                     seed=seed, scheduler=scheduler)
     paths = generate_images(session.weights(), prompt, negative_prompt, num_images, guidance_scale, steps,
                             height or None, width or None, seed, None if scheduler == DEFAULT_SCHEDULER else scheduler,
                             out_dir=session.output_dir / "generated")
@@ -903,12 +1034,22 @@ def generate_step(session: Session, prompt: str, negative_prompt: str = "", num_
 
 
 def gradio_step(session: Session, save_images: bool = True, auth: str = ""):
-    """The Gradio cell: replace the session's running UI with one for the picked weights."""
+    """The Gradio cell: replace the session's running UI with one for the picked weights,
+    starting from the generate cell's settings. When training writes a new run into the
+    output folder, the UI refuses to generate from the old model and says to run this cell again."""
     if session.app is not None:
         session.app.close()  # one UI at a time; frees its model
         session.app = None
-    session.app = build_gradio_app(session.weights(),
-                                   out_dir=session.output_dir / "gradio" if save_images else None)
+    weights = session.weights()
+    identity = session.weights_id
+
+    def check() -> None:
+        if not session.weights_current(weights, identity):
+            raise UserError("The output folder holds a new training run since this UI started: run step 12 "
+                            "(Gradio UI) again to load it (step 8 picks another step).")
+
+    session.app = build_gradio_app(weights, out_dir=session.output_dir / "gradio" if save_images else None,
+                                   defaults=session.generate_settings, check=check)
     return launch_gradio(session.app, auth=auth)
 
 

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 from PIL import Image, ImageDraw
 
 from dbtools.checkpoints import RUN_FILES_DIR
+from dbtools.error_lines import ErrorLines
 from dbtools.images import default_font
 from dbtools.train_watch import PROGRESS_FILE
 
@@ -583,9 +584,12 @@ def start_live(argv: Sequence[str | os.PathLike], cwd: str | os.PathLike | None 
 async def run_live(argv: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
                    panel: TrainingPanel | None = None, show: bool = True, cwd: str | os.PathLike | None = None,
                    env: dict[str, str] | None = None, poll_seconds: float = 1.0,
-                   stream: TextIO | None = None, script: str = "train_dreambooth.py") -> tuple[int, str]:
+                   stream: TextIO | None = None, script: str = "train_dreambooth.py",
+                   user_errors: list[str] | None = None) -> tuple[int, str]:
     """Run the training command `argv` while the panel (`make_panel`, shown unless `show` is
     False) follows `output_dir`; without a panel the output goes to `stream` (default stdout).
+    With a `user_errors` list, the run's `error: ...` message goes there instead of the log,
+    and what a launcher prints after it is held back (`ErrorLines`).
 
     An interrupt of the awaiting cell (KeyboardInterrupt or the kernel's cancellation) asks
     the run to stop and save, like the button, and the wait goes on until it has exited; each
@@ -598,12 +602,17 @@ async def run_live(argv: Sequence[str | os.PathLike], output_dir: str | os.PathL
         panel.on_stop = run.stop
         if show:
             _display(panel.widget)
+    out = _LogSink(panel, stream)
+    if user_errors is not None:
+        out = ErrorLines(out, user_errors, show_all=os.environ.get("DBTOOLS_VERBOSE") == "1")
     try:
-        await _follow(run, panel, stream, poll_seconds)
+        await _follow(run, panel, out, poll_seconds)
     except BaseException:  # not an interrupt (handled there): never leave the run going unwatched
         if run.proc.poll() is None:
             run.stop()
         raise
+    if isinstance(out, ErrorLines):
+        out.close()
     code = run.proc.wait()
     run.proc.stdout.close()
     if panel is not None:
@@ -613,14 +622,14 @@ async def run_live(argv: Sequence[str | os.PathLike], output_dir: str | os.PathL
     return code, run.tail
 
 
-async def _follow(run: LiveRun, panel: TrainingPanel | None, stream: TextIO | None, poll_seconds: float) -> None:
+async def _follow(run: LiveRun, panel: TrainingPanel | None, out: TextIO, poll_seconds: float) -> None:
     """Pass the output on and refresh the panel until the output ends; an interrupt stops the run."""
     ended = False
     while not ended:
         try:
             text, ended = run.drain()
             if text:
-                _write(panel, stream, text)
+                out.write(text)
             if panel is not None:
                 _refresh(panel)
             if not ended:
@@ -640,13 +649,22 @@ def _refresh(panel: TrainingPanel) -> PanelState | None:
         return None
 
 
-def _write(panel: TrainingPanel | None, stream: TextIO | None, text: str) -> None:
-    if panel is not None:
-        panel.write_log(text)
-    else:
-        out = stream or sys.stdout
-        out.write(text)
-        out.flush()
+class _LogSink:
+    """Where the run's output goes: the panel's folded log, else `stream` (default stdout)."""
+
+    def __init__(self, panel: TrainingPanel | None, stream: TextIO | None):
+        self.panel, self.stream = panel, stream
+
+    def write(self, text: str) -> None:
+        if self.panel is not None:
+            self.panel.write_log(text)
+        else:
+            out = self.stream or sys.stdout
+            out.write(text)
+            out.flush()
+
+    def flush(self) -> None:
+        pass
 
 
 def _display(widget) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.data import DataPlan, DreamBoothData, place_items, step_seed
@@ -199,7 +200,8 @@ def _log_start(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> No
     logger.info("data: %d instance images%s%s", len(plan.instance), held, prior)
     savers = [name for name, on in (("8-bit Adam", cfg.use_8bit_adam), ("gradient checkpointing",
               cfg.gradient_checkpointing), ("LoRA", cfg.use_lora)) if on]
-    logger.info("precision: %s on %s%s", accelerator.mixed_precision, accelerator.device,
+    precision = "fp32 (no mixed precision)" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    logger.info("precision: %s on %s%s", precision, accelerator.device,
                 f"; memory: {', '.join(savers)}" if savers else "")
     steps = cfg.max_train_steps or f"{cfg.num_train_epochs} epoch(s)"
     ckpt = f", checkpoints every {cfg.checkpointing_steps}" if cfg.checkpointing_steps else ""
@@ -253,7 +255,7 @@ def loop(run: Run) -> tuple[int, int]:
     skipped = nonfinite_in_a_row = 0
     step = run.start_step
     run.watch.loop_started(run)
-    with run.batches:
+    with run.batches, logging_redirect_tqdm():  # log lines on their own line, above the bar
         while step < run.max_train_steps and not run.watch.should_stop(run):
             loss = train_step(run, step)
             step += 1
@@ -536,6 +538,9 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
+    from dbtools.env import quiet_library_progress_bars
+
+    quiet_library_progress_bars(cfg.verbose)
     try:
         result = train(cfg)
     except KeyboardInterrupt:  # before the loop, or a third interrupt while stopping

@@ -393,7 +393,8 @@ def _output_flags(f: _FlagAdder) -> None:
     f("validation_images", "DeepFloyd IF only: not supported here.", nargs="+")
     f("class_labels_conditioning", "DeepFloyd IF only: not supported here.", type=str)
     f.switch("verbose", "Show every third-party warning and log line.")
-    f("logging_dir", "TensorBoard folder, under <output_dir>/0/.", type=str)
+    f("logging_dir", "TensorBoard folder, under <output_dir>/0/ (default: <output_dir>/0/logs, Shivam's layout).",
+      type=str)
     f("log_interval", "Show the mean loss every N steps.", type=int)
     f("report_to", "tensorboard, wandb, all or none.", type=str)
 

@@ -93,17 +93,28 @@ def _can_write(folder: Path) -> bool:
 # --------------------------------------------------------------------------- another run
 
 
+# What an earlier run and the steps after it leave in the output folder besides its weights:
+# logs, held-out images, scores, the preview grid, generated images and exports.
+RUN_FOLDERS = ("logs", "validation", "generated", "gradio")
+RUN_FILES = ("metrics.jsonl", "metrics-summary.json", "metrics.png", "preview.png")
+EXPORT_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def previous_run_entries(output_dir: str | os.PathLike) -> list[Path]:
-    """What an earlier run left in `output_dir`: step folders (`<step>/`, including `0/` with
-    its logs), `checkpoint-<step>/`, `validation/`, and a pipeline or LoRA saved in the
-    folder itself (diffusers layout)."""
+    """What an earlier run left in `output_dir`: step folders (`<step>/`, including an older
+    run's `0/` with its logs), `checkpoint-<step>/`, `RUN_FOLDERS`, `RUN_FILES`, exported
+    single files, and a pipeline or LoRA saved in the folder itself (diffusers layout).
+    Anything else (`concepts_list.json`, the user's own files) stays."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [p for _, p in step_folders(root)] + [p for _, p in step_folders(root, CHECKPOINT_PREFIX)]
-    found += [root / "validation"] if (root / "validation").is_dir() else []
+    found += [root / n for n in RUN_FOLDERS if (root / n).is_dir()]
+    found += [root / n for n in RUN_FILES if (root / n).is_file()]
     if is_weights_folder(root):
         found += [root / n for n in _pipeline_entries(root) if (root / n).exists()]
+    else:
+        found += sorted(p for p in root.iterdir() if p.suffix in EXPORT_SUFFIXES and p.is_file())
     return found
 
 

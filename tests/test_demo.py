@@ -35,6 +35,8 @@ def test_demo_runs_every_stage_and_reports_its_outputs(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "tiny and random" in printed
+    [preview_line] = [line for line in printed.splitlines() if "preview grid" in line]
+    assert "samples are noise" in preview_line and "tiny random models" in preview_line
 
 
 def test_zero_steps_is_a_clear_message_before_anything_is_written(tmp_path, capsys):

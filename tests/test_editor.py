@@ -118,8 +118,13 @@ def test_editor_widget_on_a_large_folder(tmp_path):
     area = ed._ui["areas"][folder / "24.png"]
     area.value = "typed in the browser"
     assert ed.pending == {folder / "24.png": "typed in the browser"}
+    assert "1 unsaved edit(s)" in ed._ui["status"].value
+    ed._ui["next"].click()  # another page: the edit is kept, and the editor says so
+    assert "1 unsaved edit(s), kept when you change page" in ed._ui["status"].value
+    ed._ui["prev"].click()
     ed.set_caption(folder / "25.png", "set from python")
     assert ed._ui["areas"][folder / "25.png"].value == "set from python"
+    assert "2 unsaved edit(s)" in ed._ui["status"].value
     ed._ui["save"].click()
     assert (folder / "24.png.txt").read_text() == "typed in the browser\n"
     assert (folder / "25.png.txt").read_text() == "set from python\n"

@@ -62,7 +62,25 @@ def test_accelerate_checkpoint_file_lines_are_hidden_but_its_other_lines_stay(ca
         log.info("Sampler state for dataloader 0 saved in out/.tmp-checkpoint-3-x/sampler.bin")
         log.info("All model weights loaded successfully")
         log.info("Could not find a sampler state to load")
+        log.info("[RANK 0] Could not load random states")  # every resume: we drop the RNG pickles on purpose
     assert [r.getMessage() for r in caplog.records] == ["Could not find a sampler state to load"]
+
+
+def test_accelerate_temporary_folder_and_bitsandbytes_kernel_lines_are_hidden(caplog):
+    import logging
+
+    env.quiet_third_party()
+    lines = [("accelerate.accelerator", "[RANK 0] Saving current state to out/.tmp-checkpoint-2-0ed8d6ff"),
+             ("accelerate.accelerator", "Loading states from out/checkpoint-2"),
+             ("accelerate.accelerator", "[RANK 0] Loading in 0 custom states"),
+             ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-"
+                                           "bitsandbytes' because Hugging Face Hub is in offline mode."),
+             ("accelerate.accelerator", "Saving the state of a model that is not prepared"),
+             ("kernels._internals.hf_hub", "Skipping publisher trust check for 'someone-else/repo'")]
+    with caplog.at_level(logging.INFO):
+        for name, message in lines:
+            logging.getLogger(name).info(message)
+    assert [r.getMessage() for r in caplog.records] == [lines[4][1], lines[5][1]]
 
 
 def test_gpu_figures_come_from_nvidia_smi_without_waking_cuda_here(monkeypatch):

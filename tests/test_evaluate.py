@@ -293,13 +293,27 @@ def test_plot_draws_every_curve_and_marks_the_best_step(tmp_path):
                     drift=[0.3, 0.31, 0.4])
     path = ev.save_plot(tmp_path, per_step, best=200)
     img = Image.open(path).convert("RGB")
-    assert img.size == (ev.PLOT_WIDTH, 4 * ev.PANEL_HEIGHT + 30)
+    assert img.size == (ev.PLOT_WIDTH, 4 * ev.PANEL_HEIGHT + 44)
     arr = np.asarray(img)
     for color in ev.COLORS.values():
         assert (arr == color).all(axis=2).sum() > 50
     x = round((ev.MARGIN + 10 + ev.PLOT_WIDTH - 20) / 2)  # step 200 is the middle of 100..300
     column = arr[:, x - 1:x + 2]
     assert (column == ev.BEST_COLOR).all(axis=2).sum() >= 3 * 100
+
+
+def test_plot_axes_tell_close_values_apart_and_label_the_steps():
+    assert ev.axis_labels(-0.17512, -0.17488) == ("-0.1749", "-0.1751")  # was "-0.175" twice
+    assert ev.axis_labels(0.2, 0.9) == ("0.9", "0.2")
+    assert ev.axis_labels(0.5, 0.5) == ("0.5", None)
+    assert ev.step_ticks([300, 100, 200]) == [100, 200, 300]
+    ticks = ev.step_ticks(range(500, 20001, 500))
+    assert len(ticks) == 8 and ticks[0] == 500 and ticks[-1] == 20000
+    img = np.asarray(ev.plot_curves(rows(likeness=[0.2, 0.6, 0.9], fidelity=[0.3, 0.28, 0.2],
+                                         loss=[0.2, 0.18, 0.19])).convert("L"))
+    axis = len(ev.METRICS) * ev.PANEL_HEIGHT - 24
+    below = img[axis + 1:axis + 20]  # tick marks and step numbers under the last panel
+    assert (below < 128).sum(axis=0).nonzero()[0].size > 20
 
 
 # --------------------------------------------------------------------------- the command

@@ -149,7 +149,16 @@ def test_launch_announces_a_public_link_and_takes_auth(monkeypatch, caplog):
     assert calls[-1]["share"] is True and calls[-1]["auth"] == ("me", "secret")
     assert "PUBLIC" in caplog.text and "after logging in" in caplog.text
     G.launch_gradio(FakeApp(), share=False, auth="a:b")
-    assert calls[-1]["auth"] == ("a", "b") and calls[-1]["height"] >= 1000
+    assert calls[-1]["auth"] == ("a", "b") and calls[-1]["height"] >= 600
+    # Gradio's own lines point at launch() code a notebook user never sees: ours say how
+    monkeypatch.setattr("dbtools.env.in_colab", lambda: False)
+    with caplog.at_level("INFO", logger="dbtools.generate"):
+        G.launch_gradio(FakeApp())
+    assert calls[-1]["quiet"] is True and calls[-1]["share"] is False
+    assert "set the environment variable GRADIO_SHARE=true and run this cell again" in caplog.text
+    monkeypatch.setenv("GRADIO_SHARE", "true")
+    G.launch_gradio(FakeApp())
+    assert calls[-1]["share"] is True
     with pytest.raises(ValueError, match="user:password"):
         G.launch_gradio(FakeApp(), share=False, auth="nocolon")
 

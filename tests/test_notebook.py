@@ -65,6 +65,28 @@ def set_form_values(nb, values: dict) -> None:
         nb.cells[c].source = "\n".join(lines)
 
 
+def copy_of(cell, **values):
+    """A copy of a form cell with some of its fields changed (run again after Run All)."""
+    cell = nbformat.from_dict(json.loads(json.dumps(cell)))
+    lines = cell.source.splitlines()
+    for i, line in enumerate(lines):
+        m = PARAM_LINE.match(line)
+        if m and m["name"] in values:
+            lines[i] = f"{m['name']} = {values.pop(m['name'])!r}  #@param{m['spec']}"
+    assert not values, f"not fields of this cell: {values}"
+    cell.source, cell.outputs = "\n".join(lines), []
+    return cell
+
+
+def run_after(client, nb, cell) -> None:
+    """Run `cell` in the kernel after the notebook's own cells (it is not kept in `nb`)."""
+    nb.cells.append(cell)
+    try:
+        client.execute_cell(cell, len(nb.cells) - 1)
+    finally:
+        nb.cells.pop()
+
+
 def cell_titled(nb, prefix: str) -> int:
     hits = [i for i, cell in enumerate(nb.cells)
             if cell.cell_type == "code" and cell.source.startswith(f"#@title {prefix}")]
@@ -404,9 +426,13 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
                                                       monkeypatch):
     """A new user's Run All: the notebook's own defaults (Method 1, no prompts, prior
     preservation, Drive on, the default memory profile, no extra flags), offline and with
-    no token; only model names, paths, sizes and step/image counts are changed for CPU."""
+    no token; only model names, paths, sizes and step/image counts are changed for CPU.
+    The notebook runs outside the project folder; then Run All again stops at training
+    with one short message; a caption fixed in the editor reaches the retrained model, and
+    the generate cell follows the new run."""
     from gradio_client import Client
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     from dbtools.demo import make_dataset
     from dbtools.notebook import read_png_settings
@@ -437,8 +463,15 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     assert defaults["instance_prompt"] == "" and defaults["extra_flags"] == "" and defaults["confirm"] == ""
     set_form_values(nb, changed)
 
-    client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(REPO)}})
+    elsewhere = tmp_path / "elsewhere"  # opened outside the project folder
+    elsewhere.mkdir()
+    client = NotebookClient(nb, kernel_name=kernel, timeout=900, resources={"metadata": {"path": str(elsewhere)}})
     gradio_cell, tensorboard_cell = cell_titled(nb, "12."), cell_titled(nb, "7b.")
+    again = copy_of(nb.cells[cell_titled(nb, "7.")])
+    fix = nbformat.v4.new_code_cell('editor.set_caption(editor.images[0], "a hand fixed caption")\n'
+                                    'edited = editor.save()\nprint(editor.notes)')
+    retrain = copy_of(nb.cells[cell_titled(nb, "7.")], overwrite_output_dir=True, max_train_steps=2)
+    generate_again = copy_of(nb.cells[cell_titled(nb, "11.")])
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)  # raises CellExecutionError with the traceback
@@ -446,30 +479,62 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
                 tensorboards = tensorboard_servers()  # while the kernel (and the servers it started) runs
             if index == gradio_cell:
                 ui = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 64, 64, 3, "model default", api_name="/generate")
-    client.set_widgets_metadata()  # the Output widgets' text: the training log
-    text = {i: stream_text(cell, widget_states(nb)) for i, cell in enumerate(nb.cells)}
+                gallery, _ = ui.predict("a castle", "", 1, 7.5, 2, 0, 64, 3, "model default", api_name="/generate")
+        # the first run, checked before the cells run after it change the output folder
+        client.set_widgets_metadata()  # the Output widgets' text: the training log
+        text = {i: stream_text(cell, widget_states(nb)) for i, cell in enumerate(nb.cells)}
 
-    login = text[cell_titled(nb, "2.")]
-    assert "hf auth login" in login and "need no login" in login
-    # Method 1: no prompts; class images generated from the empty class prompt, with a warning
-    assert len(list(klass.glob("*.jpg"))) == 2
-    train_text = text[cell_titled(nb, "7.")]
-    assert "class prompt is empty" in train_text
-    # one resume checkpoint kept; weights in Shivam's layout
-    assert (out / "4" / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
-    assert "--score_saves" in train_text.splitlines()[0]
-    assert_live_panel_and_scores(nb.cells[cell_titled(nb, "7.")], train_text, out)
-    # scores are on by default: the pick cell took the suggested best step, and the export is of it
-    best = json.loads((out / "metrics-summary.json").read_text())["best_step"]
-    assert best in (2, 4) and f"Step {best} is the suggested best step" in text[cell_titled(nb, "8.")]
-    assert f"Using the weights in {out / str(best)}" in text[cell_titled(nb, "8.")]
-    assert (out / "preview.png").is_file() and (out / f"out-{best}.safetensors").is_file()
-    generated = sorted((out / "generated").glob("*.png"))
-    assert len(generated) == 2 and read_png_settings(generated[0])["prompt"] == defaults["prompt"]
-    assert len(gallery) == 1
-    # the cleanup cell only shows its plan without the confirm word
-    cleanup = text[cell_titled(nb, "13.")]
-    assert "Nothing to delete" in cleanup and f"{6 - best} (not exported yet)" in cleanup
-    assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
-    assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)
+        login = text[cell_titled(nb, "2.")]
+        assert "hf auth login" in login and "need no login" in login
+        # Method 1: no prompts; class images generated from the empty class prompt, with a warning
+        assert len(list(klass.glob("*.jpg"))) == 2
+        train_text = text[cell_titled(nb, "7.")]
+        assert "class prompt is empty" in train_text
+        # one resume checkpoint kept; weights in Shivam's layout
+        assert (out / "4" / "model_index.json").is_file()
+        assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+        assert "--score_saves" in train_text.splitlines()[0]
+        assert_live_panel_and_scores(nb.cells[cell_titled(nb, "7.")], train_text, out)
+        # scores are on by default: the pick cell took the suggested best step, and the export is of it
+        best = json.loads((out / "metrics-summary.json").read_text())["best_step"]
+        assert best in (2, 4) and f"Step {best} is the suggested best step" in text[cell_titled(nb, "8.")]
+        assert f"Using the weights in {out / str(best)}" in text[cell_titled(nb, "8.")]
+        assert (out / "preview.png").is_file() and (out / f"out-{best}.safetensors").is_file()
+        generated = sorted((out / "generated").glob("*.png"))
+        assert len(generated) == 2 and read_png_settings(generated[0])["prompt"] == defaults["prompt"]
+        assert len(gallery) == 1
+        # the cleanup cell only shows its plan without the confirm word
+        cleanup = text[cell_titled(nb, "13.")]
+        assert "Nothing to delete" in cleanup and f"{6 - best} (not exported yet)" in cleanup
+        assert "deleted" not in cleanup.lower() and (out / "2").is_dir()
+        assert_tensorboard_shown(nb.cells[tensorboard_cell], tensorboards, out)
+
+        with pytest.raises(CellExecutionError):  # a second Run All: the folder holds a run
+            run_after(client, nb, again)
+        for cell in (fix, retrain, generate_again):  # fix a caption, retrain, generate
+            run_after(client, nb, cell)
+
+    # quiet output: harmless third-party lines hidden, our lines on lines of their own
+    for noise in ("Skipping publisher trust check", "Saving current state to", "Writing model shards",
+                  "precision: no ", "set `share=True`"):
+        assert not any(noise in t for t in text.values()), noise
+    assert train_text.count("ignoring --revision") <= 1
+    assert re.search(r"(^|\n)class images: generating 2 for the empty prompt", train_text)
+    assert "GRADIO_SHARE=true" in text[gradio_cell]
+    settings = text[cell_titled(nb, "3.")]  # each thing said once
+    assert settings.count("Colab") == 1 and text[cell_titled(nb, "9.")].count("preview.png") == 1
+    # Run All again: one short message in the notebook's words, no traceback, nothing else red
+    [error] = [o for o in again.outputs if o.output_type == "error"]
+    assert len(error.traceback) == 1 and "ticking `resume` in step 7" in error.traceback[0]
+    assert "--resume_from_checkpoint" not in error.traceback[0]
+    assert "already holds" not in stream_text(again) and "Traceback" not in stream_text(again)
+    # the fix reached the caption file training reads; the old run (its export, preview and
+    # generated images too) went aside; the generate cell took the new run's weights
+    [fixed] = [p for p in captioned.iterdir() if p.name.startswith("a hand fixed caption_") and p.suffix != ".txt"]
+    assert (captioned / f"{fixed.name}.txt").read_text(encoding="utf-8") == "a hand fixed caption\n"
+    assert "now holds 'a hand fixed caption'" in stream_text(fix)
+    [aside] = tmp_path.glob("out-previous-*")
+    assert {"4", "0", "generated", "preview.png", f"out-{best}.safetensors"} <= {p.name for p in aside.iterdir()}
+    assert not (out / "4").exists() and (out / "2" / "model_index.json").is_file()
+    assert f"holds a new training run since step 8: using its weights in {out / '2'}" in stream_text(generate_again)
+    assert len(list((out / "generated").glob("*.png"))) == 2

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dbtools import notebook as nb
+from dbtools.errors import UserError
 
 # --------------------------------------------------------------------------- environment
 
@@ -108,7 +109,7 @@ def test_latest_weights_skips_half_written_folders(training_output, tmp_path):
     assert nb.weights_for_step(out_dir, 1000) == out_dir / "1000"
     assert nb.weights_for_step(out_dir, "500") == out_dir / "500"
     for step in (2000, 2500):  # incomplete and .tmp- folders are not weights
-        with pytest.raises(FileNotFoundError, match="Saved steps: 500, 1000, 1500"):
+        with pytest.raises(UserError, match="Saved steps: 500, 1000, 1500"):
             nb.weights_for_step(out_dir, step)
 
 
@@ -125,13 +126,13 @@ def test_build_train_command_flags():
     script = argv.index("train_dreambooth.py")
     # without an accelerate config file, the single-process defaults (no "defaults used" lines)
     assert set(argv[3:script]) <= {"--num_processes=1", "--num_machines=1", "--mixed_precision=no",
-                                   "--dynamo_backend=no"}
+                                   "--dynamo_backend=no", "--quiet"}
     assert argv[script + 1:] == [
         "--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5",
         "--output_dir=/content/out", "--with_prior_preservation", "--max_train_steps=800",
         "--learning_rate=1e-06", "--save_sample_prompt=a photo, -dark", "--resume_from_checkpoint=latest"]
     argv = nb.build_train_command(script="t.py", launch_args=["--num_processes=2"], validation_prompts=["a", "b"])
-    assert argv[3:] == ["--num_processes=2", "t.py", "--validation_prompts", "a", "b"]
+    assert argv[3:] == ["--quiet", "--num_processes=2", "t.py", "--validation_prompts", "a", "b"]
     with pytest.raises(ValueError, match="HF_TOKEN"):
         nb.build_train_command(hub_token="hf_abc")
 
@@ -291,9 +292,12 @@ def test_every_nb_name_the_notebook_uses_exists():
 
 
 @pytest.mark.parametrize("colab, skip_env, install, installs", [
-    (False, None, True, False), (True, None, True, True), (True, "1", True, False), (True, None, False, False),
+    (False, None, True, "not in Colab"), (True, None, True, True), (True, "1", True, "DBTOOLS_SKIP_INSTALL=1"),
+    (True, None, False, "install_requirements is off"),
 ])
 def test_setup_installs_requirements_only_in_colab(monkeypatch, capsys, colab, skip_env, install, installs):
+    """Installs the project's requirements (wherever the notebook runs from) in Colab only;
+    otherwise says the one reason it does not."""
     calls = []
     monkeypatch.setattr(nb, "in_colab", lambda: colab)
     monkeypatch.setattr(nb, "run_command", lambda argv, **kw: calls.append(argv) or 0)
@@ -305,11 +309,13 @@ def test_setup_installs_requirements_only_in_colab(monkeypatch, capsys, colab, s
     else:
         monkeypatch.delenv("DBTOOLS_SKIP_INSTALL", raising=False)
     assert nb.setup(install) is colab
-    assert bool(calls) is installs
-    if installs:
-        assert calls[0][1:] == ["-m", "pip", "install", "-q", "-r", "requirements.txt", "gradio>=5"]
+    assert bool(calls) is (installs is True)
+    if installs is True:
+        requirements = str(nb.PROJECT_DIR / "requirements.txt")
+        assert calls[0][1:] == ["-m", "pip", "install", "-q", "-r", requirements, "gradio>=5"]
+        assert Path(requirements).is_file()
     else:
-        assert "Not installing anything" in capsys.readouterr().out
+        assert f"Not installing anything ({installs}): using" in capsys.readouterr().out
 
 
 def test_parse_extra_flags():

@@ -268,12 +268,18 @@ def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(
     out = tmp_path / "out"
     old = weights_factory(out, "2")
     weights_factory(out, "checkpoint-2")
-    (out / "0" / "logs").mkdir(parents=True)
+    (out / "0" / "logs").mkdir(parents=True)  # an older run's logs
+    (out / "logs").mkdir()
+    for name in ("generated", "gradio"):
+        (out / name).mkdir()
+    for name in ("out-2.safetensors", "preview.png", "metrics.jsonl"):  # export, preview, scores of the old run
+        (out / name).write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
     result = T.train(config(tiny_sd, inst, out, overwrite_output_dir=True))
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("out-previous-")]
     assert len(moved) == 1
-    assert sorted(p.name for p in moved[0].iterdir()) == ["0", "2", "checkpoint-2"]
+    assert sorted(p.name for p in moved[0].iterdir()) == ["0", "2", "checkpoint-2", "generated", "gradio", "logs",
+                                                          "metrics.jsonl", "out-2.safetensors", "preview.png"]
     assert (moved[0] / "2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"x" * 100
     assert not old.exists() and (out / "notes.txt").read_text() == "mine"
     assert result.weights_dir == out / "1" and (out / "1" / "model_index.json").is_file()
