@@ -252,7 +252,7 @@ def _torch_state_problem(f: Path) -> str | None:
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-    except (ValueError, RuntimeError, OSError, KeyError):  # not a zip archive, or a damaged one
+    except Exception:  # not a zip archive, a damaged one, or opcodes the scan cannot follow: never trusted
         return f"{_REFUSED} (it is not a PyTorch state file written by torch.save)."
     if unsafe:
         return f"{_REFUSED} (it imports {', '.join(sorted(unsafe))})."
