@@ -12,6 +12,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from dbtools.losses import diffusion_target, dreambooth_loss, snr_weights, training_noise
 from dbtools.tiny import tiny_sd_configs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # DDPM's default linear schedule starts at beta = 1e-4: alpha_bar(0) = 0.9999.
 A0 = 0.9999
 

@@ -19,6 +19,8 @@ from dbtools import train_setup as S
 from dbtools.train_config import TrainConfig
 from tests.test_train import config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture
 def images(tmp_path, image_factory) -> dict[str, Path]:
