@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -345,7 +346,9 @@ def _torch_state_problem(f: Path) -> str | None:
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-    except (ValueError, RuntimeError, OSError, KeyError):  # a damaged archive or pickle
+    except pickle.UnpicklingError:  # opcodes the scan cannot follow: a pickle never trusted unread
+        return f"{_REFUSED} (its pickle cannot be checked without running it)."
+    except Exception:  # a damaged or cut-short archive
         return f"not a readable PyTorch state file: {_DAMAGED}."
     if unsafe:
         return f"{_REFUSED} (it imports {', '.join(sorted(unsafe))})."

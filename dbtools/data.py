@@ -218,19 +218,36 @@ def concept_class_examples(concept: Concept, read_prompts_from_txts: bool = Fals
     """Class (regularization) examples of one concept; a missing folder has none yet.
 
     Each image's prompt is the class prompt (which may be empty: the original notebook's
-    Method 1); with `read_prompts_from_txts`, an image that has a caption file uses it.
+    Method 1); with `read_prompts_from_txts`, an image that has a caption file uses it,
+    read by the one caption reader (`dbtools.textio`) as instance captions are: a file in
+    another encoding raises `CaptionEncodingError` (`scan_concepts` lists each one).
     """
+    examples, problems = checked_class_examples(concept, read_prompts_from_txts)
+    if problems:
+        raise CaptionEncodingError("\n".join(problems))
+    return examples
+
+
+def checked_class_examples(concept: Concept, read_prompts_from_txts: bool = False
+                           ) -> tuple[list[Example], list[str]]:
+    """`concept_class_examples`, and a message for each class caption file that is not
+    readable text (`dbtools.textio`: named with how to re-save it, never guessed)."""
     folder = Path(concept.class_data_dir)
     if not concept.class_data_dir.strip() or not folder.is_dir():
-        return []
-    return [Example(p, _class_prompt_of(p, concept, read_prompts_from_txts), is_class=True)
-            for p in list_images(folder)]
+        return [], []
+    examples, problems = [], []
+    for path in list_images(folder):
+        try:
+            examples.append(Example(path, _class_prompt_of(path, concept, read_prompts_from_txts), is_class=True))
+        except CaptionEncodingError as exc:
+            problems.append(str(exc))
+    return examples, problems
 
 
 def _class_prompt_of(path: Path, concept: Concept, read_prompts_from_txts: bool) -> str:
     caption_file = find_caption_file(path) if read_prompts_from_txts else None
     if caption_file is not None:
-        caption = clean_caption(caption_file.read_text(encoding="utf-8", errors="replace"))
+        caption = clean_caption(read_caption_file(caption_file))
         if caption:
             return caption
     return concept.class_prompt
@@ -281,7 +298,9 @@ def scan_concepts(concepts: Sequence[Concept], *, read_prompts_from_txts: bool =
         instance += found
         if with_prior_preservation:
             problems += _class_problems(concept, where)
-            classes += concept_class_examples(concept, read_prompts_from_txts)
+            found_classes, bad_captions = checked_class_examples(concept, read_prompts_from_txts)
+            classes += found_classes
+            problems += bad_captions
     if check_images:
         problems += unreadable_images([e.path for e in instance + classes])
     return DataPlan(instance, classes), problems

@@ -304,7 +304,8 @@ def train_step(run: Run, step: int) -> float | None:
     """One optimizer step over `gradient_accumulation_steps` micro-batches.
 
     Returns the mean loss, or None when the loss (or gradient) was not finite on any
-    process: then nothing is applied and the gradients are dropped. The loss and the
+    process: then nothing is applied and the gradients are dropped; weights, optimizer
+    state, EMA and learning-rate schedule stay exactly as they were. The loss and the
     finite flags stay on the device until one read per step, so the GPU never waits for
     the host between micro-batches.
     """
@@ -316,9 +317,11 @@ def train_step(run: Run, step: int) -> float | None:
     loss, finite = _read_step(acc, total, nonfinite)
     if finite:
         run.optimizer.step()
+        # A skipped step leaves the schedule where it was (as accelerate does for a step the
+        # fp16 gradient scaler skips): the learning rate follows the updates applied.
+        run.lr_scheduler.step()
     elif acc.scaler is not None and grad_norm is not None:
         acc.scaler.update()  # forget this step's unscale so the next step can unscale again
-    run.lr_scheduler.step()
     # Gradients are always freed, not zeroed: it is faster and uses less memory between
     # steps (diffusers' --set_grads_to_none is accepted and is what we always do).
     run.optimizer.zero_grad(set_to_none=True)

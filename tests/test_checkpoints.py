@@ -208,3 +208,93 @@ def test_export_accepts_a_checkpoint_folder(ema_run, tmp_path, tiny_sd):
     te = load_file(str(ckpt / "text_encoder" / "model.safetensors"))
     got = pipe.text_encoder.state_dict()
     assert set(te) <= set(got) and all(torch.equal(got[k], v) for k, v in te.items())
+
+
+# --------------------------------------------------------------------------- the pickle checker
+
+# Callables a hostile pickle imports to run code; none is among what accelerate's state needs.
+PAYLOADS = [("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"), ("builtins", "__import__"),
+            ("builtins", "open"), ("builtins", "setattr"), ("os", "system"), ("posix", "system"),
+            ("subprocess", "Popen"), ("pickle", "loads"), ("shutil", "rmtree"), ("importlib", "import_module"),
+            ("runpy", "run_path"), ("functools", "partial"), ("operator", "attrgetter"), ("torch", "load"),
+            ("numpy", "load"), ("torch.nn.modules.module", "Module")]
+
+
+def _calling(module: str, name: str, protocol: int) -> bytes:
+    """Pickle bytes that call `module.name("true")` when unpickled; protocol 2 names it with
+    GLOBAL, protocol 4 with STACK_GLOBAL (what `pickle.dumps` writes today)."""
+    call = b"X\x04\x00\x00\x00true\x85R."  # the string "true", a 1-tuple, REDUCE, STOP
+    if protocol == 2:
+        return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + call
+    m, n = module.encode(), name.encode()
+    return b"\x80\x04\x8c" + bytes([len(m)]) + m + b"\x8c" + bytes([len(n)]) + n + b"\x93" + call
+
+
+def _torch_file_with(path: Path, pickled: bytes) -> None:
+    """A file in torch.save's zip layout whose `data.pkl` is `pickled`."""
+    import zipfile
+
+    torch.save({"state": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info.filename)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for info, data in entries:
+            dst.writestr(info, pickled if info.filename.endswith("/data.pkl") else data)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Record (and stop) any attempt to unpickle while the checker runs."""
+    import torch.serialization
+
+    attempts = []
+
+    def refuse(*a, **k):
+        attempts.append(a)
+        raise AssertionError("the checker unpickled a file")
+
+    class Refusing(pickle.Unpickler):
+        def load(self):
+            refuse(self)
+
+    for owner, name in [(pickle, "load"), (pickle, "loads"), (torch, "load"), (torch.serialization, "load")]:
+        monkeypatch.setattr(owner, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refusing)
+    return attempts
+
+
+@pytest.mark.parametrize("form", ["torch.save zip", "bare pickle"])
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize(("module", "name"), PAYLOADS)
+def test_the_checker_refuses_every_classic_payload_without_unpickling(tmp_path, module, name, protocol, form,
+                                                                       no_unpickling):
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    pickled = _calling(module, name, protocol)
+    if form == "bare pickle":
+        (ckpt / "optimizer.bin").write_bytes(pickled)
+    else:
+        _torch_file_with(ckpt / "optimizer.bin", pickled)
+    torch.save({"state": {}, "param_groups": []}, ckpt / "scheduler.bin")  # as accelerate writes it: accepted
+    with pytest.raises(C.CheckpointError) as err:
+        C.check_checkpoint_files(ckpt)  # at load time
+    problems = C.resume_problems(tmp_path, str(ckpt))  # in the pre-flight
+    assert no_unpickling == []
+    text = str(err.value)
+    assert f"{ckpt / 'optimizer.bin'}: refused: loading it could run code" in text and "scheduler.bin" not in text
+    assert len(problems) == 1 and problems[0].startswith(f"{ckpt / 'optimizer.bin'}: refused")
+    if form == "torch.save zip" and protocol == 2:
+        assert f"imports {module}.{name}" in text
+
+
+def test_the_checker_accepts_the_state_accelerate_writes(tmp_path, no_unpickling):
+    """The other side of the list: optimizer, schedule and scaler state as torch writes them pass."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.bin")
+    torch.save({k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}, tmp_path / "scheduler.bin")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), tmp_path / "scaler.pt")
+    assert C.unsafe_checkpoint_files(tmp_path, damaged=True) == [] and no_unpickling == []

@@ -364,3 +364,24 @@ def test_processes_share_the_missing_indices_and_together_make_what_one_would(tm
             for r in (1, 0)]
     assert made == [2, 3]
     assert names(split) == names(one) and len(names(split)) == 6
+
+
+def test_class_images_differ_from_each_other_and_the_same_plan_makes_them_again(tmp_path, loader):
+    """Each index has its own seed: four images, four different pictures; the same plan
+    (seed, prompt, count) in a new folder makes the same four files, pixel for pixel."""
+    import itertools
+
+    import numpy as np
+    from PIL import Image
+
+    made = {}
+    for name in ("first", "again"):
+        d = tmp_path / name
+        ensure_class_images([concept(d)], fast(num_class_images=4, sample_batch_size=2), loader)
+        made[name] = {n: np.asarray(Image.open(d / n), dtype=np.int16) for n in names(d)}
+    first = made["first"]
+    assert len(first) == 4 and first.keys() == made["again"].keys()
+    assert all(np.array_equal(first[n], made["again"][n]) for n in first)
+    assert len({n.split("-")[1] for n in first}) == 4  # the pixel digests in the names differ
+    gaps = [float(np.abs(a - b).mean()) for a, b in itertools.combinations(first.values(), 2)]
+    assert min(gaps) > 2.0, gaps  # mean difference in 8-bit levels between any two images

@@ -236,3 +236,173 @@ def test_held_out_images_leave_the_training_plan(tmp_path, image_factory):
     assert "both given" in with_validation(plan, concepts, validation_data_dir=str(val), validation_split=0.1)[1][0]
     assert "not a folder" in with_validation(plan, concepts, validation_data_dir=str(tmp_path / "no"))[1][0]
     assert "at least 2" in with_validation(DataPlan(plan.instance[:1], []), concepts, validation_split=0.5)[1][0]
+
+
+# --------------------------------------------------------------------------- what reaches the model
+
+
+def _class_prompt_data(tmp_path, image_factory, **cfg) -> DreamBoothData:
+    inst = [Example(image_factory(tmp_path / f"i{i}.png", size=(32, 32)), f"sks toy, red, round, number {i}")
+            for i in range(3)]
+    classes = [Example(image_factory(tmp_path / f"c{i}.png", size=(32, 32)), CLASS_PROMPT, True) for i in range(2)]
+    return DreamBoothData(DataPlan(inst, classes), DataConfig(resolution=32, bucket_step=16, seed=5, **cfg))
+
+
+CLASS_PROMPT = " a photo of a toy ,red,  round "  # commas and odd spaces: any rewrite shows
+
+
+@pytest.mark.parametrize("cfg", [dict(caption_dropout=1.0), dict(shuffle_captions=True),
+                                 dict(caption_dropout=0.5, shuffle_captions=True, keep_tokens=1)])
+def test_caption_dropout_and_shuffle_touch_instance_captions_only(tmp_path, image_factory, cfg):
+    data = _class_prompt_data(tmp_path, image_factory, **cfg)
+    batches = [data.micro_batch(i) for i in range(24)]
+    assert {p for b in batches for p in b["class"]["prompts"]} == {CLASS_PROMPT}
+    originals = {it.example.prompt for it in data.instance}
+    changed = [p for b in batches for p in b["instance"]["prompts"] if p not in originals]
+    assert changed  # the instance captions were dropped or shuffled
+
+
+def test_class_prompts_reach_the_text_encoder_exactly_as_given(tmp_path, image_factory):
+    """Through `train.compute_loss`: the prompts handed to the prompt encoder for a batch
+    with caption dropout on are the dropped instance caption and the class prompt as written."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dbtools import train as T
+
+    data = _class_prompt_data(tmp_path, image_factory, caption_dropout=1.0)
+    data.cache = LatentCache("k")
+    data.cache.fill(data.all_items(), (False,), lambda px: (px[:, :, ::8, ::8], px[:, :, ::8, ::8] * 0),
+                    progress=False)
+    seen = []
+
+    class Encoded(Exception):
+        """The prompts are all this test needs: the step stops there."""
+
+    class Encoder:
+        def encode(self, prompts, encoders, device):
+            seen.append(prompts)
+            raise Encoded
+
+    run = SimpleNamespace(batches=SimpleNamespace(get=data.micro_batch), seed=1, prompts=Encoder(),
+                          accelerator=SimpleNamespace(device=torch.device("cpu")),
+                          models=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)),
+                                                 text_encoder=None))
+    for micro in range(4):
+        with pytest.raises(Encoded):
+            T.compute_loss(run, micro)
+    assert seen == [["", CLASS_PROMPT]] * 4
+
+
+# --------------------------------------------------------------------------- latent cache keys
+
+
+def _pixel_encoder(calls: list):
+    """A stand-in VAE whose latents are a function of the pixels (so a wrong entry shows)."""
+    def encode(pixels):
+        calls.append(len(pixels))
+        mean = pixels[:, :, ::8, ::8].copy()
+        return mean, np.abs(mean) + 0.01
+    return encode
+
+
+def test_latent_cache_never_serves_the_unflipped_latent_for_a_flipped_item(tmp_path, image_factory):
+    from dbtools.data import load_item
+
+    path = image_factory(tmp_path / "a.png", size=(48, 32))  # not mirror-symmetric
+    (item,) = place_items([Example(path, "p")], DataConfig(resolution=32, bucket_step=16, center_crop=True))
+    calls: list[int] = []
+    encode = _pixel_encoder(calls)
+    expected = {flip: encode(load_item(item, flip)[None])[0][0] for flip in (False, True)}
+    calls.clear()
+    assert not np.array_equal(expected[False], expected[True])
+    memory = LatentCache("vae", tmp_path / "cache")
+    memory.fill([item], (False, True), encode, progress=False)
+    disk = LatentCache("vae", tmp_path / "cache")
+    disk.fill([item], (True, False), encode, progress=False)  # asked in the other order, read from disk
+    assert calls == [2] and disk.read_from_disk == 2
+    for cache in (memory, disk):
+        for flip in (False, True):
+            assert np.array_equal(cache.get(item, flip)[0], expected[flip]), (cache is disk, flip)
+
+
+def test_latent_cache_key_covers_flip_crop_bucket_vae_and_image_content(tmp_path, image_factory):
+    import dataclasses
+
+    from dbtools.data import latent_key
+
+    path = image_factory(tmp_path / "a.png", size=(48, 32))
+    (item,) = place_items([Example(path, "p")], DataConfig(resolution=32, bucket_step=16))
+    (resized, (left, top)) = item.box
+    variants = {"base": latent_key("vae", item, False), "flip": latent_key("vae", item, True),
+                "vae": latent_key("other vae", item, False),
+                "crop": latent_key("vae", dataclasses.replace(item, box=(resized, (left + 1, top))), False),
+                "resize": latent_key("vae", dataclasses.replace(item, box=((60, 40), (left, top))), False),
+                "bucket": latent_key("vae", dataclasses.replace(item, size=(32, 16)), False)}
+    image_factory(path, size=(48, 32), color=(0, 0, 250))  # new content, same size
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    variants["content"] = latent_key("vae", item, False)
+    assert len(set(variants.values())) == len(variants), variants
+    # and through the cache: a crop of its own is encoded, never served from the other crop
+    calls: list[int] = []
+    cache = LatentCache("vae", tmp_path / "cache")
+    other_crop = dataclasses.replace(item, box=(resized, (resized[0] - 32, top)))
+    cache.fill([item, other_crop], (False,), _pixel_encoder(calls), progress=False)
+    assert calls == [2] and not np.array_equal(cache.get(item, False)[0], cache.get(other_crop, False)[0])
+
+
+# --------------------------------------------------------------------------- EXIF rotation
+
+
+def test_exif_rotated_images_are_bucketed_cropped_and_encoded_upright(tmp_path, image_factory):
+    from PIL import Image
+
+    from dbtools.data import item_time_ids, load_item
+
+    upright = image_factory(tmp_path / "upright.png", size=(32, 64))  # tall as the camera saw it
+    stored = Image.open(upright).transpose(Image.Transpose.ROTATE_90)  # lying on its side in the file
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100, subsampling=0)
+    Image.open(upright).save(tmp_path / "plain.jpg", quality=100, subsampling=0)
+    assert Image.open(tmp_path / "rotated.jpg").size == (64, 32)
+    cfg = DataConfig(resolution=64, bucket_step=16, aspect_ratio_bucketing=True)
+    rotated, plain = place_items([Example(tmp_path / "rotated.jpg", "p"), Example(tmp_path / "plain.jpg", "p")],
+                                 cfg)
+    assert rotated.original == (32, 64) and rotated.size[0] < rotated.size[1]
+    assert (rotated.size, rotated.box) == (plain.size, plain.box)
+    assert item_time_ids(rotated, False) == item_time_ids(plain, False)
+    pixels = load_item(rotated, False)
+    assert pixels.shape == (3, rotated.size[1], rotated.size[0])
+    assert np.abs(pixels - load_item(plain, False)).max() < 0.1  # JPEG round trip, same orientation
+    calls: list[int] = []
+    cache = LatentCache("vae")
+    cache.fill([rotated, plain], (False,), _pixel_encoder(calls), progress=False)
+    assert np.abs(cache.get(rotated, False)[0] - cache.get(plain, False)[0]).max() < 0.1
+
+
+# --------------------------------------------------------------------------- class captions
+
+
+def test_class_captions_go_through_the_caption_reader(tmp_path, image_factory):
+    """Like instance captions: UTF-16 with a mark reads, latin-1 is named with how to re-save it."""
+    from dbtools.data import concept_class_examples
+    from dbtools.textio import CaptionEncodingError
+
+    inst, cls = tmp_path / "inst", tmp_path / "cls"
+    image_factory(inst / "i.png")
+    (inst / "i.png.txt").write_text("sks toy", encoding="utf-8")
+    good, bad, bare = (image_factory(cls / f"{n}.png") for n in ("good", "bad", "bare"))
+    Path(f"{good}.txt").write_bytes("café crème".encode("utf-16"))
+    Path(f"{bad}.txt").write_bytes("café crème".encode("latin-1"))
+    concept = Concept(str(inst), "sks toy", class_prompt="a toy", class_data_dir=str(cls))
+    plan, problems = scan_concepts([concept], read_prompts_from_txts=True, with_prior_preservation=True)
+    assert sorted((e.path.name, e.prompt) for e in plan.classes) == [("bare.png", "a toy"),
+                                                                      ("good.png", "café crème")]
+    assert len(problems) == 1 and f"{bad}.txt" in problems[0] and "save it as UTF-8" in problems[0]
+    with pytest.raises(CaptionEncodingError, match="bad.png.txt"):
+        concept_class_examples(concept, read_prompts_from_txts=True)
+    Path(f"{bad}.txt").write_text("café crème", encoding="utf-8")
+    assert {e.prompt for e in concept_class_examples(concept, True)} == {"a toy", "café crème"}

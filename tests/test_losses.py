@@ -12,6 +12,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from dbtools.losses import diffusion_target, dreambooth_loss, snr_weights, training_noise
 from dbtools.tiny import tiny_sd_configs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # DDPM's default linear schedule starts at beta = 1e-4: alpha_bar(0) = 0.9999.
 A0 = 0.9999
 
@@ -166,7 +168,10 @@ def _ddim_sample(unet, sched, embeds, steps: int = 20) -> torch.Tensor:
     return x
 
 
-def test_the_tiny_unet_learns_to_denoise_its_training_latent(prediction_type: str = "epsilon"):
+# v-prediction gets there in fewer steps (after 60: about 0.08 x the untrained error, where
+# epsilon needs 150 for its margin), so the pair stays within the suite's time.
+@pytest.mark.parametrize(("prediction_type", "steps"), [("epsilon", 150), ("v_prediction", 60)])
+def test_the_tiny_unet_learns_to_denoise_its_training_latent(prediction_type: str, steps: int):
     """Target, noise schedule and DDIM sampling agree end to end: after training on one
     latent, sampling for its prompt ends far nearer that latent than an untrained UNet does."""
     cfgs, latent, embeds = _learns_setup()
@@ -176,6 +181,6 @@ def test_the_tiny_unet_learns_to_denoise_its_training_latent(prediction_type: st
     # CPU convolution path about 20x slower per step.)
     unet = UNet2DConditionModel(**cfgs["unet"])
     before = torch.mean((_ddim_sample(unet, sched, embeds) - latent) ** 2).item()
-    _train(unet, sched, latent, embeds, steps=150)
+    _train(unet, sched, latent, embeds, steps=steps)
     after = torch.mean((_ddim_sample(unet, sched, embeds) - latent) ** 2).item()
     assert after < 0.25 * before, (before, after)
