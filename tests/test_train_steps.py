@@ -17,6 +17,7 @@ from dbtools import train as T
 from dbtools import train_outputs as O
 from dbtools import train_setup as S
 from dbtools.train_config import TrainConfig
+from dbtools.train_watch import Watch
 from tests.test_train import config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -255,7 +256,7 @@ def test_saves_happen_exactly_at_the_steps_the_flags_say(tmp_path, monkeypatch, 
                       max_train_steps=max_steps)
     run = SimpleNamespace(cfg=cfg, accelerator=_Accelerator(), max_train_steps=max_steps, start_step=start,
                           batches=contextlib.nullcontext(), lr_scheduler=SimpleNamespace(get_last_lr=lambda: [1.0]),
-                          held_out=None, scorer=None, resumed_from=None)
+                          held_out=None, scorer=None, resumed_from=None, watch=Watch.disabled())
     step, skipped = T.loop(run)
     T.finish(run, step, skipped)
     assert (saved, checkpointed) == (weights, checkpoints)
