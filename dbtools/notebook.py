@@ -811,6 +811,10 @@ class Session:
         """A folder typed into a form field, on Drive when the session is."""
         return resolve_output_dir(text, self.on_drive)
 
+    def __post_init__(self) -> None:
+        if self.weights_dir is not None and self.weights_id is None:  # weights given, not picked by the cell
+            self.weights_id = weights_identity(self.weights_dir)
+
     def use_weights(self, weights: Path, step: str = "") -> Path:
         """Remember `weights` as the picked weights (`step`: the step the user typed)."""
         self.weights_dir, self.weights_id, self.weights_step = weights, weights_identity(weights), step

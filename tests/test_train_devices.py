@@ -182,10 +182,12 @@ def _prompt_encoder(tiny_sd, tmp_path, **kw):
 
     models = SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
                              text_encoder=CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval())
-    items = [SimpleNamespace(example=SimpleNamespace(prompt=f"sks toy, red, round, number {i}")) for i in range(3)]
+    items = [SimpleNamespace(example=SimpleNamespace(prompt=f"sks toy, red, round, number {i}", path=f"{i}.png"))
+             for i in range(3)]
     data = SimpleNamespace(all_items=lambda: items)
     cfg = config(tiny_sd, tmp_path, tmp_path / "out", caption_dropout=0.1, **kw)
-    return S.make_prompt_encoder(cfg, models, data, SimpleNamespace(device=torch.device("cpu"))), models.text_encoder
+    accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=True)
+    return S.make_prompt_encoder(cfg, models, data, accelerator), models.text_encoder
 
 
 def test_shuffled_captions_do_not_grow_the_prompt_cache(tiny_sd, tmp_path):
