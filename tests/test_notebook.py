@@ -161,14 +161,13 @@ def test_sdxl_with_the_form_defaults_trains_a_lora_at_the_lora_learning_rate():
     class images made in smaller batches; a rate typed in the form still wins."""
     from dbtools import notebook
     from dbtools.families import SDXL, Detected
-    from dbtools.profiles import LORA_LR
 
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
     cell = dict(memory_profile=fields["memory_profile"], pretrained_vae_name_or_path=fields["vae_name"],
                 **{k: fields[k] for k in ("resolution", "train_text_encoder", "with_prior_preservation",
                                           "num_class_images", "save_interval", "learning_rate", "max_train_steps")})
     flags = notebook.training_flags("m", family=Detected(SDXL), **cell).flags
-    assert flags["use_lora"] is True and flags["learning_rate"] == LORA_LR == 1e-4
+    assert flags["use_lora"] is True and flags["learning_rate"] == 1e-4
     assert flags["resolution"] == 1024 and flags["mixed_precision"] == "fp16"
     assert flags["num_class_images"] <= 50 and flags["sample_batch_size"] <= 2
     typed = notebook.training_flags("m", family=Detected(SDXL), **{**cell, "learning_rate": "3e-5"}).flags

@@ -320,10 +320,11 @@ def test_processes_wait_for_each_other_only_at_steps_that_save(monkeypatch):
     cfg = TrainConfig(checkpointing_steps=3, save_interval=4, validation_steps=100)
     acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: waits.append(step))
     run = SimpleNamespace(cfg=cfg, accelerator=acc, max_train_steps=8, held_out=None)
-    monkeypatch.setattr(O, "_write_due", lambda run, step, due: written.append((step, due)))
+    for name in ("save_checkpoint", "save_weights", "log_validation_loss", "save_validation"):
+        monkeypatch.setattr(O, name, lambda run, step, name=name: written.append((step, name)))
     for step in range(1, 9):
         O.periodic_saves(run, step)
-    assert written == [(3, ["checkpoint"]), (4, ["weights"]), (6, ["checkpoint"])]
+    assert written == [(3, "save_checkpoint"), (4, "save_weights"), (6, "save_checkpoint")]
     assert waits == [3, 4, 6]  # the final step's weights are saved by `finish`
 
 
