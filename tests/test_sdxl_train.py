@@ -243,6 +243,7 @@ def test_the_command_line_trains_at_the_family_native_size_unless_told(tiny_sdxl
     assert "--resolution 512 is far below the 1024 px" in warnings[0]
 
 
+@pytest.mark.slow
 def test_sdxl_text_encoder_lora_trains_on_two_processes_with_no_dead_adapters(tiny_sdxl, sdxl_data, tmp_path):
     """SDXL conditions on the penultimate hidden states: text encoder 1's last layer never
     reaches the loss. Trained, it stopped a 2-process run at step 2 (DDP waits for its
