@@ -134,7 +134,25 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encode
     if skip_text_encoder:
         encoders = [n for n in ("text_encoder", "text_encoder_2") if n in pipe.components]
         pipe = type(pipe)(**{**pipe.components, **dict.fromkeys(encoders)})
-    pipe.save_pretrained(folder, safe_serialization=True)
+    with _float32_on_cpu([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]):
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@contextlib.contextmanager
+def _float32_on_cpu(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Half-precision (frozen) modules in float32 on the CPU for the duration, so a saved
+    pipeline is float32 throughout (as `from_pretrained` without a dtype expects) without
+    a float32 copy on the GPU; then back where they were."""
+    half = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in modules
+            if next(m.parameters()).dtype in (torch.float16, torch.bfloat16)]
+    for m, _, _ in half:
+        m.to("cpu")  # first, so the float32 copy is made in host memory
+        move_module(m, "cpu", torch.float32)
+    try:
+        yield
+    finally:
+        for m, device, dtype in half:
+            move_module(m, device, dtype)
 
 
 def _save_final_in_place(run: Run, step: int) -> Path:

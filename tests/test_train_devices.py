@@ -461,3 +461,18 @@ def test_frozen_parts_load_straight_in_the_training_dtype(tiny_sdxl, tmp_path, m
     assert read == {"text_encoder": fp32, "text_encoder_2": fp32, "vae": fp32, "unet": fp32}
     S.load_models(config(tiny_sdxl, tmp_path, tmp_path / "out"), bf16)
     assert read == {"text_encoder": bf16, "text_encoder_2": bf16, "vae": fp32, "unet": fp32}
+
+
+def test_a_saved_pipeline_is_float32_though_its_frozen_parts_train_in_half_precision(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.text_encoder.to(torch.bfloat16)
+    pipe.vae.to(torch.bfloat16)
+    O._save_pipeline(pipe, tmp_path / "step")
+    for part in ("text_encoder", "vae", "unet"):
+        (file,) = (tmp_path / "step" / part).glob("*.safetensors")
+        with safe_open(str(file), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}, part
+    assert pipe.text_encoder.dtype == pipe.vae.dtype == torch.bfloat16  # back as they were
