@@ -362,14 +362,19 @@ def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], 
     """Make `accelerator.save_state`/`load_state` write and read the models as diffusers does.
 
     Full weights go to `unet/` and `text_encoder/` (model folders that `from_pretrained`
-    loads); LoRA models stay in accelerate's `model*.safetensors` and `save_adapters(folder)`
-    adds `pytorch_lora_weights.safetensors`. With `ema` (main process only), its weights
-    and counters go to `unet_ema/`; on load they are moved to the accelerator's device.
+    loads); of a LoRA model only the trained tensors (the adapters) go to accelerate's
+    `model*.safetensors`, never the frozen base (about 5 GB for SDXL's UNet), and
+    `save_adapters(folder)` adds `pytorch_lora_weights.safetensors`. With `ema` (main
+    process only), its weights and counters go to `unet_ema/`; on load they are moved to
+    the accelerator's device.
     """
     def save_hook(models, weights, output_dir):
         out = Path(output_dir)
         named = _model_names(accelerator, models)
         if named is None:
+            for i, model in enumerate(models):
+                trained = {n for n, p in model.named_parameters() if p.requires_grad}
+                weights[i] = {k: v for k, v in weights[i].items() if k in trained}
             if save_adapters is not None:
                 save_adapters(out)
         else:
@@ -384,6 +389,10 @@ def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], 
         named = _model_names(accelerator, models)
         if ema is not None and (folder / EMA_FOLDER).is_dir():
             load_ema(ema, _unet_names(accelerator, models), folder / EMA_FOLDER, accelerator.device)
+        if named is None:
+            for i in reversed(range(len(models))):
+                _load_trained_tensors(models[i], folder / f"model{f'_{i}' if i else ''}.safetensors")
+                models.pop(i)
         present = [] if named is None else [n for n in named if (folder / n).is_dir()]
         if named is not None and present:
             if len(present) != len(named):
@@ -396,6 +405,22 @@ def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], 
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _load_trained_tensors(model, file: Path) -> None:
+    """A LoRA model's trained tensors from accelerate's `model*.safetensors` (older checkpoints
+    hold the frozen base too, which is the same as the loaded one)."""
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent}: no {file.name}. The checkpoint is incomplete: resume from another one.")
+    result = model.load_state_dict(load_file(str(file)), strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trained & set(result.missing_keys))
+    if result.unexpected_keys or missing:
+        raise CheckpointError(f"{file}: holds other weights than this run trains ({len(missing)} missing, "
+                              f"{len(result.unexpected_keys)} unknown). Resume with the same --use_lora, --lora_rank "
+                              "and --train_text_encoder settings as the run that wrote the checkpoint.")
 
 
 def _model_names(accelerator, models) -> list[str] | None:

@@ -375,7 +375,9 @@ def pipeline_loader_for(
     def load():
         where = device or pick_device()
         dtype = precision_dtype(cfg.precision if cfg else None, where)
-        return load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
+        pipe = load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
+        pipe.vae.enable_slicing()  # a batch is decoded one image at a time: SDXL's 1024 px decode is large
+        return pipe
 
     return load
 

@@ -634,17 +634,22 @@ class LatentCache:
         self.entries: dict[tuple[Item, bool], tuple[np.ndarray, np.ndarray]] = {}
         self.encoded = 0
         self.read_from_disk = 0
+        self._encoded_keys: list[tuple[Item, bool]] = []
 
     def get(self, item: Item, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         return self.entries[(item, flip)]
 
     def fill(self, items: Sequence[Item], flips: Sequence[bool], encode: Callable,
-             batch_size: int = 4, progress: bool = True) -> None:
-        """Make sure every `(item, flip)` is cached, encoding same-size items in batches."""
+             batch_size: int = 4, progress: bool = True, rank: int = 0, world: int = 1) -> None:
+        """Make sure every `(item, flip)` is cached, encoding same-size items in batches.
+
+        With `world` processes, this one (`rank`) encodes only every `world`-th entry that
+        is neither in memory nor on disk; `add_shared` takes in what the others encoded.
+        """
         from tqdm.auto import tqdm
 
         todo = [(it, f) for it in items for f in flips if (it, f) not in self.entries]
-        todo = [k for k in todo if not self._load_disk(k)]
+        todo = [k for k in todo if not self._load_disk(k)][rank::world]
         by_size: dict[Size, list] = {}
         for key in todo:
             by_size.setdefault(key[0].size, []).append(key)
@@ -656,6 +661,15 @@ class LatentCache:
                     for j, key in enumerate(chunk):
                         self._store(key, mean[j], std[j])
                     bar.update(len(chunk))
+
+    def own_share(self) -> list[tuple[tuple[Item, bool], np.ndarray, np.ndarray]]:
+        """What this process encoded, for `add_shared` on the other processes."""
+        return [(key, *self.entries[key]) for key in self._encoded_keys]
+
+    def add_shared(self, shared: Sequence[tuple[tuple[Item, bool], np.ndarray, np.ndarray]]) -> None:
+        """Entries the other processes encoded (this process's own are already here)."""
+        for key, mean, std in shared:
+            self.entries.setdefault(key, (mean, std))
 
     def _path(self, key: tuple[Item, bool]) -> Path | None:
         if self.cache_dir is None:
@@ -682,6 +696,7 @@ class LatentCache:
         mean, std = np.ascontiguousarray(mean), np.ascontiguousarray(std)
         self.entries[key] = (mean, std)
         self.encoded += 1
+        self._encoded_keys.append(key)
         path = self._path(key)
         if path is not None:
             from safetensors.numpy import save_file

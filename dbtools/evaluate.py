@@ -631,6 +631,11 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
     return score_pipeline(load_inference_pipeline(folder), samples, plan, cfg, likeness_model, clip, references)
 
 
+ONE_IMAGE_PER_CALL_FROM = 1024
+"""From this size on, score images are generated one per pipeline call: a batch of SDXL-size
+images would need several times the memory of training."""
+
+
 def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel | None,
                    clip: ScoreModel, references=None) -> dict:
     """Scores of the model in `pipe`: `samples` (images of the instance prompt; generated on
@@ -642,8 +647,9 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
 
     if hasattr(pipe, "set_progress_bar_config"):  # one unlabelled bar per prompt otherwise
         pipe.set_progress_bar_config(disable=True)
-    gen = dict(steps=plan.settings["steps"], guidance_scale=plan.settings["guidance_scale"],
-               height=plan.settings["size"], width=plan.settings["size"], batch_size=cfg.batch_size)
+    size = plan.settings["size"]
+    gen = dict(steps=plan.settings["steps"], guidance_scale=plan.settings["guidance_scale"], height=size, width=size,
+               batch_size=1 if size >= ONE_IMAGE_PER_CALL_FROM else cfg.batch_size)
     record: dict = {}
     if likeness_model is not None and plan.references:
         samples = list(samples)

@@ -485,6 +485,7 @@ def load_sd_components(
     torch_dtype=None,
     config: str | None = None,
     original_config: str | None = None,
+    component_dtypes: dict | None = None,
 ) -> SDComponents:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -492,12 +493,16 @@ def load_sd_components(
     `model_name_or_path` is a Hub id, a diffusers folder or a single checkpoint file (for
     which `config`, a diffusers folder or Hub id with the model's configs, avoids a
     download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
-    for fp16 variants, so an optimizer never sees half-precision master weights).
+    for fp16 variants, so an optimizer never sees half-precision master weights); a
+    component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
+    UNet) is read straight into its own dtype, never held in float32 first (except from a
+    single file, which is read whole in `torch_dtype`).
     """
     import torch
     from diffusers import DDPMScheduler
 
     dtype = torch_dtype or torch.float32
+    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in ("text_encoder", "text_encoder_2", "vae", "unet")}
     needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
     model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
@@ -512,20 +517,21 @@ def load_sd_components(
                      tokenizer_2=getattr(pipe, "tokenizer_2", None),
                      text_encoder_2=getattr(pipe, "text_encoder_2", None))
     else:
-        parts = _load_parts(model_name_or_path, revision, variant, dtype, needed)
+        parts = _load_parts(model_name_or_path, revision, variant, dtypes, needed)
     if tokenizer_name:
         parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
                                              revision)
     if vae_name_or_path:
-        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
+        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
     return SDComponents(
         tokenizer=parts["tokenizer"],
-        text_encoder=_as_dtype(parts["text_encoder"], dtype),
-        vae=_as_dtype(parts["vae"], dtype),
-        unet=_as_dtype(parts["unet"], dtype),
+        text_encoder=_as_dtype(parts["text_encoder"], dtypes["text_encoder"]),
+        vae=_as_dtype(parts["vae"], dtypes["vae"]),
+        unet=_as_dtype(parts["unet"], dtypes["unet"]),
         noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
         tokenizer_2=parts.get("tokenizer_2"),
-        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtype) if parts.get("text_encoder_2") is not None else None,
+        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtypes["text_encoder_2"])
+        if parts.get("text_encoder_2") is not None else None,
     )
 
 
@@ -593,19 +599,22 @@ def _as_dtype(model, dtype):
     return model if model.dtype == dtype else model.to(dtype)
 
 
-def _load_parts(name: str, revision: str | None, variant: str | None, dtype, needed: tuple[str, ...]) -> dict:
-    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each."""
+def _load_parts(name: str, revision: str | None, variant: str | None, dtypes: dict, needed: tuple[str, ...]) -> dict:
+    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each,
+    in `dtypes[component]`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    def model(cls, sub):
+        return lambda: _from_pretrained(cls, name, sub, revision, variant, dtypes[sub])
+
     loaders = dict(
         tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
-        text_encoder=lambda: _from_pretrained(CLIPTextModel, name, "text_encoder", revision, variant, dtype),
+        text_encoder=model(CLIPTextModel, "text_encoder"),
         tokenizer_2=lambda: _load_tokenizer(name, "tokenizer_2", revision),
-        text_encoder_2=lambda: _from_pretrained(CLIPTextModelWithProjection, name, "text_encoder_2", revision,
-                                                variant, dtype),
-        vae=lambda: _from_pretrained(AutoencoderKL, name, "vae", revision, variant, dtype),
-        unet=lambda: _from_pretrained(UNet2DConditionModel, name, "unet", revision, variant, dtype),
+        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2"),
+        vae=model(AutoencoderKL, "vae"),
+        unet=model(UNet2DConditionModel, "unet"),
         scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(
             name, subfolder="scheduler", **({"revision": revision} if revision else {}))),
     )

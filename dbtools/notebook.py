@@ -68,7 +68,16 @@ from dbtools.generate import (
     png_metadata,
     read_png_settings,
 )
-from dbtools.profiles import AUTO, MEMORY_PROFILES, SD_DEFAULT, fit_warning, profile_note, recommended_profile
+from dbtools.profiles import (
+    AUTO,
+    MEMORY_PROFILES,
+    SD_DEFAULT,
+    USER_WINS,
+    fit_warning,
+    learning_rate_for,
+    profile_note,
+    recommended_profile,
+)
 
 __all__ = [
     # environment
@@ -576,11 +585,18 @@ SD_VAE = "stabilityai/sd-vae-ft-mse"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
+# Prior preservation for SDXL: class images at 1024 px cost about four times SD 1.x's each, so
+# fewer of them, made two at a time (with VAE slicing) to stay within a 16 GB GPU.
+SDXL_PRIOR_DEFAULTS: dict[str, Any] = dict(num_class_images=50, sample_batch_size=2)
+
+
 def family_defaults(detected) -> dict[str, Any]:
     """The training cell's `auto` values for a detected family (`families.Detected`): the
-    native resolution and the VAE. SD 1.x gets exactly the original notebook's."""
+    native resolution and the VAE; for SDXL also fewer class images, made in smaller batches
+    (`SDXL_PRIOR_DEFAULTS`). SD 1.x gets exactly the original notebook's."""
     vae = SDXL_VAE if detected.family.is_sdxl else SD_VAE
-    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=vae)
+    prior = SDXL_PRIOR_DEFAULTS if detected.family.is_sdxl else {}
+    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=vae, **prior)
 
 
 def _is_auto(value: Any) -> bool:
@@ -618,16 +634,17 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
 
     Layers, later ones winning: the original notebook's flags, the family's defaults
     (`family_defaults`, when the family is known), the form's `flags`, the memory profile,
-    then `extra_flags`. An empty form field leaves its flag out; `"auto"` (or 0 for a size)
-    takes the family's default, and `memory_profile="auto"` the `recommended_profile` for
-    the family and `gpu_gib`. `family` (a `families.Detected`) is detected from `model` only
-    when an `auto` value needs it. A profile's flags win over the form's fields (each change
+    then `extra_flags`. An empty form field leaves its flag out; `"auto"` (or 0 for a size or
+    count) takes the family's default, `learning_rate="auto"` (or none) the profile's
+    (`profiles.learning_rate_for`: LoRA's when the run trains LoRA), and `memory_profile="auto"`
+    the `recommended_profile` for the family and `gpu_gib`. `family` (a `families.Detected`) is
+    detected from `model` only when an `auto` value needs it. A profile's flags win over the form's fields (each change
     is noted). With a known family and `gpu_gib`, `warning` says when the run is estimated
     not to fit the GPU (`profiles.fit_warning`).
     """
     flags = {k: None if isinstance(v, str) and not v.strip() else v for k, v in flags.items()}
     autos = {k for k, v in flags.items() if _is_auto(v)}
-    if family is None and (autos or memory_profile == AUTO):
+    if family is None and (autos - {"learning_rate"} or memory_profile == AUTO):
         from dbtools.models import detect_family
 
         family = detect_family(model, revision=flags.get("revision") or SEED_TRAIN_FLAGS["revision"])
@@ -639,7 +656,7 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     if memory_profile not in MEMORY_PROFILES:
         raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
                         f"{AUTO!r}. Pick one of them in the training cell.")
-    profile = MEMORY_PROFILES[memory_profile]
+    profile = {k: v for k, v in MEMORY_PROFILES[memory_profile].items() if k not in USER_WINS}
     form = {k: v for k, v in flags.items() if k not in autos}
     notes += [f"The memory profile {memory_profile!r} sets --{k}={v} (the form had {form[k]}); "
               f"put --{k} in extra_flags to change it." for k, v in profile.items()
@@ -647,7 +664,10 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     merged = {**SEED_TRAIN_FLAGS, **(family_defaults(family) if family is not None else {}), **form, **profile}
     merged.setdefault("checkpointing_steps", merged["save_interval"])
     merged.setdefault("checkpoints_total_limit", 1)
-    merged.update(parse_extra_flags(extra_flags))
+    extra = parse_extra_flags(extra_flags)
+    if form.get("learning_rate") is None:  # `auto` or left out: the rate that suits the run
+        merged["learning_rate"] = learning_rate_for(memory_profile, {**merged, **extra})
+    merged.update(extra)
     result = TrainingFlags(merged, notes, family=family)
     if family is not None:
         notes += [n for n in [profile_note(memory_profile, family.family.key)] if n]

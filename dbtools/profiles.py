@@ -25,21 +25,35 @@ SDXL_LORA_16GB = "SDXL LoRA, 16 GB (Colab T4)"
 SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
 AUTO = "auto"
 
+# Learning rates: a full fine-tune moves every weight, so it needs a small rate (the notebook's
+# SD 1.x value); LoRA's `lora_B` starts at zero and at that rate would stay a near no-op, so
+# adapters train at about a hundred times more.
+FULL_FINE_TUNE_LR = 1e-6
+LORA_LR = 1e-4
+
 # The training cell's memory/speed choices: the flags each one sets. The SD 1.x/2.x ones come
 # first and the first is the default for those families (the original notebook's settings).
+# Each carries the learning rate that suits it; unlike its other flags, a rate the user gives wins.
 MEMORY_PROFILES: dict[str, dict[str, Any]] = {
-    SD_DEFAULT: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True},
-    "fp16 + 8-bit Adam": {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": False},
-    "fp32, no memory savings": {"mixed_precision": "no", "use_8bit_adam": False, "gradient_checkpointing": False},
+    SD_DEFAULT: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                 "learning_rate": FULL_FINE_TUNE_LR},
+    "fp16 + 8-bit Adam": {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": False,
+                          "learning_rate": FULL_FINE_TUNE_LR},
+    "fp32, no memory savings": {"mixed_precision": "no", "use_8bit_adam": False, "gradient_checkpointing": False,
+                                "learning_rate": FULL_FINE_TUNE_LR},
     # LoRA adapters on a frozen fp16 UNet; latents and text embeddings cached so both text
     # encoders and the VAE can leave the GPU; the UNet alone is trained.
     SDXL_LORA_16GB: {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True,
-                     "use_lora": True, "train_text_encoder": False},
+                     "use_lora": True, "train_text_encoder": False, "learning_rate": LORA_LR},
     # All UNet weights trained, text encoders frozen; bf16 where the GPU has it (Ampere or newer);
     # Adafactor, whose state is about 0.1 floats per weight, where 8-bit Adam's 2 bytes would not fit.
     SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": False, "use_adafactor": True,
-                     "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False},
+                     "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False,
+                     "learning_rate": FULL_FINE_TUNE_LR},
 }
+
+USER_WINS = ("learning_rate",)
+"""Profile flags that are only defaults: a value the user gives is kept."""
 
 # Which families a profile is meant for (a profile of another family still runs, with a note).
 PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -97,7 +111,7 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     """Peak GPU memory of a real-size `family` model ("sd1", "sd2", "sdxl") trained with the
     training command's `flags` (names as `train_dreambooth.py`'s: `mixed_precision`,
     `use_8bit_adam`, `use_adafactor`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
-    `resolution`, `train_batch_size`, `not_cache_latents`, `shuffle_captions`).
+    `resolution`, `train_batch_size`, `with_prior_preservation`, `not_cache_latents`, `shuffle_captions`).
 
     Frozen weights count in the mixed-precision dtype, trained ones (full weights or LoRA
     adapters) in float32 with float32 gradients; AdamW keeps 8 bytes per trained weight,
@@ -138,8 +152,17 @@ def _activations_gib(family: str, flags: Mapping[str, Any], half: bool) -> float
     checkpointed, full = _ACTIVATIONS_GIB[family]
     base = checkpointed if _flag(flags, "gradient_checkpointing", False) else full
     pixels = (int(_flag(flags, "resolution", _NATIVE[family])) / _NATIVE[family]) ** 2
-    batch = int(_flag(flags, "train_batch_size", 1))
+    # Prior preservation puts a class image beside each instance image in the UNet's batch.
+    batch = int(_flag(flags, "train_batch_size", 1)) * (2 if _flag(flags, "with_prior_preservation", False) else 1)
     return base * pixels * batch * (1 if half else 2)
+
+
+def learning_rate_for(profile: str, flags: Mapping[str, Any]) -> float:
+    """The learning rate that suits a run of `profile` with `flags`: the profile's, or LoRA's
+    when the flags train LoRA on a full fine-tune profile (e.g. `--use_lora` added by hand)."""
+    if _flag(flags, "use_lora", False) and not MEMORY_PROFILES[profile].get("use_lora"):
+        return LORA_LR
+    return MEMORY_PROFILES[profile]["learning_rate"]
 
 
 def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, profile: str = "") -> str | None:

@@ -67,6 +67,7 @@ from dbtools.train_setup import (
     settle_seed,
     total_steps,
     weight_dtype_for,
+    with_native_resolution,
 )
 from dbtools.train_watch import Watch, save_at_stop, stop_message
 
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     uninterrupted one. `cfg` itself is never changed.
     """
     asked = cfg.seed
-    cfg = settle_seed(cfg)
+    cfg = with_native_resolution(settle_seed(cfg))
     concepts, plan = preflight(cfg)
     if cfg.hub_token:
         logger.warning("--hub_token given on the command line: prefer HF_TOKEN or `huggingface-cli login` "
@@ -212,10 +213,10 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
     """Load and prepare models, data, optimizer and schedule; resume if asked."""
     world = accelerator.num_processes
     cfg = run_config(cfg, world)
-    models = load_models(cfg)
     weight_dtype = weight_dtype_for(accelerator)
+    models = load_models(cfg, weight_dtype)
+    data = make_data(cfg, plan, models, accelerator, weight_dtype)  # before the UNet and encoders take the GPU
     params = prepare_modules(cfg, models, accelerator, weight_dtype)
-    data = make_data(cfg, plan, models, accelerator, weight_dtype)
     prompts = make_prompt_encoder(cfg, models, data, accelerator)
     offload_cached(cfg, models, prompts)
     max_steps = total_steps(cfg, data.batches_per_epoch, world)

@@ -65,7 +65,8 @@ class TrainConfig:
     concepts_list: str | None = None
     read_prompts_from_txts: bool = False
     prompt_template: str | None = None
-    resolution: int = 512
+    resolution: int | None = None
+    """None: the model family's native size (`with_native_resolution` fills it in)."""
     center_crop: bool = False
     hflip: bool = False
     aspect_ratio_bucketing: bool = False
@@ -285,7 +286,8 @@ def _data_flags(f: _FlagAdder) -> None:
     f.switch("read_prompts_from_txts", "Prompt of X.png is read from X.png.txt (or X.txt / X.caption).")
     f("prompt_template", "Combine each caption with the prompts, e.g. '{instance_prompt}, {caption}'. "
       "Default: the caption file is the prompt.", type=str)
-    f("resolution", "Training resolution in pixels (bucket area with --aspect_ratio_bucketing).", type=int)
+    f("resolution", "Training resolution in pixels (bucket area with --aspect_ratio_bucketing). Default: the "
+      "model's native size (512 for SD 1.x, 768 for SD 2.x v-prediction models, 1024 for SDXL).", type=int)
     f.switch("center_crop", "Center-crop instead of random crop.")
     f.switch("hflip", "Randomly flip images horizontally.")
     f.switch("aspect_ratio_bucketing", "Keep each image's aspect ratio: batches are drawn from buckets of "
@@ -462,7 +464,7 @@ def flag_problems(cfg: TrainConfig) -> list[str]:
     if not cfg.concepts_list and not cfg.instance_data_dir:
         problems.append("No training data: give --instance_data_dir (and --instance_prompt) or "
                         "--concepts_list.")
-    if cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_RESOLUTION:
+    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8 or cfg.resolution > MAX_RESOLUTION):
         problems.append(f"--resolution {cfg.resolution} must be a multiple of 8 from 8 to {MAX_RESOLUTION} "
                         f"({RESOLUTION_ADVICE}).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "n_save_sample", "save_interval",

@@ -32,7 +32,7 @@ from dbtools.generate import save_image
 from dbtools.models import is_sdxl_models, text_encoders_of
 from dbtools.train_config import TrainConfig, public_args
 from dbtools.train_folders import human_size, nearest_existing
-from dbtools.train_setup import TrainError, move_module
+from dbtools.train_setup import TrainError, move_module, vae_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -49,23 +49,33 @@ logger = logging.getLogger(__name__)
 
 
 def periodic_saves(run: Run, step: int) -> None:
-    """Checkpoint, weights and validation images due at `step` (main process; the others wait)."""
+    """Checkpoint, weights and validation images due at `step` (main process; the others
+    wait, and only at a step where something is due: every process knows which those are)."""
+    due = saves_due(run.cfg, step, last=step == run.max_train_steps, held_out=run.held_out is not None)
+    if not due:
+        return
     with disk_full_message(run):
         if run.accelerator.is_main_process:
-            _saves_due(run, step, last=step == run.max_train_steps)
+            _write_due(run, step, due)
     run.accelerator.wait_for_everyone()
 
 
-def _saves_due(run: Run, step: int, last: bool) -> None:
-    cfg = run.cfg
-    if run.held_out is not None and step % cfg.validation_steps == 0:
-        log_validation_loss(run, step)
-    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-        save_checkpoint(run, step)
-    if should_save(step, cfg) and not last:
-        save_weights(run, step)
-    if cfg.validation_prompt and step % cfg.validation_steps == 0:
-        save_validation(run, step)
+def saves_due(cfg: TrainConfig, step: int, last: bool, held_out: bool) -> list[str]:
+    """What is written at `step`, in order: "validation_loss", "checkpoint", "weights",
+    "validation_images" (the final weights are saved by `finish`, not here)."""
+    validating = step % cfg.validation_steps == 0
+    due = {"validation_loss": held_out and validating,
+           "checkpoint": bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0,
+           "weights": should_save(step, cfg) and not last,
+           "validation_images": bool(cfg.validation_prompt) and validating}
+    return [name for name, yes in due.items() if yes]
+
+
+def _write_due(run: Run, step: int, due: list[str]) -> None:
+    writers = {"validation_loss": log_validation_loss, "checkpoint": save_checkpoint, "weights": save_weights,
+               "validation_images": save_validation}
+    for name in due:
+        writers[name](run, step)
 
 
 def should_save(step: int, cfg: TrainConfig) -> bool:
@@ -120,7 +130,25 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encode
     if skip_text_encoder:
         encoders = [n for n in ("text_encoder", "text_encoder_2") if n in pipe.components]
         pipe = type(pipe)(**{**pipe.components, **dict.fromkeys(encoders)})
-    pipe.save_pretrained(folder, safe_serialization=True)
+    with _float32_on_cpu([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]):
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@contextlib.contextmanager
+def _float32_on_cpu(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Half-precision (frozen) modules in float32 on the CPU for the duration, so a saved
+    pipeline is float32 throughout (as `from_pretrained` without a dtype expects) without
+    a float32 copy on the GPU; then back where they were."""
+    half = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in modules
+            if next(m.parameters()).dtype in (torch.float16, torch.bfloat16)]
+    for m, _, _ in half:
+        m.to("cpu")  # first, so the float32 copy is made in host memory
+        move_module(m, "cpu", torch.float32)
+    try:
+        yield
+    finally:
+        for m, device, dtype in half:
+            move_module(m, device, dtype)
 
 
 def _save_final_in_place(run: Run, step: int) -> Path:
@@ -157,23 +185,55 @@ def build_pipeline(run: Run) -> StableDiffusionPipeline:
 
 @contextlib.contextmanager
 def _for_inference(run: Run) -> Iterator[None]:
-    """Frozen modules on the device in float32, EMA weights swapped in; all undone afterwards."""
-    device = run.accelerator.device
-    frozen = [run.models.vae] + ([] if run.cfg.train_text_encoder else text_encoders_of(run.models))
-    before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
-    for m in frozen:
-        move_module(m, device, torch.float32)
+    """Frozen modules on the device, EMA weights swapped in, the accelerator's autocast on;
+    all undone afterwards.
+
+    Frozen text encoders stay in the training dtype and the VAE in the dtype its config
+    allows (`vae_dtype`: float32 only for a VAE that overflows in half precision, which then
+    also runs outside autocast); the VAE encodes and decodes one image at a time (slicing).
+    On a CPU in float32 nothing changes, so samples equal what `generate` makes.
+    """
+    device, vae = run.accelerator.device, run.models.vae
+    frozen = [(vae, vae_dtype(vae, run.weight_dtype))]
+    frozen += [] if run.cfg.train_text_encoder else [(e, run.weight_dtype) for e in text_encoders_of(run.models)]
+    before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m, _ in frozen]
+    for m, dtype in frozen:
+        move_module(m, device, dtype)
     params = list(run.accelerator.unwrap_model(run.unet).parameters())
     if run.ema is not None:
         run.ema.store(params)
         run.ema.copy_to(params)
+    vae.enable_slicing()
     try:
-        yield
+        with _vae_in_own_dtype(vae), run.accelerator.autocast():
+            yield
     finally:
+        vae.disable_slicing()
         if run.ema is not None:
             run.ema.restore(params)
         for m, dev, dtype in before:
             move_module(m, dev, dtype)
+
+
+@contextlib.contextmanager
+def _vae_in_own_dtype(vae) -> Iterator[None]:
+    """The VAE's `encode` and `decode` take inputs in its own dtype and run outside autocast
+    (which would run a float32 VAE's convolutions in half precision, where it overflows)."""
+    originals = {name: getattr(vae, name) for name in ("encode", "decode")}
+
+    def wrap(method):
+        def call(x, *args, **kwargs):
+            with torch.autocast(x.device.type, enabled=False):
+                return method(x.to(vae.dtype), *args, **kwargs)
+        return call
+
+    for name, method in originals.items():
+        setattr(vae, name, wrap(method))
+    try:
+        yield
+    finally:
+        for name in originals:
+            delattr(vae, name)  # the class's methods again
 
 
 def sample_images(pipe: StableDiffusionPipeline, prompt: str, n: int, cfg: TrainConfig, seed: int,
@@ -272,9 +332,9 @@ def save_validation(run: Run, step: int) -> None:
 class HeldOut:
     """The held-out images for the validation loss (never in a training batch).
 
-    Their latents are encoded once, from the VAE's mean in float32, so the loss does not
-    depend on the training precision or on a random latent sample; their prompts are
-    encoded at each use, since the text encoder may be training.
+    Their latents are encoded once, from the VAE's mean (a few images at a time), so the
+    loss does not depend on a random latent sample; their prompts are encoded at each use,
+    since the text encoder may be training.
     """
 
     def __init__(self, items: list[Item]):
@@ -305,7 +365,7 @@ class HeldOut:
     def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str], torch.Tensor]]:
         """Scaled latents, prompts and SDXL time ids, one group per image size (buckets), encoded once."""
         if self.groups is None:
-            from dbtools.data import item_time_ids, load_item
+            from dbtools.data import item_time_ids
 
             vae, device = run.models.vae, run.accelerator.device
             by_size: dict[tuple[int, int], list[Item]] = {}
@@ -313,13 +373,28 @@ class HeldOut:
                 by_size.setdefault(item.size, []).append(item)
             self.groups = []
             for items in by_size.values():
-                pixels = torch.from_numpy(np.stack([load_item(it, False) for it in items]))
-                with torch.no_grad():
-                    mean = vae.encode(pixels.to(device, torch.float32)).latent_dist.mean
+                mean = torch.cat([self._encode(vae, chunk, device) for chunk in _chunks(items, HELD_OUT_CHUNK)])
                 self.groups.append(((mean * vae.config.scaling_factor).float().cpu(),
                                     [it.example.prompt for it in items],
                                     torch.tensor([item_time_ids(it, False) for it in items], dtype=torch.float32)))
         return self.groups
+
+
+    @staticmethod
+    def _encode(vae, items: list[Item], device) -> torch.Tensor:
+        from dbtools.data import load_item
+
+        pixels = torch.from_numpy(np.stack([load_item(it, False) for it in items]))
+        with torch.no_grad():
+            return vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean.float()
+
+
+HELD_OUT_CHUNK = 4
+"""Held-out images encoded per VAE call: all of them at once would hold every image's activations."""
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
 def log_validation_loss(run: Run, step: int) -> float:

@@ -64,6 +64,33 @@ class TrainError(UserError):
     """Training cannot start or go on because of something the user can fix."""
 
 
+# A size below this share of the family's native one trains a model that draws poorly at
+# its own size (SDXL at 512 px): worth one warning line.
+FAR_BELOW_NATIVE = 0.75
+
+
+def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `resolution` set: the model family's native size when none was given
+    (1024 for SDXL; 512 when the model cannot be read, which pre-flight then reports). A
+    given size far below the native one gets one warning line."""
+    from dbtools.models import detect_family
+
+    try:
+        detected = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    except UserError:
+        return cfg if cfg.resolution is not None else dataclasses.replace(cfg, resolution=512)
+    native = detected.resolution
+    if cfg.resolution is None:
+        logger.info("resolution: %d px, the native size of %s (--resolution changes it)", native,
+                    detected.family.label)
+        return dataclasses.replace(cfg, resolution=native)
+    if cfg.resolution < FAR_BELOW_NATIVE * native:
+        logger.warning("--resolution %d is far below the %d px %s models are made for: samples at their "
+                       "own size will look worse; leave --resolution out to train at %d px.",
+                       cfg.resolution, native, detected.family.label, native)
+    return cfg
+
+
 def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     """Check flags, model path, concepts, images and captions before loading any model.
 
@@ -368,12 +395,25 @@ def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_
     return out
 
 
-def load_models(cfg: TrainConfig) -> SDComponents:
-    """Tokenizer, text encoder, VAE, UNet and noise scheduler, in float32."""
+def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Tokenizer, text encoders, VAE, UNet and noise scheduler: weights that train in float32,
+    frozen ones straight in `weight_dtype` (`frozen_dtypes`), so host memory never holds a
+    float32 copy of what trains in half precision (SDXL in float32 is about 14 GB)."""
     from dbtools.models import load_sd_components
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
-                              revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name)
+                              revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
+                              component_dtypes=frozen_dtypes(cfg, weight_dtype))
+
+
+def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The components loaded in `weight_dtype` because their weights stay frozen: a LoRA run's
+    UNet and text encoders (the adapters, added later, are float32), a full fine-tune's text
+    encoders unless they train. The VAE loads in float32 (small, and it may have to stay
+    so: `vae_dtype`)."""
+    encoders_frozen = cfg.use_lora or not cfg.train_text_encoder
+    return {**({"unet": weight_dtype} if cfg.use_lora else {}),
+            **({"text_encoder": weight_dtype, "text_encoder_2": weight_dtype} if encoders_frozen else {})}
 
 
 def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list:
@@ -390,7 +430,8 @@ def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
     """Frozen modules go to `device` in `weight_dtype` (a VAE that overflows in half
     precision stays float32); trained weights (or LoRA adapters) stay float32."""
     models.vae.requires_grad_(False)
-    move_module(models.vae, device, vae_dtype(models.vae, weight_dtype))
+    # With cached latents the VAE is needed only for samples and saves, which bring it in.
+    move_module(models.vae, device if cfg.not_cache_latents else "cpu", vae_dtype(models.vae, weight_dtype))
     train_te = cfg.train_text_encoder
     encoders = text_encoders_of(models)
     if cfg.use_lora:
@@ -399,6 +440,8 @@ def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
         models.unet.requires_grad_(True)
         for encoder in encoders:
             encoder.requires_grad_(train_te)
+        for part in unused_text_parts(models):
+            part.requires_grad_(False)
     if not train_te:
         for encoder in encoders:
             move_module(encoder, device, weight_dtype)
@@ -477,7 +520,32 @@ def _add_lora(cfg: TrainConfig, models) -> None:
         # peft directly: transformers' own `add_adapter` may demand a newer peft.
         for encoder in text_encoders_of(models):
             inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+                                               target_modules=_text_lora_targets(encoder, models)), encoder)
+
+
+TEXT_LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def unused_text_parts(models) -> list[torch.nn.Module]:
+    """Text encoder parts whose output never reaches the loss, so they must not train.
+
+    SDXL conditions on the penultimate hidden states and takes the pooled embedding from
+    its second encoder: the first encoder's last layer and final layer norm are computed
+    for nothing. Trained, they get no gradient (data-parallel training stops at its second
+    step waiting for it) and their LoRA adapters would be saved as zeros.
+    """
+    if not is_sdxl_models(models):
+        return []
+    text_model = getattr(models.text_encoder, "text_model", models.text_encoder)  # transformers 4 nests it
+    return [text_model.encoder.layers[-1], text_model.final_layer_norm]
+
+
+def _text_lora_targets(encoder, models) -> list[str]:
+    """The attention projections of `encoder` that get LoRA adapters (full module names),
+    none inside `unused_text_parts`."""
+    unused = {id(m) for part in unused_text_parts(models) for m in part.modules()}
+    return [name for name, module in encoder.named_modules()
+            if name.rsplit(".", 1)[-1] in TEXT_LORA_PROJECTIONS and id(module) not in unused]
 
 
 def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
@@ -497,11 +565,29 @@ def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtyp
     data = DreamBoothData(plan, dcfg, cache)
     if cache is not None:
         flips = (False, True) if cfg.hflip else (False,)
-        cache.fill(data.all_items(), flips, lambda px: _vae_stats(vae, px, accelerator.device, vae.dtype),
-                   progress=accelerator.is_local_main_process)
+        _fill_latent_cache(cache, data.all_items(), flips, vae, accelerator, vae_dtype(vae, weight_dtype))
         logger.info("latents: %d encoded, %d read from %s", cache.encoded, cache.read_from_disk,
                     cfg.cache_dir or "memory")
     return data
+
+
+def _fill_latent_cache(cache: LatentCache, items, flips, vae, accelerator, dtype) -> None:
+    """Encode the latents with the VAE alone on the device (call before the UNet and the text
+    encoders go there), one image at a time (VAE slicing), so caching never needs more memory
+    than a training step. Each process encodes its share; then they exchange them."""
+    move_module(vae, accelerator.device, dtype)
+    vae.enable_slicing()
+    try:
+        cache.fill(items, flips, lambda px: _vae_stats(vae, px, accelerator.device, dtype),
+                   progress=accelerator.is_local_main_process, rank=accelerator.process_index,
+                   world=accelerator.num_processes)
+    finally:
+        vae.disable_slicing()
+        vae.to("cpu")  # back for samples and saves (`_for_inference`)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        cache.add_shared(gather_object(cache.own_share()))
 
 
 def vae_weight_files(cfg: TrainConfig) -> list[Path]:
@@ -639,8 +725,9 @@ def make_ema(cfg: TrainConfig, models: SDComponents, accelerator: Accelerator) -
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
+    # foreach: one fused update over all tensors per step instead of a few kernels per tensor.
     ema = EMAModel(models.unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=models.unet.config)
+                   model_config=models.unet.config, foreach=True)
     ema.to(accelerator.device)
     return ema
 

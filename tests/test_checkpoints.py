@@ -173,6 +173,9 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_pat
     adapters = load_file(str(ckpt / C.LORA_WEIGHTS))
     assert any(k.startswith("unet.") for k in adapters) and any(k.startswith("text_encoder.") for k in adapters)
     assert not list(ckpt.glob("*.pkl"))
+    # accelerate's model files hold the trained adapters only, not the frozen base weights
+    states = [load_file(str(f)) for f in sorted(ckpt.glob("model*.safetensors"))]
+    assert len(states) == 2 and all(s and all("lora_" in k for k in s) for s in states)
     pipe = load_pipeline(str(ckpt))
     assert any("lora" in k for k in pipe.unet.state_dict())
 

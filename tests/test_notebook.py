@@ -217,6 +217,61 @@ def test_scores_are_on_by_default_with_their_cost_in_the_help():
     assert "--score_saves" in notebook.flag_args(**chosen.flags)
 
 
+def test_sdxl_with_the_form_defaults_trains_a_lora_at_the_lora_learning_rate():
+    """An SDXL model with the training cells' own defaults: the LoRA profile at LoRA's rate
+    (at the full fine-tune's 1e-6 the adapters, which start at zero, barely move), and fewer
+    class images made in smaller batches; a rate typed in the form still wins."""
+    from dbtools import notebook
+    from dbtools.families import SDXL, Detected
+
+    fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
+    cell = dict(memory_profile=fields["memory_profile"], pretrained_vae_name_or_path=fields["vae_name"],
+                **{k: fields[k] for k in ("resolution", "train_text_encoder", "with_prior_preservation",
+                                          "num_class_images", "save_interval", "learning_rate", "max_train_steps")})
+    argv = notebook.training_command("m", "out", "c.json", family=Detected(SDXL), **cell)  # what the cell runs
+    assert "--use_lora" in argv and "--learning_rate=0.0001" in argv
+    flags = notebook.training_flags("m", family=Detected(SDXL), **cell).flags
+    assert flags["use_lora"] is True and flags["learning_rate"] == 1e-4
+    assert flags["resolution"] == 1024 and flags["mixed_precision"] == "fp16"
+    assert flags["num_class_images"] <= 50 and flags["sample_batch_size"] <= 2
+    typed = notebook.training_flags("m", family=Detected(SDXL), **{**cell, "learning_rate": "3e-5"}).flags
+    assert typed["learning_rate"] == "3e-5"
+    assert notebook.training_flags("m", family=Detected(SDXL), gpu_gib=80.0, **cell).flags["learning_rate"] == 1e-6
+
+
+def test_the_training_cell_with_its_sdxl_defaults_trains_a_lora_that_moves(tiny_sdxl, tmp_path, image_factory):
+    """The command the training cell runs for an SDXL model with the form's own defaults (only
+    the VAE, sizes and counts changed for a CPU) trains LoRA adapters that move: at LoRA's
+    rate each Adam step moves `lora_B` by about 1e-4, at the old 1e-6 by about 1e-6."""
+    from safetensors.torch import load_file
+
+    from dbtools import notebook
+    from dbtools import train as T
+    from dbtools.families import SDXL, Detected
+
+    fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
+    inst = tmp_path / "inst"
+    for i in range(2):
+        image_factory(inst / f"toy_{i}.png", size=(64, 64), color=(200, 60 * i, 0))
+        (inst / f"toy_{i}.png.txt").write_text(f"a photo of sks toy {i}", encoding="utf-8")
+        image_factory(tmp_path / "class" / f"{i}-class.jpg", size=(64, 64), color=(0, 60 * i, 200))  # a user's own
+    concepts = tmp_path / "concepts_list.json"
+    concepts.write_text(json.dumps([{"instance_prompt": "sks toy", "class_prompt": "a toy",
+                                     "instance_data_dir": str(inst), "class_data_dir": str(tmp_path / "class")}]))
+    cell = dict(pretrained_vae_name_or_path="", resolution=64, num_class_images=2, max_train_steps=2, save_interval=2,
+                extra_flags="--save_infer_steps=1 --n_save_sample=1",
+                **{k: fields[k] for k in ("memory_profile", "learning_rate", "train_text_encoder",
+                                          "with_prior_preservation")})
+    argv = notebook.training_command(str(tiny_sdxl), tmp_path / "out", concepts, family=Detected(SDXL), **cell)
+    script = next(i for i, arg in enumerate(argv) if str(arg).endswith("train_dreambooth.py"))
+    assert T.main([str(arg) for arg in argv[script + 1:]]) == 0
+    step = tmp_path / "out" / "2"
+    assert json.loads((step / "args.json").read_text())["learning_rate"] == 1e-4
+    lora_b = [v for k, v in load_file(str(step / "pytorch_lora_weights.safetensors")).items() if "lora_B" in k
+              or "lora.up" in k]
+    assert lora_b and min(float(v.abs().max()) for v in lora_b) > 5e-5
+
+
 # --------------------------------------------------------------------------- headless run
 
 

@@ -193,8 +193,8 @@ def test_the_24gb_profile_optimizer_is_adafactor_at_the_given_learning_rate():
     from dbtools.train_config import TrainConfig, flag_problems
     from dbtools.train_setup import make_optimizer
 
-    cfg = TrainConfig(instance_data_dir="x", output_dir="y", learning_rate=2e-6,
-                      **{k: v for k, v in MEMORY_PROFILES[SDXL_FULL_24GB].items() if k != "mixed_precision"})
+    cfg = TrainConfig(instance_data_dir="x", output_dir="y", **{
+        **{k: v for k, v in MEMORY_PROFILES[SDXL_FULL_24GB].items() if k != "mixed_precision"}, "learning_rate": 2e-6})
     weight = torch.nn.Parameter(torch.ones(3, 4))
     opt = make_optimizer(cfg, [weight], "cpu")
     assert isinstance(opt, Adafactor) and opt.param_groups[0]["lr"] == 2e-6
@@ -203,3 +203,22 @@ def test_the_24gb_profile_optimizer_is_adafactor_at_the_given_learning_rate():
     assert torch.all(weight < 1)  # it steps at the fixed rate, no relative step size
     both = TrainConfig(instance_data_dir="x", output_dir="y", use_adafactor=True, use_8bit_adam=True)
     assert any("--use_adafactor" in p for p in flag_problems(both))
+
+
+def test_every_profile_carries_the_learning_rate_that_suits_it():
+    for name, flags in MEMORY_PROFILES.items():
+        rate = flags["learning_rate"]
+        assert (5e-5 <= rate <= 5e-4) if flags.get("use_lora") else (1e-6 <= rate <= 5e-6), name
+    # LoRA turned on by hand over a full fine-tune profile trains at LoRA's rate
+    assert profiles.learning_rate_for(SD_DEFAULT, {"use_lora": True}) == profiles.LORA_LR
+    assert profiles.learning_rate_for(SD_DEFAULT, {}) == MEMORY_PROFILES[SD_DEFAULT]["learning_rate"]
+    chosen = nb.training_flags("m", family=Detected(SD1), extra_flags="--use_lora", **CELL).flags
+    assert chosen["learning_rate"] == profiles.LORA_LR
+
+
+def test_prior_preservation_doubles_the_unet_batch_in_the_estimate():
+    flags = {**MEMORY_PROFILES[SDXL_LORA_16GB], "resolution": 1024}
+    alone = estimate_training_memory("sdxl", flags)
+    prior = estimate_training_memory("sdxl", {**flags, "with_prior_preservation": True})
+    assert prior.parts["activations"] == pytest.approx(2 * alone.parts["activations"])
+    assert prior.parts["weights"] == alone.parts["weights"]

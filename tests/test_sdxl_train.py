@@ -213,3 +213,90 @@ def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdx
     assert all(v.item() == 2 for k, v in kohya.items() if k.endswith(".alpha"))
     images = generate_images(str(folder), "a photo of sks toy", num_images=1, steps=2, height=64, width=64, seed=1)
     assert len(images) == 1 and images[0].size == (64, 64)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_command_line_trains_at_the_family_native_size_unless_told(tiny_sdxl, sdxl_data, tmp_path, monkeypatch,
+                                                                     caplog):
+    """Without --resolution SDXL trains at 1024 px (not SD 1.x's 512); a given size wins, and
+    one far below the native size gets one warning line."""
+    import logging
+
+    from dbtools import train as T
+
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg.resolution)
+        raise _Stop
+
+    monkeypatch.setattr(T, "preflight", stop)
+    argv = [f"--pretrained_model_name_or_path={tiny_sdxl}", f"--instance_data_dir={sdxl_data}",
+            f"--output_dir={tmp_path / 'out'}", "--report_to=none"]
+    for extra in ([], ["--resolution=896"], ["--resolution=512"]):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dbtools"), pytest.raises(_Stop):
+            T.main(argv + extra)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == (1 if extra == ["--resolution=512"] else 0), warnings
+    assert seen == [1024, 896, 512]
+    assert "--resolution 512 is far below the 1024 px" in warnings[0]
+
+
+@pytest.mark.slow
+def test_sdxl_text_encoder_lora_trains_on_two_processes_with_no_dead_adapters(tiny_sdxl, sdxl_data, tmp_path):
+    """SDXL conditions on the penultimate hidden states: text encoder 1's last layer never
+    reaches the loss. Trained, it stopped a 2-process run at step 2 (DDP waits for its
+    gradient) and its adapters were saved as zeros; now it gets none."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(root / "train_dreambooth.py"),
+         f"--pretrained_model_name_or_path={tiny_sdxl}", f"--instance_data_dir={sdxl_data}",
+         "--read_prompts_from_txts", f"--output_dir={out}", "--resolution=64", "--train_batch_size=1",
+         "--max_train_steps=3", "--seed=1", "--report_to=none", "--use_lora", "--lora_rank=2",
+         "--train_text_encoder", "--learning_rate=1e-3", "--lr_warmup_steps=0", "--checkpointing_steps=2"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
+             "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training on 2 process(es)" in proc.stderr
+    assert proc.stderr.count("latents: 1 encoded, 0 read") == 2  # each process encoded one of the two images
+    adapters = load_file(str(out / "3" / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".")[0] for k in adapters} == {"unet", "text_encoder", "text_encoder_2"}
+    assert [k for k, v in adapters.items() if not v.abs().sum() > 0] == []  # no adapter left at zero
+    last = f"encoder.layers.{_layers(tiny_sdxl) - 1}."
+    assert not [k for k in adapters if k.startswith("text_encoder.") and last in k]
+    assert [k for k in adapters if k.startswith("text_encoder.") and f"encoder.layers.{_layers(tiny_sdxl) - 2}." in k]
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _layers(model: Path) -> int:
+    import json
+
+    return json.loads((model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_sdxl_full_text_encoder_training_freezes_what_never_reaches_the_loss(tiny_sdxl, sdxl_data, tmp_path):
+    from types import SimpleNamespace
+
+    from dbtools import train_setup as S
+
+    cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "out", train_text_encoder=True)
+    models = S.load_models(cfg)
+    params = S.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), torch.float32)
+    text_model = getattr(models.text_encoder, "text_model", models.text_encoder)
+    frozen = {id(p) for part in (text_model.encoder.layers[-1], text_model.final_layer_norm)
+              for p in part.parameters()}
+    assert frozen and not frozen & {id(p) for p in params}
+    assert all(p.requires_grad for p in text_model.encoder.layers[0].parameters())
+    assert all(p.requires_grad for p in models.text_encoder_2.parameters())  # its last layer makes the pooled embedding

@@ -74,13 +74,15 @@ SHIVAM_DEFAULTS = dict(
     class_data_dir=None, instance_prompt=None, class_prompt=None, save_sample_prompt=None,
     save_sample_negative_prompt=None, n_save_sample=4, save_guidance_scale=7.5, save_infer_steps=20,
     pad_tokens=False, with_prior_preservation=False, prior_loss_weight=1.0, num_class_images=100,
-    output_dir="text-inversion-model", seed=None, resolution=512, center_crop=False, train_text_encoder=False,
+    output_dir="text-inversion-model", seed=None, center_crop=False, train_text_encoder=False,
     train_batch_size=4, sample_batch_size=4, num_train_epochs=1, max_train_steps=None,
     gradient_accumulation_steps=1, gradient_checkpointing=False, learning_rate=5e-6, scale_lr=False,
     lr_scheduler="constant", lr_warmup_steps=500, use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
     adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0, push_to_hub=False, hub_token=None,
     hub_model_id=None, logging_dir="logs", log_interval=10, save_interval=10_000, save_min_steps=0,
     not_cache_latents=False, hflip=False, local_rank=-1, concepts_list=None, read_prompts_from_txts=False)
+# Shivam's --resolution default is 512; ours is the model family's own size (decided at training time).
+OUR_DEFAULTS = dict(resolution=None)
 DIFFUSERS_DEFAULTS = dict(
     # diffusers saves checkpoints every 500 steps by default; Shivam (the default here) never does
     checkpointing_steps=None, checkpoints_total_limit=None, resume_from_checkpoint=None, validation_prompt=None,
@@ -94,7 +96,7 @@ DIFFUSERS_DEFAULTS = dict(
 def test_parser_accepts_both_flag_sets_with_their_defaults(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     args = TC.parse_args(["--pretrained_model_name_or_path", "m"])
-    for name, default in {**SHIVAM_DEFAULTS, **DIFFUSERS_DEFAULTS}.items():
+    for name, default in {**SHIVAM_DEFAULTS, **DIFFUSERS_DEFAULTS, **OUR_DEFAULTS}.items():
         assert getattr(args, name) == default, name
     cfg = TrainConfig.from_args(args)
     assert cfg.mixed_precision is None and cfg.pretrained_model_name_or_path == "m"

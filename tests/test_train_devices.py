@@ -310,3 +310,171 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
     result = T.train(config(tiny_sd, dataset, tmp_path / "out", use_ema=True, save_single_file=True))
     assert state["runs"] == [(False, True)]
     assert result.single_file.is_file()
+
+
+# --------------------------------------------------------------------------- several processes: no waste
+
+
+def test_processes_wait_for_each_other_only_at_steps_that_save(monkeypatch):
+    from types import SimpleNamespace
+
+    waits, written = [], []
+    cfg = TrainConfig(checkpointing_steps=3, save_interval=4, validation_steps=100)
+    acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: waits.append(step))
+    run = SimpleNamespace(cfg=cfg, accelerator=acc, max_train_steps=8, held_out=None)
+    for name in ("save_checkpoint", "save_weights", "log_validation_loss", "save_validation"):
+        monkeypatch.setattr(O, name, lambda run, step, name=name: written.append((step, name)))
+    for step in range(1, 9):
+        O.periodic_saves(run, step)
+    assert written == [(3, "save_checkpoint"), (4, "save_weights"), (6, "save_checkpoint")]
+    assert waits == [3, 4, 6]  # the final step's weights are saved by `finish`
+
+
+def test_the_ema_updates_all_tensors_at_once(tiny_sd):
+    from types import SimpleNamespace
+
+    from dbtools.models import load_sd_components
+
+    models = load_sd_components(str(tiny_sd))
+    ema = S.make_ema(TrainConfig(use_ema=True), models, SimpleNamespace(is_main_process=True, device="cpu"))
+    assert ema.foreach
+
+
+def test_each_process_encodes_its_share_of_the_latents(tmp_path):
+    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, LatentCache
+    from tests.conftest import make_image
+
+    examples = [Example(make_image(tmp_path / f"{i}.png", size=(32, 32)), f"p{i}") for i in range(5)]
+    items = DreamBoothData(DataPlan(examples, []), DataConfig(resolution=32)).all_items()
+    caches, encoded = [LatentCache("k"), LatentCache("k")], [[], []]
+    for rank, cache in enumerate(caches):
+        def encode(px, rank=rank):
+            encoded[rank].append(len(px))
+            return px[:, :1] * 0 + rank, px[:, :1] * 0 + 1
+
+        cache.fill(items, (False, True), encode, rank=rank, world=2, progress=False)
+    assert [c.encoded for c in caches] == [5, 5] and sum(map(sum, encoded)) == 10  # each entry once
+    for cache in caches:
+        cache.add_shared(caches[0].own_share() + caches[1].own_share())
+        assert len(cache.entries) == 10
+    first, second = caches[0].entries, caches[1].entries
+    assert first.keys() == second.keys()
+    assert all((first[k][0] == second[k][0]).all() for k in first)  # both hold what its encoder made
+
+
+# --------------------------------------------------------------------------- saves and samples: memory
+
+
+def _inference_run(models, dtype):
+    from types import SimpleNamespace
+
+    acc = SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", dtype=dtype),
+                          unwrap_model=lambda m: m)
+    return SimpleNamespace(accelerator=acc, models=models, cfg=TrainConfig(), weight_dtype=dtype, ema=None,
+                           unet=models.unet)
+
+
+def test_saves_and_samples_keep_frozen_parts_in_the_training_dtype_under_autocast(tiny_sdxl):
+    """bf16 on the CPU stands in for fp16 on a GPU: frozen text encoders are not upcast to
+    float32 for samples and saves, and a VAE that overflows in half precision decodes in
+    float32 outside autocast, one image at a time."""
+    from dbtools.models import load_sd_components
+
+    bf16 = torch.bfloat16
+    models = load_sd_components(str(tiny_sdxl))
+    for encoder in (models.text_encoder, models.text_encoder_2):
+        encoder.to(bf16)
+    models.vae.register_to_config(force_upcast=True)  # SDXL's own VAE
+    with O._for_inference(_inference_run(models, bf16)):
+        seen = (models.text_encoder.dtype, models.text_encoder_2.dtype, models.vae.dtype, models.vae.use_slicing,
+                torch.is_autocast_enabled("cpu"))
+        image = models.vae.decode(torch.randn(2, 4, 8, 8, dtype=bf16)).sample
+    assert seen == (bf16, bf16, torch.float32, True, True)
+    assert image.dtype == torch.float32
+    assert not models.vae.use_slicing and "decode" not in vars(models.vae)  # all undone
+    models.vae.register_to_config(force_upcast=False)  # e.g. the fp16-fix VAE
+    with O._for_inference(_inference_run(models, bf16)):
+        assert models.vae.dtype == bf16
+
+
+def test_held_out_images_are_encoded_a_few_at_a_time(tmp_path):
+    from types import SimpleNamespace
+
+    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example
+    from tests.conftest import make_image
+
+    examples = [Example(make_image(tmp_path / f"{i}.png", size=(32, 32)), f"p{i}") for i in range(6)]
+    items = DreamBoothData(DataPlan(examples, []), DataConfig(resolution=32)).all_items()
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels[:, :1]))
+
+    vae = SimpleNamespace(dtype=torch.float32, config=SimpleNamespace(scaling_factor=1.0), encode=encode)
+    run = SimpleNamespace(models=SimpleNamespace(vae=vae), accelerator=SimpleNamespace(device=torch.device("cpu")))
+    (latents, prompts, _), = O.HeldOut(items)._latents(run)
+    assert calls == [4, 2] and len(latents) == len(prompts) == 6
+
+
+def test_scores_at_sdxl_size_generate_one_image_per_call(monkeypatch):
+    from dbtools import evaluate as E
+    from dbtools import generate as G
+
+    batches = []
+    monkeypatch.setattr(G, "generate", lambda pipe, prompt, **kw: batches.append(kw["batch_size"]) or [])
+    monkeypatch.setattr(E, "prompt_fidelity", lambda *a: 0.0)
+    for size in (1024, 512):
+        plan = E.training_plan("sks", ["sks on a beach"], [], 2, 7.5, size)
+        E.score_pipeline(None, [], plan, E.EvalConfig("out", batch_size=16), None, None)
+    assert batches == [1, 16]
+
+
+def test_class_images_are_decoded_one_at_a_time(tiny_sd):
+    from dbtools.classgen import pipeline_loader_for
+
+    assert pipeline_loader_for(str(tiny_sd), device="cpu")().vae.use_slicing
+
+
+def test_frozen_parts_load_straight_in_the_training_dtype(tiny_sdxl, tmp_path, monkeypatch):
+    """bf16 stands in for fp16: a LoRA run reads the UNet and the text encoders in half
+    precision (no float32 copy in host memory); only the adapters are float32."""
+    from types import SimpleNamespace
+
+    from dbtools import models as M
+
+    read = {}
+    real = M._from_pretrained
+
+    def spy(cls, name, sub, revision, variant, dtype):
+        read[sub] = dtype
+        return real(cls, name, sub, revision, variant, dtype)
+
+    monkeypatch.setattr(M, "_from_pretrained", spy)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    cfg = config(tiny_sdxl, tmp_path, tmp_path / "out", use_lora=True, lora_rank=2)
+    models = S.load_models(cfg, bf16)
+    assert read == {"text_encoder": bf16, "text_encoder_2": bf16, "vae": fp32, "unet": bf16}
+    params = S.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), bf16)
+    assert params and all(p.dtype == fp32 for p in params)
+    assert {p.dtype for n, p in models.unet.named_parameters() if "lora_" not in n} == {bf16}
+    # a full fine-tune reads the UNet (and the text encoders it trains) in float32
+    S.load_models(config(tiny_sdxl, tmp_path, tmp_path / "out", train_text_encoder=True), bf16)
+    assert read == {"text_encoder": fp32, "text_encoder_2": fp32, "vae": fp32, "unet": fp32}
+    S.load_models(config(tiny_sdxl, tmp_path, tmp_path / "out"), bf16)
+    assert read == {"text_encoder": bf16, "text_encoder_2": bf16, "vae": fp32, "unet": fp32}
+
+
+def test_a_saved_pipeline_is_float32_though_its_frozen_parts_train_in_half_precision(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.text_encoder.to(torch.bfloat16)
+    pipe.vae.to(torch.bfloat16)
+    O._save_pipeline(pipe, tmp_path / "step")
+    for part in ("text_encoder", "vae", "unet"):
+        (file,) = (tmp_path / "step" / part).glob("*.safetensors")
+        with safe_open(str(file), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}, part
+    assert pipe.text_encoder.dtype == pipe.vae.dtype == torch.bfloat16  # back as they were
