@@ -155,9 +155,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                        "(the token is never written to disk).")
     accelerator = make_accelerator(cfg)
     cfg, plan = agree_on_seed(cfg, asked, accelerator, concepts, plan)
-    # One run per output folder at a time; only the run holding it writes progress.json there.
-    with hold_output_dir(cfg.output_dir, accelerator), Watch.start(cfg, accelerator) as watch:
-        return _train(cfg, concepts, plan, accelerator, watch, asked)
+    # One run per output folder at a time; only the run holding it moves an earlier run aside
+    # and then writes progress.json there (after the move, which would take it along).
+    with hold_output_dir(cfg.output_dir, accelerator):
+        if accelerator.is_main_process and cfg.overwrite_output_dir:
+            move_previous_run(cfg.output_dir)
+        with Watch.start(cfg, accelerator) as watch:
+            return _train(cfg, concepts, plan, accelerator, watch, asked)
 
 
 def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator, watch: Watch,
@@ -168,8 +172,6 @@ def _train(cfg: TrainConfig, concepts, plan: DataPlan, accelerator: Accelerator,
         if asked_seed != cfg.seed and cfg.seed is not None:
             logger.info("seed: %d for --seed %d (saved in args.json; --seed %d repeats this run)", cfg.seed,
                         asked_seed, cfg.seed)
-        if cfg.overwrite_output_dir:
-            move_previous_run(cfg.output_dir)
         remove_stale_temporaries(cfg.output_dir)
     if cfg.seed is not None:
         from accelerate.utils import set_seed

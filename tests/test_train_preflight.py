@@ -259,6 +259,15 @@ def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(
     S.preflight(config(tiny_sd, tmp_path / "inst", out))
 
 
+def test_overwrite_output_dir_into_a_new_folder_moves_nothing_aside(tmp_path, image_factory, tiny_sd):
+    """The demo and the notebook pass --overwrite_output_dir on a first run too: nothing of the
+    run itself (its progress.json) is taken for an earlier run."""
+    inst = tmp_path / "inst"
+    captioned(inst, image_factory, "a.png")
+    T.train(config(tiny_sd, inst, tmp_path / "out", overwrite_output_dir=True))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out-previous-")] == []
+
+
 def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(tmp_path, image_factory, tiny_sd,
                                                                                 weights_factory):
     """`--overwrite_output_dir` keeps every old file (moved next to the folder); an image whose
@@ -282,6 +291,9 @@ def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(
                                                           "metrics.jsonl", "out-2.safetensors", "preview.png"]
     assert (moved[0] / "2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"x" * 100
     assert not old.exists() and (out / "notes.txt").read_text() == "mine"
+    # the new run's progress stays with the new run, not with the old one moved aside
+    assert not (moved[0] / "0" / "progress.json").exists()
+    assert json.loads((out / "0" / "progress.json").read_text())["state"] == "finished"
     assert result.weights_dir == out / "1" and (out / "1" / "model_index.json").is_file()
 
 
