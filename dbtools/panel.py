@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -304,13 +305,32 @@ def thumbnail_png(path: str | os.PathLike, size: int = 160) -> bytes | None:
 # =========================================================================== files
 
 
-def read_progress(output_dir: str | os.PathLike) -> dict | None:
-    """`<output_dir>/0/progress.json`, or None while there is none (or it cannot be read)."""
+def read_progress(output_dir: str | os.PathLike, since: float | None = None) -> dict | None:
+    """`<output_dir>/0/progress.json`, or None while there is none (or it cannot be read). With
+    `since` (a `time.time()`), a file last written before it is an earlier run's: None too."""
     try:
         data = json.loads((Path(output_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    written = _number(data.get("updated_at"))
+    return None if since is not None and written is not None and written < since else data
+
+
+LOG_CHARS = 200_000
+"""How much of the training output the panel's folded log keeps (the end of it)."""
+
+
+def screen_text(text: str) -> str:
+    """`text` as a terminal shows it: of each line only what its last carriage return left
+    (a progress bar's latest state), so redrawn bars take no room."""
+    return "\n".join(map(_screen_line, text.split("\n")))
+
+
+def _screen_line(line: str) -> str:
+    body = line.rstrip("\r")  # a bar waiting for its next redraw keeps one "\r"
+    return body.rsplit("\r", 1)[-1] + ("\r" if len(body) < len(line) else "")
 
 
 class _MetricsReader:
@@ -401,6 +421,8 @@ class TrainingPanel:
         import ipywidgets as w
 
         self.output_dir, self.on_stop, self.thumb = Path(output_dir), on_stop, thumb
+        self.started = time.time()  # progress.json written before this is an earlier run's
+        self._log_text = ""
         self.history = History()
         self.state = PanelState()
         self._metrics = _MetricsReader(self.output_dir)
@@ -423,7 +445,7 @@ class TrainingPanel:
 
     def refresh(self) -> PanelState:
         """Read progress.json and metrics.jsonl again and update what changed."""
-        progress = read_progress(self.output_dir) or {}
+        progress = read_progress(self.output_dir, since=self.started) or {}
         if saved_step_of(progress)[0] is None:
             progress = self._saves_on_disk(progress)
         self.history.update(progress)
@@ -492,10 +514,11 @@ class TrainingPanel:
         self.on_stop()
 
     def write_log(self, text: str) -> None:
-        """Add training output to the folded log."""
-        with self.log:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        """Add training output to the folded log. The widget's own output list is set (not
+        captured with `with self.log:`, which only the open page sees), so the whole log is in
+        the notebook's saved widget state and comes back when it is reopened."""
+        self._log_text = screen_text(self._log_text + text)[-LOG_CHARS:]
+        self.log.outputs = ({"output_type": "stream", "name": "stdout", "text": self._log_text},)
 
 
 def _html(text: str) -> str:

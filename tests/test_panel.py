@@ -361,3 +361,27 @@ def test_tensorboard_is_shown_for_the_runs_log_folder(tmp_path, monkeypatch, cap
     assert "cannot display here" in caplog.text and "tensorboard --logdir" in caplog.text
     monkeypatch.setattr(IPython, "get_ipython", lambda: None)
     assert show_tensorboard(out) is False
+
+
+def test_an_earlier_runs_progress_never_ends_a_new_runs_panel(tmp_path):
+    """A resumed or second run in the same folder: until the new run writes progress.json, the
+    file there is the earlier run's ("finished", "stopped"); the new panel's button stays live."""
+    write_progress(tmp_path, json.dumps({**BASE, "state": "finished", "step": 400, "updated_at": time.time() - 60}))
+    panel = TrainingPanel(tmp_path)
+    ps = panel.refresh()
+    assert ps.state == "starting" and not ps.done
+    assert not panel.button.disabled and panel.button.description == "Stop and save"
+    write_progress(tmp_path, json.dumps({**BASE, "step": 401, "updated_at": time.time()}))
+    assert panel.refresh().step == 401 and not panel.button.disabled
+
+
+def test_the_whole_log_is_in_the_widgets_own_state(tmp_path):
+    """The folded log is the widget's output list (what a saved notebook keeps), not output
+    captured by the page: every line is there, a redrawn progress bar once."""
+    panel = TrainingPanel(tmp_path)
+    for text in ("setup line\n", "steps:  10%|#\r", "steps:  50%|#####\r", "\rresuming from checkpoint-2\n",
+                 "steps: 100%|##########\n", "Trained 4 steps (0 skipped).\n"):
+        panel.write_log(text)
+    (out,) = panel.log.outputs
+    assert out["text"] == ("setup line\nresuming from checkpoint-2\nsteps: 100%|##########\n"
+                           "Trained 4 steps (0 skipped).\n")
