@@ -794,8 +794,8 @@ class Session:
     on_drive: bool = False
     captioned_dir: Path | None = None
     weights_dir: Path | None = None
-    weights_id: tuple | None = None
-    """`weights_identity` of `weights_dir` when it was picked: a retrain changes it."""
+    weights_id: str | None = None
+    """`weights_fingerprint` of `weights_dir` when it was picked: a retrain changes it."""
     weights_step: str = ""
     """The step typed into the pick cell ("" when the cell chose the suggested or latest)."""
     generate_settings: dict[str, Any] = field(default_factory=dict)
@@ -833,11 +833,11 @@ class Session:
 
     def __post_init__(self) -> None:
         if self.weights_dir is not None and self.weights_id is None:  # weights given, not picked by the cell
-            self.weights_id = weights_identity(self.weights_dir)
+            self.weights_id = _weights_id(self.weights_dir)
 
     def use_weights(self, weights: Path, step: str = "") -> Path:
         """Remember `weights` as the picked weights (`step`: the step the user typed)."""
-        self.weights_dir, self.weights_id, self.weights_step = weights, weights_identity(weights), step
+        self.weights_dir, self.weights_id, self.weights_step = weights, _weights_id(weights), step
         return weights
 
     def weights(self) -> Path:
@@ -859,24 +859,18 @@ class Session:
                     "(run step 8 to pick another step).", weights)
         return self.use_weights(weights)
 
-    def weights_current(self, weights: Path | None = None, identity: tuple | None = None) -> bool:
+    def weights_current(self, weights: Path | None = None, identity: str | None = None) -> bool:
         """True while `weights` (default: the picked weights) are the files they were when
         picked (`identity`, default: the picked identity)."""
         if weights is None:
             weights, identity = self.weights_dir, self.weights_id
-        return weights is not None and identity is not None and weights_identity(weights) == identity
+        return weights is not None and identity is not None and _weights_id(weights) == identity
 
 
-def weights_identity(folder: Path) -> tuple | None:
-    """What tells one run's weights folder from the next run's at the same path: the name,
-    file id, size and modification time of its first marker file (None when it has none)."""
-    for name in ("model_index.json", "pytorch_lora_weights.safetensors", "args.json"):
-        try:
-            st = (Path(folder) / name).stat()
-        except OSError:
-            continue
-        return name, st.st_ino, st.st_size, st.st_mtime_ns
-    return None
+def _weights_id(folder: Path) -> str | None:
+    """What tells one run's weights folder from the next run's at the same path: the same
+    `weights_fingerprint` the cleanup cell ties exports to (None when there is no folder)."""
+    return weights_fingerprint(folder) if Path(folder).is_dir() else None
 
 
 def _try_detect(model: str):
