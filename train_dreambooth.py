@@ -2,7 +2,7 @@
 
 Accepts the flags of Shivam Shrirao's `train_dreambooth.py` and of diffusers' current
 one. Run it directly, with `accelerate launch train_dreambooth.py ...`, or as
-`python -m dbtools train ...`; all three share `dbtools.train`'s parser.
+`python -m dbtools train ...`; all three share `dbtools.train.loop`'s parser.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the training flags (`sys.argv[1:]` when `argv` is None)."""
-    from dbtools.train_config import parse_args as _parse
+    from dbtools.train.config import parse_args as _parse
 
     return _parse(argv)
 
 
 def main(args: argparse.Namespace) -> int:
     """Train with `args`; returns the exit code (2 for a problem the user can fix)."""
-    from dbtools.env import quiet_third_party
+    from dbtools.core.env import quiet_third_party
 
     quiet_third_party(getattr(args, "verbose", False))
-    from dbtools.errors import UserError, report
-    from dbtools.train import TrainConfig, run_training
+    from dbtools.core.errors import UserError, report
+    from dbtools.train.loop import TrainConfig, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

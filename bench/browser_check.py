@@ -133,7 +133,7 @@ def notebook_check(work: Path, images: Path, out: Path) -> None:
 
 
 def gradio_check(work: Path, model: Path, out: Path) -> None:
-    from dbtools.generate import build_gradio_app
+    from dbtools.after.generate import build_gradio_app
 
     app = build_gradio_app(str(model), out_dir=work / "gradio",
                            defaults=dict(prompt="a castle on a hill", steps=2, num_images=2, width=0, height=0))

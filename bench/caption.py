@@ -42,8 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dbtools.atomic import atomic_write_text  # noqa: E402
-from dbtools.autocaption import (  # noqa: E402
+from dbtools.caption.autocaption import (  # noqa: E402
     CaptionConfig,
     Captioner,
     default_num_workers,
@@ -51,9 +50,10 @@ from dbtools.autocaption import (  # noqa: E402
     load_captioner,
     run_caption,
 )
-from dbtools.captions import clean_caption  # noqa: E402
-from dbtools.images import list_images, load_rgb  # noqa: E402
-from dbtools.models import pick_device  # noqa: E402
+from dbtools.core.atomic import atomic_write_text  # noqa: E402
+from dbtools.dataset.captions import clean_caption  # noqa: E402
+from dbtools.dataset.images import list_images, load_rgb  # noqa: E402
+from dbtools.families.models import pick_device  # noqa: E402
 from dbtools.tiny import write_bert_vocab  # noqa: E402
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dbtools.concepts import Concept  # noqa: E402
-from dbtools.extract import ExtractConfig, extract_problems  # noqa: E402
+from dbtools.dataset.concepts import Concept  # noqa: E402
+from dbtools.dataset.extract import ExtractConfig, extract_problems  # noqa: E402
 
 
 def make_folder(path: Path) -> str:

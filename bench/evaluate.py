@@ -2,7 +2,7 @@
 
 Two paths are timed. In training (`--score_saves`), `SaveScorer.score` scores the pipeline
 already in memory for the save. On demand (`python -m dbtools evaluate`),
-`dbtools.evaluate.score_step` loads the saved pipeline first. Both score the saved samples
+`dbtools.after.evaluate.score_step` loads the saved pipeline first. Both score the saved samples
 against the instance images (likeness) and generates `--num_samples` images for each of
 the eval prompts on fixed seeds to score them against their prompts (prompt fidelity).
 The score models are loaded once, before the first save, as training and `evaluate` do.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dbtools import evaluate as ev
-from dbtools.models import pick_device
+from dbtools.after import evaluate as ev
+from dbtools.families.models import pick_device
 from dbtools.tiny import build_tiny_clip, build_tiny_dinov2, build_tiny_sd
 
 
@@ -80,9 +80,9 @@ def make_output(root: Path, sd: Path, args: argparse.Namespace) -> Path:
 def time_training_saves(out: Path, dino: Path, clip: Path, args) -> tuple[float, float]:
     """(load seconds once, mean seconds per save) of `SaveScorer`, training's path: the saved
     pipeline is already in memory, the models are loaded once and the instance images embedded once."""
-    from dbtools.generate import load_inference_pipeline
-    from dbtools.images import load_rgb
-    from dbtools.preview import sample_files
+    from dbtools.after.generate import load_inference_pipeline
+    from dbtools.after.preview import sample_files
+    from dbtools.dataset.images import load_rgb
 
     plan = ev.plan_evaluation(ev.EvalConfig(str(out)))
     folder = plan.weights[0][1]

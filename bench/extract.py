@@ -13,7 +13,7 @@ plus a few non-images), then, in the same run and on the same disk:
 
 The same loops in binary mode (`"wb"`/`"rb"`, a little faster than text mode) are
 measured and printed too. `--atomic_from REV` also times `run_extract` with
-`dbtools/atomic.py` as it was at git revision REV, in the same run, to compare two
+`dbtools/core/atomic.py` as it was at git revision REV, in the same run, to compare two
 ways of writing files atomically. Each measurement is repeated (alternating which side goes
 first) and the best time counts, which keeps other processes on the machine from
 deciding the result. Targets: first run within 1.6x, re-run within 2x of the bare
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dbtools import extract  # noqa: E402
-from dbtools.captions import caption_file_name, caption_from_filename  # noqa: E402
-from dbtools.concepts import Concept  # noqa: E402
-from dbtools.extract import ExtractConfig, plan_caption, run_extract  # noqa: E402
+from dbtools.dataset.captions import caption_file_name, caption_from_filename  # noqa: E402
+from dbtools.dataset.concepts import Concept  # noqa: E402
+from dbtools.dataset.extract import ExtractConfig, plan_caption, run_extract  # noqa: E402
 
 EXTENSIONS = (".png", ".JPG", ".jpeg", ".webp")
 
@@ -97,11 +97,11 @@ def timed_extract(concept: Concept, cfg: ExtractConfig, expect: str, n: int) -> 
 
 
 def atomic_at(rev: str):
-    """`dbtools/atomic.py` as it was at git revision `rev`, as a module object."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dbtools/atomic.py"],
+    """`dbtools/core/atomic.py` as it was at git revision `rev`, as a module object."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dbtools/core/atomic.py"],
                             check=True, capture_output=True, text=True).stdout
     module = type(sys)(f"atomic_{rev}")
-    exec(compile(source, f"{rev}:dbtools/atomic.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:dbtools/core/atomic.py", "exec"), module.__dict__)
     return module
 
 
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--class_prompt", default="")
     parser.add_argument("--no_progress", dest="progress", action="store_false")
     parser.add_argument("--atomic_from", default=None, metavar="REV",
-                        help="also time run_extract with dbtools/atomic.py from this git revision")
+                        help="also time run_extract with dbtools/core/atomic.py from this git revision")
     args = parser.parse_args()
     other = atomic_at(args.atomic_from) if args.atomic_from else None
 

@@ -114,9 +114,9 @@ def load(folder: Path, rank: int) -> dict:
 
     import torch
 
-    from dbtools.profiles import MEMORY_PROFILES, SDXL_LORA_16GB
-    from dbtools.train_config import TrainConfig
-    from dbtools.train_setup import load_models, prepare_modules
+    from dbtools.families.profiles import MEMORY_PROFILES, SDXL_LORA_16GB
+    from dbtools.train.config import TrainConfig
+    from dbtools.train.setup import load_models, prepare_modules
 
     flags = {k: v for k, v in MEMORY_PROFILES[SDXL_LORA_16GB].items() if k != "use_8bit_adam"}
     cfg = TrainConfig(pretrained_model_name_or_path=str(folder), lora_rank=rank, **flags)

@@ -7,7 +7,7 @@
 Both sides (prompts padded to 77 tokens) run in their own subprocess (so peak memory is each side's own), in the
 same invocation, on the same UNet:
 
-- ours: `dbtools.train.train()` on a few generated images, latents and text
+- ours: `dbtools.train.loop.train()` on a few generated images, latents and text
   embeddings cached, frozen text encoder, AdamW (the code path users run);
 - bare: the UNet alone: noise + timesteps, `add_noise`, forward, MSE, backward, gradient
   clipping, AdamW step, on latents and embeddings made before the clock starts.
@@ -165,7 +165,7 @@ class StepClock:
 
 
 def run_ours(a: argparse.Namespace) -> dict:
-    from dbtools import train as T
+    from dbtools.train import loop as T
 
     clock = StepClock()
     real_step = T.train_step

@@ -11,18 +11,18 @@ import importlib
 import logging
 import sys
 
-from dbtools.errors import UserError, report
+from dbtools.core.errors import UserError, report
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "caption": ("dbtools.autocaption", "auto-caption images (BLIP, Florence-2, WD14 tagger, instruction VLM)"),
-    "extract": ("dbtools.extract", "Omnitool: file names -> caption files, concepts_list.json"),
-    "classgen": ("dbtools.classgen", "generate class images for prior preservation"),
-    "train": ("dbtools.train", "train DreamBooth (same flags as train_dreambooth.py)"),
-    "export": ("dbtools.export", "diffusers folder -> single .safetensors/.ckpt"),
-    "preview": ("dbtools.preview", "grid of sample images across saved steps"),
-    "evaluate": ("dbtools.evaluate", "score saved steps (likeness, prompt fidelity), suggest the best"),
-    "generate": ("dbtools.generate", "generate images with trained weights (PNGs keep their settings)"),
-    "cleanup": ("dbtools.cleanup", "show which old weights can go; delete with --confirm DELETE"),
+    "caption": ("dbtools.caption.autocaption", "auto-caption images (BLIP, Florence-2, WD14 tagger, instruction VLM)"),
+    "extract": ("dbtools.dataset.extract", "Omnitool: file names -> caption files, concepts_list.json"),
+    "classgen": ("dbtools.train.classgen", "generate class images for prior preservation"),
+    "train": ("dbtools.train.loop", "train DreamBooth (same flags as train_dreambooth.py)"),
+    "export": ("dbtools.after.export", "diffusers folder -> single .safetensors/.ckpt"),
+    "preview": ("dbtools.after.preview", "grid of sample images across saved steps"),
+    "evaluate": ("dbtools.after.evaluate", "score saved steps (likeness, prompt fidelity), suggest the best"),
+    "generate": ("dbtools.after.generate", "generate images with trained weights (PNGs keep their settings)"),
+    "cleanup": ("dbtools.after.cleanup", "show which old weights can go; delete with --confirm DELETE"),
     "tiny": ("dbtools.tiny", "write tiny offline models (tests, demo)"),
     "demo": ("dbtools.demo", "run the whole journey offline on tiny models"),
 }
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from dbtools.env import quiet_third_party
+    from dbtools.core.env import quiet_third_party
 
     verbose = "--verbose" in rest
     if verbose and name != "train":  # training has its own --verbose flag

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbtools.atomic import atomic_save_image, atomic_write_text
-from dbtools.errors import UserError
+from dbtools.core.atomic import atomic_save_image, atomic_write_text
+from dbtools.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _tiny_models(folder: Path, say) -> dict[str, Path]:
 
 
 def _caption(raw: Path, instance: Path, blip: Path, say) -> None:
-    from dbtools.autocaption import CaptionConfig, load_captioner, run_caption
+    from dbtools.caption.autocaption import CaptionConfig, load_captioner, run_caption
 
     say(f"3/7 auto-caption with BLIP into file names: {raw} -> {instance}")
     cfg = CaptionConfig(img_dir=raw, out_dir=instance, format="filename", model=str(blip),
@@ -159,8 +159,8 @@ def _caption(raw: Path, instance: Path, blip: Path, say) -> None:
 
 
 def _extract(instance: Path, klass: Path, concepts_list: Path, say) -> Path:
-    from dbtools.concepts import Concept
-    from dbtools.extract import ExtractConfig, run_extract
+    from dbtools.dataset.concepts import Concept
+    from dbtools.dataset.extract import ExtractConfig, run_extract
 
     say(f"4/7 Omnitool: file names -> caption files, {concepts_list.name}")
     klass.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def _extract(instance: Path, klass: Path, concepts_list: Path, say) -> Path:
 
 
 def _train(cfg: DemoConfig, sd: Path, concepts_list: Path, output_dir: Path, say):
-    from dbtools.train import TrainConfig, train
+    from dbtools.train.loop import TrainConfig, train
 
     say(f"5/7 class images, then {cfg.steps} training steps -> {output_dir}")
     every = max(1, cfg.steps // 2)
@@ -195,7 +195,7 @@ def _train(cfg: DemoConfig, sd: Path, concepts_list: Path, output_dir: Path, say
 
 
 def _preview(output_dir: Path, say) -> Path:
-    from dbtools.preview import run_preview
+    from dbtools.after.preview import run_preview
 
     grid = run_preview(output_dir)
     say(f"7/7 preview grid of samples across steps: {grid} (its samples are noise: they come from tiny "

@@ -8,8 +8,8 @@ import os
 import pytest
 from PIL import Image
 
-from dbtools import atomic
-from dbtools.atomic import (
+from dbtools.core import atomic
+from dbtools.core.atomic import (
     atomic_create,
     atomic_dir,
     atomic_put,
@@ -159,7 +159,7 @@ def test_atomic_dir_exception_leaves_final_untouched(tmp_path):
 
 
 def test_crash_between_the_two_renames_of_a_swap_loses_nothing(tmp_path, monkeypatch):
-    from dbtools.checkpoints import remove_stale_temporaries
+    from dbtools.train.checkpoints import remove_stale_temporaries
 
     final = tmp_path / "4"
     with atomic_dir(final) as d:

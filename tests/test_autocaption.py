@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import autocaption as ac
 from dbtools import cli
-from dbtools.autocaption import CaptionConfig, CaptionError, run_caption
-from dbtools.captions import caption_file_name, caption_from_filename, caption_image_name
+from dbtools.caption import autocaption as ac
+from dbtools.caption.autocaption import CaptionConfig, CaptionError, run_caption
+from dbtools.dataset.captions import caption_file_name, caption_from_filename, caption_image_name
 
 GOOD = ["a.png", "b.jpg", "c.JPG", "d.webp"]  # top level; sub/e.png is the recursive one
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtools import autocaption as ac
-from dbtools import captioners as cap
 from dbtools import cli
-from dbtools.autocaption import CaptionConfig, CaptionError, run_caption
+from dbtools.caption import autocaption as ac
+from dbtools.caption import captioners as cap
+from dbtools.caption.autocaption import CaptionConfig, CaptionError, run_caption
 from dbtools.tiny import (
     TAGGER_TAGS,
     build_tiny_florence2,
@@ -270,7 +270,7 @@ def test_tags_with_a_caption_in_one_pass(tiny, exact_tagger, images, tmp_path, c
 
 
 def test_flags_of_other_families_are_ignored_with_one_note(loaded, images, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="dbtools.autocaption"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.caption.autocaption"):
         run_caption(fast(images, out_dir=tmp_path / "t", max_length=12, num_beams=4, format="txt"),
                     loaded["tagger"], progress=False)
         run_caption(fast(images, out_dir=tmp_path / "v", threshold=0.5, format="txt"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbtools.captions import (
+from dbtools.dataset.captions import (
     CAPTION_FILE_FORMATS,
     TEMPLATE_CAPTION_ONLY,
     TEMPLATE_WITH_PROMPTS,
@@ -113,9 +113,9 @@ def test_caption_file_names_come_from_one_table():
 
 @pytest.mark.parametrize("fmt", list(CAPTION_FILE_FORMATS))
 def test_every_caption_file_the_tools_write_is_the_one_training_reads(tmp_path, fmt):
-    from dbtools.autocaption import CaptionConfig
-    from dbtools.data import find_caption_file
-    from dbtools.editor import caption_path
+    from dbtools.caption.autocaption import CaptionConfig
+    from dbtools.train.data import find_caption_file
+    from dbtools.ui.editor import caption_path
 
     image = tmp_path / "a.b.png"
     image.write_bytes(b"")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbtools import checkpoints as C
-from dbtools import train as T
-from dbtools import train_setup as S
-from dbtools.errors import UserError
-from dbtools.train_config import TrainConfig
-from dbtools.train_setup import TrainError
+from dbtools.core.errors import UserError
+from dbtools.train import checkpoints as C
+from dbtools.train import loop as T
+from dbtools.train import setup as S
+from dbtools.train.config import TrainConfig
+from dbtools.train.setup import TrainError
 from tests.test_train import assert_same, config, weights
 
 
@@ -106,7 +106,7 @@ def test_every_file_of_a_checkpoint_replaced_by_a_hostile_pickle_is_refused_by_n
 
 
 def test_a_hostile_file_is_refused_at_load_time_too(ema_run, tmp_path):
-    from dbtools.checkpoints import CheckpointError, check_checkpoint_files
+    from dbtools.train.checkpoints import CheckpointError, check_checkpoint_files
 
     root = ema_run[0]
     copy = tmp_path / "checkpoint-2"
@@ -134,7 +134,7 @@ def test_loaded_ema_moves_to_the_training_device(tmp_path):
     """accelerate loads state on the CPU; training may run elsewhere (`meta` stands in for cuda)."""
     from diffusers.training_utils import EMAModel
 
-    from dbtools.checkpoints import CheckpointError, load_ema, save_ema
+    from dbtools.train.checkpoints import CheckpointError, load_ema, save_ema
 
     net = torch.nn.Linear(3, 2)
     ema = EMAModel(net.parameters(), decay=0.9)
@@ -150,7 +150,7 @@ def test_loaded_ema_moves_to_the_training_device(tmp_path):
 
 
 def test_pipeline_loads_from_a_checkpoint_folder(ema_run):
-    from dbtools.models import load_pipeline
+    from dbtools.families.models import load_pipeline
 
     ckpt = ema_run[0] / "out" / "checkpoint-4"
     pipe = load_pipeline(str(ckpt))
@@ -163,7 +163,7 @@ def test_pipeline_loads_from_a_checkpoint_folder(ema_run):
 
 
 def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_path, tiny_sd):
-    from dbtools.models import load_pipeline
+    from dbtools.families.models import load_pipeline
 
     inst = ema_run[1]
     kw = {"use_lora": True, "lora_rank": 2, "train_text_encoder": True, "checkpointing_steps": 1,
@@ -188,7 +188,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(ema_run, tmp_pat
 def test_ema_is_kept_on_the_main_process_only(tiny_sd):
     from types import SimpleNamespace
 
-    from dbtools.models import load_sd_components
+    from dbtools.families.models import load_sd_components
 
     models = load_sd_components(str(tiny_sd))
     cfg = TrainConfig(use_ema=True)
@@ -199,7 +199,7 @@ def test_ema_is_kept_on_the_main_process_only(tiny_sd):
 
 
 def test_export_accepts_a_checkpoint_folder(ema_run, tmp_path, tiny_sd):
-    from dbtools.export import export_single_file
+    from dbtools.after.export import export_single_file
     from tests.test_export import read_back
 
     ckpt = ema_run[0] / "out" / "checkpoint-4"

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dbtools.classgen import (
+from dbtools.dataset.concepts import Concept, write_concepts
+from dbtools.families.models import load_pipeline
+from dbtools.train.classgen import (
     ClassGenConfig,
     ClassGenError,
     batches,
@@ -19,8 +21,6 @@ from dbtools.classgen import (
     main,
     missing_per_concept,
 )
-from dbtools.concepts import Concept, write_concepts
-from dbtools.models import load_pipeline
 
 NAME = re.compile(r"^(\d+)-[0-9a-f]{40}\.jpg$")
 
@@ -241,7 +241,7 @@ def test_empty_class_prompt_generates_with_one_warning(tmp_path, loader, caplog)
     """The original notebook's Method 1: no class prompt, yet missing class images are made
     (from the empty prompt), with one warning saying what that means and how to give one."""
     folder = tmp_path / "c"
-    with caplog.at_level("WARNING", logger="dbtools.classgen"):
+    with caplog.at_level("WARNING", logger="dbtools.train.classgen"):
         made = ensure_class_images([concept(folder, prompt="")], fast(), loader)
     assert made == {str(folder): 3} and len(names(folder)) == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -301,14 +301,14 @@ def test_precision_is_half_on_cuda_and_falls_back_to_fp32_elsewhere(caplog, monk
 
     import torch
 
-    from dbtools.classgen import precision_dtype
+    from dbtools.train.classgen import precision_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision_dtype(None, "cuda") == torch.float16
     assert precision_dtype("bf16", "cuda") == torch.bfloat16
     assert precision_dtype("fp32", "cuda") == torch.float32
     assert precision_dtype(None, "cpu") == torch.float32
-    with caplog.at_level(logging.WARNING, logger="dbtools.classgen"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.train.classgen"):
         assert precision_dtype("fp16", "cpu") == torch.float32
     assert "needs a CUDA GPU" in caplog.text
     with pytest.raises(ClassGenError, match="unknown precision"):
@@ -321,7 +321,7 @@ def test_fp16_generation_on_cuda(tmp_path, tiny_sd):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from dbtools.classgen import pipeline_loader_for
+    from dbtools.train.classgen import pipeline_loader_for
 
     cfg = fast(num_class_images=3)
     load = pipeline_loader_for(str(tiny_sd), cfg)
@@ -338,10 +338,10 @@ def test_bf16_on_a_gpu_that_only_emulates_it_generates_in_fp16(caplog, monkeypat
 
     import torch
 
-    from dbtools.classgen import precision_dtype
+    from dbtools.train.classgen import precision_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    with caplog.at_level(logging.WARNING, logger="dbtools.classgen"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.train.classgen"):
         assert precision_dtype("bf16", "cuda") == torch.float16
     assert "emulation" in caplog.text
     assert precision_dtype("fp16", "cuda") == torch.float16
@@ -351,7 +351,7 @@ def test_bf16_on_a_gpu_that_only_emulates_it_generates_in_fp16(caplog, monkeypat
 
 
 def test_processes_share_the_missing_indices_and_together_make_what_one_would(tmp_path, image_factory, loader):
-    from dbtools.classgen import plan_class_images
+    from dbtools.train.classgen import plan_class_images
 
     one, split = tmp_path / "one", tmp_path / "split"
     for d in (one, split):

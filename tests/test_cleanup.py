@@ -1,4 +1,4 @@
-"""Safe cleanup of a training output folder (`dbtools.cleanup`)."""
+"""Safe cleanup of a training output folder (`dbtools.after.cleanup`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dbtools import cleanup as C
+from dbtools.after import cleanup as C
 
 
 def test_cleanup_keeps_chosen_and_unexported_weights(training_output):

@@ -41,7 +41,7 @@ def cli_main_of(module: str):
 # Modules that exist only to train may import torch at the top; every other module
 # must stay light: `python -m dbtools --help`, the notebook's first cell and the
 # caption editor should not wait for torch, diffusers or transformers.
-TRAINING_ONLY = {"train", "train_setup", "train_outputs", "losses", "prompts"}
+TRAINING_ONLY = {"loop", "setup", "outputs", "losses", "prompts"}
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "gradio")
 IMPORT_PROBE = """
 import importlib, json, os, pkgutil, sys
@@ -58,8 +58,8 @@ def audit(event, args):
         events.append(f"{event} {args[0]!r}")
 
 import dbtools
-names = ["dbtools"] + sorted("dbtools." + m.name for m in pkgutil.iter_modules(dbtools.__path__)
-                             if m.name != "__main__")  # running the CLI is what it is for
+names = ["dbtools"] + sorted(m.name for m in pkgutil.walk_packages(dbtools.__path__, "dbtools.")
+                             if m.name != "dbtools.__main__")  # running the CLI is what it is for
 heavy, before = {}, set(sys.modules)
 sys.addaudithook(audit)
 for name in names:
@@ -87,7 +87,8 @@ def test_import_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
-    assert {"dbtools.cli", "dbtools.captions", "dbtools.notebook", "dbtools.editor"} <= set(report["modules"])
+    light = {"dbtools.cli", "dbtools.dataset.captions", "dbtools.ui.notebook", "dbtools.ui.editor"}
+    assert light <= set(report["modules"])
     assert report["heavy"] == {}
     assert report["events"] == []
     assert list(tmp_path.iterdir()) == []
@@ -170,7 +171,7 @@ def test_user_errors_take_one_path_stderr_and_exit_2(tmp_path, capsys):
 def test_real_bugs_keep_their_traceback(monkeypatch):
     import pytest
 
-    from dbtools import preview
+    from dbtools.after import preview
 
     def broken(argv):
         raise KeyError("a bug")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dbtools.concepts import Concept, ConceptError, read_concepts, validate_concepts, write_concepts
+from dbtools.dataset.concepts import Concept, ConceptError, read_concepts, validate_concepts, write_concepts
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_class_folder_may_be_created_later_when_its_parent_exists(dirs, tmp_path
 
 
 def test_one_check_reports_type_errors_and_unknown_template_fields(tmp_path, dirs):
-    from dbtools.concepts import concepts_problems
+    from dbtools.dataset.concepts import concepts_problems
 
     inst, _ = dirs
     concepts = [Concept.from_dict({"instance_data_dir": 5}),
@@ -130,7 +130,7 @@ def test_one_check_reports_type_errors_and_unknown_template_fields(tmp_path, dir
 
 
 def test_overlap_check_gives_one_message_per_folder_not_per_pair(tmp_path, dirs):
-    from dbtools.concepts import overlap_problems
+    from dbtools.dataset.concepts import overlap_problems
 
     inst, _ = dirs
     same = [Concept(str(inst)) for _ in range(300)]  # 44,850 pairs

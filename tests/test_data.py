@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbtools.concepts import Concept
-from dbtools.data import (
+from dbtools.dataset.concepts import Concept
+from dbtools.train.data import (
     BatchStream,
     DataConfig,
     DataPlan,
@@ -205,7 +205,7 @@ def test_latent_cache_on_disk_skips_encoding_until_the_file_changes(tmp_path, im
 
 
 def test_held_out_images_leave_the_training_plan(tmp_path, image_factory):
-    from dbtools.data import DataPlan, DreamBoothData, with_validation
+    from dbtools.train.data import DataPlan, DreamBoothData, with_validation
 
     inst = tmp_path / "inst"
     for i in range(10):
@@ -269,7 +269,7 @@ def test_class_prompts_reach_the_text_encoder_exactly_as_given(tmp_path, image_f
 
     import torch
 
-    from dbtools import train as T
+    from dbtools.train import loop as T
 
     data = _class_prompt_data(tmp_path, image_factory, caption_dropout=1.0)
     data.cache = LatentCache("k")
@@ -308,7 +308,7 @@ def _pixel_encoder(calls: list):
 
 
 def test_latent_cache_never_serves_the_unflipped_latent_for_a_flipped_item(tmp_path, image_factory):
-    from dbtools.data import load_item
+    from dbtools.train.data import load_item
 
     path = image_factory(tmp_path / "a.png", size=(48, 32))  # not mirror-symmetric
     (item,) = place_items([Example(path, "p")], DataConfig(resolution=32, bucket_step=16, center_crop=True))
@@ -330,7 +330,7 @@ def test_latent_cache_never_serves_the_unflipped_latent_for_a_flipped_item(tmp_p
 def test_latent_cache_key_covers_flip_crop_bucket_vae_and_image_content(tmp_path, image_factory):
     import dataclasses
 
-    from dbtools.data import latent_key
+    from dbtools.train.data import latent_key
 
     path = image_factory(tmp_path / "a.png", size=(48, 32))
     (item,) = place_items([Example(path, "p")], DataConfig(resolution=32, bucket_step=16))
@@ -359,7 +359,7 @@ def test_latent_cache_key_covers_flip_crop_bucket_vae_and_image_content(tmp_path
 def test_exif_rotated_images_are_bucketed_cropped_and_encoded_upright(tmp_path, image_factory):
     from PIL import Image
 
-    from dbtools.data import item_time_ids, load_item
+    from dbtools.train.data import item_time_ids, load_item
 
     upright = image_factory(tmp_path / "upright.png", size=(32, 64))  # tall as the camera saw it
     stored = Image.open(upright).transpose(Image.Transpose.ROTATE_90)  # lying on its side in the file
@@ -388,8 +388,8 @@ def test_exif_rotated_images_are_bucketed_cropped_and_encoded_upright(tmp_path, 
 
 def test_class_captions_go_through_the_caption_reader(tmp_path, image_factory):
     """Like instance captions: UTF-16 with a mark reads, latin-1 is named with how to re-save it."""
-    from dbtools.data import concept_class_examples
-    from dbtools.textio import CaptionEncodingError
+    from dbtools.core.textio import CaptionEncodingError
+    from dbtools.train.data import concept_class_examples
 
     inst, cls = tmp_path / "inst", tmp_path / "cls"
     image_factory(inst / "i.png")

@@ -7,8 +7,8 @@ import json
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from dbtools.dataset.images import list_images
 from dbtools.demo import DemoConfig, run_demo
-from dbtools.images import list_images
 
 
 def test_demo_runs_every_stage_and_reports_its_outputs(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The caption editor (`dbtools.editor`): paging, editing, saving, thumbnails, the widget."""
+"""The caption editor (`dbtools.ui.editor`): paging, editing, saving, thumbnails, the widget."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dbtools import editor as E
+from dbtools.ui import editor as E
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_editor_edits_and_saves_caption_files(photos, fmt, caption_file):
 
 
 def test_editor_filename_format_renames_without_overwriting(photos, image_factory):
-    from dbtools.autocaption import undo_renames
+    from dbtools.caption.autocaption import undo_renames
 
     image_factory(photos / "a red car_0.png", size=(40, 30))
     before = (photos / "img3.png").read_bytes()
@@ -80,10 +80,11 @@ def test_editor_filename_format_renames_without_overwriting(photos, image_factor
 
 def test_editor_makes_thumbnails_lazily_and_caches_them(photos, monkeypatch):
     loads = []
-    import dbtools.images
+    import dbtools.dataset.images
 
-    real = dbtools.images.load_rgb
-    monkeypatch.setattr(dbtools.images, "load_rgb", lambda p, *a, **k: loads.append(Path(p).name) or real(p, *a, **k))
+    images = dbtools.dataset.images
+    real = images.load_rgb
+    monkeypatch.setattr(images, "load_rgb", lambda p, *a, **k: loads.append(Path(p).name) or real(p, *a, **k))
     ed = E.CaptionEditor(photos, page_size=4, thumb=32)
     assert not (photos / ".dbtools").exists()  # the constructor writes nothing
     ed.page(1)

@@ -1,4 +1,4 @@
-"""Environment probes and quiet output (`dbtools.env`)."""
+"""Environment probes and quiet output (`dbtools.core.env`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from dbtools import env
+from dbtools.core import env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 NOISY = """
 import logging, warnings
-from dbtools.env import quiet_third_party
+from dbtools.core.env import quiet_third_party
 quiet_third_party({verbose})
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from transformers import CLIPImageProcessor  # the torchvision notice, without torchvision

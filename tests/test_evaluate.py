@@ -1,4 +1,4 @@
-"""Evaluation (`dbtools.evaluate`): scores, validation loss and split, best step, files, command."""
+"""Evaluation (`dbtools.after.evaluate`): scores, validation loss and split, best step, files, command."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dbtools import evaluate as ev
-from dbtools.evaluate import EvalConfig, EvaluateError, best_step
+from dbtools.after import evaluate as ev
+from dbtools.after.evaluate import EvalConfig, EvaluateError, best_step
 
 
 def noise_image(seed: int, size: int = 64) -> Image.Image:
@@ -357,8 +357,8 @@ def test_evaluate_scores_every_step_and_writes_summary_and_plot(trained_output, 
 
 
 def test_evaluate_measures_class_drift_from_the_class_prompt(trained_output, tiny_scorers, capsys):
+    from dbtools.after.preview import row_lines
     from dbtools.cli import main
-    from dbtools.preview import row_lines
 
     argv = ["evaluate", "--output_dir", str(trained_output), "--likeness_model", str(tiny_scorers["dinov2"]),
             "--clip_model", str(tiny_scorers["clip"]), "--num_samples", "1", "--eval_prompts", "sks toy on a beach",

@@ -11,9 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dbtools import export
-from dbtools.atomic import TMP_PREFIX
-from dbtools.export import (
+from dbtools.after import export
+from dbtools.after.export import (
     ExportError,
     export_single_file,
     output_format,
@@ -22,7 +21,8 @@ from dbtools.export import (
     unet_key_map,
     vae_key_map,
 )
-from dbtools.models import ModelLoadError
+from dbtools.core.atomic import TMP_PREFIX
+from dbtools.families.models import ModelLoadError
 from dbtools.tiny import tiny_sd_configs
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -514,7 +514,7 @@ def test_refuses_an_output_inside_the_model_it_reads(tiny_sd, tmp_path):
 
 
 def test_unwritable_folder_is_named_not_the_temp_file(tiny_sd, tmp_path, monkeypatch):
-    from dbtools import atomic
+    from dbtools.core import atomic
 
     def denied(path, keep_suffix=True):
         raise PermissionError(13, "Permission denied", f"{os.path.dirname(path)}/{TMP_PREFIX}1-0.safetensors")

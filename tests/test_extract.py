@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dbtools import cli
-from dbtools.concepts import Concept, ConceptError, read_concepts
-from dbtools.extract import (
+from dbtools.dataset.concepts import Concept, ConceptError, read_concepts
+from dbtools.dataset.extract import (
     CAPTION_TEMPLATE_KEY,
     ExtractConfig,
     caption_planner,
@@ -210,7 +210,7 @@ def test_log_dir_option(folder, tmp_path):
 
 
 def test_verbose_logs_each_file(folder, caplog):
-    with caplog.at_level("INFO", logger="dbtools.extract"):
+    with caplog.at_level("INFO", logger="dbtools.dataset.extract"):
         run_extract([Concept(str(folder))], cfg(verbose=True))
     assert "written  red_car_3.png.txt  red car" in caplog.text
 
@@ -309,7 +309,7 @@ def test_speed_shortcut_never_replaces_a_file_created_meanwhile(tmp_path, monkey
     # A caption file that appears between the folder scan and the write is compared,
     # not clobbered.
     touch(tmp_path, "red_car_1.png")
-    import dbtools.extract as extract
+    import dbtools.dataset.extract as extract
 
     real_scan = extract.scan_folder
 
@@ -425,7 +425,7 @@ def test_non_utf8_file_names_are_logged_and_summarised(tmp_path, capsys):
 def test_disk_full_is_one_message_with_the_space_needed_and_the_summary(tmp_path, monkeypatch, capsys):
     import errno
 
-    from dbtools import extract
+    from dbtools.dataset import extract
 
     folder = tmp_path / "data"
     touch(folder, *[f"car_{i}.png" for i in range(7)])

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from dbtools import families
-from dbtools.export import export_single_file
-from dbtools.families import SD1, SD2, SDXL, Detected
-from dbtools.models import (
+from dbtools.after.export import export_single_file
+from dbtools.families import detect as families
+from dbtools.families.detect import SD1, SD2, SDXL, Detected
+from dbtools.families.models import (
     ModelLoadError,
     detect_family,
     load_pipeline,

@@ -1,4 +1,4 @@
-"""Inference (`dbtools.generate`): seeds, PNG settings, scheduler choice, the Gradio app."""
+"""Inference (`dbtools.after.generate`): seeds, PNG settings, scheduler choice, the Gradio app."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtools import generate as G
+from dbtools.after import generate as G
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_sd):
-    from dbtools.models import load_pipeline
+    from dbtools.families.models import load_pipeline
 
     return load_pipeline(str(tiny_sd), device="cpu")
 
@@ -95,7 +95,7 @@ def test_a_scheduler_choice_does_not_stick_to_the_callers_pipeline(tiny_pipe):
     assert chosen.settings["scheduler"] == "euler"
     assert tiny_pipe.scheduler is original
     after = G.generate(tiny_pipe, "a photo of zwx", steps=2, seed=5)[0]
-    from dbtools.models import scheduler_key
+    from dbtools.families.models import scheduler_key
 
     assert after.settings["scheduler"] == before.settings["scheduler"] == scheduler_key(type(original).__name__)
     assert np.array_equal(np.asarray(after.image), np.asarray(before.image))
@@ -127,7 +127,7 @@ def test_png_setting_keys_are_accepted_by_the_generate_command(tiny_sd, tmp_path
 
 
 def test_scheduler_menu_has_one_entry_per_scheduler():
-    from dbtools.models import SCHEDULERS, scheduler_key
+    from dbtools.families.models import SCHEDULERS, scheduler_key
 
     values = [v for _, v in G.scheduler_choices()]
     assert len(values) == len(set(values)) == len(set(SCHEDULERS.values())) + 1
@@ -144,15 +144,15 @@ def test_launch_announces_a_public_link_and_takes_auth(monkeypatch, caplog):
             calls.append(kw)
 
     monkeypatch.setenv("GRADIO_AUTH", "me:secret")
-    with caplog.at_level("WARNING", logger="dbtools.generate"):
+    with caplog.at_level("WARNING", logger="dbtools.after.generate"):
         G.launch_gradio(FakeApp(), share=True)
     assert calls[-1]["share"] is True and calls[-1]["auth"] == ("me", "secret")
     assert "PUBLIC" in caplog.text and "after logging in" in caplog.text
     G.launch_gradio(FakeApp(), share=False, auth="a:b")
     assert calls[-1]["auth"] == ("a", "b") and calls[-1]["height"] >= 600
     # Gradio's own lines point at launch() code a notebook user never sees: ours say how
-    monkeypatch.setattr("dbtools.env.in_colab", lambda: False)
-    with caplog.at_level("INFO", logger="dbtools.generate"):
+    monkeypatch.setattr("dbtools.core.env.in_colab", lambda: False)
+    with caplog.at_level("INFO", logger="dbtools.after.generate"):
         G.launch_gradio(FakeApp())
     assert calls[-1]["quiet"] is True and calls[-1]["share"] is False
     assert "set the environment variable GRADIO_SHARE=true and run this cell again" in caplog.text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtools.images import ImageError, has_images, is_image_file, list_images, load_rgb, natural_key, to_rgb
+from dbtools.dataset.images import ImageError, has_images, is_image_file, list_images, load_rgb, natural_key, to_rgb
 
 
 def test_is_image_file_case_insensitive_and_no_junk():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbtools.kohya import LoraConvertError, to_kohya, write_kohya_lora
+from dbtools.after.kohya import LoraConvertError, to_kohya, write_kohya_lora
 
 TEXT_PREFIXES = {"sd1": {"lora_te_"}, "sd2": {"lora_te_"}, "sdxl": {"lora_te1_", "lora_te2_"}}
 
@@ -89,7 +89,7 @@ def test_kohya_file_gives_the_same_images_as_the_diffusers_lora(sdxl_lora, tiny_
 
 
 def test_weights_are_kept_and_half_halves(sdxl_lora, tmp_path):
-    from dbtools.kohya import read_lora
+    from dbtools.after.kohya import read_lora
 
     src = read_lora(sdxl_lora)
     key = next(k for k in src if k.startswith("unet.") and k.endswith("lora.up.weight"))
@@ -110,7 +110,7 @@ def test_user_errors(tmp_path):
 
 
 def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_path, capsys):
-    from dbtools import export
+    from dbtools.after import export
 
     out = tmp_path / "style.safetensors"
     assert export.main(["--model_path", str(sdxl_lora), "--checkpoint_path", str(out)]) == 0
@@ -129,7 +129,7 @@ def test_every_key_reaches_a_module_and_the_metadata_names_the_base_model(family
     UNet or text encoders with a fitting shape, and the Lora tab lists the file for this family."""
     from ui_loaders import UI_VERSION, a1111_version, forge_version, module_map, unmatched
 
-    from dbtools.kohya import kohya_metadata, read_metadata
+    from dbtools.after.kohya import kohya_metadata, read_metadata
 
     model = request.getfixturevalue({"sd1": "tiny_sd", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}[family])
     lora = make_lora(model, family, tmp_path / "lora")

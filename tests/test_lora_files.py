@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from ui_loaders import a1111_version, forge_version, module_map, unmatched
 
-from dbtools.kohya import read_metadata
+from dbtools.after.kohya import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def lora_run(tiny_sd, tmp_path_factory):
     """Two steps of a LoRA run with the text encoder trained, weights saved at both steps."""
     from conftest import make_image
 
-    from dbtools import train as T
-    from dbtools.train_config import TrainConfig
+    from dbtools.train import loop as T
+    from dbtools.train.config import TrainConfig
 
     root = tmp_path_factory.mktemp("lora_run")
     for i in range(2):
@@ -36,7 +36,7 @@ def lora_run(tiny_sd, tmp_path_factory):
 def test_every_lora_step_folder_has_the_ui_file_beside_the_diffusers_one(lora_run, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    from dbtools.cleanup import cleanup_plan
+    from dbtools.after.cleanup import cleanup_plan
 
     out = lora_run.output_dir
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from dbtools.losses import diffusion_target, dreambooth_loss, snr_weights, training_noise
 from dbtools.tiny import tiny_sd_configs
+from dbtools.train.losses import diffusion_target, dreambooth_loss, snr_weights, training_noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,7 +44,7 @@ def test_v_prediction_target_is_the_velocity():
 
 
 def test_an_unknown_prediction_type_is_a_user_error():
-    from dbtools.errors import UserError
+    from dbtools.core.errors import UserError
 
     odd = DDPMScheduler()
     odd.register_to_config(prediction_type="sample")

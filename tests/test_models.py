@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from dbtools import models
-from dbtools.families import SD1
-from dbtools.models import (
+from dbtools.families import models
+from dbtools.families.detect import SD1
+from dbtools.families.models import (
     ModelLoadError,
     inference_dtype,
     is_single_file,
@@ -153,7 +153,7 @@ def test_seed_notebook_revision_fp16_works_on_fp16_only_folder(fp16_only_folder)
 
 
 def test_local_folder_without_variant_falls_back_with_a_warning(tiny_sd, caplog):
-    with caplog.at_level(logging.WARNING, logger="dbtools.models"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.families.models"):
         c = load_sd_components(str(tiny_sd), variant="fp16")
     assert "no fp16 weights" in caplog.text
     assert same_weights(c.unet, UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
@@ -182,7 +182,7 @@ def _hub_repo_without_variant(returns, calls: list):
 def test_hub_repo_without_variant_falls_back_to_default_weights(caplog):
     calls = []
     fake_model = _hub_repo_without_variant("default weights", calls)
-    with caplog.at_level(logging.WARNING, logger="dbtools.models"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.families.models"):
         got = models._from_pretrained(fake_model, "someone/old-repo", "unet", None, "fp16", torch.float32)
     assert got == "default weights"
     assert [variant for variant, _ in calls] == ["fp16", None]
@@ -192,7 +192,7 @@ def test_hub_repo_without_variant_falls_back_to_default_weights(caplog):
 def test_hub_pipeline_without_variant_falls_back_to_default_weights(caplog):
     calls = []
     fake_pipeline = _hub_repo_without_variant("pipeline", calls)
-    with caplog.at_level(logging.WARNING, logger="dbtools.models"):
+    with caplog.at_level(logging.WARNING, logger="dbtools.families.models"):
         got = models._pipeline_from_pretrained(fake_pipeline, "someone/old-repo", None, "fp16",
                                                 torch.float16, models._pipeline_kwargs(SD1))
     assert got == "pipeline"
@@ -336,7 +336,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module", params=["safetensors", "ckpt"])
 def tiny_single_file(request, tiny_sd, tmp_path_factory) -> Path:
-    from dbtools.export import export_single_file
+    from dbtools.after.export import export_single_file
 
     out = tmp_path_factory.mktemp("single") / f"tiny.{request.param}"
     export_single_file(str(tiny_sd), str(out))
@@ -357,7 +357,7 @@ def test_single_file_round_trip_with_config(tiny_single_file, tiny_sd, monkeypat
 
 
 def test_single_file_keeps_v_prediction_from_its_config(tiny_sd2, tmp_path):
-    from dbtools.export import export_single_file
+    from dbtools.after.export import export_single_file
 
     out = export_single_file(str(tiny_sd2), str(tmp_path / "sd2.safetensors"))
     c = load_sd_components(str(out), config=str(tiny_sd2))
@@ -385,7 +385,7 @@ def test_pick_device_prefers_cuda(monkeypatch):
 
 
 def test_captioners_go_where_pick_device_says(tmp_path, monkeypatch):
-    from dbtools import autocaption
+    from dbtools.caption import autocaption
     from dbtools.tiny import build_tiny_blip
 
     asked = []
@@ -396,7 +396,7 @@ def test_captioners_go_where_pick_device_says(tmp_path, monkeypatch):
 
 
 def test_vae_from_a_single_file_takes_its_config_from_the_base_folder(tiny_sd, tmp_path):
-    from dbtools.export import export_single_file
+    from dbtools.after.export import export_single_file
 
     out = export_single_file(str(tiny_sd), str(tmp_path / "with-vae.safetensors"))
     c = load_sd_components(str(tiny_sd), vae_name_or_path=str(out))

@@ -176,7 +176,7 @@ def test_every_form_field_is_a_literal_and_is_used():
 def test_no_token_field_and_real_defaults():
     """The defaults are the real ones a Colab user starts from: the maintained SD 1.5 repo
     and the original notebook's training flags; no form field takes a token."""
-    from dbtools import notebook
+    from dbtools.ui import notebook
 
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
     assert not [name for name in fields if "token" in name.lower()]
@@ -189,7 +189,7 @@ def test_no_token_field_and_real_defaults():
                     num_class_images=200, sample_batch_size=4, save_interval=500)
     # What the training cell passes for an SD 1.x model: its "auto" fields become exactly the
     # original notebook's flags.
-    from dbtools.families import SD1, Detected
+    from dbtools.families.detect import SD1, Detected
 
     chosen = notebook.training_flags(fields["MODEL_NAME"], family=Detected(SD1),
                                      memory_profile=fields["memory_profile"],
@@ -203,8 +203,8 @@ def test_no_token_field_and_real_defaults():
 
 def test_scores_are_on_by_default_with_their_cost_in_the_help():
     """The training cell scores every save unless the field is unticked, and says what it costs."""
-    from dbtools import notebook
-    from dbtools.families import SD1, Detected
+    from dbtools.families.detect import SD1, Detected
+    from dbtools.ui import notebook
 
     nb = read_notebook()
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(nb).items()}
@@ -221,8 +221,8 @@ def test_sdxl_with_the_form_defaults_trains_a_lora_at_the_lora_learning_rate():
     """An SDXL model with the training cells' own defaults: the LoRA profile at LoRA's rate
     (at the full fine-tune's 1e-6 the adapters, which start at zero, barely move), and fewer
     class images made in smaller batches; a rate typed in the form still wins."""
-    from dbtools import notebook
-    from dbtools.families import SDXL, Detected
+    from dbtools.families.detect import SDXL, Detected
+    from dbtools.ui import notebook
 
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
     cell = dict(memory_profile=fields["memory_profile"], pretrained_vae_name_or_path=fields["vae_name"],
@@ -245,9 +245,9 @@ def test_the_training_cell_with_its_sdxl_defaults_trains_a_lora_that_moves(tiny_
     rate each Adam step moves `lora_B` by about 1e-4, at the old 1e-6 by about 1e-6."""
     from safetensors.torch import load_file
 
-    from dbtools import notebook
-    from dbtools import train as T
-    from dbtools.families import SDXL, Detected
+    from dbtools.families.detect import SDXL, Detected
+    from dbtools.train import loop as T
+    from dbtools.ui import notebook
 
     fields = {name: ast.literal_eval(value) for name, (_, _, value) in form_fields(read_notebook()).items()}
     inst = tmp_path / "inst"
@@ -309,7 +309,7 @@ def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, tiny_sc
     from PIL import Image
 
     from dbtools.demo import make_dataset
-    from dbtools.notebook import read_png_settings
+    from dbtools.ui.notebook import read_png_settings
 
     raw, captioned, klass, out = tmp_path / "raw", tmp_path / "captioned", tmp_path / "class", tmp_path / "out"
     make_dataset(raw, seed=0)
@@ -490,7 +490,7 @@ def test_notebook_runs_headless_with_its_own_defaults(tmp_path, tiny_sd, tiny_bl
     from nbclient.exceptions import CellExecutionError
 
     from dbtools.demo import make_dataset
-    from dbtools.notebook import read_png_settings
+    from dbtools.ui.notebook import read_png_settings
 
     raw, captioned, klass, out = tmp_path / "raw", tmp_path / "captioned", tmp_path / "class", tmp_path / "out"
     make_dataset(raw, seed=0)

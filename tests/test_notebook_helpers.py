@@ -1,4 +1,4 @@
-"""The Python side of the notebook's cells (`dbtools.notebook`)."""
+"""The Python side of the notebook's cells (`dbtools.ui.notebook`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dbtools import notebook as nb
-from dbtools.errors import UserError
+from dbtools.core.errors import UserError
+from dbtools.ui import notebook as nb
 
 # --------------------------------------------------------------------------- environment
 
@@ -46,7 +46,7 @@ def test_resolve_output_dir_without_drive_or_outside_colab(tmp_path):
 
 
 def test_mount_drive_outside_colab_does_nothing(caplog):
-    caplog.set_level("INFO", logger="dbtools.notebook")
+    caplog.set_level("INFO", logger="dbtools.ui.notebook")
     assert nb.mount_drive() is False
     assert "not running in colab" in caplog.text.lower()
     assert "google.colab" not in sys.modules
@@ -389,7 +389,7 @@ def test_method_2_without_a_class_prompt_is_refused_when_images_must_be_made(tmp
 
 def test_pick_weights_defaults_to_the_suggested_step_and_shows_the_curves(tmp_path, training_output,
                                                                           monkeypatch, caplog):
-    from dbtools.evaluate import append_metrics, summarize, write_summary
+    from dbtools.after.evaluate import append_metrics, summarize, write_summary
 
     shown = []
     monkeypatch.setattr(nb, "_show", lambda *paths: shown.extend(paths))

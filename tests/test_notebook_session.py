@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import notebook as nb
-from dbtools.errors import UserError
+from dbtools.core.errors import UserError
+from dbtools.ui import notebook as nb
 
 
 def rendered(exc: BaseException) -> str:
@@ -32,7 +32,7 @@ def test_a_user_error_shows_in_the_notebook_as_its_message_alone():
     shown = []
     shell._showtraceback = lambda etype, evalue, stb: shown.append(stb)
     try:
-        shell.run_cell("from dbtools.errors import UserError\nraise UserError('tick `resume` in step 7')")
+        shell.run_cell("from dbtools.core.errors import UserError\nraise UserError('tick `resume` in step 7')")
         shell.run_cell("raise RuntimeError('a bug')")
     finally:
         InteractiveShell.clear_instance()
@@ -127,7 +127,7 @@ def test_a_bug_in_training_keeps_its_output(tmp_path, monkeypatch, capsys):
 
 
 def test_cells_before_their_inputs_name_the_missing_step(tmp_path, training_output):
-    from dbtools.generate import parse_auth
+    from dbtools.after.generate import parse_auth
     with pytest.raises(UserError, match=r"instance_data_dir in step 6.*step 4 \(Auto-caption\)") as info:
         nb.omnitool_step("", None, False, tmp_path / "c.json", method="Method 1: captions only")
     assert "None" not in str(info.value)
@@ -152,8 +152,8 @@ def test_cells_before_their_inputs_name_the_missing_step(tmp_path, training_outp
 def test_caption_edits_after_the_omnitool_reach_training(tmp_path, captioned):
     """Omnitool (Method 2), then a fix in the editor (filename format) and Save: training
     reads the new caption in the template; no caption file is left behind."""
-    from dbtools.concepts import read_concepts
-    from dbtools.data import scan_concepts
+    from dbtools.dataset.concepts import read_concepts
+    from dbtools.train.data import scan_concepts
 
     concepts_list = tmp_path / "concepts_list.json"
     common = dict(method="Method 2: captions with instance and class prompts", instance_prompt="sks style",
@@ -196,7 +196,7 @@ def test_a_hand_edited_caption_file_moves_with_its_image_unchanged(tmp_path, cap
 
 
 def test_replace_caption_only_replaces_the_whole_caption_once():
-    from dbtools.editor import replace_caption
+    from dbtools.ui.editor import replace_caption
 
     assert replace_caption("sks, a car, a painting", "a car", "a bus") == "sks, a bus, a painting"
     assert replace_caption("a car", "a car", "a bus") == "a bus"
@@ -210,7 +210,7 @@ def test_replace_caption_only_replaces_the_whole_caption_once():
 
 def retrain(out: Path, weights_factory, steps: tuple[str, ...]) -> None:
     """What `overwrite_output_dir` does: the old run's folders go aside, a new run writes its own."""
-    from dbtools.train_folders import move_previous_run
+    from dbtools.train.folders import move_previous_run
 
     assert move_previous_run(out) is not None
     for step in steps:
@@ -252,7 +252,7 @@ def test_the_gradio_ui_refuses_the_old_model_after_a_retrain(tmp_path, weights_f
     nb.gradio_step(session)
     assert built["defaults"]["prompt"] == "a castle" and built["defaults"]["steps"] == 12
     built["check"]()  # the same run: fine
-    from dbtools.generate import _gradio_action
+    from dbtools.after.generate import _gradio_action
 
     run = _gradio_action(None, tmp_path / "gradio", built["check"])
     retrain(out, weights_factory, ("4",))
@@ -264,7 +264,7 @@ def test_the_gradio_ui_refuses_the_old_model_after_a_retrain(tmp_path, weights_f
 
 
 def test_gradio_takes_a_zero_size_as_the_models_own(tmp_path, tiny_sd):
-    from dbtools.generate import _gradio_action, load_inference_pipeline, read_png_settings
+    from dbtools.after.generate import _gradio_action, load_inference_pipeline, read_png_settings
 
     run = _gradio_action(load_inference_pipeline(str(tiny_sd)), tmp_path / "g")
     gallery, saved = run("a castle", "", 1, 7.5, 1, 0, 0, 3, "model default")

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 import train_dreambooth
-from dbtools import cleanup as C
 from dbtools import cli
-from dbtools import notebook as nb
-from dbtools import train as T
-from dbtools import train_folders as F
-from dbtools import train_setup as S
-from dbtools.errors import UserError
+from dbtools.after import cleanup as C
+from dbtools.core.errors import UserError
+from dbtools.train import folders as F
+from dbtools.train import loop as T
+from dbtools.train import setup as S
+from dbtools.ui import notebook as nb
 from tests.test_train_preflight import captioned, config, no_model_loads  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_keep_values_that_name_no_step_are_refused_before_anything_is_deleted(tr
 
 
 def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
-    code = ("import sys, time\nfrom dbtools.train_folders import hold_output_dir\n"
+    code = ("import sys, time\nfrom dbtools.train.folders import hold_output_dir\n"
             "with hold_output_dir(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -119,22 +119,22 @@ def test_second_run_into_a_held_output_folder_is_refused_and_a_crashed_runs_lock
             "--max_train_steps=1", "--seed=1", "--report_to=none", "--save_infer_steps=1", "--n_save_sample=1"]
     holder = hold_lock_in_another_process(out)
     try:
-        import dbtools.models
+        import dbtools.families.models
 
-        real_load = dbtools.models.load_sd_components
-        monkeypatch.setattr(dbtools.models, "load_sd_components",
+        real_load = dbtools.families.models.load_sd_components
+        monkeypatch.setattr(dbtools.families.models, "load_sd_components",
                             lambda *a, **k: pytest.fail("a model was loaded by the refused run"))
         assert train_dreambooth.main(train_dreambooth.parse_args(argv)) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "Traceback" not in err
         assert f"--output_dir {out} is in use by another training run (pid {holder.pid} on" in err
         assert not any(out.glob("[0-9]*"))
-        monkeypatch.setattr(dbtools.models, "load_sd_components", real_load)
+        monkeypatch.setattr(dbtools.families.models, "load_sd_components", real_load)
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash: the lock stays behind
         holder.wait()
     assert (out / F.LOCK_FILE).is_file()
-    caplog.set_level(logging.WARNING, logger="dbtools.train_folders")
+    caplog.set_level(logging.WARNING, logger="dbtools.train.folders")
     assert train_dreambooth.main(train_dreambooth.parse_args(argv)) == 0
     assert "taking over the lock of a run that is gone" in caplog.text and str(holder.pid) in caplog.text
     assert (out / "1" / "model_index.json").is_file() and not (out / F.LOCK_FILE).exists()
@@ -229,7 +229,7 @@ def test_earlier_runs_anywhere_under_the_instance_folder_are_not_training_images
     image_factory(lora_run / "3" / "samples" / "0.png")
     numbered = inst / "2024" / "7"  # photos in numbered folders are not a run
     image_factory(numbered / "c.png")
-    caplog.set_level(logging.INFO, logger="dbtools.data")
+    caplog.set_level(logging.INFO, logger="dbtools.train.data")
     cfg = config(tiny_sd, inst, tmp_path / "out", read_prompts_from_txts=False, instance_prompt="sks toy")
     _, plan = S.preflight(cfg)
     assert sorted(e.path.relative_to(inst).as_posix() for e in plan.instance) == [

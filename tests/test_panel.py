@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dbtools.atomic import atomic_write_text
-from dbtools.panel import (
+from dbtools.core.atomic import atomic_write_text
+from dbtools.train.watch import PROGRESS_FILE
+from dbtools.ui.panel import (
     LOSS_COLOR,
     History,
     TrainingPanel,
@@ -30,7 +31,6 @@ from dbtools.panel import (
     start_live,
     status_text,
 )
-from dbtools.train_watch import PROGRESS_FILE
 
 
 def write_progress(output_dir, text: str) -> None:
@@ -48,8 +48,8 @@ BASE = {"step": 120, "max_train_steps": 400, "loss": 0.125, "lr": 2e-6, "steps_p
 
 def test_panel_reads_what_the_trainer_writes(tmp_path):
     """The panel reads progress.json as training's writer (`train_watch.Progress`) writes it."""
-    from dbtools.evaluate import append_metrics
-    from dbtools.train_watch import Progress
+    from dbtools.after.evaluate import append_metrics
+    from dbtools.train.watch import Progress
 
     sample = tmp_path / "100" / "samples" / "0.png"
     sample.parent.mkdir(parents=True)
@@ -289,7 +289,7 @@ def test_a_failing_run_streams_its_output_and_returns_its_exit_code(tmp_path):
 
 
 def test_a_long_curve_is_drawn_from_at_most_a_few_points_per_pixel():
-    from dbtools.panel import thinned
+    from dbtools.ui.panel import thinned
 
     history = history_of([1 / (i + 1) for i in range(20000)])
     thin = thinned(history, 1000)
@@ -340,8 +340,8 @@ class FakeShell:
 def test_tensorboard_is_shown_for_the_runs_log_folder(tmp_path, monkeypatch, caplog):
     import IPython
 
-    from dbtools.panel import show_tensorboard, tensorboard_logdir
-    from dbtools.train_config import build_parser
+    from dbtools.train.config import build_parser
+    from dbtools.ui.panel import show_tensorboard, tensorboard_logdir
 
     out = tmp_path / "my run"
     shell = FakeShell()

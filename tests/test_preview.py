@@ -1,4 +1,4 @@
-"""The sample grid across saved steps (`dbtools.preview`, `python -m dbtools preview`)."""
+"""The sample grid across saved steps (`dbtools.after.preview`, `python -m dbtools preview`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dbtools import preview
-from dbtools.checkpoints import list_weights
-from dbtools.preview import PAD, NoSamplesError, run_preview, sample_grid
+from dbtools.after import preview
+from dbtools.after.preview import PAD, NoSamplesError, run_preview, sample_grid
+from dbtools.train.checkpoints import list_weights
 
 COLORS = {
     500: [(255, 0, 0), (0, 255, 0), (0, 0, 255)],

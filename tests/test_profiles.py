@@ -8,10 +8,9 @@ import logging
 import pytest
 import torch
 
-from dbtools import notebook as nb
-from dbtools import profiles
-from dbtools.families import SD1, SD2, SDXL, Detected
-from dbtools.profiles import (
+from dbtools.families import profiles
+from dbtools.families.detect import SD1, SD2, SDXL, Detected
+from dbtools.families.profiles import (
     MEMORY_PROFILES,
     SD_DEFAULT,
     SDXL_FULL_24GB,
@@ -20,12 +19,13 @@ from dbtools.profiles import (
     fit_warning,
     recommended_profile,
 )
+from dbtools.ui import notebook as nb
 
 T4_GIB = 15.0  # what a Colab T4 reports
 
 
 def test_every_profile_is_flags_the_training_command_accepts():
-    from dbtools.train_config import parse_args
+    from dbtools.train.config import parse_args
 
     for name, flags in MEMORY_PROFILES.items():
         args = parse_args(["--instance_data_dir=x", "--output_dir=y", *nb.flag_args(**flags)])
@@ -165,7 +165,7 @@ def test_export_cell_writes_a_lora_file_or_a_fused_checkpoint(lora_run, tiny_sdx
     with caplog.at_level(logging.INFO, logger="dbtools"):
         lora_file = nb.export_step(session, fp16=False)  # auto: a LoRA run exports its LoRA file
     assert "put it in models/Lora (AUTOMATIC1111, Forge) or models/loras (ComfyUI)" in caplog.text
-    from dbtools.kohya import read_metadata
+    from dbtools.after.kohya import read_metadata
 
     assert read_metadata(lora_file)["ss_base_model_version"] == "sdxl_base_v1-0"  # from args.json's base model
     assert lora_file.name == f"{lora_run.name}-4-lora.safetensors"
@@ -190,8 +190,8 @@ def test_export_cell_writes_a_lora_file_or_a_fused_checkpoint(lora_run, tiny_sdx
 def test_the_24gb_profile_optimizer_is_adafactor_at_the_given_learning_rate():
     from transformers.optimization import Adafactor
 
-    from dbtools.train_config import TrainConfig, flag_problems
-    from dbtools.train_setup import make_optimizer
+    from dbtools.train.config import TrainConfig, flag_problems
+    from dbtools.train.setup import make_optimizer
 
     cfg = TrainConfig(instance_data_dir="x", output_dir="y", **{
         **{k: v for k, v in MEMORY_PROFILES[SDXL_FULL_24GB].items() if k != "mixed_precision"}, "learning_rate": 2e-6})

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtools.classgen import (
+from dbtools.dataset.concepts import Concept
+from dbtools.train.classgen import (
     ClassGenConfig,
     count_valid_class_images,
     ensure_class_images,
     pipeline_loader_for,
 )
-from dbtools.concepts import Concept
 
 
 @pytest.fixture(scope="module")
 def sdxl_pipe(tiny_sdxl):
-    from dbtools.models import load_pipeline
+    from dbtools.families.models import load_pipeline
 
     return load_pipeline(str(tiny_sdxl), device="cpu")
 
@@ -39,7 +39,7 @@ def test_class_images_from_an_sdxl_model(tiny_sdxl, tmp_path):
 def test_generate_with_an_sdxl_model_saves_its_settings(sdxl_pipe, tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from dbtools import generate as G
+    from dbtools.after import generate as G
 
     assert isinstance(sdxl_pipe, StableDiffusionXLPipeline)
     paths = G.generate_images(sdxl_pipe, "a red car", negative_prompt="blurry", num_images=2, steps=1,
@@ -55,8 +55,8 @@ def test_generate_with_an_sdxl_model_saves_its_settings(sdxl_pipe, tiny_sdxl, tm
 
 
 def test_preview_finds_sdxl_step_folders(tiny_sdxl, tmp_path, image_factory):
-    from dbtools.checkpoints import list_weights
-    from dbtools.preview import run_preview
+    from dbtools.after.preview import run_preview
+    from dbtools.train.checkpoints import list_weights
 
     out = tmp_path / "out"
     step = shutil.copytree(tiny_sdxl, out / "500")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
+from dbtools.train.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
 
 
 def test_time_ids_in_a_batch_follow_the_bucket_the_crop_and_the_flip(tmp_path, image_factory):
@@ -38,7 +38,7 @@ def test_a_checkpoint_with_a_trained_second_text_encoder_loads_it(tiny_sdxl, tmp
     import torch
     from transformers import CLIPTextModelWithProjection
 
-    from dbtools.models import load_checkpoint_pipeline
+    from dbtools.families.models import load_checkpoint_pipeline
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
@@ -72,7 +72,7 @@ def sdxl_data(tmp_path_factory):
 
 
 def sdxl_config(model, data, out, **kw):
-    from dbtools.train_config import TrainConfig
+    from dbtools.train.config import TrainConfig
 
     base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
                 read_prompts_from_txts=True, resolution=64, train_batch_size=1, max_train_steps=4, seed=3,
@@ -99,7 +99,7 @@ def full_run(tiny_sdxl, sdxl_data, tmp_path_factory):
     every UNet call's added conditioning is recorded."""
     from diffusers import UNet2DConditionModel
 
-    from dbtools import train as T
+    from dbtools.train import loop as T
 
     root = tmp_path_factory.mktemp("sdxl_full")
     calls = []
@@ -150,7 +150,7 @@ def test_time_ids_in_training_match_each_images_bucket_and_crop(full_run, tiny_s
     fit its bucket (mirrored when flipped) and the size trained on (`item_time_ids`)."""
     import json
 
-    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
+    from dbtools.train.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
 
     cfg, _, calls = full_run
     vae_scale = 2 ** (len(json.loads((tiny_sdxl / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
@@ -173,7 +173,7 @@ def test_time_ids_in_training_match_each_images_bucket_and_crop(full_run, tiny_s
 
 
 def test_resume_matches_the_uninterrupted_run(full_run, tmp_path, tiny_sdxl):
-    from dbtools import train as T
+    from dbtools.train import loop as T
 
     cfg, result, _ = full_run
     resumed_dir = tmp_path / "resumed"
@@ -189,8 +189,8 @@ def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdx
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from dbtools import train as T
-    from dbtools.generate import generate_images
+    from dbtools.after.generate import generate_images
+    from dbtools.train import loop as T
 
     cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "lora", use_lora=True, train_text_encoder=True,
                       save_single_file=True, lora_rank=2, max_train_steps=2, save_interval=2, checkpointing_steps=None,
@@ -205,7 +205,7 @@ def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdx
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     kohya = load_file(str(result.single_file))
     assert result.single_file == folder / "lora-2-lora.safetensors"  # <output folder name>-<step>-lora
-    from dbtools.kohya import read_metadata
+    from dbtools.after.kohya import read_metadata
 
     assert read_metadata(result.single_file)["ss_base_model_version"] == "sdxl_base_v1-0"
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
@@ -225,7 +225,7 @@ def test_the_command_line_trains_at_the_family_native_size_unless_told(tiny_sdxl
     one far below the native size gets one warning line."""
     import logging
 
-    from dbtools import train as T
+    from dbtools.train import loop as T
 
     seen = []
 
@@ -289,7 +289,7 @@ def _layers(model: Path) -> int:
 def test_sdxl_full_text_encoder_training_freezes_what_never_reaches_the_loss(tiny_sdxl, sdxl_data, tmp_path):
     from types import SimpleNamespace
 
-    from dbtools import train_setup as S
+    from dbtools.train import setup as S
 
     cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "out", train_text_encoder=True)
     models = S.load_models(cfg)

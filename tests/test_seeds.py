@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dbtools.classgen import image_seed
-from dbtools.data import step_seed
-from dbtools.seeds import derived_seed
+from dbtools.core.seeds import derived_seed
+from dbtools.train.classgen import image_seed
+from dbtools.train.data import step_seed
 
 
 def test_seeds_are_the_ones_earlier_versions_drew():

@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbtools import checkpoints as C
 from dbtools import cli
-from dbtools import train as T
-from dbtools import train_config as TC
-from dbtools import train_outputs as O
-from dbtools import train_setup as S
-from dbtools.prompts import PromptEncoder
-from dbtools.train_config import TrainConfig
-from dbtools.train_setup import TrainError
+from dbtools.families.prompts import PromptEncoder
+from dbtools.train import checkpoints as C
+from dbtools.train import config as TC
+from dbtools.train import loop as T
+from dbtools.train import outputs as O
+from dbtools.train import setup as S
+from dbtools.train.config import TrainConfig
+from dbtools.train.setup import TrainError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -143,12 +143,12 @@ def test_latest_weights_and_checkpoint_see_only_complete_folders(tmp_path):
 
 
 def test_preflight_lists_every_problem_before_loading_a_model(tmp_path, dataset, tiny_sd, monkeypatch, capsys):
-    import dbtools.models
+    import dbtools.families.models
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the pre-flight finished")
 
-    monkeypatch.setattr(dbtools.models, "load_sd_components", no_loading)
+    monkeypatch.setattr(dbtools.families.models, "load_sd_components", no_loading)
     import importlib.util
 
     no_xformers = importlib.util.find_spec("xformers") is None
@@ -445,7 +445,7 @@ def test_cache_dir_is_reused_by_a_new_run_and_only_edited_images_are_encoded(tmp
 
     from diffusers import AutoencoderKL
 
-    caplog.set_level(logging.INFO, logger="dbtools.train_setup")
+    caplog.set_level(logging.INFO, logger="dbtools.train.setup")
     cache = tmp_path / "latent-cache"
     real_encode = AutoencoderKL.encode
     encoded: list[int] = []

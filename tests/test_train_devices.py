@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbtools import train as T
-from dbtools import train_outputs as O
-from dbtools import train_setup as S
-from dbtools.train_config import TrainConfig
+from dbtools.train import loop as T
+from dbtools.train import outputs as O
+from dbtools.train import setup as S
+from dbtools.train.config import TrainConfig
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_two_processes_share_class_image_generation(tmp_path, dataset, tiny_sd):
     import subprocess
     import sys
 
-    from dbtools.classgen import image_index
+    from dbtools.train.classgen import image_index
 
     root = Path(__file__).resolve().parents[1]
     out, classes = tmp_path / "ddp", tmp_path / "class"
@@ -286,10 +286,10 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
     of the trained UNet is held: gigabytes the export does not need."""
     import contextlib
 
-    import dbtools.export
+    import dbtools.after.export
 
     state = {"inside": False, "runs": []}
-    real_setup, real_export = O._for_inference, dbtools.export.export_single_file
+    real_setup, real_export = O._for_inference, dbtools.after.export.export_single_file
 
     @contextlib.contextmanager
     def spied_setup(run):
@@ -306,7 +306,7 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
         return real_export(folder, out, *a, **kw)
 
     monkeypatch.setattr(O, "_for_inference", spied_setup)
-    monkeypatch.setattr(dbtools.export, "export_single_file", spied_export)
+    monkeypatch.setattr(dbtools.after.export, "export_single_file", spied_export)
     result = T.train(config(tiny_sd, dataset, tmp_path / "out", use_ema=True, save_single_file=True))
     assert state["runs"] == [(False, True)]
     assert result.single_file.is_file()
@@ -333,7 +333,7 @@ def test_processes_wait_for_each_other_only_at_steps_that_save(monkeypatch):
 def test_the_ema_updates_all_tensors_at_once(tiny_sd):
     from types import SimpleNamespace
 
-    from dbtools.models import load_sd_components
+    from dbtools.families.models import load_sd_components
 
     models = load_sd_components(str(tiny_sd))
     ema = S.make_ema(TrainConfig(use_ema=True), models, SimpleNamespace(is_main_process=True, device="cpu"))
@@ -341,7 +341,7 @@ def test_the_ema_updates_all_tensors_at_once(tiny_sd):
 
 
 def test_each_process_encodes_its_share_of_the_latents(tmp_path):
-    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example, LatentCache
+    from dbtools.train.data import DataConfig, DataPlan, DreamBoothData, Example, LatentCache
     from tests.conftest import make_image
 
     examples = [Example(make_image(tmp_path / f"{i}.png", size=(32, 32)), f"p{i}") for i in range(5)]
@@ -378,7 +378,7 @@ def test_saves_and_samples_keep_frozen_parts_in_the_training_dtype_under_autocas
     """bf16 on the CPU stands in for fp16 on a GPU: frozen text encoders are not upcast to
     float32 for samples and saves, and a VAE that overflows in half precision decodes in
     float32 outside autocast, one image at a time."""
-    from dbtools.models import load_sd_components
+    from dbtools.families.models import load_sd_components
 
     bf16 = torch.bfloat16
     models = load_sd_components(str(tiny_sdxl))
@@ -400,7 +400,7 @@ def test_saves_and_samples_keep_frozen_parts_in_the_training_dtype_under_autocas
 def test_held_out_images_are_encoded_a_few_at_a_time(tmp_path):
     from types import SimpleNamespace
 
-    from dbtools.data import DataConfig, DataPlan, DreamBoothData, Example
+    from dbtools.train.data import DataConfig, DataPlan, DreamBoothData, Example
     from tests.conftest import make_image
 
     examples = [Example(make_image(tmp_path / f"{i}.png", size=(32, 32)), f"p{i}") for i in range(6)]
@@ -418,8 +418,8 @@ def test_held_out_images_are_encoded_a_few_at_a_time(tmp_path):
 
 
 def test_scores_at_sdxl_size_generate_one_image_per_call(monkeypatch):
-    from dbtools import evaluate as E
-    from dbtools import generate as G
+    from dbtools.after import evaluate as E
+    from dbtools.after import generate as G
 
     batches = []
     monkeypatch.setattr(G, "generate", lambda pipe, prompt, **kw: batches.append(kw["batch_size"]) or [])
@@ -431,7 +431,7 @@ def test_scores_at_sdxl_size_generate_one_image_per_call(monkeypatch):
 
 
 def test_class_images_are_decoded_one_at_a_time(tiny_sd):
-    from dbtools.classgen import pipeline_loader_for
+    from dbtools.train.classgen import pipeline_loader_for
 
     assert pipeline_loader_for(str(tiny_sd), device="cpu")().vae.use_slicing
 
@@ -441,7 +441,7 @@ def test_frozen_parts_load_straight_in_the_training_dtype(tiny_sdxl, tmp_path, m
     precision (no float32 copy in host memory); only the adapters are float32."""
     from types import SimpleNamespace
 
-    from dbtools import models as M
+    from dbtools.families import models as M
 
     read = {}
     real = M._from_pretrained

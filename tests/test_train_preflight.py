@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 
 from dbtools import cli
-from dbtools import notebook as nb
-from dbtools import train as T
-from dbtools import train_outputs as O
-from dbtools import train_setup as S
-from dbtools.concepts import Concept
-from dbtools.data import find_caption_file, scan_concepts, step_seed, weights_key
-from dbtools.editor import read_caption
-from dbtools.extract import ExtractConfig, run_extract
-from dbtools.textio import CaptionEncodingError, decode_caption
-from dbtools.train_config import TrainConfig, mask_secrets, parse_args
-from dbtools.train_setup import TrainError
+from dbtools.core.textio import CaptionEncodingError, decode_caption
+from dbtools.dataset.concepts import Concept
+from dbtools.dataset.extract import ExtractConfig, run_extract
+from dbtools.train import loop as T
+from dbtools.train import outputs as O
+from dbtools.train import setup as S
+from dbtools.train.config import TrainConfig, mask_secrets, parse_args
+from dbtools.train.data import find_caption_file, scan_concepts, step_seed, weights_key
+from dbtools.train.setup import TrainError
+from dbtools.ui import notebook as nb
+from dbtools.ui.editor import read_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -53,12 +53,12 @@ def config(model, data, out, **kw) -> TrainConfig:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if training loads a model (everything must be caught before)."""
-    import dbtools.models
+    import dbtools.families.models
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the pre-flight finished")
 
-    monkeypatch.setattr(dbtools.models, "load_sd_components", refuse)
+    monkeypatch.setattr(dbtools.families.models, "load_sd_components", refuse)
 
 
 def preflight_error(cfg: TrainConfig) -> str:
@@ -149,7 +149,7 @@ def test_unwritable_and_full_folders_are_found_before_any_model_loads(tmp_path, 
                  "class_data_dir /proc/dbtools-class"):
         assert f"{flag}" in text and "cannot write" in text, flag
 
-    import dbtools.train_folders as F
+    import dbtools.train.folders as F
 
     monkeypatch.setattr(F.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 5, 5))
     text = preflight_error(config(tiny_sd, tmp_path / "inst", tmp_path / "out"))
@@ -201,7 +201,7 @@ def test_instance_images_never_come_from_class_or_output_folders(tmp_path, image
         captioned(inst, image_factory, f"class/{i}-x.jpg", "a toy")
     captioned(inst, image_factory, "out/1/samples/0.png", "sample")
     concept = Concept(str(inst), class_prompt="a toy", class_data_dir=str(inst / "class"))
-    caplog.set_level(logging.INFO, logger="dbtools.data")
+    caplog.set_level(logging.INFO, logger="dbtools.train.data")
     plan, problems = scan_concepts([concept], read_prompts_from_txts=True, output_dir=str(inst / "out"))
     assert problems == []
     assert sorted(e.path.relative_to(inst).as_posix() for e in plan.instance) == ["a.png", "sub/b.png"]
@@ -333,7 +333,7 @@ def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, image_
     shutil.copytree(tiny_sd, model)
     captioned(tmp_path / "inst", image_factory)
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="dbtools.train_setup")
+    caplog.set_level(logging.INFO, logger="dbtools.train.setup")
     T.train(config(model, tmp_path / "inst", tmp_path / "a", cache_dir=str(cache)))
     vae = AutoencoderKL.from_pretrained(model / "vae")
     with torch.no_grad():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbtools import train as T
-from dbtools.train_config import TrainConfig, flag_problems, parse_args
+from dbtools.train import loop as T
+from dbtools.train.config import TrainConfig, flag_problems, parse_args
 
 
 def test_validation_and_score_flags_are_parsed_and_checked(tmp_path):
@@ -51,7 +51,7 @@ def train_flags(model, inst, out, *extra) -> list[str]:
 
 def batch_prompts(monkeypatch) -> list[str]:
     """Every instance prompt that reaches a training micro-batch."""
-    from dbtools.data import DreamBoothData
+    from dbtools.train.data import DreamBoothData
 
     seen: list[str] = []
     original = DreamBoothData.micro_batch
@@ -74,10 +74,10 @@ def test_saves_score_validate_and_samples_equal_generate(tmp_path, toy_data, tin
                                                          capsys):
     from diffusers import StableDiffusionPipeline
 
-    from dbtools import generate as G
-    from dbtools.evaluate import read_metrics, validation_split
-    from dbtools.export import export_single_file
-    from dbtools.preview import BEST_LABEL, row_lines, sample_grid, step_scores
+    from dbtools.after import generate as G
+    from dbtools.after.evaluate import read_metrics, validation_split
+    from dbtools.after.export import export_single_file
+    from dbtools.after.preview import BEST_LABEL, row_lines, sample_grid, step_scores
 
     out = tmp_path / "out"
     seen = batch_prompts(monkeypatch)

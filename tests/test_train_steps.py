@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dbtools import train as T
-from dbtools import train_outputs as O
-from dbtools import train_setup as S
-from dbtools.train_config import TrainConfig
-from dbtools.train_watch import Watch
+from dbtools.train import loop as T
+from dbtools.train import outputs as O
+from dbtools.train import setup as S
+from dbtools.train.config import TrainConfig
+from dbtools.train.watch import Watch
 from tests.test_train import config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,18 +64,18 @@ def test_validation_loss_uses_the_ema_weights_when_ema_is_on(tmp_path, images, t
 
 
 def test_held_out_loss_is_the_mean_over_images_whatever_their_size_groups(tmp_path, images, tiny_sd, monkeypatch):
-    import dbtools.evaluate
+    import dbtools.after.evaluate
 
     run = make_run(tiny_sd, images, tmp_path / "out", resolution=64, aspect_ratio_bucketing=True,
                    validation_data_dir=str(images["held"]))
     groups = []
-    real = dbtools.evaluate.validation_loss
+    real = dbtools.after.evaluate.validation_loss
 
     def spy(unet, latents, *a, **k):
         groups.append((latents.shape[0], real(unet, latents, *a, **k)))
         return groups[-1][1]
 
-    monkeypatch.setattr(dbtools.evaluate, "validation_loss", spy)
+    monkeypatch.setattr(dbtools.after.evaluate, "validation_loss", spy)
     loss = run.held_out.loss(run)
     assert sorted(n for n, _ in groups) == [1, 2]  # two wide images in one group, the tall one alone
     (n1, l1), (n2, l2) = groups
@@ -142,7 +142,7 @@ def _samples(n: int):
 def _accumulation_run(tmp_path, micro_batch: int, accum: int, max_grad_norm: float):
     """A stand-in run whose micro-batch `i` is samples `i*b .. i*b+b-1` of a fixed set, its
     gradients recorded as the optimizer receives them (AdamW would hide a wrong scale)."""
-    from dbtools.losses import dreambooth_loss
+    from dbtools.train.losses import dreambooth_loss
 
     cfg = TrainConfig(output_dir=str(tmp_path / f"out{micro_batch}"), report_to="none", train_batch_size=micro_batch,
                       gradient_accumulation_steps=accum, max_grad_norm=max_grad_norm)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbtools.train_watch import PROGRESS_FILE, Progress, StopSignal, eta_seconds, rate, smoothed
+from dbtools.train.watch import PROGRESS_FILE, Progress, StopSignal, eta_seconds, rate, smoothed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_progress_file_is_written_on_state_changes_and_every_few_seconds(tmp_pat
 
 
 def test_progress_names_the_last_save_its_samples_and_the_newest_metrics(tmp_path):
-    from dbtools.evaluate import append_metrics
+    from dbtools.after.evaluate import append_metrics
 
     (tmp_path / "20" / "samples").mkdir(parents=True)
     for i in (1, 0):
@@ -143,8 +143,8 @@ def assert_stopped_with_saves(out: Path, stdout: str, max_steps: int) -> int:
 def test_sigint_saves_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_sd):
     from safetensors.torch import load_file
 
-    from dbtools import train as T
-    from dbtools.train_config import TrainConfig
+    from dbtools.train import loop as T
+    from dbtools.train.config import TrainConfig
 
     common, flags = toy_run(tmp_path, tiny_sd, 12)
     out = tmp_path / "out"
@@ -202,7 +202,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, t
 
 
 def test_a_failed_run_says_failed_and_why_without_secrets(tmp_path):
-    from dbtools.train_watch import Watch
+    from dbtools.train.watch import Watch
 
     with pytest.raises(RuntimeError), Watch(Progress(tmp_path), None):
         raise RuntimeError("upload refused for hf_abcdefghijklmnopqrstuvwxyz0123456789")

@@ -51,12 +51,12 @@ def assert_one_message(code: int, err: str, *needles: str) -> None:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if training loads a model (everything must be caught before)."""
-    import dbtools.models
+    import dbtools.families.models
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the pre-flight finished")
 
-    monkeypatch.setattr(dbtools.models, "load_sd_components", refuse)
+    monkeypatch.setattr(dbtools.families.models, "load_sd_components", refuse)
 
 
 # --------------------------------------------------------------------------- concepts_list.json
@@ -130,20 +130,20 @@ def test_huge_resolution_is_refused_before_anything_loads(tmp_path, tiny_sd, ima
 
 def test_resolution_whose_largest_bucket_cannot_fit_is_refused_with_the_estimate(tmp_path, tiny_sd, image_factory,
                                                                                  no_model_loads, capsys, monkeypatch):
-    import dbtools.env
+    import dbtools.core.env
 
-    monkeypatch.setattr(dbtools.env, "gpu_memory_gib", lambda index=0: None)
-    monkeypatch.setattr(dbtools.env, "ram_gib", lambda: 3.0, raising=False)
+    monkeypatch.setattr(dbtools.core.env, "gpu_memory_gib", lambda index=0: None)
+    monkeypatch.setattr(dbtools.core.env, "ram_gib", lambda: 3.0, raising=False)
     captioned(tmp_path / "inst", image_factory)
     flags = train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst", "--aspect_ratio_bucketing")
     code, err = run_train([*flags, "--resolution=2048"], capsys)
     assert_one_message(code, err, "--resolution 2048: one image of the largest bucket (2048x2048 pixels) needs at "
                        "least 4.0 GiB to encode, more than this machine's 3.0 GiB of memory")
-    monkeypatch.setattr(dbtools.env, "gpu_memory_gib", lambda index=0: 1.5)  # a GPU encodes in its own memory
+    monkeypatch.setattr(dbtools.core.env, "gpu_memory_gib", lambda index=0: 1.5)  # a GPU encodes in its own memory
     code, err = run_train([*flags, "--resolution=2048", "--mixed_precision=bf16"], capsys)
     assert_one_message(code, err, "needs at least 2.0 GiB to encode, more than this machine's 1.5 GiB of GPU")
-    from dbtools.train_config import TrainConfig
-    from dbtools.train_setup import bucket_memory_problems
+    from dbtools.train.config import TrainConfig
+    from dbtools.train.setup import bucket_memory_problems
 
     assert bucket_memory_problems(TrainConfig(resolution=1024, mixed_precision="bf16")) == []
 
@@ -179,8 +179,8 @@ def test_every_process_takes_the_main_process_drawn_seed_and_its_held_out_images
 
     import accelerate.utils
 
-    from dbtools import train_setup as S
-    from dbtools.train_config import TrainConfig
+    from dbtools.train import setup as S
+    from dbtools.train.config import TrainConfig
 
     for i in range(6):
         captioned(tmp_path / "inst", image_factory, f"{i}.png")
@@ -313,7 +313,7 @@ def edited_png(path: Path, image_factory, **changes) -> Path:
     """A PNG carrying generate's settings, edited by hand (`changes`)."""
     from PIL import Image
 
-    from dbtools.generate import png_metadata
+    from dbtools.after.generate import png_metadata
 
     settings = {**dict(prompt="a toy", negative_prompt="", seed=3, steps=2, guidance_scale=7.5, width=32, height=32,
                        scheduler="ddim", model="m"), **changes}
@@ -333,12 +333,12 @@ def edited_png(path: Path, image_factory, **changes) -> Path:
 ])
 def test_generate_from_an_edited_png_gets_the_flags_range_checks(tmp_path, tiny_sd, image_factory, capsys,
                                                                  monkeypatch, changes, needle):
-    import dbtools.generate
+    import dbtools.after.generate
 
     def refuse(*a, **k):
         raise AssertionError("the pipeline was loaded for settings that cannot work")
 
-    monkeypatch.setattr(dbtools.generate, "load_inference_pipeline", refuse)
+    monkeypatch.setattr(dbtools.after.generate, "load_inference_pipeline", refuse)
     png = edited_png(tmp_path / "edited.png", image_factory, **changes)
     code = cli.main(["generate", "--model", str(tiny_sd), "--from_png", str(png), "--out_dir", str(tmp_path / "g")])
     assert_one_message(code, capsys.readouterr().err, f"--from_png {png}", needle)

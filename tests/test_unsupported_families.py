@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import families
-from dbtools.families import SD1, SDXL, UnsupportedFamily
+from dbtools.families import detect as families
+from dbtools.families.detect import SD1, SDXL, UnsupportedFamily
 
 TRAINED = "this toolkit trains: SD 1.x, SD 2.x, SDXL"
 FLUX_INDEX = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
@@ -108,8 +108,8 @@ def test_every_command_names_a_flux_model_in_one_message(flux_folder, tmp_path, 
 
 
 def test_the_notebook_settings_cell_names_the_family(flux_folder, tmp_path):
-    from dbtools import notebook as nb
-    from dbtools.models import UnsupportedModelError
+    from dbtools.families.models import UnsupportedModelError
+    from dbtools.ui import notebook as nb
 
     with pytest.raises(UnsupportedModelError, match=f"is a Flux.1 model; {TRAINED}"):
         nb.Session.start(str(flux_folder), str(tmp_path / "out"), save_to_gdrive=False)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dbtools import train as T
-from dbtools.concepts import Concept
-from dbtools.data import concept_class_examples
-from dbtools.train_config import TrainConfig, flag_problems, parse_args
+from dbtools.dataset.concepts import Concept
+from dbtools.train import loop as T
+from dbtools.train.config import TrainConfig, flag_problems, parse_args
+from dbtools.train.data import concept_class_examples
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_method1_with_the_users_class_images_leaves_them_untouched(tmp_path, met
     from diffusers import StableDiffusionPipeline
     from natsort import natsorted
 
-    from dbtools.export import main as convert
+    from dbtools.after.export import main as convert
 
     klass, out = tmp_path / "class", tmp_path / "out"
     for i in range(2):
@@ -103,8 +103,8 @@ def test_method1_with_an_empty_class_folder_generates_images_and_diffusers_layou
     assert UNet2DConditionModel.from_pretrained(out / "checkpoint-2" / "unet").config.sample_size == \
         pipe.unet.config.sample_size  # diffusers' documented way to use a checkpoint
     # generate accepts the checkpoint folder too
-    from dbtools.generate import main as generate
-    from dbtools.generate import read_png_settings
+    from dbtools.after.generate import main as generate
+    from dbtools.after.generate import read_png_settings
 
     assert generate(["--model", str(out / "checkpoint-2"), "--prompt", "a red car", "--steps", "1",
                      "--seed", "4", "--out_dir", str(tmp_path / "gen")]) == 0
@@ -129,7 +129,7 @@ def test_diffusers_flags_are_accepted_or_explained():
 def test_skip_save_text_encoder_saves_a_pipeline_without_it(tmp_path, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    from dbtools.train_outputs import _save_pipeline
+    from dbtools.train.outputs import _save_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     _save_pipeline(pipe, tmp_path / "w", skip_text_encoder=True)

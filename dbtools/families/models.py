@@ -1,0 +1,901 @@
+"""Loading Stable Diffusion models: Hub ids, diffusers folders and single files.
+
+Every stage gets its models from here, so the user's Hub model, a local training output
+and the tiny test models all take the same path. What we promise:
+
+- `--pretrained_model_name_or_path` may be a Hub id, a diffusers folder, or a single
+  `.safetensors`/`.ckpt` file (read with diffusers' single-file loader; pickles are only
+  ever read with `weights_only=True`, so a file that would run code is refused).
+- `--revision fp16` (the old way to ask for half weights) becomes `variant="fp16"` for
+  Hub ids; when a repo or folder has no such variant we warn and use the full weights.
+  Local folders and files have no revisions, so a revision is ignored for them.
+- A mistake a user can make (a path that does not exist, a folder that is not a model,
+  a missing component, an unsafe pickle) raises one `ModelLoadError` naming the path and
+  the fix, instead of a traceback from deep inside diffusers.
+- The model family (SD 1.x, SD 2.x, SDXL; see `dbtools.families.detect`) is detected from the
+  model itself (`detect_family`), and generation loads the family's pipeline class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dbtools.core.errors import UserError
+from dbtools.families.detect import SDXL, Detected, Family
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""Extensions of single-file checkpoints (the original Stable Diffusion layout)."""
+
+SINGLE_FILE_CONFIG_ENV = "DBTOOLS_SINGLE_FILE_CONFIG"
+"""Environment variable naming a diffusers folder (or Hub id) whose configs describe a
+single-file checkpoint; used when no `config` argument is given."""
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+_CONFIG_FILES = {
+    "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
+    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
+    "text_encoder": ("config.json",),
+    "text_encoder_2": ("config.json",),
+    "vae": ("config.json",),
+    "unet": ("config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
+                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",)}
+"""Weight file stems per component (transformers folders saved before safetensors use
+`pytorch_model.bin`)."""
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_sde": "DPMSolverSDEScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+"""Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names; one
+entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's names and
+`dpmsolver++`."""
+
+A1111_SAMPLERS = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC",
+}
+"""AUTOMATIC1111's sampler name for each of `SCHEDULERS` (what its PNG Info shows)."""
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+_SCHEDULER_ALIASES = {"dpmsolver++": "dpm++", **{_fold(c): k for k, c in SCHEDULERS.items()},
+                      **{_fold(a): k for k, a in A1111_SAMPLERS.items()}}
+
+
+def scheduler_key(name: str) -> str | None:
+    """The `SCHEDULERS` key for `name` (a key, a diffusers class name, an AUTOMATIC1111 sampler
+    name or `dpmsolver++`, any case); None when it names no known scheduler."""
+    key = _fold(name)
+    return key if key in SCHEDULERS else _SCHEDULER_ALIASES.get(key)
+
+
+class ModelLoadError(UserError):
+    """A model cannot be loaded because of something the user can fix; the message says what."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model is of a family this toolkit recognises but does not train."""
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model that training needs."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    """A `DDPMScheduler` built from the model's scheduler config (keeps `prediction_type`)."""
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    """SDXL's second tokenizer and OpenCLIP bigG encoder (`CLIPTextModelWithProjection`); None for SD 1.x/2.x."""
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def is_sdxl(self) -> bool:
+        return is_sdxl_models(self)
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders, in the order their hidden states are concatenated."""
+        return text_encoders_of(self)
+
+
+def text_encoders_of(models) -> list:
+    """The text encoders of loaded components (one, or SDXL's two in order); also works for
+    any object with `text_encoder` (and optionally `text_encoder_2`) attributes."""
+    second = getattr(models, "text_encoder_2", None)
+    return [models.text_encoder] + ([second] if second is not None else [])
+
+
+def is_sdxl_models(models) -> bool:
+    """Whether loaded components are SDXL's (they have a second text encoder)."""
+    return getattr(models, "text_encoder_2", None) is not None
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def is_single_file(path: str | os.PathLike) -> bool:
+    """True when `path` names a single-file checkpoint (`.safetensors`, `.ckpt`, `.pt`, `.bin`)."""
+    return str(path).lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` cannot be a Hub repo id, so it must be meant as a local path."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or re.match(r"^[A-Za-z]:[\\/]", name):
+        return True
+    if "\\" in name or name.count("/") > 1 or is_single_file(name):
+        return True
+    return not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name)
+
+
+def is_local(name: str) -> bool:
+    """True when `name` is (or is meant to be) a path on this machine rather than a Hub id."""
+    return os.path.exists(os.path.expanduser(name)) or looks_like_local_path(name)
+
+
+_SAID_REVISION: set[tuple[str, str]] = set()
+
+
+def resolve_revision(
+    model_name_or_path: str, revision: str | None, variant: str | None
+) -> tuple[str | None, str | None]:
+    """Map the command line's `revision`/`variant` to what diffusers expects.
+
+    `revision="fp16"` (Shivam's scripts, the seed notebook) means half weights; modern Hub
+    repos publish those as `variant="fp16"`, so for a Hub id it becomes `(None, "fp16")`
+    (an explicit `variant` wins). Local folders and single files have no git revisions,
+    so the revision is dropped for them: `(None, variant)`. Other revisions (a branch,
+    tag or commit) are passed through for Hub ids.
+    """
+    if is_local(model_name_or_path):
+        if revision and (model_name_or_path, revision) not in _SAID_REVISION:
+            _SAID_REVISION.add((model_name_or_path, revision))  # once per process, not per load
+            logger.info("%s is a local path: ignoring --revision %s", model_name_or_path, revision)
+        return None, variant
+    if revision in ("fp16", "bf16"):
+        return None, variant or revision
+    return revision or None, variant
+
+
+def weight_variants(component_dir: str | os.PathLike) -> tuple[bool, set[str]]:
+    """(has full weights, variants) of a component folder: `model.fp16.safetensors` -> "fp16"."""
+    folder = Path(component_dir)
+    plain, variants = False, set()
+    if not folder.is_dir():
+        return plain, variants
+    for p in folder.iterdir():
+        base, ext = os.path.splitext(p.name)
+        if ext not in (".safetensors", ".bin"):
+            continue
+        base = re.sub(r"-\d+-of-\d+$", "", base)  # shards: name-00001-of-00002
+        _, _, variant = base.partition(".")
+        if variant:
+            variants.add(variant)
+        else:
+            plain = True
+    return plain, variants
+
+
+def has_variant(folder: str | os.PathLike, variant: str) -> bool:
+    """True when a model folder, or one component folder, holds `<variant>` weights."""
+    folder = Path(folder)
+    subs = [folder] + ([folder / c for c in COMPONENTS] if folder.is_dir() else [])
+    return any(variant in weight_variants(sub)[1] for sub in subs)
+
+
+def model_folder_problems(
+    folder: str | os.PathLike, needed: tuple[str, ...] = COMPONENTS
+) -> list[str]:
+    """What stops `folder` from being loaded as a diffusers Stable Diffusion folder.
+
+    Returns messages naming the missing piece and the fix; an empty list means loadable.
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and not any((folder / c).is_dir() for c in COMPONENTS):
+        return [_not_a_model_message(folder)]
+    problems = []
+    for name in needed:
+        sub = folder / name
+        if not sub.is_dir():
+            problems.append(f"{folder}: the '{name}' folder is missing. The model is incomplete: "
+                            "copy or download the whole model folder again.")
+        elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
+            problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
+                            "download the whole model folder again.")
+        elif name in WEIGHT_STEMS and not _has_weights(sub, WEIGHT_STEMS[name]):
+            problems.append(f"{sub}: no weights ({WEIGHT_STEMS[name][0]}.safetensors). The download or "
+                            "save was interrupted: copy or download the model folder again.")
+    return problems
+
+
+def _has_weights(sub: Path, stems: tuple[str, ...]) -> bool:
+    return any(p.name.startswith(stems) and p.suffix in (".safetensors", ".bin") for p in sub.iterdir())
+
+
+def _not_a_model_message(folder: Path) -> str:
+    hint = "Point to the folder that contains model_index.json"
+    files = sorted(p.name for p in folder.iterdir() if is_single_file(p.name)) if folder.is_dir() else []
+    steps = sorted((p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=int) \
+        if folder.is_dir() else []
+    if files:
+        hint = f"To use a single-file checkpoint, pass the file itself, e.g. {folder / files[0]}"
+    elif steps:
+        hint = f"This looks like a training output folder: pass one step folder, e.g. {folder / steps[-1]}"
+    return (f"{folder}: not a diffusers model folder (no model_index.json, unet/, vae/ ...). "
+            f"{hint}, or a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5.")
+
+
+def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONENTS) -> None:
+    """Raise `ModelLoadError` for a local model path that cannot be loaded (before loading)."""
+    if not model_name_or_path or not str(model_name_or_path).strip():
+        raise ModelLoadError("No model given: set --pretrained_model_name_or_path to a Hub id "
+                             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a diffusers "
+                             "folder or a .safetensors/.ckpt file.")
+    if not is_local(model_name_or_path):
+        return
+    path = Path(os.path.expanduser(model_name_or_path))
+    if not path.exists():
+        raise ModelLoadError(f"{path}: does not exist. Fix the model path (is Google Drive mounted?) "
+                             "or give a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5.")
+    if path.is_file():
+        if not is_single_file(path):
+            raise ModelLoadError(f"{path}: not a model file. Give a .safetensors or .ckpt checkpoint, "
+                                 "or a diffusers folder containing model_index.json.")
+        return
+    _refuse_other_family(path)
+    problems = model_folder_problems(path, needed)
+    if problems:
+        raise ModelLoadError("\n".join(problems))
+
+
+def _refuse_other_family(folder: Path) -> None:
+    """A pipeline folder of a family we do not train is named before its parts are checked
+    (a Flux folder is not "missing its unet")."""
+    from dbtools.families import detect as families
+
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # absent or unreadable: model_folder_problems says so
+    try:
+        families.family_from_model_index(index if isinstance(index, dict) else {})
+    except families.UnsupportedFamily as exc:
+        raise UnsupportedModelError(f"{folder} is {exc}.") from None
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` when one is given (e.g. a `--device` flag), else the best one here:
+    "cuda", then Apple "mps", else "cpu"."""
+    import torch
+
+    if device is not None:
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def inference_dtype(device) -> torch.dtype:
+    """fp16 on CUDA (half the memory, same pictures), fp32 elsewhere (CPU fp16 is slow/unsupported)."""
+    import torch
+
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def safe_torch_load(path: str | os.PathLike) -> dict:
+    """Read a `.ckpt`/`.pt`/`.bin` file with `torch.load(weights_only=True)` and return its dict.
+
+    Only tensors and plain containers are accepted: a pickle that would import or call
+    anything else (a way to run code on this machine) raises `ModelLoadError` naming the file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found. Fix the path.")
+    mmap = zipfile.is_zipfile(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{path}: refused to load. This pickle file contains Python objects that could run "
+            "code on this machine, not just weights. Get a .safetensors version of the model, "
+            f"or convert this one on a machine you do not mind exposing. ({_first_line(exc)})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read this checkpoint ({_first_line(exc)}). The file is "
+                             "truncated or not a PyTorch checkpoint: download it again.") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a state dict of weights.")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_single_file(path: Path) -> None:
+    """Refuse unsafe or unreadable single files before diffusers touches them."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path}: not a valid .safetensors file ({_first_line(exc)}). "
+                                 "The download was probably interrupted: download it again.") from exc
+    else:
+        safe_torch_load(path)
+
+
+# --------------------------------------------------------------------------- families
+
+
+def detect_family(model_name_or_path: str, *, config: str | None = None,
+                  revision: str | None = None) -> Detected:
+    """The family and prediction type of a Hub id, diffusers folder or single file.
+
+    A folder or Hub id is read from its `model_index.json`, text encoder config and scheduler
+    config (a few small files; nothing is loaded). A single file is read from its tensor
+    names; its prediction type comes from `config` (a diffusers folder or Hub id, or
+    $DBTOOLS_SINGLE_FILE_CONFIG) when given. Raises `ModelLoadError` when the model cannot
+    be read or is none of SD 1.x, 2.x and XL (naming the family when it is a known one).
+    """
+    from dbtools.families import detect as families
+
+    name = _normalize(model_name_or_path)
+    try:
+        return _detect_family(name, config, revision)
+    except families.UnsupportedFamily as exc:
+        raise UnsupportedModelError(f"{name} is {exc}.") from None
+
+
+def _detect_family(name: str, config: str | None, revision: str | None) -> Detected:
+    from dbtools.families import detect as families
+
+    path = Path(name)
+    if is_local(name) and path.is_file():
+        keys = single_file_keys(path)
+        family = families.family_from_keys(keys)
+        if family is None:
+            raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (none of its tensor "
+                                 "names is a known text encoder's). Give an SD 1.x, 2.x or XL model.")
+        config = single_file_config(config)
+        if config:
+            scheduler = _read_json(config, "scheduler/scheduler_config.json", None)
+            return Detected(family, families.prediction_type_from_scheduler(scheduler))
+        return Detected(family, families.prediction_type_from_keys(keys, family))
+    index = _read_json(name, "model_index.json", revision)
+    text = _read_json(name, "text_encoder/config.json", revision, required=False)
+    scheduler = _read_json(name, "scheduler/scheduler_config.json", revision, required=False)
+    return Detected(families.family_from_model_index(index, text),
+                    families.prediction_type_from_scheduler(scheduler))
+
+
+def single_file_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a single-file checkpoint (a `.ckpt`'s nested `state_dict` unwrapped)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        _check_single_file(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys())
+    data = safe_torch_load(path)
+    return list(data.get("state_dict", data))
+
+
+def _read_json(name: str, file: str, revision: str | None, required: bool = True) -> dict | None:
+    """One small JSON file of a model folder or Hub repo; None when absent and not `required`."""
+    import json
+
+    if is_local(name):
+        path = Path(name) / file
+        if not path.is_file():
+            if required:
+                check_model_path(name)  # names what is missing
+                raise ModelLoadError(f"{name}: no {file}. Point to the folder that contains model_index.json.")
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        local = _guard(name, lambda: hf_hub_download(name, file, revision=revision))
+    except ModelLoadError as exc:
+        if not required and isinstance(exc.__cause__, EntryNotFoundError):
+            return None
+        raise
+    return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def pipeline_class(family: Family):
+    """The diffusers pipeline class that loads `family` (e.g. `StableDiffusionXLPipeline`)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _pipeline_kwargs(family: Family) -> dict:
+    """SD 1.x/2.x pipelines have a safety checker (off here); SDXL pipelines have none."""
+    return {} if family is SDXL else dict(safety_checker=None, requires_safety_checker=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def single_file_config(config: str | None = None) -> str | None:
+    """The diffusers config source for single files: `config`, else $DBTOOLS_SINGLE_FILE_CONFIG."""
+    return config or os.environ.get(SINGLE_FILE_CONFIG_ENV) or None
+
+
+def load_sd_components(
+    model_name_or_path: str,
+    *,
+    vae_name_or_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    tokenizer_name: str | None = None,
+    torch_dtype=None,
+    config: str | None = None,
+    original_config: str | None = None,
+    component_dtypes: dict | None = None,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
+    an SDXL model also its second tokenizer and text encoder (see `detect_family`).
+
+    `model_name_or_path` is a Hub id, a diffusers folder or a single checkpoint file (for
+    which `config`, a diffusers folder or Hub id with the model's configs, avoids a
+    download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
+    for fp16 variants, so an optimizer never sees half-precision master weights); a
+    component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
+    UNet) is read straight into its own dtype, never held in float32 first (except from a
+    single file, which is read whole in `torch_dtype`).
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    dtype = torch_dtype or torch.float32
+    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in ("text_encoder", "text_encoder_2", "vae", "unet")}
+    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
+                   and not (c == "tokenizer" and tokenizer_name))
+    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
+                                                               needed=needed)
+    if _is_sdxl(model_name_or_path, config, revision):
+        needed += ("tokenizer_2", "text_encoder_2")
+        check_model_path(model_name_or_path, needed)
+    if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
+        pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
+        parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                     unet=pipe.unet, scheduler_config=pipe.scheduler.config,
+                     tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                     text_encoder_2=getattr(pipe, "text_encoder_2", None))
+    else:
+        parts = _load_parts(model_name_or_path, revision, variant, dtypes, needed)
+    if tokenizer_name:
+        parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
+                                             revision)
+    if vae_name_or_path:
+        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
+    return SDComponents(
+        tokenizer=parts["tokenizer"],
+        text_encoder=_as_dtype(parts["text_encoder"], dtypes["text_encoder"]),
+        vae=_as_dtype(parts["vae"], dtypes["vae"]),
+        unet=_as_dtype(parts["unet"], dtypes["unet"]),
+        noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
+        tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtypes["text_encoder_2"])
+        if parts.get("text_encoder_2") is not None else None,
+    )
+
+
+def _resolve_source(name: str, revision: str | None, variant: str | None, *, config: str | None = None,
+                    needed: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()):
+    """Check a model source before anything loads; return `(name, revision, variant, family)`.
+
+    `name` comes back with `~` expanded, `revision`/`variant` mapped as the flags mean
+    them (`resolve_revision`), the variant dropped when the model does not have it. A
+    local model must hold `needed` components, or when `needed` is None its family's
+    components less `skip`; a missing one is a `ModelLoadError` naming it. `family` is
+    detected only when `needed` is None (else None).
+    """
+    name = _normalize(name)
+    check_model_path(name, ())
+    revision, variant = resolve_revision(name, revision, variant)
+    family = None
+    if needed is None:
+        family = detect_family(name, config=config, revision=revision).family
+        needed = tuple(c for c in family.components if c not in skip)
+    check_model_path(name, needed)
+    return name, revision, _usable_variant(name, variant), family
+
+
+def _is_sdxl(name: str, config: str | None, revision: str | None) -> bool:
+    """Whether the model to train is SDXL (two text encoders), read from its files."""
+    path = Path(name)
+    if is_local(name) and path.is_dir() and not (path / "model_index.json").is_file():
+        return False  # a folder of components only: SD 1.x/2.x parts are loaded one by one
+    return detect_family(name, config=config, revision=revision).family is SDXL
+
+
+def _normalize(name: str) -> str:
+    """`~` expanded for local paths; Hub ids unchanged."""
+    return os.path.expanduser(str(name)) if name and is_local(str(name)) else name
+
+
+def _usable_variant(name: str, variant: str | None) -> str | None:
+    """`variant`, or None (with one warning) for a local folder or file that does not have it.
+
+    A local folder saved only as a variant (e.g. only `*.fp16.safetensors`) uses that variant.
+    """
+    if not is_local(name):
+        return variant
+    path = Path(os.path.expanduser(name))
+    if not variant:
+        return _only_variant(path / "unet")
+    if path.is_dir() and has_variant(path, variant):
+        return variant
+    logger.warning("%s has no %s weights: using its full-precision weights", name, variant)
+    return None
+
+
+def _only_variant(component_dir: Path) -> str | None:
+    """The variant of a folder that has variant weights only (else None: use the full weights)."""
+    plain, variants = weight_variants(component_dir)
+    if plain or len(variants) != 1:
+        return None
+    (variant,) = variants
+    logger.info("%s has only %s weights: using them", component_dir, variant)
+    return variant
+
+
+def _as_dtype(model, dtype):
+    return model if model.dtype == dtype else model.to(dtype)
+
+
+def _load_parts(name: str, revision: str | None, variant: str | None, dtypes: dict, needed: tuple[str, ...]) -> dict:
+    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each,
+    in `dtypes[component]`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    def model(cls, sub):
+        return lambda: _from_pretrained(cls, name, sub, revision, variant, dtypes[sub])
+
+    loaders = dict(
+        tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
+        text_encoder=model(CLIPTextModel, "text_encoder"),
+        tokenizer_2=lambda: _load_tokenizer(name, "tokenizer_2", revision),
+        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2"),
+        vae=model(AutoencoderKL, "vae"),
+        unet=model(UNet2DConditionModel, "unet"),
+        scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(
+            name, subfolder="scheduler", **({"revision": revision} if revision else {}))),
+    )
+    parts = {part: loaders[part]() for part in needed}
+    parts["scheduler_config"] = parts.pop("scheduler")
+    return parts
+
+
+def _tokenizer_subfolder(name: str) -> str | None:
+    """"tokenizer" when `name` is a local model folder (tokenizer in its subfolder), else None."""
+    path = Path(os.path.expanduser(name))
+    if is_local(name) and not (path / "vocab.json").is_file() and (path / "tokenizer").is_dir():
+        return "tokenizer"
+    return None
+
+
+def _load_tokenizer(name: str, subfolder: str | None, revision: str | None):
+    from transformers import CLIPTokenizer
+
+    kwargs = {"revision": revision} if revision else {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    return _guard(name, lambda: CLIPTokenizer.from_pretrained(name, **kwargs))
+
+
+def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):
+    """`cls.from_pretrained` for one component; a missing variant falls back to full weights."""
+    kwargs = dict(subfolder=subfolder, dtype=dtype)
+    if revision:
+        kwargs["revision"] = revision
+    if is_local(name):
+        component = Path(os.path.expanduser(name)) / subfolder
+        if variant and not has_variant(component, variant):
+            variant = None  # this component was saved without the variant; the others keep it
+        variant = variant or _only_variant(component)
+    if variant:
+        try:
+            return cls.from_pretrained(name, variant=variant, **kwargs)
+        except (OSError, ValueError) as exc:
+            logger.warning("%s/%s: no %s variant (%s); using the default weights",
+                           name, subfolder, variant, _first_line(exc))
+    return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
+
+
+def _guard(name: str, load):
+    """Run `load()`; turn the loaders' errors about a user's model into one `ModelLoadError`."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, HfHubHTTPError) as exc:
+        raise ModelLoadError(_load_failure_message(name, exc)) from exc
+
+
+def _load_failure_message(name: str, exc: BaseException) -> str:
+    if is_local(name):
+        return (f"{name}: cannot load this model ({_first_line(exc)}). The folder is incomplete or "
+                "was saved by an incompatible tool: copy or download it again.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    why = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else \
+        "check the spelling, your internet connection, and for gated models accept the licence " \
+        "on huggingface.co and log in (huggingface-cli login or HF_TOKEN)"
+    return (f"{name}: cannot load from the Hugging Face Hub: {why}. If it is meant to be a local "
+            f"folder, that path does not exist. ({_first_line(exc)})")
+
+
+def _load_single_file(path: str, dtype, config: str | None, original_config: str | None):
+    """The family's `from_single_file` (SD or SDXL pipeline) with safety checks and a clear offline error."""
+    file = Path(os.path.expanduser(path))
+    _check_single_file(file)
+    family = detect_family(str(file)).family
+    config = single_file_config(config)
+    if config and is_local(config):
+        check_model_path(config, tuple(c for c in family.components if c not in ("vae", "unet")))
+    kwargs: dict = dict(dtype=dtype, **_pipeline_kwargs(family))
+    if config:
+        kwargs["config"] = str(config)
+    elif original_config:
+        kwargs["original_config"] = str(original_config)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return pipeline_class(family).from_single_file(str(file), local_files_only=offline, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds here; all mean "cannot read this file"
+        raise ModelLoadError(_single_file_message(file, config, offline, exc)) from exc
+
+
+def _single_file_message(file: Path, config: str | None, offline: bool, exc: BaseException) -> str:
+    msg = f"{file}: cannot load this checkpoint ({_first_line(exc)})."
+    if not config:
+        msg += (" A single file has weights but no configs: diffusers fetches them from the Hub, which "
+                f"{'is off (HF_HUB_OFFLINE=1)' if offline else 'failed'}. Pass config=<a diffusers folder "
+                f"of the same architecture> (or set {SINGLE_FILE_CONFIG_ENV}), or original_config=<its "
+                ".yaml> (--original_config) for an SD 1.x/2.x checkpoint.")
+    else:
+        msg += f" Check that {config} has the same architecture (SD 1.x, 2.x or XL) as the file."
+    return msg
+
+
+def load_vae(vae_name_or_path: str, *, torch_dtype=None, base_model: str | None = None):
+    """Load an `AutoencoderKL` from a Hub id, a VAE or pipeline folder, or a single file.
+
+    E.g. `stabilityai/sd-vae-ft-mse`. A single VAE file takes its config from `base_model`
+    when that is a local diffusers folder (no download), else from the Hub.
+    """
+    from diffusers import AutoencoderKL
+
+    if is_local(vae_name_or_path):
+        path = Path(os.path.expanduser(vae_name_or_path))
+        if not path.exists():
+            raise ModelLoadError(f"{path}: VAE path does not exist. Fix --pretrained_vae_name_or_path "
+                                 "or give a Hub id like stabilityai/sd-vae-ft-mse.")
+        if path.is_file():
+            return _load_single_file_vae(path, torch_dtype, base_model)
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            return _guard(str(path), lambda: AutoencoderKL.from_pretrained(path, subfolder="vae",
+                                                                           dtype=torch_dtype))
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a VAE folder (no config.json and no vae/ folder). Give a "
+                                 "VAE folder, a model folder, a .safetensors file or a Hub id.")
+    return _guard(vae_name_or_path, lambda: AutoencoderKL.from_pretrained(vae_name_or_path,
+                                                                          dtype=torch_dtype))
+
+
+def _load_single_file_vae(path: Path, dtype, base_model: str | None):
+    from diffusers import AutoencoderKL
+
+    _check_single_file(path)
+    kwargs: dict = dict(dtype=dtype)
+    base = Path(os.path.expanduser(base_model)) if base_model else None
+    if base is not None and (base / "vae" / "config.json").is_file():
+        kwargs.update(config=str(base), subfolder="vae")
+    try:
+        return AutoencoderKL.from_single_file(str(path), **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot load this VAE file ({_first_line(exc)}). Use a "
+                             "diffusers VAE folder or Hub id (e.g. stabilityai/sd-vae-ft-mse) instead.") from exc
+
+
+def make_scheduler(name: str, config):
+    """A diffusers scheduler of kind `name` (see `SCHEDULERS`) from a model's scheduler config.
+
+    The model's `prediction_type`, betas and timestep settings are kept.
+    """
+    import diffusers
+
+    key = scheduler_key(name)
+    if key is None:
+        raise ModelLoadError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+    cls = getattr(diffusers, SCHEDULERS[key])
+    extra = {"algorithm_type": "dpmsolver++"} if key == "dpm++" else {}
+    return cls.from_config(config, **extra)
+
+
+def load_pipeline(
+    model_name_or_path: str,
+    *,
+    vae_name_or_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype=None,
+    device=None,
+    scheduler: str | None = None,
+    config: str | None = None,
+    original_config: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load the model family's pipeline for generating images (safety checker off).
+
+    A `StableDiffusionPipeline` for SD 1.x/2.x, a `StableDiffusionXLPipeline` for SDXL
+    (see `detect_family`). Accepts what `load_sd_components` accepts, a training
+    `checkpoint-<step>/` folder and a LoRA run's weights folder (see `load_checkpoint_pipeline`).
+    `scheduler` picks a sampler by name
+    ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
+    model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
+    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
+    """
+    import torch
+
+    dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
+    if is_checkpoint_folder(model_name_or_path) or is_lora_weights_folder(model_name_or_path):
+        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
+    model_name_or_path, revision, variant, family = _resolve_source(
+        model_name_or_path, revision, variant, config=config, skip=("vae",) if vae_name_or_path else ())
+    extra: dict = {}
+    if vae_name_or_path:
+        extra["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
+    local = is_local(model_name_or_path)
+    path = os.path.expanduser(model_name_or_path) if local else model_name_or_path
+    if local and Path(path).is_file():
+        pipe = _load_single_file(path, dtype, config, original_config)
+        if "vae" in extra:
+            pipe.vae = extra["vae"]
+    else:
+        pipe = _pipeline_from_pretrained(pipeline_class(family), path, revision, variant, dtype,
+                                         dict(_pipeline_kwargs(family), **extra))
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if device:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def _pipeline_from_pretrained(cls, path: str, revision, variant, dtype, extra: dict):
+    """`cls.from_pretrained` with `extra` keyword arguments; a missing variant falls back."""
+    kwargs = dict(dtype=dtype, **extra)
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        try:
+            return cls.from_pretrained(path, variant=variant, **kwargs)
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: no %s variant (%s); using the default weights", path, variant, _first_line(exc))
+    return _guard(path, lambda: cls.from_pretrained(path, **kwargs))
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """True for a training `checkpoint-<step>/` folder (accelerate state, no `model_index.json`)."""
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    return (folder / "optimizer.bin").is_file() and not (folder / "model_index.json").is_file()
+
+
+def is_lora_weights_folder(path: str | os.PathLike) -> bool:
+    """True for a LoRA run's weights folder (`pytorch_lora_weights.safetensors` and `args.json`
+    naming the base model, no pipeline of its own)."""
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    return ((folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "args.json").is_file()
+            and not (folder / "model_index.json").is_file())
+
+
+def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
+                             scheduler: str | None = None) -> StableDiffusionPipeline:
+    """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
+    `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
+    `unet/`, `text_encoder/` and (SDXL) `text_encoder_2/`, or its LoRA adapters. The weights are
+    the trained ones, not the EMA average (that is what the run's weights folders hold). A
+    LoRA run's weights folder (`is_lora_weights_folder`) loads the same way.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
+    args = _checkpoint_args(folder)
+    dtype = torch_dtype or torch.float32
+    pipe = load_pipeline(args["pretrained_model_name_or_path"],
+                         vae_name_or_path=args.get("pretrained_vae_name_or_path"),
+                         revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
+                         scheduler=scheduler)
+    if (folder / "unet").is_dir():
+        pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
+    for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained
+        if (folder / sub).is_dir() and getattr(pipe, sub, None) is not None:
+            setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
+                folder / sub, dtype=dtype)))
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(folder))
+    elif not (folder / "unet").is_dir():
+        raise ModelLoadError(f"{folder}: this checkpoint holds no unet/ folder or LoRA weights (an older "
+                             "dbtools wrote it). Resume training from it and let it save, or use a weights folder.")
+    return pipe.to(device) if device else pipe
+
+
+def _checkpoint_args(folder: Path) -> dict:
+    """The run settings saved with a checkpoint (or with the newest weights folder of its run)."""
+    import json
+
+    candidates = [folder / "args.json"] + sorted(
+        (p / "args.json" for p in folder.parent.iterdir() if p.name.isdigit()),
+        key=lambda f: int(f.parent.name), reverse=True)
+    for f in candidates:
+        if f.is_file():
+            try:
+                args = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ModelLoadError(f"{f}: not valid JSON ({exc}). Restore it from the run's other folders.") from exc
+            if isinstance(args, dict) and args.get("pretrained_model_name_or_path"):
+                return args
+    raise ModelLoadError(f"{folder}: a training checkpoint without args.json naming its base model. Give the "
+                         "run's weights folder instead, or copy args.json from the run into the checkpoint.")

@@ -1,0 +1,84 @@
+"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split.
+
+Nothing here loads a model or reads a file; the training loop draws the noise and the
+timesteps, runs the UNet and hands the tensors in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from dbtools.core.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def training_noise(shape: tuple[int, ...], generator: torch.Generator, offset_strength: float = 0.0) -> torch.Tensor:
+    """Gaussian noise of `shape`; with `offset_strength`, plus one extra draw per sample and
+    channel (offset noise), which lets the model learn overall brightness shifts."""
+    noise = torch.randn(shape, generator=generator)
+    if offset_strength:
+        noise = noise + offset_strength * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
+
+
+def diffusion_target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(f"unsupported prediction_type {kind!r} in the model's scheduler config "
+                    f"(expected one of {', '.join(PREDICTION_TYPES)}).")
+
+
+def snr_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, gamma: float,
+                prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023): min(SNR, gamma) / SNR for
+    epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    scheduler: SchedulerMixin, snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean squared error per sample, in float32, min-SNR weighted when `snr_gamma` is set."""
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    if snr_gamma:
+        loss = loss * snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type)
+    return loss
+
+
+def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    scheduler: SchedulerMixin, *, is_prior: torch.Tensor, prior_loss_weight: float,
+                    snr_gamma: float | None = None) -> torch.Tensor:
+    """mean(instance losses) + prior_loss_weight x mean(class losses), a scalar.
+
+    `is_prior` marks the class (prior-preservation) samples of the batch. A part with no
+    samples adds nothing, so the loss of a batch split in two (instance and class images of
+    different sizes) is the sum of this function over the two parts.
+    """
+    per_sample = per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma)
+    # Counts come from the mask on the CPU and the split is a product with it, so the GPU is
+    # never waited for (boolean indexing would read back from the device).
+    is_prior = is_prior.cpu().bool()
+    n_prior = int(is_prior.sum())
+    n_instance = len(is_prior) - n_prior
+    prior = is_prior.to(per_sample.device, per_sample.dtype)
+    terms = []
+    if n_instance:
+        terms.append((per_sample * (1 - prior)).sum() / n_instance)
+    if n_prior:
+        terms.append(prior_loss_weight * ((per_sample * prior).sum() / n_prior))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]

@@ -1,0 +1,768 @@
+"""Everything a training run sets up before its first step.
+
+Pre-flight checks (before any model loads), the accelerator, class images, models with
+their trained/frozen parts, the data and prompt caches, optimizer, learning-rate
+schedule, EMA and resume. `dbtools.train.loop.setup` calls these in this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dbtools.core.errors import UserError
+from dbtools.dataset.concepts import Concept, ConceptError, overlap_problems
+from dbtools.families.models import is_sdxl_models, text_encoders_of
+from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder, truncation_note
+from dbtools.train.checkpoints import (
+    ARGS_FILE,
+    RUN_FILES_DIR,
+    check_checkpoint_files,
+    checkpoint_step,
+    resume_path,
+    resume_problems,
+)
+from dbtools.train.config import (
+    MAX_RESOLUTION,
+    MAX_SEED,
+    RESOLUTION_ADVICE,
+    TrainConfig,
+    flag_problems,
+    largest_bucket_bytes,
+    report_trackers,
+    resolve_mixed_precision,
+)
+from dbtools.train.data import (
+    DataConfig,
+    DataPlan,
+    DreamBoothData,
+    LatentCache,
+    concept_class_examples,
+    scan_concepts,
+    weights_key,
+    with_validation,
+)
+from dbtools.train.folders import MiB, another_run_message, folder_problems, holds_another_run
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    from dbtools.families.models import SDComponents
+
+logger = logging.getLogger(__name__)
+
+
+class TrainError(UserError):
+    """Training cannot start or go on because of something the user can fix."""
+
+
+# A size below this share of the family's native one trains a model that draws poorly at
+# its own size (SDXL at 512 px): worth one warning line.
+FAR_BELOW_NATIVE = 0.75
+
+
+def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `resolution` set: the model family's native size when none was given
+    (1024 for SDXL; 512 when the model cannot be read, which pre-flight then reports). A
+    given size far below the native one gets one warning line."""
+    from dbtools.families.models import detect_family
+
+    try:
+        detected = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    except UserError:
+        return cfg if cfg.resolution is not None else dataclasses.replace(cfg, resolution=512)
+    native = detected.resolution
+    if cfg.resolution is None:
+        logger.info("resolution: %d px, the native size of %s (--resolution changes it)", native,
+                    detected.family.label)
+        return dataclasses.replace(cfg, resolution=native)
+    if cfg.resolution < FAR_BELOW_NATIVE * native:
+        logger.warning("--resolution %d is far below the %d px %s models are made for: samples at their "
+                       "own size will look worse; leave --resolution out to train at %d px.",
+                       cfg.resolution, native, detected.family.label, native)
+    return cfg
+
+
+def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
+    """Check flags, model path, concepts, images and captions before loading any model.
+
+    Raises one `TrainError` listing every problem with its fix; returns the concepts and
+    the data plan otherwise.
+    """
+    from dbtools.families.models import ModelLoadError, check_model_path
+
+    problems = flag_problems(cfg)
+    if cfg.pretrained_model_name_or_path:
+        try:
+            check_model_path(cfg.pretrained_model_name_or_path,
+                             ("tokenizer", "text_encoder", "unet", "scheduler"))
+        except ModelLoadError as exc:
+            problems.append(str(exc))
+    concepts: list[Concept] = []
+    plan = DataPlan([], [])
+    if cfg.concepts_list or cfg.instance_data_dir:
+        try:
+            concepts = cfg.concepts()
+        except ConceptError as exc:
+            problems.append(str(exc))
+    problems += overlap_problems(concepts, nested=False)  # as extract: a folder listed twice
+    if concepts:
+        plan, data_problems = data_plan(cfg, concepts)
+        problems += data_problems
+    problems += output_problems(cfg, concepts, plan)
+    problems += resume_problems(cfg.output_dir, cfg.resume_from_checkpoint, lora=cfg.use_lora,
+                                text_encoder=cfg.train_text_encoder, ema=cfg.use_ema)
+    problems += bucket_memory_problems(cfg)
+    problems += resume_change_problems(cfg)
+    if problems:
+        raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
+    _warn_if_too_big(cfg)
+    return concepts, plan
+
+
+def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
+    """The examples of `concepts` with the held-out ones set apart, and what is wrong with them."""
+    plan, problems = scan_concepts(
+        concepts, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template,
+        with_prior_preservation=cfg.with_prior_preservation, output_dir=cfg.output_dir, check_images=check_images)
+    plan, held_out_problems = with_validation(
+        plan, concepts, validation_data_dir=cfg.validation_data_dir, validation_split=cfg.validation_split,
+        seed=cfg.seed or 0, read_prompts_from_txts=cfg.read_prompts_from_txts, prompt_template=cfg.prompt_template)
+    return plan, problems + held_out_problems
+
+
+RANDOM_SEED = -1
+"""`--seed -1`: draw a seed (logged and saved in args.json, so the run can be repeated)."""
+
+
+def settle_seed(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `--seed -1` replaced by the seed of the checkpoint it resumes (so the resume
+    is exact), else by a freshly drawn one; any other seed as given."""
+    if cfg.seed != RANDOM_SEED:
+        return cfg
+    import secrets
+
+    saved = checkpoint_args(cfg)
+    seed = saved.get("seed")
+    if "seed" in saved and seed is None:
+        return dataclasses.replace(cfg, seed=None)  # the checkpoint's run had no seed: nor has its resume
+    if not isinstance(seed, int) or seed < 0:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def agree_on_seed(cfg: TrainConfig, asked: int | None, accelerator, concepts: list[Concept],
+                  plan: DataPlan) -> tuple[TrainConfig, DataPlan]:
+    """Every process takes the main process's drawn seed; held-out images are chosen again with it."""
+    if asked != RANDOM_SEED or accelerator.num_processes == 1:
+        return cfg, plan
+    from accelerate.utils import broadcast_object_list
+
+    seed = broadcast_object_list([cfg.seed])[0]
+    if seed == cfg.seed:
+        return cfg, plan
+    cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg, (data_plan(cfg, concepts, check_images=False)[0] if cfg.validation_split else plan)
+
+
+def checkpoint_args(cfg: TrainConfig) -> dict:
+    """The settings saved in the checkpoint `--resume_from_checkpoint` names ({} when none or unreadable)."""
+    path = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    try:
+        data = json.loads((path / ARGS_FILE).read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# Settings that decide which model, which batches, which noise and which weights train:
+# changing one between a checkpoint and its resume means the run no longer continues the
+# interrupted one exactly. Learning-rate settings and the number of steps may change.
+RESUME_SETTINGS = (
+    "pretrained_model_name_or_path", "pretrained_vae_name_or_path", "revision", "variant", "tokenizer_name",
+    "concepts_list", "instance_data_dir", "instance_prompt", "read_prompts_from_txts", "prompt_template",
+    "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images", "validation_data_dir",
+    "validation_split", "resolution", "center_crop", "hflip", "aspect_ratio_bucketing", "caption_dropout",
+    "shuffle_captions", "keep_tokens", "train_batch_size", "gradient_accumulation_steps", "seed",
+    "train_text_encoder", "use_lora", "lora_rank", "use_ema")
+_PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "tokenizer_name", "concepts_list",
+                  "instance_data_dir", "class_data_dir", "validation_data_dir")
+
+
+def resume_changes(cfg: TrainConfig) -> list[str]:
+    """Each of `RESUME_SETTINGS` (that matters for this run) whose value differs from the
+    resumed checkpoint's args.json, as `--flag: <then> in the checkpoint, <now> now`."""
+    saved = checkpoint_args(cfg)
+    unused = set()
+    if not (cfg.with_prior_preservation or saved.get("with_prior_preservation")):
+        unused |= {"class_data_dir", "class_prompt", "num_class_images"}
+    if cfg.read_prompts_from_txts and not cfg.prompt_template and saved.get("read_prompts_from_txts"):
+        unused.add("instance_prompt")
+    if not cfg.shuffle_captions:
+        unused.add("keep_tokens")
+    if not cfg.use_lora:
+        unused.add("lora_rank")
+    return [f"--{key}: {saved[key]!r} in the checkpoint, {getattr(cfg, key)!r} now" for key in RESUME_SETTINGS
+            if key in saved and key not in unused and not _same_setting(key, saved[key], getattr(cfg, key))]
+
+
+def _same_setting(key: str, then, now) -> bool:
+    if key in _PATH_SETTINGS and isinstance(then, str) and isinstance(now, str) and then and now:
+        return os.path.realpath(os.path.expanduser(then)) == os.path.realpath(os.path.expanduser(now))
+    return then == now or (not then and not now)  # None, "" and False alike
+
+
+def resume_change_problems(cfg: TrainConfig) -> list[str]:
+    """Resuming with settings that break an exact resume: refused unless `--resume_with_changes`
+    (then a warning naming them)."""
+    changes = resume_changes(cfg) if resume_path(cfg.output_dir, cfg.resume_from_checkpoint) else []
+    if not changes:
+        return []
+    where = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if cfg.resume_with_changes:
+        logger.warning("resuming from %s with changed settings (--resume_with_changes): %s. The run will not "
+                       "continue the interrupted one exactly.", where, "; ".join(changes))
+        return []
+    return [f"--resume_from_checkpoint: {where} was written with other settings, so the run would not continue it "
+            f"exactly: {'; '.join(changes)}. Resume with the checkpoint's settings (its {ARGS_FILE}), or add "
+            "--resume_with_changes to go on with the new ones."]
+
+
+def _warn_if_too_big(cfg: TrainConfig) -> None:
+    """Warn (never refuse: the estimate is rough) when the run is estimated not to fit the GPU."""
+    from dbtools.core.env import gpu_memory_gib
+    from dbtools.families.models import detect_family
+    from dbtools.families.profiles import fit_warning
+
+    gpu = gpu_memory_gib()
+    if gpu is None:
+        return
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    except UserError:
+        return  # the model loader reports what is wrong with it
+    warning = fit_warning(family.family.key, dataclasses.asdict(cfg), gpu)
+    if warning:
+        logger.warning("%s", warning)
+
+
+def bucket_memory_problems(cfg: TrainConfig) -> list[str]:
+    """`--resolution` whose largest bucket cannot even be encoded in the memory of the device
+    that trains (the GPU, or the machine's memory without one): refused before anything loads."""
+    from dbtools.core.env import gpu_memory_gib, ram_gib
+
+    if not 8 <= cfg.resolution <= MAX_RESOLUTION:
+        return []  # `flag_problems` names it
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    gpu = None if on_cpu else gpu_memory_gib()
+    have, where = (gpu, "GPU") if gpu is not None else (ram_gib(), "memory")
+    need = largest_bucket_bytes(cfg.resolution, cfg.mixed_precision in ("fp16", "bf16")) / 1024 ** 3
+    if have is None or need <= have:
+        return []
+    return [f"--resolution {cfg.resolution}: one image of the largest bucket ({cfg.resolution}x{cfg.resolution} "
+            f"pixels) needs at least {need:.1f} GiB to encode, more than this machine's {have:.1f} GiB of {where}. "
+            f"Use a lower --resolution ({RESOLUTION_ADVICE})."]
+
+
+def output_problems(cfg: TrainConfig, concepts: list[Concept], plan: DataPlan) -> list[str]:
+    """Folders the run writes to that are files, unwritable, short of space, or hold another run."""
+    model_bytes = local_model_bytes(cfg.pretrained_model_name_or_path)
+    problems = folder_problems(cfg.output_dir, "--output_dir", max(model_bytes, 64 * MiB))
+    problems += folder_problems(Path(cfg.output_dir, RUN_FILES_DIR, cfg.logging_dir), "--logging_dir", 16 * MiB)
+    if cfg.cache_dir and not cfg.not_cache_latents:
+        problems += folder_problems(cfg.cache_dir, "--cache_dir", _latent_bytes(cfg, len(plan.instance)))
+    if cfg.with_prior_preservation:
+        problems += _class_folder_problems(cfg, concepts)
+    resuming = resume_path(cfg.output_dir, cfg.resume_from_checkpoint) is not None
+    if not problems and not resuming and not cfg.overwrite_output_dir and holds_another_run(cfg.output_dir):
+        problems.append(another_run_message(cfg.output_dir, bool(cfg.resume_from_checkpoint)))
+    if resuming and cfg.overwrite_output_dir:
+        problems.append("--overwrite_output_dir moves the run aside that --resume_from_checkpoint would continue: "
+                        "drop one of the two.")
+    return problems
+
+
+def local_model_bytes(name_or_path: str) -> int:
+    """Bytes of the weights a save writes, from a local model (0 when it is a Hub id)."""
+    path = Path(name_or_path or "")
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    total = 0
+    for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        files = [f for f in (path / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+        full = [f for f in files if ".fp16." not in f.name] or files
+        total += sum(f.stat().st_size * (2 if ".fp16." in f.name else 1) for f in full)
+    return total
+
+
+def _latent_bytes(cfg: TrainConfig, n_images: int) -> int:
+    # mean and std, 4 channels at 1/8 of the resolution, float32, per flip.
+    flips = 2 if cfg.hflip else 1
+    return max(MiB, n_images * flips * 2 * 4 * (cfg.resolution // 8) ** 2 * 4)
+
+
+def _class_folder_problems(cfg: TrainConfig, concepts: list[Concept]) -> list[str]:
+    """Class folders that must receive generated images: writable, with room for them."""
+    problems, seen = [], set()
+    for concept in concepts:
+        folder = concept.class_data_dir
+        if not isinstance(folder, str) or not folder.strip() or os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        missing = cfg.num_class_images - len(concept_class_examples(concept))
+        if missing > 0:  # a JPEG of about 3/8 byte per pixel each
+            problems += folder_problems(folder, "class_data_dir", max(MiB, missing * cfg.resolution ** 2 * 3 // 8))
+    return problems
+
+
+# Every process waits at a collective while the main one saves the final weights, exports
+# the single file or uploads to the Hub; on a slow disk or link that takes far longer than
+# torch's 10-minute default, which would kill the whole run.
+PROCESS_GROUP_TIMEOUT_HOURS = 3
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An `Accelerator` with the usable mixed precision, Shivam's log folder and a long collective timeout."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    requested = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    precision, warning = usable_precision(requested, cuda)
+    if warning:
+        logger.warning(warning)
+    project = ProjectConfiguration(project_dir=cfg.output_dir,
+                                   logging_dir=str(Path(cfg.output_dir, RUN_FILES_DIR, cfg.logging_dir)))
+    trackers = report_trackers(cfg.report_to)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(hours=PROCESS_GROUP_TIMEOUT_HOURS))
+    return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project,
+                       cpu=not cuda and torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def usable_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
+    """`resolve_mixed_precision`, asking the GPU about bf16 only when bf16 is requested."""
+    from dbtools.train.classgen import native_bf16
+
+    return resolve_mixed_precision(requested, cuda, requested == "bf16" and cuda and native_bf16())
+
+
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    """Dtype for frozen modules: half under fp16/bf16 mixed precision, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) -> None:
+    """Generate missing class images, shared out across the processes."""
+    from dbtools.train.classgen import ClassGenConfig, ensure_class_images, pipeline_loader_for, plan_class_images
+
+    if not cfg.with_prior_preservation:
+        return
+    gen = ClassGenConfig(num_class_images=cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
+                         seed=cfg.seed, precision=cfg.prior_generation_precision,
+                         show_progress=accelerator.is_local_main_process)
+    # Every process counts what is missing before any of them writes, so all agree on
+    # the indices; each then makes its own share of them.
+    plan = plan_class_images(concepts, gen)
+    accelerator.wait_for_everyone()
+    loader = pipeline_loader_for(cfg.pretrained_model_name_or_path, gen,
+                                 vae_name_or_path=cfg.pretrained_vae_name_or_path,
+                                 revision=cfg.revision, variant=cfg.variant, device=str(accelerator.device))
+    ensure_class_images(concepts, gen, loader, plan=plan, rank=accelerator.process_index,
+                        world=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+
+
+def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_from_txts: bool = False) -> list:
+    """The first `num_class_images` class images of each distinct class folder (as Shivam's script)."""
+    seen, out = set(), []
+    for concept in concepts:
+        key = os.path.realpath(concept.class_data_dir)
+        if key not in seen:
+            seen.add(key)
+            out += concept_class_examples(concept, read_prompts_from_txts)[:num_class_images]
+    return out
+
+
+def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Tokenizer, text encoders, VAE, UNet and noise scheduler: weights that train in float32,
+    frozen ones straight in `weight_dtype` (`frozen_dtypes`), so host memory never holds a
+    float32 copy of what trains in half precision (SDXL in float32 is about 14 GB)."""
+    from dbtools.families.models import load_sd_components
+
+    return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
+                              revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
+                              component_dtypes=frozen_dtypes(cfg, weight_dtype))
+
+
+def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The components loaded in `weight_dtype` because their weights stay frozen: a LoRA run's
+    UNet and text encoders (the adapters, added later, are float32), a full fine-tune's text
+    encoders unless they train. The VAE loads in float32 (small, and it may have to stay
+    so: `vae_dtype`)."""
+    encoders_frozen = cfg.use_lora or not cfg.train_text_encoder
+    return {**({"unet": weight_dtype} if cfg.use_lora else {}),
+            **({"text_encoder": weight_dtype, "text_encoder_2": weight_dtype} if encoders_frozen else {})}
+
+
+def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list:
+    """Freeze what is not trained, add LoRA adapters, enable memory savers; return trainable params."""
+    _freeze_and_place(cfg, models, accelerator.device, weight_dtype)
+    _enable_memory_savers(cfg, models)
+    modules = [models.unet] + (text_encoders_of(models) if cfg.train_text_encoder else [])
+    for m in modules:
+        m.train()
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
+    """Frozen modules go to `device` in `weight_dtype` (a VAE that overflows in half
+    precision stays float32); trained weights (or LoRA adapters) stay float32."""
+    models.vae.requires_grad_(False)
+    # With cached latents the VAE is needed only for samples and saves, which bring it in.
+    move_module(models.vae, device if cfg.not_cache_latents else "cpu", vae_dtype(models.vae, weight_dtype))
+    train_te = cfg.train_text_encoder
+    encoders = text_encoders_of(models)
+    if cfg.use_lora:
+        _add_lora(cfg, models)
+    else:
+        models.unet.requires_grad_(True)
+        for encoder in encoders:
+            encoder.requires_grad_(train_te)
+        for part in unused_text_parts(models):
+            part.requires_grad_(False)
+    if not train_te:
+        for encoder in encoders:
+            move_module(encoder, device, weight_dtype)
+    if cfg.use_lora and weight_dtype != torch.float32:
+        # Frozen base weights in half precision, trainable adapters in float32.
+        move_module(models.unet, device, weight_dtype)
+        if train_te:
+            for encoder in encoders:
+                move_module(encoder, device, weight_dtype)
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params([models.unet] + (encoders if train_te else []), dtype=torch.float32)
+
+
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: `weight_dtype`, but float32 for a VAE whose config says it overflows
+    in half precision (`force_upcast`: SDXL's own VAE; the fp16-fix VAE does not)."""
+    return torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype
+
+
+def _enable_memory_savers(cfg: TrainConfig, models) -> None:
+    """Gradient checkpointing, xformers attention and TF32, as asked."""
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for encoder in text_encoders_of(models):
+                _checkpoint_text_encoder(encoder)
+    if cfg.enable_xformers_memory_efficient_attention:
+        _try_xformers(models.unet)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _checkpoint_text_encoder(text_encoder) -> None:
+    """Non-reentrant gradient checkpointing on any transformers version.
+
+    Reentrant checkpointing (transformers 4.x's default) passes no gradient to LoRA
+    adapters when the checkpointed inputs do not require grad, so they silently never
+    train. transformers 5 renamed the call; the old name warns.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _try_xformers(unet) -> None:
+    """xformers attention when it works here; else a warning and PyTorch's SDPA attention.
+
+    An installed xformers built for another torch or CUDA (common on Colab) fails only
+    when enabled, and the run can go on without it.
+    """
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xformers fails with ImportError, RuntimeError, ValueError, NotImplementedError
+        unet.disable_xformers_memory_efficient_attention()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers cannot run here (%s); using "
+                       "PyTorch's SDPA attention instead. Reinstall xformers to match torch %s, or drop the flag.",
+                       reason, torch.__version__)
+
+
+def _add_lora(cfg: TrainConfig, models) -> None:
+    from peft import LoraConfig
+
+    models.unet.requires_grad_(False)
+    for encoder in text_encoders_of(models):
+        encoder.requires_grad_(False)
+    models.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if cfg.train_text_encoder:
+        from peft import inject_adapter_in_model
+
+        # peft directly: transformers' own `add_adapter` may demand a newer peft.
+        for encoder in text_encoders_of(models):
+            inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                               target_modules=_text_lora_targets(encoder, models)), encoder)
+
+
+TEXT_LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def unused_text_parts(models) -> list[torch.nn.Module]:
+    """Text encoder parts whose output never reaches the loss, so they must not train.
+
+    SDXL conditions on the penultimate hidden states and takes the pooled embedding from
+    its second encoder: the first encoder's last layer and final layer norm are computed
+    for nothing. Trained, they get no gradient (data-parallel training stops at its second
+    step waiting for it) and their LoRA adapters would be saved as zeros.
+    """
+    if not is_sdxl_models(models):
+        return []
+    text_model = getattr(models.text_encoder, "text_model", models.text_encoder)  # transformers 4 nests it
+    return [text_model.encoder.layers[-1], text_model.final_layer_norm]
+
+
+def _text_lora_targets(encoder, models) -> list[str]:
+    """The attention projections of `encoder` that get LoRA adapters (full module names),
+    none inside `unused_text_parts`."""
+    unused = {id(m) for part in unused_text_parts(models) for m in part.modules()}
+    return [name for name, module in encoder.named_modules()
+            if name.rsplit(".", 1)[-1] in TEXT_LORA_PROJECTIONS and id(module) not in unused]
+
+
+def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
+    """The dataset, with VAE latents cached unless `--not_cache_latents`."""
+    vae, unet = models.vae, models.unet
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    step = scale * 2 ** (len(unet.config.block_out_channels) - 1)
+    dcfg = DataConfig(resolution=cfg.resolution, bucket_step=step, aspect_ratio_bucketing=cfg.aspect_ratio_bucketing,
+                      center_crop=cfg.center_crop, hflip=cfg.hflip, train_batch_size=cfg.train_batch_size,
+                      caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions,
+                      keep_tokens=cfg.keep_tokens, seed=cfg.seed or 0)
+    cache = None
+    if not cfg.not_cache_latents:
+        key = weights_key(vae_weight_files(cfg), vae.config, cfg.pretrained_model_name_or_path,
+                          cfg.pretrained_vae_name_or_path, cfg.revision, cfg.variant)
+        cache = LatentCache(key, cfg.cache_dir)
+    data = DreamBoothData(plan, dcfg, cache)
+    if cache is not None:
+        flips = (False, True) if cfg.hflip else (False,)
+        _fill_latent_cache(cache, data.all_items(), flips, vae, accelerator, vae_dtype(vae, weight_dtype))
+        logger.info("latents: %d encoded, %d read from %s", cache.encoded, cache.read_from_disk,
+                    cfg.cache_dir or "memory")
+    return data
+
+
+def _fill_latent_cache(cache: LatentCache, items, flips, vae, accelerator, dtype) -> None:
+    """Encode the latents with the VAE alone on the device (call before the UNet and the text
+    encoders go there), one image at a time (VAE slicing), so caching never needs more memory
+    than a training step. Each process encodes its share; then they exchange them."""
+    move_module(vae, accelerator.device, dtype)
+    vae.enable_slicing()
+    try:
+        cache.fill(items, flips, lambda px: _vae_stats(vae, px, accelerator.device, dtype),
+                   progress=accelerator.is_local_main_process, rank=accelerator.process_index,
+                   world=accelerator.num_processes)
+    finally:
+        vae.disable_slicing()
+        vae.to("cpu")  # back for samples and saves (`_for_inference`)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        cache.add_shared(gather_object(cache.own_share()))
+
+
+def vae_weight_files(cfg: TrainConfig) -> list[Path]:
+    """The files holding the VAE's weights (local paths, or the Hub cache's copies); [] if unknown."""
+    name = cfg.pretrained_vae_name_or_path or cfg.pretrained_model_name_or_path
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        return [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")]
+    try:  # a Hub id: the cached snapshot's files (their folder name is the commit)
+        from huggingface_hub import snapshot_download
+
+        sub = "" if cfg.pretrained_vae_name_or_path else "vae/"
+        snap = Path(snapshot_download(name, revision=cfg.revision if cfg.revision != "fp16" else None,
+                                      allow_patterns=[f"{sub}*.safetensors", f"{sub}*.bin"], local_files_only=True))
+        return [f for f in (snap / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+    except Exception:  # not in the local cache under this name: the ids and the config still key it
+        return []
+
+
+def _vae_stats(vae, pixels, device, dtype):
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(pixels).to(device, dtype=dtype)).latent_dist
+    return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+
+
+def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
+                        accelerator) -> PromptEncoder | SDXLPromptEncoder:
+    """Prompt encoding (SDXL: both encoders, pooled embeddings too); embeddings are cached
+    when the text encoders are frozen."""
+    if accelerator.is_main_process:
+        _note_cut_captions(cfg, models.tokenizer, data)
+    cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
+    if is_sdxl_models(models):
+        enc = SDXLPromptEncoder([models.tokenizer, models.tokenizer_2], cache=cache)
+    else:
+        enc = PromptEncoder(models.tokenizer, pad_tokens=cfg.pad_tokens, max_length=cfg.tokenizer_max_length,
+                            use_attention_mask=cfg.text_encoder_use_attention_mask, cache=cache)
+    if cache:
+        prompts = {"" if cfg.caption_dropout else None}
+        if not cfg.shuffle_captions:
+            prompts |= {it.example.prompt for it in data.all_items()}
+        prompts = sorted(prompts - {None})
+        for k in range(0, len(prompts), 64):
+            enc.encode(prompts[k:k + 64], encoders_of(models), accelerator.device)
+        # Shuffled captions almost never repeat: caching them would only fill GPU memory
+        # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
+        enc.grow = not cfg.shuffle_captions
+    return enc
+
+
+def _note_cut_captions(cfg: TrainConfig, tokenizer, data: DreamBoothData) -> None:
+    """Say once per run how many training prompts the text encoder cuts short, and by how much."""
+    captions: dict[str, str] = {}
+    for item in data.all_items():
+        captions.setdefault(item.example.prompt, f"the prompt of {item.example.path}")
+    max_length = cfg.tokenizer_max_length or tokenizer.model_max_length
+    note = truncation_note(captions, tokenizer, max_length) if captions else None
+    if note:
+        logger.warning("%s", note)
+
+
+def encoders_of(models):
+    """What the prompt encoder takes: the text encoder, or SDXL's list of both."""
+    return text_encoders_of(models) if is_sdxl_models(models) else models.text_encoder
+
+
+def offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder | SDXLPromptEncoder) -> None:
+    """Frozen modules whose outputs are all cached leave the GPU until sampling time
+    (for SDXL both text encoders: what lets SDXL LoRA fit a 16 GB GPU)."""
+    if not cfg.not_cache_latents:
+        models.vae.to("cpu")
+    if prompts.cache is not None and not cfg.shuffle_captions:
+        for encoder in text_encoders_of(models):
+            encoder.to("cpu")
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int) -> int:
+    """`max_train_steps`, or epochs x optimizer steps per epoch."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    per_epoch = math.ceil(batches_per_epoch / (num_processes * cfg.gradient_accumulation_steps))
+    return cfg.num_train_epochs * max(1, per_epoch)
+
+
+def make_optimizer(cfg: TrainConfig, params: list, device):
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked and it runs on `device` (else AdamW +
+    warning), or transformers' Adafactor at the fixed `--learning_rate` (the schedule still
+    applies; no relative step sizes)."""
+    if cfg.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=cfg.adam_weight_decay)
+    cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        cls = _adamw_8bit(device) or cls
+    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def _adamw_8bit(device):
+    """bitsandbytes' AdamW8bit if one step runs on `device` here, else None (with a warning)."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.nn.Parameter(torch.zeros(4096 * 2, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        return bnb.optim.AdamW8bit
+    except Exception as exc:  # bitsandbytes raises many kinds (import, CUDA setup, no kernel)
+        logger.warning("--use_8bit_adam: bitsandbytes cannot run on %s (%s); using torch AdamW, which "
+                       "needs more memory for optimizer state.", device, str(exc).splitlines()[0] if str(exc) else
+                       type(exc).__name__)
+        return None
+
+
+def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int, num_processes: int):
+    """diffusers' schedulers; counts are per process as accelerate steps them once per process."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, step_rules=cfg.lr_step_rules,
+                         num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes,
+                         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+
+def make_ema(cfg: TrainConfig, models: SDComponents, accelerator: Accelerator) -> EMAModel | None:
+    """The UNet's EMA on the main process only: only it saves weights, so the other ranks
+    would keep (and step) a full fp32 copy of the UNet for nothing."""
+    if not cfg.use_ema or not accelerator.is_main_process:
+        return None
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    # foreach: one fused update over all tensors per step instead of a few kernels per tensor.
+    ema = EMAModel(models.unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=models.unet.config, foreach=True)
+    ema.to(accelerator.device)
+    return ema
+
+
+def resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[int, Path | None]:
+    """Load accelerate state from the chosen checkpoint; return the step to continue from
+    and the checkpoint folder (0 and None for a new run)."""
+    path = resume_path(cfg.output_dir, cfg.resume_from_checkpoint)
+    if path is None:
+        if cfg.resume_from_checkpoint:
+            logger.info("no complete checkpoint in %s: starting a new run", cfg.output_dir)
+        return 0, None
+    logger.info("resuming from %s", path)
+    check_checkpoint_files(path)  # checked in pre-flight too; the folder may have changed since
+    accelerator.load_state(str(path))
+    return checkpoint_step(path), path
+
+
+def run_config(cfg: TrainConfig, num_processes: int) -> TrainConfig:
+    """The run's own copy of `cfg` with the effective learning rate (`--scale_lr` multiplies
+    it by accumulation x batch size x processes, as Shivam's script does; args.json shows it)."""
+    if not cfg.scale_lr:
+        return cfg
+    scale = cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes
+    return dataclasses.replace(cfg, learning_rate=cfg.learning_rate * scale)
+
+
+def move_module(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """`module.to(device, dtype)`, casting only when the dtype really changes."""
+    if next(module.parameters()).dtype != dtype:
+        if getattr(module, "_keep_in_fp32_modules", None):
+            module.to(dtype=dtype)
+        else:
+            # diffusers' `ModelMixin.to` logs "modules ... should be kept in float32" at every
+            # cast, even for models that keep none in float32 (the VAE, the UNet); only a model
+            # that names such modules needs its handling.
+            torch.nn.Module.to(module, dtype=dtype)
+    module.to(device)

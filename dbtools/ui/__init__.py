@@ -1,0 +1,1 @@
+"""What a person clicks: the notebook's helpers, the training panel, the caption editor."""
