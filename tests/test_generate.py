@@ -199,3 +199,12 @@ def test_from_png_refuses_files_without_settings(tiny_sd, tmp_path, capsys):
     assert "cannot read this image" in capsys.readouterr().err
     assert G.main(["--model", str(tiny_sd)]) == 2
     assert "give --prompt" in capsys.readouterr().err
+
+
+def test_a_token_pasted_into_a_prompt_is_not_written_into_the_png(tmp_path):
+    token = "hf_" + "a1B2c3D4e5F6g7H8i9J0k" * 2
+    settings = {"prompt": f"a photo of zwx {token}", "negative_prompt": "", "seed": 1, "steps": 2,
+                "guidance_scale": 5.0, "scheduler": "euler", "width": 8, "height": 8, "model": "m"}
+    path = G.save_image(G.Generated(Image.new("RGB", (8, 8)), settings), tmp_path / "a.png")
+    assert token not in path.read_bytes().decode("latin-1")
+    assert G.read_png_settings(path)["prompt"] == "a photo of zwx <redacted>"

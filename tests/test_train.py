@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dbtools import cli
+from dbtools.core.redact import public_settings
 from dbtools.families.prompts import PromptEncoder
 from dbtools.train import checkpoints as C
 from dbtools.train import config as TC
@@ -109,7 +110,7 @@ def test_parser_accepts_both_flag_sets_with_their_defaults(monkeypatch):
 
 def test_args_json_never_holds_secrets():
     cfg = TrainConfig(hub_token=TOKEN, save_sample_prompt=f"leaked {TOKEN}", pad_tokens=True, keep_tokens=2)
-    text = json.dumps(TC.public_args(cfg))
+    text = json.dumps(public_settings(cfg))
     assert TOKEN not in text and "hub_token" not in text
     assert '"pad_tokens": true' in text and '"keep_tokens": 2' in text
 

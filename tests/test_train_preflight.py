@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from dbtools import cli
+from dbtools.core.redact import mask_secrets
 from dbtools.core.textio import CaptionEncodingError, decode_caption
 from dbtools.dataset.concepts import Concept
 from dbtools.dataset.extract import ExtractConfig, run_extract
 from dbtools.train import loop as T
 from dbtools.train import outputs as O
 from dbtools.train import setup as S
-from dbtools.train.config import TrainConfig, mask_secrets, parse_args
+from dbtools.train.config import TrainConfig, parse_args
 from dbtools.train.data import find_caption_file, scan_concepts, step_seed, weights_key
 from dbtools.train.setup import TrainError
 from dbtools.ui import notebook as nb

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dbtools.core.redact import public_settings
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -126,9 +128,10 @@ the same name takes."""
 
 def png_metadata(settings: dict):
     """PNG text chunks: `parameters` (AUTOMATIC1111 style), `dbtools` (JSON) and one key
-    per entry of `PNG_SETTING_KEYS`."""
+    per entry of `PNG_SETTING_KEYS`; a token pasted into a prompt is not shared with the image."""
     from PIL.PngImagePlugin import PngInfo
 
+    settings = public_settings(settings)
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings))
     info.add_text("dbtools", json.dumps(settings, ensure_ascii=False))

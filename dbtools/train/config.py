@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-import re
 from dataclasses import dataclass, field
 
 from dbtools.dataset.concepts import Concept, read_concepts
@@ -180,60 +179,6 @@ class TrainConfig:
                         instance_prompt=self.instance_prompt or "",
                         class_prompt=self.class_prompt or "",
                         class_data_dir=self.class_data_dir or "")]
-
-
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)$", re.I)
-# A flag whose name holds one of these words as a whole part (`--hub_token`, `--token_x`),
-# but not `--keep_tokens` or `--tokenizer_name`.
-_SECRET_FLAG = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|auth)(_|$)", re.I)
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})\b")
-SECRET_FLAGS = ("hub_token",)
-REDACTED = "<redacted>"
-
-
-def public_args(cfg: TrainConfig) -> dict:
-    """The config as a JSON-able dict without secrets: no `hub_token`, no token-like keys,
-    and token-looking strings in values replaced by `<redacted>`."""
-    out = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        if _SECRET_KEY.search(key):
-            continue
-        if isinstance(value, str):
-            value = _SECRET_VALUE.sub("<redacted>", value)
-        out[key] = value
-    return out
-
-
-def mask_secret_text(text: str) -> str:
-    """`text` with token-looking strings (`hf_...`) replaced by `<redacted>`."""
-    return _SECRET_VALUE.sub(REDACTED, text)
-
-
-def is_secret_flag(name: str) -> bool:
-    """True for a flag name that carries a secret (`hub_token`, `*_token`, ...)."""
-    # A prefix of a secret flag is masked too: old parsers accepted abbreviations.
-    return bool(_SECRET_FLAG.search(name)) or any(len(name) >= 3 and s.startswith(name) for s in SECRET_FLAGS)
-
-
-def mask_secrets(argv: list[str]) -> list[str]:
-    """A command line safe to show or log: values of token-like flags (`--hub_token x`,
-    `--hub_token=x`, any `--*_token`) and token-looking strings anywhere become `<redacted>`."""
-    out: list[str] = []
-    hide_next = False
-    for arg in map(str, argv):
-        if hide_next and not arg.startswith("--"):
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        hide_next = False
-        if arg.startswith("--"):
-            name, eq, _ = arg[2:].partition("=")
-            if is_secret_flag(name):
-                out.append(f"--{name}={REDACTED}" if eq else arg)
-                hide_next = not eq
-                continue
-        out.append(mask_secret_text(arg))
-    return out
 
 
 def _help(text: str) -> str:

@@ -30,10 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dbtools.core.redact import public_settings
 from dbtools.families.models import is_sdxl_models, text_encoders_of
 from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
-from dbtools.train.config import TrainConfig, parse_args, public_args
+from dbtools.train.config import TrainConfig, parse_args
 from dbtools.train.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.train.folders import hold_output_dir, move_previous_run
 from dbtools.train.losses import diffusion_target, dreambooth_loss, training_noise
@@ -536,7 +537,7 @@ def _stopped(run: Run, step: int, skipped: int) -> TrainResult:
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in public_args(cfg).items() if isinstance(v, (int, float, str, bool))}
+    return {k: v for k, v in public_settings(cfg).items() if isinstance(v, (int, float, str, bool))}
 
 
 # --------------------------------------------------------------------------- command line

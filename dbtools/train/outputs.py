@@ -28,9 +28,10 @@ import torch
 
 from dbtools.after.generate import save_image
 from dbtools.core.atomic import atomic_dir, atomic_write_text
+from dbtools.core.redact import public_settings
 from dbtools.families.models import is_sdxl_models, text_encoders_of
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, ui_lora_name, write_checkpoint
-from dbtools.train.config import TrainConfig, public_args
+from dbtools.train.config import TrainConfig
 from dbtools.train.folders import human_size, nearest_existing
 from dbtools.train.setup import TrainError, move_module, vae_dtype
 
@@ -102,7 +103,7 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
                 save_ui_lora(run, tmp, step)
             else:
                 _save_pipeline(pipe, tmp, skip_text_encoder=final and cfg.skip_save_text_encoder)
-            atomic_write_text(tmp / "args.json", json.dumps(public_args(cfg), indent=2))
+            atomic_write_text(tmp / "args.json", json.dumps(public_settings(cfg), indent=2))
             if cfg.save_sample_prompt:
                 samples = sample_images(pipe, cfg.save_sample_prompt, cfg.n_save_sample, cfg, run.seed,
                                         cfg.save_sample_negative_prompt)
@@ -297,7 +298,7 @@ def save_ui_lora(run: Run, folder: Path, step: int) -> Path:
     name = ui_lora_name(output_name(cfg), step)
     meta = kohya_metadata(family, cfg.lora_rank, alphas["unet"], name[: -len(".safetensors")],
                           v_prediction=models.prediction_type == "v_prediction", resolution=cfg.resolution,
-                          steps=step, args=public_args(cfg))
+                          steps=step, args=public_settings(cfg))
     return write_kohya_lora(folder, folder / name, alpha=alphas, metadata=meta)
 
 
@@ -439,7 +440,7 @@ def score_save(run: Run, step: int, samples: list[Image]) -> dict:
 def save_checkpoint(run: Run, step: int) -> Path:
     """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
     return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit,
-                            args=public_args(run.cfg))
+                            args=public_settings(run.cfg))
 
 
 def push_to_hub(cfg: TrainConfig, folder: Path) -> str:

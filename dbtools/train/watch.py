@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dbtools.core.atomic import atomic_write_text
+from dbtools.core.redact import mask_secret_text
 from dbtools.train.checkpoints import RUN_FILES_DIR
 
 if TYPE_CHECKING:
@@ -245,8 +246,6 @@ class Watch:
         if kind is KeyboardInterrupt:
             self.progress.state("stopped", message="interrupted; nothing more was saved")
         elif kind is not None:
-            from dbtools.train.config import mask_secret_text
-
             self.progress.state("failed", message=mask_secret_text(f"{kind.__name__}: {exc}"))
 
     def state(self, state: str, **fields) -> None:

@@ -58,6 +58,7 @@ from dbtools.core.env import (
 )
 from dbtools.core.error_lines import ErrorLines
 from dbtools.core.errors import UserError
+from dbtools.core.redact import is_secret_flag, mask_secret_text, mask_secrets
 from dbtools.families.profiles import (
     AUTO,
     MEMORY_PROFILES,
@@ -312,8 +313,6 @@ def build_train_command(
     stops with a message. `script` defaults to `train_script()`. A `hub_token` is refused:
     log in with `hf_login()`.
     """
-    from dbtools.train.config import is_secret_flag
-
     secret = [name for name, value in flags.items() if is_secret_flag(name) and value]
     if secret:
         raise UserError(f"Do not pass {secret[0]} as a flag (it would be visible in the command and "
@@ -350,7 +349,7 @@ def check_train_flags(args: list[str]) -> None:
     import argparse
     import difflib
 
-    from dbtools.train.config import build_parser, mask_secret_text
+    from dbtools.train.config import build_parser
 
     parser = build_parser()
     parser.exit_on_error = False
@@ -736,8 +735,6 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
 
 def _shown_command(model: str, output_dir, concepts_list, resume: bool, options: dict[str, Any]) -> list[str]:
     """The training command for this machine's GPU memory, shown with its notes."""
-    from dbtools.train.config import mask_secrets
-
     options.setdefault("gpu_gib", gpu_memory_gib())
     chosen = training_flags(model, **options)
     argv = _command(model, output_dir, concepts_list, chosen, resume)
