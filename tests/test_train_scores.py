@@ -27,7 +27,7 @@ def test_validation_and_score_flags_are_parsed_and_checked(tmp_path):
                       likeness_model=str(tmp_path / "no-dino"))
     text = "\n".join(flag_problems(bad))
     assert "--validation_split 1.0" in text and "--best_step_tolerance -1" in text
-    assert "--eval_num_samples must be at least 1" in text
+    assert "--eval_num_samples 0: must be at least 1." in text
     assert "--score_saves needs a prompt" in text and f"--likeness_model {tmp_path / 'no-dino'}" in text
 
 

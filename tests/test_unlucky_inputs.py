@@ -124,7 +124,7 @@ def test_huge_resolution_is_refused_before_anything_loads(tmp_path, tiny_sd, ima
     captioned(tmp_path / "inst", image_factory)
     flags = train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst")
     code, err = run_train([*flags, "--resolution=100000"], capsys)
-    assert_one_message(code, err, "--resolution 100000 must be a multiple of 8 from 8 to 4096", "1024 for SDXL")
+    assert_one_message(code, err, "--resolution 100000: must be a multiple of 8 from 8 to 4096", "1024 for SDXL")
     assert err.count("--resolution") == 1
 
 
@@ -199,7 +199,8 @@ def test_other_out_of_range_seeds_are_one_message(tmp_path, tiny_sd, image_facto
     captioned(tmp_path / "inst", image_factory)
     code, err = run_train(train_flags(tiny_sd, tmp_path / "out", "--instance_data_dir", tmp_path / "inst",
                                       f"--seed={seed}"), capsys)
-    assert_one_message(code, err, f"--seed {seed}: use a seed from 0 to 4294967295, or -1 to draw one")
+    assert_one_message(code, err, f"--seed {seed}: must be from -1 to 4294967295 (a seed from 0 to 4294967295, "
+                                  "or -1 to draw one")
 
 
 def test_captions_cut_by_the_text_encoder_are_counted_once_per_run(tmp_path, tiny_sd, image_factory, capsys, caplog):
