@@ -1,15 +1,18 @@
 """Training flags declared once: the parser and the range checks are made from `TrainConfig`'s
-fields."""
+fields, and the sub-configs are views of it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from dbtools import cli
+from dbtools.after.evaluate import EvalConfig
+from dbtools.train.classgen import ClassGenConfig
 from dbtools.train.config import (
     MAX_SEED,
     TrainConfig,
@@ -17,7 +20,9 @@ from dbtools.train.config import (
     declared_flags,
     flag_problems,
     range_problems,
+    view,
 )
+from dbtools.train.data import DataConfig
 
 BEFORE = Path(__file__).parent / "data" / "train_flags_before.json"
 """How the hand-written parser (two statements per flag) parsed each flag: its defaults and, per
@@ -114,3 +119,20 @@ def test_a_flag_the_parser_refuses_is_refused_the_same_way_when_the_notebook_bui
                       mixed_precision="fp8")
     assert flag_problems(cfg) == ["--mixed_precision fp8: must be one of no, fp16, bf16.",
                                   "--output_layout kohya: must be one of shivam, diffusers."]
+
+
+def test_sub_configs_are_views_of_the_training_config():
+    argv = shlex.split("--resolution 96 --aspect_ratio_bucketing --center_crop --hflip --train_batch_size 3 "
+                       "--caption_dropout 0.2 --shuffle_captions --keep_tokens 2 --seed 7 --num_class_images 9 "
+                       "--sample_batch_size 5 --prior_generation_precision bf16 --output_dir out --eval_prompts "
+                       "a b --likeness_model dino --clip_model clip --eval_num_samples 6 --best_step_tolerance 0.2 "
+                       "--drift_tolerance 0.3 --instance_prompt sks")
+    cfg = TrainConfig.from_args(build_parser().parse_args(argv))
+    assert view(DataConfig, cfg, bucket_step=16) == DataConfig(
+        resolution=96, bucket_step=16, aspect_ratio_bucketing=True, center_crop=True, hflip=True,
+        train_batch_size=3, caption_dropout=0.2, shuffle_captions=True, keep_tokens=2, seed=7)
+    assert view(ClassGenConfig, cfg, precision=cfg.prior_generation_precision) == ClassGenConfig(
+        num_class_images=9, sample_batch_size=5, seed=7, precision="bf16")
+    assert view(EvalConfig, cfg, num_samples=cfg.eval_num_samples) == EvalConfig(
+        "out", eval_prompts=["a", "b"], instance_prompt="sks", likeness_model="dino", clip_model="clip",
+        num_samples=6, seed=7, drift_tolerance=0.3)

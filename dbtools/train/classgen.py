@@ -32,6 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
+from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
 
@@ -438,11 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     from dbtools.families.models import check_model_path
 
     args = build_parser().parse_args(argv)
-    cfg = ClassGenConfig(num_class_images=args.num_class_images, sample_batch_size=args.sample_batch_size,
-                         seed=args.seed, num_inference_steps=args.num_inference_steps,
-                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                         height=args.resolution, width=args.resolution,
-                         precision=args.prior_generation_precision or _half(args.mixed_precision))
+    cfg = view(ClassGenConfig, args, height=args.resolution, width=args.resolution,
+               precision=args.prior_generation_precision or _half(args.mixed_precision))
     concepts = concepts_from_args(args)
     check_model_path(args.pretrained_model_name_or_path, _needed(args))
     loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,

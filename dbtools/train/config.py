@@ -18,7 +18,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, resume_path
@@ -248,6 +248,20 @@ class TrainConfig:
                         instance_prompt=self.instance_prompt or "",
                         class_prompt=self.class_prompt or "",
                         class_data_dir=self.class_data_dir or "")]
+
+
+View = TypeVar("View")
+
+
+def view(cls: type[View], source: TrainConfig | argparse.Namespace, **values: Any) -> View:
+    """The sub-config `cls` (`DataConfig`, `ClassGenConfig`, `EvalConfig`, ...) as seen from
+    `source`, the training config or flags parsed with the same names: each field of `cls`
+    named like one of `source`'s takes its value (the name is the flag's, so the meaning is
+    too); `values` set the others and override any."""
+    given = {f.name: getattr(source, f.name) for f in dataclasses.fields(source)} \
+        if dataclasses.is_dataclass(source) else vars(source)
+    shared = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.init and f.name in given}
+    return cls(**{**shared, **values})
 
 
 def declared_flags() -> list[tuple[dataclasses.Field, Flag]]:

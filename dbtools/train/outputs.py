@@ -31,7 +31,7 @@ from dbtools.core.atomic import atomic_dir, atomic_write_text
 from dbtools.core.redact import public_settings
 from dbtools.families.models import is_sdxl_models, text_encoders_of
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, ui_lora_name, write_checkpoint
-from dbtools.train.config import TrainConfig
+from dbtools.train.config import TrainConfig, view
 from dbtools.train.folders import human_size, nearest_existing
 from dbtools.train.setup import TrainError, move_module, vae_dtype
 
@@ -421,10 +421,8 @@ def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> S
         return None
     from dbtools.after.evaluate import EvalConfig, SaveScorer, training_plan
 
-    ecfg = EvalConfig(cfg.output_dir, eval_prompts=list(cfg.eval_prompts or []), likeness_model=cfg.likeness_model,
-                      clip_model=cfg.clip_model, num_samples=cfg.eval_num_samples,
-                      seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance,
-                      drift_tolerance=cfg.drift_tolerance)
+    ecfg = view(EvalConfig, cfg, eval_prompts=list(cfg.eval_prompts or []), num_samples=cfg.eval_num_samples,
+                seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance)
     prompt = cfg.save_sample_prompt or cfg.instance_prompt or ""
     plan_ = training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
                           cfg.save_guidance_scale, cfg.resolution, [c.class_prompt for c in cfg.concepts()])

@@ -38,6 +38,7 @@ from dbtools.train.config import (
     largest_bucket_bytes,
     report_trackers,
     resolve_mixed_precision,
+    view,
 )
 from dbtools.train.data import (
     DataConfig,
@@ -369,9 +370,8 @@ def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) ->
 
     if not cfg.with_prior_preservation:
         return
-    gen = ClassGenConfig(num_class_images=cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
-                         seed=cfg.seed, precision=cfg.prior_generation_precision,
-                         show_progress=accelerator.is_local_main_process)
+    gen = view(ClassGenConfig, cfg, precision=cfg.prior_generation_precision,
+               show_progress=accelerator.is_local_main_process)
     # Every process counts what is missing before any of them writes, so all agree on
     # the indices; each then makes its own share of them.
     plan = plan_class_images(concepts, gen)
@@ -553,10 +553,7 @@ def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtyp
     vae, unet = models.vae, models.unet
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     step = scale * 2 ** (len(unet.config.block_out_channels) - 1)
-    dcfg = DataConfig(resolution=cfg.resolution, bucket_step=step, aspect_ratio_bucketing=cfg.aspect_ratio_bucketing,
-                      center_crop=cfg.center_crop, hflip=cfg.hflip, train_batch_size=cfg.train_batch_size,
-                      caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions,
-                      keep_tokens=cfg.keep_tokens, seed=cfg.seed or 0)
+    dcfg = view(DataConfig, cfg, bucket_step=step, seed=cfg.seed or 0)
     cache = None
     if not cfg.not_cache_latents:
         key = weights_key(vae_weight_files(cfg), vae.config, cfg.pretrained_model_name_or_path,
