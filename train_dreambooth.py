@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from dbtools.core.errors import reports_user_errors
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the training flags (`sys.argv[1:]` when `argv` is None)."""
@@ -19,19 +21,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return _parse(argv)
 
 
+@reports_user_errors
 def main(args: argparse.Namespace) -> int:
     """Train with `args`; returns the exit code (2 for a problem the user can fix)."""
     from dbtools.core.env import quiet_third_party
 
     quiet_third_party(getattr(args, "verbose", False))
-    from dbtools.core.errors import UserError, report
     from dbtools.train.loop import TrainConfig, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run_training(TrainConfig.from_args(args))
-    except UserError as exc:  # one message on stderr, no traceback
-        return report(exc)
+    return run_training(TrainConfig.from_args(args))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each command lives in its own module, which exposes `main(argv) -> int`; modules are
 imported only when their command runs, so `--help` stays fast. A command's `main` lets a
-`UserError` rise: it is caught here, once, printed on stderr, and the exit code is 2.
+`UserError` rise: `reports_user_errors` (the one place for every command and
+`train_dreambooth.py`) prints it on stderr, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from dbtools.core.errors import UserError, report
+from dbtools.core.errors import reports_user_errors
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("dbtools.caption.autocaption", "auto-caption images (BLIP, Florence-2, WD14 tagger, instruction VLM)"),
@@ -36,6 +37,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -55,7 +57,5 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)
-    except UserError as exc:  # the one place user errors become a message and exit code 2
-        return report(exc)
     except SystemExit as exc:  # argparse has printed the usage problem (or --help) already
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

@@ -16,6 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from dbtools.core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -667,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write sd/, sd2/, sdxl/, blip/ ... into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file: give a folder (it is made if missing).")
     skipped: dict[str, str] = {}
     for name, path in build_all(args.out, args.seed, skipped).items():
         print(f"{name}: {path}")

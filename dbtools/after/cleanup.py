@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbtools.core.atomic import is_stale, leftover_kind, leftovers, remove_leftover
-from dbtools.core.errors import UserError
+from dbtools.core.errors import FolderNotFound, UserError, reports_user_errors
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, LORA_WEIGHTS, UI_LORA_SUFFIX, list_weights, step_folders
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def weights_fingerprint(folder: str | os.PathLike) -> str:
 def _must_be_folder(output_dir: str | os.PathLike) -> Path:
     root = _norm(output_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{output_dir}: not a folder. Check OUTPUT_DIR (is Google Drive mounted?).")
+        raise FolderNotFound(f"{output_dir}: not a folder. Check OUTPUT_DIR (is Google Drive mounted?).")
     return root
 
 
@@ -294,19 +294,14 @@ def build_parser():
     return p
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools cleanup ...`: print the plan; delete only with `--confirm DELETE`."""
-    import sys
-
     args = build_parser().parse_args(argv)
-    try:
-        _must_be_folder(args.output_dir)
-        plan = cleanup_plan(args.output_dir, keep=keep_paths(args.output_dir, args.keep_steps),
-                            exported=keep_paths(args.output_dir, args.exported, "--exported"),
-                            delete_checkpoints=args.delete_checkpoints, delete_unexported=args.delete_unexported)
-    except (FileNotFoundError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _must_be_folder(args.output_dir)
+    plan = cleanup_plan(args.output_dir, keep=keep_paths(args.output_dir, args.keep_steps),
+                        exported=keep_paths(args.output_dir, args.exported, "--exported"),
+                        delete_checkpoints=args.delete_checkpoints, delete_unexported=args.delete_unexported)
     print(describe(plan))
     for folder in run_cleanup(plan, args.confirm):
         print(f"deleted {folder}")

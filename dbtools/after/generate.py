@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dbtools.core.errors import UserError, reports_user_errors
 from dbtools.core.redact import public_settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,8 +56,6 @@ def check_generation_args(num_images: int, steps: int, guidance_scale: float,
     same ranges for flags, the Gradio form and settings read from a PNG. `prompts` maps a
     setting's name (`prompt`, `negative_prompt`) to its text."""
     import math
-
-    from dbtools.core.errors import UserError
 
     problems = []
     if int(num_images) < 1:
@@ -257,8 +256,6 @@ def settings_from_png(path: str | os.PathLike) -> dict:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from dbtools.core.errors import UserError
-
     try:
         with Image.open(path) as img:
             info = dict(img.info)
@@ -361,8 +358,6 @@ def _gradio_action(pipe, out_dir: str | os.PathLike | None, check: Callable[[], 
 
     import gradio as gr
 
-    from dbtools.core.errors import UserError
-
     lock = threading.Lock()
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dbtools-gradio-"))
 
@@ -387,8 +382,6 @@ def _gradio_action(pipe, out_dir: str | os.PathLike | None, check: Callable[[], 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
     """`"user:password"` -> `("user", "password")`; empty -> None; `UserError` otherwise."""
-    from dbtools.core.errors import UserError
-
     text = (text or "").strip()
     if not text:
         return None
@@ -460,8 +453,6 @@ def build_parser():
 
 def command_settings(args) -> dict:
     """The settings of one command: flags given, else the `--from_png` PNG's, else the defaults."""
-    from dbtools.core.errors import UserError
-
     stored = settings_from_png(args.from_png) if args.from_png else {}
     settings = {k: v if (v := getattr(args, k)) is not None else stored.get(k, default)
                 for k, default in FLAG_DEFAULTS.items()}
@@ -476,35 +467,29 @@ def _check_command_settings(s: dict, from_png: str | None) -> None:
     try:
         check_generation_args(s["num_images"], s["steps"], s["guidance_scale"], s["height"], s["width"],
                               seed=s["seed"], prompts={k: s[k] for k in ("prompt", "negative_prompt")})
-    except ValueError as exc:
+    except UserError as exc:
         if not from_png:
             raise
-        raise ValueError(f"--from_png {from_png}: settings out of range (edited?): {exc} Fix them in the PNG, or "
+        raise UserError(f"--from_png {from_png}: settings out of range (edited?): {exc} Fix them in the PNG, or "
                          "give the flag of the same name, which wins over the PNG.") from None
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools generate ...`; settings problems exit 2 with one message."""
-    import sys
-
-    from dbtools.core.errors import UserError
     from dbtools.families.models import check_model_path, is_checkpoint_folder, scheduler_key
 
     args = build_parser().parse_args(argv)
-    try:
-        s = command_settings(args)
-        _check_command_settings(s, args.from_png)
-        if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
-            raise ValueError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
-        if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
-            check_model_path(args.model)
-        # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
-        results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
-                           s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,
-                           batch_size=1 if args.from_png else 4)
-    except (ValueError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    s = command_settings(args)
+    _check_command_settings(s, args.from_png)
+    if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
+        raise UserError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
+    if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
+        check_model_path(args.model)
+    # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
+    results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
+                       s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,
+                       batch_size=1 if args.from_png else 4)
     for g in results:
         print(g.path)
     return 0

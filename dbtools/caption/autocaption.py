@@ -586,7 +586,7 @@ class OutputWriter:
         folder = self.out / job.rel_dir
         target = folder / caption_file_name(job.source.name, self.cfg.format)
         if target in self.caption_files:  # a.png and a.jpg both want a.txt
-            raise ValueError(f"{target.name} already holds the caption of "
+            raise CaptionError(f"{target.name} already holds the caption of "
                              f"{self.caption_files[target].name}; use --format sidecar to keep both")
         self.caption_files[target] = job.source
         if not self.cfg.in_place:

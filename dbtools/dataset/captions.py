@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from dbtools.core.errors import UserError
+
 # Characters that cannot appear in a file name on Windows, macOS or Linux (plus '/').
 _ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 _WINDOWS_RESERVED = frozenset(
@@ -121,11 +123,11 @@ FORMAT_ALIASES = {"text": "txt", "stem": "txt"}
 
 
 def caption_format(fmt: str) -> str:
-    """`fmt` under its table name (aliases resolved); `ValueError` for an unknown format."""
+    """`fmt` under its table name (aliases resolved); `UserError` for an unknown format."""
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in CAPTION_FILE_FORMATS and fmt not in FILENAME_FORMATS:
         known = [*CAPTION_FILE_FORMATS, *FILENAME_FORMATS, *FORMAT_ALIASES]
-        raise ValueError(f"unknown caption format {fmt!r}; use one of {', '.join(known)}.")
+        raise UserError(f"unknown caption format {fmt!r}; use one of {', '.join(known)}.")
     return fmt
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFont, ImageOps
 
-from dbtools.core.errors import UserError
+from dbtools.core.errors import FolderNotFound, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +95,12 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     Never returns folders, sidecar files (`.txt`, `.caption`), `Thumbs.db`, `.DS_Store`,
     hidden files, anything inside `.ipynb_checkpoints`/`.dbtools`, or links that loop or
     lead nowhere (logged); links to folders are not followed, so a loop cannot hang it.
-    Raises `FileNotFoundError` with a clear message if `folder` is not a directory.
+    Raises `FolderNotFound` (a `UserError` and a `FileNotFoundError`) with a clear message if
+    `folder` is not a directory.
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder. Check the path (is Google Drive mounted?).")
+        raise FolderNotFound(f"{root}: not a folder. Check the path (is Google Drive mounted?).")
     found = [p for p in _walk(root, recursive) if is_image_file(p) and _is_real_file(p)]
     return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
