@@ -73,7 +73,7 @@ def preflight_error(cfg: TrainConfig) -> str:
 
 def test_every_parser_refuses_abbreviated_flags():
     """argparse's prefix matching let `--hub_t=...` through as --hub_token; no parser allows it."""
-    sources = [*ROOT.glob("dbtools/*.py"), *ROOT.glob("bench/*.py"), ROOT / "train_dreambooth.py"]
+    sources = [*ROOT.glob("dbtools/**/*.py"), *ROOT.glob("bench/*.py"), ROOT / "train_dreambooth.py"]
     parsers = 0
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
