@@ -1,8 +1,8 @@
 """Keeping secrets (Hub tokens, API keys) out of everything the toolkit writes or shows.
 
-Every writer of settings uses these: `args.json` and the LoRA files' metadata
-(`public_settings`), `progress.json` and error messages (`mask_secret_text`), PNG
-settings, metrics, and the training command shown in the notebook (`mask_secrets`).
+Every writer of settings uses these: `args.json`, the LoRA files' metadata, the trackers'
+config and PNG settings (`public_settings`), `progress.json` and error messages
+(`mask_secret_text`), and the training command shown in the notebook (`mask_secrets`).
 """
 
 from __future__ import annotations
