@@ -49,17 +49,28 @@ single-file checkpoint; used when no `config` argument is given."""
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 _CONFIG_FILES = {
     "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
-    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
     "text_encoder": ("config.json",),
-    "text_encoder_2": ("config.json",),
-    "vae": ("config.json",),
-    "unet": ("config.json",),
+    "model": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
-                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",)}
-"""Weight file stems per component (transformers folders saved before safetensors use
-`pytorch_model.bin`)."""
+_WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "model": ("diffusion_pytorch_model",)}
+
+
+def _kind(component: str) -> str:
+    """What a component folder holds: "tokenizer", "text_encoder" (transformers), "scheduler",
+    or "model" (a diffusers model: VAE, UNet, transformer)."""
+    return next((k for k in ("tokenizer", "text_encoder", "scheduler") if component.startswith(k)), "model")
+
+
+def config_files(component: str) -> tuple[str, ...]:
+    """The config file names a component folder has (one of them)."""
+    return _CONFIG_FILES[_kind(component)]
+
+
+def weight_stems(component: str) -> tuple[str, ...] | None:
+    """Weight file stems of a component folder (transformers folders saved before safetensors
+    use `pytorch_model.bin`); None for folders without weights (tokenizers, schedulers)."""
+    return _WEIGHT_STEMS.get(_kind(component))
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -213,11 +224,11 @@ def model_folder_problems(
         if not sub.is_dir():
             problems.append(f"{folder}: the '{name}' folder is missing. The model is incomplete: "
                             "copy or download the whole model folder again.")
-        elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
-            problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
+        elif not any((sub / f).is_file() for f in config_files(name)):
+            problems.append(f"{sub}: no {config_files(name)[0]}. The model is incomplete: copy or "
                             "download the whole model folder again.")
-        elif name in WEIGHT_STEMS and not _has_weights(sub, WEIGHT_STEMS[name]):
-            problems.append(f"{sub}: no weights ({WEIGHT_STEMS[name][0]}.safetensors). The download or "
+        elif weight_stems(name) and not _has_weights(sub, weight_stems(name)):
+            problems.append(f"{sub}: no weights ({weight_stems(name)[0]}.safetensors). The download or "
                             "save was interrupted: copy or download the model folder again.")
     return problems
 
@@ -260,6 +271,32 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
     problems = model_folder_problems(path, needed)
     if problems:
         raise ModelLoadError("\n".join(problems))
+
+
+def folder_model_index(folder: str | os.PathLike) -> dict:
+    """The `model_index.json` of a diffusers folder; for a folder saved without one, rebuilt
+    from its component folders' configs (diffusers' `_class_name`, transformers' `architectures`)."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return index if isinstance(index, dict) else {}
+    index: dict = {}
+    for sub in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+        cls = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if cls:
+            index[sub.name] = ["diffusers" if "_class_name" in config else "transformers", cls]
+    return index
+
+
+def folder_family(folder: str | os.PathLike) -> ModelFamily:
+    """The family of a local diffusers folder (`folder_model_index` and its text encoder's config);
+    `UnsupportedFamily` for one we do not train."""
+    folder = Path(folder)
+    text_file = folder / "text_encoder" / "config.json"
+    text = json.loads(text_file.read_text(encoding="utf-8")) if text_file.is_file() else None
+    return registry.family_for_model_index(folder_model_index(folder), text)
 
 
 def _refuse_other_family(folder: Path) -> None:
