@@ -119,21 +119,7 @@ class UnsupportedModelError(ModelLoadError):
 
 
 SDComponents = Components
-"""The loaded training components (`families.base.Components`); the old name."""
-
-
-def text_encoders_of(models) -> list:
-    """The text encoders of loaded components, in their family's order; also works for any
-    object with `text_encoder` (and optionally `text_encoder_2`) attributes, e.g. a pipeline."""
-    if isinstance(models, Components):
-        return models.text_encoders
-    second = getattr(models, "text_encoder_2", None)
-    return [models.text_encoder] + ([second] if second is not None else [])
-
-
-def is_sdxl_models(models) -> bool:
-    """Whether loaded components are SDXL's (they have a second text encoder)."""
-    return getattr(models, "text_encoder_2", None) is not None
+"""The loaded training components (`families.base.Components`), by the name `Run` still uses."""
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -871,7 +857,6 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     LoRA run's weights folder (`is_lora_weights_folder`) loads the same way.
     """
     import torch
-    from diffusers import UNet2DConditionModel
 
     folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
     args = _checkpoint_args(folder)
@@ -880,16 +865,15 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
                          vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
                          scheduler=scheduler)
-    if (folder / "unet").is_dir():
-        pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
-    for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained
-        if (folder / sub).is_dir() and getattr(pipe, sub, None) is not None:
-            setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
-                folder / sub, dtype=dtype)))
+    trained = [sub for sub, module in pipe.components.items()
+               if (folder / sub / "config.json").is_file() and hasattr(module, "from_pretrained")]
+    for sub in trained:  # the denoiser, and the text encoders that were trained
+        setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
+            folder / sub, dtype=dtype)))
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(folder))
-    elif not (folder / "unet").is_dir():
-        raise ModelLoadError(f"{folder}: this checkpoint holds no unet/ folder or LoRA weights (an older "
+    elif not trained:
+        raise ModelLoadError(f"{folder}: this checkpoint holds no model folders or LoRA weights (an older "
                              "dbtools wrote it). Resume training from it and let it save, or use a weights folder.")
     return pipe.to(device) if device else pipe
 
