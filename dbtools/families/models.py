@@ -24,12 +24,14 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dbtools.core.errors import UserError
-from dbtools.families.detect import SDXL, Detected, Family
+from dbtools.families import registry
+from dbtools.families.base import Components, Detected, ModelFamily, UnsupportedFamily
+from dbtools.families.detect import prediction_type_from_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,17 +49,28 @@ single-file checkpoint; used when no `config` argument is given."""
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 _CONFIG_FILES = {
     "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
-    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
     "text_encoder": ("config.json",),
-    "text_encoder_2": ("config.json",),
-    "vae": ("config.json",),
-    "unet": ("config.json",),
+    "model": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
-                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",)}
-"""Weight file stems per component (transformers folders saved before safetensors use
-`pytorch_model.bin`)."""
+_WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "model": ("diffusion_pytorch_model",)}
+
+
+def _kind(component: str) -> str:
+    """What a component folder holds: "tokenizer", "text_encoder" (transformers), "scheduler",
+    or "model" (a diffusers model: VAE, UNet, transformer)."""
+    return next((k for k in ("tokenizer", "text_encoder", "scheduler") if component.startswith(k)), "model")
+
+
+def config_files(component: str) -> tuple[str, ...]:
+    """The config file names a component folder has (one of them)."""
+    return _CONFIG_FILES[_kind(component)]
+
+
+def weight_stems(component: str) -> tuple[str, ...] | None:
+    """Weight file stems of a component folder (transformers folders saved before safetensors
+    use `pytorch_model.bin`); None for folders without weights (tokenizers, schedulers)."""
+    return _WEIGHT_STEMS.get(_kind(component))
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -105,44 +118,8 @@ class UnsupportedModelError(ModelLoadError):
     """The model is of a family this toolkit recognises but does not train."""
 
 
-@dataclass
-class SDComponents:
-    """The parts of a Stable Diffusion model that training needs."""
-
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-    """A `DDPMScheduler` built from the model's scheduler config (keeps `prediction_type`)."""
-    tokenizer_2: Any = None
-    text_encoder_2: Any = None
-    """SDXL's second tokenizer and OpenCLIP bigG encoder (`CLIPTextModelWithProjection`); None for SD 1.x/2.x."""
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def is_sdxl(self) -> bool:
-        return is_sdxl_models(self)
-
-    @property
-    def text_encoders(self) -> list:
-        """The text encoders, in the order their hidden states are concatenated."""
-        return text_encoders_of(self)
-
-
-def text_encoders_of(models) -> list:
-    """The text encoders of loaded components (one, or SDXL's two in order); also works for
-    any object with `text_encoder` (and optionally `text_encoder_2`) attributes."""
-    second = getattr(models, "text_encoder_2", None)
-    return [models.text_encoder] + ([second] if second is not None else [])
-
-
-def is_sdxl_models(models) -> bool:
-    """Whether loaded components are SDXL's (they have a second text encoder)."""
-    return getattr(models, "text_encoder_2", None) is not None
+SDComponents = Components
+"""The loaded training components (`families.base.Components`), by the name `Run` still uses."""
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -233,11 +210,11 @@ def model_folder_problems(
         if not sub.is_dir():
             problems.append(f"{folder}: the '{name}' folder is missing. The model is incomplete: "
                             "copy or download the whole model folder again.")
-        elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
-            problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
+        elif not any((sub / f).is_file() for f in config_files(name)):
+            problems.append(f"{sub}: no {config_files(name)[0]}. The model is incomplete: copy or "
                             "download the whole model folder again.")
-        elif name in WEIGHT_STEMS and not _has_weights(sub, WEIGHT_STEMS[name]):
-            problems.append(f"{sub}: no weights ({WEIGHT_STEMS[name][0]}.safetensors). The download or "
+        elif weight_stems(name) and not _has_weights(sub, weight_stems(name)):
+            problems.append(f"{sub}: no weights ({weight_stems(name)[0]}.safetensors). The download or "
                             "save was interrupted: copy or download the model folder again.")
     return problems
 
@@ -282,19 +259,43 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
         raise ModelLoadError("\n".join(problems))
 
 
+def folder_model_index(folder: str | os.PathLike) -> dict:
+    """The `model_index.json` of a diffusers folder; for a folder saved without one, rebuilt
+    from its component folders' configs (diffusers' `_class_name`, transformers' `architectures`)."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return index if isinstance(index, dict) else {}
+    index: dict = {}
+    for sub in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+        cls = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if cls:
+            index[sub.name] = ["diffusers" if "_class_name" in config else "transformers", cls]
+    return index
+
+
+def folder_family(folder: str | os.PathLike) -> ModelFamily:
+    """The family of a local diffusers folder (`folder_model_index` and its text encoder's config);
+    `UnsupportedFamily` for one we do not train."""
+    folder = Path(folder)
+    text_file = folder / "text_encoder" / "config.json"
+    text = json.loads(text_file.read_text(encoding="utf-8")) if text_file.is_file() else None
+    return registry.family_for_model_index(folder_model_index(folder), text)
+
+
 def _refuse_other_family(folder: Path) -> None:
     """A pipeline folder of a family we do not train is named before its parts are checked
     (a Flux folder is not "missing its unet")."""
-    from dbtools.families import detect as families
-
     index_file = folder / "model_index.json"
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # absent or unreadable: model_folder_problems says so
     try:
-        families.family_from_model_index(index if isinstance(index, dict) else {})
-    except families.UnsupportedFamily as exc:
+        registry.family_for_model_index(index if isinstance(index, dict) else {})
+    except UnsupportedFamily as exc:
         raise UnsupportedModelError(f"{folder} is {exc}.") from None
 
 
@@ -387,35 +388,30 @@ def detect_family(model_name_or_path: str, *, config: str | None = None,
     $DBTOOLS_SINGLE_FILE_CONFIG) when given. Raises `ModelLoadError` when the model cannot
     be read or is none of SD 1.x, 2.x and XL (naming the family when it is a known one).
     """
-    from dbtools.families import detect as families
-
     name = _normalize(model_name_or_path)
     try:
         return _detect_family(name, config, revision)
-    except families.UnsupportedFamily as exc:
+    except UnsupportedFamily as exc:
         raise UnsupportedModelError(f"{name} is {exc}.") from None
 
 
 def _detect_family(name: str, config: str | None, revision: str | None) -> Detected:
-    from dbtools.families import detect as families
-
     path = Path(name)
     if is_local(name) and path.is_file():
-        keys = single_file_keys(path)
-        family = families.family_from_keys(keys)
+        keys = frozenset(single_file_keys(path))
+        family = registry.family_for_keys(keys)
         if family is None:
             raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (none of its tensor "
                                  "names is a known text encoder's). Give an SD 1.x, 2.x or XL model.")
         config = single_file_config(config)
         if config:
             scheduler = _read_json(config, "scheduler/scheduler_config.json", None)
-            return Detected(family, families.prediction_type_from_scheduler(scheduler))
-        return Detected(family, families.prediction_type_from_keys(keys, family))
+            return Detected(family, prediction_type_from_scheduler(scheduler))
+        return Detected(family, family.prediction_type_from_keys(keys))
     index = _read_json(name, "model_index.json", revision)
     text = _read_json(name, "text_encoder/config.json", revision, required=False)
     scheduler = _read_json(name, "scheduler/scheduler_config.json", revision, required=False)
-    return Detected(families.family_from_model_index(index, text),
-                    families.prediction_type_from_scheduler(scheduler))
+    return Detected(registry.family_for_model_index(index, text), prediction_type_from_scheduler(scheduler))
 
 
 def single_file_keys(path: str | os.PathLike) -> list[str]:
@@ -455,16 +451,16 @@ def _read_json(name: str, file: str, revision: str | None, required: bool = True
     return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
-def pipeline_class(family: Family):
+def pipeline_class(family: ModelFamily):
     """The diffusers pipeline class that loads `family` (e.g. `StableDiffusionXLPipeline`)."""
     import diffusers
 
     return getattr(diffusers, family.pipeline_class)
 
 
-def _pipeline_kwargs(family: Family) -> dict:
-    """SD 1.x/2.x pipelines have a safety checker (off here); SDXL pipelines have none."""
-    return {} if family is SDXL else dict(safety_checker=None, requires_safety_checker=False)
+def _pipeline_kwargs(family: ModelFamily) -> dict:
+    """What the family's pipeline class is given besides its components (`pipeline_kwargs`)."""
+    return family.pipeline_kwargs()
 
 
 # --------------------------------------------------------------------------- loading
@@ -485,8 +481,8 @@ def load_sd_components(
     torch_dtype=None,
     config: str | None = None,
     original_config: str | None = None,
-    component_dtypes: dict | None = None,
-) -> SDComponents:
+    component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
+) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
 
@@ -495,44 +491,67 @@ def load_sd_components(
     download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
     for fp16 variants, so an optimizer never sees half-precision master weights); a
     component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
-    UNet) is read straight into its own dtype, never held in float32 first (except from a
-    single file, which is read whole in `torch_dtype`).
+    UNet; or a function of the detected family giving that dict) is read straight into its own
+    dtype, never held in float32 first (except from a single file, which is read whole in
+    `torch_dtype`).
     """
     import torch
-    from diffusers import DDPMScheduler
 
     dtype = torch_dtype or torch.float32
-    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in ("text_encoder", "text_encoder_2", "vae", "unet")}
-    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
+    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant, needed=())
+    family = _training_family(model_name_or_path, config, revision)
+    needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
-    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
-                                                               needed=needed)
-    if _is_sdxl(model_name_or_path, config, revision):
-        needed += ("tokenizer_2", "text_encoder_2")
-        check_model_path(model_name_or_path, needed)
+    check_model_path(model_name_or_path, needed)
+    if callable(component_dtypes):
+        component_dtypes = component_dtypes(family)
+    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in family.parts}
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
-        parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                     unet=pipe.unet, scheduler_config=pipe.scheduler.config,
-                     tokenizer_2=getattr(pipe, "tokenizer_2", None),
-                     text_encoder_2=getattr(pipe, "text_encoder_2", None))
+        models = Components(family, {c: getattr(pipe, c) for c in family.parts},
+                            family.noise_scheduler(pipe.scheduler.config))
     else:
-        parts = _load_parts(model_name_or_path, revision, variant, dtypes, needed)
+        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed)
     if tokenizer_name:
-        parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
-                                             revision)
+        models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
+                                                    revision)
     if vae_name_or_path:
-        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
-    return SDComponents(
-        tokenizer=parts["tokenizer"],
-        text_encoder=_as_dtype(parts["text_encoder"], dtypes["text_encoder"]),
-        vae=_as_dtype(parts["vae"], dtypes["vae"]),
-        unet=_as_dtype(parts["unet"], dtypes["unet"]),
-        noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
-        tokenizer_2=parts.get("tokenizer_2"),
-        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtypes["text_encoder_2"])
-        if parts.get("text_encoder_2") is not None else None,
-    )
+        models.parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
+    for c, module in models.parts.items():
+        if not c.startswith("tokenizer"):
+            models.parts[c] = _as_dtype(module, dtypes[c])
+    return models
+
+
+class _PartLoader:
+    """`families.base.PartLoader` for a Hub id or diffusers folder: one `from_pretrained` per
+    component, in `dtypes[component]`, a missing variant falling back to the full weights."""
+
+    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict):
+        self.name, self.revision, self.variant, self.dtypes = name, revision, variant, dtypes
+
+    def model(self, class_path: str, component: str, *, quantize: str | None = None):
+        if quantize is not None:
+            raise ModelLoadError(f"{component}: quantized loading ({quantize}) is not available here.")
+        return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
+                                self.dtypes[component])
+
+    def tokenizer(self, class_path: str, component: str):
+        return _load_tokenizer(self.name, component, self.revision, _class(class_path))
+
+    def scheduler_config(self) -> dict:
+        from diffusers import DDPMScheduler
+
+        kwargs = {"revision": self.revision} if self.revision else {}
+        return _guard(self.name, lambda: DDPMScheduler.load_config(self.name, subfolder="scheduler", **kwargs))
+
+
+def _class(class_path: str):
+    """"diffusers.AutoencoderKL" -> the class."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _resolve_source(name: str, revision: str | None, variant: str | None, *, config: str | None = None,
@@ -556,12 +575,14 @@ def _resolve_source(name: str, revision: str | None, variant: str | None, *, con
     return name, revision, _usable_variant(name, variant), family
 
 
-def _is_sdxl(name: str, config: str | None, revision: str | None) -> bool:
-    """Whether the model to train is SDXL (two text encoders), read from its files."""
+def _training_family(name: str, config: str | None, revision: str | None) -> ModelFamily:
+    """The family of the model to train, read from its files; a folder of components without
+    `model_index.json` is told by its text encoder's config (SD 1.x or 2.x)."""
     path = Path(name)
     if is_local(name) and path.is_dir() and not (path / "model_index.json").is_file():
-        return False  # a folder of components only: SD 1.x/2.x parts are loaded one by one
-    return detect_family(name, config=config, revision=revision).family is SDXL
+        text = _read_json(name, "text_encoder/config.json", None, required=False)
+        return registry.family_for_model_index({}, text)
+    return detect_family(name, config=config, revision=revision).family
 
 
 def _normalize(name: str) -> str:
@@ -599,30 +620,6 @@ def _as_dtype(model, dtype):
     return model if model.dtype == dtype else model.to(dtype)
 
 
-def _load_parts(name: str, revision: str | None, variant: str | None, dtypes: dict, needed: tuple[str, ...]) -> dict:
-    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each,
-    in `dtypes[component]`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    def model(cls, sub):
-        return lambda: _from_pretrained(cls, name, sub, revision, variant, dtypes[sub])
-
-    loaders = dict(
-        tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
-        text_encoder=model(CLIPTextModel, "text_encoder"),
-        tokenizer_2=lambda: _load_tokenizer(name, "tokenizer_2", revision),
-        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2"),
-        vae=model(AutoencoderKL, "vae"),
-        unet=model(UNet2DConditionModel, "unet"),
-        scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(
-            name, subfolder="scheduler", **({"revision": revision} if revision else {}))),
-    )
-    parts = {part: loaders[part]() for part in needed}
-    parts["scheduler_config"] = parts.pop("scheduler")
-    return parts
-
-
 def _tokenizer_subfolder(name: str) -> str | None:
     """"tokenizer" when `name` is a local model folder (tokenizer in its subfolder), else None."""
     path = Path(os.path.expanduser(name))
@@ -631,13 +628,14 @@ def _tokenizer_subfolder(name: str) -> str | None:
     return None
 
 
-def _load_tokenizer(name: str, subfolder: str | None, revision: str | None):
-    from transformers import CLIPTokenizer
+def _load_tokenizer(name: str, subfolder: str | None, revision: str | None, cls=None):
+    if cls is None:
+        from transformers import CLIPTokenizer as cls
 
     kwargs = {"revision": revision} if revision else {}
     if subfolder:
         kwargs["subfolder"] = subfolder
-    return _guard(name, lambda: CLIPTokenizer.from_pretrained(name, **kwargs))
+    return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
 
 
 def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):
@@ -859,7 +857,6 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     LoRA run's weights folder (`is_lora_weights_folder`) loads the same way.
     """
     import torch
-    from diffusers import UNet2DConditionModel
 
     folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
     args = _checkpoint_args(folder)
@@ -868,16 +865,15 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
                          vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
                          scheduler=scheduler)
-    if (folder / "unet").is_dir():
-        pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
-    for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained
-        if (folder / sub).is_dir() and getattr(pipe, sub, None) is not None:
-            setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
-                folder / sub, dtype=dtype)))
+    trained = [sub for sub, module in pipe.components.items()
+               if (folder / sub / "config.json").is_file() and hasattr(module, "from_pretrained")]
+    for sub in trained:  # the denoiser, and the text encoders that were trained
+        setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
+            folder / sub, dtype=dtype)))
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(folder))
-    elif not (folder / "unet").is_dir():
-        raise ModelLoadError(f"{folder}: this checkpoint holds no unet/ folder or LoRA weights (an older "
+    elif not trained:
+        raise ModelLoadError(f"{folder}: this checkpoint holds no model folders or LoRA weights (an older "
                              "dbtools wrote it). Resume training from it and let it save, or use a weights folder.")
     return pipe.to(device) if device else pipe
 
