@@ -16,19 +16,17 @@ from dbtools.train import loop as T
 from dbtools.train import setup as S
 from dbtools.train.config import TrainConfig
 from dbtools.train.setup import TrainError
-from tests.test_train import assert_same, config, weights
+from tests.conftest import train_config as config
+from tests.test_train import assert_same, weights
 
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, tiny_sd):
     """A 4-step run training UNet and text encoder with an EMA; checkpoints at steps 2 and 4."""
-    from tests.conftest import make_image
+    from tests.conftest import make_captioned
 
     root = tmp_path_factory.mktemp("ema_run")
-    inst = root / "inst"
-    for i, size in enumerate([(64, 48), (48, 64), (64, 64)]):
-        img = make_image(inst / f"a red car_{i}.png", size=size)
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
+    inst = make_captioned(root / "inst", sizes=[(64, 48), (48, 64), (64, 64)], name="a red car_{i}.png")
     kw = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2, "max_train_steps": 4}
     result = T.train(config(tiny_sd, inst, root / "out", **kw))
     return root, inst, kw, result

@@ -384,14 +384,12 @@ def test_pick_device_prefers_cuda(monkeypatch):
     assert models.pick_device("cuda:1") == "cuda:1"  # a --device flag wins
 
 
-def test_captioners_go_where_pick_device_says(tmp_path, monkeypatch):
+def test_captioners_go_where_pick_device_says(tiny_blip, monkeypatch):
     from dbtools.caption import autocaption
-    from dbtools.tiny import build_tiny_blip
 
     asked = []
     monkeypatch.setattr(models, "pick_device", lambda device=None: asked.append(device) or "cpu")
-    blip = build_tiny_blip(tmp_path / "blip")
-    assert autocaption.load_captioner(str(blip)).device == torch.device("cpu")
+    assert autocaption.load_captioner(str(tiny_blip)).device == torch.device("cpu")
     assert asked == [None]  # the one device rule decided, not a copy of it
 
 
