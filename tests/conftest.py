@@ -145,6 +145,17 @@ def make_weights(root: Path, name: str, complete: bool = True) -> Path:
     return folder
 
 
+class RunsCode:
+    """Unpickling this calls `open(marker, "w")`, creating the marker file: code running at
+    load time, what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 @pytest.fixture
 def weights_factory():
     """Call with a folder and a name (and optional complete=False) to write fake weights."""
