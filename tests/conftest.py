@@ -1,4 +1,5 @@
-"""Shared fixtures: offline mode, tiny models built once per session, generated images."""
+"""Shared fixtures: offline mode, tiny models built once per session (one fixture per model),
+generated and captioned images, the tests' training config."""
 
 from __future__ import annotations
 
@@ -53,6 +54,25 @@ def tiny_scorers(tmp_path_factory) -> dict[str, Path]:
     return {"dinov2": build_tiny_dinov2(root / "dinov2"), "clip": build_tiny_clip(root / "clip")}
 
 
+def tiny_captioner(build: str, name: str):
+    """A session fixture: the folder of the tiny captioner `dbtools.tiny.<build>` writes, built once."""
+
+    @pytest.fixture(scope="session")
+    def folder(tmp_path_factory) -> Path:
+        from dbtools import tiny
+
+        return getattr(tiny, build)(tmp_path_factory.mktemp("tiny") / name)
+
+    return folder
+
+
+tiny_blip = tiny_captioner("build_tiny_blip", "blip")
+tiny_blip2 = tiny_captioner("build_tiny_blip2", "blip2")
+tiny_florence2 = tiny_captioner("build_tiny_florence2", "florence2")
+tiny_tagger = tiny_captioner("build_tiny_tagger", "wd-tagger")
+tiny_vlm = tiny_captioner("build_tiny_vlm", "vlm")
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline folder (two text encoders, `text_time` UNet), built once per session."""
@@ -83,6 +103,38 @@ def image_factory():
     return make_image
 
 
+def make_captioned(folder: Path, sizes=((32, 32), (32, 32)), colors=None, name: str = "toy_{i}.png",
+                   caption: str = "a photo of sks toy, number {i}") -> Path:
+    """Captioned instance images in `folder`: one image `name` per size (`{i}` is its index),
+    of color `colors[i]` (`make_image`'s default without `colors`), each with its caption
+    file `<image>.txt` as `--read_prompts_from_txts` reads it. Returns `folder`."""
+    for i, size in enumerate(sizes):
+        color = {} if colors is None else {"color": colors[i]}
+        img = make_image(folder / name.format(i=i), size=size, **color)
+        Path(f"{img}.txt").write_text(caption.format(i=i), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def captioned_factory():
+    """Call with a folder (and optional sizes/colors/name/caption) to write captioned images."""
+    return make_captioned
+
+
+def train_config(model, data, out, **kw):
+    """The tests' training run: `model` trained on the captioned images in `data` into `out`;
+    2 steps at 32 px, batch 1, seed 3, lr 1e-3 without warm-up, no tracker, no periodic
+    weights or checkpoints, and (given a sample prompt) one 2-step sample per save.
+    `kw` sets any other field, or overrides these."""
+    from dbtools.train.config import TrainConfig
+
+    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
+                read_prompts_from_txts=True, resolution=32, train_batch_size=1, max_train_steps=2, seed=3,
+                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", checkpointing_steps=1000,
+                save_interval=1000, n_save_sample=1, save_infer_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
 def make_weights(root: Path, name: str, complete: bool = True) -> Path:
     """A fake weights folder `root/name`; without `complete` it lacks `model_index.json`."""
     folder = root / name
@@ -91,6 +143,17 @@ def make_weights(root: Path, name: str, complete: bool = True) -> Path:
     if complete:
         (folder / "model_index.json").write_text("{}")
     return folder
+
+
+class RunsCode:
+    """Unpickling this calls `open(marker, "w")`, creating the marker file: code running at
+    load time, what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
 @pytest.fixture

@@ -21,21 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_captioners(tmp_path_factory):
-    from dbtools.tiny import build_tiny_blip, build_tiny_blip2
-
-    root = tmp_path_factory.mktemp("captioners")
-    return {"blip": build_tiny_blip(root / "blip"), "blip2": build_tiny_blip2(root / "blip2")}
+def blip(tiny_blip):
+    return ac.load_captioner(str(tiny_blip))
 
 
 @pytest.fixture(scope="module")
-def blip(tiny_captioners):
-    return ac.load_captioner(str(tiny_captioners["blip"]))
-
-
-@pytest.fixture(scope="module")
-def blip2(tiny_captioners):
-    return ac.load_captioner(str(tiny_captioners["blip2"]))
+def blip2(tiny_blip2):
+    return ac.load_captioner(str(tiny_blip2))
 
 
 @pytest.fixture
@@ -222,9 +214,9 @@ def test_rerun_keeps_hand_edited_caption_files_unless_overwrite(blip, images):
 # ----------------------------------------------------------------------------- in place + undo
 
 
-def test_rename_in_place_then_undo_restores_every_name(blip, tiny_captioners, images):
+def test_rename_in_place_then_undo_restores_every_name(blip, tiny_blip, images):
     before = snapshot(images)
-    argv = fast_argv(images, tiny_captioners["blip"], "--format", "filename", "--out_dir", str(images))
+    argv = fast_argv(images, tiny_blip, "--format", "filename", "--out_dir", str(images))
     assert ac.main(argv) == 1  # broken.jpg
     after = snapshot(images)
     assert sorted(after.values()) == sorted(before.values())  # same files, nothing lost
@@ -271,12 +263,12 @@ def test_recursive_mirrors_subfolders(blip, images, tmp_path):
     assert rerun.written == [] and not any("captioned" in p.parts for p in rerun.skipped)
 
 
-def test_cli_exit_codes_and_summary(tiny_captioners, images, tmp_path, capsys, monkeypatch):
-    assert ac.main(fast_argv(images, tiny_captioners["blip"], "--out_dir", str(tmp_path / "o"))) == 1
+def test_cli_exit_codes_and_summary(tiny_blip, images, tmp_path, capsys, monkeypatch):
+    assert ac.main(fast_argv(images, tiny_blip, "--out_dir", str(tmp_path / "o"))) == 1
     out = capsys.readouterr().out
     assert "captioned 4 image(s)" in out and "FAILED" in out and "broken.jpg" in out
     (images / "broken.jpg").unlink()
-    assert ac.main(fast_argv(images, tiny_captioners["blip"], "--out_dir", str(tmp_path / "p"))) == 0
+    assert ac.main(fast_argv(images, tiny_blip, "--out_dir", str(tmp_path / "p"))) == 0
 
     def no_model(*a, **k):
         raise AssertionError("the model must not load when the flags are wrong")
@@ -330,11 +322,11 @@ def test_blip2_processor_expands_image_tokens(blip2):
     assert ids[0, n].item() == proc.tokenizer.bos_token_id
 
 
-def test_blip2_captions_through_the_same_path(blip2, tiny_captioners, images, tmp_path):
+def test_blip2_captions_through_the_same_path(blip2, tiny_blip2, images, tmp_path):
     summary = run_caption(fast(images, out_dir=tmp_path / "o", format="mrwho"), blip2, progress=False)
     assert len(summary.written) == len(GOOD) and all(r.caption for r in summary.written)
     assert all(re.fullmatch(r"\d{5}@.+", r.output.name) for r in summary.written)
-    argv = fast_argv(images, tiny_captioners["blip2"], "--out_dir", str(tmp_path / "cli"),
+    argv = fast_argv(images, tiny_blip2, "--out_dir", str(tmp_path / "cli"),
                      "--format", "caption")
     assert ac.main(argv) == 1  # broken.jpg
     assert sorted(p.name for p in (tmp_path / "cli").glob("*.caption")) == ["a.caption", "b.caption",
@@ -379,13 +371,13 @@ def test_everydream_flag_forms_parse():
     ["--nucleus", "--q_factor", "1.3", "--torch_device", "cpu"],
     ["--nucleus", "True", "--max_length", "4", "--format", "mrwho"],
 ])
-def test_everydream_command_lines_from_a_folder_with_input(tiny_captioners, tmp_path, image_factory,
+def test_everydream_command_lines_from_a_folder_with_input(tiny_blip, tmp_path, image_factory,
                                                            monkeypatch, extra):
     for name in ("a.png", "b.jpg"):
         image_factory(tmp_path / "input" / name)
     before = snapshot(tmp_path / "input")
     monkeypatch.chdir(tmp_path)
-    argv = ["--model", str(tiny_captioners["blip"]), "--num_beams", "2", "--num_workers", "0", *extra]
+    argv = ["--model", str(tiny_blip), "--num_beams", "2", "--num_workers", "0", *extra]
     if "--max_length" not in extra:
         argv += ["--max_length", "5"]  # and no --min_length: the minimum follows
     assert ac.main(argv) == 0

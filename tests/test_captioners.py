@@ -16,12 +16,7 @@ from dbtools import cli
 from dbtools.caption import autocaption as ac
 from dbtools.caption import captioners as cap
 from dbtools.caption.autocaption import CaptionConfig, CaptionError, run_caption
-from dbtools.tiny import (
-    TAGGER_TAGS,
-    build_tiny_florence2,
-    build_tiny_tagger,
-    build_tiny_vlm,
-)
+from dbtools.tiny import TAGGER_TAGS, build_tiny_tagger
 
 GOOD = ["a.png", "b.jpg", "c.JPG", "d.webp", "grey.png", "alpha.png", "palette.gif", "turned.jpg"]
 
@@ -30,10 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("captioners")
-    return {"florence2": build_tiny_florence2(root / "florence2"), "tagger": build_tiny_tagger(root / "wd-tagger"),
-            "vlm": build_tiny_vlm(root / "vlm")}
+def tiny(tiny_florence2, tiny_tagger, tiny_vlm) -> dict[str, Path]:
+    return {"florence2": tiny_florence2, "tagger": tiny_tagger, "vlm": tiny_vlm}
 
 
 @pytest.fixture(scope="module")

@@ -16,32 +16,21 @@ from dbtools.train import loop as T
 from dbtools.train import setup as S
 from dbtools.train.config import TrainConfig
 from dbtools.train.setup import TrainError
-from tests.test_train import assert_same, config, weights
+from tests.conftest import RunsCode
+from tests.conftest import train_config as config
+from tests.test_train import assert_same, weights
 
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, tiny_sd):
     """A 4-step run training UNet and text encoder with an EMA; checkpoints at steps 2 and 4."""
-    from tests.conftest import make_image
+    from tests.conftest import make_captioned
 
     root = tmp_path_factory.mktemp("ema_run")
-    inst = root / "inst"
-    for i, size in enumerate([(64, 48), (48, 64), (64, 64)]):
-        img = make_image(inst / f"a red car_{i}.png", size=size)
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
+    inst = make_captioned(root / "inst", sizes=[(64, 48), (48, 64), (64, 64)], name="a red car_{i}.png")
     kw = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2, "max_train_steps": 4}
     result = T.train(config(tiny_sd, inst, root / "out", **kw))
     return root, inst, kw, result
-
-
-class _RunsCode:
-    """Unpickling this creates the marker file: what a hostile checkpoint file would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def test_checkpoint_holds_diffusers_folders_and_no_pickles_that_run_code(ema_run):
@@ -86,9 +75,9 @@ def _hostile_copies(ckpt: Path, tmp_path: Path):
         shutil.copytree(ckpt, copy)
         marker = tmp_path / f"marker{i}"
         if rel.suffix == ".bin" and i % 2:  # also the torch.save form of the same attack
-            torch.save({"state": _RunsCode(marker)}, copy / rel)
+            torch.save({"state": RunsCode(marker)}, copy / rel)
         else:
-            (copy / rel).write_bytes(pickle.dumps(_RunsCode(marker)))
+            (copy / rel).write_bytes(pickle.dumps(RunsCode(marker)))
         yield rel, copy, marker
 
 
@@ -112,7 +101,7 @@ def test_a_hostile_file_is_refused_at_load_time_too(ema_run, tmp_path):
     copy = tmp_path / "checkpoint-2"
     shutil.copytree(root / "out" / "checkpoint-2", copy)
     marker = tmp_path / "marker"
-    (copy / "optimizer.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    (copy / "optimizer.bin").write_bytes(pickle.dumps(RunsCode(marker)))
     with pytest.raises(CheckpointError, match="optimizer.bin: refused: loading it could run code"):
         check_checkpoint_files(copy)
     assert not marker.exists()

@@ -16,20 +16,15 @@ from dbtools.after.kohya import read_metadata
 @pytest.fixture(scope="module")
 def lora_run(tiny_sd, tmp_path_factory):
     """Two steps of a LoRA run with the text encoder trained, weights saved at both steps."""
-    from conftest import make_image
+    from conftest import make_captioned, train_config
 
     from dbtools.train import loop as T
-    from dbtools.train.config import TrainConfig
 
     root = tmp_path_factory.mktemp("lora_run")
-    for i in range(2):
-        img = make_image(root / "inst" / f"toy_{i}.png", size=(48, 48), color=(200, 90 * i, 0))
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
-    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_sd), instance_data_dir=str(root / "inst"),
-                      output_dir=str(root / "out"), read_prompts_from_txts=True, resolution=32, train_batch_size=1,
-                      max_train_steps=2, save_interval=1, seed=3, learning_rate=1e-2, lr_warmup_steps=0,
-                      report_to="none", n_save_sample=1, save_infer_steps=1, use_lora=True, lora_rank=2,
-                      train_text_encoder=True, output_name="toy style", training_comment="two steps on a toy")
+    inst = make_captioned(root / "inst", sizes=[(48, 48)] * 2, colors=[(200, 0, 0), (200, 90, 0)])
+    cfg = train_config(tiny_sd, inst, root / "out", save_interval=1, checkpointing_steps=None, learning_rate=1e-2,
+                       save_infer_steps=1, use_lora=True, lora_rank=2, train_text_encoder=True,
+                       output_name="toy style", training_comment="two steps on a toy")
     return T.train(cfg)
 
 

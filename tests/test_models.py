@@ -21,6 +21,7 @@ from dbtools.families.models import (
     resolve_revision,
     safe_torch_load,
 )
+from tests.conftest import RunsCode
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -265,20 +266,10 @@ def test_non_model_file_is_refused(tmp_path):
 # --------------------------------------------------------------------------- safe pickles
 
 
-class _Evil:
-    """Unpickling this calls open(marker, "w"): code running at load time."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_safe_torch_load_refuses_code_and_runs_none(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Evil(marker)}, path)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": RunsCode(marker)}, path)
     with pytest.raises(ModelLoadError, match="refused") as err:
         safe_torch_load(path)
     assert str(path) in str(err.value)
@@ -384,14 +375,12 @@ def test_pick_device_prefers_cuda(monkeypatch):
     assert models.pick_device("cuda:1") == "cuda:1"  # a --device flag wins
 
 
-def test_captioners_go_where_pick_device_says(tmp_path, monkeypatch):
+def test_captioners_go_where_pick_device_says(tiny_blip, monkeypatch):
     from dbtools.caption import autocaption
-    from dbtools.tiny import build_tiny_blip
 
     asked = []
     monkeypatch.setattr(models, "pick_device", lambda device=None: asked.append(device) or "cpu")
-    blip = build_tiny_blip(tmp_path / "blip")
-    assert autocaption.load_captioner(str(blip)).device == torch.device("cpu")
+    assert autocaption.load_captioner(str(tiny_blip)).device == torch.device("cpu")
     assert asked == [None]  # the one device rule decided, not a copy of it
 
 

@@ -294,13 +294,6 @@ def venv_kernel(root: Path, monkeypatch) -> str:
     return "dbtools-test"
 
 
-@pytest.fixture
-def tiny_blip(tmp_path_factory) -> Path:
-    from dbtools.tiny import build_tiny_blip
-
-    return build_tiny_blip(tmp_path_factory.mktemp("tiny") / "blip")
-
-
 def test_notebook_runs_headless_end_to_end(tmp_path, tiny_sd, tiny_blip, tiny_scorers, stop_tensorboard, monkeypatch):
     """The whole journey on CPU with tiny models, every cell as a user runs it, only the
     form fields changed; then each step's output is checked on disk."""

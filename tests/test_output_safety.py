@@ -24,7 +24,8 @@ from dbtools.train import folders as F
 from dbtools.train import loop as T
 from dbtools.train import setup as S
 from dbtools.ui import notebook as nb
-from tests.test_train_preflight import captioned, config, no_model_loads  # noqa: F401 (a fixture)
+from tests.conftest import train_config as config
+from tests.test_train_preflight import captioned, no_model_loads  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR = 3600
@@ -43,10 +44,10 @@ def age(path: Path, seconds: float = HOUR) -> Path:
 # --------------------------------------------------------------------------- exports and keep values
 
 
-def test_cleanup_cell_never_deletes_a_newer_runs_weights_at_an_exported_step(tmp_path, image_factory, tiny_sd):
+def test_cleanup_cell_never_deletes_a_newer_runs_weights_at_an_exported_step(tmp_path, tiny_sd):
     """Pick step 1, export it, retrain into the same folder (overwrite): the new run's step 1
     was never exported, so DELETE keeps it; once exported, it may go."""
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     out = tmp_path / "out"
     quick = dict(max_train_steps=2, save_interval=1, n_save_sample=1, save_infer_steps=1)
     T.train(config(tiny_sd, tmp_path / "inst", out, **quick))
@@ -111,8 +112,8 @@ def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
 
 
 def test_second_run_into_a_held_output_folder_is_refused_and_a_crashed_runs_lock_is_taken_over(
-        tmp_path, image_factory, tiny_sd, monkeypatch, capsys, caplog):
-    captioned(tmp_path / "inst", image_factory)
+        tmp_path, tiny_sd, monkeypatch, capsys, caplog):
+    captioned(tmp_path / "inst")
     out = tmp_path / "out"
     argv = [f"--pretrained_model_name_or_path={tiny_sd}", f"--instance_data_dir={tmp_path / 'inst'}",
             "--read_prompts_from_txts", f"--output_dir={out}", "--resolution=32", "--train_batch_size=1",
@@ -152,10 +153,10 @@ def test_a_lock_from_another_machine_counts_while_its_heartbeat_is_fresh(tmp_pat
     assert "taking over" in caplog.text and not lock.exists()
 
 
-def test_a_two_process_run_into_a_held_folder_stops_with_one_message(tmp_path, image_factory, tiny_sd):
+def test_a_two_process_run_into_a_held_folder_stops_with_one_message(tmp_path, tiny_sd):
     """Only the main process takes the lock (the other process would find it taken); when it
     is refused, both processes stop before any model loads."""
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     out = tmp_path / "out"
     holder = hold_lock_in_another_process(out)
     try:
@@ -177,10 +178,10 @@ def test_a_two_process_run_into_a_held_folder_stops_with_one_message(tmp_path, i
 # --------------------------------------------------------------------------- the demo's folder
 
 
-def test_demo_into_a_project_folder_is_refused_and_its_files_are_untouched(tmp_path, image_factory, capsys):
+def test_demo_into_a_project_folder_is_refused_and_its_files_are_untouched(tmp_path, capsys):
     project = tmp_path / "project"
     concepts = project / "concepts_list.json"
-    captioned(project / "photos", image_factory)
+    captioned(project / "photos")
     concepts.write_text('[{"instance_data_dir": "photos"}]', encoding="utf-8")
     assert cli.main(["demo", "--out", str(project), "--steps", "1"]) == 2
     err = capsys.readouterr().err

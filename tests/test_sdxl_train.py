@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dbtools.train.data import DataConfig, DataPlan, DreamBoothData, Example, item_time_ids
+from tests.conftest import make_captioned, train_config
 
 
 def test_time_ids_in_a_batch_follow_the_bucket_the_crop_and_the_flip(tmp_path, image_factory):
@@ -62,24 +63,12 @@ def test_a_checkpoint_with_a_trained_second_text_encoder_loads_it(tiny_sdxl, tmp
 @pytest.fixture(scope="module")
 def sdxl_data(tmp_path_factory):
     """Two captioned instance images of different shapes (they land in different buckets)."""
-    from conftest import make_image
-
-    inst = tmp_path_factory.mktemp("sdxl_data") / "inst"
-    for i, size in enumerate([(96, 48), (64, 64)]):
-        img = make_image(inst / f"toy_{i}.png", size=size, color=(200, 40 * i, 0))
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
-    return inst
+    return make_captioned(tmp_path_factory.mktemp("sdxl_data") / "inst", sizes=[(96, 48), (64, 64)],
+                          colors=[(200, 0, 0), (200, 40, 0)])
 
 
-def sdxl_config(model, data, out, **kw):
-    from dbtools.train.config import TrainConfig
-
-    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
-                read_prompts_from_txts=True, resolution=64, train_batch_size=1, max_train_steps=4, seed=3,
-                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", save_interval=4,
-                n_save_sample=1, save_infer_steps=2, checkpointing_steps=2)
-    base.update(kw)
-    return TrainConfig(**base)
+SDXL_RUN = dict(resolution=64, max_train_steps=4, save_interval=4, checkpointing_steps=2)
+"""The SDXL runs' changes to the tests' training config: 64 px, weights at step 4, a checkpoint at 2."""
 
 
 def tensors(folder: Path) -> dict:
@@ -112,10 +101,11 @@ def full_run(tiny_sdxl, sdxl_data, tmp_path_factory):
         return real_forward(self, sample, timestep, encoder_hidden_states, *args,
                             added_cond_kwargs=added_cond_kwargs, **kw)
 
-    cfg = sdxl_config(tiny_sdxl, sdxl_data, root / "out", train_text_encoder=True, with_prior_preservation=True,
-                      class_data_dir=str(root / "class"), class_prompt="a photo of a toy", num_class_images=2,
-                      sample_batch_size=2, aspect_ratio_bucketing=True, hflip=True, snr_gamma=5.0,
-                      offset_noise=True, use_ema=True, caption_dropout=0.2, save_sample_prompt="a photo of sks toy")
+    cfg = train_config(tiny_sdxl, sdxl_data, root / "out", **SDXL_RUN, train_text_encoder=True,
+                       with_prior_preservation=True, class_data_dir=str(root / "class"),
+                       class_prompt="a photo of a toy", num_class_images=2, sample_batch_size=2,
+                       aspect_ratio_bucketing=True, hflip=True, snr_gamma=5.0, offset_noise=True, use_ema=True,
+                       caption_dropout=0.2, save_sample_prompt="a photo of sks toy")
     UNet2DConditionModel.forward = recording
     try:
         result = T.train(cfg)
@@ -192,9 +182,9 @@ def test_lora_run_saves_a_diffusers_lora_and_a_kohya_file_and_generates(tiny_sdx
     from dbtools.after.generate import generate_images
     from dbtools.train import loop as T
 
-    cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "lora", use_lora=True, train_text_encoder=True,
-                      save_single_file=True, lora_rank=2, max_train_steps=2, save_interval=2, checkpointing_steps=None,
-                      validation_split=0.5)
+    cfg = train_config(tiny_sdxl, sdxl_data, tmp_path / "lora", resolution=64, use_lora=True, train_text_encoder=True,
+                       save_single_file=True, lora_rank=2, max_train_steps=2, save_interval=2,
+                       checkpointing_steps=None, validation_split=0.5)
     result = T.train(cfg)
     folder = result.weights_dir
     metrics = (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
@@ -291,7 +281,7 @@ def test_sdxl_full_text_encoder_training_freezes_what_never_reaches_the_loss(tin
 
     from dbtools.train import setup as S
 
-    cfg = sdxl_config(tiny_sdxl, sdxl_data, tmp_path / "out", train_text_encoder=True)
+    cfg = train_config(tiny_sdxl, sdxl_data, tmp_path / "out", **SDXL_RUN, train_text_encoder=True)
     models = S.load_models(cfg)
     params = S.prepare_modules(cfg, models, SimpleNamespace(device=torch.device("cpu")), torch.float32)
     text_model = getattr(models.text_encoder, "text_model", models.text_encoder)

@@ -26,29 +26,20 @@ from dbtools.train import outputs as O
 from dbtools.train import setup as S
 from dbtools.train.config import TrainConfig
 from dbtools.train.setup import TrainError
+from tests.conftest import train_config as config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 @pytest.fixture
-def dataset(tmp_path, image_factory):
+def dataset(tmp_path, captioned_factory):
     """Three captioned instance images of different shapes, plus a junk file."""
-    inst = tmp_path / "inst"
-    for i, (size, colour) in enumerate([((64, 48), (200, 0, 0)), ((48, 64), (0, 200, 0)), ((64, 64), (0, 0, 200))]):
-        img = image_factory(inst / f"a red car_{i}.png", size=size, color=colour)
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, red, number {i}", encoding="utf-8")
+    inst = captioned_factory(tmp_path / "inst", sizes=[(64, 48), (48, 64), (64, 64)],
+                             colors=[(200, 0, 0), (0, 200, 0), (0, 0, 200)], name="a red car_{i}.png",
+                             caption="a photo of sks toy, red, number {i}")
     (inst / "Thumbs.db").write_bytes(b"junk")
     return inst
-
-
-def config(model, data, out, **kw) -> TrainConfig:
-    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
-                read_prompts_from_txts=True, resolution=32, train_batch_size=1, max_train_steps=2, seed=3,
-                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", checkpointing_steps=1000,
-                save_interval=1000, n_save_sample=1, save_infer_steps=2)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def weights(folder: Path, component: str = "unet") -> dict:

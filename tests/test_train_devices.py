@@ -19,25 +19,14 @@ from dbtools.train import loop as T
 from dbtools.train import outputs as O
 from dbtools.train import setup as S
 from dbtools.train.config import TrainConfig
+from tests.conftest import train_config as config
 
 
 @pytest.fixture
-def dataset(tmp_path, image_factory):
+def dataset(tmp_path, captioned_factory):
     """Two captioned instance images."""
-    inst = tmp_path / "inst"
-    for i, colour in enumerate([(200, 0, 0), (0, 200, 0)]):
-        img = image_factory(inst / f"toy_{i}.png", size=(32, 32), color=colour)
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, red, number {i}", encoding="utf-8")
-    return inst
-
-
-def config(model, data, out, **kw) -> TrainConfig:
-    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
-                read_prompts_from_txts=True, resolution=32, train_batch_size=1, max_train_steps=1, seed=3,
-                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", checkpointing_steps=1000,
-                save_interval=1000, n_save_sample=1, save_infer_steps=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return captioned_factory(tmp_path / "inst", colors=[(200, 0, 0), (0, 200, 0)],
+                             caption="a photo of sks toy, red, number {i}")
 
 
 # --------------------------------------------------------------------------- processes and precision
@@ -313,7 +302,8 @@ def test_single_file_export_runs_after_leaving_the_inference_setup(tiny_sd, tmp_
 
     monkeypatch.setattr(O, "_for_inference", spied_setup)
     monkeypatch.setattr(dbtools.after.export, "export_single_file", spied_export)
-    result = T.train(config(tiny_sd, dataset, tmp_path / "out", use_ema=True, save_single_file=True))
+    result = T.train(config(tiny_sd, dataset, tmp_path / "out", max_train_steps=1, use_ema=True,
+                            save_single_file=True))
     assert state["runs"] == [(False, True)]
     assert result.single_file.is_file()
 

@@ -33,24 +33,16 @@ from dbtools.train.data import find_caption_file, scan_concepts, step_seed, weig
 from dbtools.train.setup import TrainError
 from dbtools.ui import notebook as nb
 from dbtools.ui.editor import read_caption
+from tests.conftest import make_captioned
+from tests.conftest import train_config as config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
 
 
-def captioned(folder: Path, image_factory, name: str = "a.png", text: str = "sks toy") -> Path:
-    img = image_factory(folder / name)
-    Path(f"{img}.txt").write_text(text, encoding="utf-8")
-    return img
-
-
-def config(model, data, out, **kw) -> TrainConfig:
-    base = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(data), output_dir=str(out),
-                read_prompts_from_txts=True, resolution=32, train_batch_size=1, max_train_steps=1, seed=3,
-                learning_rate=1e-3, lr_warmup_steps=0, report_to="none", checkpointing_steps=1000,
-                save_interval=1000)
-    base.update(kw)
-    return TrainConfig(**base)
+def captioned(folder: Path, name: str = "a.png", text: str = "sks toy") -> Path:
+    """One captioned image, `folder/name`."""
+    return make_captioned(folder, sizes=[(64, 48)], name=name, caption=text) / name
 
 
 @pytest.fixture
@@ -118,9 +110,9 @@ def test_mask_secrets_hides_token_values_and_keeps_other_flags():
 @pytest.mark.parametrize("flag,value", [("learning_rate", "-1"), ("learning_rate", "nan"),
                                         ("learning_rate", "inf"), ("adam_beta2", "1.5"), ("max_grad_norm", "-1"),
                                         ("prior_loss_weight", "nan"), ("lr_warmup_steps", "-3")])
-def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory, no_model_loads, capsys, flag,
+def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, no_model_loads, capsys, flag,
                                                         value, tiny_sd):
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd),
                      "--instance_data_dir", str(tmp_path / "inst"),
                      "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"), f"--{flag}={value}"])
@@ -131,8 +123,8 @@ def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory,
 # --------------------------------------------------------------------------- folders
 
 
-def test_output_and_cache_dir_that_are_files_are_refused(tmp_path, image_factory, tiny_sd, no_model_loads):
-    captioned(tmp_path / "inst", image_factory)
+def test_output_and_cache_dir_that_are_files_are_refused(tmp_path, tiny_sd, no_model_loads):
+    captioned(tmp_path / "inst")
     (tmp_path / "file").write_text("x")
     text = preflight_error(config(tiny_sd, tmp_path / "inst", tmp_path / "file", cache_dir=str(tmp_path / "file")))
     assert f"--output_dir {tmp_path / 'file'} is a file" in text
@@ -141,9 +133,9 @@ def test_output_and_cache_dir_that_are_files_are_refused(tmp_path, image_factory
     assert "lies under a file" in text
 
 
-def test_unwritable_and_full_folders_are_found_before_any_model_loads(tmp_path, image_factory, tiny_sd,
+def test_unwritable_and_full_folders_are_found_before_any_model_loads(tmp_path, tiny_sd,
                                                                       no_model_loads, monkeypatch):
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     # /proc takes no new files, even for root (permission bits alone would not show it).
     text = preflight_error(config(tiny_sd, tmp_path / "inst", "/proc/dbtools-out", cache_dir="/proc/dbtools-cache",
                                   with_prior_preservation=True, class_prompt="a toy",
@@ -159,15 +151,15 @@ def test_unwritable_and_full_folders_are_found_before_any_model_loads(tmp_path, 
     assert f"--output_dir {tmp_path / 'out'}: not enough free space" in text and "needed" in text
 
 
-def test_disk_full_while_saving_is_one_message_with_the_space_needed(tmp_path, image_factory, tiny_sd, monkeypatch):
-    captioned(tmp_path / "inst", image_factory)
+def test_disk_full_while_saving_is_one_message_with_the_space_needed(tmp_path, tiny_sd, monkeypatch):
+    captioned(tmp_path / "inst")
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(T, "save_weights", full)
     with pytest.raises(TrainError, match="disk is full") as info:
-        T.train(config(tiny_sd, tmp_path / "inst", tmp_path / "out"))
+        T.train(config(tiny_sd, tmp_path / "inst", tmp_path / "out", max_train_steps=1))
     assert str(tmp_path / "out") in str(info.value) and "needs about" in str(info.value)
 
 
@@ -196,13 +188,13 @@ def test_disk_full_as_the_writers_report_it(tmp_path, monkeypatch, error):
 # --------------------------------------------------------------------------- data mixed into training
 
 
-def test_instance_images_never_come_from_class_or_output_folders(tmp_path, image_factory, caplog):
+def test_instance_images_never_come_from_class_or_output_folders(tmp_path, caplog):
     inst = tmp_path / "inst"
-    captioned(inst, image_factory, "a.png")
-    captioned(inst, image_factory, "sub/b.png")
+    captioned(inst, "a.png")
+    captioned(inst, "sub/b.png")
     for i in range(3):
-        captioned(inst, image_factory, f"class/{i}-x.jpg", "a toy")
-    captioned(inst, image_factory, "out/1/samples/0.png", "sample")
+        captioned(inst, f"class/{i}-x.jpg", "a toy")
+    captioned(inst, "out/1/samples/0.png", "sample")
     concept = Concept(str(inst), class_prompt="a toy", class_data_dir=str(inst / "class"))
     caplog.set_level(logging.INFO, logger="dbtools.train.data")
     plan, problems = scan_concepts([concept], read_prompts_from_txts=True, output_dir=str(inst / "out"))
@@ -211,9 +203,9 @@ def test_instance_images_never_come_from_class_or_output_folders(tmp_path, image
     assert "skipped sub-folder class" in caplog.text and f"skipped sub-folder {os.path.join('out')}" in caplog.text
 
 
-def test_equal_instance_and_class_folders_or_output_folder_are_refused(tmp_path, image_factory):
+def test_equal_instance_and_class_folders_or_output_folder_are_refused(tmp_path):
     inst = tmp_path / "inst"
-    captioned(inst, image_factory)
+    captioned(inst)
     concept = Concept(str(inst), class_prompt="a toy", class_data_dir=str(tmp_path / "x" / ".." / "inst"))
     _, problems = scan_concepts([concept], read_prompts_from_txts=True, with_prior_preservation=True)
     assert any("class_data_dir and instance_data_dir are the same folder" in p for p in problems)
@@ -221,9 +213,9 @@ def test_equal_instance_and_class_folders_or_output_folder_are_refused(tmp_path,
     assert any("--output_dir is the instance folder" in p for p in problems)
 
 
-def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path, image_factory, tiny_sd,
+def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path, tiny_sd,
                                                                        no_model_loads, capsys):
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps([
         {"instance_data_dir": 5, "instance_prompt": "x"},
@@ -238,9 +230,9 @@ def test_concepts_type_and_template_errors_are_messages_not_tracebacks(tmp_path,
 # --------------------------------------------------------------------------- another run in the folder
 
 
-def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(tmp_path, image_factory, tiny_sd,
+def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(tmp_path, tiny_sd,
                                                                                 no_model_loads, weights_factory):
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     out = tmp_path / "out"
     weights_factory(out, "500")
     text = preflight_error(config(tiny_sd, tmp_path / "inst", out))
@@ -262,21 +254,21 @@ def test_fresh_run_in_a_folder_holding_another_run_is_refused_with_the_ways_out(
     S.preflight(config(tiny_sd, tmp_path / "inst", out))
 
 
-def test_overwrite_output_dir_into_a_new_folder_moves_nothing_aside(tmp_path, image_factory, tiny_sd):
+def test_overwrite_output_dir_into_a_new_folder_moves_nothing_aside(tmp_path, tiny_sd):
     """The demo and the notebook pass --overwrite_output_dir on a first run too: nothing of the
     run itself (its progress.json) is taken for an earlier run."""
     inst = tmp_path / "inst"
-    captioned(inst, image_factory, "a.png")
-    T.train(config(tiny_sd, inst, tmp_path / "out", overwrite_output_dir=True))
+    captioned(inst, "a.png")
+    T.train(config(tiny_sd, inst, tmp_path / "out", max_train_steps=1, overwrite_output_dir=True))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out-previous-")] == []
 
 
-def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(tmp_path, image_factory, tiny_sd,
+def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(tmp_path, tiny_sd,
                                                                                 weights_factory):
     """`--overwrite_output_dir` keeps every old file (moved next to the folder); an image whose
     name is not UTF-8 trains like any other."""
     inst = tmp_path / "inst"
-    captioned(inst, image_factory, os.fsdecode(b"caf\xe9 cr\xe8me.png"))
+    captioned(inst, os.fsdecode(b"caf\xe9 cr\xe8me.png"))
     out = tmp_path / "out"
     old = weights_factory(out, "2")
     weights_factory(out, "checkpoint-2")
@@ -287,7 +279,7 @@ def test_overwrite_output_dir_moves_the_old_run_aside_and_trains_non_utf8_names(
     for name in ("out-2.safetensors", "preview.png", "metrics.jsonl"):  # export, preview, scores of the old run
         (out / name).write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
-    result = T.train(config(tiny_sd, inst, out, overwrite_output_dir=True))
+    result = T.train(config(tiny_sd, inst, out, max_train_steps=1, overwrite_output_dir=True))
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("out-previous-")]
     assert len(moved) == 1
     assert sorted(p.name for p in moved[0].iterdir()) == ["0", "2", "checkpoint-2", "generated", "gradio", "logs",
@@ -328,23 +320,23 @@ def test_latent_cache_key_follows_the_vae_weights_not_their_path(tmp_path):
         weights_key([weights], {"block_out_channels": [32]}, "m", None)
 
 
-def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, image_factory, tiny_sd, caplog):
+def test_swapped_vae_weights_at_the_same_path_are_encoded_again(tmp_path, tiny_sd, caplog):
     import torch
     from diffusers import AutoencoderKL
 
     model = tmp_path / "model"
     shutil.copytree(tiny_sd, model)
-    captioned(tmp_path / "inst", image_factory)
+    captioned(tmp_path / "inst")
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="dbtools.train.setup")
-    T.train(config(model, tmp_path / "inst", tmp_path / "a", cache_dir=str(cache)))
+    T.train(config(model, tmp_path / "inst", tmp_path / "a", max_train_steps=1, cache_dir=str(cache)))
     vae = AutoencoderKL.from_pretrained(model / "vae")
     with torch.no_grad():
         for p in vae.parameters():
             p.mul_(0.5)
     vae.save_pretrained(model / "vae")
     caplog.clear()
-    T.train(config(model, tmp_path / "inst", tmp_path / "b", cache_dir=str(cache)))
+    T.train(config(model, tmp_path / "inst", tmp_path / "b", max_train_steps=1, cache_dir=str(cache)))
     assert f"latents: 1 encoded, 0 read from {cache}" in caplog.text
 
 

@@ -32,14 +32,10 @@ def test_validation_and_score_flags_are_parsed_and_checked(tmp_path):
 
 
 @pytest.fixture
-def toy_data(tmp_path, image_factory):
+def toy_data(tmp_path, captioned_factory):
     """Four captioned instance images: one is held out with --validation_split 0.25."""
-    inst = tmp_path / "inst"
-    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
-    for i, colour in enumerate(colours):
-        img = image_factory(inst / f"toy_{i}.png", size=(40, 40), color=colour)
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
-    return inst
+    return captioned_factory(tmp_path / "inst", sizes=[(40, 40)] * 4,
+                             colors=[(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)])
 
 
 def train_flags(model, inst, out, *extra) -> list[str]:

@@ -18,22 +18,19 @@ from dbtools.train import outputs as O
 from dbtools.train import setup as S
 from dbtools.train.config import TrainConfig
 from dbtools.train.watch import Watch
-from tests.test_train import config
+from tests.conftest import train_config as config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def images(tmp_path, image_factory) -> dict[str, Path]:
+def images(tmp_path, captioned_factory) -> dict[str, Path]:
     """Two captioned instance images, and three held-out ones in two shapes (two size groups)."""
-    folders = {"inst": tmp_path / "inst", "held": tmp_path / "held"}
-    for i, size in enumerate([(64, 48), (48, 64)]):
-        img = image_factory(folders["inst"] / f"toy_{i}.png", size=size, color=(200, 40 * i, 0))
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
-    for i, size in enumerate([(64, 32), (64, 32), (32, 64)]):
-        img = image_factory(folders["held"] / f"held_{i}.png", size=size, color=(0, 60 * i, 200))
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, held {i}", encoding="utf-8")
-    return folders
+    return {"inst": captioned_factory(tmp_path / "inst", sizes=[(64, 48), (48, 64)],
+                                      colors=[(200, 0, 0), (200, 40, 0)]),
+            "held": captioned_factory(tmp_path / "held", sizes=[(64, 32), (64, 32), (32, 64)],
+                                      colors=[(0, 0, 200), (0, 60, 200), (0, 120, 200)], name="held_{i}.png",
+                                      caption="a photo of sks toy, held {i}")}
 
 
 def make_run(model, images, out, **kw) -> T.Run:

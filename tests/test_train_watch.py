@@ -95,11 +95,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 def toy_run(tmp_path: Path, model: Path, max_train_steps: int) -> tuple[dict, list[str]]:
     """Training settings for two captioned toy images (one held out for the validation loss):
     as TrainConfig fields and as flags."""
-    from conftest import make_image
+    from conftest import make_captioned
 
-    for i in range(2):
-        img = make_image(tmp_path / "inst" / f"toy_{i}.png", size=(48, 48), color=(200, 90 * i, 0))
-        Path(f"{img}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
+    make_captioned(tmp_path / "inst", sizes=[(48, 48)] * 2, colors=[(200, 0, 0), (200, 90, 0)])
     fields = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(tmp_path / "inst"),
                   resolution=32, train_batch_size=1, max_train_steps=max_train_steps, seed=3, learning_rate=1e-3,
                   lr_warmup_steps=0, report_to="none", save_interval=1000, save_sample_prompt="sks toy",

@@ -17,13 +17,10 @@ from dbtools.train.data import concept_class_examples
 
 
 @pytest.fixture
-def method1_data(tmp_path, image_factory):
+def method1_data(tmp_path, captioned_factory):
     """Captioned instance images (Method 1: captions only, no prompts)."""
-    inst = tmp_path / "inst"
-    for i, colour in enumerate([(200, 0, 0), (0, 200, 0)]):
-        img = image_factory(inst / f"a red car_{i}.png", size=(32, 32), color=colour)
-        Path(f"{img}.txt").write_text(f"a red car number {i}", encoding="utf-8")
-    return inst
+    return captioned_factory(tmp_path / "inst", colors=[(200, 0, 0), (0, 200, 0)], name="a red car_{i}.png",
+                             caption="a red car number {i}")
 
 
 def method1_flags(model, inst, klass, out, *extra) -> list[str]:

@@ -81,6 +81,11 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def weights_due(step: int, save_interval: int, save_min_steps: int) -> bool:
+    """Shivam's rule: weights every `save_interval` steps once `save_min_steps` is reached."""
+    return step > 0 and step % save_interval == 0 and step >= save_min_steps
+
+
 def ui_lora_name(output_name: str, step: int) -> str:
     """`<output name>-<step>-lora.safetensors`: the LoRA file for AUTOMATIC1111, Forge and ComfyUI
     that every LoRA step folder holds beside diffusers' `pytorch_lora_weights.safetensors`."""

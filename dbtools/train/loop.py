@@ -5,7 +5,7 @@ accelerate, make class images, load models, cache data, loop, save. What it call
 below it, in the order it is called. Setting up lives in `dbtools.train.setup`, writing
 weights, samples, checkpoints and uploads in `dbtools.train.outputs`, the loss maths in
 `dbtools.train.losses`, the flags in `dbtools.train.config` and the output-folder rules in
-`dbtools.train.checkpoints`.
+`dbtools.train.checkpoints`; the `Run` every step and save takes is in `dbtools.train.run`.
 
 Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
 folder (LoRA mode: `pytorch_lora_weights.safetensors`) with `args.json` and
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ from dbtools.core.redact import public_settings
 from dbtools.families.base import Conditioning
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.train.config import TrainConfig, parse_args
-from dbtools.train.data import DataPlan, DreamBoothData, place_items, step_seed
+from dbtools.train.data import DataPlan, place_items, step_seed
 from dbtools.train.folders import hold_output_dir, move_previous_run
 from dbtools.train.losses import dreambooth_loss, training_noise
 from dbtools.train.outputs import (
@@ -43,9 +42,11 @@ from dbtools.train.outputs import (
     make_scorer,
     periodic_saves,
     push_to_hub,
+    save_at_stop,
     save_lora,
     save_weights,
 )
+from dbtools.train.run import MicroBatches, Run
 from dbtools.train.setup import (
     TrainError,
     agree_on_seed,
@@ -68,57 +69,16 @@ from dbtools.train.setup import (
     weight_dtype_for,
     with_native_resolution,
 )
-from dbtools.train.watch import Watch, save_at_stop, stop_message
+from dbtools.train.watch import Watch, stop_message
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
-    from torch.optim.lr_scheduler import LRScheduler
 
-    from dbtools.after.evaluate import SaveScorer
     from dbtools.families.base import Components
-    from dbtools.families.models import SDComponents
-    from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Run", "TrainConfig", "TrainError", "TrainResult", "main", "run_training", "train"]
-
-
-@dataclass(frozen=True)
-class Run:
-    """Everything the loop needs, built once by `setup` and never changed afterwards.
-
-    `models` holds the modules as accelerate prepared them: `models.unet` (and
-    `models.text_encoder` when it trains) may be wrapped for data-parallel training.
-    """
-
-    cfg: TrainConfig
-    accelerator: Accelerator
-    models: SDComponents
-    data: DreamBoothData
-    prompts: PromptEncoder | SDXLPromptEncoder
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: LRScheduler
-    params: list[torch.nn.Parameter]
-    weight_dtype: torch.dtype
-    batches: MicroBatches
-    ema: EMAModel | None = None
-    watch: Watch = dataclasses.field(default_factory=Watch.disabled)
-    seed: int = 0
-    max_train_steps: int = 0
-    start_step: int = 0
-    resumed_from: Path | None = None
-    held_out: HeldOut | None = None
-    scorer: SaveScorer | None = None
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.models.denoiser
-
-    @property
-    def text_encoder(self) -> torch.nn.Module:
-        return self.models.text_encoder
 
 
 @dataclass
@@ -448,44 +408,6 @@ def _read_step(accelerator: Accelerator, total: torch.Tensor, nonfinite: torch.T
         flag = accelerator.reduce(flag, reduction="sum")
     loss, bad = torch.cat([total.float().reshape(1), flag.reshape(1)]).tolist()
     return loss, bad == 0.0
-
-
-class MicroBatches:
-    """This process's micro-batches by global index: read when asked, or prefetched by
-    `DataLoader` workers (`--dataloader_num_workers`, only without the latent cache) in
-    the order `micro_indices` gives, which is the order the loop asks for them."""
-
-    def __init__(self, data: DreamBoothData, cfg: TrainConfig, indices: list[int]):
-        self.data, self.indices = data, indices
-        self.workers = cfg.dataloader_num_workers if data.cache is None else 0
-        self._prefetched: Iterator[dict] | None = None
-
-    def __enter__(self) -> MicroBatches:
-        if self.workers > 0:
-            from torch.utils.data import DataLoader
-
-            self._prefetched = iter(DataLoader(self, batch_size=None, shuffle=False, num_workers=self.workers,
-                                               collate_fn=_as_is))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._prefetched = None  # stops the loader's workers
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, j: int) -> dict:
-        return self.data.micro_batch(self.indices[j])
-
-    def get(self, micro: int) -> dict:
-        """Micro-batch `micro`: the next prefetched one, or read now."""
-        if self._prefetched is None:
-            return self.data.micro_batch(micro)
-        return next(self._prefetched)
-
-
-def _as_is(x):
-    return x
 
 
 # --------------------------------------------------------------------------- the end

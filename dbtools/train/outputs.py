@@ -30,9 +30,10 @@ from dbtools.after.generate import save_image
 from dbtools.core.atomic import atomic_dir, atomic_write_text
 from dbtools.core.redact import public_settings
 from dbtools.families.base import Conditioning
-from dbtools.train.checkpoints import SINGLE_FILE_NAME, ui_lora_name, write_checkpoint
+from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, ui_lora_name, weights_due, write_checkpoint
 from dbtools.train.config import TrainConfig, view
 from dbtools.train.folders import human_size, nearest_existing
+from dbtools.train.run import Run
 from dbtools.train.setup import TrainError, move_module, vae_dtype
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from dbtools.after.generate import Generated
     from dbtools.families.base import Components
     from dbtools.train.data import DataPlan, Item
-    from dbtools.train.loop import Run
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _write_due(run: Run, step: int, due: list[str]) -> None:
 
 def should_save(step: int, cfg: TrainConfig) -> bool:
     """Shivam's rule: weights every `save_interval` steps once `save_min_steps` is reached."""
-    return step > 0 and step % cfg.save_interval == 0 and step >= cfg.save_min_steps
+    return weights_due(step, cfg.save_interval, cfg.save_min_steps)
 
 
 def save_weights(run: Run, step: int, final: bool = False) -> Path:
@@ -422,6 +422,26 @@ def save_checkpoint(run: Run, step: int) -> Path:
     """Accelerate state in `<output_dir>/checkpoint-<step>/`, atomically; then rotate old ones."""
     return write_checkpoint(run.accelerator, run.cfg.output_dir, step, run.cfg.checkpoints_total_limit,
                             args=public_settings(run.cfg))
+
+
+def save_at_stop(run: Run, step: int) -> tuple[Path | None, Path | None]:
+    """The clean stop's saves at `step` (every process calls this): a complete weights folder
+    and a resume checkpoint, unless the periodic saves of that step made them already.
+    Returns (weights folder, checkpoint folder); (None, None) when no step was trained."""
+    if step <= run.start_step:
+        return None, None
+    out = Path(run.cfg.output_dir)
+    weights, checkpoint = out / str(step), out / f"{CHECKPOINT_PREFIX}{step}"
+    run.watch.state("saving", step=step)
+    with disk_full_message(run):
+        if run.accelerator.is_main_process:
+            if not weights.is_dir():
+                save_weights(run, step)
+            if not checkpoint.is_dir():
+                save_checkpoint(run, step)
+    run.accelerator.wait_for_everyone()
+    run.watch.progress.saved(out, step)
+    return weights, checkpoint
 
 
 def push_to_hub(cfg: TrainConfig, folder: Path) -> str:

@@ -26,17 +26,16 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dbtools.core.atomic import atomic_write_text
 from dbtools.core.redact import mask_secret_text
-from dbtools.train.checkpoints import RUN_FILES_DIR
+from dbtools.train.checkpoints import RUN_FILES_DIR, weights_due
+from dbtools.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from dbtools.train.config import TrainConfig
-    from dbtools.train.loop import Run
+    from torch.optim.lr_scheduler import LRScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +210,16 @@ class StopSignal:
 # --------------------------------------------------------------------------- the watch
 
 
+class RunState(Protocol):
+    """What the watch reads from a run (`dbtools.train.run.Run`, which holds the watch)."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    lr_scheduler: LRScheduler
+    start_step: int
+    max_train_steps: int
+
+
 class Watch:
     """progress.json and the clean stop for one run; every process has one (only the main
     process writes), `train` enters it around the run."""
@@ -251,25 +260,24 @@ class Watch:
     def state(self, state: str, **fields) -> None:
         self.progress.state(state, **fields)
 
-    def loop_started(self, run: Run) -> None:
+    def loop_started(self, run: RunState) -> None:
         """The loop begins: signals now stop cleanly."""
         if self.stop is not None:
             self.stop.armed = True
         self.progress.state("running", step=run.start_step, max_train_steps=run.max_train_steps)
 
-    def should_stop(self, run: Run) -> bool:
+    def should_stop(self, run: RunState) -> bool:
         return self.stop is not None and self.stop.agreed(run.accelerator)
 
-    def after_step(self, run: Run, step: int, loss: float) -> None:
+    def after_step(self, run: RunState, step: int, loss: float) -> None:
         """A step was trained: its numbers, and state `saving` when weights or a checkpoint are due."""
-        from dbtools.train.outputs import should_save
-
         self.progress.step(step, run.max_train_steps, loss, run.lr_scheduler.get_last_lr()[0], self._gpu_gib())
         cfg = run.cfg
-        if should_save(step, cfg) or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
+        checkpoint_due = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+        if weights_due(step, cfg.save_interval, cfg.save_min_steps) or checkpoint_due:
             self.progress.state("saving", step=step)
 
-    def after_saves(self, run: Run, step: int) -> None:
+    def after_saves(self, run: RunState, step: int) -> None:
         """After the saves due at `step`: what they wrote (or a new validation loss alone)."""
         if self.progress.fields["state"] == "saving":
             self.progress.saved(run.cfg.output_dir, step)
@@ -277,7 +285,7 @@ class Watch:
         elif self.progress.enabled and self.progress.read_metrics(run.cfg.output_dir):
             self.progress.write()
 
-    def finished(self, run: Run, weights_dir: Path | None, step: int) -> None:
+    def finished(self, run: RunState, weights_dir: Path | None, step: int) -> None:
         if weights_dir is not None:
             self.progress.saved(run.cfg.output_dir, step, weights_dir)
         self.progress.state("finished", step=step)
@@ -288,29 +296,6 @@ class Watch:
         import torch
 
         return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-
-
-def save_at_stop(run: Run, step: int) -> tuple[Path | None, Path | None]:
-    """The clean stop's saves at `step` (every process calls this): a complete weights folder
-    and a resume checkpoint, unless the periodic saves of that step made them already.
-    Returns (weights folder, checkpoint folder); (None, None) when no step was trained."""
-    from dbtools.train.checkpoints import CHECKPOINT_PREFIX
-    from dbtools.train.outputs import disk_full_message, save_checkpoint, save_weights
-
-    if step <= run.start_step:
-        return None, None
-    out = Path(run.cfg.output_dir)
-    weights, checkpoint = out / str(step), out / f"{CHECKPOINT_PREFIX}{step}"
-    run.watch.state("saving", step=step)
-    with disk_full_message(run):
-        if run.accelerator.is_main_process:
-            if not weights.is_dir():
-                save_weights(run, step)
-            if not checkpoint.is_dir():
-                save_checkpoint(run, step)
-    run.accelerator.wait_for_everyone()
-    run.watch.progress.saved(out, step)
-    return weights, checkpoint
 
 
 def stop_message(step: int, weights: Path | None, checkpoint: Path | None) -> str:
