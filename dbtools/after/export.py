@@ -45,8 +45,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbtools.after import kohya
 from dbtools.core.atomic import atomic_write, remove_leftovers
 from dbtools.core.errors import UserError
+from dbtools.families import flux_files
 from dbtools.families.detect import SDXL, UnsupportedFamily, family_from_model_index
 from dbtools.families.models import WEIGHT_STEMS
 
@@ -60,13 +62,17 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder",
            "sdxl": "SDXL, CLIP and OpenCLIP text encoders",
-           "kohya": "kohya-style LoRA for AUTOMATIC1111/ComfyUI"}
+           "kohya": "kohya-style LoRA for AUTOMATIC1111/ComfyUI",
+           "flux1": "Flux.1 transformer, Black Forest Labs' original layout"}
 WHERE_IT_GOES = {
     "lora": "A LoRA file: put it in models/Lora (AUTOMATIC1111, Forge) or models/loras (ComfyUI) and use it with "
             "its base model. diffusers' load_lora_weights reads the step folder's pytorch_lora_weights.safetensors "
             "instead (the web UIs ignore that one).",
     "checkpoint": "A full checkpoint: put it in models/Stable-diffusion (AUTOMATIC1111, Forge) or models/checkpoints "
                   "(ComfyUI).",
+    "transformer": "A Flux.1 transformer (no text encoders, no VAE): put it in models/diffusion_models (ComfyUI's "
+                   "Load Diffusion Model node, with the CLIP-L and T5-XXL text encoders and the ae VAE) or "
+                   "models/Stable-diffusion (Forge, with the same three files as VAE / Text Encoder).",
 }
 """The line `export` prints after a file: which folder of which program it goes into."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -131,7 +137,7 @@ class ExportResult:
 
     @property
     def kind(self) -> str:
-        return "lora" if self.layout == "kohya" else "checkpoint"
+        return {"kohya": "lora", "flux1": "transformer"}.get(self.layout, "checkpoint")
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -662,14 +668,15 @@ def _check_weights(component: str, config: dict, state_dict: dict, folder: Path)
                           "Stable Diffusion 1.x/2.x folder.")
 
 
-def _write(state_dict: dict, path: Path, file_format: str) -> None:
-    """Write atomically; a full disk or a folder we cannot write to is one `ExportError`
-    naming the folder (never the temp file), and no partial file is left."""
+def _write(state_dict: dict, path: Path, file_format: str, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically (safetensors with `metadata` in its header); a full disk or a folder we
+    cannot write to is one `ExportError` naming the folder (never the temp file), and no partial
+    file is left."""
     def write(tmp: str) -> None:
         if file_format == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(state_dict, tmp, metadata={"format": "pt"})
+            save_file(state_dict, tmp, metadata={**(metadata or {}), "format": "pt"})
         else:
             import torch
 
@@ -725,6 +732,9 @@ def run_export(config: ExportConfig) -> ExportResult:
     if out.parent.is_dir():  # what an export that was killed left there
         remove_leftovers(out.parent, ("file",), suffixes=tuple({*EXPORT_SUFFIXES, out.suffix} - {""}))
 
+    flux = _export_flux(config)
+    if flux is not None:
+        return flux
     if is_checkpoint_folder(model_path):
         return _export_checkpoint(config)
     if is_lora_folder(model_path):
@@ -762,6 +772,118 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
         del pipe
         logger.info("%s: a training checkpoint, exported with its run's base model", config.model_path)
         return run_export(dataclasses.replace(config, model_path=Path(tmp)))
+
+
+def _export_flux(config: ExportConfig) -> ExportResult | None:
+    """A Flux.1 pipeline folder, or a Flux.1 LoRA step folder with `fuse_lora`, as the transformer
+    in Black Forest Labs' original layout (`flux_files.transformer_to_original`); None for other
+    models. (The one place export tells Flux apart, until model families carry their layouts.)"""
+    model_path, out = Path(config.model_path), Path(config.checkpoint_path)
+    lora = is_lora_folder(model_path) and _is_flux_lora(model_path)
+    if not (_is_flux_pipeline(model_path) or lora and config.fuse_lora):
+        return None
+    if output_format(out, config.use_safetensors) != "safetensors":
+        raise ExportError(f"{out}: a Flux.1 transformer is written as .safetensors (ComfyUI and Forge read Flux "
+                          f"from safetensors). Name it {out.with_suffix('.safetensors').name}.")
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder. --checkpoint_path takes a file name such as "
+                          f"{out / 'flux1-dev-style.safetensors'}.")
+    base = _lora_base(model_path) if lora else {"pretrained_model_name_or_path": str(model_path)}
+    if lora and any(k.startswith("text_encoder.") for k in kohya.read_lora(model_path)):
+        logger.warning("%s: the LoRA also trained the CLIP text encoder, which a transformer file does not hold; "
+                       "for that part use the LoRA file (export without --fuse_lora)", model_path)
+    transformer = load_flux_transformer(base["pretrained_model_name_or_path"], base.get("revision"),
+                                        lora_folder=model_path if lora else None)
+    state = flux_files.transformer_to_original(transformer.state_dict())
+    del transformer
+    if config.half:  # Flux.1's own half precision: fp16 overflows its activations
+        import torch
+
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    _write(state, out, "safetensors", flux_files.transformer_metadata(out.stem))
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
+    return ExportResult(path=out, num_tensors=len(state), num_bytes=out.stat().st_size, dtype="/".join(dtypes),
+                        layout="flux1", file_format="safetensors")
+
+
+def _is_flux_pipeline(path: Path) -> bool:
+    index = path / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+    except ValueError:
+        return False
+    return name == "FluxPipeline" and (path / "transformer").is_dir()
+
+
+def _is_flux_lora(path: Path) -> bool:
+    """A transformer LoRA whose base model (args.json) is Flux.1, or cannot be read here."""
+    from safetensors import safe_open
+
+    from dbtools.families.models import detect_family
+
+    with safe_open(str(path / LORA_FILE), framework="pt") as fh:
+        if not any(k.startswith("transformer.") for k in fh.keys()):
+            return False
+    try:
+        args = json.loads((path / "args.json").read_text(encoding="utf-8"))
+        return detect_family(str(args["pretrained_model_name_or_path"]), revision=args.get("revision")).family.key \
+            == kohya.FLUX
+    except UnsupportedFamily as exc:
+        return exc.label == "Flux.1"
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def _lora_base(folder: Path) -> dict:
+    """The run settings (`args.json`) of a LoRA step folder, which name its base model."""
+    try:
+        args = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        args = {}
+    if not args.get("pretrained_model_name_or_path"):
+        raise ExportError(f"{folder}: no args.json naming the base model the LoRA was trained on, so it cannot be "
+                          "fused. Copy args.json from the run's other step folders, or export the LoRA file "
+                          "instead (without --fuse_lora).")
+    return args
+
+
+def load_flux_transformer(name: str, revision: str | None = None, lora_folder: Path | None = None):
+    """The Flux.1 transformer of `name` (a folder or Hub id) in its stored precision (float32 for
+    a float32 folder, else bfloat16, Flux.1's own), never quantized, with the LoRA of `lora_folder`
+    fused in. A gated or missing model is one `ExportError`."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    local = Path(name) / "transformer"
+    dtype = _stored_dtype(local) if local.is_dir() else torch.bfloat16
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", revision=revision,
+                                                             torch_dtype=dtype)
+    except OSError as exc:
+        raise ExportError(f"{name}: cannot load its Flux.1 transformer ({str(exc).splitlines()[0]}). Flux.1 [dev] "
+                          "is gated: accept its licence on the Hub and log in with your token (huggingface-cli "
+                          "login), or point args.json's pretrained_model_name_or_path at a local copy.") from exc
+    if lora_folder is not None:
+        transformer.load_lora_adapter(str(lora_folder), weight_name=LORA_FILE, prefix="transformer",
+                                      adapter_name="export")
+        transformer.fuse_lora(lora_scale=1.0)
+        transformer.unload_lora()
+    return transformer
+
+
+def _stored_dtype(folder: Path):
+    """The floating-point dtype a component folder's safetensors store (bfloat16 if unknown)."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return torch.bfloat16
+    with safe_open(str(files[0]), framework="pt") as fh:
+        stored = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    return next((dtype for name, dtype in (("F32", torch.float32), ("F16", torch.float16)) if name in stored),
+                torch.bfloat16)
 
 
 def is_lora_folder(path: Path) -> bool:

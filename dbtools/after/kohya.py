@@ -20,6 +20,11 @@ The file's metadata holds kohya's `ss_*` keys and the `modelspec.*` keys of kohy
 `ss_base_model_version` starts with `sdxl_`, as SD 2.x when `ss_v2` is `True`, else as SD 1.x
 if it has any metadata; Forge needs `modelspec.architecture` (`stable-diffusion-v1/lora`)
 to show a file as SD 1.x. ComfyUI ignores the metadata.
+
+Flux.1 LoRAs get kohya's Flux layout (`lora_unet_double_blocks_0_img_attn_qkv`, ...: the original
+transformer's module names, see `dbtools.families.flux_files`) and kohya's Flux metadata
+(`ss_base_model_version` `flux1`, `modelspec.architecture` `flux-1-dev/lora`, by which Forge lists
+them under Flux).
 """
 
 from __future__ import annotations
@@ -34,16 +39,22 @@ from pathlib import Path
 
 from dbtools.core.atomic import atomic_write
 from dbtools.core.errors import UserError
+from dbtools.families import flux_files
 
 logger = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+FLUX = "flux1"
+"""The Flux.1 family: its UI file has the original transformer's module names (`flux_files`)."""
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", FLUX: flux_files.BASE_MODEL_VERSION}
 """`ss_base_model_version` per family as kohya's scripts write it (SD 1.x/2.x v-models get `_v`)."""
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 FLUX: flux_files.ARCHITECTURE}
 """`modelspec.architecture` per family (before `/lora`); SD 2.x v-models are `stable-diffusion-v2-768-v`."""
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models", FLUX: flux_files.IMPLEMENTATION}
+"""`modelspec.implementation` per family (others: "diffusers")."""
 NETWORK_MODULE = "networks.lora"
-"""`ss_network_module` of a plain LoRA in kohya's scripts."""
+"""`ss_network_module` of a plain LoRA in kohya's scripts (Flux.1: `flux_files.NETWORK_MODULE`)."""
 # TrainConfig fields -> kohya metadata keys that mean the same (values written with str()).
 _ARGS_TO_SS = {"learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler",
                "lr_warmup_steps": "ss_lr_warmup_steps", "max_train_steps": "ss_max_train_steps",
@@ -51,7 +62,8 @@ _ARGS_TO_SS = {"learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_sched
                "gradient_accumulation_steps": "ss_gradient_accumulation_steps",
                "gradient_checkpointing": "ss_gradient_checkpointing", "seed": "ss_seed",
                "max_grad_norm": "ss_max_grad_norm", "prior_loss_weight": "ss_prior_loss_weight",
-               "hflip": "ss_flip_aug", "snr_gamma": "ss_min_snr_gamma", "num_train_epochs": "ss_num_epochs"}
+               "hflip": "ss_flip_aug", "snr_gamma": "ss_min_snr_gamma", "num_train_epochs": "ss_num_epochs",
+               **flux_files.TRAINING_SETTINGS}
 
 
 class LoraConvertError(UserError):
@@ -134,7 +146,7 @@ def kohya_metadata(family: str, rank: int, alpha: float, output_name: str, *, v_
                    args: Mapping | None = None) -> dict[str, str]:
     """The safetensors metadata kohya's scripts write into a LoRA file, for our LoRA.
 
-    `family` is "sd1", "sd2" or "sdxl"; `rank` and `alpha` the LoRA's (`ss_network_dim`,
+    `family` is "sd1", "sd2", "sdxl" or "flux1"; `rank` and `alpha` the (denoiser's) LoRA's (`ss_network_dim`,
     `ss_network_alpha`); `output_name` its name in the UIs (`ss_output_name`, `modelspec.title`);
     `steps` the optimizer steps trained. `args` is a training run's `args.json`: the settings
     kohya also records (learning rate, scheduler, batch size, seed, precision, base model)
@@ -143,13 +155,13 @@ def kohya_metadata(family: str, rank: int, alpha: float, output_name: str, *, v_
     v2, v = family == "sd2", family != "sdxl" and v_prediction
     arch = "stable-diffusion-v2-768-v" if v2 and v else ARCHITECTURES[family]
     meta = {"ss_base_model_version": BASE_MODEL_VERSIONS[family] + ("_v" if v else ""), "ss_v2": str(v2),
-            "ss_network_module": NETWORK_MODULE, "ss_network_dim": str(int(rank)),
-            "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
+            "ss_network_module": flux_files.NETWORK_MODULE if family == FLUX else NETWORK_MODULE,
+            "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
-            "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family == "sdxl"
-                                         else "diffusers"),
-            "modelspec.title": output_name, "modelspec.prediction_type": "v" if v_prediction else "epsilon",
-            "modelspec.date": datetime.date.today().isoformat()}
+            "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+            "modelspec.title": output_name, "modelspec.date": datetime.date.today().isoformat()}
+    if family != FLUX:  # kohya's Flux files have no prediction type (flow matching)
+        meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     args = dict(args or {})
     meta.update({key: str(args[name]) for name, key in _ARGS_TO_SS.items() if args.get(name) is not None})
     if args.get("pretrained_model_name_or_path"):
@@ -170,27 +182,55 @@ def read_lora(path: str | os.PathLike) -> dict:
     """The tensors of a diffusers LoRA file, or of a LoRA folder's `pytorch_lora_weights.safetensors`."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise LoraConvertError(f"{path}: not found. Give a LoRA folder (with pytorch_lora_weights.safetensors) "
-                               "or the .safetensors file itself.")
+    path = lora_file(path)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise LoraConvertError(f"{path}: not a valid .safetensors file ({exc}). Save the LoRA again.") from exc
 
 
+def lora_file(path: str | os.PathLike) -> Path:
+    """The diffusers LoRA file at `path` (a LoRA folder or the file itself); `LoraConvertError` if none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise LoraConvertError(f"{path}: not found. Give a LoRA folder (with pytorch_lora_weights.safetensors) "
+                               "or the .safetensors file itself.")
+    return path
+
+
+def lora_alphas(path: str | os.PathLike) -> dict[str, float]:
+    """{component: lora_alpha} from the adapter settings diffusers' `save_lora_weights` writes into
+    a LoRA file's metadata (`lora_adapter_metadata`); {} when it has none."""
+    try:
+        settings = json.loads(read_metadata(lora_file(path)).get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return {}
+    return {key.split(".", 1)[0]: float(value) for key, value in settings.items()
+            if key.endswith(".lora_alpha") and value is not None}
+
+
+def ui_lora_tensors(state_dict: Mapping, alpha: float | Mapping[str, float] | None = None,
+                    family: str | None = None) -> dict:
+    """The web-UI LoRA tensors of a diffusers LoRA in kohya's layout for its family: Flux.1's
+    with the original transformer's module names (`flux_files.lora_to_ui`, also chosen for a
+    transformer LoRA when `family` is None), Stable Diffusion's with the UNet's (`to_kohya`)."""
+    if family == FLUX or (family is None and any(k.startswith("transformer.") for k in state_dict)):
+        return flux_files.lora_to_ui(state_dict, alpha)
+    return to_kohya(state_dict, alpha, family)
+
+
 def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
                      alpha: float | Mapping[str, float] | None = None, half: bool = False,
                      metadata: Mapping[str, str] | None = None, family: str | None = None) -> Path:
-    """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111 and ComfyUI load; return its path.
+    """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111, Forge and ComfyUI load; return its path.
 
     `lora` is a diffusers LoRA folder or file, or its state dict; `alpha` and `family` as in
-    `to_kohya` (`family` defaults to the one `metadata` names). `metadata` (see `kohya_metadata`)
-    goes into the file's header. With `half`, floating-point tensors are stored as fp16. The
-    file appears only when complete.
+    `ui_lora_tensors` (`family` defaults to the one `metadata` names; `alpha` to the alphas in a
+    LoRA file's adapter settings, else the rank). `metadata` (see `kohya_metadata`) goes into the
+    file's header. With `half`, floating-point tensors are stored as fp16. The file appears only
+    when complete.
     """
     import torch
     from safetensors.torch import save_file
@@ -200,7 +240,10 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
         raise LoraConvertError(f"{out}: name the LoRA file .safetensors (AUTOMATIC1111 and ComfyUI pick their "
                                "reader by the extension).")
     family = family or family_of_metadata(metadata or {})
-    tensors = to_kohya(read_lora(lora) if isinstance(lora, (str, os.PathLike)) else lora, alpha, family)
+    path = isinstance(lora, (str, os.PathLike))
+    if alpha is None and path:
+        alpha = lora_alphas(lora) or None
+    tensors = ui_lora_tensors(read_lora(lora) if path else lora, alpha, family)
     if half:
         tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -211,7 +254,7 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
 
 
 def family_of_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The family ("sd1", "sd2", "sdxl") that `ss_base_model_version` names; None when absent."""
+    """The family ("sd1", "sd2", "sdxl", "flux1") that `ss_base_model_version` names; None when absent."""
     version = str(metadata.get("ss_base_model_version", ""))
     return next((f for f, v in BASE_MODEL_VERSIONS.items() if version in (v, v + "_v")), None)
 
@@ -229,8 +272,9 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
 
     The UI file that training wrote into the folder gives it (renamed to `name`); for a folder
     without one, it is built from the folder's `args.json` and the base model's family (read from
-    the base model named there, else SDXL when the LoRA has a second text encoder). {} when the
-    family cannot be told: the UIs then list the file as SD 1.x or "unknown".
+    the base model named there, else Flux.1 for a transformer LoRA and SDXL when the LoRA has a
+    second text encoder). {} when the family cannot be told: the UIs then list the file as SD 1.x
+    or "unknown".
     """
     from dbtools.train.checkpoints import ARGS_FILE, ui_lora_file
 
@@ -252,8 +296,9 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
         return {}
     rank = next(v.shape[0] for k, v in to_peft_names(tensors).items() if ".lora_A." in k)
     steps = int(folder.name) if folder.name.isdigit() else None
-    return kohya_metadata(family, rank, args.get("lora_alpha") or rank, name, v_prediction=v_prediction,
-                          steps=steps, args=args)
+    alphas = lora_alphas(folder)
+    alpha = alphas.get("transformer", alphas.get("unet")) or args.get("lora_alpha") or rank
+    return kohya_metadata(family, rank, alpha, name, v_prediction=v_prediction, steps=steps, args=args)
 
 
 def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
@@ -267,4 +312,6 @@ def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
             return detected.family.key, detected.prediction_type == "v_prediction"
         except (UserError, OSError, ValueError) as exc:
             logger.info("base model %s not readable here (%s); telling the family from the LoRA", base, exc)
+    if any(k.startswith("transformer.") for k in tensors):
+        return FLUX, False
     return ("sdxl" if any(k.startswith("text_encoder_2.") for k in tensors) else None), False
