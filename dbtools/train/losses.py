@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dbtools.core.errors import UserError
+from dbtools.train.config import WEIGHTING_SCHEMES
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -98,9 +99,8 @@ def prior_split_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_los
 
 # --------------------------------------------------------------------------- flow matching
 
-WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-"""diffusers' flow-matching weighting schemes: logit_normal and mode shape how sigmas are drawn,
-sigma_sqrt and cosmap weight the loss, none draws uniformly and weights nothing."""
+# WEIGHTING_SCHEMES (diffusers' flow-matching schemes): logit_normal and mode shape how sigmas
+# are drawn, sigma_sqrt and cosmap weight the loss, none draws uniformly and weights nothing.
 
 
 def sigmas_on_schedule(u: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
