@@ -276,9 +276,3 @@ def test_flow_matching_loss_is_weighted_then_split_into_instance_and_prior():
     assert loss("sigma_sqrt", [False, True]) == pytest.approx(4.0 + 0.5 * 64.0)
     assert loss("none", [False, True]) == pytest.approx(1.0 + 0.5 * 4.0)
 
-
-def test_an_unknown_weighting_scheme_is_a_user_error():
-    from dbtools.core.errors import UserError
-
-    with pytest.raises(UserError, match="--weighting_scheme uniform: choose one of sigma_sqrt"):
-        flow_matching_weights("uniform", torch.tensor([0.5]))
