@@ -23,6 +23,9 @@ GIB = 1024 ** 3
 SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
 SDXL_LORA_16GB = "SDXL LoRA, 16 GB (Colab T4)"
 SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
+FLUX_LORA_NF4 = "Flux.1 LoRA, NF4 base, 16 GB"
+FLUX_LORA_INT8 = "Flux.1 LoRA, int8 base, 24 GB"
+FLUX_LORA_BF16 = "Flux.1 LoRA, bf16 base, 32 GB"
 AUTO = "auto"
 
 # Learning rates: a full fine-tune moves every weight, so it needs a small rate (the notebook's
@@ -50,7 +53,21 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
     SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": False, "use_adafactor": True,
                      "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False,
                      "learning_rate": FULL_FINE_TUNE_LR},
+    # Flux.1 needs bf16. LoRA adapters (float32) on a frozen transformer that bitsandbytes holds
+    # in 4 bits (NF4) or 8 bits, or in bf16 where the GPU has room; text embeddings cached, so
+    # T5-XXL and CLIP leave the GPU; 8-bit Adam for the adapters.
+    FLUX_LORA_NF4: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                    "use_lora": True, "train_text_encoder": False, "quantize_base": "nf4", "learning_rate": LORA_LR},
+    FLUX_LORA_INT8: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": True, "train_text_encoder": False, "quantize_base": "int8", "learning_rate": LORA_LR},
+    FLUX_LORA_BF16: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": True, "train_text_encoder": False, "quantize_base": "none", "learning_rate": LORA_LR},
 }
+FLUX_PROFILES = (FLUX_LORA_BF16, FLUX_LORA_INT8, FLUX_LORA_NF4)
+"""Flux.1's profiles, best first: `auto` takes the first that fits the GPU."""
+FLUX_HEADROOM_GIB = 2.0
+"""What `auto` leaves spare on the GPU for a Flux.1 profile: the estimate is good to about 1 GiB,
+and bitsandbytes adds dequantization buffers, so a 16 GB card gets NF4 rather than int8."""
 
 USER_WINS = ("learning_rate",)
 """Profile flags that are only defaults: a value the user gives is kept."""
@@ -62,9 +79,10 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     "fp32, no memory savings": ("sd1", "sd2", "sdxl"),
     SDXL_LORA_16GB: ("sdxl",),
     SDXL_FULL_24GB: ("sdxl",),
+    **dict.fromkeys(FLUX_PROFILES, ("flux1",)),
 }
 
-# Facts about the real models: parameter counts (UNet, text encoders, VAE), the native size,
+# Facts about the real models: parameter counts (UNet or transformer, text encoders, VAE), the native size,
 # LoRA parameters per unit of rank for the attention projections the trainer adapts, and
 # activation memory (GiB) at the native size, batch 1, half precision, with and without
 # gradient checkpointing.
@@ -72,12 +90,22 @@ _PARAMS = {
     "sd1": {"unet": 859_520_964, "text": (123_060_480,), "vae": 83_653_863},
     "sd2": {"unet": 865_910_724, "text": (340_387_840,), "vae": 83_653_863},
     "sdxl": {"unet": 2_567_463_684, "text": (123_060_480, 694_659_840), "vae": 83_653_863},
+    # Flux.1 [dev]: the 12B transformer, CLIP-L and T5-XXL (4.9B with its embedding), the 16-channel VAE
+    "flux1": {"unet": 11_901_408_320, "text": (123_060_480, 4_893_906_944), "vae": 83_819_683},
 }
-_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux1": 1024}
+# Flux.1: q/k/v/out of both streams and both feed-forwards of the 19 double blocks, q/k/v of the
+# 38 single blocks; CLIP-L's attention when the text encoder trains (T5 never does).
 _LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
                   "sd2": {"unet": 199_296, "text": (245_760,)},
-                  "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)}}
-_ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0)}  # (checkpointed, not)
+                  "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)},
+                  "flux1": {"unet": 2_801_664, "text": (73_728, 0)}}
+# (checkpointed, not). Flux.1 at 1024 px: 4096 image + 512 text tokens of width 3072; with
+# checkpointing each of the 57 blocks keeps its input (1.6 GiB) and one block is recomputed at a time.
+_ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0), "flux1": (3.0, 50.0)}
+# Bytes per weight of a frozen denoiser that bitsandbytes quantized (`quantize_base`): NF4 packs
+# two weights a byte plus a float32 scale per 64 (less with nested quantization); int8 one byte.
+_QUANTIZED_BYTES = {"nf4": 0.53, "int8": 1.0}
 _OVERHEAD_GIB = 0.5
 # Adafactor keeps row and column second moments: 0.095 floats per weight for SDXL's UNet (its
 # 3x3 convolutions factor over the last two axes only).
@@ -111,12 +139,14 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     """Peak GPU memory of a real-size `family` model ("sd1", "sd2", "sdxl") trained with the
     training command's `flags` (names as `train_dreambooth.py`'s: `mixed_precision`,
     `use_8bit_adam`, `use_adafactor`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
-    `resolution`, `train_batch_size`, `with_prior_preservation`, `not_cache_latents`, `shuffle_captions`).
+    `resolution`, `train_batch_size`, `with_prior_preservation`, `not_cache_latents`, `shuffle_captions`,
+    `quantize_base`).
 
     Frozen weights count in the mixed-precision dtype, trained ones (full weights or LoRA
     adapters) in float32 with float32 gradients; AdamW keeps 8 bytes per trained weight,
     8-bit Adam 2, Adafactor about 0.4. A text encoder that is not trained leaves the GPU when its embeddings are
-    cached (not with `shuffle_captions`), the VAE when latents are.
+    cached (not with `shuffle_captions`), the VAE when latents are. A LoRA run's frozen denoiser
+    quantized with `quantize_base` ("nf4", "int8") takes about 0.53 or 1 byte a weight.
     """
     params, lora = _PARAMS[family], _LORA_PER_RANK[family]
     half = str(_flag(flags, "mixed_precision", "no")) in ("fp16", "bf16")
@@ -127,9 +157,14 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     text_resident = train_te or bool(_flag(flags, "shuffle_captions", False))
     vae_resident = bool(_flag(flags, "not_cache_latents", False))
 
-    trained = frozen = 0
+    trained = frozen = quantized = 0
+    quantized_bytes = _QUANTIZED_BYTES.get(str(_flag(flags, "quantize_base", "none")))
+    if use_lora and quantized_bytes:
+        quantized += params["unet"]
+    elif use_lora:
+        frozen += params["unet"]
     if use_lora:
-        frozen += params["unet"] + (sum(params["text"]) if train_te else 0)
+        frozen += sum(params["text"]) if train_te else 0
         trained += rank * (lora["unet"] + (sum(lora["text"]) if train_te else 0))
     else:
         trained += params["unet"] + (sum(params["text"]) if train_te else 0)
@@ -140,7 +175,7 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     optimizer_bytes = _ADAFACTOR_BYTES if _flag(flags, "use_adafactor", False) else \
         2 if _flag(flags, "use_8bit_adam", False) else 8
     return MemoryEstimate({
-        "weights": (frozen * frozen_bytes + trained * 4) / GIB,
+        "weights": (frozen * frozen_bytes + quantized * (quantized_bytes or 0) + trained * 4) / GIB,
         "gradients": trained * 4 / GIB,
         "optimizer": trained * optimizer_bytes / GIB,
         "activations": _activations_gib(family, flags, half),
@@ -174,7 +209,9 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
     if estimate.fits(gpu_gib):
         return None
     what = f"The memory profile {profile!r}" if profile else "These training settings"
-    advice = ("choose the memory profile " + repr(SDXL_LORA_16GB) if family == "sdxl" and not flags.get("use_lora")
+    smaller = {"sdxl": SDXL_LORA_16GB if not flags.get("use_lora") else None,
+               "flux1": FLUX_LORA_NF4 if flags.get("quantize_base") != "nf4" else None}.get(family)
+    advice = ("choose the memory profile " + repr(smaller) if smaller
               else "turn on gradient checkpointing and 8-bit Adam, lower the resolution or batch size, "
                    "or train LoRA (--use_lora)")
     return (f"{what} needs {estimate.describe()} but this GPU has {gpu_gib:.1f} GiB: training will "
@@ -184,7 +221,12 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
 def recommended_profile(family: str, gpu_gib: float | None = None) -> str:
     """The profile the notebook's `auto` picks: the original notebook's for SD 1.x/2.x; for
     SDXL the full fine-tune when it is estimated to fit the GPU, else LoRA (always LoRA
-    when the GPU is unknown: it fits a 16 GB Colab T4)."""
+    when the GPU is unknown: it fits a 16 GB Colab T4); for Flux.1 the least quantized base
+    that is estimated to fit with `FLUX_HEADROOM_GIB` to spare (NF4 when the GPU is unknown)."""
+    if family == "flux1":
+        return next((p for p in FLUX_PROFILES if gpu_gib is not None and estimate_training_memory(
+            family, {**MEMORY_PROFILES[p], "resolution": _NATIVE[family]}).fits(gpu_gib - FLUX_HEADROOM_GIB)),
+            FLUX_LORA_NF4)
     if family != "sdxl":
         return SD_DEFAULT
     full = {**MEMORY_PROFILES[SDXL_FULL_24GB], "resolution": _NATIVE["sdxl"]}
