@@ -17,7 +17,7 @@ from dbtools.families.profiles import (
 )
 
 TRANSFORMER, CLIP_L, T5_XXL = 11_901_408_320, 123_060_480, 4_893_906_944  # Flux.1 [dev]'s parameters
-LORA_PER_RANK = 2_801_664  # q/k/v/out and feed-forwards of the double blocks, q/k/v of the single blocks
+LORA_PER_RANK = 1_167_360  # q/k/v/out of the 19 double blocks' image stream, q/k/v of the 38 single blocks
 
 
 def flux(profile, **flags):

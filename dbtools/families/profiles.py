@@ -94,12 +94,12 @@ _PARAMS = {
     "flux1": {"unet": 11_901_408_320, "text": (123_060_480, 4_893_906_944), "vae": 83_819_683},
 }
 _NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux1": 1024}
-# Flux.1: q/k/v/out of both streams and both feed-forwards of the 19 double blocks, q/k/v of the
-# 38 single blocks; CLIP-L's attention when the text encoder trains (T5 never does).
+# Flux.1: the attention projections (to_q/k/v, to_out.0) of the 19 double and 38 single blocks,
+# the Flux family's LoRA targets; CLIP-L's attention when the text encoder trains (T5 never does).
 _LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
                   "sd2": {"unet": 199_296, "text": (245_760,)},
                   "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)},
-                  "flux1": {"unet": 2_801_664, "text": (73_728, 0)}}
+                  "flux1": {"unet": 1_167_360, "text": (73_728, 0)}}
 # (checkpointed, not). Flux.1 at 1024 px: 4096 image + 512 text tokens of width 3072; with
 # checkpointing each of the 57 blocks keeps its input (1.6 GiB) and one block is recomputed at a time.
 _ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0), "flux1": (3.0, 50.0)}
