@@ -592,11 +592,13 @@ SDXL_PRIOR_DEFAULTS: dict[str, Any] = dict(num_class_images=50, sample_batch_siz
 
 def family_defaults(detected) -> dict[str, Any]:
     """The training cell's `auto` values for a detected family (`families.Detected`): the
-    native resolution and the VAE; for SDXL also fewer class images, made in smaller batches
-    (`SDXL_PRIOR_DEFAULTS`). SD 1.x gets exactly the original notebook's."""
-    vae = SDXL_VAE if detected.family.is_sdxl else SD_VAE
-    prior = SDXL_PRIOR_DEFAULTS if detected.family.is_sdxl else {}
-    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=vae, **prior)
+    native resolution and the family's recommended VAE (None, no VAE flag, for Flux.1, which
+    keeps its own); for SDXL and Flux.1 also fewer class images, made in smaller batches
+    (`SDXL_PRIOR_DEFAULTS`, the family's `prior_defaults`). SD 1.x gets exactly the original
+    notebook's."""
+    family = detected.family
+    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=family.recommended_vae,
+                **family.prior_defaults)
 
 
 def _is_auto(value: Any) -> bool:
@@ -651,7 +653,7 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     notes: list[str] = []
     if memory_profile == AUTO:
         memory_profile = recommended_profile(family.family.key, gpu_gib)
-        if family.family.is_sdxl:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
+        if memory_profile != SD_DEFAULT:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
             notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
     if memory_profile not in MEMORY_PROFILES:
         raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
@@ -892,9 +894,9 @@ def _family_line(detected) -> str:
     if detected is None:
         return ""
     line = f" ({detected.family.label}, {detected.resolution} px"
-    if detected.family.is_sdxl:
-        line += (f"; memory profile 'auto' picks {recommended_profile('sdxl', gpu_memory_gib())!r}, "
-                 "LoRA is recommended on 16 GB GPUs")
+    profile = recommended_profile(detected.family.key, gpu_memory_gib())
+    if profile != SD_DEFAULT:
+        line += f"; memory profile 'auto' picks {profile!r} for this GPU"
     return line + ")"
 
 
