@@ -21,13 +21,6 @@ DOUBLE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "to_out.0", "add_q_proj
 ALL_TARGETS = DOUBLE_TARGETS + ["proj_mlp", "proj_out", "norm.linear"]  # + the single blocks' q, k, v (attn.to_q)
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    from dbtools.tiny import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
-
-
 def flux_pipe(model):
     from diffusers import FluxPipeline
 

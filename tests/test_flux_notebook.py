@@ -50,21 +50,14 @@ def test_auto_picks_the_least_quantized_flux_base_that_fits():
     assert fit_warning("flux1", {**MEMORY_PROFILES[FLUX_LORA_NF4], "resolution": 1024}, 15.0) is None
 
 
-@pytest.fixture(scope="module")
-def flux_model(tmp_path_factory):
-    from dbtools.tiny import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
-
-
-def test_a_flux_model_switches_the_training_cells_auto_fields(flux_model, tmp_path):
+def test_a_tiny_flux_switches_the_training_cells_auto_fields(tiny_flux, tmp_path):
     """The training cell's `auto` fields with a Flux.1 model: 1024 px, LoRA's learning rate, no
     VAE swap, the Flux profile for the GPU found; the command they make is one training accepts."""
     from dbtools.ui import notebook as nb
 
     cell = dict(memory_profile="auto", resolution=0, pretrained_vae_name_or_path="auto", learning_rate="auto",
                 num_class_images=0, sample_batch_size=0)
-    chosen = nb.training_flags(str(flux_model), gpu_gib=15.0, **cell)
+    chosen = nb.training_flags(str(tiny_flux), gpu_gib=15.0, **cell)
     flags = chosen.flags
     assert chosen.family.family.key == "flux1"
     assert (flags["resolution"], flags["learning_rate"], flags["pretrained_vae_name_or_path"]) == (1024, 1e-4, None)
@@ -73,11 +66,11 @@ def test_a_flux_model_switches_the_training_cells_auto_fields(flux_model, tmp_pa
     assert (flags["num_class_images"], flags["sample_batch_size"]) == (50, 1)
     assert chosen.warning is None and f"Flux.1: memory profile {FLUX_LORA_NF4!r}." in chosen.notes
     # the command (checked against the training parser as it is built) keeps Flux's own VAE
-    argv = nb.training_command(str(flux_model), tmp_path / "out", tmp_path / "concepts_list.json", gpu_gib=15.0,
+    argv = nb.training_command(str(tiny_flux), tmp_path / "out", tmp_path / "concepts_list.json", gpu_gib=15.0,
                                **cell)
     assert {"--quantize_base=nf4", "--use_lora", "--mixed_precision=bf16", "--resolution=1024"} <= set(argv)
     assert not any(a.startswith("--pretrained_vae_name_or_path") for a in argv)
     # a bigger GPU gets a less quantized base; a typed rate wins
-    assert nb.training_flags(str(flux_model), gpu_gib=22.0, **cell).flags["quantize_base"] == "int8"
-    big = nb.training_flags(str(flux_model), gpu_gib=79.0, **{**cell, "learning_rate": "5e-5"}).flags
+    assert nb.training_flags(str(tiny_flux), gpu_gib=22.0, **cell).flags["quantize_base"] == "int8"
+    big = nb.training_flags(str(tiny_flux), gpu_gib=79.0, **{**cell, "learning_rate": 5e-5}).flags
     assert (big["quantize_base"], big["learning_rate"]) == ("none", 5e-5)
