@@ -74,3 +74,28 @@ def test_a_tiny_flux_switches_the_training_cells_auto_fields(tiny_flux, tmp_path
     assert nb.training_flags(str(tiny_flux), gpu_gib=22.0, **cell).flags["quantize_base"] == "int8"
     big = nb.training_flags(str(tiny_flux), gpu_gib=79.0, **{**cell, "learning_rate": 5e-5}).flags
     assert (big["quantize_base"], big["learning_rate"]) == ("none", 5e-5)
+
+
+def test_export_cell_writes_the_flux_lora_file_or_the_fused_transformer(tiny_flux, tmp_path, caplog):
+    import json
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+    from test_flux_files import ALL_TARGETS, make_flux_lora
+
+    from dbtools.after.kohya import read_metadata
+    from dbtools.ui import notebook as nb
+
+    run = tmp_path / "run"
+    make_flux_lora(tiny_flux, run / "4", ALL_TARGETS)
+    (run / "4" / "args.json").write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_flux)}))
+    session = nb.Session(model=str(tiny_flux), output_dir=run, weights_dir=run / "4")
+    with caplog.at_level(logging.INFO, logger="dbtools"):
+        lora_file = nb.export_step(session)  # auto: a LoRA run exports its LoRA file
+        fused = nb.export_step(session, name="fused", export_as="single-file checkpoint")  # fp16 field: bf16
+    assert read_metadata(lora_file)["modelspec.architecture"] == "flux-1-dev/lora"
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in load_file(str(lora_file))
+    tensors = load_file(str(fused))
+    assert "double_blocks.0.img_attn.qkv.weight" in tensors and {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    assert "models/loras (ComfyUI)" in caplog.text and "models/diffusion_models (ComfyUI" in caplog.text

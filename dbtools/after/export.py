@@ -912,8 +912,19 @@ def _export_lora(config: ExportConfig) -> ExportResult:
 
 def export_lora_fused(lora_folder: str | Path, checkpoint_path: str | Path, half: bool = False) -> Path:
     """Write a LoRA weights folder as one full original-layout checkpoint: the run's base
-    model (named in its `args.json`) with the adapters fused in; return its path."""
-    return _export_checkpoint(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None, True)).path
+    model (named in its `args.json`) with the adapters fused in (for Flux.1: the transformer
+    alone); return its path."""
+    return run_export(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None, True)).path
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """`WHERE_IT_GOES`'s key for a model file `export` wrote: "transformer" for a Flux.1
+    transformer (told by its metadata), else "checkpoint"."""
+    from dbtools.after.kohya import read_metadata
+
+    flux = Path(path).suffix == ".safetensors" and \
+        read_metadata(path).get("modelspec.architecture") == flux_files.ARCHITECTURE
+    return "transformer" if flux else "checkpoint"
 
 
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,

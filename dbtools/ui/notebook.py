@@ -1011,7 +1011,13 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
     a LoRA run, else the checkpoint).
     """
-    from dbtools.after.export import WHERE_IT_GOES, export_lora_fused, export_single_file, is_lora_folder
+    from dbtools.after.export import (
+        WHERE_IT_GOES,
+        checkpoint_kind,
+        export_lora_fused,
+        export_single_file,
+        is_lora_folder,
+    )
 
     if export_as not in EXPORT_CHOICES:
         raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
@@ -1032,7 +1038,7 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
     session.exported_fingerprints[weights] = fingerprint
     logger.info("Wrote %s (%.2f GiB). %s", path, path.stat().st_size / 1024**3,
-                WHERE_IT_GOES["lora" if as_lora else "checkpoint"])
+                WHERE_IT_GOES["lora" if as_lora else checkpoint_kind(path)])
     return path
 
 
