@@ -127,7 +127,8 @@ class Components:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """The scheduler config's (a flow-matching scheduler has none: epsilon, as detection says)."""
+        return self.noise_scheduler.config.get("prediction_type", EPSILON)
 
     @property
     def text_encoders(self) -> list:
