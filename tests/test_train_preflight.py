@@ -22,6 +22,8 @@ from dbtools import cli
 from dbtools.core.textio import CaptionEncodingError, decode_caption
 from dbtools.dataset.concepts import Concept
 from dbtools.dataset.extract import ExtractConfig, run_extract
+from dbtools.families.base import Components
+from dbtools.families.sd import SD1
 from dbtools.train import loop as T
 from dbtools.train import outputs as O
 from dbtools.train import setup as S
@@ -200,8 +202,8 @@ def test_disk_full_as_the_writers_report_it(tmp_path, monkeypatch, error):
 
     import torch
 
-    run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=types.SimpleNamespace(
-        unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)))
+    run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=Components(SD1, dict(
+        unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)), None))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(TrainError, match="disk is full.*needs about 4 MiB"), O.disk_full_message(run):
         raise error

@@ -828,7 +828,7 @@ def _is_flux_lora(path: Path) -> bool:
     try:
         args = json.loads((path / "args.json").read_text(encoding="utf-8"))
         return detect_family(str(args["pretrained_model_name_or_path"]), revision=args.get("revision")).family.key \
-            == kohya.FLUX
+            == "flux1"
     except UnsupportedFamily as exc:
         return exc.label == "Flux.1"
     except (UserError, OSError, ValueError, KeyError, TypeError):

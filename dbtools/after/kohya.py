@@ -21,10 +21,11 @@ The file's metadata holds kohya's `ss_*` keys and the `modelspec.*` keys of kohy
 if it has any metadata; Forge needs `modelspec.architecture` (`stable-diffusion-v1/lora`)
 to show a file as SD 1.x. ComfyUI ignores the metadata.
 
-Flux.1 LoRAs get kohya's Flux layout (`lora_unet_double_blocks_0_img_attn_qkv`, ...: the original
-transformer's module names, see `dbtools.families.flux_files`) and kohya's Flux metadata
-(`ss_base_model_version` `flux1`, `modelspec.architecture` `flux-1-dev/lora`, by which Forge lists
-them under Flux).
+A family whose UI layout is more than renamed prefixes converts the tensors itself
+(`UILora.convert`): Flux.1 LoRAs get kohya's Flux layout (`lora_unet_double_blocks_0_img_attn_qkv`,
+...: the original transformer's module names, see `dbtools.families.flux_files`) and kohya's Flux
+metadata (`ss_base_model_version` `flux1`, `modelspec.architecture` `flux-1-dev/lora`, by which Forge
+lists them under Flux; `ss_network_module` `networks.lora_flux`; no prediction type).
 """
 
 from __future__ import annotations
@@ -39,22 +40,14 @@ from pathlib import Path
 
 from dbtools.core.atomic import atomic_write
 from dbtools.core.errors import UserError
-from dbtools.families import flux_files
+from dbtools.families import registry
+from dbtools.families.base import EPSILON, V_PREDICTION, ModelFamily
 
 logger = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-FLUX = "flux1"
-"""The Flux.1 family: its UI file has the original transformer's module names (`flux_files`)."""
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", FLUX: flux_files.BASE_MODEL_VERSION}
-"""`ss_base_model_version` per family as kohya's scripts write it (SD 1.x/2.x v-models get `_v`)."""
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                 FLUX: flux_files.ARCHITECTURE}
-"""`modelspec.architecture` per family (before `/lora`); SD 2.x v-models are `stable-diffusion-v2-768-v`."""
-IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models", FLUX: flux_files.IMPLEMENTATION}
-"""`modelspec.implementation` per family (others: "diffusers")."""
 NETWORK_MODULE = "networks.lora"
-"""`ss_network_module` of a plain LoRA in kohya's scripts (Flux.1: `flux_files.NETWORK_MODULE`)."""
+"""`ss_network_module` of a plain LoRA in kohya's scripts."""
 # TrainConfig fields -> kohya metadata keys that mean the same (values written with str()).
 _ARGS_TO_SS = {"learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler",
                "lr_warmup_steps": "ss_lr_warmup_steps", "max_train_steps": "ss_max_train_steps",
@@ -63,7 +56,9 @@ _ARGS_TO_SS = {"learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_sched
                "gradient_checkpointing": "ss_gradient_checkpointing", "seed": "ss_seed",
                "max_grad_norm": "ss_max_grad_norm", "prior_loss_weight": "ss_prior_loss_weight",
                "hflip": "ss_flip_aug", "snr_gamma": "ss_min_snr_gamma", "num_train_epochs": "ss_num_epochs",
-               **flux_files.TRAINING_SETTINGS}
+               # flow matching, as kohya's Flux scripts record it
+               "guidance_scale": "ss_guidance_scale", "weighting_scheme": "ss_weighting_scheme",
+               "logit_mean": "ss_logit_mean", "logit_std": "ss_logit_std", "mode_scale": "ss_mode_scale"}
 
 
 class LoraConvertError(UserError):
@@ -99,7 +94,7 @@ def _with_text_model(key: str) -> str:
 
 
 def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = None,
-             family: str | None = None) -> dict:
+             family: ModelFamily | str | None = None) -> dict:
     """Kohya-style LoRA tensors (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` + `.alpha`).
 
     `state_dict` is a diffusers LoRA (diffusers or peft key names, with `unet.`,
@@ -107,8 +102,9 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     number for all modules, a dict from component ("unet", "text_encoder",
     "text_encoder_2") to number, or None for alpha = rank (scale 1, what diffusers assumes
     for a file without alphas). Weights are kept as they are (same dtype, same values).
-    `family` ("sd1", "sd2", "sdxl") names the text encoder `lora_te_` (SD 1.x/2.x) or
-    `lora_te1_` (SDXL); when None, a LoRA without a second text encoder counts as SD 1.x/2.x.
+    `family` (a `ModelFamily` or its key) gives each component's prefix (`ModelFamily.ui_lora`:
+    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`); when
+    None, the first family that has all of the LoRA's components.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
@@ -124,9 +120,23 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
         rank = out[module + ".lora_down.weight"].shape[0]
         value = _alpha_for(module, alpha, rank)
         out[key] = torch.tensor(float(value), dtype=torch.float32)
-    if family != "sdxl" and not (family is None and any(k.startswith("lora_te2_") for k in out)):
-        out = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in out.items()}
-    return out
+    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in peft}))
+    prefixes = family.ui_lora(EPSILON).prefixes if family is not None else {}
+    renames = {p: prefixes.get(c, p) for p, c in _COMPONENTS.items()}
+    return {_renamed(k, renames): v for k, v in out.items()}
+
+
+def _renamed(key: str, renames: Mapping[str, str]) -> str:
+    old = next((p for p in renames if key.startswith(p)), None)
+    return key if old is None else renames[old] + key[len(old):]
+
+
+def _family(family: ModelFamily | str | None) -> ModelFamily | None:
+    return registry.get(family) if isinstance(family, str) else family
+
+
+def _first(families: list[ModelFamily]) -> ModelFamily | None:
+    return families[0] if families else None
 
 
 def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int) -> float:
@@ -139,28 +149,29 @@ def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int
 
 
 _COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+"""The prefixes diffusers' `convert_state_dict_to_kohya` writes, per component."""
 
 
-def kohya_metadata(family: str, rank: int, alpha: float, output_name: str, *, v_prediction: bool = False,
+def kohya_metadata(family: ModelFamily | str, rank: int, alpha: float, output_name: str, *, v_prediction: bool = False,
                    resolution: int | None = None, steps: int | None = None, training_comment: str | None = None,
                    args: Mapping | None = None) -> dict[str, str]:
     """The safetensors metadata kohya's scripts write into a LoRA file, for our LoRA.
 
-    `family` is "sd1", "sd2", "sdxl" or "flux1"; `rank` and `alpha` the (denoiser's) LoRA's (`ss_network_dim`,
-    `ss_network_alpha`); `output_name` its name in the UIs (`ss_output_name`, `modelspec.title`);
+    `family` is a `ModelFamily` (or its key), whose `ui_lora` names the base model; `rank` and
+    `alpha` the LoRA's (`ss_network_dim`, `ss_network_alpha`); `output_name` its name in the UIs
+    (`ss_output_name`, `modelspec.title`);
     `steps` the optimizer steps trained. `args` is a training run's `args.json`: the settings
     kohya also records (learning rate, scheduler, batch size, seed, precision, base model)
     are taken from it. Values are strings, as safetensors metadata must be.
     """
-    v2, v = family == "sd2", family != "sdxl" and v_prediction
-    arch = "stable-diffusion-v2-768-v" if v2 and v else ARCHITECTURES[family]
-    meta = {"ss_base_model_version": BASE_MODEL_VERSIONS[family] + ("_v" if v else ""), "ss_v2": str(v2),
-            "ss_network_module": flux_files.NETWORK_MODULE if family == FLUX else NETWORK_MODULE,
-            "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
-            "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+    ui = _family(family).ui_lora(V_PREDICTION if v_prediction else EPSILON)
+    meta = {"ss_base_model_version": ui.base_model_version, "ss_v2": str(ui.v2),
+            "ss_network_module": ui.network_module, "ss_network_dim": str(int(rank)),
+            "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{ui.architecture}/lora",
+            "modelspec.implementation": ui.implementation,
             "modelspec.title": output_name, "modelspec.date": datetime.date.today().isoformat()}
-    if family != FLUX:  # kohya's Flux files have no prediction type (flow matching)
+    if ui.prediction_type:
         meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     args = dict(args or {})
     meta.update({key: str(args[name]) for name, key in _ARGS_TO_SS.items() if args.get(name) is not None})
@@ -212,25 +223,25 @@ def lora_alphas(path: str | os.PathLike) -> dict[str, float]:
 
 
 def ui_lora_tensors(state_dict: Mapping, alpha: float | Mapping[str, float] | None = None,
-                    family: str | None = None) -> dict:
-    """The web-UI LoRA tensors of a diffusers LoRA in kohya's layout for its family: Flux.1's
-    with the original transformer's module names (`flux_files.lora_to_ui`, also chosen for a
-    transformer LoRA when `family` is None), Stable Diffusion's with the UNet's (`to_kohya`)."""
-    if family == FLUX or (family is None and any(k.startswith("transformer.") for k in state_dict)):
-        return flux_files.lora_to_ui(state_dict, alpha)
-    return to_kohya(state_dict, alpha, family)
+                    family: ModelFamily | str | None = None) -> dict:
+    """The web-UI LoRA tensors of a diffusers LoRA in its family's layout: the family's own
+    conversion (`UILora.convert`, e.g. Flux.1's original module names) or kohya's renaming
+    (`to_kohya`). `family` as in `to_kohya`."""
+    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
+    convert = family.ui_lora(EPSILON).convert if family is not None else None
+    return convert(state_dict, alpha) if convert is not None else to_kohya(state_dict, alpha, family)
 
 
 def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
                      alpha: float | Mapping[str, float] | None = None, half: bool = False,
-                     metadata: Mapping[str, str] | None = None, family: str | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, family: ModelFamily | str | None = None) -> Path:
     """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111, Forge and ComfyUI load; return its path.
 
     `lora` is a diffusers LoRA folder or file, or its state dict; `alpha` and `family` as in
-    `ui_lora_tensors` (`family` defaults to the one `metadata` names; `alpha` to the alphas in a
-    LoRA file's adapter settings, else the rank). `metadata` (see `kohya_metadata`) goes into the
-    file's header. With `half`, floating-point tensors are stored as fp16. The file appears only
-    when complete.
+    `to_kohya` (`family` defaults to the one `metadata` names; `alpha` to the alphas in a LoRA
+    file's adapter settings, else the rank); the tensors as `ui_lora_tensors` lays them out.
+    `metadata` (see `kohya_metadata`) goes into the file's header. With `half`, floating-point
+    tensors are stored as fp16. The file appears only when complete.
     """
     import torch
     from safetensors.torch import save_file
@@ -253,10 +264,11 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
     return out
 
 
-def family_of_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The family ("sd1", "sd2", "sdxl", "flux1") that `ss_base_model_version` names; None when absent."""
+def family_of_metadata(metadata: Mapping[str, str]) -> ModelFamily | None:
+    """The family whose `ss_base_model_version` the metadata holds; None when absent."""
     version = str(metadata.get("ss_base_model_version", ""))
-    return next((f for f, v in BASE_MODEL_VERSIONS.items() if version in (v, v + "_v")), None)
+    return next((f for f in registry.FAMILIES
+                 if version in {f.ui_lora(p).base_model_version for p in (EPSILON, V_PREDICTION)}), None)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -272,9 +284,8 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
 
     The UI file that training wrote into the folder gives it (renamed to `name`); for a folder
     without one, it is built from the folder's `args.json` and the base model's family (read from
-    the base model named there, else Flux.1 for a transformer LoRA and SDXL when the LoRA has a
-    second text encoder). {} when the family cannot be told: the UIs then list the file as SD 1.x
-    or "unknown".
+    the base model named there, else the one family that has all of the LoRA's components). {} when the
+    family cannot be told: the UIs then list the file as SD 1.x or "unknown".
     """
     from dbtools.train.checkpoints import ARGS_FILE, ui_lora_file
 
@@ -296,12 +307,11 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
         return {}
     rank = next(v.shape[0] for k, v in to_peft_names(tensors).items() if ".lora_A." in k)
     steps = int(folder.name) if folder.name.isdigit() else None
-    alphas = lora_alphas(folder)
-    alpha = alphas.get("transformer", alphas.get("unet")) or args.get("lora_alpha") or rank
+    alpha = lora_alphas(folder).get(family.denoiser) or args.get("lora_alpha") or rank
     return kohya_metadata(family, rank, alpha, name, v_prediction=v_prediction, steps=steps, args=args)
 
 
-def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
+def _base_family(args: Mapping, tensors: Mapping) -> tuple[ModelFamily | None, bool]:
     """(family, v-prediction) of the model a LoRA was trained on, from its run's base model."""
     from dbtools.families.models import detect_family
 
@@ -309,9 +319,8 @@ def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
     if base:
         try:
             detected = detect_family(str(base), revision=args.get("revision"))
-            return detected.family.key, detected.prediction_type == "v_prediction"
+            return detected.family, detected.prediction_type == V_PREDICTION
         except (UserError, OSError, ValueError) as exc:
             logger.info("base model %s not readable here (%s); telling the family from the LoRA", base, exc)
-    if any(k.startswith("transformer.") for k in tensors):
-        return FLUX, False
-    return ("sdxl" if any(k.startswith("text_encoder_2.") for k in tensors) else None), False
+    candidates = registry.families_with_parts({k.split(".", 1)[0] for k in tensors})
+    return (candidates[0] if len(candidates) == 1 else None), False

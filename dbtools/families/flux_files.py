@@ -81,10 +81,6 @@ ARCHITECTURE = "flux-1-dev"
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 NETWORK_MODULE = "networks.lora_flux"
 """`ss_network_module` of kohya's Flux LoRAs."""
-TRAINING_SETTINGS = {"guidance_scale": "ss_guidance_scale", "weighting_scheme": "ss_weighting_scheme",
-                     "logit_mean": "ss_logit_mean", "logit_std": "ss_logit_std", "mode_scale": "ss_mode_scale"}
-"""Flow-matching training settings -> the kohya metadata keys kohya's Flux scripts record them as."""
-
 
 class FluxFileError(UserError):
     """A Flux file cannot be written because of something the user can fix."""

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -460,7 +461,7 @@ def load_sd_components(
     torch_dtype=None,
     config: str | None = None,
     original_config: str | None = None,
-    component_dtypes: dict | None = None,
+    component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
     quantize: str | None = None,
     options=None,
 ) -> Components:
@@ -472,10 +473,10 @@ def load_sd_components(
     download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
     for fp16 variants, so an optimizer never sees half-precision master weights); a
     component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
-    UNet) is read straight into its own dtype, never held in float32 first (except from a
-    single file, which is read whole in `torch_dtype`). `quantize` ("nf4", "int8") loads the
-    frozen denoiser quantized; `options` (the run's settings) go to the family
-    (`ModelFamily.load_components`).
+    UNet; or a function of the detected family giving that dict) is read straight into its own
+    dtype, never held in float32 first (except from a single file, which is read whole in
+    `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
+    (the run's settings) go to the family (`ModelFamily.load_components`).
     """
     import torch
 
@@ -485,6 +486,8 @@ def load_sd_components(
     needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
     check_model_path(model_name_or_path, needed)
+    if callable(component_dtypes):
+        component_dtypes = component_dtypes(family)
     dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in family.parts}
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
