@@ -130,14 +130,20 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
 
 def family_problems(cfg: TrainConfig) -> list[str]:
     """The model's denoiser folder, and the settings its family cannot train with
-    (`ModelFamily.training_problems`), before anything loads."""
-    from dbtools.families.models import check_model_path, detect_family
-
-    family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
-    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
-    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    (`ModelFamily.training_problems`), before anything loads. A model that cannot be read
+    here (a Hub id offline) is left to loading, which says why; a family we do not train
+    is named."""
+    from dbtools.families.models import ModelLoadError, UnsupportedModelError, check_model_path, detect_family
     from dbtools.train.classgen import native_bf16
 
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError:
+        return []
+    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
     return family.training_problems(cfg, native_bf16() if cuda else None)
 
 
