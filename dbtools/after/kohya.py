@@ -110,10 +110,10 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     from diffusers.utils import convert_state_dict_to_kohya
 
     peft = to_peft_names(state_dict)
-    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.")))
+    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:
-        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no UNet or text encoder; only UNet and "
-                               "text-encoder LoRAs of Stable Diffusion can be converted.")
+        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no denoiser or text encoder; only their "
+                               "LoRAs can be converted.")
     out = convert_state_dict_to_kohya(peft)
     for key in [k for k in out if k.endswith(".alpha")]:
         module = key[: -len(".alpha")]
@@ -148,7 +148,8 @@ def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int
     return alpha
 
 
-_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+               "transformer_": "transformer"}
 """The prefixes diffusers' `convert_state_dict_to_kohya` writes, per component."""
 
 

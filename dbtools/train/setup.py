@@ -102,8 +102,8 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems = flag_problems(cfg)
     if cfg.pretrained_model_name_or_path:
         try:
-            check_model_path(cfg.pretrained_model_name_or_path,
-                             ("tokenizer", "text_encoder", "unet", "scheduler"))
+            check_model_path(cfg.pretrained_model_name_or_path, ("tokenizer", "text_encoder", "scheduler"))
+            problems += family_problems(cfg)
         except ModelLoadError as exc:
             problems.append(str(exc))
     concepts: list[Concept] = []
@@ -126,6 +126,25 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def family_problems(cfg: TrainConfig) -> list[str]:
+    """The model's denoiser folder, and the settings its family cannot train with
+    (`ModelFamily.training_problems`), before anything loads. A model that cannot be read
+    here (a Hub id offline) is left to loading, which says why; a family we do not train
+    is named."""
+    from dbtools.families.models import ModelLoadError, UnsupportedModelError, check_model_path, detect_family
+    from dbtools.train.classgen import native_bf16
+
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError:
+        return []
+    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    return family.training_problems(cfg, native_bf16() if cuda else None)
 
 
 def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
@@ -404,7 +423,8 @@ def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> 
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
                               revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
-                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family))
+                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
+                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg)
 
 
 def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype, family: ModelFamily) -> dict[str, torch.dtype]:
