@@ -109,14 +109,18 @@ def test_user_errors(tmp_path):
         to_kohya({"prior.x.lora_A.weight": torch.zeros(2, 2)})
 
 
-def test_a_flux_transformer_lora_gets_the_lora_transformer_prefix_comfyui_maps():
-    """ComfyUI maps `lora_transformer_<diffusers module, dots as underscores>` onto Flux's
-    weights (its key map for diffusers-layout Flux LoRAs, the layout OneTrainer writes)."""
+def test_a_flux_transformer_lora_gets_kohyas_flux_layout():
+    """Flux.1's family converts its LoRA itself, to kohya's Flux layout (the original module
+    names ComfyUI and Forge map; see tests/test_flux_files.py): a single block's `to_k` is the
+    second of the four parts stacked in `linear1` (q, k, v as wide as the attention, then 4x for
+    the MLP), its up weight in those rows."""
     src = {"transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": torch.ones(2, 8),
            "transformer.single_transformer_blocks.0.attn.to_k.lora_B.weight": torch.ones(8, 2)}
     sd = to_kohya(src, alpha=2.0, family="flux1")
-    module = "lora_transformer_single_transformer_blocks_0_attn_to_k"
+    module = "lora_unet_single_blocks_0_linear1"
     assert set(sd) == {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
+    up = sd[f"{module}.lora_up.weight"]
+    assert up.shape == (8 * 3 + 32, 2) and up[8:16].eq(1).all() and not up[:8].any() and not up[16:].any()
     assert sd[f"{module}.alpha"].item() == 2.0
 
 

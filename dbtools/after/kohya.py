@@ -103,12 +103,17 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     "text_encoder_2") to number, or None for alpha = rank (scale 1, what diffusers assumes
     for a file without alphas). Weights are kept as they are (same dtype, same values).
     `family` (a `ModelFamily` or its key) gives each component's prefix (`ModelFamily.ui_lora`:
-    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`); when
-    None, the first family that has all of the LoRA's components.
+    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`), or
+    converts the tensors itself (`UILora.convert`: Flux.1's original module names); when None,
+    the first family that has all of the LoRA's components.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
+    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
+    convert = family.ui_lora(EPSILON).convert if family is not None else None
+    if convert is not None:
+        return convert(state_dict, alpha)
     peft = to_peft_names(state_dict)
     unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:
@@ -120,7 +125,6 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
         rank = out[module + ".lora_down.weight"].shape[0]
         value = _alpha_for(module, alpha, rank)
         out[key] = torch.tensor(float(value), dtype=torch.float32)
-    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in peft}))
     prefixes = family.ui_lora(EPSILON).prefixes if family is not None else {}
     renames = {p: prefixes.get(c, p) for p, c in _COMPONENTS.items()}
     return {_renamed(k, renames): v for k, v in out.items()}
@@ -223,16 +227,6 @@ def lora_alphas(path: str | os.PathLike) -> dict[str, float]:
             if key.endswith(".lora_alpha") and value is not None}
 
 
-def ui_lora_tensors(state_dict: Mapping, alpha: float | Mapping[str, float] | None = None,
-                    family: ModelFamily | str | None = None) -> dict:
-    """The web-UI LoRA tensors of a diffusers LoRA in its family's layout: the family's own
-    conversion (`UILora.convert`, e.g. Flux.1's original module names) or kohya's renaming
-    (`to_kohya`). `family` as in `to_kohya`."""
-    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
-    convert = family.ui_lora(EPSILON).convert if family is not None else None
-    return convert(state_dict, alpha) if convert is not None else to_kohya(state_dict, alpha, family)
-
-
 def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
                      alpha: float | Mapping[str, float] | None = None, half: bool = False,
                      metadata: Mapping[str, str] | None = None, family: ModelFamily | str | None = None) -> Path:
@@ -240,7 +234,7 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
 
     `lora` is a diffusers LoRA folder or file, or its state dict; `alpha` and `family` as in
     `to_kohya` (`family` defaults to the one `metadata` names; `alpha` to the alphas in a LoRA
-    file's adapter settings, else the rank); the tensors as `ui_lora_tensors` lays them out.
+    file's adapter settings, else the rank).
     `metadata` (see `kohya_metadata`) goes into the file's header. With `half`, floating-point
     tensors are stored as fp16. The file appears only when complete.
     """
@@ -255,7 +249,7 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
     path = isinstance(lora, (str, os.PathLike))
     if alpha is None and path:
         alpha = lora_alphas(lora) or None
-    tensors = ui_lora_tensors(read_lora(lora) if path else lora, alpha, family)
+    tensors = to_kohya(read_lora(lora) if path else lora, alpha, family)
     if half:
         tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
