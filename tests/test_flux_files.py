@@ -196,6 +196,20 @@ def test_diffusers_reads_fused_linear1_at_flux_width(tmp_path):
         assert not (back[key + ".lora_B.weight"] @ back[key + ".lora_A.weight"]).any()
 
 
+def test_diffusers_named_lora_tensors_give_the_same_ui_file(tiny_flux, tmp_path):
+    """Training saves the LoRA with diffusers' `lora.down`/`lora.up` names; the UI file is the same."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from dbtools.after.kohya import to_kohya
+
+    folder = make_flux_lora(tiny_flux, tmp_path / "lora", ALL_TARGETS)
+    lora = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    renamed = convert_state_dict_to_diffusers(lora)
+    assert any(".lora.down." in k for k in renamed)
+    want, got = to_kohya(lora, 8.0, "flux1"), to_kohya(renamed, 8.0, "flux1")
+    assert set(want) == set(got) and all(want[k].equal(got[k]) for k in want)
+
+
 def test_parts_with_different_scales_fold_into_the_up_weights():
     g = torch.Generator().manual_seed(0)
     pieces = {0: (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 1.0),

@@ -79,11 +79,11 @@ def to_peft_names(state_dict: Mapping) -> dict:
         groups.setdefault(key.split(".", 1)[0], {})[key] = tensor
     peft = {}
     for component, part in groups.items():
-        if any(".lora_A." in k or ".lora_B." in k for k in part):
-            peft.update(part)
-            continue
+        # diffusers renames only some modules (Flux's attention but not its other linears): convert the rest
+        rest = {k: v for k, v in part.items() if ".lora_A." not in k and ".lora_B." not in k}
+        peft.update({k: v for k, v in part.items() if k not in rest})
         try:
-            peft.update(convert_all_state_dict_to_peft(part))
+            peft.update(convert_all_state_dict_to_peft(rest) if rest else {})
         except ValueError as exc:
             raise LoraConvertError(f"{component}: not a diffusers LoRA state dict ({exc}).") from exc
     return {_with_text_model(k): v for k, v in peft.items()}
@@ -113,7 +113,7 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
     convert = family.ui_lora(EPSILON).convert if family is not None else None
     if convert is not None:
-        return convert(state_dict, alpha)
+        return convert(to_peft_names(state_dict), alpha)
     peft = to_peft_names(state_dict)
     unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:
