@@ -285,6 +285,7 @@ def test_export_command_writes_a_flux_pipeline_folders_transformer(tiny_flux, tm
     written = load_file(str(out))
     want = transformer_to_original(flux_pipe(tiny_flux).transformer.state_dict())
     assert set(written) == set(want) and all(written[k].equal(want[k]) for k in want)
-    assert main(["export", "--model_path", str(tiny_flux), "--checkpoint_path", str(tmp_path / "f.ckpt")]) == 2
-    assert "Name it f.safetensors" in capsys.readouterr().err
-    assert not (tmp_path / "f.ckpt").exists()
+    assert "layout flux1" in capsys.readouterr().out
+    half = tmp_path / "half.safetensors"
+    assert main(["export", "--model_path", str(tiny_flux), "--checkpoint_path", str(half), "--half"]) == 0
+    assert {v.dtype for v in load_file(str(half)).values()} == {torch.bfloat16}  # Flux.1's half precision

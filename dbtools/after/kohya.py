@@ -306,6 +306,18 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
     return kohya_metadata(family, rank, alpha, name, v_prediction=v_prediction, steps=steps, args=args)
 
 
+def lora_family(folder: str | os.PathLike) -> ModelFamily | None:
+    """The family of the model a LoRA step folder was trained on: its `args.json`'s base model,
+    else the one family with all of the LoRA's components; None when neither tells."""
+    from dbtools.train.checkpoints import ARGS_FILE
+
+    try:
+        args = json.loads((Path(folder) / ARGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        args = {}
+    return _base_family(args if isinstance(args, dict) else {}, read_lora(folder))[0]
+
+
 def _base_family(args: Mapping, tensors: Mapping) -> tuple[ModelFamily | None, bool]:
     """(family, v-prediction) of the model a LoRA was trained on, from its run's base model."""
     from dbtools.families.models import detect_family

@@ -209,6 +209,10 @@ class SingleFileLayout:
     """What `export` says it writes ("SDXL, CLIP and OpenCLIP text encoders")."""
     parts: Mapping[str, tuple[str, str]]
     """component -> (converter name: "sd_unet", "sd_vae", "clip", "openclip", ...; key prefix)."""
+    half_dtype: str = "float16"
+    """What `--half` stores floating-point weights as (Flux.1: "bfloat16", its own precision)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """modelspec metadata the file carries (export adds `modelspec.title` and `.date`)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)

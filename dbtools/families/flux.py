@@ -322,7 +322,8 @@ class FluxFamily(ModelFamily):
 
     def single_file_layout(self) -> SingleFileLayout:
         return SingleFileLayout("Flux.1 transformer (Black Forest Labs layout)",
-                                {"transformer": ("flux_transformer", "")})
+                                {"transformer": ("flux_transformer", "")}, half_dtype="bfloat16",
+                                metadata=flux_files.TRANSFORMER_METADATA)
 
     @property
     def memory(self) -> MemoryNumbers:

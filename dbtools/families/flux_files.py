@@ -25,7 +25,6 @@ alphas, so alpha / rank stays each part's scale and the weight change is exactly
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import re
@@ -79,6 +78,9 @@ ARCHITECTURE = "flux-1-dev"
 """`modelspec.architecture` of Flux.1 [dev] (a LoRA's gets `/lora`); Forge lists a LoRA with
 `flux-1-dev/lora`, or with BFL's implementation URL, under Flux."""
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+TRANSFORMER_METADATA = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
+                        "modelspec.implementation": IMPLEMENTATION, "modelspec.resolution": "1024x1024"}
+"""modelspec metadata of a single-file Flux.1 transformer."""
 NETWORK_MODULE = "networks.lora_flux"
 """`ss_network_module` of kohya's Flux LoRAs."""
 
@@ -265,10 +267,3 @@ def _alpha(component: str, alpha: float | Mapping[str, float] | None, rank: int)
     if isinstance(alpha, Mapping):
         return alpha.get(component) or rank
     return alpha
-
-
-def transformer_metadata(title: str, resolution: int = 1024) -> dict[str, str]:
-    """modelspec metadata of a single-file Flux.1 transformer named `title`."""
-    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
-            "modelspec.implementation": IMPLEMENTATION, "modelspec.title": title,
-            "modelspec.resolution": f"{resolution}x{resolution}", "modelspec.date": datetime.date.today().isoformat()}

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dbtools.families import registry
+
 GIB = 1024 ** 3
 
 SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
@@ -64,10 +66,7 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
                      "use_lora": True, "train_text_encoder": False, "quantize_base": "none", "learning_rate": LORA_LR},
 }
 FLUX_PROFILES = (FLUX_LORA_BF16, FLUX_LORA_INT8, FLUX_LORA_NF4)
-"""Flux.1's profiles, best first: `auto` takes the first that fits the GPU."""
-FLUX_HEADROOM_GIB = 2.0
-"""What `auto` leaves spare on the GPU for a Flux.1 profile: the estimate is good to about 1 GiB,
-and bitsandbytes adds dequantization buffers, so a 16 GB card gets NF4 rather than int8."""
+"""Flux.1's profiles, best first."""
 
 USER_WINS = ("learning_rate",)
 """Profile flags that are only defaults: a value the user gives is kept."""
@@ -81,28 +80,20 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     SDXL_FULL_24GB: ("sdxl",),
     **dict.fromkeys(FLUX_PROFILES, ("flux1",)),
 }
-
-# Facts about the real models: parameter counts (UNet or transformer, text encoders, VAE), the native size,
-# LoRA parameters per unit of rank for the attention projections the trainer adapts, and
-# activation memory (GiB) at the native size, batch 1, half precision, with and without
-# gradient checkpointing.
-_PARAMS = {
-    "sd1": {"unet": 859_520_964, "text": (123_060_480,), "vae": 83_653_863},
-    "sd2": {"unet": 865_910_724, "text": (340_387_840,), "vae": 83_653_863},
-    "sdxl": {"unet": 2_567_463_684, "text": (123_060_480, 694_659_840), "vae": 83_653_863},
-    # Flux.1 [dev]: the 12B transformer, CLIP-L and T5-XXL (4.9B with its embedding), the 16-channel VAE
-    "flux1": {"unet": 11_901_408_320, "text": (123_060_480, 4_893_906_944), "vae": 83_819_683},
+# What `auto` picks per family, most capable first: the first estimated to fit the GPU (with
+# `HEADROOM_GIB` to spare), else (and when the GPU is unknown) the last, the leanest. The original
+# notebook's for SD 1.x/2.x.
+PREFERRED: dict[str, tuple[str, ...]] = {
+    "sd1": (SD_DEFAULT,),
+    "sd2": (SD_DEFAULT,),
+    "sdxl": (SDXL_FULL_24GB, SDXL_LORA_16GB),
+    "flux1": FLUX_PROFILES,
 }
-_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux1": 1024}
-# Flux.1: the attention projections (to_q/k/v, to_out.0) of the 19 double and 38 single blocks,
-# the Flux family's LoRA targets; CLIP-L's attention when the text encoder trains (T5 never does).
-_LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
-                  "sd2": {"unet": 199_296, "text": (245_760,)},
-                  "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)},
-                  "flux1": {"unet": 1_167_360, "text": (73_728, 0)}}
-# (checkpointed, not). Flux.1 at 1024 px: 4096 image + 512 text tokens of width 3072; with
-# checkpointing each of the 57 blocks keeps its input (1.6 GiB) and one block is recomputed at a time.
-_ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0), "flux1": (3.0, 50.0)}
+HEADROOM_GIB = {"flux1": 2.0}
+"""What `auto` leaves spare on the GPU: Flux.1's estimate is good to about 1 GiB and bitsandbytes
+adds dequantization buffers, so a 16 GB card gets NF4 rather than int8."""
+# The parameter counts, LoRA sizes and activation memory of the real models are the families'
+# own (`ModelFamily.memory`), as is the native size.
 # Bytes per weight of a frozen denoiser that bitsandbytes quantized (`quantize_base`): NF4 packs
 # two weights a byte plus a float32 scale per 64 (less with nested quantization); int8 one byte.
 _QUANTIZED_BYTES = {"nf4": 0.53, "int8": 1.0}
@@ -148,7 +139,7 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     cached (not with `shuffle_captions`), the VAE when latents are. A LoRA run's frozen denoiser
     quantized with `quantize_base` ("nf4", "int8") takes about 0.53 or 1 byte a weight.
     """
-    params, lora = _PARAMS[family], _LORA_PER_RANK[family]
+    numbers = registry.get(family).memory
     half = str(_flag(flags, "mixed_precision", "no")) in ("fp16", "bf16")
     frozen_bytes = 2 if half else 4
     train_te = bool(_flag(flags, "train_text_encoder", False))
@@ -158,20 +149,21 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     vae_resident = bool(_flag(flags, "not_cache_latents", False))
 
     trained = frozen = quantized = 0
+    text = sum(numbers.text_params)
     quantized_bytes = _QUANTIZED_BYTES.get(str(_flag(flags, "quantize_base", "none")))
-    if use_lora and quantized_bytes:
-        quantized += params["unet"]
-    elif use_lora:
-        frozen += params["unet"]
     if use_lora:
-        frozen += sum(params["text"]) if train_te else 0
-        trained += rank * (lora["unet"] + (sum(lora["text"]) if train_te else 0))
+        if quantized_bytes:
+            quantized += numbers.denoiser_params
+        else:
+            frozen += numbers.denoiser_params
+        frozen += text if train_te else 0
+        trained += rank * (numbers.lora_per_rank + (sum(numbers.text_lora_per_rank) if train_te else 0))
     else:
-        trained += params["unet"] + (sum(params["text"]) if train_te else 0)
+        trained += numbers.denoiser_params + (text if train_te else 0)
     if text_resident and not train_te:
-        frozen += sum(params["text"])
+        frozen += text
     if vae_resident:
-        frozen += params["vae"]
+        frozen += numbers.vae_params
     optimizer_bytes = _ADAFACTOR_BYTES if _flag(flags, "use_adafactor", False) else \
         2 if _flag(flags, "use_8bit_adam", False) else 8
     return MemoryEstimate({
@@ -184,9 +176,10 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
 
 
 def _activations_gib(family: str, flags: Mapping[str, Any], half: bool) -> float:
-    checkpointed, full = _ACTIVATIONS_GIB[family]
+    checkpointed, full = registry.get(family).memory.activations_gib
+    native = registry.get(family).resolution
     base = checkpointed if _flag(flags, "gradient_checkpointing", False) else full
-    pixels = (int(_flag(flags, "resolution", _NATIVE[family])) / _NATIVE[family]) ** 2
+    pixels = (int(_flag(flags, "resolution", native)) / native) ** 2
     # Prior preservation puts a class image beside each instance image in the UNet's batch.
     batch = int(_flag(flags, "train_batch_size", 1)) * (2 if _flag(flags, "with_prior_preservation", False) else 1)
     return base * pixels * batch * (1 if half else 2)
@@ -209,9 +202,12 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
     if estimate.fits(gpu_gib):
         return None
     what = f"The memory profile {profile!r}" if profile else "These training settings"
-    smaller = {"sdxl": SDXL_LORA_16GB if not flags.get("use_lora") else None,
-               "flux1": FLUX_LORA_NF4 if flags.get("quantize_base") != "nf4" else None}.get(family)
-    advice = ("choose the memory profile " + repr(smaller) if smaller
+    leanest = PREFERRED[family][-1]
+    lean = MEMORY_PROFILES[leanest]
+    lighter = (lean.get("use_lora") and not flags.get("use_lora")) or \
+        lean.get("quantize_base", "none") not in ("none", flags.get("quantize_base"))
+    advice = ("choose the memory profile " + repr(leanest)
+              if lighter
               else "turn on gradient checkpointing and 8-bit Adam, lower the resolution or batch size, "
                    "or train LoRA (--use_lora)")
     return (f"{what} needs {estimate.describe()} but this GPU has {gpu_gib:.1f} GiB: training will "
@@ -219,20 +215,17 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
 
 
 def recommended_profile(family: str, gpu_gib: float | None = None) -> str:
-    """The profile the notebook's `auto` picks: the original notebook's for SD 1.x/2.x; for
-    SDXL the full fine-tune when it is estimated to fit the GPU, else LoRA (always LoRA
-    when the GPU is unknown: it fits a 16 GB Colab T4); for Flux.1 the least quantized base
-    that is estimated to fit with `FLUX_HEADROOM_GIB` to spare (NF4 when the GPU is unknown)."""
-    if family == "flux1":
-        return next((p for p in FLUX_PROFILES if gpu_gib is not None and estimate_training_memory(
-            family, {**MEMORY_PROFILES[p], "resolution": _NATIVE[family]}).fits(gpu_gib - FLUX_HEADROOM_GIB)),
-            FLUX_LORA_NF4)
-    if family != "sdxl":
-        return SD_DEFAULT
-    full = {**MEMORY_PROFILES[SDXL_FULL_24GB], "resolution": _NATIVE["sdxl"]}
-    if gpu_gib is not None and estimate_training_memory("sdxl", full).fits(gpu_gib):
-        return SDXL_FULL_24GB
-    return SDXL_LORA_16GB
+    """The profile the notebook's `auto` picks (`PREFERRED`): the original notebook's for SD
+    1.x/2.x; for SDXL the full fine-tune when it is estimated to fit the GPU at the native
+    size, else LoRA (always LoRA when the GPU is unknown: it fits a 16 GB Colab T4); for Flux.1
+    the least quantized base that fits with 2 GiB to spare (NF4 when the GPU is unknown)."""
+    *better, leanest = PREFERRED[family]
+    native = registry.get(family).resolution
+    room = (gpu_gib or 0.0) - HEADROOM_GIB.get(family, 0.0)
+    for profile in better if gpu_gib is not None else ():
+        if estimate_training_memory(family, {**MEMORY_PROFILES[profile], "resolution": native}).fits(room):
+            return profile
+    return leanest
 
 
 def profile_note(profile: str, family: str) -> str | None:

@@ -68,6 +68,8 @@ from dbtools.families.profiles import (
     profile_note,
     recommended_profile,
 )
+from dbtools.families.sd import SD_VAE
+from dbtools.families.sdxl import SDXL_VAE
 from dbtools.train.checkpoints import latest_weights, list_weights
 from dbtools.ui.editor import (
     CACHE_DIR,
@@ -579,23 +581,11 @@ SEED_TRAIN_FLAGS: dict[str, Any] = dict(
     sample_batch_size=4, save_interval=500,
 )
 
-# The SD 1.x VAE the original notebook swapped in, and its SDXL counterpart: SDXL's own VAE
-# overflows in fp16 (NaNs) and must run in fp32, the fp16-fix VAE does not.
-SD_VAE = "stabilityai/sd-vae-ft-mse"
-SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
-
-
-# Prior preservation for SDXL: class images at 1024 px cost about four times SD 1.x's each, so
-# fewer of them, made two at a time (with VAE slicing) to stay within a 16 GB GPU.
-SDXL_PRIOR_DEFAULTS: dict[str, Any] = dict(num_class_images=50, sample_batch_size=2)
-
-
 def family_defaults(detected) -> dict[str, Any]:
     """The training cell's `auto` values for a detected family (`families.Detected`): the
-    native resolution and the family's recommended VAE (None, no VAE flag, for Flux.1, which
-    keeps its own); for SDXL and Flux.1 also fewer class images, made in smaller batches
-    (`SDXL_PRIOR_DEFAULTS`, the family's `prior_defaults`). SD 1.x gets exactly the original
-    notebook's."""
+    native resolution, the family's recommended VAE and its prior-preservation defaults
+    (`ModelFamily.prior_defaults`; SDXL: fewer class images, made in smaller batches). SD 1.x
+    gets exactly the original notebook's."""
     family = detected.family
     return dict(resolution=detected.resolution, pretrained_vae_name_or_path=family.recommended_vae,
                 **family.prior_defaults)
@@ -894,9 +884,9 @@ def _family_line(detected) -> str:
     if detected is None:
         return ""
     line = f" ({detected.family.label}, {detected.resolution} px"
-    profile = recommended_profile(detected.family.key, gpu_memory_gib())
-    if profile != SD_DEFAULT:
-        line += f"; memory profile 'auto' picks {profile!r} for this GPU"
+    pick = recommended_profile(detected.family.key, gpu_memory_gib())
+    if pick != SD_DEFAULT:  # the original notebook's settings need no word
+        line += f"; memory profile 'auto' picks {pick!r}, LoRA is recommended on 16 GB GPUs"
     return line + ")"
 
 
@@ -1011,13 +1001,7 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
     a LoRA run, else the checkpoint).
     """
-    from dbtools.after.export import (
-        WHERE_IT_GOES,
-        checkpoint_kind,
-        export_lora_fused,
-        export_single_file,
-        is_lora_folder,
-    )
+    from dbtools.after.export import WHERE_IT_GOES, ExportConfig, is_lora_folder, run_export
 
     if export_as not in EXPORT_CHOICES:
         raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
@@ -1032,13 +1016,13 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
                         "pickles): set export_format to safetensors.")
     stem = name.strip() or f"{session.output_dir.name}-{weights.name}" + ("-lora" if as_lora else "")
     out = session.output_dir / f"{stem}.{export_format}"
-    write = export_lora_fused if lora and not as_lora else export_single_file
     fingerprint = weights_fingerprint(weights)
-    path = write(weights, out, half=fp16)
+    result = run_export(ExportConfig(weights, out, half=fp16, fuse_lora=lora and not as_lora))
+    path = result.path
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
     session.exported_fingerprints[weights] = fingerprint
     logger.info("Wrote %s (%.2f GiB). %s", path, path.stat().st_size / 1024**3,
-                WHERE_IT_GOES["lora" if as_lora else checkpoint_kind(path)])
+                WHERE_IT_GOES[result.kind])
     return path
 
 
