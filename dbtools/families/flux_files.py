@@ -16,23 +16,21 @@ The UI LoRA file uses kohya's layout for Flux (what kohya's sd-scripts write):
 and `.alpha` (the weight change is alpha / rank * up @ down), and `lora_te1_text_model_...` for
 the CLIP-L text encoder. ComfyUI and Forge both name `lora_unet_` + every weight of the loaded
 Flux model (their `model_lora_keys_unet` reads the model's own original-layout state dict), so
-every key reaches a module whatever way the model was loaded; diffusers' `load_lora_weights`
-reads the layout too. A fused module's LoRA is its parts' LoRAs side by side: the downs stacked
-(rank = the sum of the ranks), the ups block-diagonal (each part's up in its own rows and rank
-columns, zeros elsewhere, zero rows for a part that was not trained), alpha = the sum of the
-alphas, so alpha / rank stays each part's scale and the weight change is exactly the same.
+every key reaches a module whatever way the model was loaded. diffusers' `load_lora_weights`
+reads the layout too, for Flux.1's full width and for modules inside the blocks. A fused
+module's LoRA is its parts' LoRAs side by side: the downs stacked (rank = the sum of the ranks),
+the ups block-diagonal (each part's up in its own rows and rank columns, zeros elsewhere, zero
+rows for a part that was not trained), alpha = the sum of the alphas, so alpha / rank stays each
+part's scale and the weight change is exactly the same.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Mapping
 
 from dbtools.core.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 # diffusers module inside transformer_blocks.N -> (original module inside double_blocks.N, part)
 _DOUBLE = {
@@ -83,6 +81,7 @@ TRANSFORMER_METADATA = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architec
 """modelspec metadata of a single-file Flux.1 transformer."""
 NETWORK_MODULE = "networks.lora_flux"
 """`ss_network_module` of kohya's Flux LoRAs."""
+
 
 class FluxFileError(UserError):
     """A Flux file cannot be written because of something the user can fix."""
