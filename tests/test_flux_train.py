@@ -84,11 +84,12 @@ def test_flux_samples_are_remade_pixel_for_pixel_by_generate(tmp_path, overfit_s
                                                              capsys):
     out = tmp_path / "out"
     cfg = flux_config(tiny_flux, overfit_set, out, save_interval=2, save_sample_prompt="a photo of sks toy",
-                      n_save_sample=1, save_infer_steps=3, save_guidance_scale=3.5, quantize_base=quantize_base)
+                      n_save_sample=1, save_infer_steps=3, quantize_base=quantize_base)
     assert train_main(cfg) == 0
     sample = out / "4" / "samples" / "0.png"
     settings = G.settings_from_png(sample)
-    assert settings["scheduler"] == "flow_euler" and settings["guidance_scale"] == 3.5
+    # FluxPipeline's own guidance (3.5) where --save_guidance_scale is left at Shivam's 7.5.
+    assert settings["scheduler"] == "flow_euler" and settings["guidance_scale"] == 3.5 and settings["steps"] == 3
     assert settings.get("quantize_base") == (None if quantize_base == "none" else quantize_base)
     capsys.readouterr()
     assert G.main(["--model", str(out / "4"), "--from_png", str(sample), "--out_dir", str(tmp_path / "gen")]) == 0
