@@ -50,7 +50,7 @@ def test_auto_picks_the_least_quantized_flux_base_that_fits():
     assert fit_warning("flux1", {**MEMORY_PROFILES[FLUX_LORA_NF4], "resolution": 1024}, 15.0) is None
 
 
-def test_a_tiny_flux_switches_the_training_cells_auto_fields(tiny_flux, tmp_path):
+def test_a_flux_model_switches_the_training_cells_auto_fields(tiny_flux, tmp_path):
     """The training cell's `auto` fields with a Flux.1 model: 1024 px, LoRA's learning rate, no
     VAE swap, the Flux profile for the GPU found; the command they make is one training accepts."""
     from dbtools.ui import notebook as nb
