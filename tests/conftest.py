@@ -81,6 +81,14 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny Flux.1 [dev]-style pipeline folder (guidance embedding, CLIP + T5, 16-channel VAE)."""
+    from dbtools.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
 def make_image(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> Path:
     """Write a small gradient image with a coloured square; format from the extension."""
     w, h = size

@@ -105,8 +105,23 @@ def test_user_errors(tmp_path):
         write_kohya_lora(tmp_path / "missing", tmp_path / "x.safetensors")
     with pytest.raises(LoraConvertError, match="name the LoRA file .safetensors"):
         write_kohya_lora({}, tmp_path / "x.ckpt")
-    with pytest.raises(LoraConvertError, match="belongs to no UNet or text encoder"):
-        to_kohya({"transformer.x.lora_A.weight": torch.zeros(2, 2)})
+    with pytest.raises(LoraConvertError, match="belongs to no denoiser or text encoder"):
+        to_kohya({"prior.x.lora_A.weight": torch.zeros(2, 2)})
+
+
+def test_a_flux_transformer_lora_gets_kohyas_flux_layout():
+    """Flux.1's family converts its LoRA itself, to kohya's Flux layout (the original module
+    names ComfyUI and Forge map; see tests/test_flux_files.py): a single block's `to_k` is the
+    second of the four parts stacked in `linear1` (q, k, v as wide as the attention, then 4x for
+    the MLP), its up weight in those rows."""
+    src = {"transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": torch.ones(2, 8),
+           "transformer.single_transformer_blocks.0.attn.to_k.lora_B.weight": torch.ones(8, 2)}
+    sd = to_kohya(src, alpha=2.0, family="flux1")
+    module = "lora_unet_single_blocks_0_linear1"
+    assert set(sd) == {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
+    up = sd[f"{module}.lora_up.weight"]
+    assert up.shape == (8 * 3 + 32, 2) and up[8:16].eq(1).all() and not up[:8].any() and not up[16:].any()
+    assert sd[f"{module}.alpha"].item() == 2.0
 
 
 def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_path, capsys):

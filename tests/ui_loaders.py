@@ -69,6 +69,9 @@ def a1111_version(metadata: dict) -> str:
 
 def forge_version(metadata: dict) -> str:
     arch = str(metadata.get("modelspec.architecture", ""))
+    if metadata.get("modelspec.implementation") == "https://github.com/black-forest-labs/flux" \
+            or arch == "flux-1-dev/lora":
+        return "Flux"
     if arch == "stable-diffusion-xl-v1-base/lora" or str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
         return "SDXL"
     if str(metadata.get("ss_v2", "")) == "True":
@@ -77,3 +80,91 @@ def forge_version(metadata: dict) -> str:
 
 
 UI_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+# ----------------------------------------------------------------------------------- Flux.1
+# ComfyUI and Forge load Flux.1 in Black Forest Labs' original layout (`double_blocks.N.img_attn.qkv`,
+# `single_blocks.N.linear1`, ...) and build their LoRA key names from that model's own weights:
+# `lora_unet_` + a weight's name without `.weight`, dots as underscores (`model_lora_keys_unet`),
+# and for the CLIP-L text encoder `lora_te1_` / `lora_te_` + `text_model_encoder_layers_<i>_<module>`
+# (`model_lora_keys_clip`, with CLIP-L present). The patch is alpha / rank * up @ down with rank =
+# lora_down's rows. Forge lists a LoRA under Flux when `modelspec.implementation` is
+# https://github.com/black-forest-labs/flux or `modelspec.architecture` is `flux-1-dev/lora`
+# (checked before the SD rules).
+# ComfyUI's `flux_to_diffusers` names where each diffusers weight lives in the original:
+FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+               "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+               "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+FLUX_DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                   "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+FLUX_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                     "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+FLUX_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+FLUX_TOP = {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in",
+            "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+FLUX_SWAPPED = ("norm_out.linear", "final_layer.adaLN_modulation.1")
+"""Stored with its shift and scale halves in the other order than diffusers'."""
+
+
+def flux_original_map(hidden: int, double: int, single: int) -> dict:
+    """diffusers `FluxTransformer2DModel` weight -> (original weight, first row, rows or None for all,
+    swapped halves), for `hidden`-wide attention and `double`/`single` blocks (RMS norms store
+    `scale`, as in the original checkpoints; proj_mlp is 4x `hidden`)."""
+    out = {}
+    for end in ("weight", "bias"):
+        for i in range(double):
+            d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+            out.update({f"{d}{k}.{end}": (f"{o}{v}.{end}", 0, None, False) for k, v in FLUX_DOUBLE.items()})
+            for fused, parts in FLUX_DOUBLE_QKV.items():
+                out.update({f"{d}{p}.{end}": (f"{o}{fused}.{end}", n * hidden, hidden, False)
+                            for n, p in enumerate(parts)})
+        for i in range(single):
+            d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+            out.update({f"{d}{k}.{end}": (f"{o}{v}.{end}", 0, None, False) for k, v in FLUX_SINGLE.items()})
+            out.update({f"{d}attn.to_{p}.{end}": (f"{o}linear1.{end}", n * hidden, hidden, False)
+                        for n, p in enumerate("qkv")})
+            out[f"{d}proj_mlp.{end}"] = (f"{o}linear1.{end}", 3 * hidden, 4 * hidden, False)
+        out.update({f"{k}.{end}": (f"{v}.{end}", 0, None, False) for k, v in FLUX_TOP.items()})
+        out[f"{FLUX_SWAPPED[0]}.{end}"] = (f"{FLUX_SWAPPED[1]}.{end}", 0, None, True)
+    for i in range(double):
+        out.update({f"transformer_blocks.{i}.{k}.weight": (f"double_blocks.{i}.{v}.scale", 0, None, False)
+                    for k, v in FLUX_DOUBLE_NORMS.items()})
+    for i in range(single):
+        out.update({f"single_transformer_blocks.{i}.{k}.weight": (f"single_blocks.{i}.{v}.scale", 0, None, False)
+                    for k, v in FLUX_SINGLE_NORMS.items()})
+    return out
+
+
+def flux_module_map(original: dict, text_encoder=None) -> dict:
+    """LoRA module name -> weight shape of what it patches in a Flux model, as ComfyUI and Forge
+    name them: the original-layout transformer `original` and the CLIP-L `text_encoder`."""
+    found = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): tuple(v.shape)
+             for k, v in original.items() if k.endswith(".weight")}
+    if text_encoder is not None:
+        for key, value in text_encoder.state_dict().items():
+            m = re.fullmatch(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)\.weight", key)
+            if m and m.group(2) in CLIP_LINEAR:
+                for prefix in ("lora_te_", "lora_te1_"):
+                    found[f"{prefix}text_model_encoder_layers_{m.group(1)}_{m.group(2).replace('.', '_')}"] = \
+                        tuple(value.shape)
+    return found
+
+
+def comfy_apply(original: dict, lora: dict) -> dict:
+    """The original-layout weights after ComfyUI/Forge patch them with a kohya-layout `lora`
+    (transformer keys only; strength 1)."""
+    names = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in original if k.endswith(".weight")}
+    out = dict(original)
+    for key, down in lora.items():
+        if key.startswith("lora_unet_") and key.endswith(".lora_down.weight"):
+            module = key[: -len(".lora_down.weight")]
+            up, alpha = lora[module + ".lora_up.weight"], lora[module + ".alpha"].item()
+            target = names[module]
+            out[target] = out[target] + (alpha / down.shape[0]) * (up.float() @ down.float()).to(out[target].dtype)
+    return out

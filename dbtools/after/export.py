@@ -45,9 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbtools.after import kohya
 from dbtools.core.atomic import atomic_write, remove_leftovers
 from dbtools.core.errors import UserError
-from dbtools.families.base import ModelFamily, UnsupportedFamily
+from dbtools.families import flux_files
+from dbtools.families.base import ModelFamily, SingleFileLayout, UnsupportedFamily
 from dbtools.families.models import folder_family, weight_stems
 from dbtools.families.sd import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
@@ -60,6 +62,10 @@ WHERE_IT_GOES = {
             "instead (the web UIs ignore that one).",
     "checkpoint": "A full checkpoint: put it in models/Stable-diffusion (AUTOMATIC1111, Forge) or models/checkpoints "
                   "(ComfyUI).",
+    "denoiser": "The diffusion model alone (no text encoders, no VAE; e.g. a Flux.1 transformer): put it in "
+                "models/diffusion_models (ComfyUI's Load Diffusion Model node, with the model's text encoders and "
+                "VAE: for Flux.1 clip_l, t5xxl and ae) or models/Stable-diffusion (Forge, choosing the same files "
+                "under VAE / Text Encoder).",
 }
 """The line `export` prints after a file: which folder of which program it goes into."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -119,15 +125,13 @@ class ExportResult:
     file_format: str
     description: str = KOHYA_LAYOUT
     """What the layout is, in words (`SingleFileLayout.description`)."""
+    kind: str = "lora"
+    """What the file is for the UIs (a key of `WHERE_IT_GOES`)."""
 
     def summary(self) -> str:
         size = f"{self.num_bytes / 2**20:.1f} MiB" if self.num_bytes >= 2**20 else f"{self.num_bytes} bytes"
         return (f"wrote {self.path}: {self.num_tensors} tensors, {size}, {self.dtype}, "
                 f"{self.file_format}, layout {self.layout} ({self.description})\n{WHERE_IT_GOES[self.kind]}")
-
-    @property
-    def kind(self) -> str:
-        return "lora" if self.layout == "kohya" else "checkpoint"
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -341,6 +345,8 @@ _UNET_CLASS, _VAE_CLASS, _CLIP_CLASS = ("diffusers.UNet2DConditionModel", "diffu
 """What the converters below read (the default model built to list a config's weight names)."""
 
 CONVERTERS = {
+    "flux_transformer": lambda sd, config, prefix: {prefix + k: v for k, v in
+                                                    flux_files.transformer_to_original(sd).items()},
     "sd_unet": lambda sd, config, prefix: unet_to_original(sd, config),
     "sd_vae": lambda sd, config, prefix: vae_to_original(sd, config),
     "clip": lambda sd, config, prefix: text_encoder_to_original(sd, config, "clip", prefix),
@@ -364,12 +370,14 @@ def to_original_state_dict(weights: dict[str, dict], configs: dict, family: Mode
     """
     import torch
 
+    layout = family.single_file_layout()
+    half_dtype = getattr(torch, layout.half_dtype)
     out = {}
-    for component, (converter, prefix) in family.single_file_layout().parts.items():
+    for component, (converter, prefix) in layout.parts.items():
         out.update(CONVERTERS[converter](weights[component], configs[component], prefix))
     for key, tensor in out.items():
         if half and tensor.is_floating_point():
-            tensor = tensor.to(torch.float16)
+            tensor = tensor.to(half_dtype)
         out[key] = tensor.contiguous()
     return out
 
@@ -668,14 +676,15 @@ def _check_weights(component: str, class_path: str, config: dict, state_dict: di
                           "Stable Diffusion 1.x/2.x folder.")
 
 
-def _write(state_dict: dict, path: Path, file_format: str) -> None:
-    """Write atomically; a full disk or a folder we cannot write to is one `ExportError`
-    naming the folder (never the temp file), and no partial file is left."""
+def _write(state_dict: dict, path: Path, file_format: str, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically (safetensors with `metadata` in its header); a full disk or a folder we
+    cannot write to is one `ExportError` naming the folder (never the temp file), and no partial
+    file is left."""
     def write(tmp: str) -> None:
         if file_format == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(state_dict, tmp, metadata={"format": "pt"})
+            save_file(state_dict, tmp, metadata={**(metadata or {}), "format": "pt"})
         else:
             import torch
 
@@ -734,7 +743,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     if is_checkpoint_folder(model_path):
         return _export_checkpoint(config)
     if is_lora_folder(model_path):
-        return _export_checkpoint(config) if config.fuse_lora else _export_lora(config)
+        return _export_fused_lora(config) if config.fuse_lora else _export_lora(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
     family = export_family(model_path)
     layout = family.single_file_layout()
@@ -745,11 +754,25 @@ def run_export(config: ExportConfig) -> ExportResult:
     logger.info("%s: %s model, converting to the original layout", model_path, layout.description)
     state_dict = to_original_state_dict(weights, configs, family, half=config.half)
     del weights  # with `half`, frees the full-precision originals before writing
-    _write(state_dict, out, file_format)
+    _write(state_dict, out, file_format, file_metadata(layout, out))
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
     return ExportResult(path=out, num_tensors=len(state_dict), num_bytes=out.stat().st_size,
                         dtype="/".join(dtypes), layout=family.key, file_format=file_format,
-                        description=layout.description)
+                        description=layout.description, kind=_file_kind(family, layout))
+
+
+def _file_kind(family: ModelFamily, layout: SingleFileLayout) -> str:
+    """"denoiser" for a layout that holds the denoiser alone (Flux.1's transformer), else "checkpoint"."""
+    return "denoiser" if set(layout.parts) == {family.denoiser} else "checkpoint"
+
+
+def file_metadata(layout: SingleFileLayout, out: Path) -> dict[str, str]:
+    """The layout's modelspec metadata for the file `out` (titled by its name, dated today); {} for none."""
+    import datetime
+
+    if not layout.metadata:
+        return {}
+    return {**layout.metadata, "modelspec.title": out.stem, "modelspec.date": datetime.date.today().isoformat()}
 
 
 def _export_checkpoint(config: ExportConfig) -> ExportResult:
@@ -769,6 +792,88 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
         del pipe
         logger.info("%s: a training checkpoint, exported with its run's base model", config.model_path)
         return run_export(dataclasses.replace(config, model_path=Path(tmp)))
+
+
+def _export_fused_lora(config: ExportConfig) -> ExportResult:
+    """A LoRA step folder fused into its run's base model. A family whose single file holds the
+    denoiser alone (Flux.1) loads just that denoiser, fuses and converts it; others export the
+    whole pipeline (`_export_checkpoint`)."""
+    model_path, out = Path(config.model_path), Path(config.checkpoint_path)
+    family = kohya.lora_family(model_path)
+    layout = family.single_file_layout() if family is not None else None
+    if layout is None or _file_kind(family, layout) != "denoiser":
+        return _export_checkpoint(config)
+    file_format = output_format(out, config.use_safetensors)
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder. --checkpoint_path takes a file name such as "
+                          f"{out / 'model.safetensors'}.")
+    if any(not k.startswith(family.denoiser + ".") for k in kohya.read_lora(model_path)):
+        logger.warning("%s: the LoRA also trained a text encoder, which a %s file does not hold; for that part "
+                       "use the LoRA file (export without --fuse_lora)", model_path, layout.description)
+    args = _lora_base(model_path)
+    denoiser = load_denoiser(family, args["pretrained_model_name_or_path"], args.get("revision"), model_path)
+    converter, prefix = layout.parts[family.denoiser]
+    state = CONVERTERS[converter](denoiser.state_dict(), dict(denoiser.config), prefix)
+    del denoiser
+    import torch
+
+    half = getattr(torch, layout.half_dtype)
+    state = {k: (v.to(half) if config.half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    _write(state, out, file_format, file_metadata(layout, out))
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
+    return ExportResult(path=out, num_tensors=len(state), num_bytes=out.stat().st_size, dtype="/".join(dtypes),
+                        layout=family.key, file_format=file_format, description=layout.description, kind="denoiser")
+
+
+def _lora_base(folder: Path) -> dict:
+    """The run settings (`args.json`) of a LoRA step folder, which name its base model."""
+    try:
+        args = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        args = {}
+    if not args.get("pretrained_model_name_or_path"):
+        raise ExportError(f"{folder}: no args.json naming the base model the LoRA was trained on, so it cannot be "
+                          "fused. Copy args.json from the run's other step folders, or export the LoRA file "
+                          "instead (without --fuse_lora).")
+    return args
+
+
+def load_denoiser(family: ModelFamily, name: str, revision: str | None = None, lora_folder: Path | None = None):
+    """`family`'s denoiser from the model `name` (a folder or Hub id) in its stored precision
+    (float32 or float16 when the folder stores that, else bfloat16), never quantized, with the
+    LoRA of `lora_folder` fused in. A gated or missing model is one `ExportError`."""
+    import importlib
+
+    library, _, cls_name = family.parts[family.denoiser].rpartition(".")
+    cls = getattr(importlib.import_module(library), cls_name)
+    local = Path(name) / family.denoiser
+    try:
+        model = cls.from_pretrained(name, subfolder=family.denoiser, revision=revision,
+                                    torch_dtype=_stored_dtype(local))
+    except OSError as exc:
+        raise ExportError(f"{name}: cannot load its {family.denoiser} ({str(exc).splitlines()[0]}). A gated model "
+                          f"({family.label} [dev] is) needs its licence accepted on the Hub and a login "
+                          "(huggingface-cli login); or point args.json's pretrained_model_name_or_path at a local "
+                          "copy.") from exc
+    if lora_folder is not None:
+        model.load_lora_adapter(str(lora_folder), weight_name=LORA_FILE, prefix=family.denoiser, adapter_name="export")
+        model.fuse_lora(lora_scale=1.0)
+        model.unload_lora()
+    return model
+
+
+def _stored_dtype(folder: Path):
+    """The floating-point dtype a local component folder's safetensors store (bfloat16 if unknown)."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return torch.bfloat16
+    with safe_open(str(files[0]), framework="pt") as fh:
+        stored = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    return next((dtype for name, dtype in (("F32", torch.float32), ("F16", torch.float16)) if name in stored),
+                torch.bfloat16)
 
 
 def is_lora_folder(path: Path) -> bool:
@@ -797,8 +902,9 @@ def _export_lora(config: ExportConfig) -> ExportResult:
 
 def export_lora_fused(lora_folder: str | Path, checkpoint_path: str | Path, half: bool = False) -> Path:
     """Write a LoRA weights folder as one full original-layout checkpoint: the run's base
-    model (named in its `args.json`) with the adapters fused in; return its path."""
-    return _export_checkpoint(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None, True)).path
+    model (named in its `args.json`) with the adapters fused in (for Flux.1: the transformer
+    alone); return its path."""
+    return run_export(ExportConfig(Path(lora_folder), Path(checkpoint_path), half, None, True)).path
 
 
 def export_single_file(model_path: str | Path, checkpoint_path: str | Path, half: bool = False,

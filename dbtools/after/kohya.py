@@ -20,6 +20,12 @@ The file's metadata holds kohya's `ss_*` keys and the `modelspec.*` keys of kohy
 `ss_base_model_version` starts with `sdxl_`, as SD 2.x when `ss_v2` is `True`, else as SD 1.x
 if it has any metadata; Forge needs `modelspec.architecture` (`stable-diffusion-v1/lora`)
 to show a file as SD 1.x. ComfyUI ignores the metadata.
+
+A family whose UI layout is more than renamed prefixes converts the tensors itself
+(`UILora.convert`): Flux.1 LoRAs get kohya's Flux layout (`lora_unet_double_blocks_0_img_attn_qkv`,
+...: the original transformer's module names, see `dbtools.families.flux_files`) and kohya's Flux
+metadata (`ss_base_model_version` `flux1`, `modelspec.architecture` `flux-1-dev/lora`, by which Forge
+lists them under Flux; `ss_network_module` `networks.lora_flux`; no prediction type).
 """
 
 from __future__ import annotations
@@ -49,7 +55,10 @@ _ARGS_TO_SS = {"learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_sched
                "gradient_accumulation_steps": "ss_gradient_accumulation_steps",
                "gradient_checkpointing": "ss_gradient_checkpointing", "seed": "ss_seed",
                "max_grad_norm": "ss_max_grad_norm", "prior_loss_weight": "ss_prior_loss_weight",
-               "hflip": "ss_flip_aug", "snr_gamma": "ss_min_snr_gamma", "num_train_epochs": "ss_num_epochs"}
+               "hflip": "ss_flip_aug", "snr_gamma": "ss_min_snr_gamma", "num_train_epochs": "ss_num_epochs",
+               # flow matching, as kohya's Flux scripts record it
+               "guidance_scale": "ss_guidance_scale", "weighting_scheme": "ss_weighting_scheme",
+               "logit_mean": "ss_logit_mean", "logit_std": "ss_logit_std", "mode_scale": "ss_mode_scale"}
 
 
 class LoraConvertError(UserError):
@@ -70,11 +79,11 @@ def to_peft_names(state_dict: Mapping) -> dict:
         groups.setdefault(key.split(".", 1)[0], {})[key] = tensor
     peft = {}
     for component, part in groups.items():
-        if any(".lora_A." in k or ".lora_B." in k for k in part):
-            peft.update(part)
-            continue
+        # diffusers renames only some modules (Flux's attention but not its other linears): convert the rest
+        rest = {k: v for k, v in part.items() if ".lora_A." not in k and ".lora_B." not in k}
+        peft.update({k: v for k, v in part.items() if k not in rest})
         try:
-            peft.update(convert_all_state_dict_to_peft(part))
+            peft.update(convert_all_state_dict_to_peft(rest) if rest else {})
         except ValueError as exc:
             raise LoraConvertError(f"{component}: not a diffusers LoRA state dict ({exc}).") from exc
     return {_with_text_model(k): v for k, v in peft.items()}
@@ -94,24 +103,28 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     "text_encoder_2") to number, or None for alpha = rank (scale 1, what diffusers assumes
     for a file without alphas). Weights are kept as they are (same dtype, same values).
     `family` (a `ModelFamily` or its key) gives each component's prefix (`ModelFamily.ui_lora`:
-    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`); when
-    None, the first family that has all of the LoRA's components.
+    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`), or
+    converts the tensors itself (`UILora.convert`: Flux.1's original module names); when None,
+    the first family that has all of the LoRA's components.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
+    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
+    convert = family.ui_lora(EPSILON).convert if family is not None else None
+    if convert is not None:
+        return convert(to_peft_names(state_dict), alpha)
     peft = to_peft_names(state_dict)
-    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.")))
+    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:
-        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no UNet or text encoder; only UNet and "
-                               "text-encoder LoRAs of Stable Diffusion can be converted.")
+        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no denoiser or text encoder; only their "
+                               "LoRAs can be converted.")
     out = convert_state_dict_to_kohya(peft)
     for key in [k for k in out if k.endswith(".alpha")]:
         module = key[: -len(".alpha")]
         rank = out[module + ".lora_down.weight"].shape[0]
         value = _alpha_for(module, alpha, rank)
         out[key] = torch.tensor(float(value), dtype=torch.float32)
-    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in peft}))
     prefixes = family.ui_lora(EPSILON).prefixes if family is not None else {}
     renames = {p: prefixes.get(c, p) for p, c in _COMPONENTS.items()}
     return {_renamed(k, renames): v for k, v in out.items()}
@@ -139,7 +152,8 @@ def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int
     return alpha
 
 
-_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+               "transformer_": "transformer"}
 """The prefixes diffusers' `convert_state_dict_to_kohya` writes, per component."""
 
 
@@ -157,12 +171,13 @@ def kohya_metadata(family: ModelFamily | str, rank: int, alpha: float, output_na
     """
     ui = _family(family).ui_lora(V_PREDICTION if v_prediction else EPSILON)
     meta = {"ss_base_model_version": ui.base_model_version, "ss_v2": str(ui.v2),
-            "ss_network_module": NETWORK_MODULE, "ss_network_dim": str(int(rank)),
+            "ss_network_module": ui.network_module, "ss_network_dim": str(int(rank)),
             "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{ui.architecture}/lora",
             "modelspec.implementation": ui.implementation,
-            "modelspec.title": output_name, "modelspec.prediction_type": "v" if v_prediction else "epsilon",
-            "modelspec.date": datetime.date.today().isoformat()}
+            "modelspec.title": output_name, "modelspec.date": datetime.date.today().isoformat()}
+    if ui.prediction_type:
+        meta["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
     args = dict(args or {})
     meta.update({key: str(args[name]) for name, key in _ARGS_TO_SS.items() if args.get(name) is not None})
     if args.get("pretrained_model_name_or_path"):
@@ -183,27 +198,45 @@ def read_lora(path: str | os.PathLike) -> dict:
     """The tensors of a diffusers LoRA file, or of a LoRA folder's `pytorch_lora_weights.safetensors`."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise LoraConvertError(f"{path}: not found. Give a LoRA folder (with pytorch_lora_weights.safetensors) "
-                               "or the .safetensors file itself.")
+    path = lora_file(path)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise LoraConvertError(f"{path}: not a valid .safetensors file ({exc}). Save the LoRA again.") from exc
 
 
+def lora_file(path: str | os.PathLike) -> Path:
+    """The diffusers LoRA file at `path` (a LoRA folder or the file itself); `LoraConvertError` if none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise LoraConvertError(f"{path}: not found. Give a LoRA folder (with pytorch_lora_weights.safetensors) "
+                               "or the .safetensors file itself.")
+    return path
+
+
+def lora_alphas(path: str | os.PathLike) -> dict[str, float]:
+    """{component: lora_alpha} from the adapter settings diffusers' `save_lora_weights` writes into
+    a LoRA file's metadata (`lora_adapter_metadata`); {} when it has none."""
+    try:
+        settings = json.loads(read_metadata(lora_file(path)).get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return {}
+    return {key.split(".", 1)[0]: float(value) for key, value in settings.items()
+            if key.endswith(".lora_alpha") and value is not None}
+
+
 def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
                      alpha: float | Mapping[str, float] | None = None, half: bool = False,
                      metadata: Mapping[str, str] | None = None, family: ModelFamily | str | None = None) -> Path:
-    """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111 and ComfyUI load; return its path.
+    """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111, Forge and ComfyUI load; return its path.
 
     `lora` is a diffusers LoRA folder or file, or its state dict; `alpha` and `family` as in
-    `to_kohya` (`family` defaults to the one `metadata` names). `metadata` (see `kohya_metadata`)
-    goes into the file's header. With `half`, floating-point tensors are stored as fp16. The
-    file appears only when complete.
+    `to_kohya` (`family` defaults to the one `metadata` names; `alpha` to the alphas in a LoRA
+    file's adapter settings, else the rank).
+    `metadata` (see `kohya_metadata`) goes into the file's header. With `half`, floating-point
+    tensors are stored as fp16. The file appears only when complete.
     """
     import torch
     from safetensors.torch import save_file
@@ -213,7 +246,10 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
         raise LoraConvertError(f"{out}: name the LoRA file .safetensors (AUTOMATIC1111 and ComfyUI pick their "
                                "reader by the extension).")
     family = family or family_of_metadata(metadata or {})
-    tensors = to_kohya(read_lora(lora) if isinstance(lora, (str, os.PathLike)) else lora, alpha, family)
+    path = isinstance(lora, (str, os.PathLike))
+    if alpha is None and path:
+        alpha = lora_alphas(lora) or None
+    tensors = to_kohya(read_lora(lora) if path else lora, alpha, family)
     if half:
         tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -266,8 +302,20 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
         return {}
     rank = next(v.shape[0] for k, v in to_peft_names(tensors).items() if ".lora_A." in k)
     steps = int(folder.name) if folder.name.isdigit() else None
-    return kohya_metadata(family, rank, args.get("lora_alpha") or rank, name, v_prediction=v_prediction,
-                          steps=steps, args=args)
+    alpha = lora_alphas(folder).get(family.denoiser) or args.get("lora_alpha") or rank
+    return kohya_metadata(family, rank, alpha, name, v_prediction=v_prediction, steps=steps, args=args)
+
+
+def lora_family(folder: str | os.PathLike) -> ModelFamily | None:
+    """The family of the model a LoRA step folder was trained on: its `args.json`'s base model,
+    else the one family with all of the LoRA's components; None when neither tells."""
+    from dbtools.train.checkpoints import ARGS_FILE
+
+    try:
+        args = json.loads((Path(folder) / ARGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        args = {}
+    return _base_family(args if isinstance(args, dict) else {}, read_lora(folder))[0]
 
 
 def _base_family(args: Mapping, tensors: Mapping) -> tuple[ModelFamily | None, bool]:

@@ -32,7 +32,7 @@ does the reading and hands each family what it asks for.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -132,7 +132,8 @@ class Components:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """The scheduler config's (a flow-matching scheduler has none: epsilon, as detection says)."""
+        return self.noise_scheduler.config.get("prediction_type", EPSILON)
 
     @property
     def text_encoders(self) -> list:
@@ -189,6 +190,14 @@ class UILora:
     """`modelspec.architecture` before `/lora`."""
     implementation: str
     v2: bool = False
+    network_module: str = "networks.lora"
+    """kohya's `ss_network_module` (its Flux.1 LoRAs: "networks.lora_flux")."""
+    prediction_type: bool = True
+    """Whether the file states `modelspec.prediction_type` (not for flow-matching models)."""
+    convert: Callable[[Mapping, Any], dict] | None = None
+    """The family's own diffusers LoRA -> UI tensors conversion `(state_dict, alpha)`, for a layout
+    that is more than renamed `prefixes` (Flux.1: the original transformer's module names); None
+    for kohya's renaming."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,10 @@ class SingleFileLayout:
     """What `export` says it writes ("SDXL, CLIP and OpenCLIP text encoders")."""
     parts: Mapping[str, tuple[str, str]]
     """component -> (converter name: "sd_unet", "sd_vae", "clip", "openclip", ...; key prefix)."""
+    half_dtype: str = "float16"
+    """What `--half` stores floating-point weights as (Flux.1: "bfloat16", its own precision)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """modelspec metadata the file carries (export adds `modelspec.title` and `.date`)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -243,6 +256,9 @@ class ModelFamily(ABC):
     prior_defaults: Mapping[str, Any] = field(default_factory=dict)
     """Training flags the notebook's `auto` sets for prior preservation (e.g. fewer class images
     for a family whose images are costly to make)."""
+    samples_at_own_defaults: bool = False
+    """Whether training samples take `sample_steps` and `guidance_scale` when their flags are
+    left at Shivam's defaults (20 steps, 7.5), which suit SD but not a guidance-distilled model."""
 
     # ----------------------------------------------------------------- identity
 
@@ -304,9 +320,11 @@ class ModelFamily(ABC):
         """The training noise scheduler from the model's scheduler config (DDPM for SD)."""
 
     def load_components(self, load: PartLoader, needed: Iterable[str] | None = None,
-                        quantize: str | None = None) -> Components:
+                        quantize: str | None = None, options: Any = None) -> Components:
         """Load the training components through `load`: each of `parts` (or just `needed`),
-        the denoiser quantized when `quantize` is "nf4"/"int8", and the noise scheduler."""
+        the denoiser quantized when `quantize` is "nf4"/"int8", and the noise scheduler.
+        `options` is the run's settings (flags as attributes, e.g. a `TrainConfig`) for a family
+        whose training step reads some of them (Flux: the weighting scheme); None: defaults."""
         if quantize is not None:
             raise UserError(f"--quantize_base {quantize}: {self.label} models are not trained from a quantized "
                             "base; leave --quantize_base unset.")
@@ -317,6 +335,12 @@ class ModelFamily(ABC):
                 continue
             parts[sub] = load.tokenizer(cls, sub) if sub.startswith("tokenizer") else load.model(cls, sub)
         return Components(self, parts, self.noise_scheduler(load.scheduler_config()))
+
+    def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
+        """Settings this family cannot train with, each with its fix, found before anything
+        loads. `options` as for `load_components`; `cuda_bf16` whether the training GPU runs
+        bf16 natively (None: training on the CPU)."""
+        return []
 
     def pipeline_kwargs(self) -> dict:
         """Extra keyword arguments for the pipeline class (e.g. no safety checker)."""

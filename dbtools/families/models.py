@@ -32,6 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.families import registry
 from dbtools.families.base import Components, Detected, ModelFamily, UnsupportedFamily
 from dbtools.families.detect import prediction_type_from_scheduler
+from dbtools.families.quantize import is_quantized, load_quantized
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -83,6 +84,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm++_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 """Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names; one
 entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's names and
@@ -90,7 +92,7 @@ entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's
 
 A1111_SAMPLERS = {
     "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC",
+    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC", "flow_euler": "Flow Euler",
 }
 """AUTOMATIC1111's sampler name for each of `SCHEDULERS` (what its PNG Info shows)."""
 
@@ -482,6 +484,8 @@ def load_sd_components(
     config: str | None = None,
     original_config: str | None = None,
     component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
+    quantize: str | None = None,
+    options=None,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -493,7 +497,8 @@ def load_sd_components(
     component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
     UNet; or a function of the detected family giving that dict) is read straight into its own
     dtype, never held in float32 first (except from a single file, which is read whole in
-    `torch_dtype`).
+    `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
+    (the run's settings) go to the family (`ModelFamily.load_components`).
     """
     import torch
 
@@ -511,7 +516,8 @@ def load_sd_components(
         models = Components(family, {c: getattr(pipe, c) for c in family.parts},
                             family.noise_scheduler(pipe.scheduler.config))
     else:
-        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed)
+        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed,
+                                        quantize=quantize, options=options)
     if tokenizer_name:
         models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
                                                     revision)
@@ -532,7 +538,10 @@ class _PartLoader:
 
     def model(self, class_path: str, component: str, *, quantize: str | None = None):
         if quantize is not None:
-            raise ModelLoadError(f"{component}: quantized loading ({quantize}) is not available here.")
+            # Straight onto the device that trains (bitsandbytes quantizes as the weights arrive).
+            return _guard(self.name, lambda: load_quantized(
+                _class(class_path), self.name, quantize, dtype=self.dtypes[component], device=pick_device(),
+                subfolder=component, revision=self.revision, variant=self.variant))
         return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
                                 self.dtypes[component])
 
@@ -617,7 +626,7 @@ def _only_variant(component_dir: Path) -> str | None:
 
 
 def _as_dtype(model, dtype):
-    return model if model.dtype == dtype else model.to(dtype)
+    return model if model.dtype == dtype or is_quantized(model) else model.to(dtype)
 
 
 def _tokenizer_subfolder(name: str) -> str | None:
@@ -670,6 +679,10 @@ def _guard(name: str, load):
 
 
 def _load_failure_message(name: str, exc: BaseException) -> str:
+    if _is_gated(exc):
+        return (f"{name} is a gated model: accept its licence on https://huggingface.co/{name} while logged in "
+                "to the Hub, then log in here with a token of that account (the notebook's login cell, "
+                "`huggingface-cli login` or HF_TOKEN).")
     if is_local(name):
         return (f"{name}: cannot load this model ({_first_line(exc)}). The folder is incomplete or "
                 "was saved by an incompatible tool: copy or download it again.")
@@ -679,6 +692,17 @@ def _load_failure_message(name: str, exc: BaseException) -> str:
         "on huggingface.co and log in (huggingface-cli login or HF_TOKEN)"
     return (f"{name}: cannot load from the Hugging Face Hub: {why}. If it is meant to be a local "
             f"folder, that path does not exist. ({_first_line(exc)})")
+
+
+def _is_gated(exc: BaseException | None) -> bool:
+    """Whether the Hub refused a gated repository (Flux.1 [dev]) anywhere in `exc`'s chain."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while exc is not None:
+        if isinstance(exc, GatedRepoError) or "gated repo" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _load_single_file(path: str, dtype, config: str | None, original_config: str | None):
@@ -781,6 +805,7 @@ def load_pipeline(
     scheduler: str | None = None,
     config: str | None = None,
     original_config: str | None = None,
+    quantize: str | None = None,
 ) -> StableDiffusionPipeline:
     """Load the model family's pipeline for generating images (safety checker off).
 
@@ -790,16 +815,23 @@ def load_pipeline(
     `scheduler` picks a sampler by name
     ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
     model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
-    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
+    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`. `quantize`
+    ("nf4", "int8") loads the denoiser quantized, as a run on a quantized base made its samples.
     """
     import torch
 
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
     if is_checkpoint_folder(model_name_or_path) or is_lora_weights_folder(model_name_or_path):
-        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
+        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler,
+                                        quantize=quantize)
     model_name_or_path, revision, variant, family = _resolve_source(
         model_name_or_path, revision, variant, config=config, skip=("vae",) if vae_name_or_path else ())
     extra: dict = {}
+    if quantize:
+        denoiser = _class(f"diffusers.{family.denoiser_class}")
+        extra[family.denoiser] = _guard(model_name_or_path, lambda: load_quantized(
+            denoiser, model_name_or_path, quantize, dtype=dtype, device=pick_device(device),
+            subfolder=family.denoiser, revision=revision, variant=variant))
     if vae_name_or_path:
         extra["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
     local = is_local(model_name_or_path)
@@ -849,7 +881,7 @@ def is_lora_weights_folder(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
-                             scheduler: str | None = None) -> StableDiffusionPipeline:
+                             scheduler: str | None = None, quantize: str | None = None) -> StableDiffusionPipeline:
     """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
     `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
     `unet/`, `text_encoder/` and (SDXL) `text_encoder_2/`, or its LoRA adapters. The weights are
@@ -864,7 +896,7 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     pipe = load_pipeline(args["pretrained_model_name_or_path"],
                          vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
-                         scheduler=scheduler)
+                         scheduler=scheduler, quantize=quantize)
     trained = [sub for sub, module in pipe.components.items()
                if (folder / sub / "config.json").is_file() and hasattr(module, "from_pretrained")]
     for sub in trained:  # the denoiser, and the text encoders that were trained

@@ -25,6 +25,9 @@ GIB = 1024 ** 3
 SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
 SDXL_LORA_16GB = "SDXL LoRA, 16 GB (Colab T4)"
 SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
+FLUX_LORA_NF4 = "Flux.1 LoRA, NF4 base, 16 GB"
+FLUX_LORA_INT8 = "Flux.1 LoRA, int8 base, 24 GB"
+FLUX_LORA_BF16 = "Flux.1 LoRA, bf16 base, 32 GB"
 AUTO = "auto"
 
 # Learning rates: a full fine-tune moves every weight, so it needs a small rate (the notebook's
@@ -52,7 +55,18 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
     SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": False, "use_adafactor": True,
                      "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False,
                      "learning_rate": FULL_FINE_TUNE_LR},
+    # Flux.1 needs bf16. LoRA adapters (float32) on a frozen transformer that bitsandbytes holds
+    # in 4 bits (NF4) or 8 bits, or in bf16 where the GPU has room; text embeddings cached, so
+    # T5-XXL and CLIP leave the GPU; 8-bit Adam for the adapters.
+    FLUX_LORA_NF4: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                    "use_lora": True, "train_text_encoder": False, "quantize_base": "nf4", "learning_rate": LORA_LR},
+    FLUX_LORA_INT8: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": True, "train_text_encoder": False, "quantize_base": "int8", "learning_rate": LORA_LR},
+    FLUX_LORA_BF16: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                     "use_lora": True, "train_text_encoder": False, "quantize_base": "none", "learning_rate": LORA_LR},
 }
+FLUX_PROFILES = (FLUX_LORA_BF16, FLUX_LORA_INT8, FLUX_LORA_NF4)
+"""Flux.1's profiles, best first."""
 
 USER_WINS = ("learning_rate",)
 """Profile flags that are only defaults: a value the user gives is kept."""
@@ -64,16 +78,25 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     "fp32, no memory savings": ("sd1", "sd2", "sdxl"),
     SDXL_LORA_16GB: ("sdxl",),
     SDXL_FULL_24GB: ("sdxl",),
+    **dict.fromkeys(FLUX_PROFILES, ("flux1",)),
 }
-# What `auto` picks per family, most capable first: the first estimated to fit the GPU, else
-# (and when the GPU is unknown) the last, the leanest. The original notebook's for SD 1.x/2.x.
+# What `auto` picks per family, most capable first: the first estimated to fit the GPU (with
+# `HEADROOM_GIB` to spare), else (and when the GPU is unknown) the last, the leanest. The original
+# notebook's for SD 1.x/2.x.
 PREFERRED: dict[str, tuple[str, ...]] = {
     "sd1": (SD_DEFAULT,),
     "sd2": (SD_DEFAULT,),
     "sdxl": (SDXL_FULL_24GB, SDXL_LORA_16GB),
+    "flux1": FLUX_PROFILES,
 }
+HEADROOM_GIB = {"flux1": 2.0}
+"""What `auto` leaves spare on the GPU: Flux.1's estimate is good to about 1 GiB and bitsandbytes
+adds dequantization buffers, so a 16 GB card gets NF4 rather than int8."""
 # The parameter counts, LoRA sizes and activation memory of the real models are the families'
 # own (`ModelFamily.memory`), as is the native size.
+# Bytes per weight of a frozen denoiser that bitsandbytes quantized (`quantize_base`): NF4 packs
+# two weights a byte plus a float32 scale per 64 (less with nested quantization); int8 one byte.
+_QUANTIZED_BYTES = {"nf4": 0.53, "int8": 1.0}
 _OVERHEAD_GIB = 0.5
 # Adafactor keeps row and column second moments: 0.095 floats per weight for SDXL's UNet (its
 # 3x3 convolutions factor over the last two axes only).
@@ -107,12 +130,14 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     """Peak GPU memory of a real-size `family` model ("sd1", "sd2", "sdxl") trained with the
     training command's `flags` (names as `train_dreambooth.py`'s: `mixed_precision`,
     `use_8bit_adam`, `use_adafactor`, `gradient_checkpointing`, `use_lora`, `lora_rank`, `train_text_encoder`,
-    `resolution`, `train_batch_size`, `with_prior_preservation`, `not_cache_latents`, `shuffle_captions`).
+    `resolution`, `train_batch_size`, `with_prior_preservation`, `not_cache_latents`, `shuffle_captions`,
+    `quantize_base`).
 
     Frozen weights count in the mixed-precision dtype, trained ones (full weights or LoRA
     adapters) in float32 with float32 gradients; AdamW keeps 8 bytes per trained weight,
     8-bit Adam 2, Adafactor about 0.4. A text encoder that is not trained leaves the GPU when its embeddings are
-    cached (not with `shuffle_captions`), the VAE when latents are.
+    cached (not with `shuffle_captions`), the VAE when latents are. A LoRA run's frozen denoiser
+    quantized with `quantize_base` ("nf4", "int8") takes about 0.53 or 1 byte a weight.
     """
     numbers = registry.get(family).memory
     half = str(_flag(flags, "mixed_precision", "no")) in ("fp16", "bf16")
@@ -123,10 +148,15 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     text_resident = train_te or bool(_flag(flags, "shuffle_captions", False))
     vae_resident = bool(_flag(flags, "not_cache_latents", False))
 
-    trained = frozen = 0
+    trained = frozen = quantized = 0
     text = sum(numbers.text_params)
+    quantized_bytes = _QUANTIZED_BYTES.get(str(_flag(flags, "quantize_base", "none")))
     if use_lora:
-        frozen += numbers.denoiser_params + (text if train_te else 0)
+        if quantized_bytes:
+            quantized += numbers.denoiser_params
+        else:
+            frozen += numbers.denoiser_params
+        frozen += text if train_te else 0
         trained += rank * (numbers.lora_per_rank + (sum(numbers.text_lora_per_rank) if train_te else 0))
     else:
         trained += numbers.denoiser_params + (text if train_te else 0)
@@ -137,7 +167,7 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     optimizer_bytes = _ADAFACTOR_BYTES if _flag(flags, "use_adafactor", False) else \
         2 if _flag(flags, "use_8bit_adam", False) else 8
     return MemoryEstimate({
-        "weights": (frozen * frozen_bytes + trained * 4) / GIB,
+        "weights": (frozen * frozen_bytes + quantized * (quantized_bytes or 0) + trained * 4) / GIB,
         "gradients": trained * 4 / GIB,
         "optimizer": trained * optimizer_bytes / GIB,
         "activations": _activations_gib(family, flags, half),
@@ -173,8 +203,11 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
         return None
     what = f"The memory profile {profile!r}" if profile else "These training settings"
     leanest = PREFERRED[family][-1]
+    lean = MEMORY_PROFILES[leanest]
+    lighter = (lean.get("use_lora") and not flags.get("use_lora")) or \
+        lean.get("quantize_base", "none") not in ("none", flags.get("quantize_base"))
     advice = ("choose the memory profile " + repr(leanest)
-              if MEMORY_PROFILES[leanest].get("use_lora") and not flags.get("use_lora")
+              if lighter
               else "turn on gradient checkpointing and 8-bit Adam, lower the resolution or batch size, "
                    "or train LoRA (--use_lora)")
     return (f"{what} needs {estimate.describe()} but this GPU has {gpu_gib:.1f} GiB: training will "
@@ -184,11 +217,13 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
 def recommended_profile(family: str, gpu_gib: float | None = None) -> str:
     """The profile the notebook's `auto` picks (`PREFERRED`): the original notebook's for SD
     1.x/2.x; for SDXL the full fine-tune when it is estimated to fit the GPU at the native
-    size, else LoRA (always LoRA when the GPU is unknown: it fits a 16 GB Colab T4)."""
+    size, else LoRA (always LoRA when the GPU is unknown: it fits a 16 GB Colab T4); for Flux.1
+    the least quantized base that fits with 2 GiB to spare (NF4 when the GPU is unknown)."""
     *better, leanest = PREFERRED[family]
     native = registry.get(family).resolution
+    room = (gpu_gib or 0.0) - HEADROOM_GIB.get(family, 0.0)
     for profile in better if gpu_gib is not None else ():
-        if estimate_training_memory(family, {**MEMORY_PROFILES[profile], "resolution": native}).fits(gpu_gib):
+        if estimate_training_memory(family, {**MEMORY_PROFILES[profile], "resolution": native}).fits(room):
             return profile
     return leanest
 

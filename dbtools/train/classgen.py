@@ -297,7 +297,9 @@ def _generate(pipe, prompt: str, indices: list[int], seed: int, cfg: ClassGenCon
 
 
 def _size(pipe, cfg: ClassGenConfig) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # A UNet's config knows its latent size; transformer pipelines (Flux) keep a default.
+    unet = getattr(pipe, "unet", None)
+    native = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
     return cfg.height or native, cfg.width or native
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dbtools.dataset.concepts import Concept, read_concepts
+from dbtools.families.flux import MAX_SEQUENCE_LENGTH
+from dbtools.families.quantize import QUANTIZATIONS
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, resume_path
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -49,6 +51,11 @@ def largest_bucket_bytes(resolution: int, half: bool) -> int:
     (in half precision under fp16/bf16). Training needs more than this; never less.
     """
     return resolution ** 2 * (3 * 4 + 2 * 128 * (2 if half else 4))
+
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+"""diffusers' flow-matching weighting schemes (`dbtools.train.losses` applies them)."""
+QUANTIZE_BASE = ("none", *QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,20 @@ class TrainConfig:
     use_lora: bool = flag(False, "Train LoRA adapters (peft) instead of all weights: low memory.")
     lora_rank: int = flag(4, "LoRA rank.", low=1)
     max_nonfinite_steps: int = flag(5, "Abort after this many non-finite losses in a row (each is skipped).", low=1)
+    # flow-matching transformers (Flux.1 and later)
+    weighting_scheme: str = flag("none", "How training sigmas are drawn and the loss weighted: logit_normal and mode "
+        "draw more sigmas from the middle, sigma_sqrt and cosmap weight the loss, none draws uniformly.",
+        choices=WEIGHTING_SCHEMES)
+    logit_mean: float = flag(0.0, "Mean of the logit-normal draw (--weighting_scheme logit_normal; above 0 favours "
+        "less noise, as in diffusers).")
+    logit_std: float = flag(1.0, "Spread of the logit-normal draw.", low=0, above=True)
+    mode_scale: float = flag(1.29, "How strongly --weighting_scheme mode favours the middle sigmas.", low=0)
+    guidance_scale: float = flag(1.0, "Value fed to the guidance embedding while training a guidance-distilled model "
+        "(Flux.1 [dev]); 1.0 trains the LoRA to work at every guidance.", low=0)
+    max_sequence_length: int = flag(MAX_SEQUENCE_LENGTH, f"Longest T5 prompt in tokens (at most "
+        f"{MAX_SEQUENCE_LENGTH}); longer captions are cut.", low=1, high=MAX_SEQUENCE_LENGTH)
+    quantize_base: str = flag("none", "Quantize the frozen transformer (bitsandbytes nf4 or int8; LoRA adapters stay "
+        "float32): Flux.1 [dev] in nf4 trains on a 16 GB GPU.", choices=QUANTIZE_BASE)
     # saving, samples, logging
     output_dir: str = flag("text-inversion-model", "Where weights, checkpoints and logs go.")
     overwrite_output_dir: bool = flag(False, "Start a new run in an output folder that holds another run: its folders "

@@ -80,6 +80,7 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
     except UserError:
         return cfg if cfg.resolution is not None else dataclasses.replace(cfg, resolution=512)
     native = detected.resolution
+    cfg = with_family_sample_settings(cfg, detected.family)
     if cfg.resolution is None:
         logger.info("resolution: %d px, the native size of %s (--resolution changes it)", native,
                     detected.family.label)
@@ -89,6 +90,19 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
                        "own size will look worse; leave --resolution out to train at %d px.",
                        cfg.resolution, native, detected.family.label, native)
     return cfg
+
+
+def with_family_sample_settings(cfg: TrainConfig, family) -> TrainConfig:
+    """Samples of a family that has its own sampling defaults (Flux: 28 steps, guidance 3.5, as
+    its pipeline) take each of them whose flag (`--save_infer_steps`, `--save_guidance_scale`)
+    is left at Shivam's default (20, 7.5)."""
+    shivam, own = TrainConfig(), {"save_infer_steps": family.sample_steps, "save_guidance_scale": family.guidance_scale}
+    changes = {k: v for k, v in own.items() if getattr(cfg, k) == getattr(shivam, k)}
+    if not family.samples_at_own_defaults or not changes:
+        return cfg
+    logger.info("samples: %s, %s's own (the flags change them)", ", ".join(f"--{k} {v:g}" for k, v in changes.items()),
+                family.label)
+    return dataclasses.replace(cfg, **changes)
 
 
 def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
@@ -102,8 +116,8 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems = flag_problems(cfg)
     if cfg.pretrained_model_name_or_path:
         try:
-            check_model_path(cfg.pretrained_model_name_or_path,
-                             ("tokenizer", "text_encoder", "unet", "scheduler"))
+            check_model_path(cfg.pretrained_model_name_or_path, ("tokenizer", "text_encoder", "scheduler"))
+            problems += family_problems(cfg)
         except ModelLoadError as exc:
             problems.append(str(exc))
     concepts: list[Concept] = []
@@ -126,6 +140,25 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def family_problems(cfg: TrainConfig) -> list[str]:
+    """The model's denoiser folder, and the settings its family cannot train with
+    (`ModelFamily.training_problems`), before anything loads. A model that cannot be read
+    here (a Hub id offline) is left to loading, which says why; a family we do not train
+    is named."""
+    from dbtools.families.models import ModelLoadError, UnsupportedModelError, check_model_path, detect_family
+    from dbtools.train.classgen import native_bf16
+
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError:
+        return []
+    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    return family.training_problems(cfg, native_bf16() if cuda else None)
 
 
 def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
@@ -192,7 +225,8 @@ RESUME_SETTINGS = (
     "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images", "validation_data_dir",
     "validation_split", "resolution", "center_crop", "hflip", "aspect_ratio_bucketing", "caption_dropout",
     "shuffle_captions", "keep_tokens", "train_batch_size", "gradient_accumulation_steps", "seed",
-    "train_text_encoder", "use_lora", "lora_rank", "use_ema")
+    "train_text_encoder", "use_lora", "lora_rank", "use_ema", "weighting_scheme", "logit_mean", "logit_std",
+    "mode_scale", "guidance_scale", "max_sequence_length", "quantize_base")
 _PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "tokenizer_name", "concepts_list",
                   "instance_data_dir", "class_data_dir", "validation_data_dir")
 
@@ -402,7 +436,8 @@ def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> 
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
                               revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
-                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family))
+                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
+                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg)
 
 
 def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype, family: ModelFamily) -> dict[str, torch.dtype]:

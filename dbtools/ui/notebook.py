@@ -998,7 +998,7 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
     a LoRA run, else the checkpoint).
     """
-    from dbtools.after.export import WHERE_IT_GOES, export_lora_fused, export_single_file, is_lora_folder
+    from dbtools.after.export import WHERE_IT_GOES, ExportConfig, is_lora_folder, run_export
 
     if export_as not in EXPORT_CHOICES:
         raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
@@ -1013,13 +1013,13 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
                         "pickles): set export_format to safetensors.")
     stem = name.strip() or f"{session.output_dir.name}-{weights.name}" + ("-lora" if as_lora else "")
     out = session.output_dir / f"{stem}.{export_format}"
-    write = export_lora_fused if lora and not as_lora else export_single_file
     fingerprint = weights_fingerprint(weights)
-    path = write(weights, out, half=fp16)
+    result = run_export(ExportConfig(weights, out, half=fp16, fuse_lora=lora and not as_lora))
+    path = result.path
     session.exported_from.append(weights)  # the cleanup cell may now delete this folder
     session.exported_fingerprints[weights] = fingerprint
     logger.info("Wrote %s (%.2f GiB). %s", path, path.stat().st_size / 1024**3,
-                WHERE_IT_GOES["lora" if as_lora else "checkpoint"])
+                WHERE_IT_GOES[result.kind])
     return path
 
 
