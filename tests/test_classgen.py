@@ -48,7 +48,7 @@ def loader(tiny_pipe):
 
 def fast(**kw) -> ClassGenConfig:
     base = dict(num_class_images=3, sample_batch_size=2, seed=7, num_inference_steps=1,
-                guidance_scale=1.0, height=32, width=32, show_progress=False)
+                class_guidance_scale=1.0, height=32, width=32, show_progress=False)
     return ClassGenConfig(**{**base, **kw})
 
 
@@ -216,7 +216,7 @@ def test_negative_prompt_and_size_reach_the_pipeline(tmp_path, tiny_pipe):
     fake_pipe.unet, fake_pipe.vae_scale_factor = tiny_pipe.unet, tiny_pipe.vae_scale_factor
     d = tmp_path / "class"
     ensure_class_images([concept(d)], fast(num_class_images=1, negative_prompt="blurry", height=40,
-                                           width=48, guidance_scale=2.0), lambda: fake_pipe)
+                                           width=48, class_guidance_scale=2.0), lambda: fake_pipe)
     assert seen["negative_prompt"] == ["blurry"] and seen["prompt"] == ["a photo of a dog"]
     assert seen["guidance_scale"] == 2.0
     from PIL import Image
@@ -385,3 +385,17 @@ def test_class_images_differ_from_each_other_and_the_same_plan_makes_them_again(
     assert len({n.split("-")[1] for n in first}) == 4  # the pixel digests in the names differ
     gaps = [float(np.abs(a - b).mean()) for a, b in itertools.combinations(first.values(), 2)]
     assert min(gaps) > 2.0, gaps  # mean difference in 8-bit levels between any two images
+
+
+def test_class_images_use_the_family_guidance_not_the_training_guidance_embedding():
+    """Flux's training `--guidance_scale 1.0` feeds the guidance embedding while training; its class
+    images are made at the Flux pipeline's own guidance (3.5), SD's at 7.5, unless one is asked for."""
+    from dbtools.train.classgen import _guidance
+    from dbtools.train.config import TrainConfig, view
+
+    FluxPipeline = type("FluxPipeline", (), {})
+    StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
+    cfg = view(ClassGenConfig, TrainConfig(guidance_scale=1.0))
+    assert _guidance(FluxPipeline(), cfg) == 3.5
+    assert _guidance(StableDiffusionPipeline(), cfg) == 7.5
+    assert _guidance(FluxPipeline(), ClassGenConfig(class_guidance_scale=2.0)) == 2.0

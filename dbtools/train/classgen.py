@@ -32,6 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
+from dbtools.families.registry import trained_families
 from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class ClassGenConfig:
     sample_batch_size: int = 4
     seed: int | None = None
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    class_guidance_scale: float | None = None
+    """Classifier-free guidance; None: the model family's own (7.5 for SD, 3.5 for Flux.1).
+    Named apart from training's `--guidance_scale`, which is what a guidance-distilled model's
+    embedding is fed while it trains."""
     negative_prompt: str | None = None
     height: int | None = None
     """Image height; None uses the model's native resolution."""
@@ -291,9 +295,17 @@ def _generate(pipe, prompt: str, indices: list[int], seed: int, cfg: ClassGenCon
     kwargs = dict(negative_prompt=[cfg.negative_prompt] * len(indices)) if cfg.negative_prompt else {}
     with torch.inference_mode():
         out = pipe([prompt] * len(indices), height=height, width=width, generator=generators,
-                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   num_inference_steps=cfg.num_inference_steps, guidance_scale=_guidance(pipe, cfg),
                    output_type="pil", **kwargs)
     return out.images
+
+
+def _guidance(pipe, cfg: ClassGenConfig) -> float:
+    """The guidance asked for, else that of the family whose pipeline `pipe` is (Shivam's 7.5
+    for a pipeline of none of ours)."""
+    if cfg.class_guidance_scale is not None:
+        return cfg.class_guidance_scale
+    return next((f.guidance_scale for f in trained_families() if f.pipeline_class == type(pipe).__name__), 7.5)
 
 
 def _size(pipe, cfg: ClassGenConfig) -> tuple[int, int]:
@@ -400,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_batch_size", type=int, default=4)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num_inference_steps", "--infer_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance; default the model family's (7.5 SD, 3.5 Flux.1)")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--resolution", type=int, default=None, help="square size; default the model's")
     p.add_argument("--revision", default=None, help="'fp16' selects the fp16 variant on the Hub")
@@ -442,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = view(ClassGenConfig, args, height=args.resolution, width=args.resolution,
+               class_guidance_scale=args.guidance_scale,
                precision=args.prior_generation_precision or _half(args.mixed_precision))
     concepts = concepts_from_args(args)
     check_model_path(args.pretrained_model_name_or_path, _needed(args))
