@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbtools.core.errors import UserError, reports_user_errors
 from dbtools.core.redact import public_settings
+from dbtools.families.models import pipeline_family
 from dbtools.families.quantize import quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,7 +330,7 @@ def build_gradio_app(pipe_or_path, out_dir: str | os.PathLike | None = None, *,
 
     pipe = load_inference_pipeline(pipe_or_path)
     run = _gradio_action(pipe, out_dir, check)
-    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    size = pipeline_family(pipe).pipeline_size(pipe)
     d = {"prompt": "", "negative_prompt": "", "num_images": 1, "guidance_scale": 7.5, "steps": 30, "width": 0,
          "height": 0, "seed": -1, "scheduler": DEFAULT_SCHEDULER, **(defaults or {})}
 

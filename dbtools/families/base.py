@@ -416,6 +416,11 @@ class ModelFamily(ABC):
         possibly LoRA'd, unwrapped from data-parallel wrappers), with the family's sampler
         made from the training `noise_scheduler`'s config (SD: DDIM)."""
 
+    def pipeline_size(self, pipe: Any) -> int:
+        """The native image side of a loaded pipeline of this family (its denoiser's sample
+        size times the VAE's downscaling)."""
+        return int(getattr(pipe, self.denoiser).config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
     def may_upcast(self, quantized: bool) -> bool:
         """Whether frozen weights may be cast to float32 for inference (never a quantized base)."""
         return not quantized

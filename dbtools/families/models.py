@@ -238,8 +238,12 @@ def _not_a_model_message(folder: Path) -> str:
             f"{hint}, or a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5.")
 
 
-def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONENTS) -> None:
-    """Raise `ModelLoadError` for a local model path that cannot be loaded (before loading)."""
+def check_model_path(model_name_or_path: str, needed: tuple[str, ...] | None = None,
+                     skip: tuple[str, ...] = ()) -> None:
+    """Raise `ModelLoadError` for a local model path that cannot be loaded (before loading).
+
+    A folder must hold the `needed` components; by default those its family needs for
+    generation (`ModelFamily.components`), less `skip` (e.g. "vae" when another VAE is given)."""
     if not model_name_or_path or not str(model_name_or_path).strip():
         raise ModelLoadError("No model given: set --pretrained_model_name_or_path to a Hub id "
                              "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a diffusers "
@@ -256,9 +260,34 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
                                  "or a diffusers folder containing model_index.json.")
         return
     _refuse_other_family(path)
+    if needed is None:
+        needed = tuple(c for c in _folder_components(path) if c not in skip)
     problems = model_folder_problems(path, needed)
     if problems:
         raise ModelLoadError("\n".join(problems))
+
+
+def _folder_components(folder: Path) -> tuple[str, ...]:
+    """The components of a folder's family (SD 1.x's when its files cannot tell)."""
+    try:
+        return folder_family(folder).components
+    except (UserError, OSError, ValueError):
+        return COMPONENTS
+
+
+def pipeline_family(pipe) -> ModelFamily:
+    """The family of a loaded pipeline: by its class (`ModelFamily.pipeline_class`), else (a
+    wrapper, a renamed class) the family with the most components that it holds them all."""
+    name = type(pipe).__name__
+    family = next((f for f in registry.FAMILIES if name in (f.pipeline_class, *f.pipeline_names)), None)
+    if family is not None:
+        return family
+    present = {c for c, m in (getattr(pipe, "components", None) or {}).items() if m is not None}
+    fits = [f for f in registry.FAMILIES if set(f.components) <= present]
+    if not fits:
+        raise ModelLoadError(f"a {name} is not a pipeline of a family this toolkit trains "
+                             f"({registry.trained_labels()}).")
+    return max(fits, key=lambda f: len(f.components))
 
 
 def folder_model_index(folder: str | os.PathLike) -> dict:

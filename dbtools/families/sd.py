@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbtools.core.errors import UserError
 from dbtools.families.base import (
@@ -27,6 +27,10 @@ from dbtools.families.base import (
     SingleFileLayout,
     UILora,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PREDICTION_TYPES = (EPSILON, V_PREDICTION)
 
@@ -108,6 +112,63 @@ def keys_kind(keys: frozenset[str]) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- prompts
+
+
+class PromptEncoder:
+    """Tokenizes and encodes prompts; the text encoder is handed in at each call.
+
+    Prompts are tokenized to the max length; without `pad_tokens` a batch is cut to its
+    longest prompt. CLIP's attention is causal, so the states of the first n tokens do
+    not depend on what follows: cutting cached max-length states gives exactly what
+    encoding the shorter batch would. With `cache=True` (frozen text encoder) states are
+    kept per prompt; once `grow` is False, prompts not yet cached are encoded every time
+    and never kept.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, pad_tokens: bool, max_length: int | None,
+                 use_attention_mask: bool, cache: bool, max_cached: int = 20_000):
+        self.tokenizer = tokenizer
+        self.pad_tokens, self.use_mask = pad_tokens, use_attention_mask
+        self.max_length = max_length or tokenizer.model_max_length
+        self.cache: dict[str, tuple] | None = {} if cache else None  # prompt -> (states, tokens)
+        self.max_cached = max_cached
+        self.grow = True
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return out.input_ids, out.attention_mask
+
+    def encode(self, prompts: list[str], text_encoder: PreTrainedModel, device) -> torch.Tensor:
+        """Hidden states `(len(prompts), L, D)` on `device` (with grad if the encoder trains)."""
+        import torch
+
+        if self.cache is None:
+            ids, mask = self.tokenize(prompts)
+            length = ids.shape[1] if self.pad_tokens else int(mask.sum(1).max())
+            return self._forward(text_encoder, ids[:, :length], mask[:, :length], device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        fresh = {}
+        if missing:
+            ids, mask = self.tokenize(missing)
+            with torch.no_grad():
+                states = self._forward(text_encoder, ids, mask, device)
+            fresh = {p: (s, int(n)) for p, s, n in zip(missing, states, mask.sum(1), strict=True)}
+            for p in missing:
+                if self.grow and len(self.cache) < self.max_cached:
+                    self.cache[p] = fresh[p]
+        entries = [self.cache.get(p) or fresh[p] for p in prompts]
+        length = self.max_length if self.pad_tokens else max(n for _, n in entries)
+        return torch.stack([s for s, _ in entries])[:, :length]
+
+    def _forward(self, text_encoder, ids, mask, device) -> torch.Tensor:
+        """Run the encoder where it is (it may be parked on the CPU); states go to `device`."""
+        where = next(text_encoder.parameters()).device
+        out = text_encoder(ids.to(where), attention_mask=mask.to(where) if self.use_mask else None)[0]
+        return out.to(device)
+
+
 # --------------------------------------------------------------------------- the family
 
 
@@ -160,8 +221,6 @@ class SDFamily(ModelFamily):
     # prompts
     def prompt_encoder(self, tokenizers: Sequence, *, cache: bool, pad_tokens: bool = False,
                        max_length: int | None = None, use_attention_mask: bool = False) -> Any:
-        from dbtools.families.prompts import PromptEncoder  # torch: loaded when training needs it
-
         return PromptEncoder(tokenizers[0], pad_tokens=pad_tokens, max_length=max_length,
                              use_attention_mask=use_attention_mask, cache=cache)
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbtools.families.base import Conditioning, MemoryNumbers, SingleFileLayout, UILora
 from dbtools.families.sd import UNET_PREFIX, VAE_PREFIX, SDFamily
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 """SDXL's own VAE overflows in fp16 (NaNs) and must run in fp32; this one does not."""
@@ -34,8 +38,6 @@ class SDXLFamily(SDFamily):
     def prompt_encoder(self, tokenizers: Sequence, *, cache: bool, pad_tokens: bool = False,
                        max_length: int | None = None, use_attention_mask: bool = False) -> Any:
         """Prompts are always padded to 77 tokens, as diffusers' SDXL pipeline encodes them."""
-        from dbtools.families.prompts import SDXLPromptEncoder  # torch: loaded when training needs it
-
         return SDXLPromptEncoder(tokenizers, cache=cache)
 
     def encode_prompts(self, encoder: Any, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
@@ -142,6 +144,46 @@ def tokenize_sdxl(tokenizers: Sequence, prompts: Sequence[str]) -> list:
     """Token ids of `prompts` from each tokenizer, padded to its `model_max_length` (77)."""
     return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
                 truncation=True, return_tensors="pt").input_ids for tok in tokenizers]
+
+
+
+class SDXLPromptEncoder:
+    """SDXL prompts -> (both encoders' penultimate hidden states side by side, the second
+    encoder's pooled projection), exactly as diffusers' SDXL pipeline encodes them
+    (`families.sdxl.encode_prompt_sdxl`); prompts are always padded to 77 tokens.
+
+    With `cache=True` (frozen text encoders) both tensors are kept per prompt, under the
+    same `grow` rule as `PromptEncoder`: once False, new prompts are encoded and not kept.
+    """
+
+    def __init__(self, tokenizers: list[PreTrainedTokenizerBase], *, cache: bool, max_cached: int = 20_000):
+        self.tokenizers = list(tokenizers)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.max_cached = max_cached
+        self.grow = True
+
+    def encode(self, prompts: list[str], text_encoders: list[PreTrainedModel],
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(states (N, 77, D1 + D2), pooled (N, P))` on `device` (with grad if the encoders train)."""
+        import torch
+
+        if self.cache is None:
+            return self._forward(prompts, text_encoders, device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                states, pooled = self._forward(missing, text_encoders, device)
+            fresh = dict(zip(missing, zip(states, pooled, strict=True), strict=True))
+            for p in missing:
+                if self.grow and len(self.cache) < self.max_cached:
+                    self.cache[p] = fresh[p]
+        entries = [self.cache[p] if p in self.cache else fresh[p] for p in prompts]
+        return torch.stack([s for s, _ in entries]), torch.stack([q for _, q in entries])
+
+    def _forward(self, prompts, text_encoders, device) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = encode_prompt_sdxl(text_encoders, tokenize_sdxl(self.tokenizers, prompts))
+        return states.to(device), pooled.to(device)
 
 
 SDXL = SDXLFamily(

@@ -32,7 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
-from dbtools.families.registry import trained_families
+from dbtools.families.models import pipeline_family
 from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
@@ -301,17 +301,17 @@ def _generate(pipe, prompt: str, indices: list[int], seed: int, cfg: ClassGenCon
 
 
 def _guidance(pipe, cfg: ClassGenConfig) -> float:
-    """The guidance asked for, else that of the family whose pipeline `pipe` is (Shivam's 7.5
-    for a pipeline of none of ours)."""
+    """The guidance asked for, else that of the family whose pipeline `pipe` is."""
     if cfg.class_guidance_scale is not None:
         return cfg.class_guidance_scale
-    return next((f.guidance_scale for f in trained_families() if f.pipeline_class == type(pipe).__name__), 7.5)
+    return pipeline_family(pipe).guidance_scale
 
 
 def _size(pipe, cfg: ClassGenConfig) -> tuple[int, int]:
-    # A UNet's config knows its latent size; transformer pipelines (Flux) keep a default.
-    unet = getattr(pipe, "unet", None)
-    native = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
+    """(height, width): the ones asked for, else the pipeline's native size."""
+    if cfg.height and cfg.width:
+        return cfg.height, cfg.width
+    native = pipeline_family(pipe).pipeline_size(pipe)
     return cfg.height or native, cfg.width or native
 
 
@@ -443,10 +443,9 @@ def _half(mixed_precision: str | None) -> str | None:
     return mixed_precision if mixed_precision in ("fp16", "bf16") else None
 
 
-def _needed(args: argparse.Namespace) -> tuple[str, ...]:
-    from dbtools.families.models import COMPONENTS
-
-    return tuple(c for c in COMPONENTS if not (c == "vae" and args.pretrained_vae_name_or_path))
+def _skipped(args: argparse.Namespace) -> tuple[str, ...]:
+    """Components the model folder need not hold: the VAE when another one is given."""
+    return ("vae",) if args.pretrained_vae_name_or_path else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                class_guidance_scale=args.guidance_scale,
                precision=args.prior_generation_precision or _half(args.mixed_precision))
     concepts = concepts_from_args(args)
-    check_model_path(args.pretrained_model_name_or_path, _needed(args))
+    check_model_path(args.pretrained_model_name_or_path, skip=_skipped(args))
     loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,
                                  vae_name_or_path=args.pretrained_vae_name_or_path,
                                  revision=args.revision, variant=args.variant,

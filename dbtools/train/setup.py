@@ -116,7 +116,7 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems = flag_problems(cfg)
     if cfg.pretrained_model_name_or_path:
         try:
-            check_model_path(cfg.pretrained_model_name_or_path, ("tokenizer", "text_encoder", "scheduler"))
+            check_model_path(cfg.pretrained_model_name_or_path, skip=("vae",))
             problems += family_problems(cfg)
         except ModelLoadError as exc:
             problems.append(str(exc))
