@@ -70,3 +70,63 @@ def ui_lora_tensors(state_dict: Mapping[str, torch.Tensor], alpha: float | None 
         else:
             out.update(kohya_entries(name, *pairs[modules[0]], alpha))
     return out
+
+
+# --------------------------------------------------------------------------- the model's facts
+#
+# Flux.2 [klein] reads the hidden states after layers 9, 18 and 27 of its Qwen3 encoder, side
+# by side, for the prompt in Qwen's chat layout (thinking off), padded to 512 tokens (the
+# transformer attends to the padding too, so it stays). The 32-channel latents are cut into
+# 2x2 patches (128 channels) and normalised by the VAE's batch-norm statistics; the
+# transformer sees them as a sequence with (t, h, w, l) position ids, the time as sigma, and
+# predicts the flow-matching target noise - latents. klein has no guidance embedding.
+
+TEXT_LAYERS = (9, 18, 27)
+MAX_SEQUENCE_LENGTH = 512
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None,
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> dict[str, torch.Tensor]:
+    """The pipeline's own prompt encoding: `embeds` [B, max_sequence_length, 3 x width]."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    with torch.no_grad():
+        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder, tokenizer, list(prompts), device=device, max_sequence_length=max_sequence_length,
+            hidden_states_layers=TEXT_LAYERS)
+    return {"embeds": embeds}
+
+
+def latents(sample: torch.Tensor, vae) -> torch.Tensor:
+    """A VAE sample [B, 32, H, W] -> the transformer's latents [B, 128, H/2, W/2]: 2x2 patches
+    normalised by the VAE's batch-norm running mean and variance."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    patches = Flux2KleinPipeline._patchify_latents(sample)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches.device,
+                                                                                          patches.dtype)
+    return (patches - mean) / std
+
+
+def predict(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+            guidance: float | None = None) -> torch.Tensor:
+    """The flow-matching velocity (noise - latents) the transformer predicts for `noisy`
+    [B, 128, h, w] at `sigmas` [B] under prompt `embeds`; `guidance` feeds a guidance
+    embedding where the transformer has one (klein has not)."""
+    import torch
+    from diffusers import Flux2KleinPipeline as P
+
+    batch, _, height, width = noisy.shape
+    image_ids = P._prepare_latent_ids(noisy).to(noisy.device)
+    text_ids = P._prepare_text_ids(embeds).to(noisy.device)
+    dtype = transformer.dtype
+    guidance_in = None
+    if transformer.config.guidance_embeds:
+        guidance_in = torch.full((batch,), 1.0 if guidance is None else guidance, device=noisy.device)
+    out = transformer(hidden_states=P._pack_latents(noisy).to(dtype), timestep=sigmas.to(noisy.device, dtype),
+                      guidance=guidance_in, encoder_hidden_states=embeds.to(dtype), txt_ids=text_ids,
+                      img_ids=image_ids, return_dict=False)[0]
+    return P._unpack_latents_with_ids(out[:, : height * width], image_ids, height, width)

@@ -38,3 +38,49 @@ def ui_lora_tensors(state_dict: Mapping[str, torch.Tensor], alpha: float | None 
                                   "attention, feed-forward, modulation and embedding layers; train those.")
         out.update(kohya_entries(UI_PREFIX + module, down, up, alpha))
     return out
+
+
+# --------------------------------------------------------------------------- the model's facts
+#
+# Z-Image reads its Qwen3 encoder's second-to-last hidden states of the prompt in Qwen's chat
+# layout (padding dropped: one tensor per prompt, of its own length); the transformer takes
+# the 16-channel latents ((x - shift_factor) x scaling_factor, Flux.1's VAE) as a list of
+# [C, 1, H, W] frames, the time as 1 - sigma, and predicts latents - noise (the negative of
+# the flow-matching target noise - latents).
+
+MAX_SEQUENCE_LENGTH = 512
+"""Prompt tokens the pipeline reads (its default)."""
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None,
+                   max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> dict[str, torch.Tensor]:
+    """The pipeline's own prompt encoding, batch-first: `embeds` [B, L, D] (the longest prompt's
+    length, zero after each prompt's end) and `lengths` [B] (tokens of each prompt)."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    text_only = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                               transformer=None)
+    with torch.no_grad():
+        embeds, _ = text_only.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=False,
+                                            max_sequence_length=max_sequence_length)
+    lengths = torch.tensor([len(e) for e in embeds])
+    return {"embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True), "lengths": lengths}
+
+
+def latents(sample: torch.Tensor, vae) -> torch.Tensor:
+    """A VAE sample -> the transformer's latents: (sample - shift_factor) x scaling_factor."""
+    return (sample - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def predict(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+            lengths: torch.Tensor) -> torch.Tensor:
+    """The flow-matching velocity (noise - latents) the transformer predicts for `noisy`
+    [B, C, H, W] at `sigmas` [B] under prompts `embeds` [B, L, D] of `lengths` [B]."""
+    import torch
+
+    frames = list(noisy.to(transformer.dtype).unsqueeze(2).unbind(0))
+    prompts = [e[: int(n)].to(transformer.dtype) for e, n in zip(embeds, lengths, strict=True)]
+    time = (1 - sigmas.float()).to(noisy.device)
+    out = transformer(frames, time, prompts, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
