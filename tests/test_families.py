@@ -149,7 +149,7 @@ def test_training_loads_both_sdxl_text_encoders_and_names_a_missing_one(tiny_sdx
     from transformers import CLIPTextModelWithProjection
 
     parts = load_sd_components(str(tiny_sdxl))
-    assert parts.is_sdxl and isinstance(parts.text_encoder_2, CLIPTextModelWithProjection)
+    assert parts.family is SDXL and isinstance(parts.text_encoder_2, CLIPTextModelWithProjection)
     assert parts.tokenizer_2.pad_token == "!" and len(parts.text_encoders) == 2
     broken = shutil.copytree(tiny_sdxl, tmp_path / "broken")
     shutil.rmtree(broken / "text_encoder_2")

@@ -24,12 +24,13 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dbtools.core.errors import UserError
-from dbtools.families.detect import SDXL, Detected, Family
+from dbtools.families import registry
+from dbtools.families.base import Components, Detected, ModelFamily, UnsupportedFamily
+from dbtools.families.detect import prediction_type_from_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,37 +106,15 @@ class UnsupportedModelError(ModelLoadError):
     """The model is of a family this toolkit recognises but does not train."""
 
 
-@dataclass
-class SDComponents:
-    """The parts of a Stable Diffusion model that training needs."""
-
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-    """A `DDPMScheduler` built from the model's scheduler config (keeps `prediction_type`)."""
-    tokenizer_2: Any = None
-    text_encoder_2: Any = None
-    """SDXL's second tokenizer and OpenCLIP bigG encoder (`CLIPTextModelWithProjection`); None for SD 1.x/2.x."""
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def is_sdxl(self) -> bool:
-        return is_sdxl_models(self)
-
-    @property
-    def text_encoders(self) -> list:
-        """The text encoders, in the order their hidden states are concatenated."""
-        return text_encoders_of(self)
+SDComponents = Components
+"""The loaded training components (`families.base.Components`); the old name."""
 
 
 def text_encoders_of(models) -> list:
-    """The text encoders of loaded components (one, or SDXL's two in order); also works for
-    any object with `text_encoder` (and optionally `text_encoder_2`) attributes."""
+    """The text encoders of loaded components, in their family's order; also works for any
+    object with `text_encoder` (and optionally `text_encoder_2`) attributes, e.g. a pipeline."""
+    if isinstance(models, Components):
+        return models.text_encoders
     second = getattr(models, "text_encoder_2", None)
     return [models.text_encoder] + ([second] if second is not None else [])
 
@@ -285,16 +264,14 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
 def _refuse_other_family(folder: Path) -> None:
     """A pipeline folder of a family we do not train is named before its parts are checked
     (a Flux folder is not "missing its unet")."""
-    from dbtools.families import detect as families
-
     index_file = folder / "model_index.json"
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # absent or unreadable: model_folder_problems says so
     try:
-        families.family_from_model_index(index if isinstance(index, dict) else {})
-    except families.UnsupportedFamily as exc:
+        registry.family_for_model_index(index if isinstance(index, dict) else {})
+    except UnsupportedFamily as exc:
         raise UnsupportedModelError(f"{folder} is {exc}.") from None
 
 
@@ -387,35 +364,30 @@ def detect_family(model_name_or_path: str, *, config: str | None = None,
     $DBTOOLS_SINGLE_FILE_CONFIG) when given. Raises `ModelLoadError` when the model cannot
     be read or is none of SD 1.x, 2.x and XL (naming the family when it is a known one).
     """
-    from dbtools.families import detect as families
-
     name = _normalize(model_name_or_path)
     try:
         return _detect_family(name, config, revision)
-    except families.UnsupportedFamily as exc:
+    except UnsupportedFamily as exc:
         raise UnsupportedModelError(f"{name} is {exc}.") from None
 
 
 def _detect_family(name: str, config: str | None, revision: str | None) -> Detected:
-    from dbtools.families import detect as families
-
     path = Path(name)
     if is_local(name) and path.is_file():
-        keys = single_file_keys(path)
-        family = families.family_from_keys(keys)
+        keys = frozenset(single_file_keys(path))
+        family = registry.family_for_keys(keys)
         if family is None:
             raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x/XL checkpoint (none of its tensor "
                                  "names is a known text encoder's). Give an SD 1.x, 2.x or XL model.")
         config = single_file_config(config)
         if config:
             scheduler = _read_json(config, "scheduler/scheduler_config.json", None)
-            return Detected(family, families.prediction_type_from_scheduler(scheduler))
-        return Detected(family, families.prediction_type_from_keys(keys, family))
+            return Detected(family, prediction_type_from_scheduler(scheduler))
+        return Detected(family, family.prediction_type_from_keys(keys))
     index = _read_json(name, "model_index.json", revision)
     text = _read_json(name, "text_encoder/config.json", revision, required=False)
     scheduler = _read_json(name, "scheduler/scheduler_config.json", revision, required=False)
-    return Detected(families.family_from_model_index(index, text),
-                    families.prediction_type_from_scheduler(scheduler))
+    return Detected(registry.family_for_model_index(index, text), prediction_type_from_scheduler(scheduler))
 
 
 def single_file_keys(path: str | os.PathLike) -> list[str]:
@@ -455,16 +427,16 @@ def _read_json(name: str, file: str, revision: str | None, required: bool = True
     return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
-def pipeline_class(family: Family):
+def pipeline_class(family: ModelFamily):
     """The diffusers pipeline class that loads `family` (e.g. `StableDiffusionXLPipeline`)."""
     import diffusers
 
     return getattr(diffusers, family.pipeline_class)
 
 
-def _pipeline_kwargs(family: Family) -> dict:
-    """SD 1.x/2.x pipelines have a safety checker (off here); SDXL pipelines have none."""
-    return {} if family is SDXL else dict(safety_checker=None, requires_safety_checker=False)
+def _pipeline_kwargs(family: ModelFamily) -> dict:
+    """What the family's pipeline class is given besides its components (`pipeline_kwargs`)."""
+    return family.pipeline_kwargs()
 
 
 # --------------------------------------------------------------------------- loading
@@ -486,7 +458,7 @@ def load_sd_components(
     config: str | None = None,
     original_config: str | None = None,
     component_dtypes: dict | None = None,
-) -> SDComponents:
+) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
 
@@ -499,40 +471,60 @@ def load_sd_components(
     single file, which is read whole in `torch_dtype`).
     """
     import torch
-    from diffusers import DDPMScheduler
 
     dtype = torch_dtype or torch.float32
-    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in ("text_encoder", "text_encoder_2", "vae", "unet")}
-    needed = tuple(c for c in COMPONENTS if not (c == "vae" and vae_name_or_path)
+    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant, needed=())
+    family = _training_family(model_name_or_path, config, revision)
+    needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
-    model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant,
-                                                               needed=needed)
-    if _is_sdxl(model_name_or_path, config, revision):
-        needed += ("tokenizer_2", "text_encoder_2")
-        check_model_path(model_name_or_path, needed)
+    check_model_path(model_name_or_path, needed)
+    dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in family.parts}
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
-        parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                     unet=pipe.unet, scheduler_config=pipe.scheduler.config,
-                     tokenizer_2=getattr(pipe, "tokenizer_2", None),
-                     text_encoder_2=getattr(pipe, "text_encoder_2", None))
+        models = Components(family, {c: getattr(pipe, c) for c in family.parts},
+                            family.noise_scheduler(pipe.scheduler.config))
     else:
-        parts = _load_parts(model_name_or_path, revision, variant, dtypes, needed)
+        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed)
     if tokenizer_name:
-        parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
-                                             revision)
+        models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
+                                                    revision)
     if vae_name_or_path:
-        parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
-    return SDComponents(
-        tokenizer=parts["tokenizer"],
-        text_encoder=_as_dtype(parts["text_encoder"], dtypes["text_encoder"]),
-        vae=_as_dtype(parts["vae"], dtypes["vae"]),
-        unet=_as_dtype(parts["unet"], dtypes["unet"]),
-        noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
-        tokenizer_2=parts.get("tokenizer_2"),
-        text_encoder_2=_as_dtype(parts["text_encoder_2"], dtypes["text_encoder_2"])
-        if parts.get("text_encoder_2") is not None else None,
-    )
+        models.parts["vae"] = load_vae(vae_name_or_path, torch_dtype=dtypes["vae"], base_model=model_name_or_path)
+    for c, module in models.parts.items():
+        if not c.startswith("tokenizer"):
+            models.parts[c] = _as_dtype(module, dtypes[c])
+    return models
+
+
+class _PartLoader:
+    """`families.base.PartLoader` for a Hub id or diffusers folder: one `from_pretrained` per
+    component, in `dtypes[component]`, a missing variant falling back to the full weights."""
+
+    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict):
+        self.name, self.revision, self.variant, self.dtypes = name, revision, variant, dtypes
+
+    def model(self, class_path: str, component: str, *, quantize: str | None = None):
+        if quantize is not None:
+            raise ModelLoadError(f"{component}: quantized loading ({quantize}) is not available here.")
+        return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
+                                self.dtypes[component])
+
+    def tokenizer(self, class_path: str, component: str):
+        return _load_tokenizer(self.name, component, self.revision, _class(class_path))
+
+    def scheduler_config(self) -> dict:
+        from diffusers import DDPMScheduler
+
+        kwargs = {"revision": self.revision} if self.revision else {}
+        return _guard(self.name, lambda: DDPMScheduler.load_config(self.name, subfolder="scheduler", **kwargs))
+
+
+def _class(class_path: str):
+    """"diffusers.AutoencoderKL" -> the class."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _resolve_source(name: str, revision: str | None, variant: str | None, *, config: str | None = None,
@@ -556,12 +548,14 @@ def _resolve_source(name: str, revision: str | None, variant: str | None, *, con
     return name, revision, _usable_variant(name, variant), family
 
 
-def _is_sdxl(name: str, config: str | None, revision: str | None) -> bool:
-    """Whether the model to train is SDXL (two text encoders), read from its files."""
+def _training_family(name: str, config: str | None, revision: str | None) -> ModelFamily:
+    """The family of the model to train, read from its files; a folder of components without
+    `model_index.json` is told by its text encoder's config (SD 1.x or 2.x)."""
     path = Path(name)
     if is_local(name) and path.is_dir() and not (path / "model_index.json").is_file():
-        return False  # a folder of components only: SD 1.x/2.x parts are loaded one by one
-    return detect_family(name, config=config, revision=revision).family is SDXL
+        text = _read_json(name, "text_encoder/config.json", None, required=False)
+        return registry.family_for_model_index({}, text)
+    return detect_family(name, config=config, revision=revision).family
 
 
 def _normalize(name: str) -> str:
@@ -599,30 +593,6 @@ def _as_dtype(model, dtype):
     return model if model.dtype == dtype else model.to(dtype)
 
 
-def _load_parts(name: str, revision: str | None, variant: str | None, dtypes: dict, needed: tuple[str, ...]) -> dict:
-    """The `needed` components of a Hub id or diffusers folder, one `from_pretrained` each,
-    in `dtypes[component]`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    def model(cls, sub):
-        return lambda: _from_pretrained(cls, name, sub, revision, variant, dtypes[sub])
-
-    loaders = dict(
-        tokenizer=lambda: _load_tokenizer(name, "tokenizer", revision),
-        text_encoder=model(CLIPTextModel, "text_encoder"),
-        tokenizer_2=lambda: _load_tokenizer(name, "tokenizer_2", revision),
-        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2"),
-        vae=model(AutoencoderKL, "vae"),
-        unet=model(UNet2DConditionModel, "unet"),
-        scheduler=lambda: _guard(name, lambda: DDPMScheduler.load_config(
-            name, subfolder="scheduler", **({"revision": revision} if revision else {}))),
-    )
-    parts = {part: loaders[part]() for part in needed}
-    parts["scheduler_config"] = parts.pop("scheduler")
-    return parts
-
-
 def _tokenizer_subfolder(name: str) -> str | None:
     """"tokenizer" when `name` is a local model folder (tokenizer in its subfolder), else None."""
     path = Path(os.path.expanduser(name))
@@ -631,13 +601,14 @@ def _tokenizer_subfolder(name: str) -> str | None:
     return None
 
 
-def _load_tokenizer(name: str, subfolder: str | None, revision: str | None):
-    from transformers import CLIPTokenizer
+def _load_tokenizer(name: str, subfolder: str | None, revision: str | None, cls=None):
+    if cls is None:
+        from transformers import CLIPTokenizer as cls
 
     kwargs = {"revision": revision} if revision else {}
     if subfolder:
         kwargs["subfolder"] = subfolder
-    return _guard(name, lambda: CLIPTokenizer.from_pretrained(name, **kwargs))
+    return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
 
 
 def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):

@@ -242,11 +242,12 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
 def _prepare(cfg: TrainConfig, models: SDComponents, optimizer, lr_scheduler, accelerator: Accelerator):
     """`accelerator.prepare` the trained modules (the UNet, and the text encoders when they
     train), the optimizer and the schedule; `models` holds the prepared modules."""
-    names = ["unet"] + (["text_encoder", "text_encoder_2"][:len(text_encoders_of(models))]
-                        if cfg.train_text_encoder else [])
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*[getattr(models, n) for n in names],
+    family = models.family
+    names = [family.denoiser] + ([n for n in family.text_encoder_names if models.parts.get(n) is not None]
+                                 if cfg.train_text_encoder else [])
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*[models.parts[n] for n in names],
                                                             optimizer, lr_scheduler)
-    return dataclasses.replace(models, **dict(zip(names, trained, strict=True))), optimizer, lr_scheduler
+    return models.replace(**dict(zip(names, trained, strict=True))), optimizer, lr_scheduler
 
 
 def loop(run: Run) -> tuple[int, int]:
