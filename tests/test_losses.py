@@ -10,7 +10,18 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from dbtools.tiny import tiny_sd_configs
-from dbtools.train.losses import diffusion_target, dreambooth_loss, snr_weights, training_noise
+from dbtools.train.losses import (
+    diffusion_target,
+    draw_sigmas,
+    dreambooth_loss,
+    flow_matching_loss,
+    flow_matching_noisy,
+    flow_matching_target,
+    flow_matching_weights,
+    sigmas_on_schedule,
+    snr_weights,
+    training_noise,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -184,3 +195,84 @@ def test_the_tiny_unet_learns_to_denoise_its_training_latent(prediction_type: st
     _train(unet, sched, latent, embeds, steps=steps)
     after = torch.mean((_ddim_sample(unet, sched, embeds) - latent) ** 2).item()
     assert after < 0.25 * before, (before, after)
+
+
+# --------------------------------------------------------------------------- flow matching
+
+
+def flux_schedule(**kw) -> torch.Tensor:
+    """Flux.1 [dev]'s training sigmas: 1.0, 0.999, ..., 0.001 (its shift is applied at inference)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**{"num_train_timesteps": 1000, "shift": 3.0,
+                                              "use_dynamic_shifting": True, **kw}).sigmas
+
+
+def test_points_map_onto_the_training_schedule_noisiest_first():
+    # index = floor(u x 1000): 0 -> 1.0, 250 -> 0.75, 500 -> 0.5, 999 -> 0.001
+    got = sigmas_on_schedule(torch.tensor([0.0, 0.25, 0.5, 0.9999]), flux_schedule())
+    assert got.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.001], abs=1e-6)
+    # A statically shifted schedule (shift 3, as SD3's) is read as it is: 3 x 0.5 / (1 + 2 x 0.5) = 0.75.
+    shifted = flux_schedule(use_dynamic_shifting=False)
+    assert sigmas_on_schedule(torch.tensor([0.5]), shifted).item() == pytest.approx(0.75, abs=1e-6)
+
+
+def test_sigmas_drawn_per_scheme_from_the_generator():
+    gen = torch.Generator().manual_seed
+    # seed 0's first uniform draws are 0.4963, 0.7682, 0.0885, 0.1320 -> indices 496, 768, 88, 132
+    assert draw_sigmas("none", 4, flux_schedule(), gen(0)).tolist() == pytest.approx(
+        [0.504, 0.232, 0.912, 0.868], abs=1e-6)
+    # logit_normal: seed 0's normals 1.5410, -0.2934, -2.1788, 0.5684; sigmoid 0.8236, 0.4272,
+    # 0.1017, 0.6384 -> indices 823, 427, 101, 638
+    assert draw_sigmas("logit_normal", 4, flux_schedule(), gen(0)).tolist() == pytest.approx(
+        [0.177, 0.573, 0.899, 0.362], abs=1e-6)
+    # mode, scale 1.29: f(u) = 1 - u - 1.29 (cos^2(pi u / 2) - 1 + u); f(0.0885) = 0.8221 -> index 822 -> 0.178
+    mode = draw_sigmas("mode", 4, flux_schedule(), gen(0), mode_scale=1.29)
+    assert mode[2].item() == pytest.approx(0.178, abs=1e-6)
+    # The same generator state gives the same sigmas: a resumed run draws what an unbroken one did.
+    assert torch.equal(draw_sigmas("cosmap", 3, flux_schedule(), gen(5)),
+                       draw_sigmas("cosmap", 3, flux_schedule(), gen(5)))
+
+
+def test_logit_normal_mean_and_spread_move_the_sigmas():
+    many = {m: draw_sigmas("logit_normal", 4000, flux_schedule(), torch.Generator().manual_seed(1), logit_mean=m)
+            for m in (0.0, 2.0)}
+    # Centred: the median is the middle of the schedule. diffusers' indexing (u counts from
+    # the noisy end) makes a positive mean favour less noise.
+    assert many[0.0].median().item() == pytest.approx(0.5, abs=0.03)
+    assert (many[2.0] < 0.5).float().mean().item() > 0.95
+    narrow = draw_sigmas("logit_normal", 4000, flux_schedule(), torch.Generator().manual_seed(1), logit_std=0.1)
+    assert narrow.min().item() > 0.4 and narrow.max().item() < 0.6
+
+
+def test_noisy_input_and_target_follow_the_straight_path():
+    latents, noise = torch.full((3, 1, 2, 2), 2.0), torch.ones(3, 1, 2, 2)
+    noisy = flow_matching_noisy(latents, noise, torch.tensor([0.0, 0.25, 1.0]))
+    # (1 - s) x 2 + s x 1: 2, 1.75, 1
+    assert noisy[:, 0, 0, 0].tolist() == pytest.approx([2.0, 1.75, 1.0])
+    assert torch.equal(flow_matching_target(latents, noise), torch.full((3, 1, 2, 2), -1.0))
+
+
+def test_loss_weights_per_scheme():
+    sigmas = torch.tensor([0.5, 0.25, 1.0])
+    assert flow_matching_weights("sigma_sqrt", sigmas).tolist() == pytest.approx([4.0, 16.0, 1.0])
+    # cosmap: 2 / (pi (1 - 2s + 2s^2)): s = 0.5 -> 4 / pi; s = 0.25 -> 2 / (pi x 0.625); s = 1 -> 2 / pi
+    assert flow_matching_weights("cosmap", sigmas).tolist() == pytest.approx(
+        [4 / math.pi, 3.2 / math.pi, 2 / math.pi])
+    for scheme in ("none", "logit_normal", "mode"):
+        assert flow_matching_weights(scheme, sigmas).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_flow_matching_loss_is_weighted_then_split_into_instance_and_prior():
+    # Per-sample MSEs 1 and 4, sigma_sqrt weights at sigmas 0.5 and 0.25: 4 and 16 -> 4 and 64.
+    target = per_sample_targets([1, 2])
+    sigmas = torch.tensor([0.5, 0.25])
+
+    def loss(scheme, prior):
+        return flow_matching_loss(torch.zeros_like(target), target, sigmas, scheme, is_prior=torch.tensor(prior),
+                                  prior_loss_weight=0.5).item()
+
+    assert loss("sigma_sqrt", [False, False]) == pytest.approx(34.0)
+    assert loss("sigma_sqrt", [False, True]) == pytest.approx(4.0 + 0.5 * 64.0)
+    assert loss("none", [False, True]) == pytest.approx(1.0 + 0.5 * 4.0)
+

@@ -125,6 +125,29 @@ def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, image_factory,
     assert code == 2 and f"--{flag}" in err and "Traceback" not in err
 
 
+def test_flow_matching_flags_have_their_defaults_and_their_ranges(tmp_path, image_factory, no_model_loads, capsys,
+                                                                  tiny_sd):
+    from dbtools.train.config import TrainConfig, flag_problems, parse_args
+
+    cfg = TrainConfig.from_args(parse_args([]))
+    assert (cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.guidance_scale,
+            cfg.max_sequence_length, cfg.quantize_base) == ("none", 0.0, 1.0, 1.29, 1.0, 512, "none")
+    given = TrainConfig.from_args(parse_args(["--weighting_scheme", "logit_normal", "--logit_mean", "-0.5",
+                                              "--quantize_base", "nf4", "--max_sequence_length", "256"]))
+    assert (given.weighting_scheme, given.logit_mean, given.quantize_base, given.max_sequence_length) == \
+        ("logit_normal", -0.5, "nf4", 256)
+    bad = dict(logit_std=0.0, logit_mean=float("nan"), guidance_scale=-1.0, max_sequence_length=600,
+               weighting_scheme="uniform", quantize_base="fp8")
+    problems = flag_problems(TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", **bad))
+    assert [next(p for p in problems if p.startswith(f"--{name} ")) for name in bad]
+    captioned(tmp_path / "inst", image_factory)
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir",
+                     str(tmp_path / "inst"), "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"),
+                     "--max_sequence_length", "600"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max_sequence_length 600: must be a finite number at least 1 and at most 512" in err
+
+
 # --------------------------------------------------------------------------- folders
 
 

@@ -120,6 +120,14 @@ class TrainConfig:
     use_lora: bool = False
     lora_rank: int = 4
     max_nonfinite_steps: int = 5
+    # flow-matching transformers (Flux.1)
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 1.0
+    max_sequence_length: int = 512
+    quantize_base: str = "none"
     # saving, samples, logging
     output_dir: str = "text-inversion-model"
     overwrite_output_dir: bool = False
@@ -260,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False,
                                 description="DreamBooth training for Stable Diffusion with per-image prompts.")
     f = _FlagAdder(p)
-    for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _output_flags, _evaluation_flags,
-                _hub_flags):
+    for add in (_model_flags, _data_flags, _prior_flags, _optimizer_flags, _flow_matching_flags, _output_flags,
+                _evaluation_flags, _hub_flags):
         add(f)
     return p
 
@@ -355,6 +363,31 @@ def _optimizer_flags(f: _FlagAdder) -> None:
     f.switch("use_lora", "Train LoRA adapters (peft) instead of all weights: low memory.")
     f("lora_rank", "LoRA rank.", type=int)
     f("max_nonfinite_steps", "Abort after this many non-finite losses in a row (each is skipped).", type=int)
+
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+"""diffusers' flow-matching weighting schemes (`dbtools.train.losses` applies them)."""
+QUANTIZE_BASE = ("none", "nf4", "int8")
+MAX_SEQUENCE_LENGTH = 512
+"""T5-XXL's longest prompt in Flux.1 [dev] (tokens)."""
+
+
+def _flow_matching_flags(f: _FlagAdder) -> None:
+    """Flow-matching transformers (Flux.1): how sigmas are drawn and weighted, the guidance
+    embedding, the T5 prompt length and a quantized frozen base."""
+    f("weighting_scheme", "How training sigmas are drawn and the loss weighted: logit_normal and mode draw "
+      "more sigmas from the middle, sigma_sqrt and cosmap weight the loss, none draws uniformly.", type=str,
+      choices=WEIGHTING_SCHEMES)
+    f("logit_mean", "Mean of the logit-normal draw (--weighting_scheme logit_normal; above 0 favours less "
+      "noise, as in diffusers).", type=float)
+    f("logit_std", "Spread of the logit-normal draw.", type=float)
+    f("mode_scale", "How strongly --weighting_scheme mode favours the middle sigmas.", type=float)
+    f("guidance_scale", "Value fed to the guidance embedding while training a guidance-distilled model "
+      "(Flux.1 [dev]); 1.0 trains the LoRA to work at every guidance.", type=float)
+    f("max_sequence_length", f"Longest T5 prompt in tokens (at most {MAX_SEQUENCE_LENGTH}); longer captions "
+      "are cut.", type=int)
+    f("quantize_base", "Quantize the frozen transformer (bitsandbytes nf4 or int8; LoRA adapters stay "
+      "float32): Flux.1 [dev] in nf4 trains on a 16 GB GPU.", type=str, choices=QUANTIZE_BASE)
 
 
 def _output_flags(f: _FlagAdder) -> None:
@@ -511,6 +544,8 @@ _NUMBER_RANGES: dict[str, tuple[float, float | None, str]] = {
     "adam_weight_decay": (0.0, None, ""), "adam_epsilon": (0.0, None, ""), "max_grad_norm": (0.0, None, ""),
     "prior_loss_weight": (0.0, None, ""), "ema_decay": (0.0, 1.0, ""), "save_guidance_scale": (0.0, None, ""),
     "lr_power": (0.0, None, "("), "offset_noise_strength": (0.0, None, ""), "snr_gamma": (0.0, None, "("),
+    "logit_std": (0.0, None, "("), "mode_scale": (0.0, None, ""),
+    "guidance_scale": (0.0, None, ""), "max_sequence_length": (1, MAX_SEQUENCE_LENGTH, ""),
 }
 _NONNEGATIVE_INTS = ("lr_warmup_steps", "num_class_images", "save_min_steps", "save_infer_steps",
                      "num_train_epochs", "lr_num_cycles", "dataloader_num_workers", "num_validation_images")
@@ -537,7 +572,20 @@ def number_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"--{name} {getattr(cfg, name)}: cannot be negative.")
     if cfg.log_interval < 1 or cfg.validation_steps < 1:
         problems.append("--log_interval and --validation_steps must be at least 1.")
-    return problems + _evaluation_problems(cfg)
+    return problems + _evaluation_problems(cfg) + _flow_matching_problems(cfg)
+
+
+def _flow_matching_problems(cfg: TrainConfig) -> list[str]:
+    """The flow-matching flags given without the parser (notebook, tests)."""
+    import math
+
+    problems = []
+    if not math.isfinite(cfg.logit_mean):
+        problems.append(f"--logit_mean {cfg.logit_mean}: must be a finite number (0 is typical).")
+    for name, choices in (("weighting_scheme", WEIGHTING_SCHEMES), ("quantize_base", QUANTIZE_BASE)):
+        if getattr(cfg, name) not in choices:
+            problems.append(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(choices)}.")
+    return problems
 
 
 def _evaluation_problems(cfg: TrainConfig) -> list[str]:

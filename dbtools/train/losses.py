@@ -1,7 +1,9 @@
-"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split.
+"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split;
+and its flow-matching counterpart (Flux): sigmas drawn by a weighting scheme, the noisy
+input, the target and the scheme's loss weights.
 
 Nothing here loads a model or reads a file; the training loop draws the noise and the
-timesteps, runs the UNet and hands the tensors in.
+timesteps, runs the denoiser and hands the tensors in.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def snr_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, gamma: float
 def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                     scheduler: SchedulerMixin, snr_gamma: float | None = None) -> torch.Tensor:
     """Mean squared error per sample, in float32, min-SNR weighted when `snr_gamma` is set."""
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    loss = _mse_per_sample(model_pred, target)
     if snr_gamma:
         loss = loss * snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type)
     return loss
@@ -70,6 +72,16 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
     different sizes) is the sum of this function over the two parts.
     """
     per_sample = per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma)
+    return prior_split_loss(per_sample, is_prior, prior_loss_weight)
+
+
+def _mse_per_sample(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+
+
+def prior_split_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """mean(instance entries of `per_sample`) + prior_loss_weight x mean(class entries); a part
+    with no samples adds nothing."""
     # Counts come from the mask on the CPU and the split is a product with it, so the GPU is
     # never waited for (boolean indexing would read back from the device).
     is_prior = is_prior.cpu().bool()
@@ -82,3 +94,63 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
     if n_prior:
         terms.append(prior_loss_weight * ((per_sample * prior).sum() / n_prior))
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+# --------------------------------------------------------------------------- flow matching
+
+# diffusers' flow-matching weighting schemes (`--weighting_scheme`, checked with the flags):
+# logit_normal and mode shape how sigmas are drawn, sigma_sqrt and cosmap weight the loss,
+# none draws uniformly and weights nothing.
+
+
+def sigmas_on_schedule(u: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
+    """The training schedule's sigma at each point `u` in [0, 1): u = 0 is the first (noisiest,
+    1.0 for Flux) entry of `schedule_sigmas`, u -> 1 the last (the scheduler's table has one
+    entry per training timestep, as diffusers' Flux DreamBooth script indexes it)."""
+    index = (u * len(schedule_sigmas)).long().clamp(0, len(schedule_sigmas) - 1)
+    return schedule_sigmas.float()[index.cpu()]
+
+
+def draw_sigmas(scheme: str, batch_size: int, schedule_sigmas: torch.Tensor, generator: torch.Generator, *,
+                logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """One sigma per sample, drawn with diffusers' density for `scheme` from `generator`
+    (logit-normal: sigmoid of N(logit_mean, logit_std); mode: uniform bent by `mode_scale`
+    towards the middle; the others uniform), then looked up on the schedule."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std,
+                                              mode_scale=mode_scale, generator=generator)
+    return sigmas_on_schedule(u, schedule_sigmas)
+
+
+def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`sigmas` shaped to broadcast over each sample of `like`, in its dtype and device."""
+    return sigmas.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
+
+
+def flow_matching_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The point on the straight path from the latents (sigma 0) to the noise (sigma 1):
+    (1 - sigma) * latents + sigma * noise."""
+    s = _per_sample(sigmas, latents)
+    return (1 - s) * latents + s * noise
+
+
+def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the transformer must predict: the path's velocity, noise - latents."""
+    return noise - latents
+
+
+def flow_matching_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights of `scheme` (diffusers' `compute_loss_weighting_for_sd3`):
+    sigma_sqrt 1 / sigma^2, cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2)), others 1."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas.float())
+
+
+def flow_matching_loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, scheme: str, *,
+                       is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """mean(weighted instance losses) + prior_loss_weight x mean(weighted class losses): the
+    per-sample mean squared error in float32 times the scheme's weight at the sample's sigma."""
+    weights = flow_matching_weights(scheme, sigmas).to(model_pred.device)
+    return prior_split_loss(_mse_per_sample(model_pred, target) * weights, is_prior, prior_loss_weight)

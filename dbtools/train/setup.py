@@ -192,7 +192,8 @@ RESUME_SETTINGS = (
     "with_prior_preservation", "class_data_dir", "class_prompt", "num_class_images", "validation_data_dir",
     "validation_split", "resolution", "center_crop", "hflip", "aspect_ratio_bucketing", "caption_dropout",
     "shuffle_captions", "keep_tokens", "train_batch_size", "gradient_accumulation_steps", "seed",
-    "train_text_encoder", "use_lora", "lora_rank", "use_ema")
+    "train_text_encoder", "use_lora", "lora_rank", "use_ema", "weighting_scheme", "logit_mean", "logit_std",
+    "mode_scale", "guidance_scale", "max_sequence_length", "quantize_base")
 _PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "tokenizer_name", "concepts_list",
                   "instance_data_dir", "class_data_dir", "validation_data_dir")
 
