@@ -10,10 +10,14 @@ diffusers, are one `qkv` matrix there: their LoRAs are joined into one (`fuse_pa
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from dbtools.families.base import Conditioning, MemoryNumbers
 from dbtools.families.lora_layout import LoraLayoutError, fuse_pairs, fused_alpha, kohya_entries, lora_pairs
+from dbtools.families.qwen import QwenFlowFamily
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -122,11 +126,64 @@ def predict(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torc
     batch, _, height, width = noisy.shape
     image_ids = P._prepare_latent_ids(noisy).to(noisy.device)
     text_ids = P._prepare_text_ids(embeds).to(noisy.device)
-    dtype = transformer.dtype
+    inner = getattr(transformer, "module", transformer)  # a data-parallel wrapper has no dtype, no config
+    dtype = inner.dtype
     guidance_in = None
-    if transformer.config.guidance_embeds:
+    if inner.config.guidance_embeds:
         guidance_in = torch.full((batch,), 1.0 if guidance is None else guidance, device=noisy.device)
     out = transformer(hidden_states=P._pack_latents(noisy).to(dtype), timestep=sigmas.to(noisy.device, dtype),
                       guidance=guidance_in, encoder_hidden_states=embeds.to(dtype), txt_ids=text_ids,
                       img_ids=image_ids, return_dict=False)[0]
     return P._unpack_latents_with_ids(out[:, : height * width], image_ids, height, width)
+
+
+# --------------------------------------------------------------------------- the family
+
+DISTILLED_ADVICE = (" (4 steps, no guidance; LoRA training wears the distillation away: train on the matching "
+                    "base model, black-forest-labs/FLUX.2-klein-base-4B or -9B, and use the LoRA with this model "
+                    "at its own 4 steps)")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Flux2Family(QwenFlowFamily):
+    """Flux.2 [klein] base models (`distilled` False) or the step-distilled ones (refused)."""
+
+    distilled: bool = False
+
+    def matches_model_index(self, model_index: Mapping, text_config: Mapping | None) -> bool:
+        return super().matches_model_index(model_index, text_config) and \
+            bool(model_index.get("is_distilled", False)) == self.distilled
+
+    def pipeline_kwargs(self) -> dict:
+        return {"is_distilled": self.distilled}
+
+    def predict(self, denoiser, noisy, timesteps, cond: Conditioning, guidance_scale: float | None = None):
+        return predict(denoiser, noisy, timesteps, cond["embeds"], guidance_scale)
+
+    def lora_targets(self, component: str, module: Any) -> list[str]:
+        """diffusers' Flux.2 [klein] DreamBooth default: attention of the double blocks, and the
+        fused input and the output projection of every single block."""
+        if component != self.denoiser:
+            return []
+        inner = getattr(module, "module", module)
+        singles = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(len(inner.single_transformer_blocks))]
+        return [*self.lora_modules, *singles]
+
+
+_FLUX2 = dict(
+    denoiser="transformer", denoiser_class="Flux2Transformer2DModel", tokenizer_classes=("Qwen2Tokenizer",),
+    pipeline_names=("Flux2KleinPipeline",), vae_class="AutoencoderKLFlux2", fixed_sequence_length=True,
+    lora_modules=("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"), model=sys.modules[__name__],
+    ui_names=("flux2_klein", "flux-2-klein"), recommended_vae=None, lora_learning_rate=1e-4,
+    prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
+    # klein 4B: transformer 3.88B, Qwen3-4B 4.02B, VAE 84M (counted from the real configs on the
+    # meta device); LoRA as `lora_targets`; activations at 1024 px, batch 1, bf16 (estimates:
+    # 4.6k tokens x 3072 wide x 25 blocks). klein 9B: transformer 9.08B, Qwen3-8B 7.57B.
+    memory_numbers=MemoryNumbers(3_875_544_576, (4_022_468_096,), 84_046_115, 1_044_480, (0,), (1.5, 15.0)),
+)
+FLUX2 = Flux2Family("flux2", "Flux.2 [klein]", 1024, "Flux2KleinPipeline", (("text_encoder", "Qwen3ForCausalLM"),),
+                    sample_steps=50, guidance_scale=4.0, **_FLUX2)
+"""Flux.2 [klein] base models: the pipeline's own 50 steps and guidance 4."""
+FLUX2_DISTILLED = Flux2Family("flux2-distilled", "Flux.2 [klein] step-distilled", 1024, "Flux2KleinPipeline",
+                              (("text_encoder", "Qwen3ForCausalLM"),), trained=False, distilled=True,
+                              refusal_detail=DISTILLED_ADVICE, sample_steps=4, guidance_scale=1.0, **_FLUX2)

@@ -53,10 +53,12 @@ _CONFIG_FILES = {
     "text_encoder_2": ("config.json",),
     "vae": ("config.json",),
     "unet": ("config.json",),
+    "transformer": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
 WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
-                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",)}
+                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",),
+                "transformer": ("diffusion_pytorch_model",)}
 """Weight file stems per component (transformers folders saved before safetensors use
 `pytorch_model.bin`)."""
 

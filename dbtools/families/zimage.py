@@ -10,10 +10,16 @@ is mapped that way; diffusers' Z-Image LoRA reader reads the same file (the pref
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dbtools.core.errors import UserError
+from dbtools.families.base import Components, Conditioning, MemoryNumbers, PartLoader
 from dbtools.families.lora_layout import LoraLayoutError, kohya_entries, lora_pairs
+from dbtools.families.qwen import QwenFlowFamily
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -79,8 +85,53 @@ def predict(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torc
     [B, C, H, W] at `sigmas` [B] under prompts `embeds` [B, L, D] of `lengths` [B]."""
     import torch
 
-    frames = list(noisy.to(transformer.dtype).unsqueeze(2).unbind(0))
-    prompts = [e[: int(n)].to(transformer.dtype) for e, n in zip(embeds, lengths, strict=True)]
+    dtype = getattr(transformer, "module", transformer).dtype  # a data-parallel wrapper has no dtype
+    frames = list(noisy.to(dtype).unsqueeze(2).unbind(0))
+    prompts = [e[: int(n)].to(dtype) for e, n in zip(embeds, lengths, strict=True)]
     time = (1 - sigmas.float()).to(noisy.device)
     out = transformer(frames, time, prompts, return_dict=False)[0]
     return -torch.stack(out).squeeze(2)
+
+
+# --------------------------------------------------------------------------- the family
+
+TURBO_ADVICE = (
+    "Z-Image-Turbo is step-distilled (8 steps, no guidance): LoRA training on it wears the distillation away, so "
+    "its few-step images blur as training goes on. Train on the Base model (Tongyi-MAI/Z-Image) and use the "
+    "LoRA with Turbo at its own 8 steps and guidance 0, as diffusers' Z-Image DreamBooth script and DiffSynth "
+    "do; or train on a de-distilled Turbo (ostris/Z-Image-De-Turbo).")
+
+
+def is_turbo(name: str) -> bool:
+    """Whether a model's Hub id or folder name says it is Z-Image-Turbo (not a de-distilled one):
+    Turbo and Base ship the same pipeline and configs, only the name tells them apart."""
+    lowered = Path(str(name).rstrip("/\\")).name.lower().replace("_", "-")
+    return "turbo" in lowered and not any(m in lowered for m in ("de-turbo", "deturbo", "dedistill"))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ZImageFamily(QwenFlowFamily):
+    """Z-Image (Base); Z-Image-Turbo is refused with what to train instead (`TURBO_ADVICE`)."""
+
+    def load_components(self, load: PartLoader, needed=None, quantize: str | None = None) -> Components:
+        if is_turbo(getattr(load, "name", "")):
+            raise UserError(f"{load.name}: {TURBO_ADVICE}")
+        return super().load_components(load, needed, quantize)
+
+    def predict(self, denoiser, noisy, timesteps, cond: Conditioning, guidance_scale: float | None = None):
+        return predict(denoiser, noisy, timesteps, cond["embeds"], cond["lengths"])
+
+
+ZIMAGE = ZImageFamily(
+    "zimage", "Z-Image", 1024, "ZImagePipeline", (("text_encoder", "Qwen3Model"),),
+    denoiser="transformer", denoiser_class="ZImageTransformer2DModel", tokenizer_classes=("Qwen2Tokenizer",),
+    pipeline_names=("ZImagePipeline",), single_file_markers=(),
+    # the pipeline's own defaults (Base: 50 steps, classifier-free guidance 5)
+    sample_steps=50, guidance_scale=5.0, recommended_vae=None, lora_learning_rate=1e-4,
+    prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
+    model=sys.modules[__name__], ui_names=("zimage", "z-image"),
+    # Transformer 6.15B, Qwen3-4B 4.02B, VAE 84M (counted from the real configs on the meta
+    # device); LoRA on the attention projections of all 34 blocks; activations at 1024 px,
+    # batch 1, bf16 (estimates: 4.6k tokens x 3840 wide x 34 blocks).
+    memory_numbers=MemoryNumbers(6_154_908_736, (4_022_468_096,), 83_819_683, 1_044_480, (0,), (2.0, 24.0)),
+)

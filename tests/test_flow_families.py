@@ -1,0 +1,155 @@
+"""Z-Image and Flux.2 [klein] as families on the seam: detected from their files, loaded for
+training through the same loader as SD, prompts encoded (and cached) as their pipelines do,
+one flow-matching step that trains LoRA adapters, and the sample pipeline built from the
+training components making the images `from_pretrained` makes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, ZImagePipeline
+from peft import LoraConfig
+
+from dbtools.core.errors import UserError
+from dbtools.families import flux2, registry, zimage
+from dbtools.families.base import Conditioning
+from dbtools.families.models import UnsupportedModelError, detect_family, load_sd_components
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(params=["zimage", "flux2"])
+def case(request, tiny_zimage, tiny_flux2):
+    """(family, tiny model folder, pipeline class) for each of the two families."""
+    return {"zimage": (zimage.ZIMAGE, tiny_zimage, ZImagePipeline),
+            "flux2": (flux2.FLUX2, tiny_flux2, Flux2KleinPipeline)}[request.param]
+
+
+def test_detected_from_the_folder_and_named_in_what_we_train(case):
+    family, model, _ = case
+    assert detect_family(str(model)).family is family
+    assert family.label in registry.trained_labels()
+
+
+def test_a_step_distilled_klein_is_refused_with_what_to_train_instead(tiny_flux2, tmp_path):
+    distilled = tmp_path / "FLUX.2-klein-4B"
+    shutil.copytree(tiny_flux2, distilled)
+    index = json.loads((distilled / "model_index.json").read_text(encoding="utf-8"))
+    (distilled / "model_index.json").write_text(json.dumps(dict(index, is_distilled=True)), encoding="utf-8")
+    with pytest.raises(UnsupportedModelError, match="FLUX.2-klein-base-4B") as err:
+        detect_family(str(distilled))
+    assert "step-distilled" in str(err.value)
+
+
+def test_z_image_turbo_is_refused_before_loading_with_what_to_train_instead(tiny_zimage, tmp_path):
+    turbo = tmp_path / "Z-Image-Turbo"
+    shutil.copytree(tiny_zimage, turbo)
+    with pytest.raises(UserError, match="Tongyi-MAI/Z-Image") as err:
+        load_sd_components(str(turbo))
+    assert "8 steps" in str(err.value)
+    assert zimage.is_turbo("Tongyi-MAI/Z-Image-Turbo") and not zimage.is_turbo("ostris/Z-Image-De-Turbo")
+    assert not zimage.is_turbo("Tongyi-MAI/Z-Image")
+
+
+def test_training_components_load_in_their_classes(case):
+    family, model, pipe_class = case
+    parts = load_sd_components(str(model), component_dtypes={"text_encoder": torch.bfloat16})
+    assert parts.family is family
+    assert type(parts.denoiser).__name__ == family.denoiser_class
+    assert parts.text_encoder.dtype == torch.bfloat16 and parts.denoiser.dtype == torch.float32
+    assert isinstance(parts.vae, AutoencoderKLFlux2) == (family is flux2.FLUX2)
+    reference = pipe_class.from_pretrained(model).scheduler.config
+    assert parts.noise_scheduler.config.shift == reference.shift
+    assert parts.noise_scheduler.config.use_dynamic_shifting == reference.use_dynamic_shifting
+
+
+def test_prompts_are_encoded_as_the_pipeline_does_and_cached(case):
+    family, model, pipe_class = case
+    pipe = pipe_class.from_pretrained(model)
+    encoder = family.prompt_encoder([pipe.tokenizer], cache=True, max_length=512)
+    prompts = ["a red car", "a cat sitting on a chair in a big old room"]
+    cond = family.encode_prompts(encoder, prompts, [pipe.text_encoder], "cpu")
+    assert set(encoder.cache) == set(prompts)
+    own = family.model.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+    for i, length in enumerate(cond["lengths"].tolist()):
+        assert torch.equal(cond["embeds"][i, :length], own["embeds"][i, :length])
+        assert not cond["embeds"][i, length:].any()
+
+    class Gone(torch.nn.Module):  # the encoder has left: cached prompts need no encoder
+        def forward(self, *args, **kwargs):
+            raise AssertionError("encoded again")
+
+    again = family.encode_prompts(encoder, prompts[::-1], [Gone()], "cpu")
+    both = Conditioning.cat([cond, again])  # batches of different prompts join (prior preservation)
+    assert torch.equal(both["embeds"][3], cond["embeds"][0])
+
+
+def _lora_transformer(family, model, pipe_class):
+    pipe = pipe_class.from_pretrained(model)
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=family.lora_targets("transformer", transformer)))
+    return pipe, transformer
+
+
+def test_one_flow_matching_step_trains_the_lora_adapters(case):
+    family, model, pipe_class = case
+    pipe, transformer = _lora_transformer(family, model, pipe_class)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    with torch.no_grad():
+        latents = family.latents(pipe.vae.encode(image).latent_dist.sample(generator), pipe.vae)
+    cond = family.encode_prompts(family.prompt_encoder([pipe.tokenizer], cache=False), ["a red car", "a dog"],
+                                 [pipe.text_encoder], "cpu")
+    scheduler = family.noise_scheduler(pipe.scheduler.config)
+    sigmas = family.timesteps(scheduler, 2, generator)
+    assert ((sigmas > 0) & (sigmas <= 1)).all()
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = family.noisy(scheduler, latents, noise, sigmas)
+    target = family.target(scheduler, latents, noise, sigmas)
+    assert torch.allclose(noisy + (1 - sigmas.view(-1, 1, 1, 1)) * target, noise, atol=1e-5)
+
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        pred = family.predict(transformer, noisy, sigmas, cond)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]  # it learns the fixed sample
+
+
+def test_sample_pipeline_from_training_parts_makes_the_from_pretrained_images(case):
+    family, model, pipe_class = case
+    parts = load_sd_components(str(model))
+    built = family.build_pipeline(parts.parts, pipe_class.from_pretrained(model).scheduler)
+    reference = pipe_class.from_pretrained(model)
+    kwargs = dict(prompt="a red car", height=32, width=32, num_inference_steps=2, output_type="np",
+                  guidance_scale=family.guidance_scale)
+    ours = built(generator=torch.Generator().manual_seed(3), **kwargs).images
+    theirs = reference(generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert np.array_equal(ours, theirs)
+
+
+def test_saved_lora_reads_back_and_its_ui_file_covers_every_module(case, tmp_path):
+    family, model, pipe_class = case
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    _, transformer = _lora_transformer(family, model, pipe_class)
+    family.save_lora(str(tmp_path), {"transformer": get_peft_model_state_dict(transformer)})
+    saved = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    fresh = pipe_class.from_pretrained(model)
+    fresh.load_lora_weights(str(tmp_path))
+    modules = {k.split(".lora_A")[0] for k in saved if ".lora_A" in k}
+    assert modules and all(k.startswith("transformer.") for k in modules)
+    ui = family.ui_lora_tensors(saved, alpha=4)
+    assert len(ui) == 3 * len({k.rsplit(".", 2)[0] for k in ui if k.endswith(".lora_down.weight")})
+    assert all(k.startswith(family.ui_lora("flow").prefixes["transformer"]) for k in ui)
