@@ -23,12 +23,12 @@ FLUX2_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out",
                  "to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out"]
 
 
-def _lora_file(pipe_class, model, targets, folder):
+def _lora_file(pipe_class, model, targets, folder, alpha=ALPHA):
     """A diffusers LoRA file of random (seeded) adapters on `targets`; returns its path and the
     transformer's weights with the adapters fused by hand (W + alpha / rank * B @ A)."""
     pipe = pipe_class.from_pretrained(model)
     transformer = pipe.transformer
-    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets))
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=targets))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
@@ -43,7 +43,7 @@ def _lora_file(pipe_class, model, targets, folder):
             module = key[: -len(".lora_A.weight")]
             up = layers[module + ".lora_B.weight"]
             base = transformer.get_submodule(module).base_layer.weight
-            expected[module + ".weight"] = base + ALPHA / RANK * up @ down
+            expected[module + ".weight"] = base + alpha / RANK * up @ down
     return folder / "pytorch_lora_weights.safetensors", expected
 
 
@@ -108,3 +108,31 @@ def test_the_native_flux2_names_the_test_takes_for_comfyui_are_black_forest_labs
     linears = {n + ".weight": tuple(m.weight.shape) for n, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear)}
     assert converted == linears
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_export_writes_the_ui_file_of_a_lora_step_folder(family, tiny_zimage, tiny_flux2, tmp_path, capsys):
+    """`python -m dbtools export --model_path <LoRA step folder>`: the family's UI layout, with
+    the family in its metadata, read back by diffusers to the step's fused weights."""
+    import json
+
+    from dbtools.after.kohya import read_metadata
+    from dbtools.cli import main
+
+    pipe_class, model, targets, modules = {
+        "zimage": (ZImagePipeline, tiny_zimage, ZIMAGE_TARGETS, zimage_module_map),
+        "flux2": (Flux2KleinPipeline, tiny_flux2, FLUX2_TARGETS, flux2_module_map)}[family]
+    step = tmp_path / "out" / "200"
+    step.mkdir(parents=True)
+    _, expected = _lora_file(pipe_class, model, targets, step, alpha=RANK)  # training's alpha: the rank
+    (step / "args.json").write_text(json.dumps({"pretrained_model_name_or_path": str(model), "lora_rank": RANK}),
+                                    encoding="utf-8")
+    out = tmp_path / "toy.safetensors"
+    assert main(["export", "--model_path", str(step), "--checkpoint_path", str(out)]) == 0, capsys.readouterr()
+    ui = load_file(str(out))
+    assert unmatched(ui, modules(pipe_class.from_pretrained(model).transformer)) == []
+    meta = read_metadata(out)
+    assert meta["ss_base_model_version"] == {"zimage": "zimage", "flux2": "flux2_klein"}[family]
+    assert meta["ss_network_alpha"] == str(float(RANK)) and meta["ss_network_dim"] == str(RANK)
+    fused = _fused_through_diffusers(pipe_class, model, out)
+    assert all(torch.allclose(fused[k], w, atol=1e-5) for k, w in expected.items())

@@ -34,13 +34,17 @@ from pathlib import Path
 
 from dbtools.core.atomic import atomic_write
 from dbtools.core.errors import UserError
+from dbtools.families import registry
+from dbtools.families.lora_layout import LoraLayoutError
 
 logger = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "zimage": "zimage",
+                       "flux2": "flux2_klein"}
 """`ss_base_model_version` per family as kohya's scripts write it (SD 1.x/2.x v-models get `_v`)."""
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "zimage": "z-image", "flux2": "flux-2-klein"}
 """`modelspec.architecture` per family (before `/lora`); SD 2.x v-models are `stable-diffusion-v2-768-v`."""
 NETWORK_MODULE = "networks.lora"
 """`ss_network_module` of a plain LoRA in kohya's scripts."""
@@ -101,6 +105,9 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
+    own = _family_layout(state_dict, alpha, family)
+    if own is not None:
+        return own
     peft = to_peft_names(state_dict)
     unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.")))
     if unknown:
@@ -115,6 +122,18 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     if family != "sdxl" and not (family is None and any(k.startswith("lora_te2_") for k in out)):
         out = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in out.items()}
     return out
+
+
+def _family_layout(state_dict: Mapping, alpha: float | Mapping[str, float] | None, family: str | None) -> dict | None:
+    """The UI file's tensors in the family's own layout (Z-Image, Flux.2; `ui_lora_tensors`),
+    None for kohya's renaming (SD, SDXL)."""
+    if family is None or family in ("sd1", "sd2", "sdxl"):
+        return None
+    owner = registry.get(family)
+    try:
+        return owner.ui_lora_tensors(state_dict, alpha.get(owner.denoiser) if isinstance(alpha, Mapping) else alpha)
+    except LoraLayoutError as exc:
+        raise LoraConvertError(str(exc)) from exc
 
 
 def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int) -> float:

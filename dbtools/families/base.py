@@ -407,6 +407,12 @@ class ModelFamily(ABC):
     def ui_lora(self, prediction_type: str) -> UILora:
         """The kohya-style LoRA file's prefixes and metadata for a model of this family."""
 
+    def ui_lora_tensors(self, state_dict: Mapping, alpha: float | None = None) -> dict | None:
+        """The UI LoRA file's tensors for a diffusers LoRA state dict when the family's layout is
+        more than kohya's renaming of diffusers names under `ui_lora().prefixes` (a transformer
+        whose UI model fuses layers); None for that renaming (SD, SDXL)."""
+        return None
+
     @abstractmethod
     def single_file_layout(self) -> SingleFileLayout:
         """Which of the exporter's converters write each component of a full single file."""

@@ -200,7 +200,7 @@ class QwenFlowFamily(ModelFamily):
                       architecture=self.ui_names[1], implementation="diffusers")
 
     def ui_lora_tensors(self, state_dict: Mapping, alpha: float | None = None) -> dict:
-        """The UI LoRA file's tensors (the family module's layout)."""
+        """The family module's layout (`ui_lora_tensors` there)."""
         return self.model.ui_lora_tensors(state_dict, alpha)
 
     def single_file_layout(self) -> SingleFileLayout:
