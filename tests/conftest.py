@@ -62,6 +62,14 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny Flux.1 [dev]-style pipeline folder (guidance embedding, CLIP + T5, 16-channel VAE)."""
+    from dbtools.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory) -> Path:
     """A tiny Z-Image pipeline folder (Qwen3 encoder, single-stream transformer), built once per session."""
     from dbtools.tiny import build_tiny_zimage

@@ -153,3 +153,31 @@ def test_saved_lora_reads_back_and_its_ui_file_covers_every_module(case, tmp_pat
     ui = family.ui_lora_tensors(saved, alpha=4)
     assert len(ui) == 3 * len({k.rsplit(".", 2)[0] for k in ui if k.endswith(".lora_down.weight")})
     assert all(k.startswith(family.ui_lora("flow").prefixes["transformer"]) for k in ui)
+
+
+def test_run_settings_reach_the_sigmas_and_the_prompt_length(case):
+    from types import SimpleNamespace
+
+    family, model, _ = case
+    uniform = load_sd_components(str(model))
+    options = SimpleNamespace(weighting_scheme="logit_normal", logit_mean=2.0, logit_std=0.5, max_sequence_length=16)
+    parts = load_sd_components(str(model), options=options)
+    draw = [family.timesteps(p.noise_scheduler, 256, torch.Generator().manual_seed(0)) for p in (uniform, parts)]
+    assert draw[1].mean() < draw[0].mean() - 0.2  # logit mean 2: most draws near the clean end
+    long_caption = ["a red car on a street in the city " * 10]
+    cond = family.encode_prompts(family.prompt_encoder([parts.tokenizer], cache=False), long_caption,
+                                 [parts.text_encoder], "cpu")
+    # Z-Image drops padding, so --max_sequence_length shortens its prompts; Flux.2 attends to the
+    # padding and always reads the pipeline's 512 tokens
+    assert cond["embeds"].shape[1] == (16 if family is zimage.ZIMAGE else 512)
+
+
+def test_settings_it_cannot_train_with_are_named_before_loading(case):
+    from types import SimpleNamespace
+
+    family, _, _ = case
+    options = SimpleNamespace(use_lora=False, train_text_encoder=True, snr_gamma=5.0, mixed_precision="fp16")
+    problems = family.training_problems(options, cuda_bf16=True)
+    assert len(problems) == 4 and all(family.label in p or "--" in p for p in problems)
+    assert family.training_problems(SimpleNamespace(use_lora=True, mixed_precision="bf16"), cuda_bf16=True) == []
+    assert family.training_problems(SimpleNamespace(use_lora=True), cuda_bf16=False)  # a T4: no bf16

@@ -14,7 +14,6 @@ from dbtools.train.losses import (
     diffusion_target,
     draw_sigmas,
     dreambooth_loss,
-    flow_matching_loss,
     flow_matching_noisy,
     flow_matching_target,
     flow_matching_weights,
@@ -261,18 +260,4 @@ def test_loss_weights_per_scheme():
         [4 / math.pi, 3.2 / math.pi, 2 / math.pi])
     for scheme in ("none", "logit_normal", "mode"):
         assert flow_matching_weights(scheme, sigmas).tolist() == [1.0, 1.0, 1.0]
-
-
-def test_flow_matching_loss_is_weighted_then_split_into_instance_and_prior():
-    # Per-sample MSEs 1 and 4, sigma_sqrt weights at sigmas 0.5 and 0.25: 4 and 16 -> 4 and 64.
-    target = per_sample_targets([1, 2])
-    sigmas = torch.tensor([0.5, 0.25])
-
-    def loss(scheme, prior):
-        return flow_matching_loss(torch.zeros_like(target), target, sigmas, scheme, is_prior=torch.tensor(prior),
-                                  prior_loss_weight=0.5).item()
-
-    assert loss("sigma_sqrt", [False, False]) == pytest.approx(34.0)
-    assert loss("sigma_sqrt", [False, True]) == pytest.approx(4.0 + 0.5 * 64.0)
-    assert loss("none", [False, True]) == pytest.approx(1.0 + 0.5 * 4.0)
 

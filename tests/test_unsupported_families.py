@@ -13,16 +13,22 @@ import pytest
 from dbtools.families import detect as families
 from dbtools.families.detect import SD1, SDXL, UnsupportedFamily
 
-TRAINED = "this toolkit trains: SD 1.x, SD 2.x, SDXL"
+TRAINED = "this toolkit trains: SD 1.x, SD 2.x, SDXL, Flux.1"
 FLUX_INDEX = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
               "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
               "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
               "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+SD3_INDEX = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"],
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
 @pytest.mark.parametrize(("class_name", "label"), [
-    ("FluxPipeline", "Flux.1"), ("Flux2Pipeline", "Flux.2 [dev]"), ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
+    ("FluxFillPipeline", "Flux.1 Fill"), ("Flux2Pipeline", "Flux.2 [dev]"),
+    ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
     ("QwenImagePipeline", "Qwen-Image"), ("StableDiffusionXLInpaintPipeline", "SDXL inpainting"),
     ("IFPipeline", "DeepFloyd IF"),
 ])
@@ -35,9 +41,9 @@ def test_known_pipelines_we_do_not_train_are_named(class_name, label):
 
 
 def test_a_renamed_pipeline_is_read_from_its_parts_never_guessed():
-    # Flux's parts under a generic name: two text encoders, but no UNet -> not SDXL
+    # SD3's parts under a generic name: two CLIP text encoders, but no UNet -> not SDXL
     with pytest.raises(UnsupportedFamily, match="a transformer, no UNet"):
-        families.family_from_model_index(dict(FLUX_INDEX, _class_name="DiffusionPipeline"))
+        families.family_from_model_index(SD3_INDEX | {"_class_name": "DiffusionPipeline"})
     # a UNet with a T5 encoder is no Stable Diffusion either
     t5 = {"_class_name": "MyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
           "text_encoder": ["transformers", "T5EncoderModel"]}
@@ -67,11 +73,11 @@ def test_single_files_of_other_families_are_named(key, label):
 
 
 @pytest.fixture
-def flux_folder(tmp_path) -> Path:
-    """What a Flux.1 [dev] download looks like to detection: its model_index.json."""
-    folder = tmp_path / "FLUX.1-dev"
+def sd3_folder(tmp_path) -> Path:
+    """What a Stable Diffusion 3 download looks like to detection: its model_index.json."""
+    folder = tmp_path / "stable-diffusion-3-medium"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps(FLUX_INDEX), encoding="utf-8")
+    (folder / "model_index.json").write_text(json.dumps(SD3_INDEX), encoding="utf-8")
     return folder
 
 
@@ -81,20 +87,20 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "PYTHONPATH": str(root)})
 
 
-def test_every_command_names_a_flux_model_in_one_message(flux_folder, tmp_path, image_factory):
+def test_every_command_names_an_sd3_model_in_one_message(sd3_folder, tmp_path, image_factory):
     root = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
     image_factory(data / "a red car.png")
     (data / "a red car.png.txt").write_text("a red car", encoding="utf-8")
     commands = {
-        "train": [str(root / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(flux_folder),
+        "train": [str(root / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(sd3_folder),
                   "--instance_data_dir", str(data), "--instance_prompt", "x", "--output_dir", str(tmp_path / "o"),
                   "--max_train_steps", "1"],
-        "generate": ["-m", "dbtools", "generate", "--model", str(flux_folder), "--prompt", "x",
+        "generate": ["-m", "dbtools", "generate", "--model", str(sd3_folder), "--prompt", "x",
                      "--out_dir", str(tmp_path / "g")],
-        "classgen": ["-m", "dbtools", "classgen", "--pretrained_model_name_or_path", str(flux_folder),
+        "classgen": ["-m", "dbtools", "classgen", "--pretrained_model_name_or_path", str(sd3_folder),
                      "--class_data_dir", str(tmp_path / "c"), "--class_prompt", "a car", "--num_class_images", "1"],
-        "export": ["-m", "dbtools", "export", "--model_path", str(flux_folder),
+        "export": ["-m", "dbtools", "export", "--model_path", str(sd3_folder),
                    "--checkpoint_path", str(tmp_path / "x.safetensors")],
     }
     for name, args in commands.items():
@@ -102,33 +108,27 @@ def test_every_command_names_a_flux_model_in_one_message(flux_folder, tmp_path, 
         assert done.returncode == 2, (name, done.stderr[-2000:])
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, (name, done.stderr[-2000:])
-        assert f"{flux_folder} is a Flux.1 model; {TRAINED}" in done.stderr, name
+        assert f"{sd3_folder} is a Stable Diffusion 3 model; {TRAINED}" in done.stderr, name
         assert "Traceback" not in done.stderr, name
 
 
-def test_the_notebook_settings_cell_names_the_family(flux_folder, tmp_path):
+def test_the_notebook_settings_cell_names_the_family(sd3_folder, tmp_path):
     from dbtools.families.models import UnsupportedModelError
     from dbtools.ui import notebook as nb
 
-    with pytest.raises(UnsupportedModelError, match=f"is a Flux.1 model; {TRAINED}"):
-        nb.Session.start(str(flux_folder), str(tmp_path / "out"), save_to_gdrive=False)
+    with pytest.raises(UnsupportedModelError, match=f"is a Stable Diffusion 3 model; {TRAINED}"):
+        nb.Session.start(str(sd3_folder), str(tmp_path / "out"), save_to_gdrive=False)
 
 
-def test_a_real_flux_folder_is_named_by_training_before_it_loads(tmp_path, image_factory, capsys):
+def test_a_real_flux_folder_is_a_flux_model_we_train(tiny_flux):
     """The tiny Flux.1 pipeline (the real classes, loaded back through `from_pretrained`) is
-    a complete Flux download; training names the family instead of missing a UNet."""
+    a complete Flux download, detected as Flux.1 (which trains: `tests/test_flux_train.py`)."""
     from diffusers import FluxPipeline
 
-    from dbtools.cli import main
-    from dbtools.tiny import build_tiny_flux
+    from dbtools.families.flux import FLUX1
+    from dbtools.families.models import detect_family
 
-    flux = build_tiny_flux(tmp_path / "flux")
-    pipe = FluxPipeline.from_pretrained(flux)
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
     assert pipe.transformer.config.guidance_embeds and pipe.vae.config.latent_channels == 16
     assert pipe.tokenizer_2("a red car").input_ids[-1] == pipe.tokenizer_2.eos_token_id
-    data = tmp_path / "data"
-    image_factory(data / "a red car.png")
-    argv = ["train", "--pretrained_model_name_or_path", str(flux), "--instance_data_dir", str(data),
-            "--instance_prompt", "sks car", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
-    assert main(argv) == 2
-    assert f"{flux} is a Flux.1 model; {TRAINED}" in capsys.readouterr().err
+    assert detect_family(str(tiny_flux)).family is FLUX1

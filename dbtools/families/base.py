@@ -301,9 +301,11 @@ class ModelFamily(ABC):
         """The training noise scheduler from the model's scheduler config (DDPM for SD)."""
 
     def load_components(self, load: PartLoader, needed: Iterable[str] | None = None,
-                        quantize: str | None = None) -> Components:
+                        quantize: str | None = None, options: Any = None) -> Components:
         """Load the training components through `load`: each of `parts` (or just `needed`),
-        the denoiser quantized when `quantize` is "nf4"/"int8", and the noise scheduler."""
+        the denoiser quantized when `quantize` is "nf4"/"int8", and the noise scheduler.
+        `options` is the run's settings (flags as attributes, e.g. a `TrainConfig`) for a family
+        whose training step reads some of them (Flux: the weighting scheme); None: defaults."""
         if quantize is not None:
             raise UserError(f"--quantize_base {quantize}: {self.label} models are not trained from a quantized "
                             "base; leave --quantize_base unset.")
@@ -314,6 +316,12 @@ class ModelFamily(ABC):
                 continue
             parts[sub] = load.tokenizer(cls, sub) if sub.startswith("tokenizer") else load.model(cls, sub)
         return Components(self, parts, self.noise_scheduler(load.scheduler_config()))
+
+    def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
+        """Settings this family cannot train with, each with its fix, found before anything
+        loads. `options` as for `load_components`; `cuda_bf16` whether the training GPU runs
+        bf16 natively (None: training on the CPU)."""
+        return []
 
     def pipeline_kwargs(self) -> dict:
         """Extra keyword arguments for the pipeline class (e.g. no safety checker)."""

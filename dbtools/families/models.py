@@ -31,6 +31,7 @@ from dbtools.core.errors import UserError
 from dbtools.families import registry
 from dbtools.families.base import Components, Detected, ModelFamily, UnsupportedFamily
 from dbtools.families.detect import prediction_type_from_scheduler
+from dbtools.families.quantize import is_quantized, load_quantized
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -460,6 +461,8 @@ def load_sd_components(
     config: str | None = None,
     original_config: str | None = None,
     component_dtypes: dict | None = None,
+    quantize: str | None = None,
+    options=None,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -470,7 +473,9 @@ def load_sd_components(
     for fp16 variants, so an optimizer never sees half-precision master weights); a
     component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
     UNet) is read straight into its own dtype, never held in float32 first (except from a
-    single file, which is read whole in `torch_dtype`).
+    single file, which is read whole in `torch_dtype`). `quantize` ("nf4", "int8") loads the
+    frozen denoiser quantized; `options` (the run's settings) go to the family
+    (`ModelFamily.load_components`).
     """
     import torch
 
@@ -486,7 +491,8 @@ def load_sd_components(
         models = Components(family, {c: getattr(pipe, c) for c in family.parts},
                             family.noise_scheduler(pipe.scheduler.config))
     else:
-        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed)
+        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed,
+                                        quantize=quantize, options=options)
     if tokenizer_name:
         models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
                                                     revision)
@@ -507,7 +513,10 @@ class _PartLoader:
 
     def model(self, class_path: str, component: str, *, quantize: str | None = None):
         if quantize is not None:
-            raise ModelLoadError(f"{component}: quantized loading ({quantize}) is not available here.")
+            # Straight onto the device that trains (bitsandbytes quantizes as the weights arrive).
+            return _guard(self.name, lambda: load_quantized(
+                _class(class_path), self.name, quantize, dtype=self.dtypes[component], device=pick_device(),
+                subfolder=component, revision=self.revision, variant=self.variant))
         return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
                                 self.dtypes[component])
 
@@ -592,7 +601,7 @@ def _only_variant(component_dir: Path) -> str | None:
 
 
 def _as_dtype(model, dtype):
-    return model if model.dtype == dtype else model.to(dtype)
+    return model if model.dtype == dtype or is_quantized(model) else model.to(dtype)
 
 
 def _tokenizer_subfolder(name: str) -> str | None:

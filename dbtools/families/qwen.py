@@ -23,6 +23,7 @@ from dbtools.families.base import (
     SingleFileLayout,
     UILora,
 )
+from dbtools.families.flux import FlowSettings, FluxFamily
 
 EncodeFn = Callable[..., dict]
 """(tokenizer, text_encoder, prompts, device, max_sequence_length) -> {"embeds": [B, L, D],
@@ -111,29 +112,49 @@ class QwenFlowFamily(ModelFamily):
     def parts(self) -> dict[str, str]:
         return dict(super().parts, vae=f"diffusers.{self.vae_class}")
 
-    def noise_scheduler(self, scheduler_config: Mapping) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
     def load_components(self, load: PartLoader, needed: Iterable[str] | None = None,
-                        quantize: str | None = None) -> Components:
-        """Every part in the training dtype; with `quantize` the transformer 4- or 8-bit."""
+                        quantize: str | None = None, options: Any = None) -> Components:
+        """Every part in the training dtype; with `quantize` the transformer 4- or 8-bit. The
+        run's flow-matching settings (`options`) ride on the training scheduler, as Flux.1's."""
         needed = set(self.parts if needed is None else needed)
         parts = {}
         for sub, cls in self.parts.items():
             if sub in needed:
                 parts[sub] = (load.tokenizer(cls, sub) if sub.startswith("tokenizer")
                               else load.model(cls, sub, quantize=quantize if sub == self.denoiser else None))
-        return Components(self, parts, self.noise_scheduler(load.scheduler_config()))
+        settings = FlowSettings.of(options)
+        if "tokenizer" in parts:
+            full = self.model.MAX_SEQUENCE_LENGTH
+            length = full if self.fixed_sequence_length else min(settings.max_sequence_length, full)
+            parts["tokenizer"].model_max_length = length
+        scheduler = self.noise_scheduler(load.scheduler_config())
+        scheduler.flow_settings = settings
+        return Components(self, parts, scheduler)
+
+    def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
+        """LoRA on the transformer only; flow-matching weights instead of min-SNR; bf16 on a GPU."""
+        problems = []
+        if not getattr(options, "use_lora", False):
+            problems.append(f"{self.label} trains LoRA adapters only: add --use_lora.")
+        if getattr(options, "train_text_encoder", False):
+            problems.append(f"--train_text_encoder: {self.label} trains the transformer only (its Qwen3 encoder "
+                            "is cached once, then leaves the GPU); drop the flag.")
+        if getattr(options, "snr_gamma", None):
+            problems.append(f"--snr_gamma is min-SNR weighting for DDPM models; {self.label} is flow matching: use "
+                            "--weighting_scheme instead.")
+        fp16 = (getattr(options, "mixed_precision", None) or "no") == "fp16"
+        if cuda_bf16 is False or (cuda_bf16 is not None and fp16):
+            problems.append(f"{self.label} trains in bf16 (fp16 overflows in its transformer): use "
+                            "--mixed_precision bf16 on a GPU that runs it (Ampere or newer: A100, L4, RTX 30xx/40xx).")
+        return problems
 
     # prompts
     def prompt_encoder(self, tokenizers: Sequence, *, cache: bool, pad_tokens: bool = False,
                        max_length: int | None = None, use_attention_mask: bool = False) -> QwenPromptEncoder:
-        """`max_length` (`--max_sequence_length`) shortens Z-Image's prompts; Flux.2 always reads
-        the pipeline's 512 tokens."""
-        full = self.model.MAX_SEQUENCE_LENGTH
-        length = full if self.fixed_sequence_length or not max_length else min(max_length, full)
+        """Prompts are read up to the tokenizer's `model_max_length`, which `load_components` sets:
+        `--max_sequence_length` for Z-Image (its padding is dropped), always the pipeline's 512
+        for Flux.2 (its transformer attends to the padding, so training sees what inference does)."""
+        length = min(tokenizers[0].model_max_length, self.model.MAX_SEQUENCE_LENGTH)
         return QwenPromptEncoder(tokenizers[0], self.model.encode_prompts, cache=cache, max_sequence_length=length)
 
     def encode_prompts(self, encoder: Any, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
@@ -143,35 +164,15 @@ class QwenFlowFamily(ModelFamily):
     def latents(self, sample, vae):
         return self.model.latents(sample, vae)
 
-    def timesteps(self, scheduler, batch: int, generator, settings: Any = None):
-        """Sigmas drawn by `settings.weighting_scheme` (uniform without settings) on the training
-        schedule (Z-Image's is shifted by its scheduler's `shift`)."""
-        from dbtools.train.losses import draw_sigmas
-
-        s = settings
-        return draw_sigmas(getattr(s, "weighting_scheme", "none"), batch, scheduler.sigmas, generator,
-                           logit_mean=getattr(s, "logit_mean", 0.0), logit_std=getattr(s, "logit_std", 1.0),
-                           mode_scale=getattr(s, "mode_scale", 1.29))
-
-    def validation_timesteps(self, scheduler, count: int) -> list:
-        """Sigmas at the middle of `count` equal slices of (0, 1)."""
-        return [(k + 0.5) / count for k in range(count)]
-
-    def noisy(self, scheduler, latents, noise, timesteps):
-        from dbtools.train.losses import flow_matching_noisy
-
-        return flow_matching_noisy(latents, noise, timesteps)
-
-    def target(self, scheduler, latents, noise, timesteps):
-        from dbtools.train.losses import flow_matching_target
-
-        return flow_matching_target(latents, noise)
-
-    def loss_weights(self, scheduler, timesteps, snr_gamma: float | None, settings: Any = None):
-        from dbtools.train.losses import flow_matching_weights
-
-        scheme = getattr(settings, "weighting_scheme", "none")
-        return None if scheme == "none" else flow_matching_weights(scheme, timesteps)
+    # The flow-matching step is Flux.1's (`families.flux`): sigmas drawn on the training schedule
+    # by the run's weighting scheme (Z-Image's schedule is shifted by its scheduler's `shift`),
+    # noisy = (1 - sigma) x + sigma noise, target noise - x, the scheme's loss weights.
+    noise_scheduler = FluxFamily.noise_scheduler
+    timesteps = FluxFamily.timesteps
+    validation_timesteps = FluxFamily.validation_timesteps
+    noisy = FluxFamily.noisy
+    target = FluxFamily.target
+    loss_weights = FluxFamily.loss_weights
 
     # inference
     def build_pipeline(self, modules: Mapping[str, Any], scheduler: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from dbtools.families.base import ModelFamily, UnsupportedFamily
+from dbtools.families.flux import FLUX1
 from dbtools.families.flux2 import FLUX2, FLUX2_DISTILLED
 from dbtools.families.sd import SD1, SD2
 from dbtools.families.sdxl import SDXL
@@ -23,6 +24,7 @@ FAMILIES: list[ModelFamily] = [
     SD1,
     SD2,
     SDXL,
+    FLUX1,
     ZIMAGE,
     FLUX2,
     FLUX2_DISTILLED,
@@ -34,7 +36,8 @@ FAMILIES: list[ModelFamily] = [
 # `pipeline_names` are asked before this list.
 OTHER_PIPELINES = (
     ("Flux2Klein", "Flux.2 [klein]"), ("Flux2", "Flux.2 [dev]"), ("FluxKontext", "Flux.1 Kontext"),
-    ("Flux", "Flux.1"), ("StableDiffusion3", "Stable Diffusion 3"), ("ZImage", "Z-Image"),
+    ("FluxFill", "Flux.1 Fill"), ("FluxControl", "Flux.1 Control"), ("FluxPrior", "Flux.1 Redux"),
+    ("Flux", "Flux.1 variant"), ("StableDiffusion3", "Stable Diffusion 3"), ("ZImage", "Z-Image"),
     ("QwenImage", "Qwen-Image"), ("Chroma", "Chroma"), ("HiDream", "HiDream"), ("Sana", "Sana"),
     ("Lumina", "Lumina"), ("PixArt", "PixArt"), ("Kandinsky", "Kandinsky"), ("IF", "DeepFloyd IF"),
     ("StableCascade", "Stable Cascade"), ("HunyuanDiT", "Hunyuan-DiT"), ("AuraFlow", "AuraFlow"),

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dbtools.core.errors import UserError
 from dbtools.families.base import Components, Conditioning, MemoryNumbers, PartLoader
@@ -113,10 +113,11 @@ def is_turbo(name: str) -> bool:
 class ZImageFamily(QwenFlowFamily):
     """Z-Image (Base); Z-Image-Turbo is refused with what to train instead (`TURBO_ADVICE`)."""
 
-    def load_components(self, load: PartLoader, needed=None, quantize: str | None = None) -> Components:
+    def load_components(self, load: PartLoader, needed=None, quantize: str | None = None,
+                        options: Any = None) -> Components:
         if is_turbo(getattr(load, "name", "")):
             raise UserError(f"{load.name}: {TURBO_ADVICE}")
-        return super().load_components(load, needed, quantize)
+        return super().load_components(load, needed, quantize, options)
 
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, guidance_scale: float | None = None):
         return predict(denoiser, noisy, timesteps, cond["embeds"], cond["lengths"])

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 
 from dbtools.dataset.concepts import Concept, read_concepts
+from dbtools.families.flux import MAX_SEQUENCE_LENGTH
+from dbtools.families.quantize import QUANTIZATIONS
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, resume_path
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -367,9 +369,7 @@ def _optimizer_flags(f: _FlagAdder) -> None:
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 """diffusers' flow-matching weighting schemes (`dbtools.train.losses` applies them)."""
-QUANTIZE_BASE = ("none", "nf4", "int8")
-MAX_SEQUENCE_LENGTH = 512
-"""T5-XXL's longest prompt in Flux.1 [dev] (tokens)."""
+QUANTIZE_BASE = ("none", *QUANTIZATIONS)
 
 
 def _flow_matching_flags(f: _FlagAdder) -> None:

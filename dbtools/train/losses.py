@@ -1,9 +1,7 @@
-"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split;
-and its flow-matching counterpart (Flux): sigmas drawn by a weighting scheme, the noisy
-input, the target and the scheme's loss weights.
+"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split.
 
 Nothing here loads a model or reads a file; the training loop draws the noise and the
-timesteps, runs the denoiser and hands the tensors in.
+timesteps, runs the UNet and hands the tensors in.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ def snr_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, gamma: float
 def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                     scheduler: SchedulerMixin, snr_gamma: float | None = None) -> torch.Tensor:
     """Mean squared error per sample, in float32, min-SNR weighted when `snr_gamma` is set."""
-    loss = _mse_per_sample(model_pred, target)
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
     if snr_gamma:
         loss = loss * snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type)
     return loss
@@ -72,16 +70,6 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
     different sizes) is the sum of this function over the two parts.
     """
     per_sample = per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma)
-    return prior_split_loss(per_sample, is_prior, prior_loss_weight)
-
-
-def _mse_per_sample(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
-
-
-def prior_split_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
-    """mean(instance entries of `per_sample`) + prior_loss_weight x mean(class entries); a part
-    with no samples adds nothing."""
     # Counts come from the mask on the CPU and the split is a product with it, so the GPU is
     # never waited for (boolean indexing would read back from the device).
     is_prior = is_prior.cpu().bool()
@@ -98,9 +86,10 @@ def prior_split_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_los
 
 # --------------------------------------------------------------------------- flow matching
 
-# diffusers' flow-matching weighting schemes (`--weighting_scheme`, checked with the flags):
-# logit_normal and mode shape how sigmas are drawn, sigma_sqrt and cosmap weight the loss,
-# none draws uniformly and weights nothing.
+# The flow-matching counterpart (Flux): sigmas drawn by a weighting scheme, the noisy input,
+# the target and the scheme's per-sample loss weights. diffusers' weighting schemes
+# (`--weighting_scheme`, checked with the flags): logit_normal and mode shape how sigmas are
+# drawn, sigma_sqrt and cosmap weight the loss, none draws uniformly and weights nothing.
 
 
 def sigmas_on_schedule(u: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
@@ -147,10 +136,3 @@ def flow_matching_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 
     return compute_loss_weighting_for_sd3(scheme, sigmas.float())
 
-
-def flow_matching_loss(model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, scheme: str, *,
-                       is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
-    """mean(weighted instance losses) + prior_loss_weight x mean(weighted class losses): the
-    per-sample mean squared error in float32 times the scheme's weight at the sample's sigma."""
-    weights = flow_matching_weights(scheme, sigmas).to(model_pred.device)
-    return prior_split_loss(_mse_per_sample(model_pred, target) * weights, is_prior, prior_loss_weight)
