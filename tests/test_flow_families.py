@@ -181,3 +181,24 @@ def test_settings_it_cannot_train_with_are_named_before_loading(case):
     assert len(problems) == 4 and all(family.label in p or "--" in p for p in problems)
     assert family.training_problems(SimpleNamespace(use_lora=True, mixed_precision="bf16"), cuda_bf16=True) == []
     assert family.training_problems(SimpleNamespace(use_lora=True), cuda_bf16=False)  # a T4: no bf16
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_quantized_base_trains_float32_adapters(case, quantize):
+    import bitsandbytes as bnb
+
+    family, model, _ = case
+    parts = load_sd_components(str(model), quantize=quantize)
+    transformer = parts.denoiser
+    layer = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}[quantize]
+    assert any(isinstance(m, layer) for m in transformer.modules())
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=family.lora_targets("transformer",
+                                                                                             transformer)))
+    cond = family.encode_prompts(family.prompt_encoder([parts.tokenizer], cache=False), ["a red car"],
+                                 [parts.text_encoder], "cpu")
+    channels = 4 * parts.vae.config.latent_channels if family is flux2.FLUX2 else parts.vae.config.latent_channels
+    pred = family.predict(transformer, torch.randn(1, channels, 8, 8), torch.tensor([0.5]), cond)
+    pred.float().pow(2).mean().backward()
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
+    assert not family.may_upcast(quantized=True)
