@@ -202,3 +202,18 @@ def test_a_quantized_base_trains_float32_adapters(case, quantize):
     trained = [p for p in transformer.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
     assert not family.may_upcast(quantized=True)
+
+
+def test_generate_makes_an_image_that_from_png_remakes_pixel_for_pixel(case, tmp_path, capsys):
+    from PIL import Image
+
+    from dbtools.cli import main
+
+    _, model, _ = case
+    argv = ["generate", "--model", str(model), "--prompt", "a red car", "--negative_prompt", "blurry",
+            "--steps", "2", "--width", "32", "--height", "32", "--seed", "5"]
+    assert main([*argv, "--out_dir", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out.split()[-1]
+    assert main(["generate", "--model", str(model), "--from_png", first, "--out_dir", str(tmp_path / "b")]) == 0
+    again = capsys.readouterr().out.split()[-1]
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

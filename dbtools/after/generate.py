@@ -12,6 +12,7 @@ Importing this module has no side effects; torch, diffusers and gradio are impor
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -177,7 +178,7 @@ def generate(
         size = 1 if _stochastic(pipe.scheduler) else max(1, batch_size)
         for start in range(0, len(seeds), size):
             chunk = seeds[start:start + size]
-            images = pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(chunk),
+            images = pipe(**_prompt_kwargs(pipe, prompt, negative_prompt), num_images_per_prompt=len(chunk),
                           guidance_scale=guidance_scale, num_inference_steps=int(steps), height=height,
                           width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
             for s, img in zip(chunk, images):
@@ -187,6 +188,16 @@ def generate(
     if out_dir is not None:
         _save_generated(results, Path(out_dir))
     return results
+
+
+def _prompt_kwargs(pipe, prompt: str, negative_prompt: str) -> dict:
+    """The prompt, and the negative prompt where the pipeline takes one (Flux.2 [klein] does not:
+    its guidance compares with the empty prompt), as keyword arguments."""
+    if "negative_prompt" in inspect.signature(pipe.__call__).parameters:
+        return {"prompt": prompt, "negative_prompt": negative_prompt or None}
+    if negative_prompt:
+        logger.warning("%s takes no negative prompt: %r is not used", type(pipe).__name__, negative_prompt)
+    return {"prompt": prompt}
 
 
 def _stochastic(scheduler) -> bool:
@@ -494,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
             raise ValueError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
         if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
-            check_model_path(args.model)
+            check_model_path(args.model, needed=())  # the family's own parts are checked as it loads
         # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
         results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
                            s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,

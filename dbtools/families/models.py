@@ -74,6 +74,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm++_sde": "DPMSolverSDEScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 """Sampler names accepted by `load_pipeline(scheduler=...)` -> diffusers class names; one
 entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's names and
@@ -82,6 +83,7 @@ entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's
 A1111_SAMPLERS = {
     "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
     "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC",
+    "flow_euler": "Euler (flow matching)",
 }
 """AUTOMATIC1111's sampler name for each of `SCHEDULERS` (what its PNG Info shows)."""
 
