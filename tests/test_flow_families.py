@@ -217,3 +217,17 @@ def test_generate_makes_an_image_that_from_png_remakes_pixel_for_pixel(case, tmp
     assert main(["generate", "--model", str(model), "--from_png", first, "--out_dir", str(tmp_path / "b")]) == 0
     again = capsys.readouterr().out.split()[-1]
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_classgen_fills_a_class_folder(case, tmp_path, capsys):
+    from PIL import Image
+
+    from dbtools.cli import main
+
+    _, model, _ = case
+    folder = tmp_path / "class"
+    assert main(["classgen", "--pretrained_model_name_or_path", str(model), "--class_data_dir", str(folder),
+                 "--class_prompt", "a photo of a dog", "--negative_prompt", "blurry", "--num_class_images", "2",
+                 "--sample_batch_size", "2", "--resolution", "32", "--num_inference_steps", "1"]) == 0
+    images = sorted(folder.iterdir())
+    assert len(images) == 2 and all(Image.open(p).size == (32, 32) for p in images)

@@ -12,7 +12,6 @@ Importing this module has no side effects; torch, diffusers and gradio are impor
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dbtools.families.models import prompt_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -178,7 +179,7 @@ def generate(
         size = 1 if _stochastic(pipe.scheduler) else max(1, batch_size)
         for start in range(0, len(seeds), size):
             chunk = seeds[start:start + size]
-            images = pipe(**_prompt_kwargs(pipe, prompt, negative_prompt), num_images_per_prompt=len(chunk),
+            images = pipe(**prompt_kwargs(pipe, prompt, negative_prompt), num_images_per_prompt=len(chunk),
                           guidance_scale=guidance_scale, num_inference_steps=int(steps), height=height,
                           width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
             for s, img in zip(chunk, images):
@@ -188,16 +189,6 @@ def generate(
     if out_dir is not None:
         _save_generated(results, Path(out_dir))
     return results
-
-
-def _prompt_kwargs(pipe, prompt: str, negative_prompt: str) -> dict:
-    """The prompt, and the negative prompt where the pipeline takes one (Flux.2 [klein] does not:
-    its guidance compares with the empty prompt), as keyword arguments."""
-    if "negative_prompt" in inspect.signature(pipe.__call__).parameters:
-        return {"prompt": prompt, "negative_prompt": negative_prompt or None}
-    if negative_prompt:
-        logger.warning("%s takes no negative prompt: %r is not used", type(pipe).__name__, negative_prompt)
-    return {"prompt": prompt}
 
 
 def _stochastic(scheduler) -> bool:

@@ -32,6 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
+from dbtools.families.models import native_size, prompt_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -287,16 +288,16 @@ def _generate(pipe, prompt: str, indices: list[int], seed: int, cfg: ClassGenCon
 
     generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in indices]
     height, width = _size(pipe, cfg)
-    kwargs = dict(negative_prompt=[cfg.negative_prompt] * len(indices)) if cfg.negative_prompt else {}
+    negative = [cfg.negative_prompt] * len(indices) if cfg.negative_prompt else None
     with torch.inference_mode():
-        out = pipe([prompt] * len(indices), height=height, width=width, generator=generators,
-                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                   output_type="pil", **kwargs)
+        out = pipe(**prompt_kwargs(pipe, [prompt] * len(indices), negative), height=height, width=width,
+                   generator=generators, num_inference_steps=cfg.num_inference_steps,
+                   guidance_scale=cfg.guidance_scale, output_type="pil")
     return out.images
 
 
 def _size(pipe, cfg: ClassGenConfig) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     return cfg.height or native, cfg.width or native
 
 
@@ -427,12 +428,6 @@ def _half(mixed_precision: str | None) -> str | None:
     return mixed_precision if mixed_precision in ("fp16", "bf16") else None
 
 
-def _needed(args: argparse.Namespace) -> tuple[str, ...]:
-    from dbtools.families.models import COMPONENTS
-
-    return tuple(c for c in COMPONENTS if not (c == "vae" and args.pretrained_vae_name_or_path))
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools classgen ...`: fill class folders; user errors rise as `UserError`."""
     from dbtools.families.models import check_model_path
@@ -444,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                          height=args.resolution, width=args.resolution,
                          precision=args.prior_generation_precision or _half(args.mixed_precision))
     concepts = concepts_from_args(args)
-    check_model_path(args.pretrained_model_name_or_path, _needed(args))
+    check_model_path(args.pretrained_model_name_or_path, needed=())  # the family's own parts: as it loads
     loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,
                                  vae_name_or_path=args.pretrained_vae_name_or_path,
                                  revision=args.revision, variant=args.variant,
