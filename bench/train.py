@@ -288,11 +288,26 @@ def run_side(side: str, a: argparse.Namespace, work: Path, model_dir: Path, imag
            "--resolution", str(a.resolution), "--batch_size", str(a.batch_size), "--max_grad_norm", str(clip)]
     cmd += ["--gpu_flags"] if a.gpu_flags else []
     cmd += ["--use_lora"] if a.use_lora else []
+    return side_result(side, cmd)
+
+
+def side_result(side: str, cmd: list[str]) -> dict:
+    """Run one side's subprocess and read back the result it prints (`RESULT <json>`)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def alternating(sides: list[str], repeat: int, run) -> dict:
+    """`run(side)` `repeat` times per side, the order alternating between rounds: {side: [results]}."""
+    results = {side: [] for side in sides}
+    for r in range(repeat):
+        for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
+            if side in results:
+                results[side].append(run(side))
+    return results
 
 
 def main() -> None:
@@ -307,14 +322,9 @@ def main() -> None:
     p.add_argument("--model", choices=["small", "sd15", "sdxl", "sdxl_real"], default=None)
     p.add_argument("--gpu_flags", action="store_true", help="fp16 + gradient checkpointing + 8-bit Adam")
     p.add_argument("--use_lora", action="store_true", help="rank-4 LoRA adapters on the UNet's attention")
-    p.add_argument("--sides", nargs="+", choices=["bare", "ours"], default=["bare", "ours"])
-    p.add_argument("--repeat", type=int, default=2, help="runs per side (alternating); best counts")
     p.add_argument("--max_grad_norm", type=float, nargs="+", default=[1.0, 0.0],
                    help="gradient clipping on both sides; each value is measured (0: no clipping)")
-    p.add_argument("--side", choices=["ours", "bare"], help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    p.add_argument("--model_dir", help=argparse.SUPPRESS)
-    p.add_argument("--images", help=argparse.SUPPRESS)
+    add_side_flags(p)
     a = p.parse_args()
     if a.side:
         a.max_grad_norm = a.max_grad_norm[0]
@@ -327,19 +337,30 @@ def main() -> None:
         model_dir = build_model(work / "model", a.model)
         images = make_images(work / "images", 4, a.resolution)
         for clip in a.max_grad_norm:
-            results = {side: [] for side in a.sides}
-            for r in range(a.repeat):
-                for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
-                    if side in results:
-                        results[side].append(run_side(side, a, work, model_dir, images, clip))
+            results = alternating(a.sides, a.repeat,
+                                  lambda side, clip=clip: run_side(side, a, work, model_dir, images, clip))
             report(a, device, clip, results)
 
 
+def add_side_flags(p: argparse.ArgumentParser) -> None:
+    """Which sides run and how often, and the hidden flags a side's subprocess is started with."""
+    p.add_argument("--sides", nargs="+", choices=["bare", "ours"], default=["bare", "ours"])
+    p.add_argument("--repeat", type=int, default=2, help="runs per side (alternating); best counts")
+    p.add_argument("--side", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    for hidden in ("--work", "--model_dir", "--images"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+
+
 def report(a: argparse.Namespace, device: str, clip: float, results: dict) -> None:
-    best = {side: max(runs, key=lambda x: x["steps_per_s"]) for side, runs in results.items()}
     print(f"model={a.model} resolution={a.resolution} batch={a.batch_size} steps={a.steps} "
           f"gpu_flags={a.gpu_flags} use_lora={a.use_lora} max_grad_norm={clip:g} "
           f"({'clipping on both sides' if clip > 0 else 'no clipping'}) device={device}")
+    report_sides(results)
+
+
+def report_sides(results: dict) -> dict:
+    """Each side's best run and, with both, the ratios ours/bare; returns the best runs."""
+    best = {side: max(runs, key=lambda x: x["steps_per_s"]) for side, runs in results.items()}
     for name, res in best.items():
         print(f"  {name}: {res['steps_per_s']:.3f} steps/s (best step {res['best_step_s']:.3f} s, median "
               f"{res['median_step_s']:.3f} s)  peak {res['peak_bytes'] / 2**20:.0f} MiB ({res['memory']})")
@@ -347,6 +368,7 @@ def report(a: argparse.Namespace, device: str, clip: float, results: dict) -> No
         ours, bare = best["ours"], best["bare"]
         print(f"  ratio ours/bare: speed {ours['steps_per_s'] / bare['steps_per_s']:.3f}x (target >= 0.9), "
               f"peak memory {ours['peak_bytes'] / bare['peak_bytes']:.3f}x (target <= 1.1)")
+    return best
 
 
 if __name__ == "__main__":

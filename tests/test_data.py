@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from dbtools.dataset.concepts import Concept
+from dbtools.families.base import Components
+from dbtools.families.sd import SD1
 from dbtools.train.data import (
     BatchStream,
     DataConfig,
@@ -287,8 +289,8 @@ def test_class_prompts_reach_the_text_encoder_exactly_as_given(tmp_path, image_f
 
     run = SimpleNamespace(batches=SimpleNamespace(get=data.micro_batch), seed=1, prompts=Encoder(),
                           accelerator=SimpleNamespace(device=torch.device("cpu")),
-                          models=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)),
-                                                 text_encoder=None))
+                          models=Components(SD1, dict(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)),
+                                                      text_encoder=object()), noise_scheduler=None))
     for micro in range(4):
         with pytest.raises(Encoded):
             T.compute_loss(run, micro)

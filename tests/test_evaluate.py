@@ -12,6 +12,8 @@ from PIL import Image
 
 from dbtools.after import evaluate as ev
 from dbtools.after.evaluate import EvalConfig, EvaluateError, best_step
+from dbtools.families.base import Conditioning
+from dbtools.families.sd import SD1
 
 
 def noise_image(seed: int, size: int = 64) -> Image.Image:
@@ -206,7 +208,8 @@ def test_validation_loss_uses_fixed_noise_on_the_grid():
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(7)
     expected = np.mean([torch.randn(latents.shape, generator=gen).pow(2).mean().item() for _ in range(3)])
-    got = ev.validation_loss(ZeroUnet(), latents, None, scheduler(), seed=7, num_timesteps=3)
+    got = ev.validation_loss(ZeroUnet(), latents, Conditioning(embeds=None), scheduler(), family=SD1, seed=7,
+                            num_timesteps=3)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -216,7 +219,8 @@ def test_validation_loss_follows_v_prediction():
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.tensor([500])
     expected = sched.get_velocity(latents, noise, t).pow(2).mean().item()
-    assert ev.validation_loss(ZeroUnet(), latents, None, sched, seed=0, num_timesteps=1) == pytest.approx(expected)
+    assert ev.validation_loss(ZeroUnet(), latents, Conditioning(embeds=None), sched, family=SD1, seed=0,
+                              num_timesteps=1) == pytest.approx(expected)
 
 
 def test_validation_loss_is_identical_across_calls_and_leaves_the_training_rng_alone(tiny_sd):
@@ -228,11 +232,12 @@ def test_validation_loss_is_identical_across_calls_and_leaves_the_training_rng_a
     states = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = ev.validation_loss(unet, latents, states, sched, seed=42, num_timesteps=2)
+    cond = Conditioning(embeds=states)
+    first = ev.validation_loss(unet, latents, cond, sched, family=SD1, seed=42, num_timesteps=2)
     assert torch.equal(torch.get_rng_state(), before)
     torch.rand(10)  # the training RNG moves on between validations
-    assert ev.validation_loss(unet, latents, states, sched, seed=42, num_timesteps=2) == first
-    assert ev.validation_loss(unet, latents, states, sched, seed=43, num_timesteps=2) != first
+    assert ev.validation_loss(unet, latents, cond, sched, family=SD1, seed=42, num_timesteps=2) == first
+    assert ev.validation_loss(unet, latents, cond, sched, family=SD1, seed=43, num_timesteps=2) != first
 
 
 def test_validation_split_is_deterministic_disjoint_and_order_free(tmp_path):

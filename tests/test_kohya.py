@@ -105,8 +105,19 @@ def test_user_errors(tmp_path):
         write_kohya_lora(tmp_path / "missing", tmp_path / "x.safetensors")
     with pytest.raises(LoraConvertError, match="name the LoRA file .safetensors"):
         write_kohya_lora({}, tmp_path / "x.ckpt")
-    with pytest.raises(LoraConvertError, match="belongs to no UNet or text encoder"):
-        to_kohya({"transformer.x.lora_A.weight": torch.zeros(2, 2)})
+    with pytest.raises(LoraConvertError, match="belongs to no denoiser or text encoder"):
+        to_kohya({"prior.x.lora_A.weight": torch.zeros(2, 2)})
+
+
+def test_a_flux_transformer_lora_gets_the_lora_transformer_prefix_comfyui_maps():
+    """ComfyUI maps `lora_transformer_<diffusers module, dots as underscores>` onto Flux's
+    weights (its key map for diffusers-layout Flux LoRAs, the layout OneTrainer writes)."""
+    src = {"transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": torch.ones(2, 8),
+           "transformer.single_transformer_blocks.0.attn.to_k.lora_B.weight": torch.ones(8, 2)}
+    sd = to_kohya(src, alpha=2.0, family="flux1")
+    module = "lora_transformer_single_transformer_blocks_0_attn_to_k"
+    assert set(sd) == {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
+    assert sd[f"{module}.alpha"].item() == 2.0
 
 
 def test_export_command_turns_a_lora_folder_into_a_kohya_file(sdxl_lora, tmp_path, capsys):

@@ -9,18 +9,19 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
+from dbtools.families.sd import SD1, snr_weights
 from dbtools.tiny import tiny_sd_configs
 from dbtools.train.losses import (
-    diffusion_target,
     draw_sigmas,
     dreambooth_loss,
     flow_matching_noisy,
     flow_matching_target,
     flow_matching_weights,
     sigmas_on_schedule,
-    snr_weights,
     training_noise,
 )
+
+diffusion_target = SD1.target  # the DDPM target rule, SD 1.x/2.x and SDXL alike
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,18 +69,17 @@ def test_an_unknown_prediction_type_is_a_user_error():
 def test_prior_split_in_one_concatenated_batch():
     # Per-sample MSEs 1, 4 (instance) and 9, 16 (class): 2.5 + 0.5 x 12.5 = 8.75.
     target = per_sample_targets([1, 2, 3, 4])
-    loss = dreambooth_loss(torch.zeros_like(target), target, torch.zeros(4, dtype=torch.long), scheduler(),
-                           is_prior=torch.tensor([False, False, True, True]), prior_loss_weight=0.5, snr_gamma=None)
+    loss = dreambooth_loss(torch.zeros_like(target), target,
+                           is_prior=torch.tensor([False, False, True, True]), prior_loss_weight=0.5)
     assert loss.item() == pytest.approx(8.75)
 
 
 def test_prior_split_in_separate_batches_adds_up_to_the_same_loss():
     inst, cls = per_sample_targets([1, 2]), per_sample_targets([3, 4])
-    t = torch.zeros(2, dtype=torch.long)
 
     def part(target, prior: bool):
-        return dreambooth_loss(torch.zeros_like(target), target, t, scheduler(), is_prior=torch.full((2,), prior),
-                               prior_loss_weight=0.5, snr_gamma=None)
+        return dreambooth_loss(torch.zeros_like(target), target, is_prior=torch.full((2,), prior),
+                               prior_loss_weight=0.5)
 
     assert part(inst, False).item() == pytest.approx(2.5)
     assert part(cls, True).item() == pytest.approx(6.25)
@@ -88,8 +88,8 @@ def test_prior_split_in_separate_batches_adds_up_to_the_same_loss():
 
 def test_without_class_images_the_loss_is_the_plain_mean():
     target = per_sample_targets([1, 3])
-    loss = dreambooth_loss(torch.zeros_like(target), target, torch.zeros(2, dtype=torch.long), scheduler(),
-                           is_prior=torch.zeros(2, dtype=torch.bool), prior_loss_weight=1.0, snr_gamma=None)
+    loss = dreambooth_loss(torch.zeros_like(target), target,
+                           is_prior=torch.zeros(2, dtype=torch.bool), prior_loss_weight=1.0)
     assert loss.item() == pytest.approx(5.0)
 
 
@@ -112,8 +112,9 @@ def test_min_snr_weights_for_epsilon_and_v_prediction():
 @pytest.mark.parametrize(("prediction_type", "weight"), [("epsilon", 5 / 9999), ("v_prediction", 5 / 10000)])
 def test_min_snr_weights_the_loss(prediction_type, weight):
     target = per_sample_targets([2])
-    loss = dreambooth_loss(torch.zeros_like(target), target, torch.tensor([0]), scheduler(prediction_type),
-                           is_prior=torch.tensor([False]), prior_loss_weight=1.0, snr_gamma=5.0)
+    weights = SD1.loss_weights(scheduler(prediction_type), torch.tensor([0]), 5.0)
+    loss = dreambooth_loss(torch.zeros_like(target), target, is_prior=torch.tensor([False]), prior_loss_weight=1.0,
+                           weights=weights)
     assert loss.item() == pytest.approx(4 * weight, rel=1e-3)
 
 
@@ -161,7 +162,7 @@ def _train(unet, sched, latent, embeds, steps: int, batch: int = 8) -> None:
         noise = training_noise(tuple(x0.shape), gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         pred = unet(sched.add_noise(x0, noise, t), t, emb).sample
-        loss = dreambooth_loss(pred, diffusion_target(sched, x0, noise, t), t, sched,
+        loss = dreambooth_loss(pred, diffusion_target(sched, x0, noise, t),
                                is_prior=torch.zeros(batch, dtype=torch.bool), prior_loss_weight=1.0)
         loss.backward()
         opt.step()

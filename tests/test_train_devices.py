@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dbtools.families.base import Components
+from dbtools.families.sd import SD1
 from dbtools.train import loop as T
 from dbtools.train import outputs as O
 from dbtools.train import setup as S
@@ -180,8 +182,12 @@ def _prompt_encoder(tiny_sd, tmp_path, **kw):
 
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    models = SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
-                             text_encoder=CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval())
+    from dbtools.families.base import Components
+    from dbtools.families.sd import SD1
+
+    models = Components(SD1, dict(tokenizer=CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+                                  text_encoder=CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval()),
+                        noise_scheduler=None)
     items = [SimpleNamespace(example=SimpleNamespace(prompt=f"sks toy, red, round, number {i}", path=f"{i}.png"))
              for i in range(3)]
     data = SimpleNamespace(all_items=lambda: items)
@@ -272,7 +278,7 @@ def test_uncached_latents_are_sampled_on_the_device(monkeypatch):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=mean + 1))
 
     vae = SimpleNamespace(encode=encode, config=SimpleNamespace(scaling_factor=0.18215))
-    run = SimpleNamespace(accelerator=SimpleNamespace(device=META), models=SimpleNamespace(vae=vae),
+    run = SimpleNamespace(accelerator=SimpleNamespace(device=META), models=Components(SD1, dict(vae=vae), None),
                           weight_dtype=torch.float16)
     latents = T._latents(run, {"pixels": np.zeros((1, 3, 32, 32), np.float32)}, torch.Generator().manual_seed(0))
     assert latents.device == META and latents.shape == (1, 4, 4, 4) and latents.dtype == torch.float32
@@ -412,7 +418,8 @@ def test_held_out_images_are_encoded_a_few_at_a_time(tmp_path):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels[:, :1]))
 
     vae = SimpleNamespace(dtype=torch.float32, config=SimpleNamespace(scaling_factor=1.0), encode=encode)
-    run = SimpleNamespace(models=SimpleNamespace(vae=vae), accelerator=SimpleNamespace(device=torch.device("cpu")))
+    run = SimpleNamespace(models=Components(SD1, dict(vae=vae), None),
+                          accelerator=SimpleNamespace(device=torch.device("cpu")))
     (latents, prompts, _), = O.HeldOut(items)._latents(run)
     assert calls == [4, 2] and len(latents) == len(prompts) == 6
 

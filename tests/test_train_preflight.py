@@ -22,6 +22,8 @@ from dbtools import cli
 from dbtools.core.textio import CaptionEncodingError, decode_caption
 from dbtools.dataset.concepts import Concept
 from dbtools.dataset.extract import ExtractConfig, run_extract
+from dbtools.families.base import Components
+from dbtools.families.sd import SD1
 from dbtools.train import loop as T
 from dbtools.train import outputs as O
 from dbtools.train import setup as S
@@ -148,6 +150,26 @@ def test_flow_matching_flags_have_their_defaults_and_their_ranges(tmp_path, imag
     assert code == 2 and "--max_sequence_length 600: must be a finite number at least 1 and at most 512" in err
 
 
+def test_flux_settings_it_cannot_train_are_one_message_before_loading(tmp_path, image_factory, no_model_loads,
+                                                                       capsys, monkeypatch, tiny_flux):
+    from dbtools.train import classgen
+
+    captioned(tmp_path / "inst", image_factory)
+    argv = ["train", "--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir",
+            str(tmp_path / "inst"), "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Flux.1 trains LoRA adapters only" in err and "--use_lora" in err and "Traceback" not in err
+    # A GPU without native bf16 (a T4) is told so once, before anything loads.
+    monkeypatch.setattr(S.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(classgen, "native_bf16", lambda: False)
+    assert cli.main([*argv, "--use_lora", "--mixed_precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "bf16" in line] == [
+        "- Flux.1 trains in bf16, which this GPU does not run natively (a T4 or older): fp16 overflows in its "
+        "transformer and float32 does not fit. Use a GPU with bf16 (Ampere or newer: A100, L4, RTX 30xx/40xx)."]
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -200,8 +222,8 @@ def test_disk_full_as_the_writers_report_it(tmp_path, monkeypatch, error):
 
     import torch
 
-    run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=types.SimpleNamespace(
-        unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)))
+    run = types.SimpleNamespace(cfg=TrainConfig(output_dir=str(tmp_path)), models=Components(SD1, dict(
+        unet=torch.nn.Linear(1000, 1000), text_encoder=torch.nn.Linear(1, 1), vae=torch.nn.Linear(1, 1)), None))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(TrainError, match="disk is full.*needs about 4 MiB"), O.disk_full_message(run):
         raise error

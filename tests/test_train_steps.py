@@ -161,8 +161,8 @@ def _accumulation_run(tmp_path, micro_batch: int, accum: int, max_grad_norm: flo
 
     def loss_of(run, micro):
         rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-        return dreambooth_loss(model(x[rows]), y[rows], torch.zeros(micro_batch, dtype=torch.long), None,
-                               is_prior=torch.zeros(micro_batch, dtype=torch.bool), prior_loss_weight=1.0)
+        return dreambooth_loss(model(x[rows]), y[rows], is_prior=torch.zeros(micro_batch, dtype=torch.bool),
+                               prior_loss_weight=1.0)
 
     run = SimpleNamespace(accelerator=acc, cfg=cfg, params=list(model.parameters()), optimizer=opt, unet=model,
                           lr_scheduler=SimpleNamespace(step=lambda: None), ema=None)

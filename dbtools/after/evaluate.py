@@ -41,6 +41,7 @@ from typing import Any
 
 from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
+from dbtools.families.base import Conditioning, ModelFamily, midpoint_grid
 
 logger = logging.getLogger(__name__)
 
@@ -239,36 +240,34 @@ def validation_timesteps(num_train_timesteps: int, count: int = 4) -> list[int]:
     """A fixed grid of `count` timesteps: the midpoints of equal slices of the schedule."""
     if count < 1:
         raise EvaluateError(f"validation timesteps: use at least 1 (got {count}).")
-    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+    return midpoint_grid(num_train_timesteps, count)
 
 
-def validation_loss(unet, latents, encoder_hidden_states, noise_scheduler, seed: int = 0,
-                    num_timesteps: int = 4, added_cond_kwargs: dict | None = None) -> float:
-    """The diffusion loss of `unet` on `latents` (already scaled), averaged over a fixed
-    grid of timesteps (`validation_timesteps`) with fixed noise.
+def validation_loss(denoiser, latents, cond: Conditioning, noise_scheduler, *, family: ModelFamily,
+                    seed: int = 0, num_timesteps: int = 4) -> float:
+    """The diffusion loss of `denoiser` on `latents` (as the denoiser sees them) under `cond`,
+    averaged over the family's fixed grid of timesteps (`ModelFamily.validation_timesteps`)
+    with fixed noise.
 
     The noise comes from its own generator seeded with `seed`, so the global random state
     (and with it the training run) is untouched, and two calls with the same inputs and
-    seed give the same number. The target follows the scheduler's `prediction_type`.
-    `added_cond_kwargs` is SDXL's extra conditioning (pooled `text_embeds`, `time_ids`).
+    seed give the same number. Noisy input, target and the model call are the family's.
     """
     import torch
     import torch.nn.functional as F
 
-    from dbtools.train.losses import diffusion_target  # the one home of the target rule
-
-    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    if num_timesteps < 1:
+        raise EvaluateError(f"validation timesteps: use at least 1 (got {num_timesteps}).")
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    grid = validation_timesteps(noise_scheduler.config.num_train_timesteps, num_timesteps)
     losses = []
     with torch.no_grad():
-        for t in grid:
+        for t in family.validation_timesteps(noise_scheduler, num_timesteps):
             noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
             noise = noise.to(latents.device, latents.dtype)
-            timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
+            timesteps = torch.full((latents.shape[0],), t, device=latents.device)
+            noisy = family.noisy(noise_scheduler, latents, noise, timesteps)
+            target = family.target(noise_scheduler, latents, noise, timesteps)
+            pred = family.predict(denoiser, noisy, timesteps, cond)
             losses.append(F.mse_loss(pred.float(), target.float()).item())
     return sum(losses) / len(losses)
 

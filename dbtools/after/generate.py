@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbtools.families.models import prompt_kwargs
+from dbtools.families.quantize import quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -79,15 +80,16 @@ def check_generation_args(num_images: int, steps: int, guidance_scale: float,
         raise UserError(" ".join(problems))
 
 
-def load_inference_pipeline(pipe_or_path, scheduler: str | None = None):
-    """A pipeline ready to generate: `pipe_or_path` as is, or loaded on the best device."""
+def load_inference_pipeline(pipe_or_path, scheduler: str | None = None, quantize_base: str | None = None):
+    """A pipeline ready to generate: `pipe_or_path` as is, or loaded on the best device (its
+    denoiser quantized with `quantize_base` "nf4" or "int8")."""
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return pipe_or_path
     from dbtools.families.models import inference_dtype, load_pipeline, pick_device
 
     device = pick_device()
     pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=inference_dtype(device),
-                         scheduler=scheduler)
+                         scheduler=scheduler, quantize=None if quantize_base in (None, "none") else quantize_base)
     pipe.set_progress_bar_config(leave=False, desc="generating")
     return pipe
 
@@ -99,9 +101,11 @@ def generation_settings(pipe, prompt: str, negative_prompt: str, seed: int, step
     from dbtools.families.models import scheduler_key
 
     used = scheduler or type(pipe.scheduler).__name__
+    quantized = quantization_of(getattr(pipe, "transformer", None) or getattr(pipe, "unet", None))
     return dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
                 guidance_scale=float(guidance_scale), scheduler=scheduler_key(used) or used,
-                width=int(width), height=int(height), model=str(getattr(pipe, "name_or_path", "") or ""))
+                width=int(width), height=int(height), model=str(getattr(pipe, "name_or_path", "") or ""),
+                **({"quantize_base": quantized} if quantized else {}))
 
 
 def sampler_name(scheduler: str) -> str:
@@ -124,6 +128,8 @@ def a1111_parameters(s: dict) -> str:
 PNG_SETTING_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
 """Settings also stored as separate PNG text keys; each value is what `generate`'s flag of
 the same name takes."""
+OPTIONAL_PNG_KEYS = ("quantize_base",)
+"""Settings stored only when they apply: the quantized base ("nf4", "int8") a sample was made on."""
 
 
 def png_metadata(settings: dict):
@@ -134,7 +140,7 @@ def png_metadata(settings: dict):
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings))
     info.add_text("dbtools", json.dumps(settings, ensure_ascii=False))
-    for key in PNG_SETTING_KEYS:
+    for key in PNG_SETTING_KEYS + tuple(k for k in OPTIONAL_PNG_KEYS if k in settings):
         info.add_itxt(key, str(settings[key]))
     return info
 
@@ -157,18 +163,20 @@ def generate(
     scheduler: str | None = None,
     out_dir: str | os.PathLike | None = None,
     batch_size: int = 4,
+    quantize_base: str | None = None,
 ) -> list[Generated]:
     """Generate images; each gets its own seed (`seed`, `seed+1`, ...), so image `i` is
     reproduced by `seed=seed+i, num_images=1`. A `None` or negative seed draws a random one.
 
     With `out_dir`, each image is saved atomically as `<n>-<seed>.png` (never replacing a
     file) with its settings in PNG text metadata. Returns images, settings and paths.
+    `quantize_base` quantizes the denoiser of a model loaded from a path.
     """
     import torch
 
     check_generation_args(num_images, steps, guidance_scale, height, width, seed=seed,
                           prompts={"prompt": prompt, "negative_prompt": negative_prompt})
-    pipe = load_inference_pipeline(pipe_or_path, scheduler)
+    pipe = load_inference_pipeline(pipe_or_path, scheduler, quantize_base)
     first = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
     seeds = [first + i for i in range(int(num_images))]
     results: list[Generated] = []
@@ -244,7 +252,7 @@ def read_png_settings(path: str | os.PathLike) -> dict:
 
 
 _SETTING_TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance_scale": float,
-                  "width": int, "height": int, "scheduler": str}
+                  "width": int, "height": int, "scheduler": str, "quantize_base": str}
 
 
 def settings_from_png(path: str | os.PathLike) -> dict:
@@ -269,7 +277,7 @@ def settings_from_png(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: no stored {', '.join(missing)}; only PNGs saved by generate or by training "
                         "(samples/) carry their settings.")
     try:
-        return {k: _SETTING_TYPES[k](stored[k]) for k in PNG_SETTING_KEYS}
+        return {k: _SETTING_TYPES[k](stored[k]) for k in PNG_SETTING_KEYS + OPTIONAL_PNG_KEYS if k in stored}
     except (TypeError, ValueError) as exc:
         raise UserError(f"{path}: a stored setting is not readable ({exc}).") from None
 
@@ -426,7 +434,7 @@ def launch_gradio(app, share: bool | None = None, auth: str | None = None, heigh
 
 
 FLAG_DEFAULTS = {"negative_prompt": "", "num_images": 1, "steps": 30, "guidance_scale": 7.5, "width": None,
-                 "height": None, "seed": -1, "scheduler": None}
+                 "height": None, "seed": -1, "scheduler": None, "quantize_base": None}
 """The command's defaults; with `--from_png` the PNG's settings come before them."""
 
 
@@ -453,6 +461,9 @@ def build_parser():
     p.add_argument("--scheduler", default=None,
                    help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm++, dpm++_sde, unipc (or "
                         "AUTOMATIC1111's names such as 'Euler a', 'DPM++ 2M'); default: the model's")
+    p.add_argument("--quantize_base", default=None, choices=["none", "nf4", "int8"],
+                   help="quantize the model's transformer (bitsandbytes), as a run on a quantized base made its "
+                        "samples (default: what --from_png's PNG says, else none)")
     p.add_argument("--out_dir", default="generated", help="where the PNGs go (default: ./generated)")
     return p
 
@@ -487,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from dbtools.core.errors import UserError
-    from dbtools.families.models import check_model_path, is_checkpoint_folder, scheduler_key
+    from dbtools.families.models import check_model_path, is_checkpoint_folder, is_lora_weights_folder, scheduler_key
 
     args = build_parser().parse_args(argv)
     try:
@@ -495,12 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_command_settings(s, args.from_png)
         if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
             raise ValueError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
-        if not is_checkpoint_folder(args.model):  # a checkpoint folder is checked as it loads
+        if not (is_checkpoint_folder(args.model) or is_lora_weights_folder(args.model)):
             check_model_path(args.model, needed=())  # the family's own parts are checked as it loads
         # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
         results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
                            s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,
-                           batch_size=1 if args.from_png else 4)
+                           batch_size=1 if args.from_png else 4, quantize_base=s["quantize_base"])
     except (ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,17 +35,12 @@ from pathlib import Path
 from dbtools.core.atomic import atomic_write
 from dbtools.core.errors import UserError
 from dbtools.families import registry
+from dbtools.families.base import EPSILON, V_PREDICTION, ModelFamily
 from dbtools.families.lora_layout import LoraLayoutError
 
 logger = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "zimage": "zimage",
-                       "flux2": "flux2_klein"}
-"""`ss_base_model_version` per family as kohya's scripts write it (SD 1.x/2.x v-models get `_v`)."""
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                 "zimage": "z-image", "flux2": "flux-2-klein"}
-"""`modelspec.architecture` per family (before `/lora`); SD 2.x v-models are `stable-diffusion-v2-768-v`."""
 NETWORK_MODULE = "networks.lora"
 """`ss_network_module` of a plain LoRA in kohya's scripts."""
 # TrainConfig fields -> kohya metadata keys that mean the same (values written with str()).
@@ -91,7 +86,7 @@ def _with_text_model(key: str) -> str:
 
 
 def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = None,
-             family: str | None = None) -> dict:
+             family: ModelFamily | str | None = None) -> dict:
     """Kohya-style LoRA tensors (`lora_unet_*`, `lora_te1_*`, `lora_te2_*` + `.alpha`).
 
     `state_dict` is a diffusers LoRA (diffusers or peft key names, with `unet.`,
@@ -99,8 +94,9 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     number for all modules, a dict from component ("unet", "text_encoder",
     "text_encoder_2") to number, or None for alpha = rank (scale 1, what diffusers assumes
     for a file without alphas). Weights are kept as they are (same dtype, same values).
-    `family` ("sd1", "sd2", "sdxl") names the text encoder `lora_te_` (SD 1.x/2.x) or
-    `lora_te1_` (SDXL); when None, a LoRA without a second text encoder counts as SD 1.x/2.x.
+    `family` (a `ModelFamily` or its key) gives each component's prefix (`ModelFamily.ui_lora`:
+    SD 1.x/2.x name their one text encoder `lora_te_`, SDXL `lora_te1_`/`lora_te2_`); when
+    None, the first family that has all of the LoRA's components.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
@@ -109,27 +105,42 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     if own is not None:
         return own
     peft = to_peft_names(state_dict)
-    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.")))
+    unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:
-        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no UNet or text encoder; only UNet and "
-                               "text-encoder LoRAs of Stable Diffusion can be converted.")
+        raise LoraConvertError(f"LoRA tensor {unknown[0]} belongs to no denoiser or text encoder; only their "
+                               "LoRAs can be converted.")
     out = convert_state_dict_to_kohya(peft)
     for key in [k for k in out if k.endswith(".alpha")]:
         module = key[: -len(".alpha")]
         rank = out[module + ".lora_down.weight"].shape[0]
         value = _alpha_for(module, alpha, rank)
         out[key] = torch.tensor(float(value), dtype=torch.float32)
-    if family != "sdxl" and not (family is None and any(k.startswith("lora_te2_") for k in out)):
-        out = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in out.items()}
-    return out
+    family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in peft}))
+    prefixes = family.ui_lora(EPSILON).prefixes if family is not None else {}
+    renames = {p: prefixes.get(c, p) for p, c in _COMPONENTS.items()}
+    return {_renamed(k, renames): v for k, v in out.items()}
 
 
-def _family_layout(state_dict: Mapping, alpha: float | Mapping[str, float] | None, family: str | None) -> dict | None:
+def _renamed(key: str, renames: Mapping[str, str]) -> str:
+    old = next((p for p in renames if key.startswith(p)), None)
+    return key if old is None else renames[old] + key[len(old):]
+
+
+def _family(family: ModelFamily | str | None) -> ModelFamily | None:
+    return registry.get(family) if isinstance(family, str) else family
+
+
+def _first(families: list[ModelFamily]) -> ModelFamily | None:
+    return families[0] if families else None
+
+
+def _family_layout(state_dict: Mapping, alpha: float | Mapping[str, float] | None,
+                   family: ModelFamily | str | None) -> dict | None:
     """The UI file's tensors in the family's own layout (Z-Image, Flux.2; `ui_lora_tensors`),
-    None for kohya's renaming (SD, SDXL)."""
-    if family is None or family in ("sd1", "sd2", "sdxl"):
+    None for kohya's renaming (SD, SDXL, Flux.1)."""
+    owner = _family(family)
+    if owner is None:
         return None
-    owner = registry.get(family)
     try:
         return owner.ui_lora_tensors(state_dict, alpha.get(owner.denoiser) if isinstance(alpha, Mapping) else alpha)
     except LoraLayoutError as exc:
@@ -145,28 +156,29 @@ def _alpha_for(module: str, alpha: float | Mapping[str, float] | None, rank: int
     return alpha
 
 
-_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+_COMPONENTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+               "transformer_": "transformer"}
+"""The prefixes diffusers' `convert_state_dict_to_kohya` writes, per component."""
 
 
-def kohya_metadata(family: str, rank: int, alpha: float, output_name: str, *, v_prediction: bool = False,
+def kohya_metadata(family: ModelFamily | str, rank: int, alpha: float, output_name: str, *, v_prediction: bool = False,
                    resolution: int | None = None, steps: int | None = None, training_comment: str | None = None,
                    args: Mapping | None = None) -> dict[str, str]:
     """The safetensors metadata kohya's scripts write into a LoRA file, for our LoRA.
 
-    `family` is "sd1", "sd2" or "sdxl"; `rank` and `alpha` the LoRA's (`ss_network_dim`,
-    `ss_network_alpha`); `output_name` its name in the UIs (`ss_output_name`, `modelspec.title`);
+    `family` is a `ModelFamily` (or its key), whose `ui_lora` names the base model; `rank` and
+    `alpha` the LoRA's (`ss_network_dim`, `ss_network_alpha`); `output_name` its name in the UIs
+    (`ss_output_name`, `modelspec.title`);
     `steps` the optimizer steps trained. `args` is a training run's `args.json`: the settings
     kohya also records (learning rate, scheduler, batch size, seed, precision, base model)
     are taken from it. Values are strings, as safetensors metadata must be.
     """
-    v2, v = family == "sd2", family != "sdxl" and v_prediction
-    arch = "stable-diffusion-v2-768-v" if v2 and v else ARCHITECTURES[family]
-    meta = {"ss_base_model_version": BASE_MODEL_VERSIONS[family] + ("_v" if v else ""), "ss_v2": str(v2),
+    ui = _family(family).ui_lora(V_PREDICTION if v_prediction else EPSILON)
+    meta = {"ss_base_model_version": ui.base_model_version, "ss_v2": str(ui.v2),
             "ss_network_module": NETWORK_MODULE, "ss_network_dim": str(int(rank)),
             "ss_network_alpha": str(float(alpha)), "ss_output_name": output_name,
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
-            "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family == "sdxl"
-                                         else "diffusers"),
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{ui.architecture}/lora",
+            "modelspec.implementation": ui.implementation,
             "modelspec.title": output_name, "modelspec.prediction_type": "v" if v_prediction else "epsilon",
             "modelspec.date": datetime.date.today().isoformat()}
     args = dict(args or {})
@@ -203,7 +215,7 @@ def read_lora(path: str | os.PathLike) -> dict:
 
 def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
                      alpha: float | Mapping[str, float] | None = None, half: bool = False,
-                     metadata: Mapping[str, str] | None = None, family: str | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, family: ModelFamily | str | None = None) -> Path:
     """Write a kohya-style LoRA `.safetensors` that AUTOMATIC1111 and ComfyUI load; return its path.
 
     `lora` is a diffusers LoRA folder or file, or its state dict; `alpha` and `family` as in
@@ -229,10 +241,11 @@ def write_kohya_lora(lora: str | os.PathLike | Mapping, out: str | os.PathLike,
     return out
 
 
-def family_of_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The family ("sd1", "sd2", "sdxl") that `ss_base_model_version` names; None when absent."""
+def family_of_metadata(metadata: Mapping[str, str]) -> ModelFamily | None:
+    """The family whose `ss_base_model_version` the metadata holds; None when absent."""
     version = str(metadata.get("ss_base_model_version", ""))
-    return next((f for f, v in BASE_MODEL_VERSIONS.items() if version in (v, v + "_v")), None)
+    return next((f for f in registry.FAMILIES
+                 if version in {f.ui_lora(p).base_model_version for p in (EPSILON, V_PREDICTION)}), None)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -248,7 +261,7 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
 
     The UI file that training wrote into the folder gives it (renamed to `name`); for a folder
     without one, it is built from the folder's `args.json` and the base model's family (read from
-    the base model named there, else SDXL when the LoRA has a second text encoder). {} when the
+    the base model named there, else the one family that has all of the LoRA's components). {} when the
     family cannot be told: the UIs then list the file as SD 1.x or "unknown".
     """
     from dbtools.train.checkpoints import ARGS_FILE, ui_lora_file
@@ -275,7 +288,7 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
                           steps=steps, args=args)
 
 
-def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
+def _base_family(args: Mapping, tensors: Mapping) -> tuple[ModelFamily | None, bool]:
     """(family, v-prediction) of the model a LoRA was trained on, from its run's base model."""
     from dbtools.families.models import detect_family
 
@@ -283,7 +296,8 @@ def _base_family(args: Mapping, tensors: Mapping) -> tuple[str | None, bool]:
     if base:
         try:
             detected = detect_family(str(base), revision=args.get("revision"))
-            return detected.family.key, detected.prediction_type == "v_prediction"
+            return detected.family, detected.prediction_type == V_PREDICTION
         except (UserError, OSError, ValueError) as exc:
             logger.info("base model %s not readable here (%s); telling the family from the LoRA", base, exc)
-    return ("sdxl" if any(k.startswith("text_encoder_2.") for k in tensors) else None), False
+    candidates = registry.families_with_parts({k.split(".", 1)[0] for k in tensors})
+    return (candidates[0] if len(candidates) == 1 else None), False

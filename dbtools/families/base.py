@@ -45,6 +45,11 @@ EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"
 
 
+def midpoint_grid(num_train_timesteps: int, count: int) -> list[int]:
+    """`count` integer timesteps: the midpoints of equal slices of `num_train_timesteps`."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
 class UnsupportedFamily(UserError):
     """A model of a family this toolkit recognises but does not train; `label` names it.
 
@@ -127,7 +132,8 @@ class Components:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """The scheduler config's (a flow-matching scheduler has none: epsilon, as detection says)."""
+        return self.noise_scheduler.config.get("prediction_type", EPSILON)
 
     @property
     def text_encoders(self) -> list:
@@ -353,6 +359,11 @@ class ModelFamily(ABC):
     # ----------------------------------------------------------------- latents and one step
 
     @abstractmethod
+    def size_step(self, vae: Any, denoiser: Any) -> int:
+        """Training image sides must be multiples of this many pixels (VAE downscaling times
+        the denoiser's own: SD's UNet halves the latents once per down block)."""
+
+    @abstractmethod
     def latents(self, sample: torch.Tensor, vae: Any) -> torch.Tensor:
         """A VAE sample -> what the denoiser sees (SD: times `scaling_factor`)."""
 
@@ -361,9 +372,9 @@ class ModelFamily(ABC):
         """Random training timesteps (or sigmas) for `batch` samples, drawn from `generator`."""
 
     def validation_timesteps(self, scheduler: Any, count: int) -> list:
-        """`count` fixed timesteps for the held-out loss, spread evenly (mid-bucket)."""
-        n = scheduler.config.num_train_timesteps
-        return [int((k + 0.5) * n / count) for k in range(count)]
+        """`count` fixed timesteps for the held-out loss: by default the midpoints of equal
+        slices of the training schedule (`midpoint_grid`)."""
+        return midpoint_grid(scheduler.config.num_train_timesteps, count)
 
     @abstractmethod
     def noisy(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
@@ -387,9 +398,10 @@ class ModelFamily(ABC):
     # ----------------------------------------------------------------- inference
 
     @abstractmethod
-    def build_pipeline(self, modules: Mapping[str, Any], scheduler: Any) -> Any:
+    def build_pipeline(self, modules: Mapping[str, Any], noise_scheduler: Any) -> Any:
         """The inference pipeline from training components (`modules` by component name,
-        possibly unwrapped or LoRA'd), with `scheduler` for sampling."""
+        possibly LoRA'd, unwrapped from data-parallel wrappers), with the family's sampler
+        made from the training `noise_scheduler`'s config (SD: DDIM)."""
 
     def may_upcast(self, quantized: bool) -> bool:
         """Whether frozen weights may be cast to float32 for inference (never a quantized base)."""

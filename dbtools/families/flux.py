@@ -55,10 +55,11 @@ class FlowSettings:
         return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
 
 
-def flow_settings(scheduler) -> FlowSettings:
+def flow_settings(holder) -> FlowSettings:
     """The run's settings, which `FluxFamily.load_components` keeps on the training scheduler
-    (the family object is shared by every run; the scheduler belongs to one)."""
-    return getattr(scheduler, "flow_settings", None) or FlowSettings()
+    and the transformer (the family object is shared by every run; they belong to one)."""
+    holder = getattr(holder, "module", holder)  # a data-parallel wrapper
+    return getattr(holder, "flow_settings", None) or FlowSettings()
 
 
 class FluxPromptEncoder:
@@ -188,7 +189,9 @@ class FluxFamily(ModelFamily):
         if "tokenizer_2" in parts:
             parts["tokenizer_2"].model_max_length = settings.max_sequence_length
         scheduler = self.noise_scheduler(load.scheduler_config())
-        scheduler.flow_settings = settings
+        for holder in (scheduler, parts.get(self.denoiser)):
+            if holder is not None:
+                holder.flow_settings = settings
         return Components(self, parts, scheduler)
 
     def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
@@ -226,6 +229,10 @@ class FluxFamily(ModelFamily):
         return encoder.encode(prompts, list(text_encoders), device)
 
     # latents and one step
+    def size_step(self, vae, denoiser) -> int:
+        """The VAE's downscaling (8 for Flux.1's) times the 2x2 packing: 16 px."""
+        return 2 ** (len(vae.config.block_out_channels) - 1) * 2
+
     def latents(self, sample, vae):
         return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
@@ -260,7 +267,8 @@ class FluxFamily(ModelFamily):
 
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, guidance_scale: float | None = None):
         """Pack, run the transformer at timestep sigma (it scales by 1000 itself) with the
-        guidance embedding fed `guidance_scale` when the model has one, unpack."""
+        guidance embedding fed `guidance_scale` (default: the run's `--guidance_scale`) when the
+        model has one, unpack."""
         import torch
 
         tokens, img_ids = pack(noisy)
@@ -268,8 +276,8 @@ class FluxFamily(ModelFamily):
         sigmas = timesteps.to(noisy.device, noisy.dtype).reshape(-1).expand(noisy.shape[0])
         guidance = None
         if config.guidance_embeds:
-            guidance = torch.full((noisy.shape[0],), 1.0 if guidance_scale is None else guidance_scale,
-                                  device=noisy.device, dtype=torch.float32)
+            scale = flow_settings(denoiser).guidance_scale if guidance_scale is None else guidance_scale
+            guidance = torch.full((noisy.shape[0],), scale, device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=tokens, timestep=sigmas, guidance=guidance,
                        pooled_projections=cond["pooled"].to(noisy.dtype),
                        encoder_hidden_states=cond["embeds"].to(noisy.dtype), txt_ids=cond["text_ids"][0],
@@ -277,10 +285,13 @@ class FluxFamily(ModelFamily):
         return unpack(out, noisy.shape[2], noisy.shape[3])
 
     # inference
-    def build_pipeline(self, modules: Mapping[str, Any], scheduler: Any) -> Any:
-        from diffusers import FluxPipeline
+    def build_pipeline(self, modules: Mapping[str, Any], noise_scheduler: Any) -> Any:
+        """FluxPipeline with its own sampler (flow-matching Euler with the resolution-dependent
+        shift) made afresh from the training scheduler's config."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        return FluxPipeline(scheduler=scheduler, **{c: modules[c] for c in self.components if c != "scheduler"})
+        sampler = FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+        return FluxPipeline(scheduler=sampler, **{c: modules[c] for c in self.components if c != "scheduler"})
 
     def may_upcast(self, quantized: bool) -> bool:
         """Never: the transformer is 48 GB in float32, and a quantized one cannot be cast."""
@@ -302,7 +313,7 @@ class FluxFamily(ModelFamily):
                                        text_encoder_lora_layers=layers.get("text_encoder"))
 
     def ui_lora(self, prediction_type: str) -> UILora:
-        return UILora(prefixes={"transformer": "lora_unet_", "text_encoder": "lora_te1_"},
+        return UILora(prefixes={"transformer": "lora_transformer_", "text_encoder": "lora_te1_"},
                       base_model_version="flux1", architecture="flux-1-dev",
                       implementation="https://github.com/black-forest-labs/flux")
 

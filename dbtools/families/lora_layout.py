@@ -18,7 +18,8 @@ from dbtools.core.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up)(?:\.default)?\.weight")
+_DOWN = ("lora_A", "lora.down")
 
 
 class LoraLayoutError(UserError):
@@ -27,23 +28,36 @@ class LoraLayoutError(UserError):
 
 def lora_pairs(state_dict: Mapping[str, torch.Tensor], component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (down [rank, in], up [out, rank]) for the `component.` part of a diffusers
-    LoRA state dict in peft names (`transformer.<module>.lora_A.weight` / `.lora_B.weight`, as
-    the pipelines' `save_lora_weights` write them). Tensors of other components are ignored."""
+    LoRA state dict (`transformer.<module>.lora_A.weight` / `.lora_B.weight` in peft's names,
+    `.lora.down.weight` / `.lora.up.weight` in diffusers' older ones; a file may mix them).
+    Tensors of other components are ignored."""
     prefix = component + "."
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         if not key.startswith(prefix):
             continue
-        match = _PEFT_KEY.fullmatch(key[len(prefix):])
+        match = _LORA_KEY.fullmatch(key[len(prefix):])
         if match is None:
-            raise LoraLayoutError(f"LoRA tensor {key} is not a peft LoRA weight (lora_A / lora_B); "
+            raise LoraLayoutError(f"LoRA tensor {key} is not a LoRA weight (lora_A / lora_B); "
                                   "save the LoRA with this toolkit or diffusers' save_lora_weights.")
-        found.setdefault(match["module"], {})[match["part"]] = tensor
+        found.setdefault(match["module"], {})["lora_A" if match["part"] in _DOWN else "lora_B"] = tensor
     missing = sorted(m for m, parts in found.items() if len(parts) != 2)
     if missing:
         raise LoraLayoutError(f"LoRA module {prefix}{missing[0]} has only one of lora_A / lora_B; the file is "
                               "incomplete: save the LoRA again.")
     return {m: (parts["lora_A"], parts["lora_B"]) for m, parts in found.items()}
+
+
+def peft_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with diffusers' older LoRA names (`.lora.down.weight`, `.lora.up.weight`)
+    in peft's (`.lora_A.weight`, `.lora_B.weight`): the Flux.2 pipeline's LoRA reader skips
+    the older names, and only peft's are read by every pipeline."""
+    renames = ((".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"))
+    out = {}
+    for key, tensor in state_dict.items():
+        old = next((pair for pair in renames if key.endswith(pair[0])), None)
+        out[key[: -len(old[0])] + old[1] if old else key] = tensor
+    return out
 
 
 def fuse_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None],

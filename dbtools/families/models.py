@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,7 @@ entry per scheduler. `scheduler_key` also takes the class names, AUTOMATIC1111's
 
 A1111_SAMPLERS = {
     "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC",
-    "flow_euler": "Euler (flow matching)",
+    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++_sde": "DPM++ SDE", "unipc": "UniPC", "flow_euler": "Flow Euler",
 }
 """AUTOMATIC1111's sampler name for each of `SCHEDULERS` (what its PNG Info shows)."""
 
@@ -462,7 +462,7 @@ def load_sd_components(
     torch_dtype=None,
     config: str | None = None,
     original_config: str | None = None,
-    component_dtypes: dict | None = None,
+    component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
     quantize: str | None = None,
     options=None,
 ) -> Components:
@@ -474,10 +474,10 @@ def load_sd_components(
     download; see `load_pipeline`). Weights come in `torch_dtype` (default float32, also
     for fp16 variants, so an optimizer never sees half-precision master weights); a
     component named in `component_dtypes` (e.g. `{"unet": torch.float16}` for a frozen
-    UNet) is read straight into its own dtype, never held in float32 first (except from a
-    single file, which is read whole in `torch_dtype`). `quantize` ("nf4", "int8") loads the
-    frozen denoiser quantized; `options` (the run's settings) go to the family
-    (`ModelFamily.load_components`).
+    UNet; or a function of the detected family giving that dict) is read straight into its own
+    dtype, never held in float32 first (except from a single file, which is read whole in
+    `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
+    (the run's settings) go to the family (`ModelFamily.load_components`).
     """
     import torch
 
@@ -487,6 +487,8 @@ def load_sd_components(
     needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
                    and not (c == "tokenizer" and tokenizer_name))
     check_model_path(model_name_or_path, needed)
+    if callable(component_dtypes):
+        component_dtypes = component_dtypes(family)
     dtypes = {c: (component_dtypes or {}).get(c, dtype) for c in family.parts}
     if is_local(model_name_or_path) and Path(os.path.expanduser(model_name_or_path)).is_file():
         pipe = _load_single_file(model_name_or_path, dtype, config, original_config)
@@ -767,6 +769,7 @@ def load_pipeline(
     scheduler: str | None = None,
     config: str | None = None,
     original_config: str | None = None,
+    quantize: str | None = None,
 ) -> StableDiffusionPipeline:
     """Load the model family's pipeline for generating images (safety checker off).
 
@@ -776,16 +779,23 @@ def load_pipeline(
     `scheduler` picks a sampler by name
     ("ddim", "dpm++", "euler", "euler_a", "pndm", "unipc", "ddpm", ...), keeping the
     model's `prediction_type`; `None` keeps the model's own. The pipeline is moved to
-    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`.
+    `device` when given; `torch_dtype` defaults to `inference_dtype(device)`. `quantize`
+    ("nf4", "int8") loads the denoiser quantized, as a run on a quantized base made its samples.
     """
     import torch
 
     dtype = torch_dtype or (inference_dtype(device) if device else torch.float32)
     if is_checkpoint_folder(model_name_or_path) or is_lora_weights_folder(model_name_or_path):
-        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler)
+        return load_checkpoint_pipeline(model_name_or_path, torch_dtype=dtype, device=device, scheduler=scheduler,
+                                        quantize=quantize)
     model_name_or_path, revision, variant, family = _resolve_source(
         model_name_or_path, revision, variant, config=config, skip=("vae",) if vae_name_or_path else ())
     extra: dict = {}
+    if quantize:
+        denoiser = _class(f"diffusers.{family.denoiser_class}")
+        extra[family.denoiser] = _guard(model_name_or_path, lambda: load_quantized(
+            denoiser, model_name_or_path, quantize, dtype=dtype, device=pick_device(device),
+            subfolder=family.denoiser, revision=revision, variant=variant))
     if vae_name_or_path:
         extra["vae"] = load_vae(vae_name_or_path, torch_dtype=dtype, base_model=model_name_or_path)
     local = is_local(model_name_or_path)
@@ -857,7 +867,7 @@ def is_lora_weights_folder(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=None, device=None,
-                             scheduler: str | None = None) -> StableDiffusionPipeline:
+                             scheduler: str | None = None, quantize: str | None = None) -> StableDiffusionPipeline:
     """A pipeline from a training checkpoint: the run's base model (named in the checkpoint's
     `args.json`, else in the newest weights folder beside it) with the checkpoint's trained
     `unet/`, `text_encoder/` and (SDXL) `text_encoder_2/`, or its LoRA adapters. The weights are
@@ -873,7 +883,7 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     pipe = load_pipeline(args["pretrained_model_name_or_path"],
                          vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
-                         scheduler=scheduler)
+                         scheduler=scheduler, quantize=quantize)
     if (folder / "unet").is_dir():
         pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
     for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained

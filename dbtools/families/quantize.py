@@ -89,3 +89,16 @@ def is_quantized(model) -> bool:
     model = getattr(model, "module", model)
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
                 or getattr(model, "is_quantized", False))
+
+
+def quantization_of(model) -> str | None:
+    """"nf4", "int8" (or bitsandbytes' other 4-bit type) for a model loaded by bitsandbytes, else None."""
+    model = getattr(model, "module", model)
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "int8"
+    if getattr(model, "is_loaded_in_4bit", False):
+        config = getattr(model, "config", {}).get("quantization_config") or {}
+        kind = config.get("bnb_4bit_quant_type") if isinstance(config, dict) else \
+            getattr(config, "bnb_4bit_quant_type", None)
+        return kind or "nf4"
+    return None

@@ -24,6 +24,7 @@ from dbtools.families.base import (
     UILora,
 )
 from dbtools.families.flux import FlowSettings, FluxFamily
+from dbtools.families.lora_layout import peft_names
 
 EncodeFn = Callable[..., dict]
 """(tokenizer, text_encoder, prompts, device, max_sequence_length) -> {"embeds": [B, L, D],
@@ -128,7 +129,9 @@ class QwenFlowFamily(ModelFamily):
             length = full if self.fixed_sequence_length else min(settings.max_sequence_length, full)
             parts["tokenizer"].model_max_length = length
         scheduler = self.noise_scheduler(load.scheduler_config())
-        scheduler.flow_settings = settings
+        for holder in (scheduler, parts.get(self.denoiser)):
+            if holder is not None:
+                holder.flow_settings = settings
         return Components(self, parts, scheduler)
 
     def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
@@ -168,6 +171,7 @@ class QwenFlowFamily(ModelFamily):
     # by the run's weighting scheme (Z-Image's schedule is shifted by its scheduler's `shift`),
     # noisy = (1 - sigma) x + sigma noise, target noise - x, the scheme's loss weights.
     noise_scheduler = FluxFamily.noise_scheduler
+    size_step = FluxFamily.size_step  # the VAE's downscaling times the transformer's 2x2 patches: 16 px
     timesteps = FluxFamily.timesteps
     validation_timesteps = FluxFamily.validation_timesteps
     noisy = FluxFamily.noisy
@@ -175,11 +179,14 @@ class QwenFlowFamily(ModelFamily):
     loss_weights = FluxFamily.loss_weights
 
     # inference
-    def build_pipeline(self, modules: Mapping[str, Any], scheduler: Any) -> Any:
+    def build_pipeline(self, modules: Mapping[str, Any], noise_scheduler: Any) -> Any:
+        """The family's pipeline with its own sampler (flow-matching Euler; Flux.2: shifted by
+        image size) made afresh from the training scheduler's config."""
         import diffusers
 
+        sampler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
         parts = {c: modules[c] for c in self.components if c != "scheduler"}
-        return getattr(diffusers, self.pipeline_class)(scheduler=scheduler, **parts, **self.pipeline_kwargs())
+        return getattr(diffusers, self.pipeline_class)(scheduler=sampler, **parts, **self.pipeline_kwargs())
 
     def may_upcast(self, quantized: bool) -> bool:
         """Never: the transformer alone is 16-36 GB in float32, and a quantized one cannot be cast."""
@@ -192,8 +199,9 @@ class QwenFlowFamily(ModelFamily):
     def save_lora(self, folder: str, layers: Mapping[str, dict]) -> None:
         import diffusers
 
-        getattr(diffusers, self.pipeline_class).save_lora_weights(folder,
-                                                                  transformer_lora_layers=layers.get(self.denoiser))
+        layers = layers.get(self.denoiser)
+        getattr(diffusers, self.pipeline_class).save_lora_weights(
+            folder, transformer_lora_layers=None if layers is None else peft_names(layers))
 
     def ui_lora(self, prediction_type: str) -> UILora:
         prefix = self.model.UI_PREFIX

@@ -79,6 +79,12 @@ def get(key: str) -> ModelFamily:
     raise KeyError(f"no model family {key!r}; known: {', '.join(f.key for f in FAMILIES)}")
 
 
+def families_with_parts(parts: set[str]) -> list[ModelFamily]:
+    """The trained families, in order, that have every one of the component names `parts`
+    (e.g. the components a LoRA file adapts)."""
+    return [f for f in trained_families() if set(parts) <= set(f.components)]
+
+
 def family_for_model_index(model_index: Mapping, text_config: Mapping | None = None) -> ModelFamily:
     """The family of a diffusers pipeline from its `model_index.json` (and first text encoder's config).
 

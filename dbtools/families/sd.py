@@ -174,6 +174,10 @@ class SDFamily(ModelFamily):
         return Conditioning(embeds=encoder.encode(prompts, text_encoders[0], device))
 
     # latents and one step
+    def size_step(self, vae, denoiser) -> int:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return scale * 2 ** (len(denoiser.config.block_out_channels) - 1)
+
     def latents(self, sample, vae):
         return sample * vae.config.scaling_factor
 
@@ -210,13 +214,14 @@ class SDFamily(ModelFamily):
         return {}
 
     # inference
-    def build_pipeline(self, modules: Mapping[str, Any], scheduler: Any) -> Any:
+    def build_pipeline(self, modules: Mapping[str, Any], noise_scheduler: Any) -> Any:
+        """The family's pipeline class with a DDIM sampler made from the training scheduler's config."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
         parts = {c: modules[c] for c in self.components if c != "scheduler"}
         extra = dict(self.pipeline_kwargs(), feature_extractor=None) if self.pipeline_kwargs() else {}
-        return cls(**parts, scheduler=scheduler, **extra)
+        return cls(**parts, scheduler=diffusers.DDIMScheduler.from_config(noise_scheduler.config), **extra)
 
     # LoRA and export
     def lora_targets(self, component: str, module: Any) -> list[str]:

@@ -358,10 +358,11 @@ def _torch_state_problem(f: Path) -> str | None:
 # --------------------------------------------------------------------------- model folders
 
 
-def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], None] | None = None) -> None:
+def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], None] | None = None,
+                         denoiser: str = "unet") -> None:
     """Make `accelerator.save_state`/`load_state` write and read the models as diffusers does.
 
-    Full weights go to `unet/` and `text_encoder/` (model folders that `from_pretrained`
+    Full weights go to `<denoiser>/` (`unet/` for SD) and `text_encoder/` (folders that `from_pretrained`
     loads); of a LoRA model only the trained tensors (the adapters) go to accelerate's
     `model*.safetensors`, never the frozen base (about 5 GB for SDXL's UNet), and
     `save_adapters(folder)` adds `pytorch_lora_weights.safetensors`. With `ema` (main
@@ -370,7 +371,7 @@ def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], 
     """
     def save_hook(models, weights, output_dir):
         out = Path(output_dir)
-        named = _model_names(accelerator, models)
+        named = _model_names(accelerator, models, denoiser)
         if named is None:
             for i, model in enumerate(models):
                 trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -386,7 +387,7 @@ def register_state_hooks(accelerator, ema=None, save_adapters: Callable[[Path], 
 
     def load_hook(models, input_dir):
         folder = Path(input_dir)
-        named = _model_names(accelerator, models)
+        named = _model_names(accelerator, models, denoiser)
         if ema is not None and (folder / EMA_FOLDER).is_dir():
             load_ema(ema, _unet_names(accelerator, models), folder / EMA_FOLDER, accelerator.device)
         if named is None:
@@ -423,15 +424,16 @@ def _load_trained_tensors(model, file: Path) -> None:
                               "and --train_text_encoder settings as the run that wrote the checkpoint.")
 
 
-def _model_names(accelerator, models) -> list[str] | None:
-    """Folder names for the prepared models (`unet`, `text_encoder`, `text_encoder_2`), or None for LoRA."""
+def _model_names(accelerator, models, denoiser: str) -> list[str] | None:
+    """Folder names for the prepared models (the denoiser's component name, `text_encoder`,
+    `text_encoder_2`), or None for LoRA."""
     names, encoders = [], 0
     for m in models:
         m = accelerator.unwrap_model(m)
         if any("lora_" in n for n, _ in m.named_parameters()):
             return None
         if type(m).__module__.startswith("diffusers"):
-            names.append("unet")
+            names.append(denoiser)
         else:
             encoders += 1
             names.append("text_encoder" if encoders == 1 else f"text_encoder_{encoders}")

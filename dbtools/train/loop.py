@@ -30,13 +30,12 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dbtools.families.models import is_sdxl_models, text_encoders_of
-from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
+from dbtools.families.base import Conditioning
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.train.config import TrainConfig, parse_args, public_args
 from dbtools.train.data import DataPlan, DreamBoothData, place_items, step_seed
 from dbtools.train.folders import hold_output_dir, move_previous_run
-from dbtools.train.losses import diffusion_target, dreambooth_loss, training_noise
+from dbtools.train.losses import dreambooth_loss, training_noise
 from dbtools.train.outputs import (
     HeldOut,
     disk_full_message,
@@ -50,7 +49,6 @@ from dbtools.train.setup import (
     TrainError,
     agree_on_seed,
     class_examples,
-    encoders_of,
     load_models,
     make_accelerator,
     make_class_images,
@@ -78,6 +76,7 @@ if TYPE_CHECKING:
 
     from dbtools.after.evaluate import SaveScorer
     from dbtools.families.models import SDComponents
+    from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class Run:
 
     @property
     def unet(self) -> torch.nn.Module:
-        return self.models.unet
+        return self.models.denoiser
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -229,7 +228,7 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
     ema = make_ema(cfg, models, accelerator)
     models, optimizer, lr_scheduler = _prepare(cfg, models, optimizer, lr_scheduler, accelerator)
     register_state_hooks(accelerator, ema, save_adapters=lambda folder: save_lora(
-        folder, accelerator, models, cfg.train_text_encoder))
+        folder, accelerator, models, cfg.train_text_encoder), denoiser=models.family.denoiser)
     start_step, resumed_from = resume(cfg, accelerator)
     batches = MicroBatches(data, cfg, micro_indices(cfg, start_step, max_steps, world, accelerator.process_index))
     held_out = HeldOut(place_items(plan.validation, data.cfg)) if plan.validation else None
@@ -382,39 +381,22 @@ def compute_loss(run: Run, micro: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(step_seed(run.seed, micro, "noise"))
     parts = [batch["instance"]] + ([batch["class"]] if batch["class"] else [])
     latents = [_latents(run, part, gen) for part in parts]
-    embeds, pooled = _encode_prompts(run, [p for part in parts for p in part["prompts"]])
-    sizes = [len(part["prompts"]) for part in parts]
-    embeds = torch.split(embeds, sizes)
-    pooled = torch.split(pooled, sizes) if pooled is not None else [None] * len(parts)
-    time_ids = [torch.from_numpy(part["time_ids"]) for part in parts]
+    family = run.models.family
+    encoded = _encode_prompts(run, [p for part in parts for p in part["prompts"]])
+    conds = [c.merged(family.image_conditioning(part))
+             for c, part in zip(encoded.split([len(part["prompts"]) for part in parts]), parts, strict=True)]
     is_prior = [torch.full((len(lat),), i == 1) for i, lat in enumerate(latents)]
     if len(parts) == 2 and latents[0].shape[1:] == latents[1].shape[1:]:
-        latents, embeds, is_prior, time_ids = ([torch.cat(x)] for x in (latents, embeds, is_prior, time_ids))
-        pooled = [torch.cat(pooled)] if pooled[0] is not None else [None]
-    losses = [_part_loss(run, lat, Conditioning(emb, pool, ids), prior, gen)
-              for lat, emb, pool, ids, prior in zip(latents, embeds, pooled, time_ids, is_prior, strict=True)]
+        latents, is_prior = ([torch.cat(x)] for x in (latents, is_prior))
+        conds = [Conditioning.cat(conds)]
+    losses = [_part_loss(run, lat, cond, prior, gen)
+              for lat, cond, prior in zip(latents, conds, is_prior, strict=True)]
     return losses[0] if len(losses) == 1 else losses[0] + losses[1]
 
 
-@dataclass(frozen=True)
-class Conditioning:
-    """What the UNet is conditioned on: prompt embeddings; for SDXL also the pooled text
-    embeddings and the micro-conditioning `time_ids` (original size, crop, target size)."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None
-    time_ids: torch.Tensor
-
-    def unet_kwargs(self, device) -> dict:
-        if self.pooled is None:
-            return {}
-        return {"added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids.to(device)}}
-
-
-def _encode_prompts(run: Run, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings and (SDXL) pooled embeddings of `prompts`, on the training device."""
-    out = run.prompts.encode(prompts, encoders_of(run.models), run.accelerator.device)
-    return out if is_sdxl_models(run.models) else (out, None)
+def _encode_prompts(run: Run, prompts: list[str]) -> Conditioning:
+    """The family's prompt conditioning of `prompts`, on the training device."""
+    return run.models.family.encode_prompts(run.prompts, prompts, run.models.text_encoders, run.accelerator.device)
 
 
 def _latents(run: Run, part: dict, gen: torch.Generator) -> torch.Tensor:
@@ -423,35 +405,36 @@ def _latents(run: Run, part: dict, gen: torch.Generator) -> torch.Tensor:
     if "latent_mean" in part:
         mean, std = torch.from_numpy(part["latent_mean"]), torch.from_numpy(part["latent_std"])
         sample = mean + std * torch.randn(mean.shape, generator=gen)
-        return (sample * vae.config.scaling_factor).to(device)
+        return run.models.family.latents(sample, vae).to(device)
     # Not cached: the distribution stays where the VAE made it (no GPU -> CPU round trip);
     # only the noise, drawn from the seeded CPU generator, travels.
     dtype = getattr(vae, "dtype", run.weight_dtype)  # an SDXL VAE may stay float32 (`vae_dtype`)
     with torch.no_grad():
         dist = vae.encode(torch.from_numpy(part["pixels"]).to(device, dtype=dtype)).latent_dist
     noise = torch.randn(dist.mean.shape, generator=gen).to(device)
-    return (dist.mean.float() + dist.std.float() * noise) * vae.config.scaling_factor
+    return run.models.family.latents(dist.mean.float() + dist.std.float() * noise, vae)
 
 
 def _part_loss(run: Run, latents: torch.Tensor, cond: Conditioning, is_prior: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
-    """Noise the latents at random timesteps, predict, and score the prediction."""
-    scheduler, cfg = run.models.noise_scheduler, run.cfg
+    """Noise the latents at random timesteps, predict, and score the prediction; the family
+    says how (`ModelFamily.timesteps`, `noisy`, `target`, `predict`, `loss_weights`)."""
+    family, scheduler, cfg = run.models.family, run.models.noise_scheduler, run.cfg
     noise = training_noise(tuple(latents.shape), gen, cfg.offset_noise_strength if cfg.offset_noise else 0.0)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    timesteps = family.timesteps(scheduler, latents.shape[0], gen)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(scheduler, latents, noise, timesteps)
-    pred = run.unet(noisy, timesteps, cond.embeds, **cond.unet_kwargs(latents.device)).sample
-    return dreambooth_loss(pred, target, timesteps, scheduler, is_prior=is_prior,
-                           prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma)
+    noisy = family.noisy(scheduler, latents, noise, timesteps)
+    target = family.target(scheduler, latents, noise, timesteps)
+    pred = family.predict(run.models.denoiser, noisy, timesteps, cond)
+    return dreambooth_loss(pred, target, is_prior=is_prior, prior_loss_weight=cfg.prior_loss_weight,
+                           weights=family.loss_weights(scheduler, timesteps, cfg.snr_gamma))
 
 
 def _no_sync(run: Run) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(run.accelerator.no_sync(run.unet))
     if run.cfg.train_text_encoder:
-        for encoder in text_encoders_of(run.models):
+        for encoder in run.models.text_encoders:
             stack.enter_context(run.accelerator.no_sync(encoder))
     return stack
 

@@ -1,22 +1,14 @@
-"""The DreamBooth loss as pure tensor maths: noise, target, min-SNR weights, prior split.
+"""The DreamBooth loss as pure tensor maths: noise, per-sample error, prior split.
 
-Nothing here loads a model or reads a file; the training loop draws the noise and the
-timesteps, runs the UNet and hands the tensors in.
+Nothing here loads a model or reads a file; the training loop draws the noise, asks the
+model family (`dbtools.families`) for timesteps, noisy input, target, per-sample weights and
+the prediction, and hands the tensors in. Nothing here depends on the family.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-from dbtools.core.errors import UserError
-
-if TYPE_CHECKING:
-    from diffusers import SchedulerMixin
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def training_noise(shape: tuple[int, ...], generator: torch.Generator, offset_strength: float = 0.0) -> torch.Tensor:
@@ -28,48 +20,25 @@ def training_noise(shape: tuple[int, ...], generator: torch.Generator, offset_st
     return noise
 
 
-def diffusion_target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor,
-                     timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise UserError(f"unsupported prediction_type {kind!r} in the model's scheduler config "
-                    f"(expected one of {', '.join(PREDICTION_TYPES)}).")
-
-
-def snr_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, gamma: float,
-                prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights per sample (Hang et al. 2023): min(SNR, gamma) / SNR for
-    epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                    scheduler: SchedulerMixin, snr_gamma: float | None = None) -> torch.Tensor:
-    """Mean squared error per sample, in float32, min-SNR weighted when `snr_gamma` is set."""
+def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, in float32, times the per-sample `weights` when given
+    (the family's, e.g. min-SNR)."""
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
-    if snr_gamma:
-        loss = loss * snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type)
+    if weights is not None:
+        loss = loss * weights
     return loss
 
 
-def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                    scheduler: SchedulerMixin, *, is_prior: torch.Tensor, prior_loss_weight: float,
-                    snr_gamma: float | None = None) -> torch.Tensor:
+def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, *, is_prior: torch.Tensor,
+                    prior_loss_weight: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """mean(instance losses) + prior_loss_weight x mean(class losses), a scalar.
 
     `is_prior` marks the class (prior-preservation) samples of the batch. A part with no
     samples adds nothing, so the loss of a batch split in two (instance and class images of
     different sizes) is the sum of this function over the two parts.
     """
-    per_sample = per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma)
+    per_sample = per_sample_loss(model_pred, target, weights)
     # Counts come from the mask on the CPU and the split is a product with it, so the GPU is
     # never waited for (boolean indexing would read back from the device).
     is_prior = is_prior.cpu().bool()

@@ -28,7 +28,7 @@ import torch
 
 from dbtools.after.generate import save_image
 from dbtools.core.atomic import atomic_dir, atomic_write_text
-from dbtools.families.models import is_sdxl_models, text_encoders_of
+from dbtools.families.base import Conditioning
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, ui_lora_name, write_checkpoint
 from dbtools.train.config import TrainConfig, public_args
 from dbtools.train.folders import human_size, nearest_existing
@@ -128,7 +128,7 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encode
     """`save_pretrained` in safetensors; without the text encoder when asked (diffusers'
     `--skip_save_text_encoder`: the base model's is given back when loading)."""
     if skip_text_encoder:
-        encoders = [n for n in ("text_encoder", "text_encoder_2") if n in pipe.components]
+        encoders = [n for n in pipe.components if n.startswith("text_encoder")]
         pipe = type(pipe)(**{**pipe.components, **dict.fromkeys(encoders)})
     with _float32_on_cpu([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]):
         pipe.save_pretrained(folder, safe_serialization=True)
@@ -168,19 +168,11 @@ def _save_final_in_place(run: Run, step: int) -> Path:
 
 
 def build_pipeline(run: Run) -> StableDiffusionPipeline:
-    """The family's pipeline (SD, or SDXL with both text encoders) from the models being
-    trained, with a DDIM sampler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    """The family's pipeline from the models being trained (unwrapped), with the family's
+    sampler (`ModelFamily.build_pipeline`)."""
     acc, models = run.accelerator, run.models
-    parts = dict(vae=models.vae, text_encoder=acc.unwrap_model(models.text_encoder), tokenizer=models.tokenizer,
-                 unet=acc.unwrap_model(models.unet),
-                 scheduler=DDIMScheduler.from_config(models.noise_scheduler.config))
-    if is_sdxl_models(models):
-        return StableDiffusionXLPipeline(**parts, text_encoder_2=acc.unwrap_model(models.text_encoder_2),
-                                         tokenizer_2=models.tokenizer_2)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    modules = {name: acc.unwrap_model(m) if isinstance(m, torch.nn.Module) else m for name, m in models.parts.items()}
+    return models.family.build_pipeline(modules, models.noise_scheduler)
 
 
 @contextlib.contextmanager
@@ -195,11 +187,11 @@ def _for_inference(run: Run) -> Iterator[None]:
     """
     device, vae = run.accelerator.device, run.models.vae
     frozen = [(vae, vae_dtype(vae, run.weight_dtype))]
-    frozen += [] if run.cfg.train_text_encoder else [(e, run.weight_dtype) for e in text_encoders_of(run.models)]
+    frozen += [] if run.cfg.train_text_encoder else [(e, run.weight_dtype) for e in run.models.text_encoders]
     before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m, _ in frozen]
     for m, dtype in frozen:
         move_module(m, device, dtype)
-    params = list(run.accelerator.unwrap_model(run.unet).parameters())
+    params = list(run.accelerator.unwrap_model(run.models.denoiser).parameters())
     if run.ema is not None:
         run.ema.store(params)
         run.ema.copy_to(params)
@@ -260,22 +252,19 @@ def lora_state_dict(model, adapter: str = "default") -> dict:
 
 
 def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, train_text_encoder: bool) -> None:
-    """The LoRA adapters of the UNet (and the text encoders when trained) in diffusers' file
+    """The LoRA adapters of the denoiser (and the text encoders when trained) in diffusers' file
     layout: `pytorch_lora_weights.safetensors`, which `load_lora_weights` reads."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(models.unet)))
-    te_layers = [convert_state_dict_to_diffusers(lora_state_dict(accelerator.unwrap_model(encoder)))
-                 if train_text_encoder else None for encoder in text_encoders_of(models)]
-    if is_sdxl_models(models):
-        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                                    text_encoder_lora_layers=te_layers[0],
-                                                    text_encoder_2_lora_layers=te_layers[1])
-    else:
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                                  text_encoder_lora_layers=te_layers[0])
+    family = models.family
+    layers = {family.denoiser: convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(accelerator.unwrap_model(models.denoiser)))}
+    for name in family.text_encoder_names:
+        encoder = models.parts.get(name)
+        layers[name] = convert_state_dict_to_diffusers(lora_state_dict(accelerator.unwrap_model(encoder))) \
+            if train_text_encoder and encoder is not None else None
+    family.save_lora(str(folder), layers)
 
 
 def output_name(cfg: TrainConfig) -> str:
@@ -287,18 +276,16 @@ def save_ui_lora(run: Run, folder: Path, step: int) -> Path:
     """Write the LoRA in `folder` (just saved by `save_lora`) as the kohya-style file with kohya's
     metadata that AUTOMATIC1111, Forge and ComfyUI load: `<output name>-<step>-lora.safetensors`."""
     from dbtools.after.kohya import kohya_metadata, write_kohya_lora
-    from dbtools.families.detect import family_from_text_config
 
     cfg, models, unwrap = run.cfg, run.models, run.accelerator.unwrap_model
-    family = "sdxl" if is_sdxl_models(models) else family_from_text_config(
-        unwrap(models.text_encoder).config.to_dict()).key
-    alphas = {name: _lora_alpha(unwrap(getattr(models, name)), cfg.lora_rank)
-              for name in ("unet", "text_encoder", "text_encoder_2") if getattr(models, name, None) is not None}
+    family = models.family
+    alphas = {name: _lora_alpha(unwrap(models.parts[name]), cfg.lora_rank)
+              for name in (family.denoiser, *family.text_encoder_names) if models.parts.get(name) is not None}
     name = ui_lora_name(output_name(cfg), step)
-    meta = kohya_metadata(family, cfg.lora_rank, alphas["unet"], name[: -len(".safetensors")],
+    meta = kohya_metadata(family, cfg.lora_rank, alphas[family.denoiser], name[: -len(".safetensors")],
                           v_prediction=models.prediction_type == "v_prediction", resolution=cfg.resolution,
                           steps=step, args=public_args(cfg))
-    return write_kohya_lora(folder, folder / name, alpha=alphas, metadata=meta)
+    return write_kohya_lora(folder, folder / name, alpha=alphas, metadata=meta, family=family)
 
 
 def _lora_alpha(model, default: float) -> float:
@@ -339,7 +326,7 @@ class HeldOut:
 
     def __init__(self, items: list[Item]):
         self.items = items
-        self.groups: list[tuple[torch.Tensor, list[str], torch.Tensor]] | None = None
+        self.groups: list[tuple[torch.Tensor, list[str], Conditioning]] | None = None
         self.last_step: int | None = None
 
     def loss(self, run: Run) -> float:
@@ -347,38 +334,34 @@ class HeldOut:
         fixed timesteps, fixed noise seeded by the run's seed); call under `_for_inference`."""
         from dbtools.after.evaluate import validation_loss
 
-        acc, device = run.accelerator, run.accelerator.device
-        unet = acc.unwrap_model(run.unet)
-        encoders = [acc.unwrap_model(e) for e in text_encoders_of(run.models)]
+        acc, device, family = run.accelerator, run.accelerator.device, run.models.family
+        denoiser = acc.unwrap_model(run.models.denoiser)
+        encoders = [acc.unwrap_model(e) for e in run.models.text_encoders]
         total = 0.0
-        for latents, prompts, time_ids in self._latents(run):
+        for latents, prompts, image_cond in self._latents(run):
             with torch.no_grad(), acc.autocast():
-                if is_sdxl_models(run.models):
-                    states, pooled = run.prompts.encode(prompts, encoders, device)
-                    added = {"text_embeds": pooled, "time_ids": time_ids.to(device)}
-                else:
-                    states, added = run.prompts.encode(prompts, encoders[0], device), None
-                total += validation_loss(unet, latents.to(device), states, run.models.noise_scheduler,
-                                         seed=run.seed, added_cond_kwargs=added) * len(prompts)
+                cond = family.encode_prompts(run.prompts, prompts, encoders, device).merged(image_cond)
+                total += validation_loss(denoiser, latents.to(device), cond, run.models.noise_scheduler,
+                                         family=family, seed=run.seed) * len(prompts)
         return total / len(self.items)
 
-    def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str], torch.Tensor]]:
-        """Scaled latents, prompts and SDXL time ids, one group per image size (buckets), encoded once."""
+    def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str], Conditioning]]:
+        """Latents as the denoiser sees them, prompts and the family's image conditioning (SDXL's
+        time ids), one group per image size (buckets), encoded once."""
         if self.groups is None:
             from dbtools.train.data import item_time_ids
 
-            vae, device = run.models.vae, run.accelerator.device
+            vae, device, family = run.models.vae, run.accelerator.device, run.models.family
             by_size: dict[tuple[int, int], list[Item]] = {}
             for item in self.items:
                 by_size.setdefault(item.size, []).append(item)
             self.groups = []
             for items in by_size.values():
                 mean = torch.cat([self._encode(vae, chunk, device) for chunk in _chunks(items, HELD_OUT_CHUNK)])
-                self.groups.append(((mean * vae.config.scaling_factor).float().cpu(),
-                                    [it.example.prompt for it in items],
-                                    torch.tensor([item_time_ids(it, False) for it in items], dtype=torch.float32)))
+                time_ids = np.array([item_time_ids(it, False) for it in items], dtype=np.float32)
+                self.groups.append((family.latents(mean, vae).float().cpu(), [it.example.prompt for it in items],
+                                    family.image_conditioning({"time_ids": time_ids})))
         return self.groups
-
 
     @staticmethod
     def _encode(vae, items: list[Item], device) -> torch.Tensor:
@@ -480,5 +463,5 @@ def _is_disk_full(exc: BaseException) -> bool:
 def _save_bytes(run: Run) -> int:
     """Bytes of one weights save: every saved module in float32."""
     models = run.models
-    modules = [models.unet, models.text_encoder, getattr(models, "text_encoder_2", None), models.vae]
-    return sum(p.numel() * 4 for m in modules if m is not None for p in m.parameters())
+    modules = [m for m in models.parts.values() if isinstance(m, torch.nn.Module)]
+    return sum(p.numel() * 4 for m in modules for p in m.parameters())

@@ -19,8 +19,7 @@ import torch
 
 from dbtools.core.errors import UserError
 from dbtools.dataset.concepts import Concept, ConceptError, overlap_problems
-from dbtools.families.models import is_sdxl_models, text_encoders_of
-from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder, truncation_note
+from dbtools.families.prompts import truncation_note
 from dbtools.train.checkpoints import (
     ARGS_FILE,
     RUN_FILES_DIR,
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
+    from dbtools.families.base import ModelFamily
     from dbtools.families.models import SDComponents
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     problems = flag_problems(cfg)
     if cfg.pretrained_model_name_or_path:
         try:
-            check_model_path(cfg.pretrained_model_name_or_path,
-                             ("tokenizer", "text_encoder", "unet", "scheduler"))
+            check_model_path(cfg.pretrained_model_name_or_path, ("tokenizer", "text_encoder", "scheduler"))
+            problems += family_problems(cfg)
         except ModelLoadError as exc:
             problems.append(str(exc))
     concepts: list[Concept] = []
@@ -126,6 +126,25 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
         raise TrainError("\n".join(["Cannot start training. Fix these first:", *[f"- {p}" for p in problems]]))
     _warn_if_too_big(cfg)
     return concepts, plan
+
+
+def family_problems(cfg: TrainConfig) -> list[str]:
+    """The model's denoiser folder, and the settings its family cannot train with
+    (`ModelFamily.training_problems`), before anything loads. A model that cannot be read
+    here (a Hub id offline) is left to loading, which says why; a family we do not train
+    is named."""
+    from dbtools.families.models import ModelLoadError, UnsupportedModelError, check_model_path, detect_family
+    from dbtools.train.classgen import native_bf16
+
+    try:
+        family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError:
+        return []
+    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    return family.training_problems(cfg, native_bf16() if cuda else None)
 
 
 def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
@@ -299,8 +318,8 @@ def local_model_bytes(name_or_path: str) -> int:
     if not path.is_dir():
         return 0
     total = 0
-    for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        files = [f for f in (path / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):  # component folders: tokenizers have no weights
+        files = [f for f in sub.glob("*") if f.suffix in (".safetensors", ".bin")]
         full = [f for f in files if ".fp16." not in f.name] or files
         total += sum(f.stat().st_size * (2 if ".fp16." in f.name else 1) for f in full)
     return total
@@ -404,24 +423,25 @@ def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> 
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
                               revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
-                              component_dtypes=frozen_dtypes(cfg, weight_dtype))
+                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
+                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg)
 
 
-def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The components loaded in `weight_dtype` because their weights stay frozen: a LoRA run's
-    UNet and text encoders (the adapters, added later, are float32), a full fine-tune's text
-    encoders unless they train. The VAE loads in float32 (small, and it may have to stay
-    so: `vae_dtype`)."""
+def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype, family: ModelFamily) -> dict[str, torch.dtype]:
+    """The components of `family` loaded in `weight_dtype` because their weights stay frozen: a
+    LoRA run's denoiser and text encoders (the adapters, added later, are float32), a full
+    fine-tune's text encoders unless they train. The VAE loads in float32 (small, and it may
+    have to stay so: `vae_dtype`)."""
     encoders_frozen = cfg.use_lora or not cfg.train_text_encoder
-    return {**({"unet": weight_dtype} if cfg.use_lora else {}),
-            **({"text_encoder": weight_dtype, "text_encoder_2": weight_dtype} if encoders_frozen else {})}
+    return {**({family.denoiser: weight_dtype} if cfg.use_lora else {}),
+            **(dict.fromkeys(family.text_encoder_names, weight_dtype) if encoders_frozen else {})}
 
 
 def prepare_modules(cfg: TrainConfig, models, accelerator, weight_dtype) -> list:
     """Freeze what is not trained, add LoRA adapters, enable memory savers; return trainable params."""
     _freeze_and_place(cfg, models, accelerator.device, weight_dtype)
     _enable_memory_savers(cfg, models)
-    modules = [models.unet] + (text_encoders_of(models) if cfg.train_text_encoder else [])
+    modules = [models.denoiser] + (models.text_encoders if cfg.train_text_encoder else [])
     for m in modules:
         m.train()
     return [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -434,11 +454,11 @@ def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
     # With cached latents the VAE is needed only for samples and saves, which bring it in.
     move_module(models.vae, device if cfg.not_cache_latents else "cpu", vae_dtype(models.vae, weight_dtype))
     train_te = cfg.train_text_encoder
-    encoders = text_encoders_of(models)
+    encoders = models.text_encoders
     if cfg.use_lora:
         _add_lora(cfg, models)
     else:
-        models.unet.requires_grad_(True)
+        models.denoiser.requires_grad_(True)
         for encoder in encoders:
             encoder.requires_grad_(train_te)
         for part in unused_text_parts(models):
@@ -448,13 +468,13 @@ def _freeze_and_place(cfg: TrainConfig, models, device, weight_dtype) -> None:
             move_module(encoder, device, weight_dtype)
     if cfg.use_lora and weight_dtype != torch.float32:
         # Frozen base weights in half precision, trainable adapters in float32.
-        move_module(models.unet, device, weight_dtype)
+        move_module(models.denoiser, device, weight_dtype)
         if train_te:
             for encoder in encoders:
                 move_module(encoder, device, weight_dtype)
         from diffusers.training_utils import cast_training_params
 
-        cast_training_params([models.unet] + (encoders if train_te else []), dtype=torch.float32)
+        cast_training_params([models.denoiser] + (encoders if train_te else []), dtype=torch.float32)
 
 
 def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
@@ -466,12 +486,12 @@ def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
 def _enable_memory_savers(cfg: TrainConfig, models) -> None:
     """Gradient checkpointing, xformers attention and TF32, as asked."""
     if cfg.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        models.denoiser.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            for encoder in text_encoders_of(models):
+            for encoder in models.text_encoders:
                 _checkpoint_text_encoder(encoder)
     if cfg.enable_xformers_memory_efficient_attention:
-        _try_xformers(models.unet)
+        _try_xformers(models.denoiser)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -510,50 +530,36 @@ def _try_xformers(unet) -> None:
 def _add_lora(cfg: TrainConfig, models) -> None:
     from peft import LoraConfig
 
-    models.unet.requires_grad_(False)
-    for encoder in text_encoders_of(models):
+    family = models.family
+    models.denoiser.requires_grad_(False)
+    for encoder in models.text_encoders:
         encoder.requires_grad_(False)
-    models.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    models.denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                           target_modules=family.lora_targets(family.denoiser, models.denoiser)))
     if cfg.train_text_encoder:
         from peft import inject_adapter_in_model
 
         # peft directly: transformers' own `add_adapter` may demand a newer peft.
-        for encoder in text_encoders_of(models):
+        for name in family.text_encoder_names:
+            encoder = models.parts[name]
             inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                               target_modules=_text_lora_targets(encoder, models)), encoder)
-
-
-TEXT_LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+                                               target_modules=family.lora_targets(name, encoder)), encoder)
 
 
 def unused_text_parts(models) -> list[torch.nn.Module]:
-    """Text encoder parts whose output never reaches the loss, so they must not train.
-
-    SDXL conditions on the penultimate hidden states and takes the pooled embedding from
-    its second encoder: the first encoder's last layer and final layer norm are computed
-    for nothing. Trained, they get no gradient (data-parallel training stops at its second
-    step waiting for it) and their LoRA adapters would be saved as zeros.
-    """
-    if not is_sdxl_models(models):
-        return []
-    text_model = getattr(models.text_encoder, "text_model", models.text_encoder)  # transformers 4 nests it
-    return [text_model.encoder.layers[-1], text_model.final_layer_norm]
-
-
-def _text_lora_targets(encoder, models) -> list[str]:
-    """The attention projections of `encoder` that get LoRA adapters (full module names),
-    none inside `unused_text_parts`."""
-    unused = {id(m) for part in unused_text_parts(models) for m in part.modules()}
-    return [name for name, module in encoder.named_modules()
-            if name.rsplit(".", 1)[-1] in TEXT_LORA_PROJECTIONS and id(module) not in unused]
+    """Text encoder parts whose output never reaches the loss, so they must not train
+    (`ModelFamily.unused_parts`: SDXL's first encoder's last layer and final norm). Trained,
+    they get no gradient (data-parallel training stops at its second step waiting for it)
+    and their LoRA adapters would be saved as zeros."""
+    family = models.family
+    return [part for name in family.text_encoder_names if models.parts.get(name) is not None
+            for part in family.unused_parts(name, models.parts[name])]
 
 
 def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
     """The dataset, with VAE latents cached unless `--not_cache_latents`."""
-    vae, unet = models.vae, models.unet
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    step = scale * 2 ** (len(unet.config.block_out_channels) - 1)
+    vae = models.vae
+    step = models.family.size_step(vae, models.denoiser)
     dcfg = DataConfig(resolution=cfg.resolution, bucket_step=step, aspect_ratio_bucketing=cfg.aspect_ratio_bucketing,
                       center_crop=cfg.center_crop, hflip=cfg.hflip, train_batch_size=cfg.train_batch_size,
                       caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions,
@@ -617,25 +623,22 @@ def _vae_stats(vae, pixels, device, dtype):
     return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
 
 
-def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData,
-                        accelerator) -> PromptEncoder | SDXLPromptEncoder:
-    """Prompt encoding (SDXL: both encoders, pooled embeddings too); embeddings are cached
+def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator):
+    """The family's prompt encoder (`ModelFamily.prompt_encoder`); embeddings are cached
     when the text encoders are frozen."""
     if accelerator.is_main_process:
         _note_cut_captions(cfg, models.tokenizer, data)
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
-    if is_sdxl_models(models):
-        enc = SDXLPromptEncoder([models.tokenizer, models.tokenizer_2], cache=cache)
-    else:
-        enc = PromptEncoder(models.tokenizer, pad_tokens=cfg.pad_tokens, max_length=cfg.tokenizer_max_length,
-                            use_attention_mask=cfg.text_encoder_use_attention_mask, cache=cache)
+    enc = models.family.prompt_encoder(models.tokenizers, cache=cache, pad_tokens=cfg.pad_tokens,
+                                       max_length=cfg.tokenizer_max_length,
+                                       use_attention_mask=cfg.text_encoder_use_attention_mask)
     if cache:
         prompts = {"" if cfg.caption_dropout else None}
         if not cfg.shuffle_captions:
             prompts |= {it.example.prompt for it in data.all_items()}
         prompts = sorted(prompts - {None})
         for k in range(0, len(prompts), 64):
-            enc.encode(prompts[k:k + 64], encoders_of(models), accelerator.device)
+            models.family.encode_prompts(enc, prompts[k:k + 64], models.text_encoders, accelerator.device)
         # Shuffled captions almost never repeat: caching them would only fill GPU memory
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
@@ -653,18 +656,13 @@ def _note_cut_captions(cfg: TrainConfig, tokenizer, data: DreamBoothData) -> Non
         logger.warning("%s", note)
 
 
-def encoders_of(models):
-    """What the prompt encoder takes: the text encoder, or SDXL's list of both."""
-    return text_encoders_of(models) if is_sdxl_models(models) else models.text_encoder
-
-
-def offload_cached(cfg: TrainConfig, models, prompts: PromptEncoder | SDXLPromptEncoder) -> None:
-    """Frozen modules whose outputs are all cached leave the GPU until sampling time
-    (for SDXL both text encoders: what lets SDXL LoRA fit a 16 GB GPU)."""
+def offload_cached(cfg: TrainConfig, models, prompts) -> None:
+    """Frozen modules whose outputs are all cached leave the GPU until sampling time (all text
+    encoders, when the family allows it: what lets SDXL LoRA fit a 16 GB GPU)."""
     if not cfg.not_cache_latents:
         models.vae.to("cpu")
-    if prompts.cache is not None and not cfg.shuffle_captions:
-        for encoder in text_encoders_of(models):
+    if prompts.cache is not None and not cfg.shuffle_captions and models.family.text_encoders_may_leave():
+        for encoder in models.text_encoders:
             encoder.to("cpu")
 
 
@@ -719,16 +717,16 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int, num_pro
 
 
 def make_ema(cfg: TrainConfig, models: SDComponents, accelerator: Accelerator) -> EMAModel | None:
-    """The UNet's EMA on the main process only: only it saves weights, so the other ranks
-    would keep (and step) a full fp32 copy of the UNet for nothing."""
+    """The denoiser's EMA on the main process only: only it saves weights, so the other ranks
+    would keep (and step) a full fp32 copy of the denoiser for nothing."""
     if not cfg.use_ema or not accelerator.is_main_process:
         return None
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     # foreach: one fused update over all tensors per step instead of a few kernels per tensor.
-    ema = EMAModel(models.unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=models.unet.config, foreach=True)
+    denoiser = models.denoiser
+    ema = EMAModel(denoiser.parameters(), decay=cfg.ema_decay, model_cls=type(denoiser),
+                   model_config=denoiser.config, foreach=True)
     ema.to(accelerator.device)
     return ema
 
