@@ -23,6 +23,8 @@ from dbtools.after.export import (
 )
 from dbtools.core.atomic import TMP_PREFIX
 from dbtools.families.models import ModelLoadError
+from dbtools.families.sd import SD1, SD2
+from dbtools.families.sdxl import SDXL
 from dbtools.tiny import tiny_sd_configs
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -280,11 +282,11 @@ def test_existing_output_is_replaced_only_when_complete(tiny_sd, tmp_path, monke
 
 
 def test_text_encoder_layout_from_config():
-    assert text_encoder_layout({"hidden_act": "quick_gelu", "hidden_size": 768}) == "sd1"
-    assert text_encoder_layout({"hidden_act": "gelu", "hidden_size": 1024}) == "sd2"
-    assert text_encoder_layout({"hidden_act": "gelu", "hidden_size": 32}) == "sd2"
-    assert text_encoder_layout({"hidden_size": 768}) == "sd1"  # CLIPTextConfig's default act
-    assert text_encoder_layout({"hidden_act": "relu", "hidden_size": 1024}) == "sd2"
+    assert text_encoder_layout({"hidden_act": "quick_gelu", "hidden_size": 768}) == "clip"
+    assert text_encoder_layout({"hidden_act": "gelu", "hidden_size": 1024}) == "openclip"
+    assert text_encoder_layout({"hidden_act": "gelu", "hidden_size": 32}) == "openclip"
+    assert text_encoder_layout({"hidden_size": 768}) == "clip"  # CLIPTextConfig's default act
+    assert text_encoder_layout({"hidden_act": "relu", "hidden_size": 1024}) == "openclip"
 
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -316,7 +318,7 @@ def meta_state_dicts(unet: dict, vae: dict, text: dict) -> dict:
 
 def test_real_sd15_names_and_shapes_without_weights():
     sds = meta_state_dicts(SD15_UNET, SD_VAE, SD15_TEXT)
-    out = to_original_state_dict(**sds, configs=dict(unet=SD15_UNET, vae=SD_VAE, text_encoder=SD15_TEXT))
+    out = to_original_state_dict(sds, dict(unet=SD15_UNET, vae=SD_VAE, text_encoder=SD15_TEXT), SD1)
     count = lambda prefix: sum(k.startswith(prefix) for k in out)  # noqa: E731
     # the tensor counts of the original v1-5 checkpoint (without EMA and schedule buffers)
     assert (count("model.diffusion_model."), count("first_stage_model."), count("cond_stage_model.")) \
@@ -342,7 +344,7 @@ def test_real_sd15_names_and_shapes_without_weights():
 
 def test_real_sd21_names_and_shapes_without_weights():
     sds = meta_state_dicts(SD21_UNET, SD_VAE, SD21_TEXT)
-    out = to_original_state_dict(**sds, configs=dict(unet=SD21_UNET, vae=SD_VAE, text_encoder=SD21_TEXT))
+    out = to_original_state_dict(sds, dict(unet=SD21_UNET, vae=SD_VAE, text_encoder=SD21_TEXT), SD2)
     shapes = {
         # diffusers' single-file loader recognises SD 2.x by this key's 1024 width
         "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
@@ -397,7 +399,7 @@ def test_real_sdxl_names_and_shapes_without_weights():
     with init_empty_weights():
         sds["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).state_dict()
     configs = dict(unet=SDXL_UNET, vae=SD_VAE, text_encoder=SDXL_TEXT, text_encoder_2=SDXL_TEXT_2)
-    out = to_original_state_dict(**sds, configs=configs)
+    out = to_original_state_dict(sds, configs, SDXL)
     count = lambda prefix: sum(k.startswith(prefix) for k in out)  # noqa: E731
     # the tensor counts of the original sd_xl_base_1.0 checkpoint (2515 in all)
     assert (count("model.diffusion_model."), count("first_stage_model."), count("conditioner.embedders.0."),

@@ -47,20 +47,13 @@ from pathlib import Path
 
 from dbtools.core.atomic import atomic_write, remove_leftovers
 from dbtools.core.errors import UserError
-from dbtools.families.detect import SDXL, UnsupportedFamily, family_from_model_index
-from dbtools.families.models import WEIGHT_STEMS
+from dbtools.families.base import ModelFamily, UnsupportedFamily
+from dbtools.families.models import folder_family, weight_stems
+from dbtools.families.sd import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 logger = logging.getLogger(__name__)
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
-SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
-LAYOUTS = {"sd1": "SD 1.x, OpenAI CLIP text encoder", "sd2": "SD 2.x, OpenCLIP text encoder",
-           "sdxl": "SDXL, CLIP and OpenCLIP text encoders",
-           "kohya": "kohya-style LoRA for AUTOMATIC1111/ComfyUI"}
+KOHYA_LAYOUT = "kohya-style LoRA for AUTOMATIC1111/ComfyUI"
 WHERE_IT_GOES = {
     "lora": "A LoRA file: put it in models/Lora (AUTOMATIC1111, Forge) or models/loras (ComfyUI) and use it with "
             "its base model. diffusers' load_lora_weights reads the step folder's pytorch_lora_weights.safetensors "
@@ -122,12 +115,15 @@ class ExportResult:
     num_bytes: int
     dtype: str
     layout: str
+    """The model family's key, or "kohya" for a LoRA file."""
     file_format: str
+    description: str = KOHYA_LAYOUT
+    """What the layout is, in words (`SingleFileLayout.description`)."""
 
     def summary(self) -> str:
         size = f"{self.num_bytes / 2**20:.1f} MiB" if self.num_bytes >= 2**20 else f"{self.num_bytes} bytes"
         return (f"wrote {self.path}: {self.num_tensors} tensors, {size}, {self.dtype}, "
-                f"{self.file_format}, layout {self.layout} ({LAYOUTS[self.layout]})\n{WHERE_IT_GOES[self.kind]}")
+                f"{self.file_format}, layout {self.layout} ({self.description})\n{WHERE_IT_GOES[self.kind]}")
 
     @property
     def kind(self) -> str:
@@ -160,7 +156,8 @@ def output_format(checkpoint_path: str | Path, use_safetensors: bool | None = No
 
 
 def text_encoder_layout(text_config: dict) -> str:
-    """Which original layout the text encoder belongs to: "sd1" (CLIP) or "sd2" (OpenCLIP).
+    """Which original text encoder layout a config belongs to: "clip" (OpenAI CLIP, SD 1.x) or
+    "openclip" (SD 2.x).
 
     SD 2.x's OpenCLIP text encoder uses plain GELU (`hidden_act="gelu"`); OpenAI's CLIP in
     SD 1.x uses `quick_gelu`. When the activation is neither, a 1024-wide encoder is taken
@@ -168,10 +165,10 @@ def text_encoder_layout(text_config: dict) -> str:
     """
     act = text_config.get("hidden_act", "quick_gelu")
     if act == "gelu":
-        return "sd2"
+        return "openclip"
     if act == "quick_gelu":
-        return "sd1"
-    guess = "sd2" if text_config.get("hidden_size") == 1024 else "sd1"
+        return "clip"
+    guess = "openclip" if text_config.get("hidden_size") == 1024 else "clip"
     logger.warning("text encoder activation %r is neither CLIP's nor OpenCLIP's; writing the %s layout",
                    act, guess)
     return guess
@@ -189,7 +186,7 @@ def unet_key_map(unet_config: dict, keys: Iterable[str] | None = None) -> dict[s
     """
     rules = _unet_rules(unet_config)
     if keys is None:
-        keys = _model_keys("unet", unet_config)
+        keys = _model_keys(_UNET_CLASS, unet_config)
     return _apply_rules(keys, rules, UNET_PREFIX, "unet")
 
 
@@ -202,7 +199,7 @@ def vae_key_map(vae_config: dict, keys: Iterable[str] | None = None) -> dict[str
     """
     rules = _vae_rules(vae_config)
     if keys is None:
-        keys = _model_keys("vae", vae_config)
+        keys = _model_keys(_VAE_CLASS, vae_config)
     return _apply_rules(keys, rules, VAE_PREFIX, "vae")
 
 
@@ -212,19 +209,19 @@ def text_encoder_key_map(text_config: dict, keys: Iterable[str] | None = None,
 
     `keys` are `CLIPTextModel`/`CLIPTextModelWithProjection` weight names (with or without
     the `text_model.` prefix; default: those of a `CLIPTextModel` built from the config). For
-    "sd2" (OpenCLIP) the q, k and v projections of a layer all map to that layer's
+    "openclip" the q, k and v projections of a layer all map to that layer's
     `attn.in_proj_weight`/`in_proj_bias`, which holds them stacked in q, k, v order (see
     `text_encoder_to_original`). `prefix` replaces the layout's usual prefix (SDXL's
     encoders live under `conditioner.embedders.N.`).
     """
     layout = layout or text_encoder_layout(text_config)
-    prefix = prefix or (CLIP_PREFIX if layout == "sd1" else OPENCLIP_PREFIX)
+    prefix = prefix or (CLIP_PREFIX if layout == "clip" else OPENCLIP_PREFIX)
     if keys is None:
-        keys = _model_keys("text_encoder", text_config)
+        keys = _model_keys(_CLIP_CLASS, text_config)
     out, unknown = {}, []
     for key in keys:
         name = _strip_text_prefix(key)
-        target = prefix + name if layout == "sd1" else _openclip_name(name, prefix)
+        target = prefix + name if layout == "clip" else _openclip_name(name, prefix)
         if target is None:
             unknown.append(key)
         else:
@@ -257,10 +254,10 @@ def vae_to_original(state_dict: dict, vae_config: dict) -> dict:
 
 def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | None = None,
                              prefix: str | None = None, add_last_block: bool | None = None) -> dict:
-    """Convert a text encoder state dict to the original layout of `layout` ("sd1"/"sd2").
+    """Convert a text encoder state dict to the original layout of `layout` ("clip"/"openclip").
 
-    CLIP ("sd1") also gets `embeddings.position_ids` (int64, as in the original checkpoints).
-    OpenCLIP ("sd2") stacks each layer's q, k, v projections into `in_proj_*`, stores
+    CLIP also gets `embeddings.position_ids` (int64, as in the original checkpoints).
+    OpenCLIP stacks each layer's q, k, v projections into `in_proj_*`, stores
     `text_projection` transposed ([width, projection]) and gains `logit_scale`; a
     `CLIPTextModel` without projection gets an identity `text_projection`. `add_last_block`
     (default: for SD 2.x's own prefix) appends an identity block for the layer diffusers
@@ -269,7 +266,7 @@ def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | 
     import torch
 
     layout = layout or text_encoder_layout(text_config)
-    prefix = prefix or (CLIP_PREFIX if layout == "sd1" else OPENCLIP_PREFIX)
+    prefix = prefix or (CLIP_PREFIX if layout == "clip" else OPENCLIP_PREFIX)
     state_dict = normalize_text_encoder_keys(state_dict)
     key_map = text_encoder_key_map(text_config, state_dict, layout, prefix)
     grouped: dict[str, list[str]] = {}
@@ -282,7 +279,7 @@ def text_encoder_to_original(state_dict: dict, text_config: dict, layout: str | 
         else:
             sources.sort(key=_qkv_rank)
             out[name] = torch.cat([state_dict[k] for k in sources], dim=0)
-    if layout == "sd1":
+    if layout == "clip":
         positions = int(text_config.get("max_position_embeddings", 77))
         out[prefix + "embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
         return out
@@ -339,28 +336,37 @@ def normalize_vae_keys(state_dict: dict) -> dict:
     return out
 
 
-def to_original_state_dict(unet: dict, vae: dict, text_encoder: dict, configs: dict,
-                           half: bool = False, text_encoder_2: dict | None = None) -> dict:
-    """One original-layout state dict from the diffusers state dicts.
+_UNET_CLASS, _VAE_CLASS, _CLIP_CLASS = ("diffusers.UNet2DConditionModel", "diffusers.AutoencoderKL",
+                                       "transformers.CLIPTextModel")
+"""What the converters below read (the default model built to list a config's weight names)."""
 
-    `configs` holds the `unet`, `vae` and `text_encoder` (and for SDXL `text_encoder_2`)
-    config dicts. With `text_encoder_2` the SDXL layout is written: the first encoder as
-    CLIP under `conditioner.embedders.0.`, the second as OpenCLIP under
-    `conditioner.embedders.1.`. With `half`, floating-point tensors become fp16 (integer
+CONVERTERS = {
+    "sd_unet": lambda sd, config, prefix: unet_to_original(sd, config),
+    "sd_vae": lambda sd, config, prefix: vae_to_original(sd, config),
+    "clip": lambda sd, config, prefix: text_encoder_to_original(sd, config, "clip", prefix),
+    "openclip": lambda sd, config, prefix: text_encoder_to_original(sd, config, "openclip", prefix),
+}
+"""The converters a family's `SingleFileLayout` names, by name: (state dict, config, key prefix)
+-> original-layout tensors."""
+
+
+def to_original_state_dict(weights: dict[str, dict], configs: dict, family: ModelFamily,
+                           half: bool = False) -> dict:
+    """One original-layout state dict from the diffusers state dicts of `family`'s components.
+
+    `weights` and `configs` hold each component's state dict and config dict, by component
+    name (SD: `unet`, `vae`, `text_encoder`; SDXL also `text_encoder_2`); the family's
+    `single_file_layout` says which converter writes each and under which prefix (SDXL: the
+    first encoder as CLIP under `conditioner.embedders.0.`, the second as OpenCLIP under
+    `conditioner.embedders.1.`). With `half`, floating-point tensors become fp16 (integer
     buffers such as `position_ids` stay int64). Every tensor is contiguous (safetensors
     requires it).
     """
     import torch
 
     out = {}
-    out.update(unet_to_original(unet, configs["unet"]))
-    out.update(vae_to_original(vae, configs["vae"]))
-    if text_encoder_2 is None:
-        out.update(text_encoder_to_original(text_encoder, configs["text_encoder"]))
-    else:
-        out.update(text_encoder_to_original(text_encoder, configs["text_encoder"], "sd1", SDXL_CLIP_PREFIX))
-        out.update(text_encoder_to_original(text_encoder_2, configs["text_encoder_2"], "sd2",
-                                            SDXL_OPENCLIP_PREFIX))
+    for component, (converter, prefix) in family.single_file_layout().parts.items():
+        out.update(CONVERTERS[converter](weights[component], configs[component], prefix))
     for key, tensor in out.items():
         if half and tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
@@ -509,23 +515,20 @@ def _qkv_rank(key: str) -> int:
     return next(i for i, p in enumerate(_QKV) if f".{p}." in key)
 
 
-def _model_keys(component: str, config: dict) -> list[str]:
-    """Weight names of a component built from `config` on the meta device (no memory, no I/O)."""
+def _model_keys(class_path: str, config: dict) -> list[str]:
+    """Weight names of a `class_path` model ("diffusers.AutoencoderKL") built from `config` on
+    the meta device (no memory, no I/O); a transformers model's names normalized as
+    `normalize_text_encoder_keys` does."""
+    import importlib
+
     from accelerate import init_empty_weights
 
+    library, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(library), name)
     with init_empty_weights():
-        if component.startswith("text_encoder"):
-            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-            cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-            model = cls(CLIPTextConfig.from_dict(config))
-        else:
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-
-            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-            model = cls.from_config(config)
+        model = cls.from_config(config) if library == "diffusers" else cls(cls.config_class.from_dict(config))
     keys = list(model.state_dict())
-    if component.startswith("text_encoder"):
+    if library == "transformers":
         keys = list(normalize_text_encoder_keys(dict.fromkeys(keys)))
     return keys
 
@@ -558,15 +561,18 @@ def check_export_paths(model_path: str | Path, checkpoint_path: str | Path,
     return output_format(checkpoint_path, use_safetensors)
 
 
-def export_components(model_path: Path) -> tuple[str, ...]:
-    """The component folders an export reads: SDXL adds `text_encoder_2`."""
-    index_file = model_path / "model_index.json"
-    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+def export_family(model_path: Path) -> ModelFamily:
+    """The family of the folder to export (`families.models.folder_family`); a family we do not
+    train is an `ExportError` naming it."""
     try:
-        sdxl = family_from_model_index(index) is SDXL or (model_path / "text_encoder_2").is_dir()
+        return folder_family(model_path)
     except UnsupportedFamily as exc:
         raise ExportError(f"{model_path} is {exc}.") from None
-    return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+
+
+def export_components(model_path: Path) -> tuple[str, ...]:
+    """The component folders an export reads: those of its family's single-file layout."""
+    return tuple(export_family(model_path).single_file_layout().parts)
 
 
 def _overwrites_the_model(model_path: Path, checkpoint_path: Path) -> bool:
@@ -591,7 +597,7 @@ def _component_problems(model_path: Path) -> list[str]:
                             "model folder again.")
             continue
         try:
-            weight_files(sub, WEIGHT_STEMS[component])
+            weight_files(sub, weight_stems(component))
         except ExportError as exc:
             problems.append(str(exc))
     return problems
@@ -602,7 +608,7 @@ def load_component(folder: str | Path, component: str) -> tuple[dict, dict]:
     sub = Path(folder) / component
     config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
     state_dict: dict = {}
-    for file in weight_files(sub, WEIGHT_STEMS[component]):
+    for file in weight_files(sub, weight_stems(component)):
         state_dict.update(_read_weights(file))
     return config, state_dict
 
@@ -643,15 +649,15 @@ def _read_weights(file: Path) -> dict:
     return safe_torch_load(file)
 
 
-def _check_weights(component: str, config: dict, state_dict: dict, folder: Path) -> None:
-    """The folder's weights must be exactly the model its config describes."""
-    if component.startswith("text_encoder"):
+def _check_weights(component: str, class_path: str, config: dict, state_dict: dict, folder: Path) -> None:
+    """The folder's weights must be exactly the `class_path` model its config describes."""
+    if class_path.startswith("transformers."):
         have = set(normalize_text_encoder_keys(state_dict))
-    elif component == "vae":
+    elif class_path == _VAE_CLASS:
         have = set(normalize_vae_keys(state_dict))
     else:
         have = set(state_dict)
-    want = set(_model_keys(component, config))
+    want = set(_model_keys(class_path, config))
     missing, extra = sorted(want - have), sorted(have - want)
     if missing:
         raise ExportError(f"{folder / component}: {len(missing)} weights missing (e.g. {missing[0]}). The "
@@ -730,19 +736,20 @@ def run_export(config: ExportConfig) -> ExportResult:
     if is_lora_folder(model_path):
         return _export_checkpoint(config) if config.fuse_lora else _export_lora(config)
     file_format = check_export_paths(model_path, out, config.use_safetensors)
+    family = export_family(model_path)
+    layout = family.single_file_layout()
     configs, weights = {}, {}
-    for component in export_components(model_path):
+    for component in layout.parts:
         configs[component], weights[component] = load_component(model_path, component)
-        _check_weights(component, configs[component], weights[component], model_path)
-    layout = "sdxl" if "text_encoder_2" in weights else text_encoder_layout(configs["text_encoder"])
-    logger.info("%s: %s model, converting to the original layout", model_path, LAYOUTS[layout])
-    state_dict = to_original_state_dict(weights["unet"], weights["vae"], weights["text_encoder"],
-                                        configs, half=config.half, text_encoder_2=weights.get("text_encoder_2"))
+        _check_weights(component, family.parts[component], configs[component], weights[component], model_path)
+    logger.info("%s: %s model, converting to the original layout", model_path, layout.description)
+    state_dict = to_original_state_dict(weights, configs, family, half=config.half)
     del weights  # with `half`, frees the full-precision originals before writing
     _write(state_dict, out, file_format)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
     return ExportResult(path=out, num_tensors=len(state_dict), num_bytes=out.stat().st_size,
-                        dtype="/".join(dtypes), layout=layout, file_format=file_format)
+                        dtype="/".join(dtypes), layout=family.key, file_format=file_format,
+                        description=layout.description)
 
 
 def _export_checkpoint(config: ExportConfig) -> ExportResult:
@@ -754,7 +761,7 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
     from dbtools.families.models import load_checkpoint_pipeline
 
     pipe = load_checkpoint_pipeline(config.model_path)
-    if getattr(pipe.unet, "peft_config", None):
+    if any(getattr(m, "peft_config", None) for m in pipe.components.values()):
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     with tempfile.TemporaryDirectory(prefix="dbtools-export-") as tmp:
@@ -765,8 +772,8 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
 
 
 def is_lora_folder(path: Path) -> bool:
-    """True for a LoRA weights folder (`pytorch_lora_weights.safetensors`, no `unet/`)."""
-    return (path / LORA_FILE).is_file() and not (path / "unet").is_dir()
+    """True for a LoRA weights folder (`pytorch_lora_weights.safetensors`, no model folders)."""
+    return (path / LORA_FILE).is_file() and not any((p / "config.json").is_file() for p in path.iterdir())
 
 
 def _export_lora(config: ExportConfig) -> ExportResult:

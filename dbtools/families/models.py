@@ -50,19 +50,28 @@ single-file checkpoint; used when no `config` argument is given."""
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 _CONFIG_FILES = {
     "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
-    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
     "text_encoder": ("config.json",),
-    "text_encoder_2": ("config.json",),
-    "vae": ("config.json",),
-    "unet": ("config.json",),
-    "transformer": ("config.json",),
+    "model": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
-                "vae": ("diffusion_pytorch_model",), "unet": ("diffusion_pytorch_model",),
-                "transformer": ("diffusion_pytorch_model",)}
-"""Weight file stems per component (transformers folders saved before safetensors use
-`pytorch_model.bin`)."""
+_WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"), "model": ("diffusion_pytorch_model",)}
+
+
+def _kind(component: str) -> str:
+    """What a component folder holds: "tokenizer", "text_encoder" (transformers), "scheduler",
+    or "model" (a diffusers model: VAE, UNet, transformer)."""
+    return next((k for k in ("tokenizer", "text_encoder", "scheduler") if component.startswith(k)), "model")
+
+
+def config_files(component: str) -> tuple[str, ...]:
+    """The config file names a component folder has (one of them)."""
+    return _CONFIG_FILES[_kind(component)]
+
+
+def weight_stems(component: str) -> tuple[str, ...] | None:
+    """Weight file stems of a component folder (transformers folders saved before safetensors
+    use `pytorch_model.bin`); None for folders without weights (tokenizers, schedulers)."""
+    return _WEIGHT_STEMS.get(_kind(component))
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -112,21 +121,7 @@ class UnsupportedModelError(ModelLoadError):
 
 
 SDComponents = Components
-"""The loaded training components (`families.base.Components`); the old name."""
-
-
-def text_encoders_of(models) -> list:
-    """The text encoders of loaded components, in their family's order; also works for any
-    object with `text_encoder` (and optionally `text_encoder_2`) attributes, e.g. a pipeline."""
-    if isinstance(models, Components):
-        return models.text_encoders
-    second = getattr(models, "text_encoder_2", None)
-    return [models.text_encoder] + ([second] if second is not None else [])
-
-
-def is_sdxl_models(models) -> bool:
-    """Whether loaded components are SDXL's (they have a second text encoder)."""
-    return getattr(models, "text_encoder_2", None) is not None
+"""The loaded training components (`families.base.Components`), by the name `Run` still uses."""
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -217,11 +212,11 @@ def model_folder_problems(
         if not sub.is_dir():
             problems.append(f"{folder}: the '{name}' folder is missing. The model is incomplete: "
                             "copy or download the whole model folder again.")
-        elif not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
-            problems.append(f"{sub}: no {_CONFIG_FILES[name][0]}. The model is incomplete: copy or "
+        elif not any((sub / f).is_file() for f in config_files(name)):
+            problems.append(f"{sub}: no {config_files(name)[0]}. The model is incomplete: copy or "
                             "download the whole model folder again.")
-        elif name in WEIGHT_STEMS and not _has_weights(sub, WEIGHT_STEMS[name]):
-            problems.append(f"{sub}: no weights ({WEIGHT_STEMS[name][0]}.safetensors). The download or "
+        elif weight_stems(name) and not _has_weights(sub, weight_stems(name)):
+            problems.append(f"{sub}: no weights ({weight_stems(name)[0]}.safetensors). The download or "
                             "save was interrupted: copy or download the model folder again.")
     return problems
 
@@ -264,6 +259,32 @@ def check_model_path(model_name_or_path: str, needed: tuple[str, ...] = COMPONEN
     problems = model_folder_problems(path, needed)
     if problems:
         raise ModelLoadError("\n".join(problems))
+
+
+def folder_model_index(folder: str | os.PathLike) -> dict:
+    """The `model_index.json` of a diffusers folder; for a folder saved without one, rebuilt
+    from its component folders' configs (diffusers' `_class_name`, transformers' `architectures`)."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return index if isinstance(index, dict) else {}
+    index: dict = {}
+    for sub in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+        cls = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if cls:
+            index[sub.name] = ["diffusers" if "_class_name" in config else "transformers", cls]
+    return index
+
+
+def folder_family(folder: str | os.PathLike) -> ModelFamily:
+    """The family of a local diffusers folder (`folder_model_index` and its text encoder's config);
+    `UnsupportedFamily` for one we do not train."""
+    folder = Path(folder)
+    text_file = folder / "text_encoder" / "config.json"
+    text = json.loads(text_file.read_text(encoding="utf-8")) if text_file.is_file() else None
+    return registry.family_for_model_index(folder_model_index(folder), text)
 
 
 def _refuse_other_family(folder: Path) -> None:
@@ -875,7 +896,6 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
     LoRA run's weights folder (`is_lora_weights_folder`) loads the same way.
     """
     import torch
-    from diffusers import UNet2DConditionModel
 
     folder = Path(os.path.expanduser(os.fspath(checkpoint_dir)))
     args = _checkpoint_args(folder)
@@ -884,16 +904,15 @@ def load_checkpoint_pipeline(checkpoint_dir: str | os.PathLike, *, torch_dtype=N
                          vae_name_or_path=args.get("pretrained_vae_name_or_path"),
                          revision=args.get("revision"), variant=args.get("variant"), torch_dtype=dtype,
                          scheduler=scheduler, quantize=quantize)
-    if (folder / "unet").is_dir():
-        pipe.unet = _guard(str(folder), lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype))
-    for sub in ("text_encoder", "text_encoder_2"):  # SDXL's second encoder when it was trained
-        if (folder / sub).is_dir() and getattr(pipe, sub, None) is not None:
-            setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
-                folder / sub, dtype=dtype)))
+    trained = [sub for sub, module in pipe.components.items()
+               if (folder / sub / "config.json").is_file() and hasattr(module, "from_pretrained")]
+    for sub in trained:  # the denoiser, and the text encoders that were trained
+        setattr(pipe, sub, _guard(str(folder), lambda sub=sub: type(getattr(pipe, sub)).from_pretrained(
+            folder / sub, dtype=dtype)))
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(folder))
-    elif not (folder / "unet").is_dir():
-        raise ModelLoadError(f"{folder}: this checkpoint holds no unet/ folder or LoRA weights (an older "
+    elif not trained:
+        raise ModelLoadError(f"{folder}: this checkpoint holds no model folders or LoRA weights (an older "
                              "dbtools wrote it). Resume training from it and let it save, or use a weights folder.")
     return pipe.to(device) if device else pipe
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dbtools.families import registry
+
 GIB = 1024 ** 3
 
 SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
@@ -63,21 +65,15 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     SDXL_LORA_16GB: ("sdxl",),
     SDXL_FULL_24GB: ("sdxl",),
 }
-
-# Facts about the real models: parameter counts (UNet, text encoders, VAE), the native size,
-# LoRA parameters per unit of rank for the attention projections the trainer adapts, and
-# activation memory (GiB) at the native size, batch 1, half precision, with and without
-# gradient checkpointing.
-_PARAMS = {
-    "sd1": {"unet": 859_520_964, "text": (123_060_480,), "vae": 83_653_863},
-    "sd2": {"unet": 865_910_724, "text": (340_387_840,), "vae": 83_653_863},
-    "sdxl": {"unet": 2_567_463_684, "text": (123_060_480, 694_659_840), "vae": 83_653_863},
+# What `auto` picks per family, most capable first: the first estimated to fit the GPU, else
+# (and when the GPU is unknown) the last, the leanest. The original notebook's for SD 1.x/2.x.
+PREFERRED: dict[str, tuple[str, ...]] = {
+    "sd1": (SD_DEFAULT,),
+    "sd2": (SD_DEFAULT,),
+    "sdxl": (SDXL_FULL_24GB, SDXL_LORA_16GB),
 }
-_NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-_LORA_PER_RANK = {"sd1": {"unet": 199_296, "text": (73_728,)},
-                  "sd2": {"unet": 199_296, "text": (245_760,)},
-                  "sdxl": {"unet": 1_451_520, "text": (73_728, 327_680)}}
-_ACTIVATIONS_GIB = {"sd1": (0.4, 2.5), "sd2": (1.0, 5.5), "sdxl": (2.5, 16.0)}  # (checkpointed, not)
+# The parameter counts, LoRA sizes and activation memory of the real models are the families'
+# own (`ModelFamily.memory`), as is the native size.
 _OVERHEAD_GIB = 0.5
 # Adafactor keeps row and column second moments: 0.095 floats per weight for SDXL's UNet (its
 # 3x3 convolutions factor over the last two axes only).
@@ -118,7 +114,7 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     8-bit Adam 2, Adafactor about 0.4. A text encoder that is not trained leaves the GPU when its embeddings are
     cached (not with `shuffle_captions`), the VAE when latents are.
     """
-    params, lora = _PARAMS[family], _LORA_PER_RANK[family]
+    numbers = registry.get(family).memory
     half = str(_flag(flags, "mixed_precision", "no")) in ("fp16", "bf16")
     frozen_bytes = 2 if half else 4
     train_te = bool(_flag(flags, "train_text_encoder", False))
@@ -128,15 +124,16 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     vae_resident = bool(_flag(flags, "not_cache_latents", False))
 
     trained = frozen = 0
+    text = sum(numbers.text_params)
     if use_lora:
-        frozen += params["unet"] + (sum(params["text"]) if train_te else 0)
-        trained += rank * (lora["unet"] + (sum(lora["text"]) if train_te else 0))
+        frozen += numbers.denoiser_params + (text if train_te else 0)
+        trained += rank * (numbers.lora_per_rank + (sum(numbers.text_lora_per_rank) if train_te else 0))
     else:
-        trained += params["unet"] + (sum(params["text"]) if train_te else 0)
+        trained += numbers.denoiser_params + (text if train_te else 0)
     if text_resident and not train_te:
-        frozen += sum(params["text"])
+        frozen += text
     if vae_resident:
-        frozen += params["vae"]
+        frozen += numbers.vae_params
     optimizer_bytes = _ADAFACTOR_BYTES if _flag(flags, "use_adafactor", False) else \
         2 if _flag(flags, "use_8bit_adam", False) else 8
     return MemoryEstimate({
@@ -149,9 +146,10 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
 
 
 def _activations_gib(family: str, flags: Mapping[str, Any], half: bool) -> float:
-    checkpointed, full = _ACTIVATIONS_GIB[family]
+    checkpointed, full = registry.get(family).memory.activations_gib
+    native = registry.get(family).resolution
     base = checkpointed if _flag(flags, "gradient_checkpointing", False) else full
-    pixels = (int(_flag(flags, "resolution", _NATIVE[family])) / _NATIVE[family]) ** 2
+    pixels = (int(_flag(flags, "resolution", native)) / native) ** 2
     # Prior preservation puts a class image beside each instance image in the UNet's batch.
     batch = int(_flag(flags, "train_batch_size", 1)) * (2 if _flag(flags, "with_prior_preservation", False) else 1)
     return base * pixels * batch * (1 if half else 2)
@@ -174,7 +172,9 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
     if estimate.fits(gpu_gib):
         return None
     what = f"The memory profile {profile!r}" if profile else "These training settings"
-    advice = ("choose the memory profile " + repr(SDXL_LORA_16GB) if family == "sdxl" and not flags.get("use_lora")
+    leanest = PREFERRED[family][-1]
+    advice = ("choose the memory profile " + repr(leanest)
+              if MEMORY_PROFILES[leanest].get("use_lora") and not flags.get("use_lora")
               else "turn on gradient checkpointing and 8-bit Adam, lower the resolution or batch size, "
                    "or train LoRA (--use_lora)")
     return (f"{what} needs {estimate.describe()} but this GPU has {gpu_gib:.1f} GiB: training will "
@@ -182,15 +182,15 @@ def fit_warning(family: str, flags: Mapping[str, Any], gpu_gib: float | None, pr
 
 
 def recommended_profile(family: str, gpu_gib: float | None = None) -> str:
-    """The profile the notebook's `auto` picks: the original notebook's for SD 1.x/2.x; for
-    SDXL the full fine-tune when it is estimated to fit the GPU, else LoRA (always LoRA
-    when the GPU is unknown: it fits a 16 GB Colab T4)."""
-    if family != "sdxl":
-        return SD_DEFAULT
-    full = {**MEMORY_PROFILES[SDXL_FULL_24GB], "resolution": _NATIVE["sdxl"]}
-    if gpu_gib is not None and estimate_training_memory("sdxl", full).fits(gpu_gib):
-        return SDXL_FULL_24GB
-    return SDXL_LORA_16GB
+    """The profile the notebook's `auto` picks (`PREFERRED`): the original notebook's for SD
+    1.x/2.x; for SDXL the full fine-tune when it is estimated to fit the GPU at the native
+    size, else LoRA (always LoRA when the GPU is unknown: it fits a 16 GB Colab T4)."""
+    *better, leanest = PREFERRED[family]
+    native = registry.get(family).resolution
+    for profile in better if gpu_gib is not None else ():
+        if estimate_training_memory(family, {**MEMORY_PROFILES[profile], "resolution": native}).fits(gpu_gib):
+            return profile
+    return leanest
 
 
 def profile_note(profile: str, family: str) -> str | None:

@@ -128,11 +128,6 @@ class SDFamily(ModelFamily):
     """The exporter's converter for the text encoder ("clip" or "openclip")."""
 
     # identity
-    @property
-    def is_sdxl(self) -> bool:
-        """Kept for callers not yet moved onto the family's methods."""
-        return self.key == "sdxl"
-
     def native_resolution(self, prediction_type: str) -> int:
         if self.epsilon_resolution and prediction_type == EPSILON:
             return self.epsilon_resolution

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
     from dbtools.after.evaluate import SaveScorer
+    from dbtools.families.base import Components
     from dbtools.families.models import SDComponents
     from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 
@@ -238,7 +239,7 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
                held_out=held_out, scorer=make_scorer(cfg, plan, accelerator))
 
 
-def _prepare(cfg: TrainConfig, models: SDComponents, optimizer, lr_scheduler, accelerator: Accelerator):
+def _prepare(cfg: TrainConfig, models: Components, optimizer, lr_scheduler, accelerator: Accelerator):
     """`accelerator.prepare` the trained modules (the UNet, and the text encoders when they
     train), the optimizer and the schedule; `models` holds the prepared modules."""
     family = models.family

@@ -36,12 +36,12 @@ from dbtools.train.setup import TrainError, move_module, vae_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL.Image import Image
 
     from dbtools.after.evaluate import SaveScorer
     from dbtools.after.generate import Generated
-    from dbtools.families.models import SDComponents
+    from dbtools.families.base import Components
     from dbtools.train.data import DataPlan, Item
     from dbtools.train.loop import Run
 
@@ -124,7 +124,7 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
     return target
 
 
-def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path, skip_text_encoder: bool = False) -> None:
+def _save_pipeline(pipe: DiffusionPipeline, folder: Path, skip_text_encoder: bool = False) -> None:
     """`save_pretrained` in safetensors; without the text encoder when asked (diffusers'
     `--skip_save_text_encoder`: the base model's is given back when loading)."""
     if skip_text_encoder:
@@ -167,7 +167,7 @@ def _save_final_in_place(run: Run, step: int) -> Path:
     return root
 
 
-def build_pipeline(run: Run) -> StableDiffusionPipeline:
+def build_pipeline(run: Run) -> DiffusionPipeline:
     """The family's pipeline from the models being trained (unwrapped), with the family's
     sampler (`ModelFamily.build_pipeline`)."""
     acc, models = run.accelerator, run.models
@@ -228,7 +228,7 @@ def _vae_in_own_dtype(vae) -> Iterator[None]:
             delattr(vae, name)  # the class's methods again
 
 
-def sample_images(pipe: StableDiffusionPipeline, prompt: str, n: int, cfg: TrainConfig, seed: int,
+def sample_images(pipe: DiffusionPipeline, prompt: str, n: int, cfg: TrainConfig, seed: int,
                   negative: str | None = None) -> list[Generated]:
     """`n` images of `prompt` on the seeds `seed`, `seed + 1`, ... with their settings.
 
@@ -251,7 +251,7 @@ def lora_state_dict(model, adapter: str = "default") -> dict:
     return {k.replace(marker, "."): v for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def save_lora(folder: Path, accelerator: Accelerator, models: SDComponents, train_text_encoder: bool) -> None:
+def save_lora(folder: Path, accelerator: Accelerator, models: Components, train_text_encoder: bool) -> None:
     """The LoRA adapters of the denoiser (and the text encoders when trained) in diffusers' file
     layout: `pytorch_lora_weights.safetensors`, which `load_lora_weights` reads."""
     from diffusers.utils import convert_state_dict_to_diffusers

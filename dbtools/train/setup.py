@@ -54,8 +54,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from dbtools.families.base import ModelFamily
-    from dbtools.families.models import SDComponents
+    from dbtools.families.base import Components, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +414,7 @@ def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_
     return out
 
 
-def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> SDComponents:
+def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> Components:
     """Tokenizer, text encoders, VAE, UNet and noise scheduler: weights that train in float32,
     frozen ones straight in `weight_dtype` (`frozen_dtypes`), so host memory never holds a
     float32 copy of what trains in half precision (SDXL in float32 is about 14 GB)."""
@@ -716,7 +715,7 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int, num_pro
                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
 
-def make_ema(cfg: TrainConfig, models: SDComponents, accelerator: Accelerator) -> EMAModel | None:
+def make_ema(cfg: TrainConfig, models: Components, accelerator: Accelerator) -> EMAModel | None:
     """The denoiser's EMA on the main process only: only it saves weights, so the other ranks
     would keep (and step) a full fp32 copy of the denoiser for nothing."""
     if not cfg.use_ema or not accelerator.is_main_process:

@@ -68,6 +68,8 @@ from dbtools.families.profiles import (
     profile_note,
     recommended_profile,
 )
+from dbtools.families.sd import SD_VAE
+from dbtools.families.sdxl import SDXL_VAE
 from dbtools.train.checkpoints import latest_weights, list_weights
 from dbtools.ui.editor import (
     CACHE_DIR,
@@ -579,24 +581,14 @@ SEED_TRAIN_FLAGS: dict[str, Any] = dict(
     sample_batch_size=4, save_interval=500,
 )
 
-# The SD 1.x VAE the original notebook swapped in, and its SDXL counterpart: SDXL's own VAE
-# overflows in fp16 (NaNs) and must run in fp32, the fp16-fix VAE does not.
-SD_VAE = "stabilityai/sd-vae-ft-mse"
-SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
-
-
-# Prior preservation for SDXL: class images at 1024 px cost about four times SD 1.x's each, so
-# fewer of them, made two at a time (with VAE slicing) to stay within a 16 GB GPU.
-SDXL_PRIOR_DEFAULTS: dict[str, Any] = dict(num_class_images=50, sample_batch_size=2)
-
-
 def family_defaults(detected) -> dict[str, Any]:
     """The training cell's `auto` values for a detected family (`families.Detected`): the
-    native resolution and the VAE; for SDXL also fewer class images, made in smaller batches
-    (`SDXL_PRIOR_DEFAULTS`). SD 1.x gets exactly the original notebook's."""
-    vae = SDXL_VAE if detected.family.is_sdxl else SD_VAE
-    prior = SDXL_PRIOR_DEFAULTS if detected.family.is_sdxl else {}
-    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=vae, **prior)
+    native resolution, the family's recommended VAE and its prior-preservation defaults
+    (`ModelFamily.prior_defaults`; SDXL: fewer class images, made in smaller batches). SD 1.x
+    gets exactly the original notebook's."""
+    family = detected.family
+    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=family.recommended_vae,
+                **family.prior_defaults)
 
 
 def _is_auto(value: Any) -> bool:
@@ -651,7 +643,7 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     notes: list[str] = []
     if memory_profile == AUTO:
         memory_profile = recommended_profile(family.family.key, gpu_gib)
-        if family.family.is_sdxl:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
+        if memory_profile != SD_DEFAULT:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
             notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
     if memory_profile not in MEMORY_PROFILES:
         raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
@@ -892,9 +884,9 @@ def _family_line(detected) -> str:
     if detected is None:
         return ""
     line = f" ({detected.family.label}, {detected.resolution} px"
-    if detected.family.is_sdxl:
-        line += (f"; memory profile 'auto' picks {recommended_profile('sdxl', gpu_memory_gib())!r}, "
-                 "LoRA is recommended on 16 GB GPUs")
+    pick = recommended_profile(detected.family.key, gpu_memory_gib())
+    if pick != SD_DEFAULT:  # the original notebook's settings need no word
+        line += f"; memory profile 'auto' picks {pick!r}, LoRA is recommended on 16 GB GPUs"
     return line + ")"
 
 
