@@ -236,3 +236,23 @@ def test_classgen_fills_a_class_folder(case, tmp_path, capsys):
                  "--sample_batch_size", "2", "--resolution", "32", "--num_inference_steps", "1"]) == 0
     images = sorted(folder.iterdir())
     assert len(images) == 2 and all(Image.open(p).size == (32, 32) for p in images)
+
+
+@pytest.mark.parametrize(("key", "budget_gib"), [("zimage", 12.0), ("flux2", 10.0)])
+def test_the_notebook_picks_the_familys_16_gb_profile_and_its_estimate_fits(key, budget_gib, tiny_zimage, tiny_flux2):
+    from dbtools.families import profiles
+    from dbtools.ui.notebook import training_flags
+
+    model = {"zimage": tiny_zimage, "flux2": tiny_flux2}[key]
+    chosen = training_flags(str(model), memory_profile="auto", resolution="auto", learning_rate="auto",
+                            gpu_gib=16.0)
+    flags = chosen.flags
+    assert flags["resolution"] == 1024 and flags["use_lora"] and not flags["train_text_encoder"]
+    assert flags["mixed_precision"] == "bf16" and flags["learning_rate"] == 1e-4 and chosen.warning is None
+    assert flags.get("quantize_base", "none") == ("int8" if key == "zimage" else "none")
+    bench = {**flags, "lora_rank": 16, "with_prior_preservation": False}  # rank 16, 1024 px, batch 1
+    estimate = profiles.estimate_training_memory(key, bench)
+    assert estimate.total_gib <= budget_gib, estimate.describe()
+    # the real-size parts: a bf16 Z-Image transformer alone would take 11.5 GiB of the 16
+    bf16 = profiles.estimate_training_memory(key, {**bench, "quantize_base": "none"})
+    assert (bf16.parts["weights"] > estimate.parts["weights"] + 5) == (key == "zimage")

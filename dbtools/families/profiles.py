@@ -25,6 +25,8 @@ GIB = 1024 ** 3
 SD_DEFAULT = "fp16 + 8-bit Adam + gradient checkpointing"
 SDXL_LORA_16GB = "SDXL LoRA, 16 GB (Colab T4)"
 SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
+ZIMAGE_LORA_16GB = "Z-Image LoRA, 16 GB (int8 base)"
+FLUX2_LORA_16GB = "Flux.2 [klein] LoRA, 16 GB"
 AUTO = "auto"
 
 # Learning rates: a full fine-tune moves every weight, so it needs a small rate (the notebook's
@@ -52,6 +54,13 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
     SDXL_FULL_24GB: {"mixed_precision": "bf16", "use_8bit_adam": False, "use_adafactor": True,
                      "gradient_checkpointing": True, "use_lora": False, "train_text_encoder": False,
                      "learning_rate": FULL_FINE_TUNE_LR},
+    # LoRA on the transformer alone, its prompts cached (the Qwen3 encoder leaves the GPU), bf16:
+    # Z-Image's 6.15B transformer frozen in int8 (6 GB rather than 12), klein 4B's in bf16 (8 GB).
+    ZIMAGE_LORA_16GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                       "use_lora": True, "train_text_encoder": False, "quantize_base": "int8",
+                       "learning_rate": LORA_LR},
+    FLUX2_LORA_16GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                      "use_lora": True, "train_text_encoder": False, "learning_rate": LORA_LR},
 }
 
 USER_WINS = ("learning_rate",)
@@ -64,6 +73,8 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     "fp32, no memory savings": ("sd1", "sd2", "sdxl"),
     SDXL_LORA_16GB: ("sdxl",),
     SDXL_FULL_24GB: ("sdxl",),
+    ZIMAGE_LORA_16GB: ("zimage",),
+    FLUX2_LORA_16GB: ("flux2",),
 }
 # What `auto` picks per family, most capable first: the first estimated to fit the GPU, else
 # (and when the GPU is unknown) the last, the leanest. The original notebook's for SD 1.x/2.x.
@@ -71,6 +82,8 @@ PREFERRED: dict[str, tuple[str, ...]] = {
     "sd1": (SD_DEFAULT,),
     "sd2": (SD_DEFAULT,),
     "sdxl": (SDXL_FULL_24GB, SDXL_LORA_16GB),
+    "zimage": (ZIMAGE_LORA_16GB,),
+    "flux2": (FLUX2_LORA_16GB,),
 }
 # The parameter counts, LoRA sizes and activation memory of the real models are the families'
 # own (`ModelFamily.memory`), as is the native size.
@@ -126,7 +139,9 @@ def estimate_training_memory(family: str, flags: Mapping[str, Any]) -> MemoryEst
     trained = frozen = 0
     text = sum(numbers.text_params)
     if use_lora:
-        frozen += numbers.denoiser_params + (text if train_te else 0)
+        # a quantized frozen denoiser (`quantize_base`): NF4 about half a byte a weight, int8 one
+        quantized = {"nf4": 0.5, "int8": 1.0}.get(str(_flag(flags, "quantize_base", "none")))
+        frozen += numbers.denoiser_params * (quantized / frozen_bytes if quantized else 1) + (text if train_te else 0)
         trained += rank * (numbers.lora_per_rank + (sum(numbers.text_lora_per_rank) if train_te else 0))
     else:
         trained += numbers.denoiser_params + (text if train_te else 0)
