@@ -73,3 +73,16 @@ def test_samples_are_remade_by_generate_and_the_ui_file_is_applied_fully(tmp_pat
     assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(sample)))
     ui = load_file(str(next((out / "4").glob("*-lora.safetensors"))))
     assert ui and unmatched(ui, modules(pipe_class.from_pretrained(model).transformer)) == []
+
+
+def test_settings_it_cannot_train_with_stop_the_command_before_loading(tmp_path, overfit_set, family,  # noqa: F811
+                                                                       capsys):
+    from dbtools.cli import main
+
+    model, _, _ = family
+    argv = ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(overfit_set),
+            "--output_dir", str(tmp_path / "out"), "--read_prompts_from_txts", "--snr_gamma", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "add --use_lora" in err and "--weighting_scheme" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
