@@ -60,8 +60,9 @@ TRANSFORMERS = {
 
 
 def build_model(folder: Path, kind: str) -> Path:
-    """The tiny Flux pipeline; for `small`/`dev` with a bigger transformer (random weights) and,
-    for `dev`, text encoders of the real widths (one layer each) so the conditioning fits."""
+    """The tiny Flux pipeline; for `small` with a bigger transformer, for `dev` with Flux.1
+    [dev]'s transformer, CLIP-L and T5-XXL encoder configs and a narrow VAE that downscales 8x
+    as the real one does (random weights, made on the GPU in bf16 when there is one)."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -71,27 +72,34 @@ def build_model(folder: Path, kind: str) -> Path:
     if kind == "tiny":
         return folder
     pipe = FluxPipeline.from_pretrained(folder)
-    cfg = {**pipe.transformer.config, **TRANSFORMERS[kind]}
-    if kind == "dev":
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-        # 8x down like the real VAE (so 1024 px is 4096 tokens), narrow to stay small.
-        pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "block_out_channels": (8, 16, 32, 32),
-                                    "down_block_types": ("DownEncoderBlock2D",) * 4,
-                                    "up_block_types": ("UpDecoderBlock2D",) * 4})
-
-        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_size": 768,
-                                                           "num_attention_heads": 12, "intermediate_size": 3072}))
-        pipe.text_encoder_2 = T5EncoderModel(T5Config(**{**pipe.text_encoder_2.config.to_dict(), "d_model": 4096,
-                                                         "d_kv": 64, "num_heads": 64, "d_ff": 10240}))
+    cfg = {k: v for k, v in {**pipe.transformer.config, **TRANSFORMERS[kind]}.items() if not k.startswith("_")}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16 if kind == "dev" else torch.float32)
     with torch.device(device):
-        torch.manual_seed(0)
-        pipe.transformer = FluxTransformer2DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    pipe.transformer.to(torch.bfloat16 if kind == "dev" else torch.float32)
+        pipe.transformer = FluxTransformer2DModel(**cfg)
+        if kind == "dev":
+            real_encoders_and_vae(pipe)
+    torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def real_encoders_and_vae(pipe) -> None:
+    """CLIP-L (123M) and T5-XXL's encoder (4.76B) configs on the tiny tokenizers' vocabularies;
+    a VAE with 16 latent channels that downscales 8x (so 1024 px is 4096 tokens), narrow."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "block_out_channels": (8, 16, 32, 32),
+                                          "down_block_types": ("DownEncoderBlock2D",) * 4,
+                                          "up_block_types": ("UpDecoderBlock2D",) * 4})
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**{
+        **pipe.text_encoder.config.to_dict(), "hidden_size": 768, "num_attention_heads": 12,
+        "intermediate_size": 3072, "num_hidden_layers": 12}))
+    pipe.text_encoder_2 = T5EncoderModel(T5Config(**{
+        **pipe.text_encoder_2.config.to_dict(), "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240,
+        "num_layers": 24, "relative_attention_num_buckets": 32}))
 
 
 # --------------------------------------------------------------------------- the two sides

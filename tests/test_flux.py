@@ -145,3 +145,22 @@ def test_a_schnell_base_is_named_as_distilled_when_it_loads(tmp_path, tiny_flux,
     with caplog.at_level(logging.WARNING, logger="dbtools.families.flux"):
         load(tiny_flux)
     assert "schnell" not in caplog.text
+
+
+def test_a_gated_base_is_named_with_the_way_in(monkeypatch):
+    """Flux.1 [dev] is gated: the Hub's refusal becomes one message saying what to do."""
+    import huggingface_hub
+
+    from dbtools.families import models
+
+    def refuse(*args, **kwargs):
+        try:
+            raise OSError("401 Client Error: Cannot access gated repo for url https://huggingface.co/...")
+        except OSError as exc:
+            raise OSError("You are trying to access a gated repo. Make sure to have access to it.") from exc
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    with pytest.raises(models.ModelLoadError) as err:
+        models.detect_family("black-forest-labs/FLUX.1-dev")
+    assert str(err.value).startswith("black-forest-labs/FLUX.1-dev is a gated model: accept its licence on "
+                                     "https://huggingface.co/black-forest-labs/FLUX.1-dev")

@@ -84,14 +84,29 @@ def test_flux_samples_are_remade_pixel_for_pixel_by_generate(tmp_path, overfit_s
                                                              capsys):
     out = tmp_path / "out"
     cfg = flux_config(tiny_flux, overfit_set, out, save_interval=2, save_sample_prompt="a photo of sks toy",
-                      n_save_sample=1, save_infer_steps=3, save_guidance_scale=3.5, quantize_base=quantize_base)
+                      n_save_sample=1, save_infer_steps=3, quantize_base=quantize_base)
     assert train_main(cfg) == 0
     sample = out / "4" / "samples" / "0.png"
     settings = G.settings_from_png(sample)
-    assert settings["scheduler"] == "flow_euler" and settings["guidance_scale"] == 3.5
+    # FluxPipeline's own guidance (3.5) where --save_guidance_scale is left at Shivam's 7.5.
+    assert settings["scheduler"] == "flow_euler" and settings["guidance_scale"] == 3.5 and settings["steps"] == 3
     assert settings.get("quantize_base") == (None if quantize_base == "none" else quantize_base)
     capsys.readouterr()
     assert G.main(["--model", str(out / "4"), "--from_png", str(sample), "--out_dir", str(tmp_path / "gen")]) == 0
     remade = capsys.readouterr().out.strip().splitlines()[-1]
     assert np.array_equal(np.asarray(Image.open(remade)), np.asarray(Image.open(sample)))
     assert G.settings_from_png(remade) == settings
+
+
+def test_flux_prior_preservation_makes_its_class_images_with_the_flux_pipeline(tmp_path, overfit_set, tiny_flux):
+    """Class images come from the base Flux pipeline; caption dropout, shuffled captions,
+    buckets and gradient accumulation train as for SD."""
+    cls = tmp_path / "class"
+    cfg = flux_config(tiny_flux, overfit_set, tmp_path / "out", max_train_steps=2, with_prior_preservation=True,
+                      class_prompt="a photo of a toy", class_data_dir=str(cls), num_class_images=2,
+                      sample_batch_size=1, caption_dropout=0.5, shuffle_captions=True, gradient_accumulation_steps=2,
+                      aspect_ratio_bucketing=True, train_batch_size=1)
+    assert train_main(cfg) == 0
+    made = sorted(cls.glob("*.jpg"))
+    assert len(made) == 2 and Image.open(made[0]).size == (256, 256)  # the tiny pipeline's default size
+    assert (tmp_path / "out" / "2" / "pytorch_lora_weights.safetensors").is_file()

@@ -246,6 +246,9 @@ class ModelFamily(ABC):
     prior_defaults: Mapping[str, Any] = field(default_factory=dict)
     """Training flags the notebook's `auto` sets for prior preservation (e.g. fewer class images
     for a family whose images are costly to make)."""
+    samples_at_own_defaults: bool = False
+    """Whether training samples take `sample_steps` and `guidance_scale` when their flags are
+    left at Shivam's defaults (20 steps, 7.5), which suit SD but not a guidance-distilled model."""
 
     # ----------------------------------------------------------------- identity
 

@@ -342,7 +342,7 @@ FLUX1 = FluxFamily(
     (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
     denoiser="transformer", denoiser_class="FluxTransformer2DModel",
     tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"), pipeline_names=("FluxPipeline",),
-    sample_steps=28, guidance_scale=3.5, recommended_vae=None, lora_learning_rate=1e-4,
+    sample_steps=28, guidance_scale=3.5, samples_at_own_defaults=True, recommended_vae=None, lora_learning_rate=1e-4,
     # Class images at 1024 px from a 12B model take about 30 s each on a T4-class GPU.
     prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
     # Transformer 11.9B, CLIP-L 123M, T5-XXL encoder 4.76B, VAE 84M (counted from the real

@@ -175,7 +175,7 @@ _FLUX2 = dict(
     pipeline_names=("Flux2KleinPipeline",), vae_class="AutoencoderKLFlux2", fixed_sequence_length=True,
     lora_modules=("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"), model=sys.modules[__name__],
     ui_names=("flux2_klein", "flux-2-klein"), recommended_vae=None, lora_learning_rate=1e-4,
-    prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
+    samples_at_own_defaults=True, prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
     # klein 4B: transformer 3.88B, Qwen3-4B 4.02B, VAE 84M (counted from the real configs on the
     # meta device); LoRA as `lora_targets`; activations at 1024 px, batch 1, bf16 (estimates:
     # 4.6k tokens x 3072 wide x 25 blocks). klein 9B: transformer 9.08B, Qwen3-8B 7.57B.

@@ -679,6 +679,10 @@ def _guard(name: str, load):
 
 
 def _load_failure_message(name: str, exc: BaseException) -> str:
+    if _is_gated(exc):
+        return (f"{name} is a gated model: accept its licence on https://huggingface.co/{name} while logged in "
+                "to the Hub, then log in here with a token of that account (the notebook's login cell, "
+                "`huggingface-cli login` or HF_TOKEN).")
     if is_local(name):
         return (f"{name}: cannot load this model ({_first_line(exc)}). The folder is incomplete or "
                 "was saved by an incompatible tool: copy or download it again.")
@@ -688,6 +692,17 @@ def _load_failure_message(name: str, exc: BaseException) -> str:
         "on huggingface.co and log in (huggingface-cli login or HF_TOKEN)"
     return (f"{name}: cannot load from the Hugging Face Hub: {why}. If it is meant to be a local "
             f"folder, that path does not exist. ({_first_line(exc)})")
+
+
+def _is_gated(exc: BaseException | None) -> bool:
+    """Whether the Hub refused a gated repository (Flux.1 [dev]) anywhere in `exc`'s chain."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while exc is not None:
+        if isinstance(exc, GatedRepoError) or "gated repo" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _load_single_file(path: str, dtype, config: str | None, original_config: str | None):

@@ -128,7 +128,7 @@ ZIMAGE = ZImageFamily(
     denoiser="transformer", denoiser_class="ZImageTransformer2DModel", tokenizer_classes=("Qwen2Tokenizer",),
     pipeline_names=("ZImagePipeline",), single_file_markers=(),
     # the pipeline's own defaults (Base: 50 steps, classifier-free guidance 5)
-    sample_steps=50, guidance_scale=5.0, recommended_vae=None, lora_learning_rate=1e-4,
+    sample_steps=50, guidance_scale=5.0, samples_at_own_defaults=True, recommended_vae=None, lora_learning_rate=1e-4,
     prior_defaults={"num_class_images": 50, "sample_batch_size": 1},
     model=sys.modules[__name__], ui_names=("zimage", "z-image"),
     # Transformer 6.15B, Qwen3-4B 4.02B, VAE 84M (counted from the real configs on the meta

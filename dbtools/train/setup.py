@@ -79,6 +79,7 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
     except UserError:
         return cfg if cfg.resolution is not None else dataclasses.replace(cfg, resolution=512)
     native = detected.resolution
+    cfg = with_family_sample_settings(cfg, detected.family)
     if cfg.resolution is None:
         logger.info("resolution: %d px, the native size of %s (--resolution changes it)", native,
                     detected.family.label)
@@ -88,6 +89,19 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
                        "own size will look worse; leave --resolution out to train at %d px.",
                        cfg.resolution, native, detected.family.label, native)
     return cfg
+
+
+def with_family_sample_settings(cfg: TrainConfig, family) -> TrainConfig:
+    """Samples of a family that has its own sampling defaults (Flux: 28 steps, guidance 3.5, as
+    its pipeline) take each of them whose flag (`--save_infer_steps`, `--save_guidance_scale`)
+    is left at Shivam's default (20, 7.5)."""
+    shivam, own = TrainConfig(), {"save_infer_steps": family.sample_steps, "save_guidance_scale": family.guidance_scale}
+    changes = {k: v for k, v in own.items() if getattr(cfg, k) == getattr(shivam, k)}
+    if not family.samples_at_own_defaults or not changes:
+        return cfg
+    logger.info("samples: %s, %s's own (the flags change them)", ", ".join(f"--{k} {v:g}" for k, v in changes.items()),
+                family.label)
+    return dataclasses.replace(cfg, **changes)
 
 
 def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
