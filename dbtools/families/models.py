@@ -864,11 +864,13 @@ def prompt_kwargs(pipe, prompt: str | list[str], negative_prompt: str | list[str
 
 
 def native_size(pipe) -> int:
-    """The size a pipeline's model makes images at: a UNet's sample size in pixels, else its
-    family's native resolution."""
+    """The size a pipeline's model makes images at: a UNet's sample size in pixels, a transformer
+    pipeline's default size (Flux), else its family's native resolution (Z-Image keeps no default)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return unet.config.sample_size * pipe.vae_scale_factor
+    if getattr(pipe, "default_sample_size", None):
+        return pipe.default_sample_size * pipe.vae_scale_factor
     return next(f.resolution for f in registry.FAMILIES if f.pipeline_class == type(pipe).__name__)
 
 
