@@ -300,6 +300,130 @@ def build_tiny_flux(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+# A Qwen3-style chat template (the layout the Qwen tokenizers ship): one
+# `<|im_start|>role\ncontent<|im_end|>` turn per message, the assistant turn opened by the
+# generation prompt, and an empty thinking block when thinking is switched off.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}")
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def qwen_tokenizer(folder: Path, model_max_length: int = 512):
+    """Write and load a small Qwen2-style byte-level BPE tokenizer with Qwen's special tokens
+    (`<|endoftext|>` pads) and a Qwen3-style chat template."""
+    from transformers import Qwen2Tokenizer
+
+    write_opt_tokenizer(folder, specials=QWEN_SPECIALS)
+    tokenizer = Qwen2Tokenizer.from_pretrained(folder, model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen3_config(vocab_size: int, num_layers: int, width: int = 32) -> dict:
+    """A small Qwen3 text model: `width` wide, grouped-query attention (4 heads, 2 key/value heads)."""
+    return dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, max_position_embeddings=1024,
+                pad_token_id=0, tie_word_embeddings=True)
+
+
+def tiny_zimage_configs(text_width: int = 32) -> dict:
+    """Configs for a tiny Z-Image pipeline: a single-stream transformer (2x2 patches of the
+    16-channel latents, one refiner and one main layer, rope axes summing to the head size)
+    fed the text encoder's hidden states (`cap_feat_dim`), Flux.1's 16-channel VAE with its
+    shift and scaling factors, and Z-Image's static-shift (3.0) flow-matching scheduler."""
+    flux = tiny_flux_configs()
+    transformer = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1,
+                       n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=text_width,
+                       axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+    scheduler = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return dict(transformer=transformer, vae=flux["vae"], scheduler=scheduler)
+
+
+def build_tiny_zimage(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny ZImagePipeline folder (Z-Image's parts: a Qwen3 text encoder read at its
+    second-to-last layer, the single-stream transformer, a 16-channel VAE) to `out`."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    out = Path(out)
+    tokenizer = qwen_tokenizer(out / "tokenizer")
+    cfg = tiny_zimage_configs()
+    torch.manual_seed(seed)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=Qwen3Model(Qwen3Config(**tiny_qwen3_config(len(tokenizer), num_layers=2))),
+        tokenizer=tokenizer,
+        transformer=ZImageTransformer2DModel(**cfg["transformer"]),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("tiny Z-Image pipeline written to %s", out)
+    return out
+
+
+# Flux.2 [klein] reads its Qwen3 encoder's hidden states after layers 9, 18 and 27 (the
+# pipeline's default), so the tiny encoder has 27 layers, each very small.
+FLUX2_TEXT_LAYERS = 27
+
+
+def tiny_flux2_configs(text_width: int = 16) -> dict:
+    """Configs for a tiny Flux.2 [klein] pipeline: a transformer with one double and one
+    single block and no guidance embedding (klein), fed three stacked encoder layers
+    (`joint_attention_dim` = 3 x the encoder width); Flux.2's 32-channel VAE whose 2x2
+    patches (128 channels) are normalised by its batch-norm statistics; a flow-matching
+    scheduler with dynamic shifting, as the pipeline computes `mu` per image size."""
+    transformer = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=3 * text_width, timestep_guidance_channels=32,
+                       axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=32, block_out_channels=(8, 16),
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               layers_per_block=1, norm_num_groups=4, sample_size=32)
+    scheduler = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return dict(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+def build_tiny_flux2_klein(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Flux2KleinPipeline folder (Flux.2 [klein]'s parts: a Qwen3 causal LM
+    text encoder, the Flux.2 transformer, the 32-channel `AutoencoderKLFlux2`) to `out`.
+    The VAE's batch-norm statistics are set away from 0/1 so that code which forgets the
+    normalisation gives different latents."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out)
+    tokenizer = qwen_tokenizer(out / "tokenizer")
+    text_width = 16
+    cfg = tiny_flux2_configs(text_width)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(**cfg["vae"])
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.num_features))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    text_config = Qwen3Config(**tiny_qwen3_config(len(tokenizer), FLUX2_TEXT_LAYERS, text_width))
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        vae=vae,
+        text_encoder=Qwen3ForCausalLM(text_config),
+        tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(**cfg["transformer"]),
+        is_distilled=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    logger.info("tiny Flux.2 [klein] pipeline written to %s", out)
+    return out
+
+
 # Extra words for the tiny captioners' vocabularies (BERT word pieces, OPT BPE).
 CAPTION_WORDS = (
     "there is are two three small large big old young wooden stone glass metal table "
@@ -366,14 +490,15 @@ def build_tiny_blip(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def write_opt_tokenizer(folder: Path, num_merges: int = 300) -> int:
+def write_opt_tokenizer(folder: Path, num_merges: int = 300,
+                        specials: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")) -> int:
     """Write a small GPT-2/OPT byte-level BPE tokenizer (`vocab.json`, `merges.txt`) with
-    OPT's special tokens (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3); return its size."""
+    `specials` first (OPT's: `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3); return its size."""
     folder.mkdir(parents=True, exist_ok=True)
     space = bytes_to_unicode()[ord(" ")]
     words = (CORPUS + " " + CAPTION_WORDS).split()
     merges = learn_bpe([space + w for w in words] + words, num_merges, end="")
-    vocab_list = ["<s>", "<pad>", "</s>", "<unk>"] + list(bytes_to_unicode().values())
+    vocab_list = list(specials) + list(bytes_to_unicode().values())
     vocab_list += ["".join(m) for m in merges]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -635,6 +760,8 @@ BUILDERS = {
     "sd2": lambda out, seed: build_tiny_sd(out, "sd2", seed),
     "sdxl": lambda out, seed: build_tiny_sdxl(out, seed),
     "flux": lambda out, seed: build_tiny_flux(out, seed),
+    "z-image": lambda out, seed: build_tiny_zimage(out, seed),
+    "flux2-klein": lambda out, seed: build_tiny_flux2_klein(out, seed),
     "blip": lambda out, seed: build_tiny_blip(out, seed=seed),
     "blip2": lambda out, seed: build_tiny_blip2(out, seed=seed),
     "florence2": lambda out, seed: build_tiny_florence2(out, seed=seed),
@@ -647,7 +774,8 @@ BUILDERS = {
 
 
 def build_all(out: str | Path, seed: int = 0, skipped: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, `flux`, the captioners and the scorers.
+    """Write every tiny model under `out`: `sd`, `sd2`, `sdxl`, `flux`, `z-image`,
+    `flux2-klein`, the captioners and the scorers.
 
     A model whose optional package is missing (the tagger needs onnx, the `tiny` extra) is
     left out; with `skipped` given, its name and the reason are put there instead of raising.

@@ -89,6 +89,22 @@ def tiny_flux(tmp_path_factory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
 
 
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    """A tiny Z-Image pipeline folder (Qwen3 encoder, single-stream transformer), built once per session."""
+    from dbtools.tiny import build_tiny_zimage
+
+    return build_tiny_zimage(tmp_path_factory.mktemp("tiny") / "z-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    """A tiny Flux.2 [klein] pipeline folder (Qwen3 causal LM, 32-channel VAE), built once per session."""
+    from dbtools.tiny import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("tiny") / "flux2-klein")
+
+
 def make_image(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> Path:
     """Write a small gradient image with a coloured square; format from the extension."""
     w, h = size

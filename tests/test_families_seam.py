@@ -161,4 +161,4 @@ def test_a_registered_family_is_detected_with_no_edit_elsewhere(tmp_path, monkey
     assert registry.get("toy") is TOY
     assert registry.trained_labels().endswith(", Toy Diffusion")
     with pytest.raises(UnsupportedFamily, match=re.escape(f"this toolkit trains: {registry.trained_labels()}")):
-        registry.family_for_model_index({"_class_name": "ZImagePipeline"})
+        registry.family_for_model_index({"_class_name": "QwenImagePipeline"})

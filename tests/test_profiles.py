@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from dbtools.families import profiles
+from dbtools.families import profiles, registry
 from dbtools.families.detect import SD1, SD2, SDXL, Detected
 from dbtools.families.profiles import (
     MEMORY_PROFILES,
@@ -31,7 +31,7 @@ def test_every_profile_is_flags_the_training_command_accepts():
         args = parse_args(["--instance_data_dir=x", "--output_dir=y", *nb.flag_args(**flags)])
         for key, value in flags.items():
             assert getattr(args, key) == value, (name, key)
-        assert set(profiles.PROFILE_FAMILIES[name]) <= {"sd1", "sd2", "sdxl", "flux1"}
+        assert set(profiles.PROFILE_FAMILIES[name]) <= {f.key for f in registry.FAMILIES}
 
 
 def test_estimates_match_the_known_figures():

@@ -168,3 +168,48 @@ def comfy_apply(original: dict, lora: dict) -> dict:
             target = names[module]
             out[target] = out[target] + (alpha / down.shape[0]) * (up.float() @ down.float()).to(out[target].dtype)
     return out
+# Flow-matching transformers (ComfyUI's `model_lora_keys_unet`):
+# - Z-Image (ComfyUI's Lumina2 model): a LoRA key `diffusion_model.<diffusers module>` for the
+#   modules `z_image_to_diffusers` lists (per block of `layers`, `noise_refiner`,
+#   `context_refiner`: attention q/k/v (slices of the native fused qkv) and out, the three
+#   feed-forward layers, the modulation; the embedders and the final layer);
+# - Flux.2: the native (Black Forest Labs) weights, each read as `lora_unet_<name with _>`.
+ZIMAGE_BLOCK_MODULES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")
+ZIMAGE_OTHER_MODULES = ("all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1", "all_x_embedder.2-1",
+                        "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2")
+
+
+def zimage_module_map(transformer) -> dict:
+    """ComfyUI's LoRA module names for a Z-Image transformer -> the weight shape each patches."""
+    blocks = [f"{group}.{i}." for group, n in (("layers", "n_layers"), ("noise_refiner", "n_refiner_layers"),
+                                                ("context_refiner", "n_refiner_layers"))
+              for i in range(transformer.config[n])]
+    names = [b + m for b in blocks for m in ZIMAGE_BLOCK_MODULES] + list(ZIMAGE_OTHER_MODULES)
+    weights = dict(transformer.named_parameters())
+    return {"diffusion_model." + n: tuple(weights[n + ".weight"].shape) for n in names if n + ".weight" in weights}
+
+
+def flux2_native_shapes(config) -> dict:
+    """The Black Forest Labs Flux.2 transformer's linear weights (name without `.weight`) and
+    shapes, from a diffusers `Flux2Transformer2DModel` config."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    m = int(d * config["mlp_ratio"])
+    shapes = {"img_in": (d, config["in_channels"]), "txt_in": (d, config["joint_attention_dim"]),
+              "time_in.in_layer": (d, config["timestep_guidance_channels"]), "time_in.out_layer": (d, d),
+              "final_layer.linear": (config["patch_size"] ** 2 * (config["out_channels"] or config["in_channels"]), d),
+              "final_layer.adaLN_modulation.1": (2 * d, d), "double_stream_modulation_img.lin": (6 * d, d),
+              "double_stream_modulation_txt.lin": (6 * d, d), "single_stream_modulation.lin": (3 * d, d)}
+    for i in range(config["num_layers"]):
+        for stream in ("img", "txt"):
+            block = f"double_blocks.{i}.{stream}"
+            shapes.update({f"{block}_attn.qkv": (3 * d, d), f"{block}_attn.proj": (d, d),
+                           f"{block}_mlp.0": (2 * m, d), f"{block}_mlp.2": (d, m)})
+    for i in range(config["num_single_layers"]):
+        shapes.update({f"single_blocks.{i}.linear1": (3 * d + 2 * m, d), f"single_blocks.{i}.linear2": (d, d + m)})
+    return shapes
+
+
+def flux2_module_map(transformer) -> dict:
+    """ComfyUI's LoRA module names for a Flux.2 transformer -> the weight shape each patches."""
+    return {"lora_unet_" + k.replace(".", "_"): v for k, v in flux2_native_shapes(transformer.config).items()}

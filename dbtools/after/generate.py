@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbtools.core.errors import UserError, reports_user_errors
 from dbtools.core.redact import public_settings
-from dbtools.families.models import pipeline_family
+from dbtools.families.models import pipeline_family, prompt_kwargs
 from dbtools.families.quantize import quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,7 +188,7 @@ def generate(
         size = 1 if _stochastic(pipe.scheduler) else max(1, batch_size)
         for start in range(0, len(seeds), size):
             chunk = seeds[start:start + size]
-            images = pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(chunk),
+            images = pipe(**prompt_kwargs(pipe, prompt, negative_prompt), num_images_per_prompt=len(chunk),
                           guidance_scale=guidance_scale, num_inference_steps=int(steps), height=height,
                           width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
             for s, img in zip(chunk, images):

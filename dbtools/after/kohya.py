@@ -42,6 +42,7 @@ from dbtools.core.atomic import atomic_write
 from dbtools.core.errors import UserError
 from dbtools.families import registry
 from dbtools.families.base import EPSILON, V_PREDICTION, ModelFamily
+from dbtools.families.lora_layout import LoraLayoutError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,10 @@ def to_kohya(state_dict: Mapping, alpha: float | Mapping[str, float] | None = No
     family = _family(family) or _first(registry.families_with_parts({k.split(".", 1)[0] for k in state_dict}))
     convert = family.ui_lora(EPSILON).convert if family is not None else None
     if convert is not None:
-        return convert(to_peft_names(state_dict), alpha)
+        try:
+            return convert(to_peft_names(state_dict), alpha)
+        except LoraLayoutError as exc:
+            raise LoraConvertError(str(exc)) from exc
     peft = to_peft_names(state_dict)
     unknown = sorted(k for k in peft if not k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")))
     if unknown:

@@ -240,6 +240,8 @@ class ModelFamily(ABC):
     """transformers class name of each text encoder's tokenizer, same order."""
     trained: bool = True
     """Whether this toolkit trains it (a recognised family we do not train is refused by name)."""
+    refusal_detail: str = ""
+    """What the refusal of a family we do not train adds after its name (e.g. what to train instead)."""
     pipeline_names: tuple[str, ...] = ()
     """`model_index.json` `_class_name`s that belong to this family outright."""
     single_file_markers: tuple[str, ...] = ()

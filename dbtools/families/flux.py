@@ -229,6 +229,10 @@ class FluxFamily(ModelFamily):
     def encode_prompts(self, encoder: Any, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
         return encoder.encode(prompts, list(text_encoders), device)
 
+    def pipeline_size(self, pipe) -> int:
+        """The Flux pipeline's own default size (its transformer's config keeps none)."""
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
     # latents and one step
     def size_step(self, vae, denoiser) -> int:
         """The VAE's downscaling (8 for Flux.1's) times the 2x2 packing: 16 px."""

@@ -879,6 +879,19 @@ def load_pipeline(
     return pipe
 
 
+def prompt_kwargs(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None) -> dict:
+    """The prompt, and the negative prompt where the pipeline takes one (Flux.2 [klein] does not:
+    its guidance compares with the empty prompt), as keyword arguments for the pipeline call."""
+    import inspect
+
+    params = inspect.signature(pipe).parameters
+    if "negative_prompt" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"prompt": prompt, "negative_prompt": negative_prompt or None}
+    if negative_prompt:
+        logger.warning("%s takes no negative prompt: %r is not used", type(pipe).__name__, negative_prompt)
+    return {"prompt": prompt}
+
+
 def _pipeline_from_pretrained(cls, path: str, revision, variant, dtype, extra: dict):
     """`cls.from_pretrained` with `extra` keyword arguments; a missing variant falls back."""
     kwargs = dict(dtype=dtype, **extra)

@@ -28,6 +28,8 @@ SDXL_FULL_24GB = "SDXL full fine-tune, 24 GB"
 FLUX_LORA_NF4 = "Flux.1 LoRA, NF4 base, 16 GB"
 FLUX_LORA_INT8 = "Flux.1 LoRA, int8 base, 24 GB"
 FLUX_LORA_BF16 = "Flux.1 LoRA, bf16 base, 32 GB"
+ZIMAGE_LORA_16GB = "Z-Image LoRA, 16 GB (int8 base)"
+FLUX2_LORA_16GB = "Flux.2 [klein] LoRA, 16 GB"
 AUTO = "auto"
 
 # Learning rates: a full fine-tune moves every weight, so it needs a small rate (the notebook's
@@ -64,6 +66,13 @@ MEMORY_PROFILES: dict[str, dict[str, Any]] = {
                      "use_lora": True, "train_text_encoder": False, "quantize_base": "int8", "learning_rate": LORA_LR},
     FLUX_LORA_BF16: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
                      "use_lora": True, "train_text_encoder": False, "quantize_base": "none", "learning_rate": LORA_LR},
+    # LoRA on the transformer alone, its prompts cached (the Qwen3 encoder leaves the GPU), bf16:
+    # Z-Image's 6.15B transformer frozen in int8 (6 GB rather than 12), klein 4B's in bf16 (8 GB).
+    ZIMAGE_LORA_16GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                       "use_lora": True, "train_text_encoder": False, "quantize_base": "int8",
+                       "learning_rate": LORA_LR},
+    FLUX2_LORA_16GB: {"mixed_precision": "bf16", "use_8bit_adam": True, "gradient_checkpointing": True,
+                      "use_lora": True, "train_text_encoder": False, "learning_rate": LORA_LR},
 }
 FLUX_PROFILES = (FLUX_LORA_BF16, FLUX_LORA_INT8, FLUX_LORA_NF4)
 """Flux.1's profiles, best first."""
@@ -79,6 +88,8 @@ PROFILE_FAMILIES: dict[str, tuple[str, ...]] = {
     SDXL_LORA_16GB: ("sdxl",),
     SDXL_FULL_24GB: ("sdxl",),
     **dict.fromkeys(FLUX_PROFILES, ("flux1",)),
+    ZIMAGE_LORA_16GB: ("zimage",),
+    FLUX2_LORA_16GB: ("flux2",),
 }
 # What `auto` picks per family, most capable first: the first estimated to fit the GPU (with
 # `HEADROOM_GIB` to spare), else (and when the GPU is unknown) the last, the leanest. The original
@@ -88,6 +99,8 @@ PREFERRED: dict[str, tuple[str, ...]] = {
     "sd2": (SD_DEFAULT,),
     "sdxl": (SDXL_FULL_24GB, SDXL_LORA_16GB),
     "flux1": FLUX_PROFILES,
+    "zimage": (ZIMAGE_LORA_16GB,),
+    "flux2": (FLUX2_LORA_16GB,),
 }
 HEADROOM_GIB = {"flux1": 2.0}
 """What `auto` leaves spare on the GPU: Flux.1's estimate is good to about 1 GiB and bitsandbytes

@@ -15,14 +15,19 @@ from collections.abc import Iterable, Mapping
 
 from dbtools.families.base import ModelFamily, UnsupportedFamily
 from dbtools.families.flux import FLUX1
+from dbtools.families.flux2 import FLUX2, FLUX2_DISTILLED
 from dbtools.families.sd import SD1, SD2
 from dbtools.families.sdxl import SDXL
+from dbtools.families.zimage import ZIMAGE
 
 FAMILIES: list[ModelFamily] = [
     SD1,
     SD2,
     SDXL,
     FLUX1,
+    ZIMAGE,
+    FLUX2,
+    FLUX2_DISTILLED,
 ]
 """Every family, in the order detection asks them and messages list them."""
 
@@ -123,5 +128,5 @@ def family_for_keys(keys: Iterable[str]) -> ModelFamily | None:
 
 def _trained(family: ModelFamily) -> ModelFamily:
     if not family.trained:
-        raise refuse(family.label)
+        raise refuse(family.label, family.refusal_detail)
     return family

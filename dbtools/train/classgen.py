@@ -32,7 +32,7 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
-from dbtools.families.models import pipeline_family
+from dbtools.families.models import pipeline_family, prompt_kwargs
 from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
@@ -292,11 +292,11 @@ def _generate(pipe, prompt: str, indices: list[int], seed: int, cfg: ClassGenCon
 
     generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompt, i)) for i in indices]
     height, width = _size(pipe, cfg)
-    kwargs = dict(negative_prompt=[cfg.negative_prompt] * len(indices)) if cfg.negative_prompt else {}
+    negative = [cfg.negative_prompt] * len(indices) if cfg.negative_prompt else None
     with torch.inference_mode():
-        out = pipe([prompt] * len(indices), height=height, width=width, generator=generators,
-                   num_inference_steps=cfg.num_inference_steps, guidance_scale=_guidance(pipe, cfg),
-                   output_type="pil", **kwargs)
+        out = pipe(**prompt_kwargs(pipe, [prompt] * len(indices), negative), height=height, width=width,
+                   generator=generators, num_inference_steps=cfg.num_inference_steps,
+                   guidance_scale=_guidance(pipe, cfg), output_type="pil")
     return out.images
 
 
