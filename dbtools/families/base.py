@@ -258,6 +258,11 @@ class ModelFamily(ABC):
     prior_defaults: Mapping[str, Any] = field(default_factory=dict)
     """Training flags the notebook's `auto` sets for prior preservation (e.g. fewer class images
     for a family whose images are costly to make)."""
+    inference_half: str = "float16"
+    """The half-precision dtype it generates in on a CUDA GPU ("bfloat16" for the flow
+    transformers, which overflow in float16)."""
+    quantizable: bool = False
+    """Whether its frozen denoiser may be quantized (`--quantize_base nf4|int8`)."""
     samples_at_own_defaults: bool = False
     """Whether training samples take `sample_steps` and `guidance_scale` when their flags are
     left at Shivam's defaults (20 steps, 7.5), which suit SD but not a guidance-distilled model."""

@@ -150,6 +150,8 @@ class FluxFamily(ModelFamily):
     """Flux.1 [dev] (and, with a warning, [schnell])."""
 
     memory_numbers: MemoryNumbers | None = None
+    inference_half: str = "bfloat16"
+    quantizable: bool = True
 
     # detection
     def matches_model_index(self, model_index: Mapping, text_config: Mapping | None) -> bool:

@@ -348,11 +348,30 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
-def inference_dtype(device) -> torch.dtype:
-    """fp16 on CUDA (half the memory, same pictures), fp32 elsewhere (CPU fp16 is slow/unsupported)."""
+def inference_dtype(device, family: ModelFamily | None = None) -> torch.dtype:
+    """Half precision on CUDA (half the memory, same pictures): the family's own
+    (`ModelFamily.inference_half`: bf16 for the flow transformers, fp16 by default); fp32
+    elsewhere (CPU half precision is slow/unsupported)."""
     import torch
 
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return getattr(torch, family.inference_half if family is not None else "float16")
+
+
+def model_inference_dtype(model_name_or_path: str, device) -> torch.dtype:
+    """`inference_dtype` for the family of a model, training checkpoint or LoRA weights folder
+    (the family of the run's base model); a model that cannot be read here gets the default,
+    and loading says why."""
+    if not str(device).startswith("cuda"):
+        return inference_dtype(device)
+    name = os.fspath(model_name_or_path)
+    try:
+        if is_checkpoint_folder(name) or is_lora_weights_folder(name):
+            name = _checkpoint_args(Path(os.path.expanduser(name)))["pretrained_model_name_or_path"]
+        return inference_dtype(device, detect_family(name).family)
+    except ModelLoadError:
+        return inference_dtype(device)
 
 
 # --------------------------------------------------------------------------- safe loading

@@ -158,7 +158,11 @@ def family_problems(cfg: TrainConfig) -> list[str]:
         return []
     check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    return family.training_problems(cfg, native_bf16() if cuda else None)
+    problems = family.training_problems(cfg, native_bf16() if cuda else None)
+    if cfg.quantize_base != "none" and not family.quantizable:
+        problems.append(f"--quantize_base {cfg.quantize_base}: {family.label} models train from a full-precision base "
+                        "(a quantized base is for the large flow transformers); leave --quantize_base unset.")
+    return problems
 
 
 def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
