@@ -376,6 +376,23 @@ class ModelFamily(ABC):
         """Whether frozen text encoders may leave the device once all prompts are cached."""
         return True
 
+    def encoders_only_fill_the_cache(self) -> bool:
+        """Whether a run's frozen text encoders serve only to fill the prompt cache: every prompt
+        the run will need is encoded before the denoiser loads, then the encoders are freed and
+        samples read the cache (`read_cached_prompts`). False (SD, SDXL): they stay in host
+        memory and come back to the device for samples."""
+        return False
+
+    def cache_pipeline_prompts(self, encoder: Any, prompts: Iterable[str], text_encoders: Sequence) -> None:
+        """Keep `prompts` in `encoder` encoded as the family's pipeline encodes them (for samples,
+        validation images and scores once the encoders are gone: `read_cached_prompts`)."""
+        raise NotImplementedError(f"{self.label}: prompts are encoded by the pipeline's text encoders")
+
+    def read_cached_prompts(self, pipe: Any, encoder: Any) -> None:
+        """Make `pipe` (from `build_pipeline`, without text encoders) take its prompts'
+        encodings from `encoder`'s cache (for a family whose `encoders_only_fill_the_cache`)."""
+        raise NotImplementedError(f"{self.label}: prompts are encoded by the pipeline's text encoders")
+
     # ----------------------------------------------------------------- latents and one step
 
     @abstractmethod

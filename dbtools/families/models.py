@@ -24,7 +24,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -534,6 +534,7 @@ def load_sd_components(
     component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
     quantize: str | None = None,
     options=None,
+    only: Callable[[ModelFamily], Iterable[str] | None] | None = None,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -546,15 +547,20 @@ def load_sd_components(
     UNet; or a function of the detected family giving that dict) is read straight into its own
     dtype, never held in float32 first (except from a single file, which is read whole in
     `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
-    (the run's settings) go to the family (`ModelFamily.load_components`).
+    (the run's settings) go to the family (`ModelFamily.load_components`). `only`, a function of
+    the family, names the components to load (None: all), e.g. all but the denoiser.
     """
     import torch
 
     dtype = torch_dtype or torch.float32
     model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant, needed=())
     family = _training_family(model_name_or_path, config, revision)
+    wanted = only(family) if only else None
+    wanted = set(family.parts if wanted is None else wanted)
+    vae_name_or_path = vae_name_or_path if "vae" in wanted else None
+    tokenizer_name = tokenizer_name if "tokenizer" in wanted else None
     needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
-                   and not (c == "tokenizer" and tokenizer_name))
+                   and not (c == "tokenizer" and tokenizer_name) and c in wanted | {"scheduler"})
     check_model_path(model_name_or_path, needed)
     if callable(component_dtypes):
         component_dtypes = component_dtypes(family)
