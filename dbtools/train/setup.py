@@ -508,8 +508,10 @@ def cache_prompts_first(cfg: TrainConfig, models: Components, data: DreamBoothDa
     for encoder in models.text_encoders:
         encoder.requires_grad_(False)
         move_module(encoder, accelerator.device, weight_dtype)
+    # 8 prompts at a time: T5-XXL's attention keeps a few copies of its 64 x 512 x 512 scores per
+    # prompt (about 128 MiB in bf16): 1 GiB for 8 prompts, 8 GiB for 64.
     prompts = make_prompt_encoder(cfg, models, data, accelerator, also={e.prompt for e in plan.validation},
-                                  stored=store.load(TRAINING, training_prompts(cfg, plan)) if store else {})
+                                  stored=store.load(TRAINING, training_prompts(cfg, plan)) if store else {}, chunk=8)
     if store:
         prompts.for_pipeline.update(store.load(PIPELINE, pipeline_prompts))
     family.cache_pipeline_prompts(prompts, pipeline_prompts, models.text_encoders)
@@ -736,10 +738,10 @@ def _vae_stats(vae, pixels, device, dtype):
 
 
 def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator, also: Iterable[str] = (),
-                        stored: dict | None = None):
+                        stored: dict | None = None, chunk: int = 64):
     """The family's prompt encoder (`ModelFamily.prompt_encoder`); embeddings are cached
-    when the text encoders are frozen (the training prompts and `also`; those in `stored`,
-    read from disk, are not encoded again)."""
+    when the text encoders are frozen (the training prompts and `also`, `chunk` at a time;
+    those in `stored`, read from disk, are not encoded again)."""
     if accelerator.is_main_process:
         _note_cut_captions(cfg, models.tokenizer, data)
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
@@ -752,8 +754,8 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelera
         if not cfg.shuffle_captions:
             prompts |= {it.example.prompt for it in data.all_items()}
         prompts = sorted(prompts - {None})
-        for k in range(0, len(prompts), 64):
-            models.family.encode_prompts(enc, prompts[k:k + 64], models.text_encoders, accelerator.device)
+        for k in range(0, len(prompts), chunk):
+            models.family.encode_prompts(enc, prompts[k:k + chunk], models.text_encoders, accelerator.device)
         # Shuffled captions almost never repeat: caching them would only fill GPU memory
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
