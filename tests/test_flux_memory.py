@@ -78,6 +78,14 @@ def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path,
         return lambda *a, **k: events.append((name, alive())) or real(*a, **k)
 
     monkeypatch.setattr(M._PartLoader, "model", spy_load)
+    read_onto: dict = {}
+    read = M._from_pretrained
+
+    def spy_read(cls, name, sub, *args):
+        read_onto[sub] = args[-1]  # the device it is read onto (None: the CPU, moved later)
+        return read(cls, name, sub, *args)
+
+    monkeypatch.setattr(M, "_from_pretrained", spy_read)
     monkeypatch.setattr(FluxPromptEncoder, "_forward", spy("encode", FluxPromptEncoder._forward))
     monkeypatch.setattr(T, "train_step", spy("step", T.train_step))
     monkeypatch.setattr(G, "generate", spy("sample", G.generate))
@@ -93,6 +101,10 @@ def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path,
     assert {"step", "sample"} <= set(names)
     assert [e for e in events if isinstance(e, tuple) and e[0] != "encode" and e[1]] == []
     assert (out / "4" / "samples" / "0.png").is_file() and (out / "validation" / "4" / "0.png").is_file()
+    # The encoders are read straight onto the device they encode on (host memory never holds
+    # T5-XXL whole on the way to a GPU); here that device is the CPU.
+    assert {sub: str(device) for sub, device in read_onto.items()} == {"text_encoder": "cpu", "text_encoder_2": "cpu",
+                                                                       "vae": "None"}
 
 
 def test_a_restarted_flux_run_reads_its_prompts_from_cache_dir_and_loads_no_text_encoder(tmp_path, captioned_factory,

@@ -535,6 +535,7 @@ def load_sd_components(
     quantize: str | None = None,
     options=None,
     only: Callable[[ModelFamily], Iterable[str] | None] | None = None,
+    straight_to: Callable[[ModelFamily], dict] | None = None,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -548,7 +549,9 @@ def load_sd_components(
     dtype, never held in float32 first (except from a single file, which is read whole in
     `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
     (the run's settings) go to the family (`ModelFamily.load_components`). `only`, a function of
-    the family, names the components to load (None: all), e.g. all but the denoiser.
+    the family, names the components to load (None: all), e.g. all but the denoiser;
+    `straight_to`, a function of the family, gives components -> the device they are read
+    straight onto (frozen parts that go there next: host memory never holds them whole).
     """
     import torch
 
@@ -570,7 +573,8 @@ def load_sd_components(
         models = Components(family, {c: getattr(pipe, c) for c in family.parts},
                             family.noise_scheduler(pipe.scheduler.config))
     else:
-        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed,
+        loader = _PartLoader(model_name_or_path, revision, variant, dtypes, straight_to(family) if straight_to else {})
+        models = family.load_components(loader, needed,
                                         quantize=quantize, options=options)
     if tokenizer_name:
         models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
@@ -585,10 +589,12 @@ def load_sd_components(
 
 class _PartLoader:
     """`families.base.PartLoader` for a Hub id or diffusers folder: one `from_pretrained` per
-    component, in `dtypes[component]`, a missing variant falling back to the full weights."""
+    component, in `dtypes[component]` (on `devices[component]` when given), a missing variant
+    falling back to the full weights."""
 
-    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict):
+    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict, devices=None):
         self.name, self.revision, self.variant, self.dtypes = name, revision, variant, dtypes
+        self.devices = devices or {}
 
     def model(self, class_path: str, component: str, *, quantize: str | None = None):
         if quantize is not None:
@@ -597,7 +603,7 @@ class _PartLoader:
                 _class(class_path), self.name, quantize, dtype=self.dtypes[component], device=pick_device(),
                 subfolder=component, revision=self.revision, variant=self.variant))
         return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
-                                self.dtypes[component])
+                                self.dtypes[component], self.devices.get(component))
 
     def tokenizer(self, class_path: str, component: str):
         return _load_tokenizer(self.name, component, self.revision, _class(class_path))
@@ -701,9 +707,10 @@ def _load_tokenizer(name: str, subfolder: str | None, revision: str | None, cls=
     return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
 
 
-def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):
-    """`cls.from_pretrained` for one component; a missing variant falls back to full weights."""
-    kwargs = dict(subfolder=subfolder, dtype=dtype)
+def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype, device=None):
+    """`cls.from_pretrained` for one component (read straight onto `device` when given); a
+    missing variant falls back to full weights."""
+    kwargs = dict(subfolder=subfolder, dtype=dtype, **({"device_map": {"": str(device)}} if device else {}))
     if revision:
         kwargs["revision"] = revision
     if is_local(name):

@@ -54,6 +54,7 @@ from dbtools.train.setup import (
     before_denoiser,
     cache_prompts_first,
     class_examples,
+    encoders_straight_to,
     load_models,
     make_accelerator,
     make_class_images,
@@ -181,7 +182,8 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
     cfg = run_config(cfg, world)
     weight_dtype = weight_dtype_for(accelerator)
     pipeline_prompts = output_prompts(cfg, plan)
-    models = load_models(cfg, weight_dtype, only=before_denoiser(cfg, plan, weight_dtype, pipeline_prompts))
+    models = load_models(cfg, weight_dtype, only=before_denoiser(cfg, plan, weight_dtype, pipeline_prompts),
+                         straight_to=encoders_straight_to(cfg, accelerator.device))
     data = make_data(cfg, plan, models, accelerator, weight_dtype)  # before the UNet and encoders take the GPU
     prompts = None
     if models.parts.get(models.family.denoiser) is None:  # the encoders fill the prompt cache, then go

@@ -435,18 +435,20 @@ def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_
     return out
 
 
-def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32, only=None) -> Components:
+def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32, only=None,
+                straight_to=None) -> Components:
     """Tokenizer, text encoders, VAE, UNet and noise scheduler: weights that train in float32,
     frozen ones straight in `weight_dtype` (`frozen_dtypes`), so host memory never holds a
     float32 copy of what trains in half precision (SDXL in float32 is about 14 GB). `only`:
-    a function of the family naming the components to load (None: all; see `before_denoiser`)."""
+    a function of the family naming the components to load (None: all; see `before_denoiser`);
+    `straight_to`, one giving the components read straight onto a device (`encoders_straight_to`)."""
     from dbtools.families.models import load_sd_components
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
                               revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
                               component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
                               quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg,
-                              only=only)
+                              only=only, straight_to=straight_to)
 
 
 def prompts_first(cfg: TrainConfig, family: ModelFamily) -> bool:
@@ -472,6 +474,13 @@ def before_denoiser(cfg: TrainConfig, plan: DataPlan, weight_dtype: torch.dtype,
         return [c for c in family.parts if c not in skip]
 
     return parts
+
+
+def encoders_straight_to(cfg: TrainConfig, device):
+    """`load_models`' `straight_to` for the first load: where `prompts_first`, the text encoders
+    are read straight onto `device`, where they encode the prompts (T5-XXL is 9.5 GB in bf16:
+    read onto the GPU tensor by tensor, host memory never holds it whole)."""
+    return lambda family: dict.fromkeys(family.text_encoder_names, device) if prompts_first(cfg, family) else {}
 
 
 def training_prompts(cfg: TrainConfig, plan: DataPlan) -> set[str]:
