@@ -14,9 +14,10 @@ in a fresh process, reads every weight once (as the move to a GPU does) and prin
   weights read, the encoders freed (`cache_prompts_first` frees them), then the transformer.
 
 On a CPU the "device" is host memory too, so the run's order peaks at the larger of (text
-encoders + VAE) and (VAE + transformer) instead of their sum. On a GPU the encoders and the
-quantized transformer go to the GPU (NF4 is quantized as its weights arrive), so host memory
-holds at most the text encoders in bf16: 9.5 GB for T5-XXL + 0.25 GB CLIP-L + the VAE.
+encoders + VAE) and (VAE + transformer) instead of their sum. On a GPU the text encoders and
+the quantized transformer are read straight onto it (NF4 is quantized as its weights arrive), so
+host memory holds no whole model: the process itself, the VAE and memory-mapped file pages
+(clean, which the kernel can drop); read onto the host first, T5-XXL alone would be 9.5 GB.
 The real measurement (the full model, needs about 34 GB of disk and a GPU) is the peak RSS
 that bench/train_flux.py reports for `--model dev` (see its help).
 """

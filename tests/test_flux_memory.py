@@ -132,3 +132,20 @@ def test_a_restarted_flux_run_reads_its_prompts_from_cache_dir_and_loads_no_text
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pixels = [np.asarray(Image.open(tmp_path / name / "4" / "samples" / "0.png")) for name in ("first", "restarted")]
     assert np.array_equal(*pixels)
+
+
+def test_flux_saves_are_scored_from_cached_prompts(tmp_path, captioned_factory, tiny_flux, tiny_scorers):
+    """`--score_saves` generates from its eval prompts (and the instance prompt's defaults) after
+    the encoders are gone: they were encoded with the rest."""
+    import json
+
+    from dbtools.train import loop as T
+
+    out = tmp_path / "out"
+    cfg = flux_config(tiny_flux, captioned_factory(tmp_path / "inst"), out, save_interval=2, n_save_sample=1,
+                      save_sample_prompt="a photo of sks toy", save_infer_steps=2, score_saves=True,
+                      likeness_model=str(tiny_scorers["dinov2"]), clip_model=str(tiny_scorers["clip"]),
+                      eval_num_samples=1, eval_prompts=["a photo of sks toy on a beach"])
+    T.train(cfg)
+    scored = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in scored if "prompt_fidelity" in r] == [2, 4]
