@@ -81,9 +81,9 @@ def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path,
     read_onto: dict = {}
     read = M._from_pretrained
 
-    def spy_read(cls, name, sub, *args):
-        read_onto[sub] = args[-1]  # the device it is read onto (None: the CPU, moved later)
-        return read(cls, name, sub, *args)
+    def spy_read(cls, name, sub, *args, device=None):
+        read_onto[sub] = device  # the device it is read onto (None: the CPU, moved later)
+        return read(cls, name, sub, *args, **({"device": device} if device is not None else {}))
 
     monkeypatch.setattr(M, "_from_pretrained", spy_read)
     monkeypatch.setattr(FluxPromptEncoder, "_forward", spy("encode", FluxPromptEncoder._forward))

@@ -602,8 +602,9 @@ class _PartLoader:
             return _guard(self.name, lambda: load_quantized(
                 _class(class_path), self.name, quantize, dtype=self.dtypes[component], device=pick_device(),
                 subfolder=component, revision=self.revision, variant=self.variant))
+        device = self.devices.get(component)
         return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
-                                self.dtypes[component], self.devices.get(component))
+                                self.dtypes[component], **({"device": device} if device is not None else {}))
 
     def tokenizer(self, class_path: str, component: str):
         return _load_tokenizer(self.name, component, self.revision, _class(class_path))
