@@ -85,9 +85,9 @@ def _write_random_fp16(make, folder: Path) -> int:
     return _stream_safetensors({k: tuple(v.shape) for k, v in model.state_dict().items()}, folder / name)
 
 
-def _stream_safetensors(shapes: dict[str, tuple], path: Path) -> int:
-    """A safetensors file of random fp16 tensors, each made just before it is written, so the
-    writer never holds more than one tensor (`save_file` would hold all of them twice)."""
+def _stream_safetensors(shapes: dict[str, tuple], path: Path, dtype: str = "F16") -> int:
+    """A safetensors file of random fp16 (or `dtype` "BF16") tensors, each made just before it is
+    written, so the writer never holds more than one tensor (`save_file` would hold all of them twice)."""
     import math
     import struct
 
@@ -96,7 +96,7 @@ def _stream_safetensors(shapes: dict[str, tuple], path: Path) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape in shapes.items():
         size = math.prod(shape) * 2
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -104,7 +104,8 @@ def _stream_safetensors(shapes: dict[str, tuple], path: Path) -> int:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for shape in shapes.values():
-            f.write(torch.randn(shape, generator=gen).mul_(0.02).half().numpy().tobytes())
+            x = torch.randn(shape, generator=gen).mul_(0.02)
+            f.write((x.half() if dtype == "F16" else x.bfloat16().view(torch.int16)).numpy().tobytes())
     return offset
 
 
@@ -131,6 +132,17 @@ def load(folder: Path, rank: int) -> dict:
             "dtypes": {n: str(getattr(models, n).dtype) for n in ("unet", "text_encoder", "text_encoder_2", "vae")}}
 
 
+def built(folder: Path, marker_name: str, build_folder):
+    """What `build_folder()` returned when it wrote `folder` (kept in `folder/marker_name`),
+    building it first unless a kept folder is complete."""
+    marker = folder / marker_name
+    if not marker.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(build_folder()))
+    return json.loads(marker.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--folder", type=Path, default=Path("/tmp/dbtools-sdxl-fp16"))
@@ -141,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_only:
         print(json.dumps(load(args.folder, args.rank)))
         return 0
-    marker = args.folder / "fp16_bytes.json"
-    if not marker.is_file():
-        shutil.rmtree(args.folder, ignore_errors=True)
-        fp16 = build(args.folder)
-        marker.write_text(json.dumps(fp16))
-    fp16 = json.loads(marker.read_text())
+    fp16 = built(args.folder, "fp16_bytes.json", lambda: build(args.folder))
     try:
         out = subprocess.run([sys.executable, __file__, "--load_only", "--folder", str(args.folder),
                               "--rank", str(args.rank)], capture_output=True, text=True, check=True)

@@ -28,6 +28,14 @@ the issue (rank 16, 1024 px, batch 1, NF4 base, cached embeddings, gradient chec
         --rank 16 --steps 10 --warmup 2 --repeat 1 --sides ours bare
 
 (`--gpu_flags`: bf16 mixed precision, gradient checkpointing and 8-bit AdamW on both sides.)
+Host memory while that run loads (target: <= 12 GB, a free Colab runtime) is the peak RSS of
+our side's process, which GNU time reports for the largest child ("Maximum resident set size",
+in KiB):
+
+    /usr/bin/time -v python bench/train_flux.py --model dev --resolution 1024 --quantize_base nf4 \\
+        --gpu_flags --rank 16 --steps 10 --warmup 2 --repeat 1 --sides ours
+
+(bench/load_flux.py measures the load order's peak on a CPU with a scaled model.)
 """
 
 from __future__ import annotations

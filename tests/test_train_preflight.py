@@ -163,6 +163,20 @@ def test_flux_settings_it_cannot_train_are_one_message_before_loading(tmp_path, 
         "transformer and float32 does not fit. Use a GPU with bf16 (Ampere or newer: A100, L4, RTX 30xx/40xx)."]
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantize_base_with_an_sd_model_is_one_message_before_loading(tmp_path, no_model_loads, capsys, tiny_sd,
+                                                                      quantize):
+    captioned(tmp_path / "inst")
+    code = cli.main(["train", "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir",
+                     str(tmp_path / "inst"), "--read_prompts_from_txts", "--output_dir", str(tmp_path / "out"),
+                     "--use_lora", "--quantize_base", quantize])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "quantize_base" in line] == [
+        f"- --quantize_base {quantize}: Stable Diffusion 1.x models train from a full-precision base (a quantized "
+        "base is for the large flow transformers); leave --quantize_base unset."]
+
+
 # --------------------------------------------------------------------------- folders
 
 

@@ -85,10 +85,11 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None, quantize
     denoiser quantized with `quantize_base` "nf4" or "int8")."""
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return pipe_or_path
-    from dbtools.families.models import inference_dtype, load_pipeline, pick_device
+    from dbtools.families.models import load_pipeline, model_inference_dtype, pick_device
 
     device = pick_device()
-    pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=inference_dtype(device),
+    dtype = model_inference_dtype(pipe_or_path, device)
+    pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=dtype,
                          scheduler=scheduler, quantize=None if quantize_base in (None, "none") else quantize_base)
     pipe.set_progress_bar_config(leave=False, desc="generating")
     return pipe

@@ -258,6 +258,11 @@ class ModelFamily(ABC):
     prior_defaults: Mapping[str, Any] = field(default_factory=dict)
     """Training flags the notebook's `auto` sets for prior preservation (e.g. fewer class images
     for a family whose images are costly to make)."""
+    inference_half: str = "float16"
+    """The half-precision dtype it generates in on a CUDA GPU ("bfloat16" for the flow
+    transformers, which overflow in float16)."""
+    quantizable: bool = False
+    """Whether its frozen denoiser may be quantized (`--quantize_base nf4|int8`)."""
     samples_at_own_defaults: bool = False
     """Whether training samples take `sample_steps` and `guidance_scale` when their flags are
     left at Shivam's defaults (20 steps, 7.5), which suit SD but not a guidance-distilled model."""
@@ -370,6 +375,23 @@ class ModelFamily(ABC):
     def text_encoders_may_leave(self) -> bool:
         """Whether frozen text encoders may leave the device once all prompts are cached."""
         return True
+
+    def encoders_only_fill_the_cache(self) -> bool:
+        """Whether a run's frozen text encoders serve only to fill the prompt cache: every prompt
+        the run will need is encoded before the denoiser loads, then the encoders are freed and
+        samples read the cache (`read_cached_prompts`). False (SD, SDXL): they stay in host
+        memory and come back to the device for samples."""
+        return False
+
+    def cache_pipeline_prompts(self, encoder: Any, prompts: Iterable[str], text_encoders: Sequence) -> None:
+        """Keep `prompts` in `encoder` encoded as the family's pipeline encodes them (for samples,
+        validation images and scores once the encoders are gone: `read_cached_prompts`)."""
+        raise NotImplementedError(f"{self.label}: prompts are encoded by the pipeline's text encoders")
+
+    def read_cached_prompts(self, pipe: Any, encoder: Any) -> None:
+        """Make `pipe` (from `build_pipeline`, without text encoders) take its prompts'
+        encodings from `encoder`'s cache (for a family whose `encoders_only_fill_the_cache`)."""
+        raise NotImplementedError(f"{self.label}: prompts are encoded by the pipeline's text encoders")
 
     # ----------------------------------------------------------------- latents and one step
 

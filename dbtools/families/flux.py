@@ -79,6 +79,8 @@ class FluxPromptEncoder:
         self.cache: dict[str, tuple] | None = {} if cache else None
         self.max_cached = max_cached
         self.grow = True
+        self.for_pipeline: dict[str, tuple] = {}
+        """Prompts encoded as FluxPipeline encodes them by default (`keep_for_pipeline`)."""
 
     def encode(self, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
         import torch
@@ -97,7 +99,18 @@ class FluxPromptEncoder:
         entries = [self.cache.get(p) or fresh[p] for p in prompts]
         return self._conditioning(torch.stack([s for s, _ in entries]), torch.stack([q for _, q in entries]), device)
 
-    def _forward(self, prompts: list[str], text_encoders: Sequence):
+    def keep_for_pipeline(self, prompt: str, text_encoders: Sequence) -> None:
+        """Keep `prompt` encoded as FluxPipeline encodes it by default (alone, T5 at its
+        `MAX_SEQUENCE_LENGTH` whatever the run's `--max_sequence_length`), for samples made
+        after the encoders are gone."""
+        import torch
+
+        if prompt not in self.for_pipeline:
+            with torch.no_grad():
+                states, pooled = self._forward([prompt], text_encoders, MAX_SEQUENCE_LENGTH)
+            self.for_pipeline[prompt] = (states.cpu(), pooled.cpu())
+
+    def _forward(self, prompts: list[str], text_encoders: Sequence, length: int | None = None):
         clip, t5 = text_encoders
         clip_tok, t5_tok = self.tokenizers
         ids = clip_tok(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True,
@@ -105,7 +118,7 @@ class FluxPromptEncoder:
         # The parameters' device, not `.device`: a data-parallel wrapper has none; a parked
         # encoder (on the CPU) runs where it is.
         pooled = clip(ids.to(_device_of(clip)), output_hidden_states=False).pooler_output
-        ids = t5_tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        ids = t5_tok(prompts, padding="max_length", max_length=length or self.max_sequence_length, truncation=True,
                      return_tensors="pt").input_ids
         states = t5(ids.to(_device_of(t5)), output_hidden_states=False)[0]
         return states, pooled
@@ -150,6 +163,8 @@ class FluxFamily(ModelFamily):
     """Flux.1 [dev] (and, with a warning, [schnell])."""
 
     memory_numbers: MemoryNumbers | None = None
+    inference_half: str = "bfloat16"
+    quantizable: bool = True
 
     # detection
     def matches_model_index(self, model_index: Mapping, text_config: Mapping | None) -> bool:
@@ -228,6 +243,36 @@ class FluxFamily(ModelFamily):
 
     def encode_prompts(self, encoder: Any, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
         return encoder.encode(prompts, list(text_encoders), device)
+
+    def encoders_only_fill_the_cache(self) -> bool:
+        """T5-XXL (9.5 GB in bf16) and CLIP never share the GPU with the transformer."""
+        return True
+
+    def cache_pipeline_prompts(self, encoder: FluxPromptEncoder, prompts, text_encoders: Sequence) -> None:
+        for prompt in prompts:
+            encoder.keep_for_pipeline(prompt, list(text_encoders))
+
+    def read_cached_prompts(self, pipe, encoder: FluxPromptEncoder) -> None:
+        """`pipe.encode_prompt` answered from `encoder.for_pipeline`, as FluxPipeline's own
+        would answer at its default length (the same tensors: the encoders' outputs)."""
+        import torch
+
+        def encode_prompt(prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
+                          pooled_prompt_embeds=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                          lora_scale=None):
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            missing = [p for p in prompts if p not in encoder.for_pipeline]
+            if missing or max_sequence_length != MAX_SEQUENCE_LENGTH:
+                raise RuntimeError(f"prompt {prompts[0]!r} at {max_sequence_length} tokens was not encoded before "
+                                   "the text encoders were freed")
+            device = device or pipe._execution_device
+            embeds = torch.cat([encoder.for_pipeline[p][0] for p in prompts]).to(device)
+            pooled = torch.cat([encoder.for_pipeline[p][1] for p in prompts]).to(device)
+            embeds = embeds.repeat_interleave(num_images_per_prompt, 0)
+            pooled = pooled.repeat_interleave(num_images_per_prompt, 0)
+            return embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
+
+        pipe.encode_prompt = encode_prompt
 
     def pipeline_size(self, pipe) -> int:
         """The Flux pipeline's own default size (its transformer's config keeps none)."""

@@ -24,7 +24,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -348,11 +348,30 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
-def inference_dtype(device) -> torch.dtype:
-    """fp16 on CUDA (half the memory, same pictures), fp32 elsewhere (CPU fp16 is slow/unsupported)."""
+def inference_dtype(device, family: ModelFamily | None = None) -> torch.dtype:
+    """Half precision on CUDA (half the memory, same pictures): the family's own
+    (`ModelFamily.inference_half`: bf16 for the flow transformers, fp16 by default); fp32
+    elsewhere (CPU half precision is slow/unsupported)."""
     import torch
 
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return getattr(torch, family.inference_half if family is not None else "float16")
+
+
+def model_inference_dtype(model_name_or_path: str, device) -> torch.dtype:
+    """`inference_dtype` for the family of a model, training checkpoint or LoRA weights folder
+    (the family of the run's base model); a model that cannot be read here gets the default,
+    and loading says why."""
+    if not str(device).startswith("cuda"):
+        return inference_dtype(device)
+    name = os.fspath(model_name_or_path)
+    try:
+        if is_checkpoint_folder(name) or is_lora_weights_folder(name):
+            name = _checkpoint_args(Path(os.path.expanduser(name)))["pretrained_model_name_or_path"]
+        return inference_dtype(device, detect_family(name).family)
+    except ModelLoadError:
+        return inference_dtype(device)
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -515,6 +534,8 @@ def load_sd_components(
     component_dtypes: dict | Callable[[ModelFamily], dict] | None = None,
     quantize: str | None = None,
     options=None,
+    only: Callable[[ModelFamily], Iterable[str] | None] | None = None,
+    straight_to: Callable[[ModelFamily], dict] | None = None,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training; for
     an SDXL model also its second tokenizer and text encoder (see `detect_family`).
@@ -527,15 +548,22 @@ def load_sd_components(
     UNet; or a function of the detected family giving that dict) is read straight into its own
     dtype, never held in float32 first (except from a single file, which is read whole in
     `torch_dtype`). `quantize` ("nf4", "int8") loads the frozen denoiser quantized; `options`
-    (the run's settings) go to the family (`ModelFamily.load_components`).
+    (the run's settings) go to the family (`ModelFamily.load_components`). `only`, a function of
+    the family, names the components to load (None: all), e.g. all but the denoiser;
+    `straight_to`, a function of the family, gives components -> the device they are read
+    straight onto (frozen parts that go there next: host memory never holds them whole).
     """
     import torch
 
     dtype = torch_dtype or torch.float32
     model_name_or_path, revision, variant, _ = _resolve_source(model_name_or_path, revision, variant, needed=())
     family = _training_family(model_name_or_path, config, revision)
+    wanted = only(family) if only else None
+    wanted = set(family.parts if wanted is None else wanted)
+    vae_name_or_path = vae_name_or_path if "vae" in wanted else None
+    tokenizer_name = tokenizer_name if "tokenizer" in wanted else None
     needed = tuple(c for c in family.components if not (c == "vae" and vae_name_or_path)
-                   and not (c == "tokenizer" and tokenizer_name))
+                   and not (c == "tokenizer" and tokenizer_name) and c in wanted | {"scheduler"})
     check_model_path(model_name_or_path, needed)
     if callable(component_dtypes):
         component_dtypes = component_dtypes(family)
@@ -545,7 +573,8 @@ def load_sd_components(
         models = Components(family, {c: getattr(pipe, c) for c in family.parts},
                             family.noise_scheduler(pipe.scheduler.config))
     else:
-        models = family.load_components(_PartLoader(model_name_or_path, revision, variant, dtypes), needed,
+        loader = _PartLoader(model_name_or_path, revision, variant, dtypes, straight_to(family) if straight_to else {})
+        models = family.load_components(loader, needed,
                                         quantize=quantize, options=options)
     if tokenizer_name:
         models.parts["tokenizer"] = _load_tokenizer(_normalize(tokenizer_name), _tokenizer_subfolder(tokenizer_name),
@@ -560,10 +589,12 @@ def load_sd_components(
 
 class _PartLoader:
     """`families.base.PartLoader` for a Hub id or diffusers folder: one `from_pretrained` per
-    component, in `dtypes[component]`, a missing variant falling back to the full weights."""
+    component, in `dtypes[component]` (on `devices[component]` when given), a missing variant
+    falling back to the full weights."""
 
-    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict):
+    def __init__(self, name: str, revision: str | None, variant: str | None, dtypes: dict, devices=None):
         self.name, self.revision, self.variant, self.dtypes = name, revision, variant, dtypes
+        self.devices = devices or {}
 
     def model(self, class_path: str, component: str, *, quantize: str | None = None):
         if quantize is not None:
@@ -571,8 +602,9 @@ class _PartLoader:
             return _guard(self.name, lambda: load_quantized(
                 _class(class_path), self.name, quantize, dtype=self.dtypes[component], device=pick_device(),
                 subfolder=component, revision=self.revision, variant=self.variant))
+        device = self.devices.get(component)
         return _from_pretrained(_class(class_path), self.name, component, self.revision, self.variant,
-                                self.dtypes[component])
+                                self.dtypes[component], **({"device": device} if device is not None else {}))
 
     def tokenizer(self, class_path: str, component: str):
         return _load_tokenizer(self.name, component, self.revision, _class(class_path))
@@ -676,9 +708,10 @@ def _load_tokenizer(name: str, subfolder: str | None, revision: str | None, cls=
     return _guard(name, lambda: cls.from_pretrained(name, **kwargs))
 
 
-def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype):
-    """`cls.from_pretrained` for one component; a missing variant falls back to full weights."""
-    kwargs = dict(subfolder=subfolder, dtype=dtype)
+def _from_pretrained(cls, name: str, subfolder: str, revision, variant, dtype, device=None):
+    """`cls.from_pretrained` for one component (read straight onto `device` when given); a
+    missing variant falls back to full weights."""
+    kwargs = dict(subfolder=subfolder, dtype=dtype, **({"device_map": {"": str(device)}} if device else {}))
     if revision:
         kwargs["revision"] = revision
     if is_local(name):

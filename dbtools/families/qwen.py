@@ -95,6 +95,8 @@ class QwenFlowFamily(ModelFamily):
     to the padding, so training must see what inference sees)."""
     lora_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     memory_numbers: MemoryNumbers | None = None
+    inference_half: str = "bfloat16"
+    quantizable: bool = True
     ui_names: tuple[str, str] = ("", "")
     """(kohya `ss_base_model_version`, `modelspec.architecture`) of the UI LoRA file."""
 

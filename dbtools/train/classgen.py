@@ -336,18 +336,19 @@ def _free_accelerator_memory() -> None:
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "no": "float32"}
 
 
-def precision_dtype(precision: str | None, device: str):
-    """The torch dtype for generating on `device`: `precision`, or fp16 on CUDA / fp32 elsewhere.
+def precision_dtype(precision: str | None, device: str, model: str | None = None):
+    """The torch dtype for generating on `device`: `precision`, or on CUDA the half precision of
+    `model`'s family (fp16 by default) / fp32 elsewhere.
 
     Half precision off CUDA falls back to fp32 with a warning (CPUs cannot run it usefully);
     bf16 on a GPU that only emulates it falls back to fp16 with a warning.
     """
     import torch
 
-    from dbtools.families.models import inference_dtype
+    from dbtools.families.models import inference_dtype, model_inference_dtype
 
     if precision is None:
-        return inference_dtype(device)
+        return model_inference_dtype(model, device) if model else inference_dtype(device)
     if precision not in PRECISIONS:
         raise ClassGenError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     dtype = getattr(torch, PRECISIONS[precision])
@@ -389,7 +390,7 @@ def pipeline_loader_for(
 
     def load():
         where = device or pick_device()
-        dtype = precision_dtype(cfg.precision if cfg else None, where)
+        dtype = precision_dtype(cfg.precision if cfg else None, where, model_name_or_path)
         pipe = load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
         pipe.vae.enable_slicing()  # a batch is decoded one image at a time: SDXL's 1024 px decode is large
         return pipe

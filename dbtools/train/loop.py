@@ -40,6 +40,7 @@ from dbtools.train.outputs import (
     HeldOut,
     disk_full_message,
     make_scorer,
+    output_prompts,
     periodic_saves,
     push_to_hub,
     save_at_stop,
@@ -50,7 +51,10 @@ from dbtools.train.run import MicroBatches, Run
 from dbtools.train.setup import (
     TrainError,
     agree_on_seed,
+    before_denoiser,
+    cache_prompts_first,
     class_examples,
+    encoders_straight_to,
     load_models,
     make_accelerator,
     make_class_images,
@@ -177,10 +181,16 @@ def setup(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> Run:
     world = accelerator.num_processes
     cfg = run_config(cfg, world)
     weight_dtype = weight_dtype_for(accelerator)
-    models = load_models(cfg, weight_dtype)
+    pipeline_prompts = output_prompts(cfg, plan)
+    models = load_models(cfg, weight_dtype, only=before_denoiser(cfg, plan, weight_dtype, pipeline_prompts),
+                         straight_to=encoders_straight_to(cfg, accelerator.device))
     data = make_data(cfg, plan, models, accelerator, weight_dtype)  # before the UNet and encoders take the GPU
+    prompts = None
+    if models.parts.get(models.family.denoiser) is None:  # the encoders fill the prompt cache, then go
+        prompts, models = cache_prompts_first(cfg, models, data, plan, accelerator, weight_dtype, pipeline_prompts)
     params = prepare_modules(cfg, models, accelerator, weight_dtype)
-    prompts = make_prompt_encoder(cfg, models, data, accelerator)
+    if prompts is None:
+        prompts = make_prompt_encoder(cfg, models, data, accelerator)
     offload_cached(cfg, models, prompts)
     max_steps = total_steps(cfg, data.batches_per_epoch, world)
     logger.info("training on %d process(es): %d instance and %d class images, %d steps",

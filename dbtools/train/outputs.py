@@ -173,7 +173,10 @@ def build_pipeline(run: Run) -> DiffusionPipeline:
     sampler (`ModelFamily.build_pipeline`)."""
     acc, models = run.accelerator, run.models
     modules = {name: acc.unwrap_model(m) if isinstance(m, torch.nn.Module) else m for name, m in models.parts.items()}
-    return models.family.build_pipeline(modules, models.noise_scheduler)
+    pipe = models.family.build_pipeline(modules, models.noise_scheduler)
+    if models.family.text_encoder_names and not models.text_encoders:  # freed once every prompt was cached
+        models.family.read_cached_prompts(pipe, run.prompts)
+    return pipe
 
 
 @contextlib.contextmanager
@@ -402,14 +405,30 @@ def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> S
     class drift from the run's class prompts."""
     if not cfg.score_saves or not accelerator.is_main_process:
         return None
-    from dbtools.after.evaluate import EvalConfig, SaveScorer, training_plan
+    from dbtools.after.evaluate import EvalConfig, SaveScorer
 
     ecfg = view(EvalConfig, cfg, eval_prompts=list(cfg.eval_prompts or []), num_samples=cfg.eval_num_samples,
                 seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance)
+    return SaveScorer.load(ecfg, score_plan(cfg, plan))
+
+
+def score_plan(cfg: TrainConfig, plan: DataPlan):
+    """What `--score_saves` scores at each save (`evaluate.training_plan`)."""
+    from dbtools.after.evaluate import training_plan
+
     prompt = cfg.save_sample_prompt or cfg.instance_prompt or ""
-    plan_ = training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
-                          cfg.save_guidance_scale, cfg.resolution, [c.class_prompt for c in cfg.concepts()])
-    return SaveScorer.load(ecfg, plan_)
+    return training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
+                         cfg.save_guidance_scale, cfg.resolution, [c.class_prompt for c in cfg.concepts()])
+
+
+def output_prompts(cfg: TrainConfig, plan: DataPlan) -> set[str]:
+    """The prompts a run's pipeline generates from: the sample and validation prompts, and
+    those `--score_saves` generates."""
+    prompts = {p for p in (cfg.save_sample_prompt, cfg.save_sample_negative_prompt, cfg.validation_prompt) if p}
+    if cfg.score_saves:
+        scored = score_plan(cfg, plan)
+        prompts |= {*scored.eval_prompts, *scored.class_prompts}
+    return prompts
 
 
 def score_save(run: Run, step: int, samples: list[Image]) -> dict:

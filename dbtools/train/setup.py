@@ -8,10 +8,12 @@ schedule, EMA and resume. `dbtools.train.loop.setup` calls these in this order.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +52,7 @@ from dbtools.train.data import (
     with_validation,
 )
 from dbtools.train.folders import MiB, another_run_message, folder_problems, holds_another_run
+from dbtools.train.prompt_store import PIPELINE, TRAINING, PromptStore, store_key
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -158,7 +161,11 @@ def family_problems(cfg: TrainConfig) -> list[str]:
         return []
     check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    return family.training_problems(cfg, native_bf16() if cuda else None)
+    problems = family.training_problems(cfg, native_bf16() if cuda else None)
+    if cfg.quantize_base != "none" and not family.quantizable:
+        problems.append(f"--quantize_base {cfg.quantize_base}: {family.label} models train from a full-precision base "
+                        "(a quantized base is for the large flow transformers); leave --quantize_base unset.")
+    return problems
 
 
 def data_plan(cfg: TrainConfig, concepts: list[Concept], check_images: bool = True) -> tuple[DataPlan, list[str]]:
@@ -428,16 +435,105 @@ def class_examples(concepts: list[Concept], num_class_images: int, read_prompts_
     return out
 
 
-def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32) -> Components:
+def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32, only=None,
+                straight_to=None) -> Components:
     """Tokenizer, text encoders, VAE, UNet and noise scheduler: weights that train in float32,
     frozen ones straight in `weight_dtype` (`frozen_dtypes`), so host memory never holds a
-    float32 copy of what trains in half precision (SDXL in float32 is about 14 GB)."""
+    float32 copy of what trains in half precision (SDXL in float32 is about 14 GB). `only`:
+    a function of the family naming the components to load (None: all; see `before_denoiser`);
+    `straight_to`, one giving the components read straight onto a device (`encoders_straight_to`)."""
     from dbtools.families.models import load_sd_components
 
     return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
                               revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
                               component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
-                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg)
+                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg,
+                              only=only, straight_to=straight_to)
+
+
+def prompts_first(cfg: TrainConfig, family: ModelFamily) -> bool:
+    """Whether the run encodes every prompt before its denoiser loads and then frees the text
+    encoders (`ModelFamily.encoders_only_fill_the_cache`): frozen encoders whose prompts are
+    cached, captions not shuffled (shuffled captions are encoded at each step)."""
+    cached = not cfg.not_cache_latents or cfg.pre_compute_text_embeddings
+    return (family.encoders_only_fill_the_cache() and cached and not cfg.train_text_encoder
+            and not cfg.shuffle_captions)
+
+
+def before_denoiser(cfg: TrainConfig, plan: DataPlan, weight_dtype: torch.dtype, pipeline_prompts: Iterable[str]):
+    """`load_models`' `only` for the first load: all but the denoiser where `prompts_first`, and
+    without the text encoders too when `--cache_dir` holds every prompt the run needs
+    (`training_prompts` and `pipeline_prompts`)."""
+    def parts(family: ModelFamily) -> list[str] | None:
+        if not prompts_first(cfg, family):
+            return None
+        skip = {family.denoiser}
+        store = prompt_store(cfg, family, weight_dtype)
+        if store and store.holds(TRAINING, training_prompts(cfg, plan)) and store.holds(PIPELINE, pipeline_prompts):
+            skip |= set(family.text_encoder_names)
+        return [c for c in family.parts if c not in skip]
+
+    return parts
+
+
+def encoders_straight_to(cfg: TrainConfig, device):
+    """`load_models`' `straight_to` for the first load: where `prompts_first`, the text encoders
+    are read straight onto `device`, where they encode the prompts (T5-XXL is 9.5 GB in bf16:
+    read onto the GPU tensor by tensor, host memory never holds it whole)."""
+    return lambda family: dict.fromkeys(family.text_encoder_names, device) if prompts_first(cfg, family) else {}
+
+
+def training_prompts(cfg: TrainConfig, plan: DataPlan) -> set[str]:
+    """The prompts training steps and the held-out loss read: every example's, and caption
+    dropout's empty prompt."""
+    examples = (*plan.instance, *plan.classes, *plan.validation)
+    return {e.prompt for e in examples} | ({""} if cfg.caption_dropout else set())
+
+
+def prompt_store(cfg: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype) -> PromptStore | None:
+    """Where `--cache_dir` keeps the run's prompt encodings, keyed on the text encoders' and
+    tokenizers' files, the model, the dtype and the prompt length; None without `--cache_dir`."""
+    if not cfg.cache_dir:
+        return None
+    name = cfg.pretrained_model_name_or_path
+    files = [f for sub in family.text_encoder_names + family.tokenizer_names
+             for f in model_files(name, sub, cfg.revision, suffixes=None)]
+    return PromptStore(Path(cfg.cache_dir) / "prompts", store_key(
+        files, family.key, name, cfg.revision, cfg.variant, cfg.tokenizer_name, weight_dtype, cfg.max_sequence_length))
+
+
+def cache_prompts_first(cfg: TrainConfig, models: Components, data: DreamBoothData, plan: DataPlan, accelerator,
+                        weight_dtype: torch.dtype, pipeline_prompts: Iterable[str]):
+    """For models loaded without their denoiser (`before_denoiser`): every prompt of the run
+    (its captions, dropout's empty prompt, class and held-out prompts; and `pipeline_prompts`,
+    the sample, validation and score prompts, as the pipeline encodes them) read from
+    `--cache_dir` or encoded with the text encoders alone on the device; then the encoders
+    are freed (device and host memory) and only then the denoiser loads. Returns the prompt
+    encoder (its `cache` and `for_pipeline`) and the models with the denoiser and without the
+    text encoders."""
+    family = models.family
+    store = prompt_store(cfg, family, weight_dtype)
+    pipeline_prompts = sorted(pipeline_prompts)
+    for encoder in models.text_encoders:
+        encoder.requires_grad_(False)
+        move_module(encoder, accelerator.device, weight_dtype)
+    # 8 prompts at a time: T5-XXL's attention keeps a few copies of its 64 x 512 x 512 scores per
+    # prompt (about 128 MiB in bf16): 1 GiB for 8 prompts, 8 GiB for 64.
+    prompts = make_prompt_encoder(cfg, models, data, accelerator, also={e.prompt for e in plan.validation},
+                                  stored=store.load(TRAINING, training_prompts(cfg, plan)) if store else {}, chunk=8)
+    if store:
+        prompts.for_pipeline.update(store.load(PIPELINE, pipeline_prompts))
+    family.cache_pipeline_prompts(prompts, pipeline_prompts, models.text_encoders)
+    if store and accelerator.is_main_process:
+        written = store.save(TRAINING, prompts.cache) + store.save(PIPELINE, prompts.for_pipeline)
+        logger.info("prompts: %d encoded into %s", written, store.folder)
+    models = models.replace(**dict.fromkeys(family.text_encoder_names))  # nothing else holds them
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.info("prompts: %d cached; text encoders freed before the %s loads", len(prompts.cache), family.denoiser)
+    denoiser = load_models(cfg, weight_dtype, only=lambda _: [family.denoiser]).denoiser
+    return prompts, models.replace(**{family.denoiser: denoiser})
 
 
 def frozen_dtypes(cfg: TrainConfig, weight_dtype: torch.dtype, family: ModelFamily) -> dict[str, torch.dtype]:
@@ -572,7 +668,7 @@ def unused_text_parts(models) -> list[torch.nn.Module]:
 def make_data(cfg: TrainConfig, plan: DataPlan, models, accelerator, weight_dtype) -> DreamBoothData:
     """The dataset, with VAE latents cached unless `--not_cache_latents`."""
     vae = models.vae
-    step = models.family.size_step(vae, models.denoiser)
+    step = models.family.size_step(vae, models.parts.get(models.family.denoiser))
     dcfg = view(DataConfig, cfg, bucket_step=step, seed=cfg.seed or 0)
     cache = None
     if not cfg.not_cache_latents:
@@ -611,18 +707,35 @@ def vae_weight_files(cfg: TrainConfig) -> list[Path]:
     """The files holding the VAE's weights (local paths, or the Hub cache's copies); [] if unknown."""
     name = cfg.pretrained_vae_name_or_path or cfg.pretrained_model_name_or_path
     path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        sub = "" if (path / "config.json").is_file() else "vae"
+    else:
+        sub = "" if cfg.pretrained_vae_name_or_path else "vae"
+    return model_files(name, sub, cfg.revision)
+
+
+def model_files(name: str, sub: str, revision: str | None,
+                suffixes: tuple[str, ...] | None = (".safetensors", ".bin")) -> list[Path]:
+    """The files of component folder `sub` ("": the model's own folder) of a local model or
+    single file, or the Hub cache's copies of `name`'s, ending in `suffixes` (None: all); []
+    if unknown."""
+    path = Path(os.path.expanduser(name))
     if path.is_file():
         return [path]
+
+    def kept(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.glob("*") if f.is_file() and (suffixes is None or f.suffix in suffixes))
+
     if path.is_dir():
-        folder = path if (path / "config.json").is_file() else path / "vae"
-        return [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")]
+        return kept(path / sub)
     try:  # a Hub id: the cached snapshot's files (their folder name is the commit)
         from huggingface_hub import snapshot_download
 
-        sub = "" if cfg.pretrained_vae_name_or_path else "vae/"
-        snap = Path(snapshot_download(name, revision=cfg.revision if cfg.revision != "fp16" else None,
-                                      allow_patterns=[f"{sub}*.safetensors", f"{sub}*.bin"], local_files_only=True))
-        return [f for f in (snap / sub).glob("*") if f.suffix in (".safetensors", ".bin")]
+        prefix = f"{sub}/" if sub else ""
+        patterns = [f"{prefix}*"] if suffixes is None else [f"{prefix}*{s}" for s in suffixes]
+        snap = Path(snapshot_download(name, revision=revision if revision != "fp16" else None,
+                                      allow_patterns=patterns, local_files_only=True))
+        return kept(snap / sub)
     except Exception:  # not in the local cache under this name: the ids and the config still key it
         return []
 
@@ -633,9 +746,11 @@ def _vae_stats(vae, pixels, device, dtype):
     return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
 
 
-def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator):
+def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelerator, also: Iterable[str] = (),
+                        stored: dict | None = None, chunk: int = 64):
     """The family's prompt encoder (`ModelFamily.prompt_encoder`); embeddings are cached
-    when the text encoders are frozen."""
+    when the text encoders are frozen (the training prompts and `also`, `chunk` at a time;
+    those in `stored`, read from disk, are not encoded again)."""
     if accelerator.is_main_process:
         _note_cut_captions(cfg, models.tokenizer, data)
     cache = not cfg.train_text_encoder and (not cfg.not_cache_latents or cfg.pre_compute_text_embeddings)
@@ -643,12 +758,13 @@ def make_prompt_encoder(cfg: TrainConfig, models, data: DreamBoothData, accelera
                                        max_length=cfg.tokenizer_max_length,
                                        use_attention_mask=cfg.text_encoder_use_attention_mask)
     if cache:
-        prompts = {"" if cfg.caption_dropout else None}
+        enc.cache.update(stored or {})
+        prompts = {"" if cfg.caption_dropout else None, *also}
         if not cfg.shuffle_captions:
             prompts |= {it.example.prompt for it in data.all_items()}
         prompts = sorted(prompts - {None})
-        for k in range(0, len(prompts), 64):
-            models.family.encode_prompts(enc, prompts[k:k + 64], models.text_encoders, accelerator.device)
+        for k in range(0, len(prompts), chunk):
+            models.family.encode_prompts(enc, prompts[k:k + chunk], models.text_encoders, accelerator.device)
         # Shuffled captions almost never repeat: caching them would only fill GPU memory
         # (about 110 KiB per prompt for SD 1.5 in fp16, a step at a time).
         enc.grow = not cfg.shuffle_captions
