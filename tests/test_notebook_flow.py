@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from test_notebook import cell_titled, read_notebook, set_form_values, stream_text, venv_kernel, widget_states
 
 from dbtools.after.kohya import read_metadata
@@ -91,3 +92,20 @@ def test_help_says_which_captioner_suits_the_flow_families_and_which_base_to_tra
     for base, refusal in (("Tongyi-MAI/Z-Image", TURBO_ADVICE), ("black-forest-labs/FLUX.2-klein-base-4B",
                                                                   DISTILLED_ADVICE)):
         assert base in refusal and f"`{base}`" in settings, base  # the help and the refusal agree
+
+
+def test_a_z_image_turbo_is_refused_at_the_settings_cell_with_the_base_to_train(tmp_path, tiny_zimage):
+    """Z-Image-Turbo ships Z-Image's files; only its name tells. The settings cell already says it
+    is not trained and which base to train, rather than leaving it to the training cell."""
+    import shutil
+
+    from dbtools.families.models import UnsupportedModelError
+    from dbtools.families.zimage import TURBO_ADVICE
+    from dbtools.ui import notebook as nb
+
+    turbo = tmp_path / "Z-Image-Turbo"
+    shutil.copytree(tiny_zimage, turbo)
+    with pytest.raises(UnsupportedModelError) as info:
+        nb.Session.start(str(turbo), str(tmp_path / "out"), save_to_gdrive=False)
+    assert TURBO_ADVICE in str(info.value) and "Tongyi-MAI/Z-Image" in str(info.value)
+    nb.Session.start(str(tiny_zimage), str(tmp_path / "out2"), save_to_gdrive=False)  # the base model is fine

@@ -307,6 +307,11 @@ class ModelFamily(ABC):
         model is instead (e.g. "SDXL refiner", " (one text encoder, made for img2img)")."""
         return None
 
+    def name_refusal(self, name: str) -> str | None:
+        """Why a model of this family is not trained when only its name tells (Z-Image-Turbo
+        ships Z-Image's files): the message with what to train instead, or None."""
+        return None
+
     def prediction_type_from_keys(self, keys: frozenset[str]) -> str:
         """A single file's prediction type when no config says it."""
         return EPSILON

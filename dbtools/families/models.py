@@ -440,9 +440,13 @@ def detect_family(model_name_or_path: str, *, config: str | None = None,
     """
     name = _normalize(model_name_or_path)
     try:
-        return _detect_family(name, config, revision)
+        detected = _detect_family(name, config, revision)
     except UnsupportedFamily as exc:
         raise UnsupportedModelError(f"{name} is {exc}.") from None
+    refusal = detected.family.name_refusal(name)
+    if refusal:
+        raise UnsupportedModelError(f"{name}: {refusal}")
+    return detected
 
 
 def _detect_family(name: str, config: str | None, revision: str | None) -> Detected:

@@ -113,10 +113,14 @@ def is_turbo(name: str) -> bool:
 class ZImageFamily(QwenFlowFamily):
     """Z-Image (Base); Z-Image-Turbo is refused with what to train instead (`TURBO_ADVICE`)."""
 
+    def name_refusal(self, name: str) -> str | None:
+        return TURBO_ADVICE if is_turbo(name) else None
+
     def load_components(self, load: PartLoader, needed=None, quantize: str | None = None,
                         options: Any = None) -> Components:
-        if is_turbo(getattr(load, "name", "")):
-            raise UserError(f"{load.name}: {TURBO_ADVICE}")
+        name = getattr(load, "name", "")
+        if self.name_refusal(name):
+            raise UserError(f"{name}: {self.name_refusal(name)}")
         return super().load_components(load, needed, quantize, options)
 
     def predict(self, denoiser, noisy, timesteps, cond: Conditioning, guidance_scale: float | None = None):
