@@ -54,7 +54,7 @@ def largest_bucket_bytes(resolution: int, half: bool) -> int:
 
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-"""diffusers' flow-matching weighting schemes (`dbtools.train.losses` applies them)."""
+"""diffusers' flow-matching weighting schemes (`dbtools.families.losses` applies them)."""
 QUANTIZE_BASE = ("none", *QUANTIZATIONS)
 
 

@@ -4,7 +4,7 @@
 accelerate, make class images, load models, cache data, loop, save. What it calls comes
 below it, in the order it is called. Setting up lives in `dbtools.train.setup`, writing
 weights, samples, checkpoints and uploads in `dbtools.train.outputs`, the loss maths in
-`dbtools.train.losses`, the flags in `dbtools.train.config` and the output-folder rules in
+`dbtools.families.losses`, the flags in `dbtools.train.config` and the output-folder rules in
 `dbtools.train.checkpoints`; the `Run` every step and save takes is in `dbtools.train.run`.
 
 Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
@@ -31,11 +31,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.core.redact import public_settings
 from dbtools.families.base import Conditioning
+from dbtools.families.losses import dreambooth_loss, training_noise
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.train.config import TrainConfig, parse_args
 from dbtools.train.data import DataPlan, place_items, step_seed
 from dbtools.train.folders import hold_output_dir, move_previous_run
-from dbtools.train.losses import dreambooth_loss, training_noise
 from dbtools.train.outputs import (
     HeldOut,
     disk_full_message,
