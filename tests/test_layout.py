@@ -33,7 +33,6 @@ KNOWN_LATER_STAGE_IMPORTS = {
     ("dbtools.train.outputs", "dbtools.after.export"): "--save_single_file at save time",
     ("dbtools.train.outputs", "dbtools.after.generate"): "samples at save time",
     ("dbtools.train.outputs", "dbtools.after.kohya"): "the UI LoRA file at save time",
-    ("dbtools.train.run", "dbtools.after.evaluate"): "the type of `Run.scorer`",
     ("dbtools.train.watch", "dbtools.after.evaluate"): "progress.json shows the newest metrics.jsonl line",
 }
 
