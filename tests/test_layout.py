@@ -22,18 +22,16 @@ TINY_MAY_NOT_IMPORT = ("train", "after", "ui")
 # What a light module must not load on import (as tests/test_cli.py's import probe checks).
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "gradio")
 
-# Training uses after-training code today: it samples with `generate`, scores and logs the
-# validation loss with `evaluate`'s scorers and metrics file, and writes single files and UI
-# LoRA files with `export`/`kohya`. These imports are known; no other may be added, and an
-# entry must go when its import goes (the test says so).
+# Training uses after-training code at save time: it samples with `generate`, logs the
+# validation loss and scores with `evaluate`, and writes single files and UI LoRA files with
+# `export`/`kohya` (the same code the after-training commands run on a saved folder). These
+# imports are known; no other may be added, and an entry must go when its import goes (the
+# test says so).
 KNOWN_LATER_STAGE_IMPORTS = {
-    ("dbtools.train.config", "dbtools.after.evaluate"): "--score_saves model names checked as `evaluate` does",
-    ("dbtools.train.data", "dbtools.after.evaluate"): "--validation_split uses `evaluate.validation_split`",
-    ("dbtools.train.outputs", "dbtools.after.evaluate"): "validation loss, scores and metrics at save time",
+    ("dbtools.train.outputs", "dbtools.after.evaluate"): "validation loss, scores and summary at save time",
     ("dbtools.train.outputs", "dbtools.after.export"): "--save_single_file at save time",
     ("dbtools.train.outputs", "dbtools.after.generate"): "samples at save time",
     ("dbtools.train.outputs", "dbtools.after.kohya"): "the UI LoRA file at save time",
-    ("dbtools.train.watch", "dbtools.after.evaluate"): "progress.json shows the newest metrics.jsonl line",
 }
 
 

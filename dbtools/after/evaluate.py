@@ -14,7 +14,7 @@
   else the first scored step's.
 - `validation_loss`: the diffusion loss on held-out images at a fixed grid of timesteps
   with fixed noise, so it is comparable across steps and runs (`validation_loss`,
-  `validation_split` are ready for the training loop).
+  `dbtools.dataset.split.validation_split` are ready for the training loop).
 - `best_step`: a pure rule over the per-step records (see its docstring).
 
 Files: `<output_dir>/metrics.jsonl` gets one line per scored step, and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -42,12 +41,13 @@ from typing import Any
 from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
 from dbtools.families.base import Conditioning, ModelFamily, midpoint_grid
+from dbtools.train.config import score_model_problem
+from dbtools.train.metrics import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIKENESS_MODEL = "facebook/dinov2-small"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics-summary.json"
 PLOT_FILE = "metrics.png"
 METRICS = ("likeness", "prompt_fidelity", "class_drift", "validation_loss")
@@ -76,7 +76,7 @@ def load_likeness_model(name: str = DEFAULT_LIKENESS_MODEL) -> ScoreModel:
     on the CPU in float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoImageProcessor, AutoModel
 
-    check_score_model_name(name, "--likeness_model")
+    _check_name(name, "--likeness_model")
     model = _load(lambda: AutoModel.from_pretrained(name), name, "--likeness_model")
     processor = _load(lambda: AutoImageProcessor.from_pretrained(name), name, "--likeness_model")
     return ScoreModel(model.eval(), processor, name)
@@ -87,18 +87,15 @@ def load_clip_model(name: str = DEFAULT_CLIP_MODEL) -> ScoreModel:
     float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoProcessor, CLIPModel
 
-    check_score_model_name(name, "--clip_model")
+    _check_name(name, "--clip_model")
     model = _load(lambda: CLIPModel.from_pretrained(name), name, "--clip_model")
     processor = _load(lambda: AutoProcessor.from_pretrained(name), name, "--clip_model")
     return ScoreModel(model.eval(), processor, name)
 
 
-def check_score_model_name(name: str, flag: str) -> None:
-    """A name that can only be a local path (not `org/model`) must exist; `EvaluateError` otherwise."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise EvaluateError(f"{flag} {name}: no such folder. Give a Hub id "
-                            f"(e.g. {DEFAULT_LIKENESS_MODEL}) or an existing model folder.")
+def _check_name(name: str, flag: str) -> None:
+    if problem := score_model_problem(name, flag):
+        raise EvaluateError(problem)
 
 
 def _load(load, name: str, flag: str):
@@ -209,33 +206,6 @@ def default_eval_prompts(instance_prompt: str) -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
-def validation_split(images: Sequence[Path], share: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """Split instance images into `(train, held_out)`: a deterministic share kept out.
-
-    Which images are held out depends only on their file names and `seed` (not on the
-    listing order or the folder's location), so every run, resume and process agrees.
-    `round(share * n)` images are held out, at least one when `share > 0`, and at least
-    one is always left for training. Both lists keep the input order; they are disjoint.
-    """
-    if not 0 <= share < 1:
-        raise EvaluateError(f"--validation_split {share}: use a share from 0 up to (not including) 1, "
-                            "e.g. 0.1.")
-    images = list(images)
-    if share == 0:
-        return images, []
-    if len(images) < 2:
-        raise EvaluateError(f"--validation_split {share}: needs at least 2 instance images, found "
-                            f"{len(images)}. Add images or use --validation_data_dir.")
-    count = min(len(images) - 1, max(1, round(share * len(images))))
-    rank = sorted(images, key=lambda p: (_name_hash(Path(p).name, seed), Path(p).name))
-    held = set(map(Path, rank[:count]))
-    return [p for p in images if Path(p) not in held], [p for p in images if Path(p) in held]
-
-
-def _name_hash(name: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def validation_timesteps(num_train_timesteps: int, count: int = 4) -> list[int]:
     """A fixed grid of `count` timesteps: the midpoints of equal slices of the schedule."""
     if count < 1:
@@ -327,46 +297,6 @@ def _first(rows: Sequence[dict], key: str):
 
 
 # --------------------------------------------------------------------------- files
-
-
-def append_metrics(output_dir: str | os.PathLike, record: dict) -> Path:
-    """Add one JSON line (`step` and the scores present) to `<output_dir>/metrics.jsonl`.
-
-    The file is rewritten atomically with the new line at the end, so a reader never
-    sees half a line, even after a crash.
-    """
-    if "step" not in record:
-        raise ValueError("a metrics record needs a 'step'")
-    path = Path(output_dir) / METRICS_FILE
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    line = json.dumps({k: v for k, v in record.items() if v is not None}, ensure_ascii=False)
-    return atomic_write_text(path, old + line + "\n")
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    """The per-step records of `<output_dir>/metrics.jsonl`, sorted by step.
-
-    Lines for the same step are merged, later values winning (training may log the
-    validation loss and `evaluate` the scores of one step). Unreadable lines are skipped
-    with a warning.
-    """
-    path = Path(output_dir) / METRICS_FILE
-    merged: dict[int, dict] = {}
-    if not path.is_file():
-        return []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("%s line %d: not a metrics record; skipped", path, number)
-            continue
-        merged.setdefault(step, {}).update(record, step=step)
-    return [merged[s] for s in sorted(merged)]
 
 
 def summarize(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: float | None = None,

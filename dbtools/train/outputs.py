@@ -383,7 +383,8 @@ def _chunks(items: list, size: int) -> list[list]:
 
 def log_validation_loss(run: Run, step: int) -> float:
     """The held-out loss at `step`, to the trackers and `<output_dir>/metrics.jsonl`."""
-    from dbtools.after.evaluate import append_metrics, refresh_summary
+    from dbtools.after.evaluate import refresh_summary
+    from dbtools.train.metrics import append_metrics
 
     with _for_inference(run):
         loss = run.held_out.loss(run)
