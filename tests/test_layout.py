@@ -2,6 +2,8 @@
 
 Every import counts, wherever it is written: at module level, inside a function, or under
 `if TYPE_CHECKING:` (a lazy or type-only import is still a dependency a reader has to follow).
+Our modules are imported at module level; only a light module (one `python -m dbtools` or
+the notebook imports without torch) waits to import a heavy one until a function needs it.
 """
 
 from __future__ import annotations
@@ -128,9 +130,9 @@ def lazy_import_problems(imports: list[tuple[str, str, int, str]]) -> list[str]:
     module importing a heavy one may wait until a function runs."""
     heavy = heavy_modules(imports)
     return [f"{module} (line {line}) imports {target} inside a function: import it at module level"
-            f" ({'both are heavy' if module in heavy else f'{target} is light'})"
+            f" ({f'{target} is light' if target not in heavy else f'{module} is heavy anyway'})"
             for module, target, line, where in imports
-            if where == "function" and target.startswith(f"{PACKAGE}.") and (module in heavy or target not in heavy)]
+            if where == "function" and target.split(".")[0] == PACKAGE and (module in heavy or target not in heavy)]
 
 
 def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
@@ -233,6 +235,11 @@ def test_no_stage_imports_a_later_stage():
     assert problems == [], "\n".join(problems)
 
 
+def test_our_modules_are_imported_at_module_level_unless_that_loads_torch_into_a_light_one():
+    problems = lazy_import_problems(module_imports())
+    assert problems == [], "\n".join(problems)
+
+
 def test_lazy_and_type_only_imports_count(tmp_path):
     # The checks see imports inside functions and under TYPE_CHECKING, relative ones too.
     pkg = tmp_path / PACKAGE
@@ -256,3 +263,23 @@ def test_lazy_and_type_only_imports_count(tmp_path):
     assert layer_problems(graph, {("dbtools.train.b", "dbtools.core.a"): "gone"}) == [
         "dbtools.core.a (line 2) imports dbtools.train.b, a later stage",
         "dbtools.train.b no longer imports dbtools.core.a: remove it from KNOWN_LATER_STAGE_IMPORTS"]
+
+
+def test_only_a_light_module_may_import_a_heavy_one_inside_a_function(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "heavy.py").write_text("import torch\nfrom dbtools import light\n")
+    (pkg / "light.py").write_text("def f():\n    from dbtools import heavy\n")
+    (pkg / "other.py").write_text("def f():\n    from dbtools.light import f\n    from dbtools import heavy\n")
+    (pkg / "late.py").write_text("from dbtools import heavy\ndef f():\n    from dbtools import light, tiny\n")
+    (pkg / "tiny.py").write_text("import torch\n")
+    imports = module_imports(tmp_path)
+    assert heavy_modules(imports) == {"dbtools.heavy", "dbtools.late", "dbtools.tiny"}
+    assert lazy_import_problems(imports) == [
+        "dbtools.late (line 3) imports dbtools.light inside a function: import it at module level"
+        " (dbtools.light is light)",
+        "dbtools.late (line 3) imports dbtools.tiny inside a function: import it at module level"
+        " (dbtools.late is heavy anyway)",
+        "dbtools.other (line 2) imports dbtools.light inside a function: import it at module level"
+        " (dbtools.light is light)"]

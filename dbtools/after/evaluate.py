@@ -38,9 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dbtools.after import generate as generation
 from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
+from dbtools.dataset import images
+from dbtools.dataset.concepts import read_concepts
+from dbtools.dataset.images import default_font, list_images, sample_files
+from dbtools.families import models as family_models
 from dbtools.families.base import Conditioning, ModelFamily, midpoint_grid
+from dbtools.train.checkpoints import list_weights
 from dbtools.train.config import score_model_problem
 from dbtools.train.metrics import append_metrics, read_metrics
 
@@ -342,7 +348,6 @@ def plot_curves(per_step: Sequence[dict], best: int | None = None):
     against the step, each with its own scale, the best step marked by a red line."""
     from PIL import Image, ImageDraw
 
-    from dbtools.dataset.images import default_font
 
     height = len(METRICS) * PANEL_HEIGHT + 44
     img = Image.new("RGB", (PLOT_WIDTH, height), "white")
@@ -462,8 +467,6 @@ class EvalPlan:
 
 def plan_evaluation(cfg: EvalConfig) -> EvalPlan:
     """Check the inputs and find what to score; raises `EvaluateError` before any model loads."""
-    from dbtools.train.checkpoints import list_weights
-
     out = Path(cfg.output_dir)
     if not out.is_dir():
         raise EvaluateError(f"--output_dir {out}: no such folder. Give the folder training wrote "
@@ -502,8 +505,6 @@ def _from_concepts(args: dict, key: str) -> list:
     (readable), else its single `key` flag."""
     if args.get("concepts_list"):
         try:
-            from dbtools.dataset.concepts import read_concepts
-
             return [getattr(c, key) for c in read_concepts(args["concepts_list"])]
         except UserError as exc:
             logger.warning("%s", exc)
@@ -522,8 +523,6 @@ def unique_prompts(prompts: Sequence[str | None]) -> list[str]:
 
 def _references(cfg: EvalConfig, args: dict) -> list[Path]:
     """The instance images likeness compares against ([] when none can be found)."""
-    from dbtools.dataset.images import list_images
-
     if cfg.instance_data_dir:
         folder = Path(cfg.instance_data_dir)
         if not folder.is_dir() or not list_images(folder):
@@ -541,11 +540,9 @@ def _references(cfg: EvalConfig, args: dict) -> list[Path]:
 def reference_embeddings(scorer: ScoreModel, plan: EvalPlan, batch_size: int = 16):
     """The instance images' likeness embeddings, computed once for all saves (None without
     instance images)."""
-    from dbtools.dataset.images import load_rgb
-
     if not plan.references:
         return None
-    return image_embeddings(scorer, [load_rgb(p) for p in plan.references], batch_size)
+    return image_embeddings(scorer, [images.load_rgb(p) for p in plan.references], batch_size)
 
 
 def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel | None,
@@ -553,11 +550,9 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
     """Scores of one weights folder: its saved samples (or generated ones) against the
     instance images (`references`: their embeddings, else loaded from `plan`), and images
     of the eval prompts on fixed seeds against their prompts."""
-    from dbtools.after.generate import load_inference_pipeline
-    from dbtools.dataset.images import load_rgb, sample_files
-
-    samples = [load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
-    return score_pipeline(load_inference_pipeline(folder), samples, plan, cfg, likeness_model, clip, references)
+    samples = [images.load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
+    pipe = generation.load_inference_pipeline(folder)
+    return score_pipeline(pipe, samples, plan, cfg, likeness_model, clip, references)
 
 
 ONE_IMAGE_PER_CALL_FROM = 1024
@@ -572,8 +567,6 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
     eval prompt, on the seeds `cfg.seed`, `cfg.seed + 1`, ... at every call, against their
     prompts. Returns `{"likeness": ..., "prompt_fidelity": ...}` (likeness only with a
     likeness model and instance images)."""
-    from dbtools.after.generate import generate
-
     if hasattr(pipe, "set_progress_bar_config"):  # one unlabelled bar per prompt otherwise
         pipe.set_progress_bar_config(disable=True)
     size = plan.settings["size"]
@@ -583,8 +576,8 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
     if likeness_model is not None and plan.references:
         samples = list(samples)
         if not samples and plan.instance_prompt:
-            samples = [g.image for g in generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
-                                                 seed=cfg.seed, **gen)]
+            samples = [g.image for g in generation.generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
+                                                            seed=cfg.seed, **gen)]
         if references is None:
             references = reference_embeddings(likeness_model, plan, cfg.batch_size)
         if samples:
@@ -593,7 +586,7 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
             record["class_drift"] = class_drift(pipe, plan, cfg, likeness_model, references, gen)
     images, prompts = [], []
     for prompt in plan.eval_prompts:
-        images += [g.image for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
+        images += [g.image for g in generation.generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
         prompts += [prompt] * cfg.num_samples
     record["prompt_fidelity"] = prompt_fidelity(clip, images, prompts, cfg.batch_size)
     return record
@@ -602,10 +595,8 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
 def class_drift(pipe, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel, references, gen: dict) -> float:
     """Likeness to the instance images of `cfg.num_samples` images per class prompt, made on
     the same seeds at every call: how much the class itself has come to look like the subject."""
-    from dbtools.after.generate import generate
-
     images = [g.image for prompt in plan.class_prompts
-              for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
+              for g in generation.generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
     return likeness(likeness_model, images, references, cfg.batch_size)
 
 
@@ -686,7 +677,6 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
     """
     from tqdm.auto import tqdm
 
-    from dbtools.families.models import pick_device
 
     plan = plan_evaluation(cfg)
     done = {r["step"] for r in read_metrics(cfg.output_dir) if "prompt_fidelity" in r}
@@ -697,7 +687,7 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
         clip = clip or load_clip_model(cfg.clip_model)
     references = None
     for step, folder in tqdm(todo, desc="evaluate", unit="step", disable=not progress):
-        with scoring_on(pick_device(), likeness_model, clip):
+        with scoring_on(family_models.pick_device(), likeness_model, clip):
             if references is None and likeness_model is not None:
                 references = reference_embeddings(likeness_model, plan, cfg.batch_size)
             record = score_step(folder, plan, cfg, likeness_model, clip, references)

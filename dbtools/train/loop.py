@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dbtools.core.env import quiet_library_progress_bars, quiet_third_party
 from dbtools.core.redact import public_settings
 from dbtools.families.base import Conditioning
 from dbtools.families.losses import dreambooth_loss, training_noise
@@ -452,8 +453,6 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
-    from dbtools.core.env import quiet_library_progress_bars
-
     quiet_library_progress_bars(cfg.verbose)
     try:
         result = train(cfg)
@@ -474,8 +473,6 @@ def run_training(cfg: TrainConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools train [flags]`: the same flags as train_dreambooth.py."""
-    from dbtools.core.env import quiet_third_party
-
     args = parse_args(argv)
     quiet_third_party(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
