@@ -127,7 +127,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--family", choices=("zimage", "flux2"), required=True)
     parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
     parser.add_argument("--resolution", type=int, default=1024)

@@ -155,7 +155,7 @@ def test_saved_lora_reads_back_and_its_ui_file_covers_every_module(case, tmp_pat
     loaded = {n for n, m in fresh.transformer.named_modules() if hasattr(m, "lora_A") and m.lora_A}
     assert trained and loaded == trained  # every adapter reaches the pipeline that loads the file
     assert all(k.startswith("transformer.") for k in saved)
-    ui = family.ui_lora_tensors(saved, alpha=4)
+    ui = family.ui_lora("flow").convert(saved, 4)
     assert len(ui) == 3 * len({k.rsplit(".", 2)[0] for k in ui if k.endswith(".lora_down.weight")})
     assert all(k.startswith(family.ui_lora("flow").prefixes["transformer"]) for k in ui)
 

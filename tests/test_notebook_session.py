@@ -119,8 +119,10 @@ def test_training_from_another_folder_stops_with_one_message_in_the_notebooks_wo
 def test_a_bug_in_training_keeps_its_output(tmp_path, monkeypatch, capsys):
     script = tmp_path / "train_dreambooth.py"
     script.write_text("raise RuntimeError('a bug')\n")
-    monkeypatch.setattr(nb, "train_script", lambda: [str(script)])
-    monkeypatch.setattr(nb, "check_train_flags", lambda args: None)
+    from dbtools.ui import commands
+
+    monkeypatch.setattr(commands, "train_script", lambda: [str(script)])
+    monkeypatch.setattr(commands, "check_train_flags", lambda args: None)
     with pytest.raises(nb.CommandError, match="RuntimeError: a bug"):
         nb.launch_training("m", tmp_path / "o", tmp_path / "c.json", resolution=64, gpu_gib=None)
     assert "RuntimeError: a bug" in capsys.readouterr().out

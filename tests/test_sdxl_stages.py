@@ -27,7 +27,7 @@ def sdxl_pipe(tiny_sdxl):
 def test_class_images_from_an_sdxl_model(tiny_sdxl, tmp_path):
     folder = tmp_path / "class"
     cfg = ClassGenConfig(num_class_images=2, sample_batch_size=2, seed=3, num_inference_steps=1,
-                         guidance_scale=5.0, negative_prompt="blurry", show_progress=False)
+                         class_guidance_scale=5.0, negative_prompt="blurry", show_progress=False)
     loader = pipeline_loader_for(str(tiny_sdxl), cfg, device="cpu")
     made = ensure_class_images([Concept(instance_data_dir="", class_prompt="a photo of a dog",
                                         class_data_dir=str(folder))], cfg, loader)

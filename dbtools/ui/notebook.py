@@ -1,28 +1,25 @@
-"""Helpers behind the notebook's cells: Colab/Drive, login, versions, training launch.
+"""Helpers behind the notebook's cells: Colab/Drive, login, versions, one step per cell.
 
 Every cell of `KaliYuga_DreamBooth.ipynb` is a few lines calling into this module, so the
 logic is tested here rather than in the notebook. The later stages have modules of their
 own, re-exported here so a cell needs only `from dbtools import notebook as nb`: the
-caption editor (`dbtools.ui.editor`), inference and the Gradio UI (`dbtools.after.generate`) and
-safe cleanup (`dbtools.after.cleanup`). Importing it has no side effects; ipywidgets, gradio,
-torch and diffusers are imported only by the functions that use them. Everything works
+caption editor (`dbtools.ui.editor`), inference and the Gradio UI (`dbtools.after.generate`),
+safe cleanup (`dbtools.after.cleanup`), the training command and the runner that streams it
+(`dbtools.ui.commands`) and the training cell's flag policy (`dbtools.ui.training_flags`).
+Importing it has no side effects; ipywidgets, gradio, torch and diffusers are imported only
+by the functions that use them. Everything works
 in Colab, in local Jupyter and in a plain Python process (tests, CI).
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import re
-import shlex
-import signal
-import subprocess
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from dbtools.after.cleanup import (
     CONFIRM_WORD,
@@ -60,29 +57,29 @@ from dbtools.core.env import (
     quiet_third_party,
     versions_report,
 )
-from dbtools.core.error_lines import ErrorLines
 from dbtools.core.errors import UserError
-from dbtools.core.redact import is_secret_flag, mask_secret_text, mask_secrets
 from dbtools.dataset.captions import TEMPLATE_CAPTION_ONLY
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.extract import ExtractConfig, run_extract
 from dbtools.dataset.images import list_images
 from dbtools.families.models import UnsupportedModelError, detect_family
 from dbtools.families.profiles import (
-    AUTO,
     MEMORY_PROFILES,
     SD_DEFAULT,
-    USER_WINS,
-    fit_warning,
-    learning_rate_for,
-    profile_note,
     recommended_profile,
 )
 from dbtools.families.sd import SD_VAE
 from dbtools.families.sdxl import SDXL_VAE
 from dbtools.train.checkpoints import latest_weights, list_weights
-from dbtools.train.config import build_parser
 from dbtools.train.metrics import METRICS_FILE, read_metrics
+from dbtools.ui.commands import (
+    PROJECT_DIR,
+    CommandError,
+    build_train_command,
+    check_train_flags,
+    flag_args,
+    run_command,
+)
 from dbtools.ui.editor import (
     CACHE_DIR,
     CAPTION_FORMATS,
@@ -93,6 +90,15 @@ from dbtools.ui.editor import (
     rename_no_overwrite,
 )
 from dbtools.ui.panel import run_live, show_tensorboard
+from dbtools.ui.training_flags import (
+    SEED_TRAIN_FLAGS,
+    TrainingFlags,
+    family_defaults,
+    parse_extra_flags,
+    shown_training_command,
+    training_command,
+    training_flags,
+)
 
 __all__ = [
     # environment
@@ -269,212 +275,6 @@ def weights_for_step(output_dir: str | os.PathLike, step: int) -> Path:
                     f"Saved steps: {have}. Pick one of them, or leave the step empty for the latest.")
 
 
-# =========================================================================== training launch
-
-
-def flag_args(**flags: Any) -> list[str]:
-    """Command-line flags from keyword arguments named after the flags.
-
-    `True` -> bare `--flag`; `False`/`None` -> omitted; a list or tuple -> `--flag a b`;
-    anything else -> `--flag=value` (the `=` keeps values that start with `-` intact).
-    """
-    args: list[str] = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        flag = "--" + name
-        if value is True:
-            args.append(flag)
-        elif isinstance(value, (list, tuple)):
-            if value:
-                args += [flag, *(str(v) for v in value)]
-        else:
-            args.append(f"{flag}={os.fspath(value) if isinstance(value, os.PathLike) else value}")
-    return args
-
-
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-"""The project folder this dbtools was loaded from (it holds `train_dreambooth.py`)."""
-
-
-def train_script() -> list[str]:
-    """How `accelerate launch` runs training: the project's `train_dreambooth.py` wherever the
-    notebook runs from (its short name when it is in the working folder), else the same
-    trainer as a module (`-m dbtools train`, for an installed dbtools without the project)."""
-    script = PROJECT_DIR / "train_dreambooth.py"
-    if not script.is_file():
-        return ["-m", "dbtools", "train"]
-    try:
-        return [os.fspath(script.relative_to(Path.cwd().resolve()))]
-    except ValueError:
-        return [os.fspath(script)]
-
-
-def build_train_command(
-    *,
-    script: str | os.PathLike | None = None,
-    launch_args: Iterable[str] = (),
-    **flags: Any,
-) -> list[str]:
-    """The argv for `accelerate launch <script> <flags>`, the same flags the CLI takes.
-
-    Keyword arguments are named after `train_dreambooth.py`'s flags
-    (`pretrained_model_name_or_path=...`, `with_prior_preservation=True`, ...); see
-    `flag_args` for how values become flags. `launch_args` go to `accelerate launch`
-    itself (e.g. `["--num_processes=2"]`). Accelerate runs through the current Python
-    (`python -m accelerate.commands.launch`), so the kernel's environment is used even
-    when its `bin/` is not on PATH; `--quiet` keeps its own traceback out when training
-    stops with a message. `script` defaults to `train_script()`. A `hub_token` is refused:
-    log in with `hf_login()`.
-    """
-    secret = [name for name, value in flags.items() if is_secret_flag(name) and value]
-    if secret:
-        raise UserError(f"Do not pass {secret[0]} as a flag (it would be visible in the command and "
-                         "saved with the run). Log in with hf_login() or set $HF_TOKEN instead.")
-    flags = {name: value for name, value in flags.items() if not is_secret_flag(name)}
-    bad = [name for name in flags if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
-    if bad:
-        raise UserError(f"not valid flag names: {bad}")
-    args = flag_args(**flags)
-    target = train_script() if script is None else [os.fspath(script)]
-    if script is None or Path(script).name == "train_dreambooth.py":
-        check_train_flags(args)
-    launch_args = list(launch_args) or _launch_defaults()
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *launch_args]
-    return launcher + target + args
-
-
-def _launch_defaults() -> list[str]:
-    """Without an accelerate config file, accelerate prints every default it picks; passing
-    the single-process defaults keeps that noise out. A config file (`accelerate config`,
-    e.g. for several GPUs) is left to decide."""
-    from accelerate.commands.config import default_config_file
-
-    if os.path.isfile(default_config_file):
-        return []
-    return ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-
-
-def check_train_flags(args: list[str]) -> None:
-    """Parse `args` with the training parser; `UserError` naming a wrong flag or value.
-
-    Catches typos in notebook fields before accelerate starts or a model loads.
-    """
-    import argparse
-    import difflib
-
-
-    parser = build_parser()
-    parser.exit_on_error = False
-    try:
-        _, unknown = parser.parse_known_args(args)
-    except argparse.ArgumentError as exc:
-        raise UserError(mask_secret_text(f"training flag problem: {exc}")) from None
-    known = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
-    problems = []
-    for arg in unknown:
-        name = arg.split("=", 1)[0].lstrip("-")
-        if arg.startswith("--"):
-            close = difflib.get_close_matches(name, known, n=1)
-            problems.append(f"--{name} is not a training flag" + (f" (did you mean --{close[0]}?)" if close else ""))
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-class CommandError(RuntimeError):
-    """A command run by `run_command(check=True)` failed; the message has its last output lines."""
-
-    def __init__(self, argv: list[str], returncode: int, tail: list[str]):
-        self.argv, self.returncode, self.tail = argv, returncode, tail
-        last = "".join(tail).rstrip() or "(no output)"
-        super().__init__(f"command failed with exit code {returncode}: {' '.join(argv[:4])} ...\n"
-                         f"last output:\n{last}")
-
-
-def run_command(
-    argv: list[str],
-    cwd: str | os.PathLike | None = None,
-    *,
-    check: bool = False,
-    env: dict[str, str] | None = None,
-    stream: TextIO | None = None,
-    user_errors: list[str] | None = None,
-) -> int:
-    """Run `argv`, streaming its stdout and stderr (merged, in order) as they are written.
-
-    Output goes to `stream` (default: the current `sys.stdout`, which in a notebook is
-    the cell). Carriage returns are passed through, so progress bars update in place.
-    Returns the exit code; with `check=True` a non-zero exit raises `CommandError`
-    quoting the last lines. Interrupting (the notebook's stop button) stops the child
-    and everything it started (e.g. the processes `accelerate launch` spawns).
-
-    With a `user_errors` list, the message of a line `error: ...` (how dbtools' commands
-    report a problem the user can fix) is put there instead of being shown, and the output
-    after it (a launcher's traceback) is held back; `DBTOOLS_VERBOSE=1` shows them too.
-    """
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    # A session of its own: the whole process tree can be stopped together.
-    proc = subprocess.Popen([os.fspath(a) for a in argv], cwd=cwd, env=child_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=os.name == "posix")
-    tail: list[str] = []
-    out = stream or sys.stdout
-    if user_errors is not None:
-        out = ErrorLines(out, user_errors, show_all=os.environ.get("DBTOOLS_VERBOSE") == "1")
-    try:
-        _pump(proc.stdout, out, tail)
-        if isinstance(out, ErrorLines):
-            out.close()
-        code = proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
-    finally:
-        proc.stdout.close()
-    if check and code != 0:
-        raise CommandError(list(map(os.fspath, argv)), code, tail)
-    return code
-
-
-def _pump(pipe, out: TextIO, tail: list[str], keep_chars: int = 4000) -> None:
-    """Copy decoded output from `pipe` to `out` as it arrives; put the last lines in `tail`."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending, recent = "", ""
-    while True:
-        chunk = pipe.read1(65536)
-        text = pending + decoder.decode(chunk, final=not chunk)
-        # hold a trailing "\r" back: it may be the first half of "\r\n"
-        text, pending = (text[:-1], "\r") if chunk and text.endswith("\r") else (text, "")
-        text = text.replace("\r\n", "\n")
-        if text:
-            out.write(text)
-            out.flush()
-            recent = (recent + text)[-keep_chars:]
-        if not chunk:
-            break
-    lines = [line.rsplit("\r", 1)[-1] for line in recent.rstrip("\n").split("\n")]
-    tail[:] = [line + "\n" for line in lines[-20:]]
-
-
-# A line where a launcher's or Python's report starts after our message.
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop `proc` and its process group: SIGTERM, then SIGKILL after 10 seconds."""
-    _signal_tree(proc, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        _signal_tree(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
-        proc.wait()
-
-
-def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(proc.pid, sig)
-        elif proc.poll() is None:
-            proc.send_signal(sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # =========================================================================== cell steps
@@ -574,122 +374,6 @@ def _check_method_2(concept) -> None:
                     "Method 1 (class images from an empty prompt, or your own images in the class folder).")
 
 
-# The original notebook's training flags: the starting point the training cell changes.
-SEED_TRAIN_FLAGS: dict[str, Any] = dict(
-    pretrained_vae_name_or_path="stabilityai/sd-vae-ft-mse", revision="fp16", with_prior_preservation=True,
-    prior_loss_weight=1.0, seed=1337, resolution=512, train_batch_size=1, train_text_encoder=True,
-    mixed_precision="fp16", use_8bit_adam=True, read_prompts_from_txts=True, gradient_accumulation_steps=1,
-    learning_rate=1e-6, lr_scheduler="constant", lr_warmup_steps=0, num_class_images=200,
-    sample_batch_size=4, save_interval=500,
-)
-
-def family_defaults(detected) -> dict[str, Any]:
-    """The training cell's `auto` values for a detected family (`families.Detected`): the
-    native resolution, the family's recommended VAE and its prior-preservation defaults
-    (`ModelFamily.prior_defaults`; SDXL: fewer class images, made in smaller batches). SD 1.x
-    gets exactly the original notebook's."""
-    family = detected.family
-    return dict(resolution=detected.resolution, pretrained_vae_name_or_path=family.recommended_vae,
-                **family.prior_defaults)
-
-
-def _is_auto(value: Any) -> bool:
-    """A form value meaning "the model's own default": "auto" or a 0 size."""
-    return (isinstance(value, str) and value.strip().lower() == AUTO) or (value == 0 and not isinstance(value, bool))
-
-
-def parse_extra_flags(text: str) -> dict[str, Any]:
-    """`"--snr_gamma=5 --hflip --n_save_sample 2"` -> `{"snr_gamma": "5", "hflip": True, ...}`."""
-    tokens, flags = shlex.split(text), {}
-    for i, token in enumerate(tokens):
-        if not token.startswith("--"):
-            if i == 0 or not tokens[i - 1].startswith("--") or "=" in tokens[i - 1]:
-                raise UserError(f"extra_flags: {token!r} is not a --flag or the value of one.")
-            continue
-        name, eq, value = token[2:].partition("=")
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-        flags[name] = value if eq else (nxt if nxt is not None and not nxt.startswith("--") else True)
-    return flags
-
-
-@dataclass
-class TrainingFlags:
-    """What the training cell runs with: the flags, notes to show, and a memory warning."""
-
-    flags: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    warning: str | None = None
-    family: Any = None
-
-
-def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None, gpu_gib: float | None = None,
-                   extra_flags: str = "", **flags: Any) -> TrainingFlags:
-    """The training cell's flags, with the notes and the memory warning to show about them.
-
-    Layers, later ones winning: the original notebook's flags, the family's defaults
-    (`family_defaults`, when the family is known), the form's `flags`, the memory profile,
-    then `extra_flags`. An empty form field leaves its flag out; `"auto"` (or 0 for a size or
-    count) takes the family's default, `learning_rate="auto"` (or none) the profile's
-    (`profiles.learning_rate_for`: LoRA's when the run trains LoRA), and `memory_profile="auto"`
-    the `recommended_profile` for the family and `gpu_gib`. `family` (a `families.Detected`) is
-    detected from `model` only when an `auto` value needs it. A profile's flags win over the form's fields (each change
-    is noted). With a known family and `gpu_gib`, `warning` says when the run is estimated
-    not to fit the GPU (`profiles.fit_warning`).
-    """
-    flags = {k: None if isinstance(v, str) and not v.strip() else v for k, v in flags.items()}
-    autos = {k for k, v in flags.items() if _is_auto(v)}
-    if family is None and (autos - {"learning_rate"} or memory_profile == AUTO):
-        family = detect_family(model, revision=flags.get("revision") or SEED_TRAIN_FLAGS["revision"])
-    notes: list[str] = []
-    if memory_profile == AUTO:
-        memory_profile = recommended_profile(family.family.key, gpu_gib)
-        if memory_profile != SD_DEFAULT:  # SD 1.x/2.x keep the original notebook's settings: nothing to say
-            notes.append(f"{family.family.label}: memory profile {memory_profile!r}.")
-    if memory_profile not in MEMORY_PROFILES:
-        raise UserError(f"memory_profile {memory_profile!r} is not one of: {', '.join(MEMORY_PROFILES)}, "
-                        f"{AUTO!r}. Pick one of them in the training cell.")
-    profile = {k: v for k, v in MEMORY_PROFILES[memory_profile].items() if k not in USER_WINS}
-    form = {k: v for k, v in flags.items() if k not in autos}
-    notes += [f"The memory profile {memory_profile!r} sets --{k}={v} (the form had {form[k]}); "
-              f"put --{k} in extra_flags to change it." for k, v in profile.items()
-              if form.get(k) is not None and form[k] != v]
-    merged = {**SEED_TRAIN_FLAGS, **(family_defaults(family) if family is not None else {}), **form, **profile}
-    merged.setdefault("checkpointing_steps", merged["save_interval"])
-    merged.setdefault("checkpoints_total_limit", 1)
-    extra = parse_extra_flags(extra_flags)
-    if form.get("learning_rate") is None:  # `auto` or left out: the rate that suits the run
-        merged["learning_rate"] = learning_rate_for(memory_profile, {**merged, **extra})
-    merged.update(extra)
-    result = TrainingFlags(merged, notes, family=family)
-    if family is not None:
-        notes += [n for n in [profile_note(memory_profile, family.family.key)] if n]
-        result.warning = fit_warning(family.family.key, merged, gpu_gib, memory_profile)
-    return result
-
-
-def training_command(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
-                     resume: bool = False, **options: Any) -> list[str]:
-    """The training cell's `accelerate launch train_dreambooth.py` argv from `training_flags`
-    (`options` are its arguments; its notes and warning are logged). Checkpoints follow
-    `save_interval` (one kept) unless set; `resume` adds `--resume_from_checkpoint latest`."""
-    chosen = training_flags(model, **options)
-    _log_notes(chosen)
-    return _command(model, output_dir, concepts_list, chosen, resume)
-
-
-def _command(model: str, output_dir, concepts_list, chosen: TrainingFlags, resume: bool) -> list[str]:
-    return build_train_command(pretrained_model_name_or_path=model, output_dir=output_dir,
-                               concepts_list=concepts_list,
-                               resume_from_checkpoint="latest" if resume else None, **chosen.flags)
-
-
-def _log_notes(chosen: TrainingFlags) -> None:
-    for note in chosen.notes:
-        logger.info("%s", note)
-    if chosen.warning:
-        logger.warning("%s", chosen.warning)
-
-
 def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: str | os.PathLike, *,
                     resume: bool = False, **options: Any) -> int:
     """The training cell: show the command (`training_command`, with this machine's GPU
@@ -698,7 +382,7 @@ def launch_training(model: str, output_dir: str | os.PathLike, concepts_list: st
     `UserError` in the notebook's words; any other failure raises `CommandError` with the last lines."""
     errors: list[str] = []
     try:
-        return run_command(_shown_command(model, output_dir, concepts_list, resume, options), check=True,
+        return run_command(shown_training_command(model, output_dir, concepts_list, resume, options), check=True,
                            user_errors=errors)
     except CommandError:
         if not errors:  # not a message for the user: a bug, with its output
@@ -714,7 +398,7 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
     interrupting the cell also stops and saves. A problem the user can fix rises as one
     `UserError` in the notebook's words, as in `launch_training`; any other failure raises
     `CommandError`."""
-    argv = _shown_command(model, output_dir, concepts_list, resume, options)
+    argv = shown_training_command(model, output_dir, concepts_list, resume, options)
     errors: list[str] = []
     code, tail = await run_live(argv, output_dir, user_errors=errors)
     if code != 0 and errors:
@@ -722,16 +406,6 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
     if code != 0:
         raise CommandError(argv, code, [line + "\n" for line in tail.rstrip("\n").split("\n")[-20:]])
     return code
-
-
-def _shown_command(model: str, output_dir, concepts_list, resume: bool, options: dict[str, Any]) -> list[str]:
-    """The training command for this machine's GPU memory, shown with its notes."""
-    options.setdefault("gpu_gib", gpu_memory_gib())
-    chosen = training_flags(model, **options)
-    argv = _command(model, output_dir, concepts_list, chosen, resume)
-    logger.info("%s\n", shlex.join(mask_secrets(argv)))
-    _log_notes(chosen)
-    return argv
 
 
 def tensorboard_step(session: Session, show: bool = True) -> bool:
