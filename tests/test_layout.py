@@ -126,13 +126,14 @@ def heavy_modules(imports: list[tuple[str, str, int, str]]) -> set[str]:
 
 
 def lazy_import_problems(imports: list[tuple[str, str, int, str]]) -> list[str]:
-    """Imports of our modules inside functions that could be at module level: only a light
-    module importing a heavy one may wait until a function runs."""
+    """Imports of our modules inside functions or under TYPE_CHECKING that could be at module
+    level: only a light module importing a heavy one may wait until a function runs."""
     heavy = heavy_modules(imports)
-    return [f"{module} (line {line}) imports {target} inside a function: import it at module level"
+    placed = {"function": "inside a function", "type": "under TYPE_CHECKING"}
+    return [f"{module} (line {line}) imports {target} {placed[where]}: import it at module level"
             f" ({f'{target} is light' if target not in heavy else f'{module} is heavy anyway'})"
             for module, target, line, where in imports
-            if where == "function" and target.split(".")[0] == PACKAGE and (module in heavy or target not in heavy)]
+            if where in placed and target.split(".")[0] == PACKAGE and (module in heavy or target not in heavy)]
 
 
 def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
@@ -274,6 +275,7 @@ def test_only_a_light_module_may_import_a_heavy_one_inside_a_function(tmp_path):
     (pkg / "other.py").write_text("def f():\n    from dbtools.light import f\n    from dbtools import heavy\n")
     (pkg / "late.py").write_text("from dbtools import heavy\ndef f():\n    from dbtools import light, tiny\n")
     (pkg / "tiny.py").write_text("import torch\n")
+    (pkg / "typed.py").write_text("import typing\nif typing.TYPE_CHECKING:\n    from dbtools import light\n")
     imports = module_imports(tmp_path)
     assert heavy_modules(imports) == {"dbtools.heavy", "dbtools.late", "dbtools.tiny"}
     assert lazy_import_problems(imports) == [
@@ -282,4 +284,6 @@ def test_only_a_light_module_may_import_a_heavy_one_inside_a_function(tmp_path):
         "dbtools.late (line 3) imports dbtools.tiny inside a function: import it at module level"
         " (dbtools.late is heavy anyway)",
         "dbtools.other (line 2) imports dbtools.light inside a function: import it at module level"
+        " (dbtools.light is light)",
+        "dbtools.typed (line 3) imports dbtools.light under TYPE_CHECKING: import it at module level"
         " (dbtools.light is light)"]

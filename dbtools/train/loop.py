@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dbtools.core.env import quiet_library_progress_bars, quiet_third_party
 from dbtools.core.redact import public_settings
-from dbtools.families.base import Conditioning
+from dbtools.families.base import Components, Conditioning
 from dbtools.families.losses import dreambooth_loss, training_noise
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.train.config import TrainConfig, parse_args
@@ -74,8 +74,6 @@ from dbtools.train.watch import Watch, stop_message
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from dbtools.families.base import Components
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ import torch
 from dbtools.after import evaluate, export
 from dbtools.after import generate as generation
 from dbtools.after.evaluate import EvalConfig, SaveScorer, refresh_summary, training_plan
-from dbtools.after.generate import save_image
+from dbtools.after.generate import Generated, save_image
 from dbtools.after.kohya import kohya_metadata, write_kohya_lora
 from dbtools.core.atomic import atomic_dir, atomic_write_text
 from dbtools.core.redact import public_settings
-from dbtools.families.base import Conditioning
+from dbtools.families.base import Components, Conditioning
 from dbtools.families.models import make_scheduler
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, ui_lora_name, weights_due, write_checkpoint
 from dbtools.train.config import TrainConfig, view
-from dbtools.train.data import item_time_ids, load_item
+from dbtools.train.data import DataPlan, Item, item_time_ids, load_item
 from dbtools.train.folders import human_size, nearest_existing
 from dbtools.train.metrics import append_metrics
 from dbtools.train.run import Run
@@ -47,11 +47,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import DiffusionPipeline
     from PIL.Image import Image
-
-    from dbtools.after.evaluate import SaveScorer
-    from dbtools.after.generate import Generated
-    from dbtools.families.base import Components
-    from dbtools.train.data import DataPlan, Item
 
 logger = logging.getLogger(__name__)
 

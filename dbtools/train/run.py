@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from dbtools.families.base import Components
+from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train.config import TrainConfig
 from dbtools.train.data import DreamBoothData
 from dbtools.train.watch import Watch
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
     from torch.optim.lr_scheduler import LRScheduler
-
-    from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 
 
 class HeldOutLoss(Protocol):

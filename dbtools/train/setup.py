@@ -21,6 +21,7 @@ from dbtools.core import env
 from dbtools.core.errors import UserError
 from dbtools.dataset.concepts import Concept, ConceptError, overlap_problems
 from dbtools.families import models as family_models
+from dbtools.families.base import Components, ModelFamily
 from dbtools.families.models import ModelLoadError, UnsupportedModelError, detect_family
 from dbtools.families.profiles import fit_warning
 from dbtools.families.prompts import truncation_note
@@ -65,8 +66,6 @@ from dbtools.train.folders import MiB, another_run_message, folder_problems, hol
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
-
-    from dbtools.families.base import Components, ModelFamily
 
 logger = logging.getLogger(__name__)
 
