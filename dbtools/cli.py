@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from dbtools.core.env import quiet_third_party
 from dbtools.core.errors import reports_user_errors
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from dbtools.core.env import quiet_third_party
 
     verbose = "--verbose" in rest
     if verbose and name != "train":  # training has its own --verbose flag

@@ -18,8 +18,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dbtools import tiny
+from dbtools.after.preview import run_preview
+from dbtools.caption import autocaption
+from dbtools.caption.autocaption import CaptionConfig, run_caption
 from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
+from dbtools.dataset.concepts import Concept
+from dbtools.dataset.extract import ExtractConfig, run_extract
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +139,6 @@ def _announcer(started: float):
 
 
 def _tiny_models(folder: Path, say) -> dict[str, Path]:
-    from dbtools import tiny
-
     say(f"2/7 tiny random models (SD, BLIP) -> {folder}")
     sd = folder / "sd"
     blip = folder / "blip"
@@ -146,12 +150,10 @@ def _tiny_models(folder: Path, say) -> dict[str, Path]:
 
 
 def _caption(raw: Path, instance: Path, blip: Path, say) -> None:
-    from dbtools.caption.autocaption import CaptionConfig, load_captioner, run_caption
-
     say(f"3/7 auto-caption with BLIP into file names: {raw} -> {instance}")
     cfg = CaptionConfig(img_dir=raw, out_dir=instance, format="filename", model=str(blip),
                         num_beams=2, min_length=3, max_length=8, batch_size=4, num_workers=0)
-    summary = run_caption(cfg, load_captioner(str(blip)))
+    summary = run_caption(cfg, autocaption.load_captioner(str(blip)))
     for item in summary.written:
         say(f"    {item.source.name} -> {item.output.name}")
     if summary.failed:
@@ -159,9 +161,6 @@ def _caption(raw: Path, instance: Path, blip: Path, say) -> None:
 
 
 def _extract(instance: Path, klass: Path, concepts_list: Path, say) -> Path:
-    from dbtools.dataset.concepts import Concept
-    from dbtools.dataset.extract import ExtractConfig, run_extract
-
     say(f"4/7 Omnitool: file names -> caption files, {concepts_list.name}")
     klass.mkdir(parents=True, exist_ok=True)
     concept = Concept(instance_data_dir=str(instance), instance_prompt="sks style",
@@ -195,8 +194,6 @@ def _train(cfg: DemoConfig, sd: Path, concepts_list: Path, output_dir: Path, say
 
 
 def _preview(output_dir: Path, say) -> Path:
-    from dbtools.after.preview import run_preview
-
     grid = run_preview(output_dir)
     say(f"7/7 preview grid of samples across steps: {grid} (its samples are noise: they come from tiny "
         "random models, made to show every stage running, not to draw anything)")

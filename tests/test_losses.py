@@ -9,9 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from dbtools.families.sd import SD1, snr_weights
-from dbtools.tiny import tiny_sd_configs
-from dbtools.train.losses import (
+from dbtools.families.losses import (
     draw_sigmas,
     dreambooth_loss,
     flow_matching_noisy,
@@ -20,6 +18,8 @@ from dbtools.train.losses import (
     sigmas_on_schedule,
     training_noise,
 )
+from dbtools.families.sd import SD1, snr_weights
+from dbtools.tiny import tiny_sd_configs
 
 diffusion_target = SD1.target  # the DDPM target rule, SD 1.x/2.x and SDXL alike
 

@@ -71,9 +71,10 @@ def test_saves_score_validate_and_samples_equal_generate(tmp_path, toy_data, tin
     from diffusers import StableDiffusionPipeline
 
     from dbtools.after import generate as G
-    from dbtools.after.evaluate import read_metrics, validation_split
     from dbtools.after.export import export_single_file
     from dbtools.after.preview import BEST_LABEL, row_lines, sample_grid, step_scores
+    from dbtools.dataset.split import validation_split
+    from dbtools.train.metrics import read_metrics
 
     out = tmp_path / "out"
     seen = batch_prompts(monkeypatch)

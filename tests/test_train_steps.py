@@ -139,7 +139,7 @@ def _samples(n: int):
 def _accumulation_run(tmp_path, micro_batch: int, accum: int, max_grad_norm: float):
     """A stand-in run whose micro-batch `i` is samples `i*b .. i*b+b-1` of a fixed set, its
     gradients recorded as the optimizer receives them (AdamW would hide a wrong scale)."""
-    from dbtools.train.losses import dreambooth_loss
+    from dbtools.families.losses import dreambooth_loss
 
     cfg = TrainConfig(output_dir=str(tmp_path / f"out{micro_batch}"), report_to="none", train_batch_size=micro_batch,
                       gradient_accumulation_steps=accum, max_grad_norm=max_grad_norm)

@@ -14,7 +14,7 @@
   else the first scored step's.
 - `validation_loss`: the diffusion loss on held-out images at a fixed grid of timesteps
   with fixed noise, so it is comparable across steps and runs (`validation_loss`,
-  `validation_split` are ready for the training loop).
+  `dbtools.dataset.split.validation_split` are ready for the training loop).
 - `best_step`: a pure rule over the per-step records (see its docstring).
 
 Files: `<output_dir>/metrics.jsonl` gets one line per scored step, and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -39,15 +38,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dbtools.after import generate as generation
 from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
+from dbtools.dataset import images
+from dbtools.dataset.concepts import read_concepts
+from dbtools.dataset.images import default_font, list_images, sample_files
+from dbtools.families import models as family_models
 from dbtools.families.base import Conditioning, ModelFamily, midpoint_grid
+from dbtools.train.checkpoints import list_weights
+from dbtools.train.config import score_model_problem
+from dbtools.train.metrics import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIKENESS_MODEL = "facebook/dinov2-small"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics-summary.json"
 PLOT_FILE = "metrics.png"
 METRICS = ("likeness", "prompt_fidelity", "class_drift", "validation_loss")
@@ -76,7 +82,7 @@ def load_likeness_model(name: str = DEFAULT_LIKENESS_MODEL) -> ScoreModel:
     on the CPU in float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoImageProcessor, AutoModel
 
-    check_score_model_name(name, "--likeness_model")
+    _check_name(name, "--likeness_model")
     model = _load(lambda: AutoModel.from_pretrained(name), name, "--likeness_model")
     processor = _load(lambda: AutoImageProcessor.from_pretrained(name), name, "--likeness_model")
     return ScoreModel(model.eval(), processor, name)
@@ -87,18 +93,15 @@ def load_clip_model(name: str = DEFAULT_CLIP_MODEL) -> ScoreModel:
     float32, in eval mode. `name` is a Hub id or a local folder."""
     from transformers import AutoProcessor, CLIPModel
 
-    check_score_model_name(name, "--clip_model")
+    _check_name(name, "--clip_model")
     model = _load(lambda: CLIPModel.from_pretrained(name), name, "--clip_model")
     processor = _load(lambda: AutoProcessor.from_pretrained(name), name, "--clip_model")
     return ScoreModel(model.eval(), processor, name)
 
 
-def check_score_model_name(name: str, flag: str) -> None:
-    """A name that can only be a local path (not `org/model`) must exist; `EvaluateError` otherwise."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise EvaluateError(f"{flag} {name}: no such folder. Give a Hub id "
-                            f"(e.g. {DEFAULT_LIKENESS_MODEL}) or an existing model folder.")
+def _check_name(name: str, flag: str) -> None:
+    if problem := score_model_problem(name, flag):
+        raise EvaluateError(problem)
 
 
 def _load(load, name: str, flag: str):
@@ -209,33 +212,6 @@ def default_eval_prompts(instance_prompt: str) -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 
-def validation_split(images: Sequence[Path], share: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """Split instance images into `(train, held_out)`: a deterministic share kept out.
-
-    Which images are held out depends only on their file names and `seed` (not on the
-    listing order or the folder's location), so every run, resume and process agrees.
-    `round(share * n)` images are held out, at least one when `share > 0`, and at least
-    one is always left for training. Both lists keep the input order; they are disjoint.
-    """
-    if not 0 <= share < 1:
-        raise EvaluateError(f"--validation_split {share}: use a share from 0 up to (not including) 1, "
-                            "e.g. 0.1.")
-    images = list(images)
-    if share == 0:
-        return images, []
-    if len(images) < 2:
-        raise EvaluateError(f"--validation_split {share}: needs at least 2 instance images, found "
-                            f"{len(images)}. Add images or use --validation_data_dir.")
-    count = min(len(images) - 1, max(1, round(share * len(images))))
-    rank = sorted(images, key=lambda p: (_name_hash(Path(p).name, seed), Path(p).name))
-    held = set(map(Path, rank[:count]))
-    return [p for p in images if Path(p) not in held], [p for p in images if Path(p) in held]
-
-
-def _name_hash(name: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def validation_timesteps(num_train_timesteps: int, count: int = 4) -> list[int]:
     """A fixed grid of `count` timesteps: the midpoints of equal slices of the schedule."""
     if count < 1:
@@ -329,46 +305,6 @@ def _first(rows: Sequence[dict], key: str):
 # --------------------------------------------------------------------------- files
 
 
-def append_metrics(output_dir: str | os.PathLike, record: dict) -> Path:
-    """Add one JSON line (`step` and the scores present) to `<output_dir>/metrics.jsonl`.
-
-    The file is rewritten atomically with the new line at the end, so a reader never
-    sees half a line, even after a crash.
-    """
-    if "step" not in record:
-        raise ValueError("a metrics record needs a 'step'")
-    path = Path(output_dir) / METRICS_FILE
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    line = json.dumps({k: v for k, v in record.items() if v is not None}, ensure_ascii=False)
-    return atomic_write_text(path, old + line + "\n")
-
-
-def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    """The per-step records of `<output_dir>/metrics.jsonl`, sorted by step.
-
-    Lines for the same step are merged, later values winning (training may log the
-    validation loss and `evaluate` the scores of one step). Unreadable lines are skipped
-    with a warning.
-    """
-    path = Path(output_dir) / METRICS_FILE
-    merged: dict[int, dict] = {}
-    if not path.is_file():
-        return []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("%s line %d: not a metrics record; skipped", path, number)
-            continue
-        merged.setdefault(step, {}).update(record, step=step)
-    return [merged[s] for s in sorted(merged)]
-
-
 def summarize(per_step: Sequence[dict], tolerance: float = 0.05, base_fidelity: float | None = None,
               loss_tolerance: float = 0.01, drift_tolerance: float = 0.05, base_drift: float | None = None) -> dict:
     """The summary written to `metrics-summary.json`: best step, the rule, the records."""
@@ -412,7 +348,6 @@ def plot_curves(per_step: Sequence[dict], best: int | None = None):
     against the step, each with its own scale, the best step marked by a red line."""
     from PIL import Image, ImageDraw
 
-    from dbtools.dataset.images import default_font
 
     height = len(METRICS) * PANEL_HEIGHT + 44
     img = Image.new("RGB", (PLOT_WIDTH, height), "white")
@@ -532,8 +467,6 @@ class EvalPlan:
 
 def plan_evaluation(cfg: EvalConfig) -> EvalPlan:
     """Check the inputs and find what to score; raises `EvaluateError` before any model loads."""
-    from dbtools.train.checkpoints import list_weights
-
     out = Path(cfg.output_dir)
     if not out.is_dir():
         raise EvaluateError(f"--output_dir {out}: no such folder. Give the folder training wrote "
@@ -572,8 +505,6 @@ def _from_concepts(args: dict, key: str) -> list:
     (readable), else its single `key` flag."""
     if args.get("concepts_list"):
         try:
-            from dbtools.dataset.concepts import read_concepts
-
             return [getattr(c, key) for c in read_concepts(args["concepts_list"])]
         except UserError as exc:
             logger.warning("%s", exc)
@@ -592,8 +523,6 @@ def unique_prompts(prompts: Sequence[str | None]) -> list[str]:
 
 def _references(cfg: EvalConfig, args: dict) -> list[Path]:
     """The instance images likeness compares against ([] when none can be found)."""
-    from dbtools.dataset.images import list_images
-
     if cfg.instance_data_dir:
         folder = Path(cfg.instance_data_dir)
         if not folder.is_dir() or not list_images(folder):
@@ -611,11 +540,9 @@ def _references(cfg: EvalConfig, args: dict) -> list[Path]:
 def reference_embeddings(scorer: ScoreModel, plan: EvalPlan, batch_size: int = 16):
     """The instance images' likeness embeddings, computed once for all saves (None without
     instance images)."""
-    from dbtools.dataset.images import load_rgb
-
     if not plan.references:
         return None
-    return image_embeddings(scorer, [load_rgb(p) for p in plan.references], batch_size)
+    return image_embeddings(scorer, [images.load_rgb(p) for p in plan.references], batch_size)
 
 
 def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel | None,
@@ -623,11 +550,9 @@ def score_step(folder: Path, plan: EvalPlan, cfg: EvalConfig, likeness_model: Sc
     """Scores of one weights folder: its saved samples (or generated ones) against the
     instance images (`references`: their embeddings, else loaded from `plan`), and images
     of the eval prompts on fixed seeds against their prompts."""
-    from dbtools.after.generate import load_inference_pipeline
-    from dbtools.dataset.images import load_rgb, sample_files
-
-    samples = [load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
-    return score_pipeline(load_inference_pipeline(folder), samples, plan, cfg, likeness_model, clip, references)
+    samples = [images.load_rgb(p) for p in sample_files(folder)[:cfg.num_samples]]
+    pipe = generation.load_inference_pipeline(folder)
+    return score_pipeline(pipe, samples, plan, cfg, likeness_model, clip, references)
 
 
 ONE_IMAGE_PER_CALL_FROM = 1024
@@ -642,8 +567,6 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
     eval prompt, on the seeds `cfg.seed`, `cfg.seed + 1`, ... at every call, against their
     prompts. Returns `{"likeness": ..., "prompt_fidelity": ...}` (likeness only with a
     likeness model and instance images)."""
-    from dbtools.after.generate import generate
-
     if hasattr(pipe, "set_progress_bar_config"):  # one unlabelled bar per prompt otherwise
         pipe.set_progress_bar_config(disable=True)
     size = plan.settings["size"]
@@ -653,8 +576,8 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
     if likeness_model is not None and plan.references:
         samples = list(samples)
         if not samples and plan.instance_prompt:
-            samples = [g.image for g in generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
-                                                 seed=cfg.seed, **gen)]
+            samples = [g.image for g in generation.generate(pipe, plan.instance_prompt, num_images=cfg.num_samples,
+                                                            seed=cfg.seed, **gen)]
         if references is None:
             references = reference_embeddings(likeness_model, plan, cfg.batch_size)
         if samples:
@@ -663,7 +586,7 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
             record["class_drift"] = class_drift(pipe, plan, cfg, likeness_model, references, gen)
     images, prompts = [], []
     for prompt in plan.eval_prompts:
-        images += [g.image for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
+        images += [g.image for g in generation.generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
         prompts += [prompt] * cfg.num_samples
     record["prompt_fidelity"] = prompt_fidelity(clip, images, prompts, cfg.batch_size)
     return record
@@ -672,10 +595,8 @@ def score_pipeline(pipe, samples: Sequence, plan: EvalPlan, cfg: EvalConfig, lik
 def class_drift(pipe, plan: EvalPlan, cfg: EvalConfig, likeness_model: ScoreModel, references, gen: dict) -> float:
     """Likeness to the instance images of `cfg.num_samples` images per class prompt, made on
     the same seeds at every call: how much the class itself has come to look like the subject."""
-    from dbtools.after.generate import generate
-
     images = [g.image for prompt in plan.class_prompts
-              for g in generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
+              for g in generation.generate(pipe, prompt, num_images=cfg.num_samples, seed=cfg.seed, **gen)]
     return likeness(likeness_model, images, references, cfg.batch_size)
 
 
@@ -756,7 +677,6 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
     """
     from tqdm.auto import tqdm
 
-    from dbtools.families.models import pick_device
 
     plan = plan_evaluation(cfg)
     done = {r["step"] for r in read_metrics(cfg.output_dir) if "prompt_fidelity" in r}
@@ -767,7 +687,7 @@ def evaluate(cfg: EvalConfig, likeness_model: ScoreModel | None = None, clip: Sc
         clip = clip or load_clip_model(cfg.clip_model)
     references = None
     for step, folder in tqdm(todo, desc="evaluate", unit="step", disable=not progress):
-        with scoring_on(pick_device(), likeness_model, clip):
+        with scoring_on(family_models.pick_device(), likeness_model, clip):
             if references is None and likeness_model is not None:
                 references = reference_embeddings(likeness_model, plan, cfg.batch_size)
             record = score_step(folder, plan, cfg, likeness_model, clip, references)

@@ -46,11 +46,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbtools.after import kohya
+from dbtools.after.kohya import lora_folder_metadata, write_kohya_lora
 from dbtools.core.atomic import atomic_write, remove_leftovers
 from dbtools.core.errors import UserError
 from dbtools.families import flux_files
 from dbtools.families.base import ModelFamily, SingleFileLayout, UnsupportedFamily
-from dbtools.families.models import folder_family, weight_stems
+from dbtools.families.models import (
+    folder_family,
+    is_checkpoint_folder,
+    load_checkpoint_pipeline,
+    model_folder_problems,
+    safe_torch_load,
+    weight_stems,
+)
 from dbtools.families.sd import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -547,8 +555,6 @@ def _model_keys(class_path: str, config: dict) -> list[str]:
 def check_export_paths(model_path: str | Path, checkpoint_path: str | Path,
                        use_safetensors: bool | None = None) -> str:
     """Raise `ExportError` for a model folder or output path that cannot work; return the format."""
-    from dbtools.families.models import model_folder_problems
-
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     if not model_path.exists():
         raise ExportError(f"{model_path}: does not exist. Give the diffusers model folder to convert "
@@ -652,7 +658,6 @@ def _read_weights(file: Path) -> dict:
         except Exception as exc:  # safetensors raises its own error types
             raise ExportError(f"{file}: not a valid .safetensors file ({exc}). The save was interrupted: "
                               "save or copy the model folder again.") from exc
-    from dbtools.families.models import safe_torch_load
 
     return safe_torch_load(file)
 
@@ -735,7 +740,6 @@ def run_export(config: ExportConfig) -> ExportResult:
     when complete (an existing file is replaced then, never left half-written).
     """
     model_path, out = Path(config.model_path), Path(config.checkpoint_path)
-    from dbtools.families.models import is_checkpoint_folder
 
     if out.parent.is_dir():  # what an export that was killed left there
         remove_leftovers(out.parent, ("file",), suffixes=tuple({*EXPORT_SUFFIXES, out.suffix} - {""}))
@@ -781,7 +785,6 @@ def _export_checkpoint(config: ExportConfig) -> ExportResult:
     import dataclasses
     import tempfile
 
-    from dbtools.families.models import load_checkpoint_pipeline
 
     pipe = load_checkpoint_pipeline(config.model_path)
     if any(getattr(m, "peft_config", None) for m in pipe.components.values()):
@@ -883,8 +886,6 @@ def is_lora_folder(path: Path) -> bool:
 
 def _export_lora(config: ExportConfig) -> ExportResult:
     """A LoRA folder becomes a kohya-style LoRA file (see `dbtools.after.kohya`)."""
-    from dbtools.after.kohya import lora_folder_metadata, write_kohya_lora
-
     out = Path(config.checkpoint_path)
     if config.use_safetensors is False or out.suffix.lower() != ".safetensors":
         raise ExportError(f"{out}: a LoRA is written as .safetensors (AUTOMATIC1111 and ComfyUI do not read "

@@ -23,9 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dbtools.core import env
+from dbtools.core.atomic import atomic_save_image
 from dbtools.core.errors import UserError, reports_user_errors
 from dbtools.core.redact import public_settings
-from dbtools.families.models import pipeline_family, prompt_kwargs
+from dbtools.families import models as family_models
+from dbtools.families.models import (
+    A1111_SAMPLERS,
+    SCHEDULERS,
+    is_checkpoint_folder,
+    is_lora_weights_folder,
+    load_pipeline,
+    make_scheduler,
+    pipeline_family,
+    prompt_kwargs,
+    scheduler_key,
+)
 from dbtools.families.quantize import quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,10 +98,9 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None, quantize
     denoiser quantized with `quantize_base` "nf4" or "int8")."""
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return pipe_or_path
-    from dbtools.families.models import load_pipeline, model_inference_dtype, pick_device
 
-    device = pick_device()
-    dtype = model_inference_dtype(pipe_or_path, device)
+    device = family_models.pick_device()
+    dtype = family_models.model_inference_dtype(pipe_or_path, device)
     pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=dtype,
                          scheduler=scheduler, quantize=None if quantize_base in (None, "none") else quantize_base)
     pipe.set_progress_bar_config(leave=False, desc="generating")
@@ -99,8 +111,6 @@ def generation_settings(pipe, prompt: str, negative_prompt: str, seed: int, step
                         guidance_scale: float, width: int, height: int, scheduler: str | None) -> dict:
     """The settings recorded with a generated image. `scheduler` is the name `--scheduler`
     takes (the pipeline's own scheduler's name when none was chosen)."""
-    from dbtools.families.models import scheduler_key
-
     used = scheduler or type(pipe.scheduler).__name__
     quantized = quantization_of(getattr(pipe, "transformer", None) or getattr(pipe, "unet", None))
     return dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
@@ -111,8 +121,6 @@ def generation_settings(pipe, prompt: str, negative_prompt: str, seed: int, step
 
 def sampler_name(scheduler: str) -> str:
     """AUTOMATIC1111's name for a scheduler ("Euler a", "DPM++ 2M", "DDIM"); unknown names as given."""
-    from dbtools.families.models import A1111_SAMPLERS, scheduler_key
-
     return A1111_SAMPLERS.get(scheduler_key(scheduler) or "", scheduler)
 
 
@@ -215,7 +223,6 @@ def _scheduler(pipe, name: str | None):
     if not name:
         yield
         return
-    from dbtools.families.models import make_scheduler
 
     original = pipe.scheduler
     pipe.scheduler = make_scheduler(name, original.config)
@@ -299,8 +306,6 @@ def reproduce(pipe_or_path, png: str | os.PathLike) -> Generated:
 
 def save_image(result: Generated, path: str | os.PathLike) -> Path:
     """Save one generated image atomically at `path` with its settings in the PNG's text."""
-    from dbtools.core.atomic import atomic_save_image
-
     result.path = atomic_save_image(result.image, Path(path), pnginfo=png_metadata(result.settings))
     return result.path
 
@@ -310,8 +315,6 @@ DEFAULT_SCHEDULER = "model default"
 
 def scheduler_choices() -> list[tuple[str, str]]:
     """(label, value) pairs for a scheduler menu: one per scheduler, AUTOMATIC1111's names."""
-    from dbtools.families.models import A1111_SAMPLERS, SCHEDULERS
-
     return [(DEFAULT_SCHEDULER, DEFAULT_SCHEDULER)] + [(f"{A1111_SAMPLERS[k]} ({k})", k) for k in SCHEDULERS]
 
 
@@ -410,16 +413,14 @@ def launch_gradio(app, share: bool | None = None, auth: str | None = None, heigh
     lines (which point at `launch()` code the notebook's user never sees) are replaced by
     one of ours. `height` is the notebook frame's, tall enough for the whole form.
     """
-    from dbtools.core.env import in_colab
-
     if share is None:
-        share = in_colab() or os.environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true")
+        share = env.in_colab() or os.environ.get("GRADIO_SHARE", "").strip().lower() in ("1", "true")
     login = parse_auth(auth if auth is not None and auth.strip() else os.environ.get("GRADIO_AUTH"))
     if share:
         logger.warning("The Gradio UI gets a PUBLIC gradio.live link: anyone who has the link can use it%s.",
                        " after logging in" if login else " (set a user:password login to restrict it)")
     launched = app.launch(share=share, auth=login, height=height, quiet=True, **launch_kwargs)
-    if not in_colab():
+    if not env.in_colab():
         logger.info("The UI runs at %s on this machine%s.", getattr(app, "local_url", None), "" if share else (
             "; for a public link (anyone who has it can use the UI) set the environment variable "
             "GRADIO_SHARE=true and run this cell again"))
@@ -490,15 +491,13 @@ def _check_command_settings(s: dict, from_png: str | None) -> None:
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools generate ...`; settings problems exit 2 with one message."""
-    from dbtools.families.models import check_model_path, is_checkpoint_folder, is_lora_weights_folder, scheduler_key
-
     args = build_parser().parse_args(argv)
     s = command_settings(args)
     _check_command_settings(s, args.from_png)
     if s["scheduler"] and scheduler_key(s["scheduler"]) is None:
         raise UserError(f"--scheduler {s['scheduler']}: unknown; see --help for the names.")
     if not (is_checkpoint_folder(args.model) or is_lora_weights_folder(args.model)):
-        check_model_path(args.model)  # a checkpoint or LoRA weights folder is checked as it loads
+        family_models.check_model_path(args.model)  # a checkpoint or LoRA weights folder is checked as it loads
     # One image per pipeline call, as training draws its samples, so a PNG is reproduced exactly.
     results = generate(args.model, s["prompt"], s["negative_prompt"], s["num_images"], s["guidance_scale"],
                        s["steps"], s["height"], s["width"], s["seed"], s["scheduler"], args.out_dir,

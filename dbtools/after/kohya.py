@@ -43,6 +43,8 @@ from dbtools.core.errors import UserError
 from dbtools.families import registry
 from dbtools.families.base import EPSILON, V_PREDICTION, ModelFamily
 from dbtools.families.lora_layout import LoraLayoutError
+from dbtools.families.models import detect_family
+from dbtools.train.checkpoints import ARGS_FILE, ui_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +288,6 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
     the base model named there, else the one family that has all of the LoRA's components). {} when the
     family cannot be told: the UIs then list the file as SD 1.x or "unknown".
     """
-    from dbtools.train.checkpoints import ARGS_FILE, ui_lora_file
-
     folder = Path(folder)
     written = ui_lora_file(folder)
     meta = read_metadata(written) if written is not None else {}
@@ -313,8 +313,6 @@ def lora_folder_metadata(folder: str | os.PathLike, name: str) -> dict[str, str]
 def lora_family(folder: str | os.PathLike) -> ModelFamily | None:
     """The family of the model a LoRA step folder was trained on: its `args.json`'s base model,
     else the one family with all of the LoRA's components; None when neither tells."""
-    from dbtools.train.checkpoints import ARGS_FILE
-
     try:
         args = json.loads((Path(folder) / ARGS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -324,8 +322,6 @@ def lora_family(folder: str | os.PathLike) -> ModelFamily | None:
 
 def _base_family(args: Mapping, tensors: Mapping) -> tuple[ModelFamily | None, bool]:
     """(family, v-prediction) of the model a LoRA was trained on, from its run's base model."""
-    from dbtools.families.models import detect_family
-
     base = args.get("pretrained_model_name_or_path")
     if base:
         try:

@@ -18,9 +18,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from dbtools.after.evaluate import suggested_step
+from dbtools.core.atomic import atomic_save_image
 from dbtools.core.errors import UserError
-from dbtools.dataset.images import default_font, sample_files
+from dbtools.dataset import images
+from dbtools.dataset.images import ImageError, default_font, sample_files
 from dbtools.train.checkpoints import list_weights
+from dbtools.train.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +129,6 @@ def step_scores(output_dir: str | os.PathLike) -> tuple[dict[int, dict], int | N
     """The scores of each step (`metrics.jsonl`) and the suggested best step
     (`metrics-summary.json`), as `evaluate` wrote them; `({}, None)` when there are none.
     An unreadable summary only loses the mark (with a warning), never the grid."""
-    from dbtools.after.evaluate import read_metrics, suggested_step
-
     return {int(r["step"]): r for r in read_metrics(output_dir)}, suggested_step(output_dir)
 
 
@@ -207,11 +209,9 @@ def _draw_label(draw: ImageDraw.ImageDraw, lines: list[str], font, top: int, hei
 
 
 def _paste_cells(grid: Image.Image, files: list[Path], thumb: int, left: int, top: int) -> None:
-    from dbtools.dataset.images import ImageError, load_rgb
-
     for c, path in enumerate(files):
         try:
-            cell = ImageOps.contain(load_rgb(path), (thumb, thumb))
+            cell = ImageOps.contain(images.load_rgb(path), (thumb, thumb))
         except ImageError as exc:
             logger.warning("skipping unreadable sample: %s", exc)
             continue
@@ -245,7 +245,6 @@ def run_preview(
         raise UserError(f"{out}: the preview is a PNG; give a file name ending in .png (--out).")
     _refuse_sample_folder(out, output_dir)
     grid = sample_grid(output_dir, steps=steps, max_samples=max_samples, thumb=thumb)
-    from dbtools.core.atomic import atomic_save_image
 
     atomic_save_image(grid, out)
     logger.info("preview grid (%dx%d) saved to %s", grid.width, grid.height, out)

@@ -69,7 +69,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dbtools.caption.captioners import FLORENCE2_MODEL, FLORENCE2_TASKS, TAGGER_MODEL, VLM_MODEL
+from dbtools.caption import captioners as cap
+from dbtools.caption.captioners import (
+    FLORENCE2_MODEL,
+    FLORENCE2_TASKS,
+    TAGGER_MODEL,
+    VLM_MODEL,
+    PixelValues,
+    detect_family,
+)
 from dbtools.caption.config import (
     DEFAULT_MODEL,
     CaptionConfig,
@@ -80,6 +88,7 @@ from dbtools.caption.config import (
 from dbtools.core.atomic import atomic_write, atomic_write_text
 from dbtools.dataset.captions import FILENAME_FORMATS, caption_file_name, caption_image_name, clean_caption
 from dbtools.dataset.images import list_images, load_rgb
+from dbtools.families import models as family_models
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +242,6 @@ class Captioner:
     @property
     def preprocess(self):
         """Picklable image -> pixel_values, run in the decoding workers."""
-        from dbtools.caption.captioners import PixelValues
-
         return PixelValues(self.image_processor)
 
     def caption_batch(self, pixel_values, cfg: CaptionConfig) -> list[str]:
@@ -298,11 +305,8 @@ def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_wit
     """
     import torch
 
-    from dbtools.caption import captioners as cap
-    from dbtools.families.models import pick_device
-
     family = cap.detect_family(model)
-    device = torch.device(pick_device(device))
+    device = torch.device(family_models.pick_device(device))
     if tags_with:
         if family != "tagger":
             raise CaptionError(f"--tags_with {tags_with}: --model must then be a tagger "
@@ -838,7 +842,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = config_from_args(args)
     check_inputs(cfg)
-    from dbtools.caption.captioners import detect_family
 
     problems = family_problems(cfg, detect_family(cfg.tags_with or cfg.model))
     if problems:  # before any weights load

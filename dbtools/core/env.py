@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
+from dbtools import __version__
+
 
 def in_colab() -> bool:
     """True when running inside Google Colab."""
@@ -100,7 +102,6 @@ def versions_report(packages: Iterable[str] = REPORTED_PACKAGES) -> str:
     import importlib.metadata as md
     import platform
 
-    from dbtools import __version__
 
     lines = [f"python {platform.python_version()}", f"dbtools {__version__}"]
     for name in packages:

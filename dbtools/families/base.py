@@ -19,7 +19,7 @@ What a family says, in the order a run needs it:
   own `predict` understands, plus what comes from the image (`image_conditioning`);
 - latents: `latents` turns a VAE sample into what the denoiser sees;
 - one training step: `timesteps`, `noisy`, `target`, `loss_weights`, `predict`
-  (the generic reduction stays in `dbtools.train.losses`); `validation_timesteps` for a fixed grid;
+  (the generic reduction stays in `dbtools.families.losses`); `validation_timesteps` for a fixed grid;
 - inference: `build_pipeline` from training components, `may_upcast`;
 - LoRA: `lora_targets`, `save_lora`, the UI file's prefixes and metadata (`ui_lora`);
 - single-file export: `single_file_layout` (converter names the exporter knows);

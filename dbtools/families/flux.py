@@ -6,7 +6,7 @@ T5-XXL's hidden states (up to 512 tokens) and CLIP-L's pooled embedding.
   the text tokens' ids are zeros. `predict` packs and unpacks, so the loss is taken on the
   latent grid as for SD.
 - Flow matching: sigma in (0, 1], noisy = (1 - sigma) x + sigma noise, target = noise - x;
-  sigmas drawn and the loss weighted by diffusers' weighting schemes (`dbtools.train.losses`);
+  sigmas drawn and the loss weighted by diffusers' weighting schemes (`dbtools.families.losses`);
   the transformer sees the timestep sigma x 1000 / 1000 and the guidance embedding the
   training `--guidance_scale` (1.0 by default).
 - [schnell] is step-distilled and has no guidance embedding: training LoRA on it works but
@@ -288,7 +288,7 @@ class FluxFamily(ModelFamily):
 
     def timesteps(self, scheduler, batch: int, generator):
         """Sigmas (not integer timesteps) drawn by the weighting scheme on the training schedule."""
-        from dbtools.train.losses import draw_sigmas  # torch: loaded when training needs it
+        from dbtools.families.losses import draw_sigmas  # torch: loaded when training needs it
 
         s = flow_settings(scheduler)
         return draw_sigmas(s.weighting_scheme, batch, scheduler.sigmas, generator, logit_mean=s.logit_mean,
@@ -299,18 +299,18 @@ class FluxFamily(ModelFamily):
         return [(k + 0.5) / count for k in range(count)]
 
     def noisy(self, scheduler, latents, noise, timesteps):
-        from dbtools.train.losses import flow_matching_noisy  # torch: loaded when training needs it
+        from dbtools.families.losses import flow_matching_noisy  # torch: loaded when training needs it
 
         return flow_matching_noisy(latents, noise, timesteps)
 
     def target(self, scheduler, latents, noise, timesteps):
-        from dbtools.train.losses import flow_matching_target
+        from dbtools.families.losses import flow_matching_target
 
         return flow_matching_target(latents, noise)
 
     def loss_weights(self, scheduler, timesteps, snr_gamma: float | None):
         """The weighting scheme's per-sample weights (sigma_sqrt, cosmap); None for the others."""
-        from dbtools.train.losses import flow_matching_weights
+        from dbtools.families.losses import flow_matching_weights
 
         scheme = flow_settings(scheduler).weighting_scheme
         return None if scheme == "none" else flow_matching_weights(scheme, timesteps)

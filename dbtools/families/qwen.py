@@ -82,7 +82,7 @@ class QwenPromptEncoder:
 class QwenFlowFamily(ModelFamily):
     """A rectified-flow transformer conditioned on one Qwen3 text encoder (Z-Image, Flux.2
     [klein]). The family module supplies `model` (its `encode_prompts`, `latents`, `predict`
-    functions and pipeline facts); the flow-matching maths is `dbtools.train.losses`'.
+    functions and pipeline facts); the flow-matching maths is `dbtools.families.losses`'.
 
     Only LoRA adapters on the transformer train (the 4-8B encoder stays frozen, its prompts
     cached); the frozen transformer may be quantized and is never upcast for inference."""

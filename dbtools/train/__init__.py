@@ -1,2 +1,2 @@
-"""The training stage: config and flags, set-up, data, the loop, losses, outputs,
+"""The training stage: config and flags, set-up, data, the loop, outputs,
 checkpoints, class images for prior preservation."""

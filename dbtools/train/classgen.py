@@ -32,7 +32,8 @@ from dbtools.core.errors import UserError
 from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
-from dbtools.families.models import pipeline_family, prompt_kwargs
+from dbtools.families import models as family_models
+from dbtools.families.models import inference_dtype, load_pipeline, pipeline_family, prompt_kwargs
 from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
@@ -345,10 +346,9 @@ def precision_dtype(precision: str | None, device: str, model: str | None = None
     """
     import torch
 
-    from dbtools.families.models import inference_dtype, model_inference_dtype
 
     if precision is None:
-        return model_inference_dtype(model, device) if model else inference_dtype(device)
+        return family_models.model_inference_dtype(model, device) if model else inference_dtype(device)
     if precision not in PRECISIONS:
         raise ClassGenError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     dtype = getattr(torch, PRECISIONS[precision])
@@ -386,10 +386,8 @@ def pipeline_loader_for(
     (`vae_name_or_path`, `revision`, `variant`, `scheduler`, `config`, ...) go to
     `dbtools.families.models.load_pipeline` as they are.
     """
-    from dbtools.families.models import load_pipeline, pick_device
-
     def load():
-        where = device or pick_device()
+        where = device or family_models.pick_device()
         dtype = precision_dtype(cfg.precision if cfg else None, where, model_name_or_path)
         pipe = load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
         pipe.vae.enable_slicing()  # a batch is decoded one image at a time: SDXL's 1024 px decode is large
@@ -451,14 +449,12 @@ def _skipped(args: argparse.Namespace) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools classgen ...`: fill class folders; user errors rise as `UserError`."""
-    from dbtools.families.models import check_model_path
-
     args = build_parser().parse_args(argv)
     cfg = view(ClassGenConfig, args, height=args.resolution, width=args.resolution,
                class_guidance_scale=args.guidance_scale,
                precision=args.prior_generation_precision or _half(args.mixed_precision))
     concepts = concepts_from_args(args)
-    check_model_path(args.pretrained_model_name_or_path, skip=_skipped(args))
+    family_models.check_model_path(args.pretrained_model_name_or_path, skip=_skipped(args))
     loader = pipeline_loader_for(args.pretrained_model_name_or_path, cfg,
                                  vae_name_or_path=args.pretrained_vae_name_or_path,
                                  revision=args.revision, variant=args.variant,

@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dbtools.dataset.concepts import Concept, read_concepts
@@ -54,7 +55,7 @@ def largest_bucket_bytes(resolution: int, half: bool) -> int:
 
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-"""diffusers' flow-matching weighting schemes (`dbtools.train.losses` applies them)."""
+"""diffusers' flow-matching weighting schemes (`dbtools.families.losses` applies them)."""
 QUANTIZE_BASE = ("none", *QUANTIZATIONS)
 
 
@@ -414,14 +415,18 @@ def _evaluation_problems(cfg: TrainConfig) -> list[str]:
         problems.append("--score_saves needs a prompt to score: give --save_sample_prompt (the samples are "
                         "scored for likeness) or --eval_prompts.")
     if cfg.score_saves:
-        from dbtools.after.evaluate import EvaluateError, check_score_model_name
-
         for option, name in (("--likeness_model", cfg.likeness_model), ("--clip_model", cfg.clip_model)):
-            try:
-                check_score_model_name(name, option)
-            except EvaluateError as exc:
-                problems.append(str(exc))
+            problems += filter(None, [score_model_problem(name, option)])
     return problems
+
+
+def score_model_problem(name: str, flag: str) -> str | None:
+    """What is wrong with a scoring model name (`--likeness_model`, `--clip_model`), if anything:
+    a name that can only be a local path (not `org/model`) must be an existing folder."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not Path(name).expanduser().is_dir():
+        return f"{flag} {name}: no such folder. Give a Hub id (e.g. facebook/dinov2-small) or an existing model folder."
+    return None
 
 
 def _diffusers_flag_problems(cfg: TrainConfig) -> list[str]:

@@ -37,6 +37,7 @@ from dbtools.core.textio import CaptionEncodingError, read_caption_file
 from dbtools.dataset.captions import apply_template, caption_candidates, clean_caption, template_problems
 from dbtools.dataset.concepts import Concept, concept_problems, resolved_against
 from dbtools.dataset.images import ImageError, is_skipped_dir, list_images, load_rgb
+from dbtools.dataset.split import ValidationSplitError, validation_split
 from dbtools.families.detect import add_time_ids
 from dbtools.train.checkpoints import training_runs_under
 
@@ -142,7 +143,7 @@ def with_validation(plan: DataPlan, concepts: Sequence[Concept], *, validation_d
     `validation_data_dir` is read like an instance folder (captions with
     `read_prompts_from_txts`, else the first concept's instance prompt); or
     `validation_split` moves a deterministic share of the instance images out of training
-    (`dbtools.after.evaluate.validation_split`: by file name and `seed`). Giving both is a problem.
+    (`dbtools.dataset.split.validation_split`: by file name and `seed`). Giving both is a problem.
     """
     if validation_data_dir and validation_split:
         return plan, ["--validation_data_dir and --validation_split both given: held-out images come "
@@ -166,11 +167,9 @@ def with_validation(plan: DataPlan, concepts: Sequence[Concept], *, validation_d
 
 
 def _split_off(plan: DataPlan, share: float, seed: int) -> tuple[DataPlan, list[str]]:
-    from dbtools.after.evaluate import EvaluateError, validation_split
-
     try:
         _, held = validation_split([e.path for e in plan.instance], share, seed)
-    except EvaluateError as exc:
+    except ValidationSplitError as exc:
         return plan, [str(exc)]
     held_set = set(held)
     train = [e for e in plan.instance if e.path not in held_set]

@@ -4,7 +4,7 @@
 accelerate, make class images, load models, cache data, loop, save. What it calls comes
 below it, in the order it is called. Setting up lives in `dbtools.train.setup`, writing
 weights, samples, checkpoints and uploads in `dbtools.train.outputs`, the loss maths in
-`dbtools.train.losses`, the flags in `dbtools.train.config` and the output-folder rules in
+`dbtools.families.losses`, the flags in `dbtools.train.config` and the output-folder rules in
 `dbtools.train.checkpoints`; the `Run` every step and save takes is in `dbtools.train.run`.
 
 Output layout (as in Shivam's script): `<output_dir>/<step>/` is a diffusers pipeline
@@ -29,13 +29,14 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dbtools.core.env import quiet_library_progress_bars, quiet_third_party
 from dbtools.core.redact import public_settings
-from dbtools.families.base import Conditioning
+from dbtools.families.base import Components, Conditioning
+from dbtools.families.losses import dreambooth_loss, training_noise
 from dbtools.train.checkpoints import SINGLE_FILE_NAME, register_state_hooks, remove_stale_temporaries, ui_lora_file
 from dbtools.train.config import TrainConfig, parse_args
 from dbtools.train.data import DataPlan, place_items, step_seed
 from dbtools.train.folders import hold_output_dir, move_previous_run
-from dbtools.train.losses import dreambooth_loss, training_noise
 from dbtools.train.outputs import (
     HeldOut,
     disk_full_message,
@@ -77,8 +78,6 @@ from dbtools.train.watch import Watch, stop_message
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from dbtools.families.base import Components
 
 logger = logging.getLogger(__name__)
 
@@ -462,8 +461,6 @@ def _tracker_config(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train and print a summary; a `UserError` rises to the entry point, which reports it."""
-    from dbtools.core.env import quiet_library_progress_bars
-
     quiet_library_progress_bars(cfg.verbose)
     try:
         result = train(cfg)
@@ -484,8 +481,6 @@ def run_training(cfg: TrainConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dbtools train [flags]`: the same flags as train_dreambooth.py."""
-    from dbtools.core.env import quiet_third_party
-
     args = parse_args(argv)
     quiet_third_party(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

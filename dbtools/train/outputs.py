@@ -26,13 +26,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dbtools.after.generate import save_image
+from dbtools.after import evaluate, export
+from dbtools.after import generate as generation
+from dbtools.after.evaluate import EvalConfig, SaveScorer, refresh_summary, training_plan
+from dbtools.after.generate import Generated, save_image
+from dbtools.after.kohya import kohya_metadata, write_kohya_lora
 from dbtools.core.atomic import atomic_dir, atomic_write_text
 from dbtools.core.redact import public_settings
-from dbtools.families.base import Conditioning
+from dbtools.families.base import Components, Conditioning
+from dbtools.families.models import make_scheduler
 from dbtools.train.checkpoints import CHECKPOINT_PREFIX, SINGLE_FILE_NAME, ui_lora_name, weights_due, write_checkpoint
 from dbtools.train.config import TrainConfig, view
+from dbtools.train.data import DataPlan, Item, item_time_ids, load_item
 from dbtools.train.folders import human_size, nearest_existing
+from dbtools.train.metrics import append_metrics
 from dbtools.train.run import Run
 from dbtools.train.setup import TrainError, move_module, vae_dtype
 
@@ -40,11 +47,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import DiffusionPipeline
     from PIL.Image import Image
-
-    from dbtools.after.evaluate import SaveScorer
-    from dbtools.after.generate import Generated
-    from dbtools.families.base import Components
-    from dbtools.train.data import DataPlan, Item
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +116,8 @@ def save_weights(run: Run, step: int, final: bool = False) -> Path:
         if final and cfg.save_single_file and not cfg.use_lora:  # a LoRA folder has its UI file already
             # The export reads the saved folder, so it runs after the float32 VAE and text
             # encoder have left the GPU and the EMA's copy of the trained weights is gone.
-            from dbtools.after.export import export_single_file
 
-            export_single_file(tmp, tmp / SINGLE_FILE_NAME)
+            export.export_single_file(tmp, tmp / SINGLE_FILE_NAME)
     logger.info("[*] weights saved at %s", target)
     if run.held_out is not None and run.held_out.last_step != step:
         log_validation_loss(run, step)  # the best-step rule reads the loss of each saved step
@@ -240,13 +241,11 @@ def sample_images(pipe: DiffusionPipeline, prompt: str, n: int, cfg: TrainConfig
     --from_png` makes one again): the same scheduler config, generator device and dtypes,
     so the saved weights reproduce each sample pixel for pixel on a CPU in float32.
     """
-    from dbtools.after.generate import generate
-
     if n < 1:
         return []
     pipe.set_progress_bar_config(disable=True)
-    return generate(pipe, prompt, negative or "", n, cfg.save_guidance_scale, cfg.save_infer_steps,
-                    cfg.resolution, cfg.resolution, seed, batch_size=1)
+    return generation.generate(pipe, prompt, negative or "", n, cfg.save_guidance_scale, cfg.save_infer_steps,
+                               cfg.resolution, cfg.resolution, seed, batch_size=1)
 
 
 def lora_state_dict(model, adapter: str = "default") -> dict:
@@ -279,8 +278,6 @@ def output_name(cfg: TrainConfig) -> str:
 def save_ui_lora(run: Run, folder: Path, step: int) -> Path:
     """Write the LoRA in `folder` (just saved by `save_lora`) as the kohya-style file with kohya's
     metadata that AUTOMATIC1111, Forge and ComfyUI load: `<output name>-<step>-lora.safetensors`."""
-    from dbtools.after.kohya import kohya_metadata, write_kohya_lora
-
     cfg, models, unwrap = run.cfg, run.models, run.accelerator.unwrap_model
     family = models.family
     alphas = {name: _lora_alpha(unwrap(models.parts[name]), cfg.lora_rank)
@@ -304,8 +301,6 @@ def save_validation(run: Run, step: int) -> None:
     with atomic_dir(Path(cfg.output_dir) / "validation" / str(step)) as tmp, _for_inference(run):
         pipe = build_pipeline(run)
         if cfg.validation_scheduler:
-            from dbtools.families.models import make_scheduler
-
             pipe.scheduler = make_scheduler(cfg.validation_scheduler, pipe.scheduler.config)
         images = sample_images(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg, run.seed)
         for i, img in enumerate(images):
@@ -336,8 +331,6 @@ class HeldOut:
     def loss(self, run: Run) -> float:
         """The mean validation loss over the held-out images (`evaluate.validation_loss`:
         fixed timesteps, fixed noise seeded by the run's seed); call under `_for_inference`."""
-        from dbtools.after.evaluate import validation_loss
-
         acc, device, family = run.accelerator, run.accelerator.device, run.models.family
         denoiser = acc.unwrap_model(run.models.denoiser)
         encoders = [acc.unwrap_model(e) for e in run.models.text_encoders]
@@ -345,16 +338,14 @@ class HeldOut:
         for latents, prompts, image_cond in self._latents(run):
             with torch.no_grad(), acc.autocast():
                 cond = family.encode_prompts(run.prompts, prompts, encoders, device).merged(image_cond)
-                total += validation_loss(denoiser, latents.to(device), cond, run.models.noise_scheduler,
-                                         family=family, seed=run.seed) * len(prompts)
+                total += evaluate.validation_loss(denoiser, latents.to(device), cond, run.models.noise_scheduler,
+                                                  family=family, seed=run.seed) * len(prompts)
         return total / len(self.items)
 
     def _latents(self, run: Run) -> list[tuple[torch.Tensor, list[str], Conditioning]]:
         """Latents as the denoiser sees them, prompts and the family's image conditioning (SDXL's
         time ids), one group per image size (buckets), encoded once."""
         if self.groups is None:
-            from dbtools.train.data import item_time_ids
-
             vae, device, family = run.models.vae, run.accelerator.device, run.models.family
             by_size: dict[tuple[int, int], list[Item]] = {}
             for item in self.items:
@@ -369,8 +360,6 @@ class HeldOut:
 
     @staticmethod
     def _encode(vae, items: list[Item], device) -> torch.Tensor:
-        from dbtools.train.data import load_item
-
         pixels = torch.from_numpy(np.stack([load_item(it, False) for it in items]))
         with torch.no_grad():
             return vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean.float()
@@ -386,8 +375,6 @@ def _chunks(items: list, size: int) -> list[list]:
 
 def log_validation_loss(run: Run, step: int) -> float:
     """The held-out loss at `step`, to the trackers and `<output_dir>/metrics.jsonl`."""
-    from dbtools.after.evaluate import append_metrics, refresh_summary
-
     with _for_inference(run):
         loss = run.held_out.loss(run)
     run.held_out.last_step = step
@@ -405,8 +392,6 @@ def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> S
     class drift from the run's class prompts."""
     if not cfg.score_saves or not accelerator.is_main_process:
         return None
-    from dbtools.after.evaluate import EvalConfig, SaveScorer
-
     ecfg = view(EvalConfig, cfg, eval_prompts=list(cfg.eval_prompts or []), num_samples=cfg.eval_num_samples,
                 seed=1337 if cfg.seed is None else cfg.seed, tolerance=cfg.best_step_tolerance)
     return SaveScorer.load(ecfg, score_plan(cfg, plan))
@@ -414,8 +399,6 @@ def make_scorer(cfg: TrainConfig, plan: DataPlan, accelerator: Accelerator) -> S
 
 def score_plan(cfg: TrainConfig, plan: DataPlan):
     """What `--score_saves` scores at each save (`evaluate.training_plan`)."""
-    from dbtools.after.evaluate import training_plan
-
     prompt = cfg.save_sample_prompt or cfg.instance_prompt or ""
     return training_plan(prompt, cfg.eval_prompts, [e.path for e in plan.instance], cfg.save_infer_steps,
                          cfg.save_guidance_scale, cfg.resolution, [c.class_prompt for c in cfg.concepts()])

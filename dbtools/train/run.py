@@ -8,12 +8,13 @@ imports none of them except the watch's `Watch` class.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from dbtools.families.base import Components
+from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
 from dbtools.train.config import TrainConfig
 from dbtools.train.data import DreamBoothData
 from dbtools.train.watch import Watch
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
     from torch.optim.lr_scheduler import LRScheduler
 
-    from dbtools.after.evaluate import SaveScorer
-    from dbtools.families.prompts import PromptEncoder, SDXLPromptEncoder
-
 
 class HeldOutLoss(Protocol):
     """The held-out images' loss (`dbtools.train.outputs.HeldOut`, which takes a `Run`)."""
@@ -34,6 +32,12 @@ class HeldOutLoss(Protocol):
     last_step: int | None
 
     def loss(self, run: Run) -> float: ...
+
+
+class SaveScores(Protocol):
+    """Scores of each save (`dbtools.after.evaluate.SaveScorer`, a later stage than training)."""
+
+    def score(self, step: int, pipe, samples: Sequence, device) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class Run:
     start_step: int = 0
     resumed_from: Path | None = None
     held_out: HeldOutLoss | None = None
-    scorer: SaveScorer | None = None
+    scorer: SaveScores | None = None
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -19,9 +19,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dbtools.core import env
 from dbtools.core.errors import UserError
 from dbtools.dataset.concepts import Concept, ConceptError, overlap_problems
+from dbtools.families import models as family_models
+from dbtools.families.base import Components, ModelFamily
+from dbtools.families.models import ModelLoadError, UnsupportedModelError, detect_family
+from dbtools.families.profiles import fit_warning
 from dbtools.families.prompts import truncation_note
+from dbtools.train import classgen
 from dbtools.train.checkpoints import (
     ARGS_FILE,
     RUN_FILES_DIR,
@@ -29,6 +35,12 @@ from dbtools.train.checkpoints import (
     checkpoint_step,
     resume_path,
     resume_problems,
+)
+from dbtools.train.classgen import (
+    ClassGenConfig,
+    ensure_class_images,
+    pipeline_loader_for,
+    plan_class_images,
 )
 from dbtools.train.config import (
     MAX_RESOLUTION,
@@ -58,8 +70,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from dbtools.families.base import Components, ModelFamily
-
 logger = logging.getLogger(__name__)
 
 
@@ -76,8 +86,6 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with `resolution` set: the model family's native size when none was given
     (1024 for SDXL; 512 when the model cannot be read, which pre-flight then reports). A
     given size far below the native one gets one warning line."""
-    from dbtools.families.models import detect_family
-
     try:
         detected = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision)
     except UserError:
@@ -114,12 +122,10 @@ def preflight(cfg: TrainConfig) -> tuple[list[Concept], DataPlan]:
     Raises one `TrainError` listing every problem with its fix; returns the concepts and
     the data plan otherwise.
     """
-    from dbtools.families.models import ModelLoadError, check_model_path
-
     problems = flag_problems(cfg)
     if cfg.pretrained_model_name_or_path:
         try:
-            check_model_path(cfg.pretrained_model_name_or_path, skip=("vae",))
+            family_models.check_model_path(cfg.pretrained_model_name_or_path, skip=("vae",))
             problems += family_problems(cfg)
         except ModelLoadError as exc:
             problems.append(str(exc))
@@ -150,18 +156,15 @@ def family_problems(cfg: TrainConfig) -> list[str]:
     (`ModelFamily.training_problems`), before anything loads. A model that cannot be read
     here (a Hub id offline) is left to loading, which says why; a family we do not train
     is named."""
-    from dbtools.families.models import ModelLoadError, UnsupportedModelError, check_model_path, detect_family
-    from dbtools.train.classgen import native_bf16
-
     try:
         family = detect_family(cfg.pretrained_model_name_or_path, revision=cfg.revision).family
     except UnsupportedModelError:
         raise
     except ModelLoadError:
         return []
-    check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
+    family_models.check_model_path(cfg.pretrained_model_name_or_path, (family.denoiser,))
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    problems = family.training_problems(cfg, native_bf16() if cuda else None)
+    problems = family.training_problems(cfg, classgen.native_bf16() if cuda else None)
     if cfg.quantize_base != "none" and not family.quantizable:
         problems.append(f"--quantize_base {cfg.quantize_base}: {family.label} models train from a full-precision base "
                         "(a quantized base is for the large flow transformers); leave --quantize_base unset.")
@@ -279,11 +282,7 @@ def resume_change_problems(cfg: TrainConfig) -> list[str]:
 
 def _warn_if_too_big(cfg: TrainConfig) -> None:
     """Warn (never refuse: the estimate is rough) when the run is estimated not to fit the GPU."""
-    from dbtools.core.env import gpu_memory_gib
-    from dbtools.families.models import detect_family
-    from dbtools.families.profiles import fit_warning
-
-    gpu = gpu_memory_gib()
+    gpu = env.gpu_memory_gib()
     if gpu is None:
         return
     try:
@@ -298,13 +297,11 @@ def _warn_if_too_big(cfg: TrainConfig) -> None:
 def bucket_memory_problems(cfg: TrainConfig) -> list[str]:
     """`--resolution` whose largest bucket cannot even be encoded in the memory of the device
     that trains (the GPU, or the machine's memory without one): refused before anything loads."""
-    from dbtools.core.env import gpu_memory_gib, ram_gib
-
     if not 8 <= cfg.resolution <= MAX_RESOLUTION:
         return []  # `flag_problems` names it
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    gpu = None if on_cpu else gpu_memory_gib()
-    have, where = (gpu, "GPU") if gpu is not None else (ram_gib(), "memory")
+    gpu = None if on_cpu else env.gpu_memory_gib()
+    have, where = (gpu, "GPU") if gpu is not None else (env.ram_gib(), "memory")
     need = largest_bucket_bytes(cfg.resolution, cfg.mixed_precision in ("fp16", "bf16")) / 1024 ** 3
     if have is None or need <= have:
         return []
@@ -394,9 +391,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def usable_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
     """`resolve_mixed_precision`, asking the GPU about bf16 only when bf16 is requested."""
-    from dbtools.train.classgen import native_bf16
-
-    return resolve_mixed_precision(requested, cuda, requested == "bf16" and cuda and native_bf16())
+    return resolve_mixed_precision(requested, cuda, requested == "bf16" and cuda and classgen.native_bf16())
 
 
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
@@ -406,8 +401,6 @@ def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
 
 def make_class_images(cfg: TrainConfig, concepts: list[Concept], accelerator) -> None:
     """Generate missing class images, shared out across the processes."""
-    from dbtools.train.classgen import ClassGenConfig, ensure_class_images, pipeline_loader_for, plan_class_images
-
     if not cfg.with_prior_preservation:
         return
     gen = view(ClassGenConfig, cfg, precision=cfg.prior_generation_precision,
@@ -442,13 +435,12 @@ def load_models(cfg: TrainConfig, weight_dtype: torch.dtype = torch.float32, onl
     float32 copy of what trains in half precision (SDXL in float32 is about 14 GB). `only`:
     a function of the family naming the components to load (None: all; see `before_denoiser`);
     `straight_to`, one giving the components read straight onto a device (`encoders_straight_to`)."""
-    from dbtools.families.models import load_sd_components
-
-    return load_sd_components(cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
-                              revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
-                              component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
-                              quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg,
-                              only=only, straight_to=straight_to)
+    return family_models.load_sd_components(
+        cfg.pretrained_model_name_or_path, vae_name_or_path=cfg.pretrained_vae_name_or_path,
+        revision=cfg.revision, variant=cfg.variant, tokenizer_name=cfg.tokenizer_name,
+        component_dtypes=lambda family: frozen_dtypes(cfg, weight_dtype, family),
+        quantize=None if cfg.quantize_base == "none" else cfg.quantize_base, options=cfg,
+        only=only, straight_to=straight_to)
 
 
 def prompts_first(cfg: TrainConfig, family: ModelFamily) -> bool:

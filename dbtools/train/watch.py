@@ -32,6 +32,7 @@ from dbtools.core.atomic import atomic_write_text
 from dbtools.core.redact import mask_secret_text
 from dbtools.train.checkpoints import RUN_FILES_DIR, weights_due
 from dbtools.train.config import TrainConfig
+from dbtools.train.metrics import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -125,8 +126,6 @@ class Progress:
 
     def read_metrics(self, output_dir: str | Path) -> bool:
         """Take the newest validation loss and scores from `metrics.jsonl`; True if it changed."""
-        from dbtools.after.evaluate import METRICS_FILE, read_metrics
-
         path = Path(output_dir) / METRICS_FILE
         mtime = path.stat().st_mtime_ns if path.is_file() else None
         if mtime is None or mtime == self._metrics_seen:

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from dbtools.core.error_lines import ErrorLines
 from dbtools.core.errors import UserError
 from dbtools.core.redact import is_secret_flag, mask_secret_text
+from dbtools.train.config import build_parser
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def check_train_flags(args: list[str]) -> None:
     import argparse
     import difflib
 
-    from dbtools.train.config import build_parser
 
     parser = build_parser()
     parser.exit_on_error = False

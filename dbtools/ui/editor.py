@@ -17,8 +17,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dbtools.caption import autocaption
+from dbtools.core.atomic import atomic_save_image, atomic_write_text
 from dbtools.core.errors import UserError
-from dbtools.dataset.captions import FORMAT_ALIASES, caption_file_name
+from dbtools.core.textio import read_caption_file
+from dbtools.dataset import images
+from dbtools.dataset.captions import (
+    FORMAT_ALIASES,
+    caption_candidates,
+    caption_file_name,
+    caption_from_filename,
+    clean_caption,
+    safe_filename_stem,
+)
+from dbtools.dataset.images import ImageError, is_image_name, list_images
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +58,6 @@ def read_caption(image: Path, fmt: str) -> str:
 
     A caption file in an encoding other than UTF-8 / UTF-16 with BOM raises
     `CaptionEncodingError` naming it (shown garbled, an edit would overwrite it)."""
-    from dbtools.core.textio import read_caption_file
-    from dbtools.dataset.captions import caption_from_filename
-
     path = caption_path(image, fmt)
     if path is None:
         return caption_from_filename(image.name)
@@ -60,8 +69,6 @@ def read_caption(image: Path, fmt: str) -> str:
 
 def free_caption_name(folder: Path, caption: str, ext: str, taken: set[str] = frozenset()) -> Path:
     """`<folder>/<safe caption>_<i><ext>` with the smallest `i` whose name is not in use."""
-    from dbtools.dataset.captions import safe_filename_stem
-
     i = 0
     while True:
         suffix = f"_{i}{ext}"
@@ -98,8 +105,6 @@ class CaptionEditor:
     """
 
     def __init__(self, folder: str | os.PathLike, fmt: str = "sidecar", page_size: int = 24, thumb: int = 128):
-        from dbtools.dataset.images import list_images
-
         fmt = _editor_format(fmt)
         if page_size < 1 or thumb < 16:
             raise UserError("page_size must be at least 1 and thumb at least 16 pixels.")
@@ -179,8 +184,6 @@ class CaptionEditor:
     @property
     def pending(self) -> dict[Path, str]:
         """Edited captions that differ from what is saved on disk."""
-        from dbtools.dataset.captions import clean_caption
-
         return {img: text for img, text in self._edits.items()
                 if clean_caption(text) != clean_caption(self._saved.get(img, ""))}
 
@@ -197,8 +200,6 @@ class CaptionEditor:
         text (a file that does not hold the old caption is moved as it is). `notes` then
         says what else changed.
         """
-        from dbtools.dataset.captions import clean_caption
-
         self.notes = []
         changes = {img: clean_caption(text) for img, text in self.pending.items()}
         if self.fmt == "filename":
@@ -211,8 +212,6 @@ class CaptionEditor:
         return written
 
     def _write_caption_files(self, changes: dict[Path, str]) -> list[Path]:
-        from dbtools.core.atomic import atomic_write_text
-
         written = []
         for image, text in changes.items():
             path = caption_path(image, self.fmt)
@@ -224,8 +223,6 @@ class CaptionEditor:
         return written
 
     def _rename_images(self, changes: dict[Path, str]) -> list[Path]:
-        from dbtools.caption import autocaption
-
         renamed: list[Path] = []
         taken: set[str] = set()
         log = None
@@ -250,11 +247,6 @@ class CaptionEditor:
     def _follow_caption_files(self, log: Path, old: Path, new: Path, old_caption: str, caption: str) -> list[str]:
         """Move `old`'s caption files for training to `new`'s names (each move logged for
         undo) and put `caption` in place of `old_caption` in their text; one note each."""
-        from dbtools.caption import autocaption
-        from dbtools.core.atomic import atomic_write_text
-        from dbtools.core.textio import read_caption_file
-        from dbtools.dataset.captions import caption_candidates
-
         notes = []
         stems = {p.stem for p in self.images}
         for src_name, dst_name in zip(caption_candidates(old.name), caption_candidates(new.name)):
@@ -302,14 +294,11 @@ class CaptionEditor:
 
     def thumbnail(self, image: Path) -> bytes:
         """JPEG bytes of `image`'s thumbnail, made once and then read from the cache."""
-        from dbtools.core.atomic import atomic_save_image
-        from dbtools.dataset.images import ImageError, load_rgb
-
         path = self.thumbnail_path(image)
         if path.is_file():
             return path.read_bytes()
         try:
-            img = load_rgb(image)
+            img = images.load_rgb(image)
         except ImageError as exc:
             logger.warning("%s", exc)
             return _placeholder_jpeg(self.thumb)
@@ -423,8 +412,6 @@ def replace_caption(text: str, old: str, new: str) -> str | None:
 def orphaned_caption_files(folder: Path, images: list[Path]) -> list[Path]:
     """Caption files named after an image (`<image name>.txt`, what the Omnitool writes) in
     the folders of `images` whose image is not there (renamed or deleted)."""
-    from dbtools.dataset.images import is_image_name
-
     names = {image.name for image in images}
     folders = {image.parent for image in images} | {Path(folder)}
     return sorted(p for d in folders if d.is_dir() for p in d.iterdir()
@@ -469,8 +456,6 @@ def _record_rename(log: Path, folder: Path, src: Path, dst: Path, caption: str) 
     new name is added to the captioning manifest as a filename-format output, so a
     later captioning run of the folder keeps the hand-edited name.
     """
-    from dbtools.caption import autocaption
-
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; not overwriting it.")
     autocaption.append_jsonl(log, {"from": _relative(src, folder), "to": _relative(dst, folder)})

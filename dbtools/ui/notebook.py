@@ -30,6 +30,8 @@ from dbtools.after.cleanup import (
     run_cleanup,
     weights_fingerprint,
 )
+from dbtools.after.evaluate import PLOT_FILE, SUMMARY_FILE, save_plot, suggested_step
+from dbtools.after.export import WHERE_IT_GOES, ExportConfig, is_lora_folder, run_export
 from dbtools.after.generate import (
     DEFAULT_SCHEDULER,
     Generated,
@@ -44,6 +46,8 @@ from dbtools.after.generate import (
     png_metadata,
     read_png_settings,
 )
+from dbtools.after.preview import run_preview
+from dbtools.caption.autocaption import CaptionConfig, format_summary, load_for_config, run_caption
 from dbtools.core.env import (
     REPORTED_PACKAGES,
     format_gpu_report,
@@ -54,6 +58,11 @@ from dbtools.core.env import (
     versions_report,
 )
 from dbtools.core.errors import UserError
+from dbtools.dataset.captions import TEMPLATE_CAPTION_ONLY
+from dbtools.dataset.concepts import Concept, read_concepts
+from dbtools.dataset.extract import ExtractConfig, run_extract
+from dbtools.dataset.images import list_images
+from dbtools.families.models import UnsupportedModelError, detect_family
 from dbtools.families.profiles import (
     MEMORY_PROFILES,
     SD_DEFAULT,
@@ -62,6 +71,7 @@ from dbtools.families.profiles import (
 from dbtools.families.sd import SD_VAE
 from dbtools.families.sdxl import SDXL_VAE
 from dbtools.train.checkpoints import latest_weights, list_weights
+from dbtools.train.metrics import METRICS_FILE, read_metrics
 from dbtools.ui.commands import (
     PROJECT_DIR,
     CommandError,
@@ -79,6 +89,7 @@ from dbtools.ui.editor import (
     read_caption,
     rename_no_overwrite,
 )
+from dbtools.ui.panel import run_live, show_tensorboard
 from dbtools.ui.training_flags import (
     SEED_TRAIN_FLAGS,
     TrainingFlags,
@@ -301,8 +312,6 @@ def caption_step(images_folder: str, captioned_folder: str, on_drive: bool, **op
     """The auto-caption cell: caption `images_folder` into `captioned_folder` (empty: in
     place) with `CaptionConfig` `options`; an empty `images_folder` skips captioning.
     Returns the folder that holds the captioned images."""
-    from dbtools.caption.autocaption import CaptionConfig, format_summary, load_for_config, run_caption
-
     out = resolve_output_dir(captioned_folder, on_drive) if captioned_folder.strip() else None
     if not images_folder.strip():
         if out is None:
@@ -332,10 +341,6 @@ def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, c
     `instance_data_dir` means `captioned_dir`) or for every concept in `concepts_file`,
     and `concepts_list.json`. Method 1 writes captions only unless `template` says
     otherwise. Returns the `ExtractSummary`."""
-    from dbtools.dataset.captions import TEMPLATE_CAPTION_ONLY
-    from dbtools.dataset.concepts import Concept, read_concepts
-    from dbtools.dataset.extract import ExtractConfig, run_extract
-
     if concepts_file.strip():
         concepts = read_concepts(resolve_output_dir(concepts_file, on_drive))
     else:
@@ -361,8 +366,6 @@ def omnitool_step(instance_data_dir: str, captioned_dir: Path, on_drive: bool, c
 def _check_method_2(concept) -> None:
     """Method 2 asks for a class prompt: refuse an empty one when class images must be made
     from it (Method 1 is the way to train with an empty class prompt)."""
-    from dbtools.dataset.images import list_images
-
     folder = Path(concept.class_data_dir) if concept.class_data_dir else None
     if concept.class_prompt.strip() or (folder and folder.is_dir() and list_images(folder)):
         return
@@ -395,8 +398,6 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
     interrupting the cell also stops and saves. A problem the user can fix rises as one
     `UserError` in the notebook's words, as in `launch_training`; any other failure raises
     `CommandError`."""
-    from dbtools.ui.panel import run_live
-
     argv = shown_training_command(model, output_dir, concepts_list, resume, options)
     errors: list[str] = []
     code, tail = await run_live(argv, output_dir, user_errors=errors)
@@ -409,8 +410,6 @@ async def train_live(model: str, output_dir: str | os.PathLike, concepts_list: s
 
 def tensorboard_step(session: Session, show: bool = True) -> bool:
     """The TensorBoard cell: the run's TensorBoard (`<OUTPUT_DIR>/0/`) shown in the cell."""
-    from dbtools.ui.panel import show_tensorboard
-
     return show and show_tensorboard(session.output_dir)
 
 
@@ -537,8 +536,6 @@ def _weights_id(folder: Path) -> str | None:
 def _try_detect(model: str):
     """The model's family, or None with a note (offline, a typo): the training cell asks again
     and then reports the problem."""
-    from dbtools.families.models import UnsupportedModelError, detect_family
-
     try:
         return detect_family(model)
     except UnsupportedModelError:
@@ -617,8 +614,6 @@ def pick_weights(session: Session, step: str = "") -> Path:
 
 def suggested_weights(output_dir: str | os.PathLike) -> Path | None:
     """The weights folder of the suggested best step, when it is still complete."""
-    from dbtools.after.evaluate import SUMMARY_FILE, suggested_step
-
     best = suggested_step(output_dir)
     if best is None:
         return None
@@ -635,8 +630,6 @@ def suggested_weights(output_dir: str | os.PathLike) -> Path | None:
 def score_curves(output_dir: str | os.PathLike) -> Path | None:
     """`metrics.png`, the curves of the scores against steps (best step in red), drawn again
     when `metrics.jsonl` is newer; None when no step was scored."""
-    from dbtools.after.evaluate import METRICS_FILE, PLOT_FILE, read_metrics, save_plot, suggested_step
-
     metrics, png = Path(output_dir) / METRICS_FILE, Path(output_dir) / PLOT_FILE
     if not metrics.is_file():
         return None
@@ -650,8 +643,6 @@ def score_curves(output_dir: str | os.PathLike) -> Path | None:
 
 def preview_step(session: Session, steps: str = "", samples_per_step: int = 4, thumbnail_size: int = 256) -> Path:
     """The preview cell: save and show the grid of samples across steps."""
-    from dbtools.after.preview import run_preview
-
     png = run_preview(session.output_dir, steps=parse_steps(steps), max_samples=samples_per_step,
                       thumb=thumbnail_size)  # (it says where it saved the grid)
     _show(png)
@@ -670,8 +661,6 @@ def export_step(session: Session, export_format: str = "safetensors", fp16: bool
     adapters as the LoRA file AUTOMATIC1111 and ComfyUI load), or "auto" (the LoRA file for
     a LoRA run, else the checkpoint).
     """
-    from dbtools.after.export import WHERE_IT_GOES, ExportConfig, is_lora_folder, run_export
-
     if export_as not in EXPORT_CHOICES:
         raise UserError(f"export_as {export_as!r}: choose one of {', '.join(EXPORT_CHOICES)}.")
     weights = session.weights()

@@ -39,8 +39,9 @@ from typing import Any, TextIO
 from PIL import Image, ImageDraw
 
 from dbtools.core.error_lines import ErrorLines
-from dbtools.dataset.images import default_font
-from dbtools.train.checkpoints import RUN_FILES_DIR
+from dbtools.dataset.images import default_font, sample_files
+from dbtools.train.checkpoints import RUN_FILES_DIR, list_weights
+from dbtools.train.metrics import METRICS_FILE, read_metrics
 from dbtools.train.watch import PROGRESS_FILE
 
 logger = logging.getLogger(__name__)
@@ -340,8 +341,6 @@ class _MetricsReader:
         self.output_dir, self.stamp, self.records = output_dir, None, []
 
     def read(self) -> list[dict]:
-        from dbtools.after.evaluate import METRICS_FILE, read_metrics
-
         try:
             st = (self.output_dir / METRICS_FILE).stat()
         except OSError:
@@ -358,7 +357,6 @@ def resolve_samples(output_dir: Path, step: int | None, paths: Sequence[str]) ->
         return [p if p.is_absolute() else output_dir / p for p in map(Path, paths)]
     if step is None:
         return []
-    from dbtools.dataset.images import sample_files
 
     return sample_files(output_dir / str(step))
 
@@ -478,8 +476,6 @@ class TrainingPanel:
         except OSError:
             return progress
         if stamp != self._disk_stamp:
-            from dbtools.train.checkpoints import list_weights
-
             self._disk_stamp, self._disk_steps = stamp, [s for s, _ in list_weights(self.output_dir)][-2:]
         for step in self._disk_steps[:-1]:
             self.history.saves.setdefault(step, [])

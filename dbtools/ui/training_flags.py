@@ -15,6 +15,7 @@ from dbtools.core.env import (
 )
 from dbtools.core.errors import UserError
 from dbtools.core.redact import mask_secrets
+from dbtools.families.models import detect_family
 from dbtools.families.profiles import (
     AUTO,
     MEMORY_PROFILES,
@@ -95,8 +96,6 @@ def training_flags(model: str, *, memory_profile: str = SD_DEFAULT, family=None,
     flags = {k: None if isinstance(v, str) and not v.strip() else v for k, v in flags.items()}
     autos = {k for k, v in flags.items() if _is_auto(v)}
     if family is None and (autos - {"learning_rate"} or memory_profile == AUTO):
-        from dbtools.families.models import detect_family
-
         family = detect_family(model, revision=flags.get("revision") or SEED_TRAIN_FLAGS["revision"])
     notes: list[str] = []
     if memory_profile == AUTO:

@@ -1,8 +1,9 @@
-"""The DreamBooth loss as pure tensor maths: noise, per-sample error, prior split.
+"""Pure tensor maths of the DDPM and flow-matching losses, which the family modules wire and
+the loop reduces: noise, sigmas, noisy input, target, per-sample weights and error, prior split.
 
 Nothing here loads a model or reads a file; the training loop draws the noise, asks the
 model family (`dbtools.families`) for timesteps, noisy input, target, per-sample weights and
-the prediction, and hands the tensors in. Nothing here depends on the family.
+the prediction, and hands the tensors in. Nothing here branches on a family.
 """
 
 from __future__ import annotations
