@@ -33,7 +33,6 @@ from dbtools.families.models import (
     SCHEDULERS,
     is_checkpoint_folder,
     is_lora_weights_folder,
-    load_pipeline,
     make_scheduler,
     pipeline_family,
     prompt_kwargs,
@@ -101,7 +100,7 @@ def load_inference_pipeline(pipe_or_path, scheduler: str | None = None, quantize
 
     device = family_models.pick_device()
     dtype = family_models.model_inference_dtype(pipe_or_path, device)
-    pipe = load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=dtype,
+    pipe = family_models.load_pipeline(os.fspath(pipe_or_path), device=device, torch_dtype=dtype,
                          scheduler=scheduler, quantize=None if quantize_base in (None, "none") else quantize_base)
     pipe.set_progress_bar_config(leave=False, desc="generating")
     return pipe

@@ -33,7 +33,7 @@ from dbtools.core.seeds import derived_seed
 from dbtools.dataset.concepts import Concept, read_concepts
 from dbtools.dataset.images import list_images
 from dbtools.families import models as family_models
-from dbtools.families.models import inference_dtype, load_pipeline, pipeline_family, prompt_kwargs
+from dbtools.families.models import inference_dtype, pipeline_family, prompt_kwargs
 from dbtools.train.config import view
 
 logger = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def pipeline_loader_for(
     def load():
         where = device or family_models.pick_device()
         dtype = precision_dtype(cfg.precision if cfg else None, where, model_name_or_path)
-        pipe = load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
+        pipe = family_models.load_pipeline(model_name_or_path, torch_dtype=dtype, device=where, **load_kwargs)
         pipe.vae.enable_slicing()  # a batch is decoded one image at a time: SDXL's 1024 px decode is large
         return pipe
 
