@@ -60,15 +60,15 @@ class QwenPromptEncoder:
         entries = [fresh[p] if p in fresh else self.cache[p][0] for p in prompts]
         return self._batch(entries, device)
 
-    def keep_for_pipeline(self, prompt: str, text_encoder, max_sequence_length: int) -> None:
+    def keep_for_pipeline(self, prompt: str, text_encoders: Sequence, max_sequence_length: int) -> None:
         """Keep `prompt` encoded alone at the pipeline's default length (whatever the run's
         `--max_sequence_length`), for samples made after the encoder is gone."""
         import torch
 
         if prompt not in self.for_pipeline:
             with torch.no_grad():
-                out = self._encode(self.tokenizer, text_encoder, [prompt],
-                                   device=next(text_encoder.parameters()).device,
+                out = self._encode(self.tokenizer, text_encoders[0], [prompt],
+                                   device=next(text_encoders[0].parameters()).device,
                                    max_sequence_length=max_sequence_length)
             length = int(out["lengths"][0]) if "lengths" in out else len(out["embeds"][0])
             self.for_pipeline[prompt] = (out["embeds"][0, :length].cpu(),)
@@ -188,7 +188,7 @@ class QwenFlowFamily(ModelFamily):
     def cache_pipeline_prompts(self, encoder: QwenPromptEncoder, prompts, text_encoders: Sequence) -> None:
         """Each prompt and the empty prompt (the negative of classifier-free guidance)."""
         for prompt in dict.fromkeys([*prompts, ""]):
-            encoder.keep_for_pipeline(prompt, text_encoders[0], self.model.MAX_SEQUENCE_LENGTH)
+            encoder.keep_for_pipeline(prompt, text_encoders, self.model.MAX_SEQUENCE_LENGTH)
 
     def read_cached_prompts(self, pipe, encoder: QwenPromptEncoder) -> None:
         """`pipe.encode_prompt` answered from `encoder.for_pipeline` (the family module's
