@@ -33,31 +33,11 @@ def on_cuda(monkeypatch):
     return asked
 
 
-def test_generate_on_cuda_loads_flux_in_bf16_and_sd_in_fp16(tmp_path, on_cuda, tiny_flux, tiny_sd):
-    for model in (tiny_flux, tiny_sd):
-        with pytest.raises(Loaded):
-            G.main(["--model", str(model), "--prompt", "a cat", "--out_dir", str(tmp_path)])
-    assert on_cuda == [torch.bfloat16, torch.float16]
-
-
-def test_class_images_on_cuda_take_the_family_half_precision(on_cuda, tiny_flux, tiny_sd):
-    from dbtools.train.classgen import pipeline_loader_for
-
-    for model in (tiny_flux, tiny_sd):
-        with pytest.raises(Loaded):
-            pipeline_loader_for(str(model))()
-    assert on_cuda == [torch.bfloat16, torch.float16]
-
-
-def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path, captioned_factory, tiny_flux,
-                                                                      monkeypatch):
-    """Every prompt (captions, dropout's empty one, held-out, sample and validation prompts) is
-    encoded before the transformer loads; then T5 and CLIP are gone (not on a device, not in
-    host memory) through every step, the validation loss, the samples and the validation images."""
+def watch_run(monkeypatch, encoder_class) -> tuple[list, dict]:
+    """Spies on a run: `events` lists each part loaded ("load <part>"), and ("encode" | "step" |
+    "sample", how many text encoders are alive then); `read_onto` each part's read device."""
     import weakref
 
-    from dbtools.after import generate as G
-    from dbtools.families.flux import FluxPromptEncoder
     from dbtools.train import loop as T
 
     events: list = []
@@ -86,9 +66,44 @@ def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path,
         return read(cls, name, sub, *args, **({"device": device} if device is not None else {}))
 
     monkeypatch.setattr(M, "_from_pretrained", spy_read)
-    monkeypatch.setattr(FluxPromptEncoder, "_forward", spy("encode", FluxPromptEncoder._forward))
+    monkeypatch.setattr(encoder_class, "_forward", spy("encode", encoder_class._forward))
     monkeypatch.setattr(T, "train_step", spy("step", T.train_step))
     monkeypatch.setattr(G, "generate", spy("sample", G.generate))
+    return events, read_onto
+
+
+def assert_prompts_first(events: list) -> None:
+    """Every prompt encoded before the transformer loaded; no text encoder alive at a step or sample."""
+    names = [e if isinstance(e, str) else e[0] for e in events]
+    assert names.index("load transformer") > max(i for i, n in enumerate(names) if n == "encode")
+    assert {"step", "sample"} <= set(names)
+    assert [e for e in events if isinstance(e, tuple) and e[0] != "encode" and e[1]] == []
+
+
+def test_generate_on_cuda_loads_flux_in_bf16_and_sd_in_fp16(tmp_path, on_cuda, tiny_flux, tiny_sd):
+    for model in (tiny_flux, tiny_sd):
+        with pytest.raises(Loaded):
+            G.main(["--model", str(model), "--prompt", "a cat", "--out_dir", str(tmp_path)])
+    assert on_cuda == [torch.bfloat16, torch.float16]
+
+
+def test_class_images_on_cuda_take_the_family_half_precision(on_cuda, tiny_flux, tiny_sd):
+    from dbtools.train.classgen import pipeline_loader_for
+
+    for model in (tiny_flux, tiny_sd):
+        with pytest.raises(Loaded):
+            pipeline_loader_for(str(model))()
+    assert on_cuda == [torch.bfloat16, torch.float16]
+
+
+def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path, captioned_factory, tiny_flux,
+                                                                      monkeypatch):
+    """Every prompt (captions, dropout's empty one, held-out, sample and validation prompts) is
+    encoded before the transformer loads; then T5 and CLIP are gone (not on a device, not in
+    host memory) through every step, the validation loss, the samples and the validation images."""
+    from dbtools.families.flux import FluxPromptEncoder
+
+    events, read_onto = watch_run(monkeypatch, FluxPromptEncoder)
     data = captioned_factory(tmp_path / "inst")
     out = tmp_path / "out"
     cfg = flux_config(tiny_flux, data, out, quantize_base="nf4", save_interval=2, caption_dropout=0.5,
@@ -96,10 +111,7 @@ def test_flux_run_frees_its_text_encoders_before_the_transformer_loads(tmp_path,
                       validation_prompt="sks toy on a beach", validation_steps=2, num_validation_images=1,
                       validation_data_dir=str(data))
     assert train_main(cfg) == 0
-    names = [e if isinstance(e, str) else e[0] for e in events]
-    assert names.index("load transformer") > max(i for i, n in enumerate(names) if n == "encode")
-    assert {"step", "sample"} <= set(names)
-    assert [e for e in events if isinstance(e, tuple) and e[0] != "encode" and e[1]] == []
+    assert_prompts_first(events)
     assert (out / "4" / "samples" / "0.png").is_file() and (out / "validation" / "4" / "0.png").is_file()
     # The encoders are read straight onto the device they encode on (host memory never holds
     # T5-XXL whole on the way to a GPU); here that device is the CPU.

@@ -102,6 +102,22 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None,
     return {"embeds": embeds}
 
 
+def cached_encode_prompt(pipe, lookup):
+    """Flux2KleinPipeline's `encode_prompt` answered by `lookup(prompts, max_sequence_length,
+    device)` (each prompt's [max_sequence_length, D] embeddings); its text ids are the pipeline's."""
+    import torch
+
+    def encode_prompt(prompt, device=None, num_images_per_prompt: int = 1, prompt_embeds=None,
+                      max_sequence_length: int = MAX_SEQUENCE_LENGTH, text_encoder_out_layers=TEXT_LAYERS):
+        if prompt_embeds is None:
+            prompts = [""] if prompt is None else prompt
+            prompt_embeds = torch.stack(lookup(prompts, max_sequence_length, device))
+        embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+        return embeds, pipe._prepare_text_ids(embeds).to(embeds.device)
+
+    return encode_prompt
+
+
 def latents(sample: torch.Tensor, vae) -> torch.Tensor:
     """A VAE sample [B, 32, H, W] -> the transformer's latents [B, 128, H/2, W/2]: 2x2 patches
     normalised by the VAE's batch-norm running mean and variance."""

@@ -46,6 +46,9 @@ class QwenPromptEncoder:
         self.cache: dict | None = {} if cache else None
         self.max_cached = max_cached
         self.grow = True
+        self.for_pipeline: dict[str, tuple] = {}
+        """Prompts encoded alone as the family's pipeline encodes them by default
+        (`keep_for_pipeline`)."""
 
     def encode(self, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if self.cache is None or p not in self.cache]
@@ -53,9 +56,22 @@ class QwenPromptEncoder:
         if self.cache is not None and self.grow:
             for prompt in missing:
                 if len(self.cache) < self.max_cached:
-                    self.cache[prompt] = fresh[prompt]
-        entries = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
+                    self.cache[prompt] = (fresh[prompt],)  # a tuple, as `--cache_dir` stores it
+        entries = [fresh[p] if p in fresh else self.cache[p][0] for p in prompts]
         return self._batch(entries, device)
+
+    def keep_for_pipeline(self, prompt: str, text_encoders: Sequence, max_sequence_length: int) -> None:
+        """Keep `prompt` encoded alone at the pipeline's default length (whatever the run's
+        `--max_sequence_length`), for samples made after the encoder is gone."""
+        import torch
+
+        if prompt not in self.for_pipeline:
+            with torch.no_grad():
+                out = self._encode(self.tokenizer, text_encoders[0], [prompt],
+                                   device=next(text_encoders[0].parameters()).device,
+                                   max_sequence_length=max_sequence_length)
+            length = int(out["lengths"][0]) if "lengths" in out else len(out["embeds"][0])
+            self.for_pipeline[prompt] = (out["embeds"][0, :length].cpu(),)
 
     def _forward(self, prompts: list[str], text_encoder) -> list:
         """Each prompt's embeddings [its tokens, D], on the CPU when cached."""
@@ -164,6 +180,28 @@ class QwenFlowFamily(ModelFamily):
 
     def encode_prompts(self, encoder: Any, prompts: list[str], text_encoders: Sequence, device) -> Conditioning:
         return encoder.encode(prompts, list(text_encoders), device)
+
+    def encoders_only_fill_the_cache(self) -> bool:
+        """The Qwen3 encoder (4B: 7.5 GiB in bf16) never shares the GPU with the transformer."""
+        return True
+
+    def cache_pipeline_prompts(self, encoder: QwenPromptEncoder, prompts, text_encoders: Sequence) -> None:
+        """Each prompt and the empty prompt (the negative of classifier-free guidance)."""
+        for prompt in dict.fromkeys([*prompts, ""]):
+            encoder.keep_for_pipeline(prompt, text_encoders, self.model.MAX_SEQUENCE_LENGTH)
+
+    def read_cached_prompts(self, pipe, encoder: QwenPromptEncoder) -> None:
+        """`pipe.encode_prompt` answered from `encoder.for_pipeline` (the family module's
+        `cached_encode_prompt`, in its pipeline's signature)."""
+        def lookup(prompts, max_sequence_length: int, device) -> list:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            missing = [p for p in prompts if p not in encoder.for_pipeline]
+            if missing or max_sequence_length != self.model.MAX_SEQUENCE_LENGTH:
+                raise RuntimeError(f"prompt {prompts[0]!r} at {max_sequence_length} tokens was not encoded before "
+                                   "the text encoder was freed")
+            return [encoder.for_pipeline[p][0].to(device or pipe._execution_device) for p in prompts]
+
+        pipe.encode_prompt = self.model.cached_encode_prompt(pipe, lookup)
 
     # latents and one step (sigmas in (0, 1], not integer timesteps)
     def latents(self, sample, vae):

@@ -74,6 +74,22 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None,
     return {"embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True), "lengths": lengths}
 
 
+def cached_encode_prompt(pipe, lookup):
+    """ZImagePipeline's `encode_prompt` answered by `lookup(prompts, max_sequence_length, device)`
+    (each prompt's embeddings, its own length); the negative prompt is the empty one by default."""
+    def encode_prompt(prompt, device=None, do_classifier_free_guidance: bool = True, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds = prompt_embeds if prompt_embeds is not None else lookup(prompts, max_sequence_length, device)
+        if not do_classifier_free_guidance:
+            return embeds, []
+        negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
+        return embeds, (negative_prompt_embeds if negative_prompt_embeds is not None
+                        else lookup(negatives, max_sequence_length, device))
+
+    return encode_prompt
+
+
 def latents(sample: torch.Tensor, vae) -> torch.Tensor:
     """A VAE sample -> the transformer's latents: (sample - shift_factor) x scaling_factor."""
     return (sample - vae.config.shift_factor) * vae.config.scaling_factor

@@ -405,9 +405,10 @@ def score_plan(cfg: TrainConfig, plan: DataPlan):
 
 
 def output_prompts(cfg: TrainConfig, plan: DataPlan) -> set[str]:
-    """The prompts a run's pipeline generates from: the sample and validation prompts, and
-    those `--score_saves` generates."""
+    """The prompts a run's pipeline generates from: the sample and validation prompts, those
+    `--score_saves` generates, and the empty prompt (classifier-free guidance's default negative)."""
     prompts = {p for p in (cfg.save_sample_prompt, cfg.save_sample_negative_prompt, cfg.validation_prompt) if p}
+    prompts.add("")
     if cfg.score_saves:
         scored = score_plan(cfg, plan)
         prompts |= {*scored.eval_prompts, *scored.class_prompts}
