@@ -164,13 +164,18 @@ def config_problems(cfg: CaptionConfig) -> list[str]:
 
 def family_problems(cfg: CaptionConfig, family: str) -> list[str]:
     """Problems with `cfg` for captioner `family` (the one whose caption `--prompt` steers)."""
-    if family == "florence2" and cfg.prompt not in (None, *FLORENCE2_TASKS):
-        return [f"--prompt {cfg.prompt!r}: Florence-2 takes a task token, one of {', '.join(FLORENCE2_TASKS)}"]
+    label, prompts = PROMPTS.get(family, (family, None))
+    if prompts is not None and cfg.prompt not in (None, *prompts):
+        return [f"--prompt {cfg.prompt!r}: {label} takes a task token, one of {', '.join(prompts)}"]
     return []
 
 
 GENERATION_FLAGS = ("min_length", "max_length", "num_beams", "nucleus", "q_factor", "prompt")
 TAG_FLAGS = ("threshold", "character_threshold", "include_ratings", "exclude_tags")
+FLAGS_READ = {"tagger": TAG_FLAGS}
+"""The flags each captioner family reads; every other family reads the generation flags."""
+PROMPTS = {"florence2": ("Florence-2", FLORENCE2_TASKS)}
+"""The `--prompt` values a family takes where it takes only some (Florence-2's task tokens)."""
 
 
 def config_notes(cfg: CaptionConfig, family: str | None = None) -> list[str]:
@@ -185,7 +190,7 @@ def config_notes(cfg: CaptionConfig, family: str | None = None) -> list[str]:
     if family is None or cfg.tags_with:
         unused = []  # a tagger plus a captioner uses both sets of flags
     else:
-        unused = [f for f in changed if f in (GENERATION_FLAGS if family == "tagger" else TAG_FLAGS)]
+        unused = [f for f in changed if f not in FLAGS_READ.get(family, GENERATION_FLAGS)]
     if unused:
         flags = ", ".join("--" + f for f in unused)
         notes.append(f"{flags}: not used by the {family} captioner; accepted and ignored")
@@ -313,13 +318,10 @@ def load_captioner(model: str = DEFAULT_MODEL, device=None, dtype=None, tags_wit
                                f"(e.g. {cap.TAGGER_MODEL}), but {model!r} is {family}.")
         return cap.TagsWithCaption(cap.load_tagger(model, device),
                                    load_captioner(tags_with, device, dtype, quantize=quantize))
-    if family == "tagger":
-        return cap.load_tagger(model, device)
-    if family == "florence2":
-        return cap.load_florence2(model, device, dtype)
-    if family == "vlm":
-        return cap.load_vlm(model, device, dtype, quantize)
-    return load_blip(model, family, device, dtype)
+    loaders = {"tagger": lambda: cap.load_tagger(model, device),
+               "florence2": lambda: cap.load_florence2(model, device, dtype),
+               "vlm": lambda: cap.load_vlm(model, device, dtype, quantize)}
+    return loaders.get(family, lambda: load_blip(model, family, device, dtype))()
 
 
 def load_for_config(cfg: CaptionConfig, device=None):

@@ -158,6 +158,16 @@ def unpack(tokens, height: int, width: int):
     return FluxPipeline._unpack_latents(tokens, height, width, 1)
 
 
+def flow_components(family: ModelFamily, parts: dict, scheduler_config: dict, settings: FlowSettings) -> Components:
+    """The loaded parts with the family's flow-matching scheduler; the run's settings ride on the
+    scheduler and the denoiser, which the step's methods are handed."""
+    scheduler = family.noise_scheduler(scheduler_config)
+    for holder in (scheduler, parts.get(family.denoiser)):
+        if holder is not None:
+            holder.flow_settings = settings
+    return Components(family, parts, scheduler)
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class FluxFamily(ModelFamily):
     """Flux.1 [dev] (and, with a warning, [schnell])."""
@@ -204,11 +214,7 @@ class FluxFamily(ModelFamily):
         settings = FlowSettings.of(options)
         if "tokenizer_2" in parts:
             parts["tokenizer_2"].model_max_length = settings.max_sequence_length
-        scheduler = self.noise_scheduler(load.scheduler_config())
-        for holder in (scheduler, parts.get(self.denoiser)):
-            if holder is not None:
-                holder.flow_settings = settings
-        return Components(self, parts, scheduler)
+        return flow_components(self, parts, load.scheduler_config(), settings)
 
     def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
         """LoRA only, on the transformer; bf16 on a GPU (fp16 overflows in the transformer);

@@ -23,7 +23,7 @@ from dbtools.families.base import (
     SingleFileLayout,
     UILora,
 )
-from dbtools.families.flux import FlowSettings, FluxFamily
+from dbtools.families.flux import FlowSettings, FluxFamily, flow_components
 from dbtools.families.lora_layout import peft_names
 
 EncodeFn = Callable[..., dict]
@@ -146,11 +146,7 @@ class QwenFlowFamily(ModelFamily):
             full = self.model.MAX_SEQUENCE_LENGTH
             length = full if self.fixed_sequence_length else min(settings.max_sequence_length, full)
             parts["tokenizer"].model_max_length = length
-        scheduler = self.noise_scheduler(load.scheduler_config())
-        for holder in (scheduler, parts.get(self.denoiser)):
-            if holder is not None:
-                holder.flow_settings = settings
-        return Components(self, parts, scheduler)
+        return flow_components(self, parts, load.scheduler_config(), settings)
 
     def training_problems(self, options: Any, cuda_bf16: bool | None) -> list[str]:
         """LoRA on the transformer only; flow-matching weights instead of min-SNR; bf16 on a GPU."""
